@@ -1,0 +1,255 @@
+//! Loads a model from disk into our runtime: a GGUF file (candle's quantized
+//! tensors, tokenizer and template from its metadata) or a Hugging Face folder
+//! (`config.json`, `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`).
+use super::chat_template::ChatTemplate;
+use super::config::LlamaConfig;
+use super::error::{LlmError, Result};
+use super::model::{Layer, Linear, LlamaModel, Weights};
+use super::tokenizer::Tokenizer;
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device};
+use candle_nn::{RmsNorm, VarBuilder};
+use std::path::{Path, PathBuf};
+
+/// Everything the engine needs to serve one model.
+pub struct LoadedModel {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+/// Loads a `.gguf` file or a folder with `config.json` and safetensors.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if path.is_dir() {
+        load_hf_dir(path, device)
+    } else {
+        load_gguf(path, device)
+    }
+}
+
+fn load_err(path: &Path, reason: impl std::fmt::Display) -> LlmError {
+    LlmError::Load {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A GGUF file being read: its metadata and the open file for tensor data.
+struct GgufReader<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    content: gguf_file::Content,
+    device: &'a Device,
+}
+
+impl GgufReader<'_> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content
+            .tensor(&mut self.file, name, self.device)
+            .map_err(|e| load_err(self.path, format!("tensor {name}: {e}")))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<candle_core::Tensor> {
+        Ok(self.qtensor(name)?.dequantize(self.device)?)
+    }
+
+    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
+        let weight = QMatMul::from_qtensor(self.qtensor(&format!("{prefix}.weight"))?)?;
+        let bias = if bias {
+            Some(self.dense(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| load_err(path, format!("not a GGUF file: {e}")))?;
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| load_err(path, "no general.architecture in metadata"))?;
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+        return Err(LlmError::Unsupported(format!(
+            "GGUF architecture `{arch}`: supported are llama, qwen2, mistral"
+        )));
+    }
+    let get_u = |k: &str| -> Result<usize> {
+        md.get(&format!("{arch}.{k}"))
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as usize)
+            .ok_or_else(|| load_err(path, format!("metadata {arch}.{k} is missing")))
+    };
+    let get_f = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok());
+    let hidden = get_u("embedding_length")?;
+    let heads = get_u("attention.head_count")?;
+    let n_layers = get_u("block_count")?;
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| load_err(path, "tensor token_embd.weight is missing"))?;
+    let config = LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: get_u("feed_forward_length")?,
+        num_hidden_layers: n_layers,
+        num_attention_heads: heads,
+        num_key_value_heads: get_u("attention.head_count_kv").unwrap_or(heads),
+        head_dim: get_u("rope.dimension_count").unwrap_or(hidden / heads),
+        vocab_size: vocab,
+        rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+        rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
+        max_position_embeddings: get_u("context_length").unwrap_or(4096),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: arch == "qwen2",
+        rope_interleaved: arch != "qwen2",
+    };
+    config.validate()?;
+    let tokenizer = Tokenizer::from_gguf(md).map_err(|e| load_err(path, e))?;
+    let template = md
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
+        .transpose()?;
+    let mut r = GgufReader {
+        path,
+        file,
+        content,
+        device,
+    };
+    let eps = config.rms_norm_eps;
+    let mut layers = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let p = format!("blk.{i}");
+        let b = config.attention_bias;
+        layers.push(Layer {
+            q: r.linear(&format!("{p}.attn_q"), b)?,
+            k: r.linear(&format!("{p}.attn_k"), b)?,
+            v: r.linear(&format!("{p}.attn_v"), b)?,
+            o: r.linear(&format!("{p}.attn_output"), false)?,
+            gate: r.linear(&format!("{p}.ffn_gate"), false)?,
+            up: r.linear(&format!("{p}.ffn_up"), false)?,
+            down: r.linear(&format!("{p}.ffn_down"), false)?,
+            attn_norm: RmsNorm::new(r.dense(&format!("{p}.attn_norm.weight"))?, eps),
+            ffn_norm: RmsNorm::new(r.dense(&format!("{p}.ffn_norm.weight"))?, eps),
+        });
+        if (i + 1) % 10 == 0 || i + 1 == n_layers {
+            tracing::info!(layers = i + 1, of = n_layers, "loading {}", path.display());
+        }
+    }
+    let embed_q = r.qtensor("token_embd.weight")?;
+    let embed = embed_q.dequantize(device)?;
+    let lm_head = if config.tie_word_embeddings {
+        Linear {
+            weight: QMatMul::from_qtensor(embed_q)?,
+            bias: None,
+        }
+    } else {
+        r.linear("output", false)?
+    };
+    let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
+    let weights = Weights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    };
+    Ok(LoadedModel {
+        model: LlamaModel::new(config, weights, device)?,
+        tokenizer,
+        template,
+    })
+}
+
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).map_err(|e| load_err(&dir.join(name), e))
+    };
+    let config = LlamaConfig::from_hf_json(&read("config.json")?)?;
+    config.validate()?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| load_err(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(load_err(dir, "no *.safetensors file in the folder"));
+    }
+    tracing::info!(
+        files = files.len(),
+        "loading safetensors from {}",
+        dir.display()
+    );
+    // Safety: the files are memory-mapped read-only and not modified while loaded.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+    let weights = weights_from_varbuilder(&config, vb)?;
+    let tokenizer = Tokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        &dir.join("tokenizer_config.json"),
+    )?;
+    let template = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+        Ok(text) => ChatTemplate::from_tokenizer_config(
+            &text,
+            tokenizer.bos_token(),
+            tokenizer.eos_token(),
+        )?,
+        Err(_) => None,
+    };
+    Ok(LoadedModel {
+        model: LlamaModel::new(config, weights, device)?,
+        tokenizer,
+        template,
+    })
+}
+
+/// Builds [`Weights`] from tensors named as Hugging Face's llama layout names them.
+pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weights> {
+    let (h, kvd) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
+    let linear = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> Result<Linear> {
+        let weight = QMatMul::Tensor(vb.get((o, i), "weight")?);
+        let bias = if bias { Some(vb.get(o, "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    };
+    let norm = |vb: VarBuilder| -> Result<RmsNorm> {
+        Ok(RmsNorm::new(vb.get(h, "weight")?, c.rms_norm_eps))
+    };
+    let m = vb.pp("model");
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let l = m.pp(format!("layers.{i}"));
+        let (a, mlp) = (l.pp("self_attn"), l.pp("mlp"));
+        let qd = c.num_attention_heads * c.head_dim;
+        layers.push(Layer {
+            attn_norm: norm(l.pp("input_layernorm"))?,
+            q: linear(a.pp("q_proj"), h, qd, c.attention_bias)?,
+            k: linear(a.pp("k_proj"), h, kvd, c.attention_bias)?,
+            v: linear(a.pp("v_proj"), h, kvd, c.attention_bias)?,
+            o: linear(a.pp("o_proj"), qd, h, false)?,
+            ffn_norm: norm(l.pp("post_attention_layernorm"))?,
+            gate: linear(mlp.pp("gate_proj"), h, c.intermediate_size, false)?,
+            up: linear(mlp.pp("up_proj"), h, c.intermediate_size, false)?,
+            down: linear(mlp.pp("down_proj"), c.intermediate_size, h, false)?,
+        });
+    }
+    let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
+    let lm_head = if c.tie_word_embeddings {
+        Linear {
+            weight: QMatMul::Tensor(embed.clone()),
+            bias: None,
+        }
+    } else {
+        linear(vb.pp("lm_head"), h, c.vocab_size, false)?
+    };
+    Ok(Weights {
+        embed,
+        layers,
+        norm: norm(m.pp("norm"))?,
+        lm_head,
+    })
+}

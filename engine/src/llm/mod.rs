@@ -1,0 +1,23 @@
+//! The LLM engine: model loading (GGUF, safetensors), tokenizer and chat template,
+//! the flattened-batch llama forward pass, sampling, and the engine loop.
+pub mod chat_template;
+pub mod config;
+pub mod detokenize;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::LlamaConfig;
+pub use engine::{
+    EngineConfig, FinishReason, GenerationEvent, GenerationRequest, LlmEngine, TokenLogprob,
+};
+pub use error::LlmError;
+pub use loader::{load_model, LoadedModel};
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,315 @@
+//! Picks the next token from one row of logits: penalties, temperature, top-k,
+//! top-p and min-p, with a per-request seeded generator, and reports logprobs.
+use kernels::sampling::{argmax, log_softmax, softmax_in_place, top_k_indices};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// 1 means none; applied to tokens of the prompt and the output.
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    /// Alternatives to report per token; `None` reports no logprobs at all.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// A chosen token with its log-probability under the model and the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_entropy(),
+        };
+        Self { params, rng }
+    }
+
+    /// Samples from `logits` (modified in place). `banned` tokens (EOS before
+    /// `min_tokens`) can never be picked.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        prompt: &[u32],
+        output: &[u32],
+        banned: &[u32],
+    ) -> Sampled {
+        let p = &self.params;
+        let report = p.logprobs.map(|_| log_softmax(logits));
+        apply_penalties(logits, prompt, output, p);
+        for &b in banned {
+            if let Some(l) = logits.get_mut(b as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let token = if p.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            logits.iter_mut().for_each(|l| *l /= p.temperature);
+            mask_top_k(logits, p.top_k);
+            let mut probs = logits.to_vec();
+            softmax_in_place(&mut probs);
+            mask_top_p(&mut probs, p.top_p);
+            mask_min_p(&mut probs, p.min_p);
+            draw(&probs, self.rng.gen::<f32>())
+        };
+        match (report, p.logprobs) {
+            (Some(lp), Some(n)) => Sampled {
+                token: token as u32,
+                logprob: lp[token],
+                top: top_k_indices(&lp, n)
+                    .into_iter()
+                    .map(|i| (i as u32, lp[i]))
+                    .collect(),
+            },
+            _ => Sampled {
+                token: token as u32,
+                logprob: f32::NAN,
+                top: Vec::new(),
+            },
+        }
+    }
+}
+
+/// OpenAI's frequency/presence penalties over the output, and the
+/// multiplicative repetition penalty over prompt and output.
+pub fn apply_penalties(logits: &mut [f32], prompt: &[u32], output: &[u32], p: &SamplingParams) {
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &n) in &counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+            }
+        }
+    }
+    if p.repetition_penalty != 1.0 {
+        let mut seen = std::collections::HashSet::new();
+        for &t in prompt.iter().chain(output) {
+            if seen.insert(t) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the `k` largest logits (0 keeps all).
+pub fn mask_top_k(logits: &mut [f32], k: usize) {
+    if k == 0 || k >= logits.len() {
+        return;
+    }
+    let keep = top_k_indices(logits, k);
+    let threshold = logits[*keep.last().expect("k > 0")];
+    let mut kept = 0;
+    for l in logits.iter_mut() {
+        if *l < threshold || (*l == threshold && kept >= k) {
+            *l = f32::NEG_INFINITY;
+        } else {
+            kept += 1;
+        }
+    }
+}
+
+/// Keeps the smallest set of most likely tokens whose mass reaches `top_p`, renormalized.
+pub fn mask_top_p(probs: &mut [f32], top_p: f32) {
+    if top_p >= 1.0 {
+        return;
+    }
+    let mut idx: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+    idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut mass = 0.0;
+    let mut cut = idx.len();
+    for (n, &i) in idx.iter().enumerate() {
+        mass += probs[i];
+        if mass >= top_p {
+            cut = n + 1;
+            break;
+        }
+    }
+    for &i in &idx[cut..] {
+        probs[i] = 0.0;
+    }
+    renormalize(probs);
+}
+
+/// Drops tokens less likely than `min_p` times the most likely one, renormalized.
+pub fn mask_min_p(probs: &mut [f32], min_p: f32) {
+    if min_p <= 0.0 {
+        return;
+    }
+    let floor = min_p * probs.iter().copied().fold(0.0, f32::max);
+    probs
+        .iter_mut()
+        .filter(|p| **p < floor)
+        .for_each(|p| *p = 0.0);
+    renormalize(probs);
+}
+
+fn renormalize(probs: &mut [f32]) {
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+}
+
+/// Inverse-CDF draw with `u` in [0, 1).
+fn draw(probs: &[f32], u: f32) -> usize {
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            acc += p;
+            last = i;
+            if u < acc {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probs(logits: &[f32]) -> Vec<f32> {
+        let mut p = logits.to_vec();
+        softmax_in_place(&mut p);
+        p
+    }
+
+    #[test]
+    fn top_k_keeps_k() {
+        let mut l = vec![1.0, 5.0, 3.0, 4.0, 2.0];
+        mask_top_k(&mut l, 2);
+        assert_eq!(l.iter().filter(|x| x.is_finite()).count(), 2);
+        assert!(l[1].is_finite() && l[3].is_finite());
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_covering_set() {
+        let mut p = vec![0.5, 0.3, 0.15, 0.05];
+        mask_top_p(&mut p, 0.8);
+        assert_eq!(p[2], 0.0);
+        assert_eq!(p[3], 0.0);
+        assert!((p[0] - 0.625).abs() < 1e-6);
+    }
+
+    #[test]
+    fn min_p_drops_unlikely() {
+        let mut p = vec![0.6, 0.3, 0.05, 0.05];
+        mask_min_p(&mut p, 0.2);
+        assert_eq!(p[2], 0.0);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn penalties_follow_openai_and_hf() {
+        let p = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut l = vec![2.0, 2.0, 2.0];
+        apply_penalties(&mut l, &[], &[0, 0, 1], &p);
+        assert_eq!(l, vec![2.0 - 1.0 - 1.0, 2.0 - 0.5 - 1.0, 2.0]);
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut l = vec![4.0, -4.0, 4.0];
+        apply_penalties(&mut l, &[0], &[1, 1], &p);
+        assert_eq!(l, vec![2.0, -8.0, 4.0]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_greedy_is_argmax() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                temperature: 1.5,
+                ..Default::default()
+            });
+            (0..32)
+                .map(|_| s.sample(&mut logits.clone(), &[], &[], &[]).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        let mut g = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(2),
+            ..Default::default()
+        });
+        let s = g.sample(&mut logits.clone(), &[], &[], &[]);
+        assert_eq!(s.token as usize, argmax(&logits));
+        assert_eq!(s.top.len(), 2);
+        assert_eq!(s.top[0].0, s.token);
+        assert!((s.logprob - probs(&logits)[s.token as usize].ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn banned_tokens_are_never_drawn() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut vec![0.0, 9.0, 1.0], &[], &[], &[1]).token, 2);
+    }
+
+    #[test]
+    fn sampling_respects_top_k_support() {
+        let logits = vec![0.0, 1.0, 2.0, 3.0, 4.0];
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            let t = s.sample(&mut logits.clone(), &[], &[], &[]).token;
+            assert!(t == 3 || t == 4, "{t}");
+        }
+    }
+}

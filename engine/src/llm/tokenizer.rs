@@ -1,0 +1,206 @@
+//! The model's tokenizer: loaded from `tokenizer.json`, or rebuilt as a byte-level
+//! BPE from a GGUF file's own vocabulary, merges and pre-tokenizer name.
+use super::error::{LlmError, Result};
+use candle_core::quantized::gguf_file::Value;
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// The split pattern llama.cpp uses for Llama 3 style BPE vocabularies.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The split pattern of Qwen2's vocabulary.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<String>,
+    eos: Option<String>,
+    eos_ids: Vec<u32>,
+    add_bos: bool,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> LlmError {
+    LlmError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Rebuilds the tokenizer from `tokenizer.ggml.*` metadata (GPT-2 style BPE).
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let s = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
+        let u = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let list = |k: &str| -> Result<&Vec<Value>> {
+            md.get(k)
+                .and_then(|v| v.to_vec().ok())
+                .ok_or_else(|| tok_err(format!("metadata {k} is missing")))
+        };
+        let model = s("tokenizer.ggml.model").unwrap_or_default();
+        if model != "gpt2" {
+            return Err(LlmError::Unsupported(format!(
+                "GGUF tokenizer model `{model}`: only byte-level BPE (`gpt2`) vocabularies are rebuilt; \
+                 pass a folder with tokenizer.json instead"
+            )));
+        }
+        let tokens: Vec<String> = list("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(tok_err))
+            .collect::<Result<_>>()?;
+        let merges: Vec<(String, String)> = list("tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| {
+                let m = v.to_string().map_err(tok_err)?;
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| tok_err(format!("bad merge `{m}`")))?;
+                Ok((a.to_string(), b.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let types: Vec<i32> = match md
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+        {
+            Some(v) => v.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let split = |p: &str| -> Result<PreTokenizerWrapper> {
+            let sp = Split::new(
+                SplitPattern::Regex(p.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?;
+            Ok(sp.into())
+        };
+        let pre: PreTokenizerWrapper = match s("tokenizer.ggml.pre").as_deref() {
+            Some("smollm" | "starcoder" | "codeshell" | "refact") => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            Some("llama-bpe" | "llama3" | "smaug-bpe") => Sequence::new(vec![
+                split(LLAMA3_PATTERN)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            Some("qwen2") => Sequence::new(vec![
+                split(QWEN2_PATTERN)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            _ => byte_level.into(),
+        };
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3))
+            .collect();
+        inner.add_special_tokens(&special);
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let eos_id = u("tokenizer.ggml.eos_token_id");
+        let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+        if let Some(eot) = u("tokenizer.ggml.eot_token_id") {
+            eos_ids.push(eot);
+        }
+        Ok(Self {
+            bos: name(u("tokenizer.ggml.bos_token_id")),
+            eos: name(eos_id),
+            eos_ids,
+            add_bos: md
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
+            inner,
+        })
+    }
+
+    /// Loads `tokenizer.json`; special tokens come from `tokenizer_config.json` when present.
+    pub fn from_file(tokenizer_json: &Path, tokenizer_config: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| tok_err(format!("{}: {e}", tokenizer_json.display())))?;
+        let cfg: serde_json::Value = std::fs::read_to_string(tokenizer_config)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let token = |k: &str| match &cfg[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => {
+                o.get("content").and_then(|c| c.as_str()).map(String::from)
+            }
+            _ => None,
+        };
+        let eos = token("eos_token");
+        let eos_ids = eos.iter().filter_map(|t| inner.token_to_id(t)).collect();
+        Ok(Self {
+            bos: token("bos_token"),
+            eos,
+            eos_ids,
+            add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false),
+            inner,
+        })
+    }
+
+    /// Encodes text; special-token strings in it (e.g. `<|im_start|>`) map to their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let Some(bos) = self
+            .add_bos
+            .then(|| self.bos.as_ref().and_then(|b| self.inner.token_to_id(b)))
+            .flatten()
+        {
+            if !text.starts_with(self.bos.as_deref().unwrap_or_default()) {
+                ids.push(bos);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// The token's own text as the vocabulary spells it, decoded to bytes-as-text.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn bos_token(&self) -> Option<String> {
+        self.bos.clone()
+    }
+
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos.clone()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,376 @@
+//! `/v1/chat/completions` and `/v1/completions`: validate, tokenize, submit to
+//! the engine, and answer as one JSON body or as server-sent events.
+use super::error::ApiError;
+use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
+use super::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::llm::{
+    FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, TokenLogprob,
+};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_body(format!("invalid request body: {e}")))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The two endpoints differ only in prompt building and response shapes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Prepared {
+    engine: LlmEngine,
+    model: String,
+    v: Validated,
+    prompt: Vec<u32>,
+}
+
+fn engine_for(state: &AppState, common: &CommonParams) -> Result<LlmEngine, ApiError> {
+    state
+        .engine(&common.model)
+        .ok_or_else(|| ApiError::model_not_found(&common.model))
+}
+
+fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
+    let max_len = p.engine.max_model_len();
+    let max_tokens = match p.v.max_tokens {
+        Some(m) => m,
+        None if p.prompt.len() < max_len => max_len - p.prompt.len(),
+        None => return Err(ApiError::context_length(max_len, p.prompt.len(), 1)),
+    };
+    if p.prompt.len() + max_tokens > max_len {
+        return Err(ApiError::context_length(
+            max_len,
+            p.prompt.len(),
+            max_tokens,
+        ));
+    }
+    let req = GenerationRequest {
+        prompt: p.prompt.clone(),
+        sampling: p.v.sampling.clone(),
+        max_tokens,
+        min_tokens: p.v.min_tokens,
+        stop: p.v.stop.clone(),
+        ignore_eos: p.v.ignore_eos,
+    };
+    let rx = p.engine.submit(req).map_err(|e| match e {
+        LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
+        other => ApiError::internal(other.to_string()),
+    })?;
+    Ok((rx, p.prompt.len()))
+}
+
+pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let prepared = (|| {
+        let req: ChatRequest = parse(&body)?;
+        let engine = engine_for(&state, &req.common)?;
+        let messages = req.chat_messages()?;
+        let logprobs = req.logprobs()?;
+        let template = engine.template().ok_or_else(|| {
+            ApiError::invalid(
+                "model",
+                "this model has no chat template; use /v1/completions",
+            )
+        })?;
+        let text = template
+            .render(&messages, true)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let prompt = engine
+            .tokenizer()
+            .encode(&text)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let model = req.common.model.clone();
+        let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+        Ok::<_, ApiError>(Prepared {
+            engine,
+            model,
+            v,
+            prompt,
+        })
+    })();
+    respond(prepared, Kind::Chat).await
+}
+
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    let prepared = (|| {
+        let req: CompletionRequest = parse(&body)?;
+        let engine = engine_for(&state, &req.common)?;
+        let text = req.prompt_text()?;
+        if req.echo {
+            return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
+        }
+        let logprobs = req.logprobs()?;
+        let prompt = engine
+            .tokenizer()
+            .encode(&text)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+        }
+        let model = req.common.model.clone();
+        // OpenAI's default for completions is 16 tokens.
+        let max_tokens = req.common.max_tokens.or(Some(16));
+        let v = req.common.validate(max_tokens, logprobs)?;
+        Ok::<_, ApiError>(Prepared {
+            engine,
+            model,
+            v,
+            prompt,
+        })
+    })();
+    respond(prepared, Kind::Completion).await
+}
+
+async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let (rx, prompt_tokens) = match submit(&p) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let shape = Shape {
+        kind,
+        id,
+        model: p.model,
+        created: now(),
+        logprobs: p.v.sampling.logprobs.is_some(),
+    };
+    if p.v.stream {
+        stream_response(shape, rx, p.v.include_usage).into_response()
+    } else {
+        collect_response(shape, rx, prompt_tokens).await
+    }
+}
+
+/// The fixed parts of every response body of one request.
+struct Shape {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    logprobs: bool,
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Chat's `logprobs.content` entries.
+fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+    let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(&l.token, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|(t, lp)| entry(t, *lp)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions' legacy logprobs object; `offset` is where the text starts.
+fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut text_offset = Vec::new();
+    for l in lps {
+        text_offset.push(offset);
+        offset += l.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn logprobs(&self, lps: &[TokenLogprob], offset: usize) -> Value {
+        match (self.logprobs, self.kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Chat) => chat_logprobs(lps),
+            (true, Kind::Completion) => completion_logprobs(lps, offset),
+        }
+    }
+
+    /// One choice holding `text`; a delta for chat chunks.
+    fn choice(
+        &self,
+        text: Option<&str>,
+        lps: &[TokenLogprob],
+        offset: usize,
+        finish: Option<FinishReason>,
+        chunk: bool,
+    ) -> Value {
+        let finish_reason = finish.map(FinishReason::as_str);
+        let logprobs = self.logprobs(lps, offset);
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => {
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            (Kind::Chat, false) => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")},
+                                          "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            (Kind::Chat, true) => {
+                let delta = text.map_or(json!({}), |t| json!({"content": t}));
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+        }
+    }
+
+    fn body(&self, choices: Vec<Value>, chunk: bool) -> Value {
+        json!({"id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices})
+    }
+}
+
+async fn collect_response(
+    shape: Shape,
+    mut rx: UnboundedReceiver<GenerationEvent>,
+    prompt_tokens: usize,
+) -> Response {
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenerationEvent::Delta { text: t, logprob } => {
+                text.push_str(&t);
+                lps.extend(logprob);
+            }
+            GenerationEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let mut body = shape.body(
+                    vec![shape.choice(Some(&text), &lps, 0, Some(reason), false)],
+                    false,
+                );
+                body["usage"] = usage(prompt_tokens, completion_tokens);
+                return Json(body).into_response();
+            }
+            GenerationEvent::Failed(m) => return ApiError::internal(m).into_response(),
+        }
+    }
+    ApiError::internal(format!(
+        "the engine stopped before finishing (prompt of {prompt_tokens} tokens)"
+    ))
+    .into_response()
+}
+
+fn sse(v: &Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+/// Server-sent events: the role first (chat), then content deltas, the finish
+/// reason, optional usage, and `[DONE]`. Dropping the stream cancels the request.
+fn stream_response(
+    shape: Shape,
+    rx: UnboundedReceiver<GenerationEvent>,
+    include_usage: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let with_usage = move |mut v: Value| {
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let first: Vec<Value> = match shape.kind {
+        Kind::Chat => vec![with_usage(shape.body(
+            vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
+            true,
+        ))],
+        Kind::Completion => vec![],
+    };
+    let head = stream::iter(first.iter().map(sse).map(Ok).collect::<Vec<_>>());
+    let body = stream::unfold(
+        (rx, shape, 0usize, false),
+        move |(mut rx, shape, mut offset, done)| async move {
+            if done {
+                return None;
+            }
+            let ev = rx.recv().await;
+            let (events, done) = match ev {
+                Some(GenerationEvent::Delta { text, logprob }) => {
+                    let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
+                    if text.is_empty() && lps.is_empty() {
+                        (vec![], false)
+                    } else {
+                        let v = with_usage(shape.body(
+                            vec![shape.choice(Some(&text), &lps, offset, None, true)],
+                            true,
+                        ));
+                        offset += text.len();
+                        (vec![sse(&v)], false)
+                    }
+                }
+                Some(GenerationEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let text = (shape.kind == Kind::Completion).then_some("");
+                    let mut out = vec![sse(&with_usage(shape.body(
+                        vec![shape.choice(text, &[], offset, Some(reason), true)],
+                        true,
+                    )))];
+                    if include_usage {
+                        let mut u = shape.body(vec![], true);
+                        u["usage"] = usage(prompt_tokens, completion_tokens);
+                        out.push(sse(&u));
+                    }
+                    out.push(Event::default().data("[DONE]"));
+                    (out, true)
+                }
+                Some(GenerationEvent::Failed(m)) => (
+                    vec![
+                        sse(&ApiError::internal(m).body()),
+                        Event::default().data("[DONE]"),
+                    ],
+                    true,
+                ),
+                None => (
+                    vec![sse(&ApiError::internal("the engine stopped").body())],
+                    true,
+                ),
+            };
+            Some((
+                stream::iter(events.into_iter().map(Ok)),
+                (rx, shape, offset, done),
+            ))
+        },
+    );
+    Sse::new(head.chain(body.flatten()))
+}

