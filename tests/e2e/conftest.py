@@ -1,0 +1,75 @@
+"""Starts the real `switchyard` binary on a free port for the end-to-end tests."""
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m-instruct"
+
+
+def binary() -> str:
+    return os.environ.get("SWITCHYARD_BIN", str(ROOT / "target" / "debug" / "switchyard"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
+        if config:
+            args += ["--config", config]
+        self.log = open(ROOT / "target" / f"e2e-server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"switchyard exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("switchyard did not become healthy within 180 s")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tmp_config(tmp_path):
+    """Writes a config serving the default model with the given engine limits."""
+
+    def write(**engine) -> str:
+        lines = "".join(f"      {k}: {v}\n" for k, v in engine.items())
+        default = (ROOT / "configs" / "default.yaml").read_text()
+        head, _, _ = default.partition("    engine:\n")
+        path = tmp_path / "config.yaml"
+        path.write_text(head + "    engine:\n" + lines)
+        return str(path)
+
+    return write

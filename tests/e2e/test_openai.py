@@ -1,0 +1,159 @@
+"""The official `openai` client against a real Switchyard serving SmolLM2."""
+import asyncio
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL, Server, binary
+
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def ask(c, content, **kw):
+    return c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_greedy_answer_names_paris(server):
+    r = ask(client(server), QUESTION, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_concatenates_to_the_non_stream_text(server):
+    c = client(server)
+    full = ask(c, "Name three colors.", temperature=0, max_tokens=40)
+    chunks = list(ask(c, "Name three colors.", temperature=0, max_tokens=40, stream=True,
+                      stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_max_tokens_cut_gives_length(server):
+    r = ask(client(server), "Tell me a long story about dragons.", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def test_bad_parameters_raise_bad_request(server):
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, "hi", temperature=5)
+    assert "temperature" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, "hi", max_tokens=100000)
+    assert "8192" in str(e.value) and "100000" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=[])
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_raises_not_found(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert "no-such-model" in str(e.value)
+
+
+def test_async_concurrent_requests_match_sequential_ones(server):
+    prompts = ["Say one word.", "Count to five.", QUESTION, "What is 2+2?"]
+    sequential = [ask(client(server), p, temperature=0, max_tokens=24).choices[0].message.content for p in prompts]
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        rs = await asyncio.gather(*[
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24)
+            for p in prompts
+        ])
+        return [r.choices[0].message.content for r in rs]
+
+    assert asyncio.run(run()) == sequential
+
+
+def test_completions_seed_stop_and_logprobs(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=1.0, seed=1234)
+    a = c.completions.create(**kw).choices[0].text
+    assert a == c.completions.create(**kw).choices[0].text
+    r = c.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    assert r.choices[0].finish_reason == "stop"
+    assert "7" not in r.choices[0].text and "6" in r.choices[0].text
+    r = c.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+
+
+def test_chat_logprobs_and_forced_length(server):
+    r = ask(client(server), "Hi", max_tokens=40, temperature=0, logprobs=True, top_logprobs=3,
+            extra_body={"ignore_eos": True, "min_tokens": 40})
+    content = r.choices[0].logprobs.content
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert len(content) == 40 and all(len(t.top_logprobs) == 3 for t in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in client(server).models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert f'switchyard:generation_tokens{{model_name="{MODEL}"}}' in metrics
+    assert "switchyard:time_to_first_token_seconds_bucket" in metrics
+
+
+def running(server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("switchyard:num_requests_running"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_disconnect_cancels_the_sequence(server):
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Write forever."}],
+        "max_tokens": 4000, "ignore_eos": True, "stream": True,
+    }) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    for _ in range(50):
+        if running(server) == 0:
+            return
+        asyncio.run(asyncio.sleep(0.1))
+    pytest.fail("the abandoned sequence kept running")
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_config):
+    s = Server(tmp_config(max_num_seqs=1, max_waiting=1, max_num_batched_tokens=512, max_model_len=2048))
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as c:
+                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 64, "ignore_eos": True}
+                return await asyncio.gather(*[c.post(f"{s.url}/v1/completions", json=body) for _ in range(6)])
+
+        rs = asyncio.run(burst())
+        codes = sorted(r.status_code for r in rs)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "queue_full"
+    finally:
+        s.stop()
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m\n    source: { path: /x }\n    engine: { max_num_seqs: 0 }\n")
+    p = subprocess.run([binary(), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0
+    assert "models[0].engine.max_num_seqs" in p.stderr
