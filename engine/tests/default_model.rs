@@ -21,8 +21,15 @@ fn model_path() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/switchyard")))
         .expect("HOME or SWITCHYARD_CACHE");
-    let p = cache.join("models").join(SHA256).join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `switchyard models fetch` (scripts/test.sh does)", p.display());
+    let p = cache
+        .join("models")
+        .join(SHA256)
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `switchyard models fetch` (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -58,7 +65,16 @@ const FULL_PASS_TOLERANCE: f32 = 1e-3;
 const STEP_TOLERANCE: f32 = 1.5;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Greedy decoding of 64 tokens agrees token for token with the reference on
@@ -66,7 +82,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn greedy_decoding_matches_candle_quantized_llama() {
     let ours = load();
-    let template = ours.template.as_ref().expect("the GGUF has a chat template");
+    let template = ours
+        .template
+        .as_ref()
+        .expect("the GGUF has a chat template");
     let (mut worst_step, mut worst_full) = (0f32, 0f32);
     let full_pass = |tokens: &[u32]| {
         let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
@@ -74,12 +93,23 @@ fn greedy_decoding_matches_candle_quantized_llama() {
         let mut batch = ForwardBatch::default();
         batch.push(SeqId(99), tokens, 0);
         let a = ours.model.forward(&batch, &mut cache).unwrap();
-        let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let b = reference().forward(&input, 0).unwrap();
         max_diff(&a, &b)
     };
     for (i, prompt) in PROMPTS.iter().enumerate() {
-        let text = template.render(&[ChatMessage { role: "user".into(), content: prompt.to_string() }], true).unwrap();
+        let text = template
+            .render(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: prompt.to_string(),
+                }],
+                true,
+            )
+            .unwrap();
         let mut tokens = ours.tokenizer.encode(&text).unwrap();
         let mut reference = reference();
         let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
@@ -90,15 +120,31 @@ fn greedy_decoding_matches_candle_quantized_llama() {
         for step in 0..64 {
             let mut batch = ForwardBatch::default();
             batch.push(seq, &fed, pos);
-            let a = ours.model.forward(&batch, &mut cache).unwrap().squeeze(0).unwrap();
-            let input = Tensor::new(fed.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let a = ours
+                .model
+                .forward(&batch, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let input = Tensor::new(fed.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let b = reference.forward(&input, pos).unwrap().squeeze(0).unwrap();
             let diff = max_diff(&a, &b);
             worst_step = worst_step.max(diff);
-            assert!(diff < STEP_TOLERANCE, "prompt {i} step {step}: max |Δlogit| = {diff}");
+            assert!(
+                diff < STEP_TOLERANCE,
+                "prompt {i} step {step}: max |Δlogit| = {diff}"
+            );
             let ta = a.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
             let tb = b.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
-            assert_eq!(ta, tb, "prompt {i} step {step}: after {:?}", ours.tokenizer.decode(&out).unwrap());
+            assert_eq!(
+                ta,
+                tb,
+                "prompt {i} step {step}: after {:?}",
+                ours.tokenizer.decode(&out).unwrap()
+            );
             out.push(ta);
             tokens.push(ta);
             pos += fed.len();
@@ -108,7 +154,10 @@ fn greedy_decoding_matches_candle_quantized_llama() {
         for n in [prompt_len, tokens.len()] {
             let d = full_pass(&tokens[..n]);
             worst_full = worst_full.max(d);
-            assert!(d < FULL_PASS_TOLERANCE, "prompt {i}, full pass over {n} tokens: max |Δlogit| = {d}");
+            assert!(
+                d < FULL_PASS_TOLERANCE,
+                "prompt {i}, full pass over {n} tokens: max |Δlogit| = {d}"
+            );
         }
     }
     eprintln!("5 prompts × 64 greedy tokens agree; largest |Δlogit|: full pass {worst_full}, step {worst_step}");
@@ -118,15 +167,28 @@ fn greedy_decoding_matches_candle_quantized_llama() {
 fn greedy_answer_names_paris() {
     let ours = load();
     let template = ours.template.as_ref().unwrap();
-    let msg = ChatMessage { role: "user".into(), content: PROMPTS[0].into() };
-    let tokens = ours.tokenizer.encode(&template.render(&[msg], true).unwrap()).unwrap();
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: PROMPTS[0].into(),
+    };
+    let tokens = ours
+        .tokenizer
+        .encode(&template.render(&[msg], true).unwrap())
+        .unwrap();
     let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
     cache.allocate(SeqId(0), tokens.len() + 16);
     let (mut fed, mut pos, mut out) = (tokens.clone(), 0, Vec::new());
     for _ in 0..16 {
         let mut batch = ForwardBatch::default();
         batch.push(SeqId(0), &fed, pos);
-        let next = ours.model.forward(&batch, &mut cache).unwrap().argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap()[0];
+        let next = ours
+            .model
+            .forward(&batch, &mut cache)
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()[0];
         pos += fed.len();
         if ours.tokenizer.is_eos(next) {
             break;
@@ -134,7 +196,10 @@ fn greedy_answer_names_paris() {
         out.push(next);
         fed = vec![next];
     }
-    assert_eq!(ours.tokenizer.decode(&out).unwrap(), "The capital of France is Paris.");
+    assert_eq!(
+        ours.tokenizer.decode(&out).unwrap(),
+        "The capital of France is Paris."
+    );
 }
 
 #[test]
@@ -145,15 +210,30 @@ fn tokenizer_rebuilt_from_gguf_handles_specials_digits_and_round_trips() {
     assert_eq!(ids[0], 1, "<|im_start|> is one special token");
     assert_eq!(*ids.last().unwrap(), 2, "<|im_end|> is one special token");
     assert!(t.is_eos(2));
-    assert_eq!(t.encode("12345").unwrap().len(), 5, "digits are split one by one");
-    for text in ["Hello, world!", "  spaced\tout\n\nlines", "naïve café — 東京 🚀", "x = f(42) + y**2;"] {
+    assert_eq!(
+        t.encode("12345").unwrap().len(),
+        5,
+        "digits are split one by one"
+    );
+    for text in [
+        "Hello, world!",
+        "  spaced\tout\n\nlines",
+        "naïve café — 東京 🚀",
+        "x = f(42) + y**2;",
+    ] {
         assert_eq!(t.decode(&t.encode(text).unwrap()).unwrap(), text);
     }
     let text = m
         .template
         .as_ref()
         .unwrap()
-        .render(&[ChatMessage { role: "user".into(), content: "Hi".into() }], true)
+        .render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }],
+            true,
+        )
         .unwrap();
     assert!(text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
     assert!(text.ends_with("<|im_start|>assistant\n"));

@@ -17,7 +17,11 @@ const CONFIG: &str = r#"{"model_type":"llama","hidden_size":64,"intermediate_siz
 fn tiny_checkpoint(dir: &std::path::Path) {
     let dev = Device::Cpu;
     let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
-    let (h, i, kv) = (c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim);
+    let (h, i, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads * c.head_dim,
+    );
     let mut t: HashMap<String, Tensor> = HashMap::new();
     let mut put = |name: String, shape: &[usize], std: f64| {
         t.insert(name, Tensor::randn(0f32, std as f32, shape, &dev).unwrap());
@@ -44,19 +48,43 @@ fn tiny_checkpoint(dir: &std::path::Path) {
             t.insert(format!("model.layers.{l}.{n}.weight"), w);
         }
     }
-    t.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, &dev).unwrap());
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev).unwrap(),
+    );
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), CONFIG).unwrap();
 }
 
 fn ours(dir: &std::path::Path) -> LlamaModel {
     let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu) }.unwrap();
-    LlamaModel::new(c.clone(), weights_from_varbuilder(&c, vb).unwrap(), &Device::Cpu).unwrap()
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    LlamaModel::new(
+        c.clone(),
+        weights_from_varbuilder(&c, vb).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Logits of our model and the reference agree within 1e-4 over a prefill and
@@ -69,8 +97,14 @@ fn logits_match_candle_transformers_llama() {
     let model = ours(dir.path());
     let rcfg: reference::LlamaConfig = serde_json::from_str(CONFIG).unwrap();
     let rcfg = rcfg.into_config(false);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.path().join("model.safetensors")], DType::F32, &Device::Cpu) }
-        .unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
     let rmodel = reference::Llama::load(vb, &rcfg).unwrap();
     let mut rcache = reference::Cache::new(true, DType::F32, &rcfg, &Device::Cpu).unwrap();
     let mut cache = ContiguousKvCache::new(2);
@@ -84,7 +118,10 @@ fn logits_match_candle_transformers_llama() {
         let mut batch = ForwardBatch::default();
         batch.push(seq, &fed, pos);
         let a = model.forward(&batch, &mut cache).unwrap();
-        let input = Tensor::new(fed.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(fed.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let b = rmodel.forward(&input, pos, &mut rcache).unwrap();
         let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "step {step}: max |Δlogit| = {diff}");
@@ -103,7 +140,12 @@ fn batched_forward_equals_one_sequence_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     tiny_checkpoint(dir.path());
     let model = ours(dir.path());
-    let prompts: Vec<Vec<u32>> = vec![(0..13).collect(), vec![5, 9, 2], (20..47).map(|x| x % 97).collect(), vec![60]];
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..13).collect(),
+        vec![5, 9, 2],
+        (20..47).map(|x| x % 97).collect(),
+        vec![60],
+    ];
     // Alone: prefill in one go, then 4 greedy steps; keep every step's logits.
     let mut alone = Vec::new();
     let mut continuations = Vec::new();
@@ -132,12 +174,12 @@ fn batched_forward_equals_one_sequence_at_a_time() {
     }
     let mut b = ForwardBatch::default();
     b.push(SeqId(0), &prompts[0][..6], 0);
-    for i in 1..prompts.len() {
-        b.push(SeqId(i as u64), &prompts[i], 0);
+    for (i, p) in prompts.iter().enumerate().skip(1) {
+        b.push(SeqId(i as u64), p, 0);
     }
     let first = model.forward(&b, &mut cache).unwrap();
-    for i in 1..prompts.len() {
-        let d = max_abs_diff(&first.get(i).unwrap(), &alone[i][0].get(0).unwrap());
+    for (i, steps) in alone.iter().enumerate().skip(1) {
+        let d = max_abs_diff(&first.get(i).unwrap(), &steps[0].get(0).unwrap());
         assert!(d < 1e-4, "seq {i} prefill: {d}");
     }
     for step in 0..4 {
@@ -145,16 +187,20 @@ fn batched_forward_equals_one_sequence_at_a_time() {
         if step == 0 {
             b.push(SeqId(0), &prompts[0][6..], 6);
         } else {
-            b.push(SeqId(0), &[continuations[0][step - 1]], prompts[0].len() + step - 1);
+            b.push(
+                SeqId(0),
+                &[continuations[0][step - 1]],
+                prompts[0].len() + step - 1,
+            );
         }
-        for i in 1..prompts.len() {
-            b.push(SeqId(i as u64), &[continuations[i][step]], prompts[i].len() + step);
+        for (i, (p, cont)) in prompts.iter().zip(&continuations).enumerate().skip(1) {
+            b.push(SeqId(i as u64), &[cont[step]], p.len() + step);
         }
         let l = model.forward(&b, &mut cache).unwrap();
         let d0 = max_abs_diff(&l.get(0).unwrap(), &alone[0][step].get(0).unwrap());
         assert!(d0 < 1e-4, "seq 0 step {step}: {d0}");
-        for i in 1..prompts.len() {
-            let d = max_abs_diff(&l.get(i).unwrap(), &alone[i][step + 1].get(0).unwrap());
+        for (i, steps) in alone.iter().enumerate().skip(1) {
+            let d = max_abs_diff(&l.get(i).unwrap(), &steps[step + 1].get(0).unwrap());
             assert!(d < 1e-4, "seq {i} step {step}: {d}");
         }
     }

@@ -29,7 +29,7 @@ class Server:
         args = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
         if config:
             args += ["--config", config]
-        self.log = open(ROOT / "target" / f"e2e-server-{self.port}.log", "w")
+        self.log = open(Path(binary()).parent / f"e2e-server-{self.port}.log", "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:

@@ -40,7 +40,11 @@ fn prompt(i: usize, words: usize) -> String {
     // A unique opening so no prefix cache can help.
     let filler = "please describe the weather markets rivers and mountains of the region in detail";
     let body: Vec<&str> = filler.split(' ').cycle().take(words).collect();
-    format!("Request {i} ({:x}): {}", i.wrapping_mul(2654435761), body.join(" "))
+    format!(
+        "Request {i} ({:x}): {}",
+        i.wrapping_mul(2654435761),
+        body.join(" ")
+    )
 }
 
 async fn one(client: &reqwest::Client, a: &Args, i: usize) -> anyhow::Result<Sample> {
@@ -51,14 +55,22 @@ async fn one(client: &reqwest::Client, a: &Args, i: usize) -> anyhow::Result<Sam
         "messages": [{"role": "user", "content": prompt(i, a.prompt_words)}],
     });
     let start = Instant::now();
-    let resp = client.post(format!("{}/v1/chat/completions", a.url)).json(&body).send().await?.error_for_status()?;
+    let resp = client
+        .post(format!("{}/v1/chat/completions", a.url))
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?;
     let mut stream = resp.bytes_stream();
-    let (mut buf, mut ttft, mut last, mut gaps, mut tokens) = (String::new(), None, start, Vec::new(), 0);
+    let (mut buf, mut ttft, mut last, mut gaps, mut tokens) =
+        (String::new(), None, start, Vec::new(), 0);
     while let Some(chunk) = stream.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 continue;
             }
@@ -66,7 +78,9 @@ async fn one(client: &reqwest::Client, a: &Args, i: usize) -> anyhow::Result<Sam
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 tokens = n as usize;
             }
-            let has_text = v["choices"][0]["delta"]["content"].as_str().is_some_and(|s| !s.is_empty());
+            let has_text = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty());
             if has_text {
                 let now = Instant::now();
                 match ttft {
@@ -77,13 +91,19 @@ async fn one(client: &reqwest::Client, a: &Args, i: usize) -> anyhow::Result<Sam
             }
         }
     }
-    Ok(Sample { ttft: ttft.unwrap_or(f64::NAN), gaps, tokens })
+    Ok(Sample {
+        ttft: ttft.unwrap_or(f64::NAN),
+        gaps,
+        tokens,
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
     let mut rows = Vec::new();
     let mut next_id = 0;
     for level in a.concurrency.split(',').map(|s| s.trim().parse::<usize>()) {
@@ -100,7 +120,10 @@ async fn main() -> anyhow::Result<()> {
         let wall = start.elapsed().as_secs_f64();
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         let ttfts: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
-        let gaps: Vec<f64> = samples.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+        let gaps: Vec<f64> = samples
+            .iter()
+            .flat_map(|s| s.gaps.iter().copied())
+            .collect();
         let itl = gaps.iter().sum::<f64>() / gaps.len().max(1) as f64;
         rows.push(vec![
             level.to_string(),
@@ -111,7 +134,20 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.1}", itl * 1e3),
         ]);
     }
-    println!("{} — {} output tokens per request, ~{} prompt words\n", a.url, a.max_tokens, a.prompt_words);
-    print_table(&["concurrency", "requests", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "mean ITL ms"], &rows);
+    println!(
+        "{} — {} output tokens per request, ~{} prompt words\n",
+        a.url, a.max_tokens, a.prompt_words
+    );
+    print_table(
+        &[
+            "concurrency",
+            "requests",
+            "output tok/s",
+            "TTFT p50 ms",
+            "TTFT p95 ms",
+            "mean ITL ms",
+        ],
+        &rows,
+    );
     Ok(())
 }

@@ -65,7 +65,10 @@ impl Runner for Reference {
         self.model = load_reference(&self.path);
     }
     fn step(&mut self, tokens: &[u32], pos: usize) -> Tensor {
-        let x = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         self.model.forward(&x, pos).unwrap()
     }
 }
@@ -78,11 +81,23 @@ fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) ->
         let t = Instant::now();
         let logits = r.step(prompt, 0);
         pre.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
-        let mut next = logits.flatten_all().unwrap().argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+        let mut next = logits
+            .flatten_all()
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         let t = Instant::now();
         for i in 0..decode {
             let l = r.step(&[next], prompt.len() + i);
-            next = l.flatten_all().unwrap().argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+            next = l
+                .flatten_all()
+                .unwrap()
+                .argmax(D::Minus1)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
         }
         dec.push(decode as f64 / t.elapsed().as_secs_f64());
     }
@@ -93,10 +108,23 @@ fn main() {
     let a = Args::parse();
     let loaded = load_model(&a.model, &Device::Cpu).expect("loading the model");
     let text = "The history of the city begins with a small settlement by the river. ".repeat(64);
-    let prompt: Vec<u32> = loaded.tokenizer.encode(&text).unwrap().into_iter().take(a.prompt_tokens).collect();
+    let prompt: Vec<u32> = loaded
+        .tokenizer
+        .encode(&text)
+        .unwrap()
+        .into_iter()
+        .take(a.prompt_tokens)
+        .collect();
     let capacity = prompt.len() + a.decode_tokens;
-    let mut ours = Ours { model: loaded.model, cache: ContiguousKvCache::new(30), capacity };
-    let mut reference = Reference { model: load_reference(&a.model), path: a.model.clone() };
+    let mut ours = Ours {
+        model: loaded.model,
+        cache: ContiguousKvCache::new(30),
+        capacity,
+    };
+    let mut reference = Reference {
+        model: load_reference(&a.model),
+        path: a.model.clone(),
+    };
     let threads = candle_core::utils::get_num_threads();
     println!(
         "single stream, {} prompt tokens, {} decode tokens, median of {} runs, {threads} threads\n",
@@ -108,10 +136,25 @@ fn main() {
     let (rp, rd) = measure(&mut reference, &prompt, a.decode_tokens, a.repeats);
     let (op, od) = measure(&mut ours, &prompt, a.decode_tokens, a.repeats);
     print_table(
-        &["phase", "switchyard tok/s", "candle quantized_llama tok/s", "ratio (ours ÷ candle)"],
         &[
-            vec!["prefill".into(), format!("{op:.1}"), format!("{rp:.1}"), format!("{:.2}", op / rp)],
-            vec!["decode".into(), format!("{od:.1}"), format!("{rd:.1}"), format!("{:.2}", od / rd)],
+            "phase",
+            "switchyard tok/s",
+            "candle quantized_llama tok/s",
+            "ratio (ours ÷ candle)",
+        ],
+        &[
+            vec![
+                "prefill".into(),
+                format!("{op:.1}"),
+                format!("{rp:.1}"),
+                format!("{:.2}", op / rp),
+            ],
+            vec![
+                "decode".into(),
+                format!("{od:.1}"),
+                format!("{rd:.1}"),
+                format!("{:.2}", od / rd),
+            ],
         ],
     );
 }

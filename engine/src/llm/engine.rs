@@ -387,9 +387,7 @@ impl Worker {
                 .collect(),
         });
         let mut text = released.text;
-        let reason = if released.stopped {
-            Some(FinishReason::Stop)
-        } else if is_eos {
+        let reason = if released.stopped || is_eos {
             Some(FinishReason::Stop)
         } else if n >= s.req.max_tokens {
             Some(FinishReason::Length)

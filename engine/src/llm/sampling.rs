@@ -296,7 +296,7 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         });
-        assert_eq!(s.sample(&mut vec![0.0, 9.0, 1.0], &[], &[], &[1]).token, 2);
+        assert_eq!(s.sample(&mut [0.0, 9.0, 1.0], &[], &[], &[1]).token, 2);
     }
 
     #[test]
