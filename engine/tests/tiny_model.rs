@@ -7,54 +7,8 @@ use engine::llm::kv_cache::{ContiguousKvCache, SeqId};
 use engine::llm::loader::weights_from_varbuilder;
 use engine::llm::model::{ForwardBatch, LlamaModel};
 use engine::llm::LlamaConfig;
-use std::collections::HashMap;
-
-const CONFIG: &str = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
-  "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":97,"rms_norm_eps":1e-5,"rope_theta":10000.0,
-  "max_position_embeddings":256,"tie_word_embeddings":false}"#;
-
-/// Writes random weights in Hugging Face's llama layout; returns the folder.
-fn tiny_checkpoint(dir: &std::path::Path) {
-    let dev = Device::Cpu;
-    let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
-    let (h, i, kv) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_key_value_heads * c.head_dim,
-    );
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f64| {
-        t.insert(name, Tensor::randn(0f32, std as f32, shape, &dev).unwrap());
-    };
-    put("model.embed_tokens.weight".into(), &[c.vocab_size, h], 1.0);
-    put("lm_head.weight".into(), &[c.vocab_size, h], 0.2);
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            put(format!("{p}.{n}.weight"), &shape, 0.15);
-        }
-    }
-    for l in 0..c.num_hidden_layers {
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            let w = (Tensor::randn(0f32, 0.1, h, &dev).unwrap() + 1.0).unwrap();
-            t.insert(format!("model.layers.{l}.{n}.weight"), w);
-        }
-    }
-    t.insert(
-        "model.norm.weight".into(),
-        Tensor::ones(h, DType::F32, &dev).unwrap(),
-    );
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-}
+mod common;
+use common::{tiny_checkpoint, CONFIG};
 
 fn ours(dir: &std::path::Path) -> LlamaModel {
     let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
