@@ -164,7 +164,7 @@ impl LlmEngine {
     pub fn submit(&self, req: GenerationRequest) -> Result<UnboundedReceiver<GenerationEvent>> {
         let inner = &self.inner;
         if req.prompt.is_empty() || req.prompt.len() + req.max_tokens > inner.config.max_model_len {
-            return Err(LlmError::Unsupported(format!(
+            return Err(LlmError::InvalidRequest(format!(
                 "prompt ({}) + max_tokens ({}) must be between 1 and {} tokens",
                 req.prompt.len(),
                 req.max_tokens,
@@ -216,9 +216,6 @@ impl Schedulable for Sequence {
     }
     fn computed(&self) -> usize {
         self.computed
-    }
-    fn set_computed(&mut self, n: usize) {
-        self.computed = n;
     }
     fn max_len(&self) -> usize {
         self.prompt_len + self.req.max_tokens

@@ -11,6 +11,8 @@ pub enum LlmError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     #[error("the request queue is full ({capacity} requests waiting)")]
     QueueFull { capacity: usize },
     #[error("the engine has stopped")]

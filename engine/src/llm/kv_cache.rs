@@ -21,8 +21,6 @@ pub trait KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
-    /// Number of tokens cached for `seq`.
-    fn len(&self, seq: SeqId) -> usize;
     /// Releases everything held for `seq`.
     fn free(&mut self, seq: SeqId);
     /// Number of sequences holding cache.
@@ -65,10 +63,6 @@ impl KvCache for ContiguousKvCache {
             .get_mut(&seq)
             .ok_or_else(|| candle_core::Error::Msg(format!("no cache allocated for {seq:?}")))?;
         layers[layer].append(&k.contiguous()?, &v.contiguous()?)
-    }
-
-    fn len(&self, seq: SeqId) -> usize {
-        self.seqs.get(&seq).map_or(0, |l| l[0].current_seq_len())
     }
 
     fn free(&mut self, seq: SeqId) {

@@ -3,7 +3,7 @@
 use super::config::LlamaConfig;
 use super::kv_cache::{KvCache, SeqId};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 
 /// A projection: quantized or dense weight (`[out, in]`), optional bias.
@@ -114,10 +114,6 @@ impl LlamaModel {
         })
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Runs one forward pass and returns the logits of each segment's last
     /// token, `[segments, vocab]`, in segment order.
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut dyn KvCache) -> Result<Tensor> {
@@ -217,14 +213,4 @@ impl LlamaModel {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         probs.matmul(&v.contiguous()?)?.reshape((heads, len, d))
     }
-
-    /// Vocabulary size of the output layer.
-    pub fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-}
-
-/// Index of the largest logit of each row of `[rows, vocab]`.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    logits.argmax(D::Minus1)?.to_vec1::<u32>()
 }

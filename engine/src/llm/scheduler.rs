@@ -11,7 +11,6 @@ pub trait Schedulable {
     fn tokens(&self) -> &[u32];
     /// Tokens already in the KV cache.
     fn computed(&self) -> usize;
-    fn set_computed(&mut self, n: usize);
     /// Upper bound on the sequence's length, reserved in the cache at admission.
     fn max_len(&self) -> usize;
 }
@@ -120,9 +119,6 @@ mod tests {
         }
         fn computed(&self) -> usize {
             self.2
-        }
-        fn set_computed(&mut self, n: usize) {
-            self.2 = n
         }
         fn max_len(&self) -> usize {
             self.1.len() + 8

@@ -199,8 +199,4 @@ impl Tokenizer {
     pub fn eos_token(&self) -> Option<String> {
         self.eos.clone()
     }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
 }

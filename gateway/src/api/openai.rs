@@ -73,6 +73,7 @@ fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), A
     };
     let rx = p.engine.submit(req).map_err(|e| match e {
         LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
+        LlmError::InvalidRequest(m) => ApiError::invalid("max_tokens", m),
         other => ApiError::internal(other.to_string()),
     })?;
     Ok((rx, p.prompt.len()))
