@@ -1,3 +1,4 @@
-//! Hot numeric loops shared by the engines: sampling helpers today; quantized
-//! matmul and paged attention kernels (CPU SIMD, CUDA behind `cuda`) next.
+//! Hot numeric loops shared by the engines: sampling helpers and the Q4_1
+//! quantized GEMM (AVX2 with a portable fallback); paged attention next.
+pub mod q4_1;
 pub mod sampling;

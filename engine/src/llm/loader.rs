@@ -4,9 +4,9 @@
 use super::chat_template::ChatTemplate;
 use super::config::LlamaConfig;
 use super::error::{LlmError, Result};
-use super::model::{Layer, Linear, LlamaModel, Weights};
+use super::model::{Layer, Linear, LlamaModel, Weight, Weights};
 use super::tokenizer::Tokenizer;
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::{RmsNorm, VarBuilder};
 use std::path::{Path, PathBuf};
@@ -54,13 +54,19 @@ impl GgufReader<'_> {
     }
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
-        let weight = QMatMul::from_qtensor(self.qtensor(&format!("{prefix}.weight"))?)?;
+        let q = self.qtensor(&format!("{prefix}.weight"))?;
         let bias = if bias {
             Some(self.dense(&format!("{prefix}.bias"))?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        let (out, inp) = q.shape().dims2()?;
+        if q.dtype() == GgmlDType::Q4_1 && self.device.is_cpu() && inp % kernels::q4_1::QK == 0 {
+            let blocks = q.data()?.into_owned();
+            let weight = Weight::Q4_1 { blocks, out, inp };
+            return Ok(Linear { weight, bias });
+        }
+        Ok(Linear::new(QMatMul::from_qtensor(q)?, bias))
     }
 }
 
@@ -145,10 +151,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let embed_q = r.qtensor("token_embd.weight")?;
     let embed = embed_q.dequantize(device)?;
     let lm_head = if config.tie_word_embeddings {
-        Linear {
-            weight: QMatMul::from_qtensor(embed_q)?,
-            bias: None,
-        }
+        Linear::new(QMatMul::from_qtensor(embed_q)?, None)
     } else {
         r.linear("output", false)?
     };
@@ -212,9 +215,11 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
 pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weights> {
     let (h, kvd) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
     let linear = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> Result<Linear> {
-        let weight = QMatMul::Tensor(vb.get((o, i), "weight")?);
         let bias = if bias { Some(vb.get(o, "bias")?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(
+            QMatMul::Tensor(vb.get((o, i), "weight")?),
+            bias,
+        ))
     };
     let norm = |vb: VarBuilder| -> Result<RmsNorm> {
         Ok(RmsNorm::new(vb.get(h, "weight")?, c.rms_norm_eps))
@@ -239,10 +244,7 @@ pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weight
     }
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
     let lm_head = if c.tie_word_embeddings {
-        Linear {
-            weight: QMatMul::Tensor(embed.clone()),
-            bias: None,
-        }
+        Linear::new(QMatMul::Tensor(embed.clone()), None)
     } else {
         linear(vb.pp("lm_head"), h, c.vocab_size, false)?
     };

@@ -6,15 +6,42 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 
-/// A projection: quantized or dense weight (`[out, in]`), optional bias.
+/// A projection's weight, `[out, in]`: Q4_1 blocks run through our own
+/// kernel on the CPU; every other type through candle's `QMatMul`.
+pub enum Weight {
+    Candle(QMatMul),
+    Q4_1 {
+        blocks: Vec<u8>,
+        out: usize,
+        inp: usize,
+    },
+}
+
+/// A projection with an optional bias.
 pub struct Linear {
-    pub weight: QMatMul,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Candle(weight),
+            bias,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Weight::Candle(w) => w.forward(x)?,
+            Weight::Q4_1 { blocks, out, inp } => {
+                let rows = x.dim(0)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut ys = vec![0f32; rows * out];
+                kernels::q4_1::matmul(&xs, rows, *inp, blocks, *out, &mut ys);
+                Tensor::from_vec(ys, (rows, *out), x.device())?
+            }
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
