@@ -4,6 +4,8 @@
 //!
 //! The file comes from `SWITCHYARD_MODEL_GGUF`, else from the cache that
 //! `switchyard models fetch` fills (`scripts/test.sh` runs it first).
+mod common;
+
 use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use engine::llm::kv_cache::{ContiguousKvCache, KvCache, SeqId};
@@ -64,19 +66,6 @@ const FULL_PASS_TOLERANCE: f32 = 1e-3;
 /// this bound is about quantization noise, not about the two models.
 const STEP_TOLERANCE: f32 = 1.5;
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Greedy decoding of 64 tokens agrees token for token with the reference on
 /// five chat prompts; the full-sequence logits agree at the prompt and at the end.
 #[test]
@@ -98,7 +87,7 @@ fn greedy_decoding_matches_candle_quantized_llama() {
             .unsqueeze(0)
             .unwrap();
         let b = reference().forward(&input, 0).unwrap();
-        max_diff(&a, &b)
+        common::max_abs_diff(&a, &b)
     };
     for (i, prompt) in PROMPTS.iter().enumerate() {
         let text = template
@@ -131,7 +120,7 @@ fn greedy_decoding_matches_candle_quantized_llama() {
                 .unsqueeze(0)
                 .unwrap();
             let b = reference.forward(&input, pos).unwrap().squeeze(0).unwrap();
-            let diff = max_diff(&a, &b);
+            let diff = common::max_abs_diff(&a, &b);
             worst_step = worst_step.max(diff);
             assert!(
                 diff < STEP_TOLERANCE,

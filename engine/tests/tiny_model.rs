@@ -8,7 +8,7 @@ use engine::llm::loader::weights_from_varbuilder;
 use engine::llm::model::{ForwardBatch, LlamaModel};
 use engine::llm::LlamaConfig;
 mod common;
-use common::{tiny_checkpoint, CONFIG};
+use common::{max_abs_diff, tiny_checkpoint, CONFIG};
 
 fn ours(dir: &std::path::Path) -> LlamaModel {
     let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
@@ -26,19 +26,6 @@ fn ours(dir: &std::path::Path) -> LlamaModel {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Logits of our model and the reference agree within 1e-4 over a prefill and

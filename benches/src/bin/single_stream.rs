@@ -73,6 +73,17 @@ impl Runner for Reference {
     }
 }
 
+/// The most likely next token.
+fn greedy(logits: &Tensor) -> u32 {
+    logits
+        .flatten_all()
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
 /// Median prefill and decode tokens/s over `repeats` runs.
 fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) -> (f64, f64) {
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
@@ -81,23 +92,11 @@ fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) ->
         let t = Instant::now();
         let logits = r.step(prompt, 0);
         pre.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
-        let mut next = logits
-            .flatten_all()
-            .unwrap()
-            .argmax(D::Minus1)
-            .unwrap()
-            .to_scalar::<u32>()
-            .unwrap();
+        let mut next = greedy(&logits);
         let t = Instant::now();
         for i in 0..decode {
             let l = r.step(&[next], prompt.len() + i);
-            next = l
-                .flatten_all()
-                .unwrap()
-                .argmax(D::Minus1)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
+            next = greedy(&l);
         }
         dec.push(decode as f64 / t.elapsed().as_secs_f64());
     }

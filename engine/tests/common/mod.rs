@@ -79,3 +79,17 @@ pub fn tiny_tokenizer(dir: &std::path::Path) {
     });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
