@@ -158,6 +158,12 @@ impl LlamaModel {
         }
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
+        // Causal masks depend only on the segment, so they are built once for all layers.
+        let masks = batch
+            .segments
+            .iter()
+            .map(|s| self.causal_mask(s))
+            .collect::<Result<Vec<_>>>()?;
         let mut x = self.weights.embed.index_select(&tokens, 0)?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
@@ -166,14 +172,19 @@ impl LlamaModel {
             let v = self.heads(&layer.v.forward(&h)?, c.num_key_value_heads, n)?;
             let (q, k) = (self.rope(&q, &cos, &sin)?, self.rope(&k, &cos, &sin)?);
             let mut outs = Vec::with_capacity(batch.segments.len());
-            for s in &batch.segments {
+            for (s, mask) in batch.segments.iter().zip(&masks) {
                 let (ks, vs) = cache.append(
                     s.seq,
                     li,
                     &k.narrow(1, s.offset, s.len)?,
                     &v.narrow(1, s.offset, s.len)?,
                 )?;
-                outs.push(self.attention(&q.narrow(1, s.offset, s.len)?, &ks, &vs)?);
+                outs.push(self.attention(
+                    &q.narrow(1, s.offset, s.len)?,
+                    &ks,
+                    &vs,
+                    mask.as_ref(),
+                )?);
             }
             // [heads, n, head_dim] -> [n, heads * head_dim]
             let attn = Tensor::cat(&outs, 1)?
@@ -196,6 +207,27 @@ impl LlamaModel {
             .forward(&self.weights.norm.forward(&last)?)
     }
 
+    /// `[len, ctx]` with `-inf` where query `i` (at `start_pos + i`) would see a
+    /// later key; `None` for a single query, which sees the whole cache.
+    fn causal_mask(&self, s: &Segment) -> Result<Option<Tensor>> {
+        if s.len == 1 {
+            return Ok(None);
+        }
+        let ctx = s.start_pos + s.len;
+        let mask: Vec<f32> = (0..s.len)
+            .flat_map(|i| {
+                (0..ctx).map(move |j| {
+                    if j > s.start_pos + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Tensor::from_vec(mask, (s.len, ctx), &self.device).map(Some)
+    }
+
     /// `[n, heads * head_dim]` -> `[heads, n, head_dim]`, contiguous.
     fn heads(&self, x: &Tensor, heads: usize, n: usize) -> Result<Tensor> {
         x.reshape((n, heads, self.config.head_dim))?
@@ -215,27 +247,25 @@ impl LlamaModel {
 
     /// Causal grouped-query attention of one segment's queries `[heads, len, d]`
     /// over its cached keys and values `[kv_heads, ctx, d]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (heads, len, d) = q.dims3()?;
         let (kv_heads, ctx, _) = k.dims3()?;
         let group = heads / kv_heads;
         let q = q.contiguous()?.reshape((kv_heads, group * len, d))?;
         let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
-        let scores = if len > 1 {
-            let past = ctx - len;
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    (0..ctx).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (len, ctx), &self.device)?;
-            scores
+        let scores = match mask {
+            Some(mask) => scores
                 .reshape((kv_heads, group, len, ctx))?
-                .broadcast_add(&mask)?
-                .reshape((kv_heads, group * len, ctx))?
-        } else {
-            scores
+                .broadcast_add(mask)?
+                .reshape((kv_heads, group * len, ctx))?,
+            None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         probs.matmul(&v.contiguous()?)?.reshape((heads, len, d))
