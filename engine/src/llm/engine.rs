@@ -163,13 +163,16 @@ impl LlmEngine {
     /// the receiver cancels the request and frees its cache.
     pub fn submit(&self, req: GenerationRequest) -> Result<UnboundedReceiver<GenerationEvent>> {
         let inner = &self.inner;
-        if req.prompt.is_empty() || req.prompt.len() + req.max_tokens > inner.config.max_model_len {
-            return Err(LlmError::InvalidRequest(format!(
-                "prompt ({}) + max_tokens ({}) must be between 1 and {} tokens",
-                req.prompt.len(),
-                req.max_tokens,
-                inner.config.max_model_len
-            )));
+        if req.prompt.is_empty() {
+            return Err(LlmError::InvalidRequest("the prompt is empty".into()));
+        }
+        let max = inner.config.max_model_len;
+        if req.prompt.len() + req.max_tokens > max {
+            return Err(LlmError::ContextLength {
+                max,
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+            });
         }
         let capacity = inner.config.max_waiting;
         if inner.waiting.fetch_add(1, Ordering::SeqCst) >= capacity {

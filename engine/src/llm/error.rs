@@ -13,6 +13,14 @@ pub enum LlmError {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error(
+        "prompt ({prompt}) + max_tokens ({max_tokens}) exceeds the model's context of {max} tokens"
+    )]
+    ContextLength {
+        max: usize,
+        prompt: usize,
+        max_tokens: usize,
+    },
     #[error("the request queue is full ({capacity} requests waiting)")]
     QueueFull { capacity: usize },
     #[error("the engine has stopped")]

@@ -61,7 +61,7 @@ impl GgufReader<'_> {
             None
         };
         let (out, inp) = q.shape().dims2()?;
-        if q.dtype() == GgmlDType::Q4_1 && self.device.is_cpu() && inp % kernels::q4_1::QK == 0 {
+        if q.dtype() == GgmlDType::Q4_1 && self.device.is_cpu() {
             let blocks = q.data()?.into_owned();
             let weight = Weight::Q4_1 { blocks, out, inp };
             return Ok(Linear { weight, bias });

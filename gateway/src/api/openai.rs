@@ -50,19 +50,14 @@ fn engine_for(state: &AppState, common: &CommonParams) -> Result<LlmEngine, ApiE
 }
 
 fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
-    let max_len = p.engine.max_model_len();
-    let max_tokens = match p.v.max_tokens {
-        Some(m) => m,
-        None if p.prompt.len() < max_len => max_len - p.prompt.len(),
-        None => return Err(ApiError::context_length(max_len, p.prompt.len(), 1)),
-    };
-    if p.prompt.len() + max_tokens > max_len {
-        return Err(ApiError::context_length(
-            max_len,
-            p.prompt.len(),
-            max_tokens,
-        ));
-    }
+    // Without max_tokens, the rest of the context (at least one token, so an
+    // over-long prompt gets the engine's context error).
+    let max_tokens = p.v.max_tokens.unwrap_or_else(|| {
+        p.engine
+            .max_model_len()
+            .saturating_sub(p.prompt.len())
+            .max(1)
+    });
     let req = GenerationRequest {
         prompt: p.prompt.clone(),
         sampling: p.v.sampling.clone(),
@@ -73,7 +68,12 @@ fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), A
     };
     let rx = p.engine.submit(req).map_err(|e| match e {
         LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
-        LlmError::InvalidRequest(m) => ApiError::invalid("max_tokens", m),
+        LlmError::ContextLength {
+            max,
+            prompt,
+            max_tokens,
+        } => ApiError::context_length(max, prompt, max_tokens),
+        LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
         other => ApiError::internal(other.to_string()),
     })?;
     Ok((rx, p.prompt.len()))
