@@ -5,15 +5,21 @@ mod common;
 use candle_core::Device;
 use engine::llm::{
     load_model, ChatMessage, EngineConfig, FinishReason, GenerationEvent, GenerationRequest,
-    LlmEngine, LlmError, SamplingParams,
+    KvCacheSize, LlmEngine, LlmError, SamplingParams,
 };
+use std::time::{Duration, Instant};
 
 fn engine(config: EngineConfig) -> (LlmEngine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     common::tiny_checkpoint(dir.path());
     common::tiny_tokenizer(dir.path());
+    (start(&dir, config), dir)
+}
+
+/// An engine over the checkpoint in `dir`.
+fn start(dir: &tempfile::TempDir, config: EngineConfig) -> LlmEngine {
     let loaded = load_model(dir.path(), &Device::Cpu).unwrap();
-    (LlmEngine::start("tiny", loaded, config), dir)
+    LlmEngine::start("tiny", loaded, config)
 }
 
 fn config() -> EngineConfig {
@@ -22,6 +28,28 @@ fn config() -> EngineConfig {
         max_num_batched_tokens: 8,
         max_waiting: 8,
         max_model_len: 128,
+        block_size: 4,
+        kv_cache: KvCacheSize::Bytes(1 << 20),
+        enable_prefix_caching: true,
+    }
+}
+
+/// Bytes of `blocks` KV blocks of 4 tokens for the tiny model (2 layers,
+/// 2 KV heads of 16, keys and values, f32).
+fn blocks(n: u64) -> KvCacheSize {
+    KvCacheSize::Bytes(n * 2 * 2 * 2 * 4 * 16 * 4)
+}
+
+/// Waits until the engine's pool has every block free again.
+fn wait_all_free(e: &LlmEngine) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = e.stats();
+        if s.free_blocks == s.total_blocks {
+            return;
+        }
+        assert!(Instant::now() < deadline, "blocks never returned: {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -36,6 +64,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         min_tokens: 0,
         stop: vec![],
         ignore_eos: true,
+        n: 1,
     }
 }
 
@@ -82,22 +111,32 @@ fn folder_loads_with_tokenizer_and_template() {
     assert_eq!(text, "user w7 w3");
 }
 
-/// Prompts longer than the 8-token budget are prefilled in chunks while the
-/// others decode; each output equals the output the request gets alone.
-#[test]
-fn concurrent_greedy_outputs_equal_one_at_a_time() {
-    let (e, _dir) = engine(config());
-    let prompts: Vec<Vec<u32>> = vec![
-        (3..23).collect(),
-        vec![1, 40, 41],
-        (50..61).collect(),
-        vec![1, 7],
-        (70..90).rev().collect(),
-    ];
+/// 16 prompts of mixed lengths, some sharing a prefix.
+fn sixteen_prompts() -> Vec<Vec<u32>> {
+    let shared: Vec<u32> = (10..30).collect();
+    (0..16u32)
+        .map(|i| match i % 4 {
+            0 => [shared.as_slice(), &[40 + i, 41]].concat(),
+            1 => vec![1, 40 + i],
+            2 => (50..61 + i).collect(),
+            _ => (60..76 + i / 2).rev().collect(),
+        })
+        .collect()
+}
+
+/// Runs every prompt alone, then all at once under `config`; the greedy
+/// outputs must be the same. Returns the engine used for the concurrent run.
+fn concurrent_equals_alone(concurrent: EngineConfig) -> LlmEngine {
+    let (alone_engine, dir) = engine(EngineConfig {
+        enable_prefix_caching: false,
+        ..config()
+    });
+    let prompts = sixteen_prompts();
     let alone: Vec<_> = prompts
         .iter()
-        .map(|p| collect(e.submit(request(p.clone(), 12)).unwrap()))
+        .map(|p| collect(alone_engine.submit(request(p.clone(), 12)).unwrap()))
         .collect();
+    let e = start(&dir, concurrent);
     let receivers: Vec<_> = prompts
         .iter()
         .map(|p| e.submit(request(p.clone(), 12)).unwrap())
@@ -108,6 +147,113 @@ fn concurrent_greedy_outputs_equal_one_at_a_time() {
         assert_eq!((*reason, *n), (FinishReason::Length, 12));
         assert!(!text.is_empty());
     }
+    wait_all_free(&e);
+    e
+}
+
+/// Prompts longer than the 8-token budget are prefilled in chunks while the
+/// others decode, prefixes are shared through the cache, and each output
+/// equals the output the request gets alone.
+#[test]
+fn sixteen_concurrent_greedy_outputs_equal_one_at_a_time() {
+    let e = concurrent_equals_alone(EngineConfig {
+        max_num_seqs: 16,
+        max_waiting: 16,
+        ..config()
+    });
+    let s = e.stats();
+    assert_eq!(s.preemptions, 0);
+    assert!(
+        s.prefix_hit > 0,
+        "the shared 20-token prefix is reused: {s:?}"
+    );
+}
+
+/// With a pool too small for all of them, sequences are preempted and
+/// recomputed, and the outputs still do not change.
+#[test]
+fn preemption_under_a_small_pool_keeps_outputs() {
+    let e = concurrent_equals_alone(EngineConfig {
+        max_num_seqs: 16,
+        max_waiting: 16,
+        max_num_batched_tokens: 32,
+        kv_cache: blocks(40),
+        ..config()
+    });
+    let s = e.stats();
+    assert_eq!(s.total_blocks, 40);
+    assert!(s.preemptions > 0, "{s:?}");
+}
+
+/// A request whose prompt starts with a cached prefix prefills only the rest.
+#[test]
+fn a_cached_prefix_is_not_prefilled_again() {
+    let (e, _dir) = engine(config());
+    let prompt: Vec<u32> = (3..30).collect(); // 27 tokens: 6 full blocks of 4
+    let first = collect(e.submit(request(prompt.clone(), 5)).unwrap());
+    let before = e.stats();
+    assert_eq!(before.prefix_hit, 0);
+    let again = collect(e.submit(request(prompt.clone(), 5)).unwrap());
+    assert_eq!(again, first);
+    let s = e.stats();
+    assert_eq!(s.prefix_queried - before.prefix_queried, 27);
+    assert_eq!(s.prefix_hit, 24, "6 cached blocks; 3 tokens prefilled");
+}
+
+/// `n` samples of one prompt: greedy ones all equal the single answer; seeded
+/// ones differ from each other and repeat with the same seed.
+#[test]
+fn parallel_samples_share_the_prompt() {
+    let (e, _dir) = engine(config());
+    let collect_n = |req: GenerationRequest| {
+        let n = req.n;
+        let mut rx = e.submit(req).unwrap();
+        let mut texts = vec![String::new(); n];
+        let mut finished = 0;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenerationEvent::Delta { index, text, .. } => texts[index].push_str(&text),
+                GenerationEvent::Finished { index, .. } => {
+                    assert!(index < n);
+                    finished += 1;
+                }
+                GenerationEvent::Failed(m) => panic!("{m}"),
+            }
+        }
+        assert_eq!(finished, n);
+        texts
+    };
+    let prompt: Vec<u32> = (3..21).collect();
+    let (one, _, _) = collect(e.submit(request(prompt.clone(), 8)).unwrap());
+    let greedy = collect_n(GenerationRequest {
+        n: 3,
+        ..request(prompt.clone(), 8)
+    });
+    assert_eq!(greedy, vec![one.clone(), one.clone(), one]);
+    let seeded = || GenerationRequest {
+        n: 3,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(11),
+            ..Default::default()
+        },
+        ..request(prompt.clone(), 8)
+    };
+    let a = collect_n(seeded());
+    assert_ne!(a[0], a[1]);
+    assert_ne!(a[1], a[2]);
+    assert_eq!(a, collect_n(seeded()));
+    wait_all_free(&e);
+    let too_many = e
+        .submit(GenerationRequest {
+            n: 5,
+            ..request(prompt, 8)
+        })
+        .unwrap_err();
+    assert!(
+        too_many.to_string().contains("max_num_seqs (4)"),
+        "{too_many}"
+    );
 }
 
 #[test]
@@ -167,4 +313,12 @@ fn a_dropped_receiver_cancels_and_a_full_queue_refuses() {
     );
     let too_long = e.submit(request(vec![1; 100], 100)).unwrap_err();
     assert!(too_long.to_string().contains("128"), "{too_long}");
+    let unknown = e.submit(request(vec![1, 97], 4)).unwrap_err();
+    assert!(unknown.to_string().contains("97"), "{unknown}");
+    // Cancel everything mid-stream: every block returns to the pool.
+    for rx in kept.iter_mut().take(2) {
+        let _ = rx.blocking_recv();
+    }
+    drop(kept);
+    wait_all_free(&e);
 }

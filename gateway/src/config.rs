@@ -1,6 +1,6 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
-use engine::llm::EngineConfig;
+use engine::llm::{EngineConfig, KvCacheSize};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -123,16 +123,31 @@ pub struct EngineSettings {
     pub max_num_batched_tokens: usize,
     pub max_waiting: usize,
     pub max_model_len: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// The KV pool's size in bytes; when unset, `kv_cache_memory_fraction` of
+    /// the memory available at start.
+    pub kv_cache_bytes: Option<u64>,
+    pub kv_cache_memory_fraction: f64,
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
         let d = EngineConfig::default();
+        let fraction = match d.kv_cache {
+            KvCacheSize::FractionOfFree(f) => f,
+            KvCacheSize::Bytes(_) => 0.25,
+        };
         Self {
             max_num_seqs: d.max_num_seqs,
             max_num_batched_tokens: d.max_num_batched_tokens,
             max_waiting: d.max_waiting,
             max_model_len: d.max_model_len,
+            block_size: d.block_size,
+            kv_cache_bytes: None,
+            kv_cache_memory_fraction: fraction,
+            enable_prefix_caching: d.enable_prefix_caching,
         }
     }
 }
@@ -144,6 +159,12 @@ impl From<&EngineSettings> for EngineConfig {
             max_num_batched_tokens: s.max_num_batched_tokens,
             max_waiting: s.max_waiting,
             max_model_len: s.max_model_len,
+            block_size: s.block_size,
+            kv_cache: match s.kv_cache_bytes {
+                Some(b) => KvCacheSize::Bytes(b),
+                None => KvCacheSize::FractionOfFree(s.kv_cache_memory_fraction),
+            },
+            enable_prefix_caching: s.enable_prefix_caching,
         }
     }
 }
@@ -210,6 +231,8 @@ impl Config {
                 ("max_num_seqs", e.max_num_seqs),
                 ("max_num_batched_tokens", e.max_num_batched_tokens),
                 ("max_model_len", e.max_model_len),
+                ("block_size", e.block_size),
+                ("kv_cache_bytes", e.kv_cache_bytes.unwrap_or(1) as usize),
             ] {
                 if v == 0 {
                     return Err(format!(
@@ -217,6 +240,13 @@ impl Config {
                         key(&format!("engine.{k}"))
                     ));
                 }
+            }
+            if !(e.kv_cache_memory_fraction > 0.0 && e.kv_cache_memory_fraction <= 0.95) {
+                return Err(format!(
+                    "{}: must be above 0 and at most 0.95, got {}",
+                    key("engine.kv_cache_memory_fraction"),
+                    e.kv_cache_memory_fraction
+                ));
             }
             if let ModelSource::Pypi { sha256, .. } = &m.source {
                 if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -278,6 +308,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.starts_with("models[0].engine.max_num_seqs"), "{e}");
+        let e = Config::parse(
+            "models:\n  - { name: a, source: { path: /x }, engine: { kv_cache_memory_fraction: 2 } }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("models[0].engine.kv_cache_memory_fraction"),
+            "{e}"
+        );
         let e = Config::parse("models:\n  - { name: a, source: { path: /x } }\n  - { name: a, source: { path: /y } }\n")
             .unwrap_err();
         assert!(e.contains("twice"), "{e}");

@@ -1,4 +1,21 @@
-//! Hot numeric loops shared by the engines: sampling helpers and the Q4_1
-//! quantized GEMM (AVX2 with a portable fallback); paged attention next.
+//! Hot numeric loops shared by the engines: sampling helpers, the Q4_1
+//! quantized GEMM, rotary embeddings and paged attention (AVX2/FMA with
+//! portable fallbacks).
+pub mod paged_attention;
 pub mod q4_1;
+pub mod rope;
 pub mod sampling;
+
+#[cfg(test)]
+mod test_util {
+    /// Deterministic values in [-1, 1) from a linear congruential generator.
+    pub fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+}

@@ -155,6 +155,7 @@ pub fn matmul(x: &[f32], rows: usize, k: usize, w: &[u8], n: usize, y: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::pseudo_random;
 
     /// Quantizes f32 weights to Q4_1 blocks as ggml does.
     pub fn quantize_q4_1(w: &[f32]) -> Vec<u8> {
@@ -173,16 +174,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
     }
 
     /// The scalar reference: ggml's `vec_dot_q4_1_q8_1` one row and column at a time.

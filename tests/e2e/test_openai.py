@@ -65,19 +65,93 @@ def test_unknown_model_raises_not_found(server):
     assert "no-such-model" in str(e.value)
 
 
-def test_async_concurrent_requests_match_sequential_ones(server):
-    prompts = ["Say one word.", "Count to five.", QUESTION, "What is 2+2?"]
-    sequential = [ask(client(server), p, temperature=0, max_tokens=24).choices[0].message.content for p in prompts]
+SYSTEM = "You are a careful assistant for a hardware store. Answer briefly and politely. " * 6
 
+# 16 conversations of mixed lengths; four share a long system prompt.
+CONVERSATIONS = [
+    [{"role": "user", "content": p}]
+    for p in ["Say one word.", "Count to five.", QUESTION, "What is 2+2?", "Name a planet.",
+              "Spell 'cat' backwards.", "Describe rain " * 12, "What color is the sky?",
+              "Give me a number between 1 and 10.", "Translate 'hello' to French.", "Why is ice cold?",
+              "List two animals and explain why each one is interesting in a few words."]
+] + [
+    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+    for q in ["Do you sell hammers?", "What are your hours?", "Can I return nails?", "Where are the screws?"]
+]
+
+
+def metric(server, name) -> float:
+    """Sum of a Prometheus series over its labels."""
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.split()[-1])
+    return total
+
+
+def concurrently(server, conversations, **kw) -> list[str]:
     async def run():
         c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         rs = await asyncio.gather(*[
-            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24)
-            for p in prompts
+            c.chat.completions.create(model=MODEL, messages=m, temperature=0, **kw) for m in conversations
         ])
         return [r.choices[0].message.content for r in rs]
 
-    assert asyncio.run(run()) == sequential
+    return asyncio.run(run())
+
+
+def test_sixteen_concurrent_requests_match_sequential_ones(server):
+    sequential = [client(server).chat.completions.create(model=MODEL, messages=m, temperature=0, max_tokens=24)
+                  .choices[0].message.content for m in CONVERSATIONS]
+    assert concurrently(server, CONVERSATIONS, max_tokens=24) == sequential
+
+
+def test_preemption_under_a_small_kv_pool_keeps_outputs(tmp_config):
+    # 24 blocks of 16 tokens (SmolLM2: 30 layers x 3 KV heads x 64 x 2 x 4 bytes a token).
+    s = Server(tmp_config(max_num_seqs=8, kv_cache_bytes=24 * 16 * 46080, max_model_len=384))
+    try:
+        convs = CONVERSATIONS[:8]
+        kw = dict(max_tokens=40, extra_body={"ignore_eos": True})
+        sequential = [client(s).chat.completions.create(model=MODEL, messages=m, temperature=0, **kw)
+                      .choices[0].message.content for m in convs]
+        assert metric(s, "switchyard:num_preemptions") == 0
+        assert concurrently(s, convs, **kw) == sequential
+        assert metric(s, "switchyard:num_preemptions") > 0
+        assert metric(s, "switchyard:kv_cache_usage_perc") == 0
+    finally:
+        s.stop()
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(server):
+    c = client(server)
+    system = {"role": "system", "content": "You answer questions about the Rust language. " * 20}
+    ask_twice = [[system, {"role": "user", "content": q}] for q in ["What is a trait?", "What is a crate?"]]
+    c.chat.completions.create(model=MODEL, messages=ask_twice[0], max_tokens=1)
+    queries, hits = metric(server, "switchyard:prefix_cache_queries"), metric(server, "switchyard:prefix_cache_hits")
+    r = c.chat.completions.create(model=MODEL, messages=ask_twice[1], max_tokens=1)
+    prompt = r.usage.prompt_tokens
+    assert metric(server, "switchyard:prefix_cache_queries") - queries == prompt
+    # Everything up to the user turn was cached, in 16-token blocks.
+    assert metric(server, "switchyard:prefix_cache_hits") - hits >= prompt - 40
+
+
+def test_n_choices_share_one_prompt(server):
+    c = client(server)
+    r = ask(c, "Name a fruit.", n=3, temperature=1.0, seed=5, max_tokens=12)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert len({ch.message.content for ch in r.choices}) > 1
+    assert 3 <= r.usage.completion_tokens <= 3 * 12, "usage counts the tokens of every choice"
+    one = ask(c, "Name a fruit.", temperature=0, max_tokens=12).choices[0].message.content
+    texts = {0: "", 1: ""}
+    for ch in ask(c, "Name a fruit.", n=2, temperature=0, max_tokens=12, stream=True):
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: one, 1: one}
+    r = c.completions.create(model=MODEL, prompt="Once upon a time", n=2, max_tokens=8, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(c, "hi", n=99)
+    assert "max_num_seqs" in str(e.value)
 
 
 def test_completions_seed_stop_and_logprobs(server):
@@ -106,16 +180,15 @@ def test_chat_logprobs_and_forced_length(server):
 def test_models_health_and_metrics(server):
     assert [m.id for m in client(server).models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
+    ask(client(server), "Hi", max_tokens=2)
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert f'switchyard:generation_tokens{{model_name="{MODEL}"}}' in metrics
-    assert "switchyard:time_to_first_token_seconds_bucket" in metrics
-
-
-def running(server) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith("switchyard:num_requests_running"):
-            return float(line.split()[-1])
-    return 0.0
+    label = f'{{model_name="{MODEL}"}}'
+    for name in ["generation_tokens", "prompt_tokens", "num_requests_running", "num_requests_waiting",
+                 "kv_cache_usage_perc", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions"]:
+        assert f"switchyard:{name}{label}" in metrics, name
+    for name in ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds"]:
+        assert f"switchyard:{name}_bucket" in metrics, name
 
 
 def test_disconnect_cancels_the_sequence(server):
@@ -127,7 +200,7 @@ def test_disconnect_cancels_the_sequence(server):
             if i > 6:
                 break
     for _ in range(50):
-        if running(server) == 0:
+        if metric(server, "switchyard:num_requests_running") == 0:
             return
         asyncio.run(asyncio.sleep(0.1))
     pytest.fail("the abandoned sequence kept running")

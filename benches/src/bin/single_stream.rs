@@ -6,7 +6,7 @@ use benches::{median, print_table};
 use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::Parser;
-use engine::llm::kv_cache::{ContiguousKvCache, KvCache, SeqId};
+use engine::llm::kv_cache::{KvCache, SeqId};
 use engine::llm::load_model;
 use engine::llm::model::ForwardBatch;
 use std::path::PathBuf;
@@ -33,14 +33,14 @@ trait Runner {
 
 struct Ours {
     model: engine::llm::model::LlamaModel,
-    cache: ContiguousKvCache,
+    cache: KvCache,
     capacity: usize,
 }
 
 impl Runner for Ours {
     fn reset(&mut self) {
-        self.cache.free(SeqId(0));
-        self.cache.allocate(SeqId(0), self.capacity);
+        self.cache.blocks.free(SeqId(0));
+        self.cache.allocate(SeqId(0), self.capacity).unwrap();
     }
     fn step(&mut self, tokens: &[u32], pos: usize) -> Tensor {
         let mut b = ForwardBatch::default();
@@ -115,9 +115,15 @@ fn main() {
         .take(a.prompt_tokens)
         .collect();
     let capacity = prompt.len() + a.decode_tokens;
+    let cache = KvCache::new(
+        loaded.model.config.num_hidden_layers,
+        loaded.model.kv_layout(16),
+        capacity.div_ceil(16),
+        false,
+    );
     let mut ours = Ours {
         model: loaded.model,
-        cache: ContiguousKvCache::new(30),
+        cache,
         capacity,
     };
     let mut reference = Reference {

@@ -3,7 +3,7 @@
 use super::chat_template::ChatTemplate;
 use super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::error::{LlmError, Result};
-use super::kv_cache::{ContiguousKvCache, SeqId};
+use super::kv_cache::{KvCache, SeqId};
 use super::loader::LoadedModel;
 use super::model::LlamaModel;
 use super::sampling::{Sampler, SamplingParams};
@@ -20,8 +20,43 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Requests that may wait for admission; more are refused with [`LlmError::QueueFull`].
     pub max_waiting: usize,
-    /// Longest prompt + output served; capped by the model's own context.
+    /// Longest prompt + output served; capped by the model's own context and
+    /// by the KV pool.
     pub max_model_len: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    pub kv_cache: KvCacheSize,
+    /// Reuse the KV blocks of a prompt prefix seen before.
+    pub enable_prefix_caching: bool,
+}
+
+/// How much memory the KV pool takes, fixed when the engine starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheSize {
+    Bytes(u64),
+    /// A share of the memory available when the engine starts.
+    FractionOfFree(f64),
+}
+
+impl KvCacheSize {
+    fn bytes(self) -> u64 {
+        match self {
+            Self::Bytes(b) => b,
+            Self::FractionOfFree(f) => (available_memory() as f64 * f) as u64,
+        }
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, or 4 GiB where there is none.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kb| kb * 1024)
 }
 
 impl Default for EngineConfig {
@@ -31,6 +66,9 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             max_waiting: 64,
             max_model_len: 8192,
+            block_size: 16,
+            kv_cache: KvCacheSize::FractionOfFree(0.25),
+            enable_prefix_caching: true,
         }
     }
 }
@@ -44,6 +82,8 @@ pub struct GenerationRequest {
     pub min_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Parallel samples of the prompt; they share its KV blocks.
+    pub n: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,17 +110,42 @@ pub struct TokenLogprob {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
-    /// Text released by one generated token (may be empty while held back).
+    /// Text released by one generated token of sample `index` (may be empty
+    /// while held back).
     Delta {
+        index: usize,
         text: String,
         logprob: Option<TokenLogprob>,
     },
+    /// Sample `index` is complete; the request is once all `n` are.
     Finished {
+        index: usize,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
     },
     Failed(String),
+}
+
+/// A snapshot of an engine's KV pool and scheduler counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub total_blocks: usize,
+    pub free_blocks: usize,
+    pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    pub prefix_queried: u64,
+    pub prefix_hit: u64,
+}
+
+/// The engine thread's live counters, read by handles.
+#[derive(Default)]
+struct SharedStats {
+    total_blocks: AtomicUsize,
+    free_blocks: AtomicUsize,
+    preemptions: AtomicU64,
+    prefix_queried: AtomicU64,
+    prefix_hit: AtomicU64,
 }
 
 struct Submission {
@@ -104,20 +169,44 @@ struct Inner {
     config: EngineConfig,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    stats: Arc<SharedStats>,
+    vocab_size: usize,
 }
 
 impl LlmEngine {
     /// Starts the engine thread for `model`, served under `name`.
     pub fn start(name: &str, loaded: LoadedModel, mut config: EngineConfig) -> Self {
+        let model = &loaded.model;
+        let layers = model.config.num_hidden_layers;
+        let vocab_size = model.config.vocab_size;
+        let layout = model.kv_layout(config.block_size.max(1));
+        let block_bytes = KvCache::block_bytes(layers, layout);
+        let num_blocks = (config.kv_cache.bytes() / block_bytes as u64).max(1) as usize;
         config.max_model_len = config
             .max_model_len
-            .min(loaded.model.config.max_position_embeddings);
+            .min(model.config.max_position_embeddings)
+            .min(num_blocks * layout.block_size);
+        tracing::info!(
+            model = %name,
+            blocks = num_blocks,
+            block_size = layout.block_size,
+            tokens = num_blocks * layout.block_size,
+            mib = (num_blocks * block_bytes) >> 20,
+            prefix_caching = config.enable_prefix_caching,
+            "KV cache pool"
+        );
+        let cache = KvCache::new(layers, layout, num_blocks, config.enable_prefix_caching);
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let tokenizer = Arc::new(loaded.tokenizer);
+        let stats = Arc::new(SharedStats::default());
+        stats.total_blocks.store(num_blocks, Ordering::Relaxed);
+        stats.free_blocks.store(num_blocks, Ordering::Relaxed);
         let worker = Worker {
             name: name.to_string(),
-            cache: ContiguousKvCache::new(loaded.model.config.num_hidden_layers),
+            labels: [("model_name", name.to_string())],
+            cache,
+            stats: stats.clone(),
             model: loaded.model,
             tokenizer: tokenizer.clone(),
             scheduler: Scheduler::new(SchedulerConfig {
@@ -139,6 +228,8 @@ impl LlmEngine {
                 config,
                 tokenizer,
                 template: loaded.template,
+                stats,
+                vocab_size,
             }),
         }
     }
@@ -159,12 +250,40 @@ impl LlmEngine {
         self.inner.config.max_model_len
     }
 
+    /// Sequences run at once; also the largest `n` a request may ask for.
+    pub fn max_num_seqs(&self) -> usize {
+        self.inner.config.max_num_seqs
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.inner.stats;
+        EngineStats {
+            total_blocks: s.total_blocks.load(Ordering::Relaxed),
+            free_blocks: s.free_blocks.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
+            prefix_queried: s.prefix_queried.load(Ordering::Relaxed),
+            prefix_hit: s.prefix_hit.load(Ordering::Relaxed),
+        }
+    }
+
     /// Queues a request; its events arrive on the returned receiver. Dropping
     /// the receiver cancels the request and frees its cache.
     pub fn submit(&self, req: GenerationRequest) -> Result<UnboundedReceiver<GenerationEvent>> {
         let inner = &self.inner;
         if req.prompt.is_empty() {
             return Err(LlmError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= inner.vocab_size) {
+            return Err(LlmError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                inner.vocab_size
+            )));
+        }
+        if req.n == 0 || req.n > inner.config.max_num_seqs {
+            return Err(LlmError::InvalidRequest(format!(
+                "n = {} must be between 1 and this model's max_num_seqs ({})",
+                req.n, inner.config.max_num_seqs
+            )));
         }
         let max = inner.config.max_model_len;
         if req.prompt.len() + req.max_tokens > max {
@@ -180,7 +299,8 @@ impl LlmEngine {
             return Err(LlmError::QueueFull { capacity });
         }
         let (events, rx) = unbounded_channel();
-        let id = SeqId(inner.next_id.fetch_add(1, Ordering::Relaxed));
+        // Parallel samples take the ids after the request's own.
+        let id = SeqId(inner.next_id.fetch_add(req.n as u64, Ordering::Relaxed));
         inner
             .tx
             .send(Submission {
@@ -194,18 +314,23 @@ impl LlmEngine {
     }
 }
 
-/// A request being served.
+/// One sample of a request being served.
 struct Sequence {
     id: SeqId,
+    /// Which of the request's `n` samples this is.
+    index: usize,
+    /// Samples still to fork off once the prompt is computed.
+    forks: usize,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
-    req: GenerationRequest,
+    req: Arc<GenerationRequest>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     events: UnboundedSender<GenerationEvent>,
     arrived: Instant,
+    scheduled: bool,
     last_token_at: Option<Instant>,
     finished: bool,
 }
@@ -220,24 +345,47 @@ impl Schedulable for Sequence {
     fn computed(&self) -> usize {
         self.computed
     }
-    fn max_len(&self) -> usize {
-        self.prompt_len + self.req.max_tokens
+    fn set_computed(&mut self, n: usize) {
+        self.computed = n;
+    }
+    fn width(&self) -> usize {
+        1 + self.forks
     }
 }
 
 impl Sequence {
     fn new(s: Submission) -> Self {
+        let req = Arc::new(s.req);
+        let mut seq = Self::sample(&req, s.id, 0, s.events, s.arrived);
+        seq.forks = req.n - 1;
+        seq
+    }
+
+    /// Sample `index` of `req`, before its first token. Seeded samples get
+    /// distinct seeds so that they differ.
+    fn sample(
+        req: &Arc<GenerationRequest>,
+        id: SeqId,
+        index: usize,
+        events: UnboundedSender<GenerationEvent>,
+        arrived: Instant,
+    ) -> Self {
+        let mut params = req.sampling.clone();
+        params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
         Self {
-            id: s.id,
-            prompt_len: s.req.prompt.len(),
-            tokens: s.req.prompt.clone(),
+            id,
+            index,
+            forks: 0,
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt.clone(),
             computed: 0,
-            sampler: Sampler::new(s.req.sampling.clone()),
-            stops: StopMatcher::new(s.req.stop.clone()),
+            sampler: Sampler::new(params),
+            stops: StopMatcher::new(req.stop.clone()),
             decoder: IncrementalDecoder::default(),
-            req: s.req,
-            events: s.events,
-            arrived: s.arrived,
+            req: req.clone(),
+            events,
+            arrived,
+            scheduled: false,
             last_token_at: None,
             finished: false,
         }
@@ -250,6 +398,7 @@ impl Sequence {
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
         let _ = self.events.send(GenerationEvent::Finished {
+            index: self.index,
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.output().len(),
@@ -259,9 +408,11 @@ impl Sequence {
 
 struct Worker {
     name: String,
+    labels: [(&'static str, String); 1],
     model: LlamaModel,
     tokenizer: Arc<Tokenizer>,
-    cache: ContiguousKvCache,
+    cache: KvCache,
+    stats: Arc<SharedStats>,
     scheduler: Scheduler<Sequence>,
     waiting: Arc<AtomicUsize>,
 }
@@ -269,6 +420,8 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Submission>) {
         tracing::info!(model = %self.name, "engine loop started");
+        // Registered at zero so that dashboards see them before the first event.
+        metrics::counter!("switchyard:num_preemptions", &self.labels).increment(0);
         loop {
             if self.scheduler.is_idle() {
                 match rx.recv() {
@@ -290,25 +443,40 @@ impl Worker {
         self.scheduler.waiting.retain(|s| !cancelled(s));
         self.waiting
             .fetch_sub(before - self.scheduler.waiting.len(), Ordering::SeqCst);
+        self.scheduler.preempted.retain(|s| !cancelled(s));
         for s in self.scheduler.retire(&mut self.cache, cancelled) {
             tracing::debug!(seq = s.id.0, "client went away; sequence cancelled");
         }
-        let (batch, plan, admitted) = self.scheduler.schedule(&mut self.cache);
-        self.waiting.fetch_sub(admitted, Ordering::SeqCst);
-        let labels = [("model_name", self.name.clone())];
-        self.report_queue(&labels);
-        if batch.is_empty() {
+        let sched = self.scheduler.schedule(&mut self.cache);
+        self.waiting.fetch_sub(sched.admitted, Ordering::SeqCst);
+        let labels = self.labels.clone();
+        if sched.preempted > 0 {
+            metrics::counter!("switchyard:num_preemptions", &labels)
+                .increment(sched.preempted as u64);
+            self.stats
+                .preemptions
+                .fetch_add(sched.preempted as u64, Ordering::Relaxed);
+        }
+        for s in &mut self.scheduler.running {
+            if !s.scheduled {
+                s.scheduled = true;
+                metrics::histogram!("switchyard:request_queue_time_seconds", &labels)
+                    .record(s.arrived.elapsed().as_secs_f64());
+            }
+        }
+        self.report();
+        if sched.batch.is_empty() {
             return;
         }
         let rows = self
             .model
-            .forward(&batch, &mut self.cache)
+            .forward(&sched.batch, &mut self.cache)
             .and_then(|l| l.to_vec2::<f32>());
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(model = %self.name, error = %e, "forward pass failed");
-                for p in &plan {
+                for p in &sched.plan {
                     let s = &mut self.scheduler.running[p.index];
                     let _ = s
                         .events
@@ -319,34 +487,75 @@ impl Worker {
                 return;
             }
         };
-        for (p, mut logits) in plan.iter().zip(rows) {
+        for (p, logits) in sched.plan.iter().zip(rows) {
             let s = &mut self.scheduler.running[p.index];
             s.computed += p.len;
-            if s.computed == s.prompt_len {
-                metrics::counter!("switchyard:prompt_tokens", &labels)
-                    .increment(s.prompt_len as u64);
+            self.cache.blocks.computed(s.id, &s.tokens, s.computed);
+            if !p.samples {
+                continue;
             }
-            if p.samples {
-                self.sample_next(p.index, &mut logits);
+            let mut family = vec![p.index];
+            if s.forks > 0 {
+                family.extend(self.fork(p.index));
+            }
+            for index in family {
+                self.sample_next(index, &mut logits.clone());
             }
         }
         for s in self.scheduler.retire(&mut self.cache, |s| s.finished) {
             metrics::histogram!("switchyard:e2e_request_latency_seconds", &labels)
                 .record(s.arrived.elapsed().as_secs_f64());
         }
-        self.report_queue(&labels);
+        self.report();
     }
 
-    fn report_queue(&self, labels: &[(&'static str, String); 1]) {
+    /// Splits the request at `index` into its parallel samples, which share
+    /// the prompt's blocks; returns their indices in `running`.
+    fn fork(&mut self, index: usize) -> Vec<usize> {
+        let running = &mut self.scheduler.running;
+        let forks = std::mem::take(&mut running[index].forks);
+        let mut added = Vec::with_capacity(forks);
+        for i in 1..=forks {
+            let p = &running[index];
+            let mut child = Sequence::sample(
+                &p.req,
+                SeqId(p.id.0 + i as u64),
+                i,
+                p.events.clone(),
+                p.arrived,
+            );
+            child.computed = p.computed;
+            child.scheduled = true;
+            self.cache.blocks.fork(p.id, child.id);
+            added.push(running.len());
+            running.push(child);
+        }
+        added
+    }
+
+    /// Exports the queue, KV pool and prefix-cache gauges and counters.
+    fn report(&mut self) {
+        let labels = &self.labels;
         metrics::gauge!("switchyard:num_requests_running", labels)
             .set(self.scheduler.running.len() as f64);
         metrics::gauge!("switchyard:num_requests_waiting", labels)
-            .set(self.scheduler.waiting.len() as f64);
+            .set((self.scheduler.waiting.len() + self.scheduler.preempted.len()) as f64);
+        metrics::gauge!("switchyard:kv_cache_usage_perc", labels).set(self.cache.blocks.usage());
+        let now = self.cache.blocks.prefix_stats();
+        let stats = &self.stats;
+        let queried = stats.prefix_queried.swap(now.queried, Ordering::Relaxed);
+        let hit = stats.prefix_hit.swap(now.hit, Ordering::Relaxed);
+        metrics::counter!("switchyard:prefix_cache_queries", labels)
+            .increment(now.queried - queried);
+        metrics::counter!("switchyard:prefix_cache_hits", labels).increment(now.hit - hit);
+        stats
+            .free_blocks
+            .store(self.cache.blocks.num_free(), Ordering::Relaxed);
     }
 
     fn sample_next(&mut self, index: usize, logits: &mut [f32]) {
         let tok = &self.tokenizer;
-        let labels = [("model_name", self.name.clone())];
+        let labels = &self.labels;
         let s = &mut self.scheduler.running[index];
         let banned: &[u32] = if s.output().len() < s.req.min_tokens && !s.req.ignore_eos {
             tok.eos_ids()
@@ -362,13 +571,19 @@ impl Worker {
         s.tokens.push(picked.token);
         let now = Instant::now();
         match s.last_token_at {
-            None => metrics::histogram!("switchyard:time_to_first_token_seconds", &labels)
-                .record((now - s.arrived).as_secs_f64()),
-            Some(t) => metrics::histogram!("switchyard:inter_token_latency_seconds", &labels)
+            None => {
+                metrics::histogram!("switchyard:time_to_first_token_seconds", labels)
+                    .record((now - s.arrived).as_secs_f64());
+                if s.index == 0 {
+                    metrics::counter!("switchyard:prompt_tokens", labels)
+                        .increment(s.prompt_len as u64);
+                }
+            }
+            Some(t) => metrics::histogram!("switchyard:inter_token_latency_seconds", labels)
                 .record((now - t).as_secs_f64()),
         }
         s.last_token_at = Some(now);
-        metrics::counter!("switchyard:generation_tokens", &labels).increment(1);
+        metrics::counter!("switchyard:generation_tokens", labels).increment(1);
         let n = s.output().len();
         let is_eos = tok.is_eos(picked.token) && !s.req.ignore_eos;
         let delta = if is_eos {
@@ -397,7 +612,11 @@ impl Worker {
         if reason.is_some() && !released.stopped {
             text.push_str(&s.stops.flush());
         }
-        let _ = s.events.send(GenerationEvent::Delta { text, logprob });
+        let _ = s.events.send(GenerationEvent::Delta {
+            index: s.index,
+            text,
+            logprob,
+        });
         if let Some(r) = reason {
             s.finish(r);
         }

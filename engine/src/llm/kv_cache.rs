@@ -1,75 +1,64 @@
-//! The KV cache interface the runner writes through, and its first implementation:
-//! one contiguous, preallocated buffer per sequence and layer.
-use candle_core::{Result, Tensor};
-use std::collections::HashMap;
+//! The paged KV cache: one preallocated pool of fixed-size blocks per layer for
+//! keys and values, and the block manager that hands the blocks out.
+use super::block_manager::{BlockManager, OutOfBlocks};
+pub use kernels::paged_attention::KvLayout;
 
 /// Identifies one sequence in the engine for its whole life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
 
-/// Storage of keys and values per sequence and layer. Keys and values are laid
-/// out `[kv_heads, tokens, head_dim]`.
-pub trait KvCache {
-    /// Reserves room for a sequence of up to `max_tokens` tokens.
-    fn allocate(&mut self, seq: SeqId, max_tokens: usize);
-    /// Appends `k`, `v` for the next tokens of `seq` at `layer` and returns all
-    /// keys and values of `seq` at that layer so far.
-    fn append(
-        &mut self,
-        seq: SeqId,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)>;
-    /// Releases everything held for `seq`.
-    fn free(&mut self, seq: SeqId);
-    /// Number of sequences holding cache.
-    fn num_sequences(&self) -> usize;
+pub struct KvCache {
+    pub layout: KvLayout,
+    /// Per layer, `[num_blocks, kv_heads, block_size, head_dim]`.
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub blocks: BlockManager,
 }
 
-/// One growable buffer per sequence and layer, sized up front to the sequence's
-/// prompt plus `max_tokens`.
-pub struct ContiguousKvCache {
-    num_layers: usize,
-    seqs: HashMap<SeqId, Vec<candle_nn::kv_cache::KvCache>>,
-}
-
-impl ContiguousKvCache {
-    pub fn new(num_layers: usize) -> Self {
+impl KvCache {
+    /// A pool of `num_blocks` blocks. The memory is zeroed lazily by the OS, so
+    /// a large pool costs only what sequences touch.
+    pub fn new(
+        num_layers: usize,
+        layout: KvLayout,
+        num_blocks: usize,
+        prefix_caching: bool,
+    ) -> Self {
+        let len = num_blocks * layout.block_len();
         Self {
-            num_layers,
-            seqs: HashMap::new(),
+            layout,
+            k: (0..num_layers).map(|_| vec![0f32; len]).collect(),
+            v: (0..num_layers).map(|_| vec![0f32; len]).collect(),
+            blocks: BlockManager::new(num_blocks, layout.block_size, prefix_caching),
         }
     }
-}
 
-impl KvCache for ContiguousKvCache {
-    fn allocate(&mut self, seq: SeqId, max_tokens: usize) {
-        let layers = (0..self.num_layers)
-            .map(|_| candle_nn::kv_cache::KvCache::new(1, max_tokens.max(1)))
-            .collect();
-        self.seqs.insert(seq, layers);
+    /// Bytes one block takes over all layers, keys and values.
+    pub fn block_bytes(num_layers: usize, layout: KvLayout) -> usize {
+        2 * num_layers * layout.block_len() * std::mem::size_of::<f32>()
     }
 
-    fn append(
+    /// Starts `seq` without prefix reuse, with room for `tokens` tokens.
+    pub fn allocate(&mut self, seq: SeqId, tokens: usize) -> Result<(), OutOfBlocks> {
+        self.blocks.start(seq, &[]);
+        self.prepare(seq, 0, tokens)
+    }
+
+    /// Makes room for `seq` to hold `total` tokens with `computed` cached, doing
+    /// any copy-on-write the block manager asks for.
+    pub fn prepare(
         &mut self,
         seq: SeqId,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let layers = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no cache allocated for {seq:?}")))?;
-        layers[layer].append(&k.contiguous()?, &v.contiguous()?)
-    }
-
-    fn free(&mut self, seq: SeqId) {
-        self.seqs.remove(&seq);
-    }
-
-    fn num_sequences(&self) -> usize {
-        self.seqs.len()
+        computed: usize,
+        total: usize,
+    ) -> Result<(), OutOfBlocks> {
+        let n = self.layout.block_len();
+        for c in self.blocks.reserve(seq, computed, total)? {
+            let (src, dst) = (c.src.0 as usize * n, c.dst.0 as usize * n);
+            for pool in self.k.iter_mut().chain(self.v.iter_mut()) {
+                pool.copy_within(src..src + n, dst);
+            }
+        }
+        Ok(())
     }
 }

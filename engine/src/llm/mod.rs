@@ -1,5 +1,6 @@
 //! The LLM engine: model loading (GGUF, safetensors), tokenizer and chat template,
 //! the flattened-batch llama forward pass, sampling, and the engine loop.
+pub mod block_manager;
 pub mod chat_template;
 pub mod config;
 pub mod detokenize;
@@ -15,7 +16,8 @@ pub mod tokenizer;
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use engine::{
-    EngineConfig, FinishReason, GenerationEvent, GenerationRequest, LlmEngine, TokenLogprob,
+    EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvCacheSize,
+    LlmEngine, TokenLogprob,
 };
 pub use error::LlmError;
 pub use loader::{load_model, LoadedModel};

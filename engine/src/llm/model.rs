@@ -1,10 +1,13 @@
 //! Our llama-family forward pass over a flattened batch: the tokens of many
-//! sequences in one row, each with its own position, attending through the KV cache.
+//! sequences in one row, each with its own position, attending through the
+//! paged KV cache.
 use super::config::LlamaConfig;
-use super::kv_cache::{KvCache, SeqId};
+use super::kv_cache::{KvCache, KvLayout, SeqId};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
+use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
+use kernels::rope::RopeTables;
 
 /// A projection's weight, `[out, in]`: Q4_1 blocks run through our own
 /// kernel on the CPU; every other type through candle's `QMatMul`.
@@ -111,85 +114,103 @@ impl ForwardBatch {
 pub struct LlamaModel {
     pub config: LlamaConfig,
     weights: Weights,
-    cos: Tensor,
-    sin: Tensor,
+    rope: RopeTables,
     device: Device,
 }
 
 impl LlamaModel {
     pub fn new(config: LlamaConfig, weights: Weights, device: &Device) -> Result<Self> {
-        let half = config.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / config
-                    .rope_theta
-                    .powf(2.0 * i as f32 / config.head_dim as f32)
-            })
-            .collect();
-        let max_pos = config.max_position_embeddings;
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let t = Tensor::arange(0u32, max_pos as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_pos, 1))?;
-        let freqs = t.matmul(&inv_freq)?;
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            rope: RopeTables::new(
+                config.head_dim,
+                config.rope_theta,
+                config.max_position_embeddings,
+            ),
             config,
             weights,
             device: device.clone(),
         })
     }
 
+    /// The shape of one layer's KV pool with blocks of `block_size` tokens.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            block_size,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
     /// Runs one forward pass and returns the logits of each segment's last
-    /// token, `[segments, vocab]`, in segment order.
-    pub fn forward(&self, batch: &ForwardBatch, cache: &mut dyn KvCache) -> Result<Tensor> {
+    /// token, `[segments, vocab]`, in segment order. Every segment's sequence
+    /// must hold blocks for its tokens ([`KvCache::prepare`]).
+    pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let n = batch.tokens.len();
-        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if let Some(&p) = batch.positions.iter().max() {
-            if p as usize >= c.max_position_embeddings {
+            if p as usize >= self.rope.positions() {
                 candle_core::bail!(
                     "position {p} is beyond the model's {} positions",
-                    c.max_position_embeddings
+                    self.rope.positions()
                 )
             }
         }
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
-        // Causal masks depend only on the segment, so they are built once for all layers.
-        let masks = batch
+        let layout = cache.layout;
+        if layout.kv_heads != kv_heads || layout.head_dim != d {
+            candle_core::bail!("KV cache layout {layout:?} does not fit this model")
+        }
+        let tables: Vec<Vec<u32>> = batch
             .segments
             .iter()
-            .map(|s| self.causal_mask(s))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|s| cache.blocks.table(s.seq))
+            .collect();
+        for (s, t) in batch.segments.iter().zip(&tables) {
+            if t.len() * layout.block_size < s.start_pos + s.len {
+                candle_core::bail!("{:?} holds no cache blocks for its tokens", s.seq)
+            }
+        }
+        let seqs: Vec<SeqQueries> = batch
+            .segments
+            .iter()
+            .zip(&tables)
+            .map(|(s, t)| SeqQueries {
+                offset: s.offset,
+                len: s.len,
+                start_pos: s.start_pos,
+                block_table: t,
+            })
+            .collect();
+        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let kv_width = kv_heads * d;
         let mut x = self.weights.embed.index_select(&tokens, 0)?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let q = self.heads(&layer.q.forward(&h)?, c.num_attention_heads, n)?;
-            let k = self.heads(&layer.k.forward(&h)?, c.num_key_value_heads, n)?;
-            let v = self.heads(&layer.v.forward(&h)?, c.num_key_value_heads, n)?;
-            let (q, k) = (self.rope(&q, &cos, &sin)?, self.rope(&k, &cos, &sin)?);
-            let mut outs = Vec::with_capacity(batch.segments.len());
-            for (s, mask) in batch.segments.iter().zip(&masks) {
-                let (ks, vs) = cache.append(
-                    s.seq,
-                    li,
-                    &k.narrow(1, s.offset, s.len)?,
-                    &v.narrow(1, s.offset, s.len)?,
-                )?;
-                outs.push(self.attention(
-                    &q.narrow(1, s.offset, s.len)?,
-                    &ks,
-                    &vs,
-                    mask.as_ref(),
-                )?);
+            let project = |l: &Linear, rows: usize| -> Result<Vec<f32>> {
+                let mut y = l.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+                if rows > 0 {
+                    self.rope
+                        .apply(&mut y, rows, &batch.positions, c.rope_interleaved);
+                }
+                Ok(y)
+            };
+            let q = project(&layer.q, heads)?;
+            let k = project(&layer.k, kv_heads)?;
+            let v = project(&layer.v, 0)?;
+            for (s, t) in batch.segments.iter().zip(&tables) {
+                let rows = s.offset * kv_width..(s.offset + s.len) * kv_width;
+                layout.write(&mut cache.k[li], t, s.start_pos, &k[rows.clone()]);
+                layout.write(&mut cache.v[li], t, s.start_pos, &v[rows]);
             }
-            // [heads, n, head_dim] -> [n, heads * head_dim]
-            let attn = Tensor::cat(&outs, 1)?
-                .transpose(0, 1)?
-                .reshape((n, c.num_attention_heads * c.head_dim))?;
+            let mut out = vec![0f32; n * heads * d];
+            let kv = LayerKv {
+                k: &cache.k[li],
+                v: &cache.v[li],
+                layout,
+            };
+            paged_attention(&q, heads, &seqs, kv, scale, &mut out);
+            let attn = Tensor::from_vec(out, (n, heads * d), &self.device)?;
             x = (x + layer.o.forward(&attn)?)?;
             let h = layer.ffn_norm.forward(&x)?;
             let gated =
@@ -205,69 +226,5 @@ impl LlamaModel {
         self.weights
             .lm_head
             .forward(&self.weights.norm.forward(&last)?)
-    }
-
-    /// `[len, ctx]` with `-inf` where query `i` (at `start_pos + i`) would see a
-    /// later key; `None` for a single query, which sees the whole cache.
-    fn causal_mask(&self, s: &Segment) -> Result<Option<Tensor>> {
-        if s.len == 1 {
-            return Ok(None);
-        }
-        let ctx = s.start_pos + s.len;
-        let mask: Vec<f32> = (0..s.len)
-            .flat_map(|i| {
-                (0..ctx).map(move |j| {
-                    if j > s.start_pos + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (s.len, ctx), &self.device).map(Some)
-    }
-
-    /// `[n, heads * head_dim]` -> `[heads, n, head_dim]`, contiguous.
-    fn heads(&self, x: &Tensor, heads: usize, n: usize) -> Result<Tensor> {
-        x.reshape((n, heads, self.config.head_dim))?
-            .transpose(0, 1)?
-            .contiguous()
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.unsqueeze(0)?;
-        let y = if self.config.rope_interleaved {
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, cos, sin)?
-        };
-        y.squeeze(0)
-    }
-
-    /// Causal grouped-query attention of one segment's queries `[heads, len, d]`
-    /// over its cached keys and values `[kv_heads, ctx, d]`.
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (heads, len, d) = q.dims3()?;
-        let (kv_heads, ctx, _) = k.dims3()?;
-        let group = heads / kv_heads;
-        let q = q.contiguous()?.reshape((kv_heads, group * len, d))?;
-        let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((kv_heads, group, len, ctx))?
-                .broadcast_add(mask)?
-                .reshape((kv_heads, group * len, ctx))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        probs.matmul(&v.contiguous()?)?.reshape((heads, len, d))
     }
 }

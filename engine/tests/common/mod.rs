@@ -2,6 +2,8 @@
 //! folder, shared by the integration tests.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
+use engine::llm::kv_cache::KvCache;
+use engine::llm::model::LlamaModel;
 use engine::llm::LlamaConfig;
 use std::collections::HashMap;
 
@@ -92,4 +94,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// A KV pool of 4096 tokens in 16-token blocks for `model`, without prefix caching.
+pub fn kv_cache(model: &LlamaModel) -> KvCache {
+    KvCache::new(
+        model.config.num_hidden_layers,
+        model.kv_layout(16),
+        256,
+        false,
+    )
 }

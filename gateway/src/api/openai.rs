@@ -58,7 +58,18 @@ fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), A
             .saturating_sub(p.prompt.len())
             .max(1)
     });
+    let most = p.engine.max_num_seqs();
+    if p.v.n > most {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "`n` = {} is more than this model's max_num_seqs ({most})",
+                p.v.n
+            ),
+        ));
+    }
     let req = GenerationRequest {
+        n: p.v.n,
         prompt: p.prompt.clone(),
         sampling: p.v.sampling.clone(),
         max_tokens,
@@ -159,6 +170,7 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
         model: p.model,
         created: now(),
         logprobs: p.v.sampling.logprobs.is_some(),
+        n: p.v.n,
     };
     if p.v.stream {
         stream_response(shape, rx, p.v.include_usage).into_response()
@@ -174,6 +186,8 @@ struct Shape {
     model: String,
     created: u64,
     logprobs: bool,
+    /// Choices in the response.
+    n: usize,
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -226,9 +240,10 @@ impl Shape {
         }
     }
 
-    /// One choice holding `text`; a delta for chat chunks.
+    /// Choice `index` holding `text`; a delta for chat chunks.
     fn choice(
         &self,
+        index: usize,
         text: Option<&str>,
         lps: &[TokenLogprob],
         offset: usize,
@@ -239,15 +254,15 @@ impl Shape {
         let logprobs = self.logprobs(lps, offset);
         match (self.kind, chunk) {
             (Kind::Completion, _) => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_reason})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_reason})
             }
             (Kind::Chat, false) => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")},
+                json!({"index": index, "message": {"role": "assistant", "content": text.unwrap_or("")},
                                           "logprobs": logprobs, "finish_reason": finish_reason})
             }
             (Kind::Chat, true) => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
             }
         }
     }
@@ -262,25 +277,36 @@ async fn collect_response(
     mut rx: UnboundedReceiver<GenerationEvent>,
     prompt_tokens: usize,
 ) -> Response {
-    let mut text = String::new();
-    let mut lps = Vec::new();
+    let mut texts = vec![String::new(); shape.n];
+    let mut lps = vec![Vec::new(); shape.n];
+    let mut finished = vec![None; shape.n];
+    let mut completion = 0;
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenerationEvent::Delta { text: t, logprob } => {
-                text.push_str(&t);
-                lps.extend(logprob);
+            GenerationEvent::Delta {
+                index,
+                text,
+                logprob,
+            } => {
+                texts[index].push_str(&text);
+                lps[index].extend(logprob);
             }
             GenerationEvent::Finished {
+                index,
                 reason,
-                prompt_tokens,
                 completion_tokens,
+                ..
             } => {
-                let mut body = shape.body(
-                    vec![shape.choice(Some(&text), &lps, 0, Some(reason), false)],
-                    false,
-                );
-                body["usage"] = usage(prompt_tokens, completion_tokens);
-                return Json(body).into_response();
+                finished[index] = Some(reason);
+                completion += completion_tokens;
+                if finished.iter().all(Option::is_some) {
+                    let choices = (0..shape.n)
+                        .map(|i| shape.choice(i, Some(&texts[i]), &lps[i], 0, finished[i], false))
+                        .collect();
+                    let mut body = shape.body(choices, false);
+                    body["usage"] = usage(prompt_tokens, completion);
+                    return Json(body).into_response();
+                }
             }
             GenerationEvent::Failed(m) => return ApiError::internal(m).into_response(),
         }
@@ -309,68 +335,94 @@ fn stream_response(
         v
     };
     let first: Vec<Value> = match shape.kind {
-        Kind::Chat => vec![with_usage(shape.body(
-            vec![json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
-            true,
-        ))],
+        Kind::Chat => (0..shape.n)
+            .map(|i| {
+                with_usage(shape.body(
+                    vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
+                    true,
+                ))
+            })
+            .collect(),
         Kind::Completion => vec![],
     };
     let head = stream::iter(first.iter().map(sse).map(Ok).collect::<Vec<_>>());
+    /// Per choice: text offset so far; and choices finished, completion tokens.
+    struct Progress {
+        offsets: Vec<usize>,
+        finished: usize,
+        completion: usize,
+        done: bool,
+    }
+    let progress = Progress {
+        offsets: vec![0; shape.n],
+        finished: 0,
+        completion: 0,
+        done: false,
+    };
     let body = stream::unfold(
-        (rx, shape, 0usize, false),
-        move |(mut rx, shape, mut offset, done)| async move {
-            if done {
+        (rx, shape, progress),
+        move |(mut rx, shape, mut pr)| async move {
+            if pr.done {
                 return None;
             }
             let ev = rx.recv().await;
-            let (events, done) = match ev {
-                Some(GenerationEvent::Delta { text, logprob }) => {
+            let events = match ev {
+                Some(GenerationEvent::Delta {
+                    index,
+                    text,
+                    logprob,
+                }) => {
                     let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
                     if text.is_empty() && lps.is_empty() {
-                        (vec![], false)
+                        vec![]
                     } else {
+                        let offset = pr.offsets[index];
                         let v = with_usage(shape.body(
-                            vec![shape.choice(Some(&text), &lps, offset, None, true)],
+                            vec![shape.choice(index, Some(&text), &lps, offset, None, true)],
                             true,
                         ));
-                        offset += text.len();
-                        (vec![sse(&v)], false)
+                        pr.offsets[index] += text.len();
+                        vec![sse(&v)]
                     }
                 }
                 Some(GenerationEvent::Finished {
+                    index,
                     reason,
                     prompt_tokens,
                     completion_tokens,
                 }) => {
                     let text = (shape.kind == Kind::Completion).then_some("");
+                    let offset = pr.offsets[index];
                     let mut out = vec![sse(&with_usage(shape.body(
-                        vec![shape.choice(text, &[], offset, Some(reason), true)],
+                        vec![shape.choice(index, text, &[], offset, Some(reason), true)],
                         true,
                     )))];
-                    if include_usage {
-                        let mut u = shape.body(vec![], true);
-                        u["usage"] = usage(prompt_tokens, completion_tokens);
-                        out.push(sse(&u));
+                    pr.finished += 1;
+                    pr.completion += completion_tokens;
+                    if pr.finished == shape.n {
+                        if include_usage {
+                            let mut u = shape.body(vec![], true);
+                            u["usage"] = usage(prompt_tokens, pr.completion);
+                            out.push(sse(&u));
+                        }
+                        out.push(Event::default().data("[DONE]"));
+                        pr.done = true;
                     }
-                    out.push(Event::default().data("[DONE]"));
-                    (out, true)
+                    out
                 }
-                Some(GenerationEvent::Failed(m)) => (
+                Some(GenerationEvent::Failed(m)) => {
+                    pr.done = true;
                     vec![
                         sse(&ApiError::internal(m).body()),
                         Event::default().data("[DONE]"),
-                    ],
-                    true,
-                ),
-                None => (
-                    vec![sse(&ApiError::internal("the engine stopped").body())],
-                    true,
-                ),
+                    ]
+                }
+                None => {
+                    pr.done = true;
+                    vec![sse(&ApiError::internal("the engine stopped").body())]
+                }
             };
-            Some((
-                stream::iter(events.into_iter().map(Ok)),
-                (rx, shape, offset, done),
-            ))
+            Some((stream::iter(events.into_iter().map(Ok)), (rx, shape, pr)))
         },
     );
     Sse::new(head.chain(body.flatten()))

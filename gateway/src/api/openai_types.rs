@@ -108,6 +108,8 @@ pub struct Validated {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate.
+    pub n: usize,
 }
 
 fn in_range(
@@ -160,21 +162,16 @@ impl CommonParams {
                 ))
             }
         };
-        match self.n {
-            None | Some(1) => {}
-            Some(n) if n < 1 => {
+        let n = match self.n {
+            None => 1,
+            Some(n) if n >= 1 => n as usize,
+            Some(n) => {
                 return Err(ApiError::invalid(
                     "n",
                     format!("`n` must be at least 1, got {n}"),
                 ))
             }
-            Some(n) => {
-                return Err(ApiError::invalid(
-                    "n",
-                    format!("`n` = {n} is not supported yet; use n = 1"),
-                ))
-            }
-        }
+        };
         let max_tokens = match max_tokens.or(self.max_tokens) {
             None => None,
             Some(m) if m >= 1 => Some(m as usize),
@@ -220,6 +217,7 @@ impl CommonParams {
             ignore_eos: self.ignore_eos,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             stream: self.stream,
+            n,
         })
     }
 }
