@@ -1,8 +1,8 @@
-//! Hot numeric loops shared by the engines: sampling helpers, the Q4_1
-//! quantized GEMM, rotary embeddings and paged attention (AVX2/FMA with
+//! Hot numeric loops shared by the engines: sampling helpers, quantized GEMM
+//! (Q4_0, Q4_1, Q8_0), rotary embeddings and paged attention (AVX2/FMA with
 //! portable fallbacks).
 pub mod paged_attention;
-pub mod q4_1;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 

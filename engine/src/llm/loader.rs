@@ -9,6 +9,7 @@ use super::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::{RmsNorm, VarBuilder};
+use kernels::quant::QuantType;
 use std::path::{Path, PathBuf};
 
 /// Everything the engine needs to serve one model.
@@ -60,13 +61,36 @@ impl GgufReader<'_> {
         } else {
             None
         };
-        let (out, inp) = q.shape().dims2()?;
-        if q.dtype() == GgmlDType::Q4_1 && self.device.is_cpu() {
+        quantized_linear(q, bias, self.device)
+    }
+}
+
+/// A projection over GGUF blocks: our kernel for the types it has (on the
+/// CPU), candle's `QMatMul` for the rest.
+fn quantized_linear(
+    q: QTensor,
+    bias: Option<candle_core::Tensor>,
+    device: &Device,
+) -> Result<Linear> {
+    let (out, inp) = q.shape().dims2()?;
+    let ty = match q.dtype() {
+        GgmlDType::Q4_0 => Some(QuantType::Q4_0),
+        GgmlDType::Q4_1 => Some(QuantType::Q4_1),
+        GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        _ => None,
+    };
+    match ty {
+        Some(ty) if device.is_cpu() => {
             let blocks = q.data()?.into_owned();
-            let weight = Weight::Q4_1 { blocks, out, inp };
-            return Ok(Linear { weight, bias });
+            let weight = Weight::Quant {
+                ty,
+                blocks,
+                out,
+                inp,
+            };
+            Ok(Linear { weight, bias })
         }
-        Ok(Linear::new(QMatMul::from_qtensor(q)?, bias))
+        _ => Ok(Linear::new(QMatMul::from_qtensor(q)?, bias)),
     }
 }
 
@@ -151,7 +175,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let embed_q = r.qtensor("token_embd.weight")?;
     let embed = embed_q.dequantize(device)?;
     let lm_head = if config.tie_word_embeddings {
-        Linear::new(QMatMul::from_qtensor(embed_q)?, None)
+        quantized_linear(embed_q, None, device)?
     } else {
         r.linear("output", false)?
     };

@@ -7,13 +7,15 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
+use kernels::quant::QuantType;
 use kernels::rope::RopeTables;
 
-/// A projection's weight, `[out, in]`: Q4_1 blocks run through our own
-/// kernel on the CPU; every other type through candle's `QMatMul`.
+/// A projection's weight, `[out, in]`: Q4_0, Q4_1 and Q8_0 blocks run through
+/// our own kernel on the CPU; every other type through candle's `QMatMul`.
 pub enum Weight {
     Candle(QMatMul),
-    Q4_1 {
+    Quant {
+        ty: QuantType,
         blocks: Vec<u8>,
         out: usize,
         inp: usize,
@@ -37,11 +39,16 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Q4_1 { blocks, out, inp } => {
+            Weight::Quant {
+                ty,
+                blocks,
+                out,
+                inp,
+            } => {
                 let rows = x.dim(0)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut ys = vec![0f32; rows * out];
-                kernels::q4_1::matmul(&xs, rows, *inp, blocks, *out, &mut ys);
+                kernels::quant::matmul(*ty, &xs, rows, *inp, blocks, *out, &mut ys);
                 Tensor::from_vec(ys, (rows, *out), x.device())?
             }
         };
