@@ -67,12 +67,22 @@ fn f16_at(block: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
-/// Adds one block's integer dot product `sumi` to the float sum, ggml's way.
-fn combine(ty: QuantType, block: &[u8], sumi: i32, a: &BlockQ8) -> f32 {
+/// A weight block's scale and minimum (0 where the type has none), widened
+/// once per block rather than once per row.
+fn scales(ty: QuantType, block: &[u8]) -> (f32, f32) {
     match ty {
-        QuantType::Q4_0 => sumi as f32 * f16_at(block, 0) * a.d,
-        QuantType::Q4_1 => sumi as f32 * f16_at(block, 0) * a.d + f16_at(block, 2) * a.s,
-        QuantType::Q8_0 => sumi as f32 * (f16_at(block, 0) * a.d),
+        QuantType::Q4_1 => (f16_at(block, 0), f16_at(block, 2)),
+        _ => (f16_at(block, 0), 0.0),
+    }
+}
+
+/// One block's contribution to the float sum from its integer dot product
+/// `sumi`, in ggml's order of operations.
+fn combine(ty: QuantType, (d, m): (f32, f32), sumi: i32, a: &BlockQ8) -> f32 {
+    match ty {
+        QuantType::Q4_0 => sumi as f32 * d * a.d,
+        QuantType::Q4_1 => sumi as f32 * d * a.d + m * a.s,
+        QuantType::Q8_0 => sumi as f32 * (d * a.d),
     }
 }
 
@@ -113,10 +123,11 @@ fn weight_ints(ty: QuantType, block: &[u8]) -> [i32; QK] {
 fn column_scalar(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
     for (b, block) in wrow.chunks_exact(ty.block_bytes()).enumerate() {
         let w = weight_ints(ty, block);
+        let dm = scales(ty, block);
         for (r, sum) in sums.iter_mut().enumerate() {
             let a = &q8[r * blocks + b];
             let sumi: i32 = w.iter().zip(&a.qs).map(|(&w, &x)| w * x as i32).sum();
-            *sum += combine(ty, block, sumi, a);
+            *sum += combine(ty, dm, sumi, a);
         }
     }
 }
@@ -153,6 +164,7 @@ unsafe fn column_avx2(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize,
             ),
         };
         let w_abs = if signed { _mm256_sign_epi8(w, w) } else { w };
+        let dm = scales(ty, block);
         for (r, sum) in sums.iter_mut().enumerate() {
             let a = &q8[r * blocks + b];
             let mut x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
@@ -167,7 +179,7 @@ unsafe fn column_avx2(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize,
             );
             let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
             let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
-            *sum += combine(ty, block, _mm_cvtsi128_si32(s1), a);
+            *sum += combine(ty, dm, _mm_cvtsi128_si32(s1), a);
         }
     }
 }
