@@ -86,15 +86,31 @@ fn combine(ty: QuantType, (d, m): (f32, f32), sumi: i32, a: &BlockQ8) -> f32 {
     }
 }
 
+/// Every block's scale and minimum, widened from f16 once (at load): this
+/// CPU path has no F16C, and widening per use costs as much as the dot product.
+pub fn block_scales(ty: QuantType, w: &[u8]) -> Vec<(f32, f32)> {
+    w.chunks_exact(ty.block_bytes())
+        .map(|b| scales(ty, b))
+        .collect()
+}
+
+/// One weight row's blocks and their widened scales.
+#[derive(Clone, Copy)]
+struct WeightRow<'a> {
+    ty: QuantType,
+    bytes: &'a [u8],
+    scales: &'a [(f32, f32)],
+}
+
 /// Accumulates one weight row (`blocks` blocks) against every activation row,
 /// block by block.
-fn column(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
+fn column(w: WeightRow, q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: AVX2 is present, checked at run time.
-        return unsafe { column_avx2(ty, wrow, q8, blocks, sums) };
+        return unsafe { column_avx2(w, q8, blocks, sums) };
     }
-    column_scalar(ty, wrow, q8, blocks, sums)
+    column_scalar(w, q8, blocks, sums)
 }
 
 /// The 32 weight values of a block as integers (before scale and offset).
@@ -120,10 +136,11 @@ fn weight_ints(ty: QuantType, block: &[u8]) -> [i32; QK] {
     v
 }
 
-fn column_scalar(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
-    for (b, block) in wrow.chunks_exact(ty.block_bytes()).enumerate() {
+fn column_scalar(wr: WeightRow, q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
+    let ty = wr.ty;
+    for (b, block) in wr.bytes.chunks_exact(ty.block_bytes()).enumerate() {
         let w = weight_ints(ty, block);
-        let dm = scales(ty, block);
+        let dm = wr.scales[b];
         for (r, sum) in sums.iter_mut().enumerate() {
             let a = &q8[r * blocks + b];
             let sumi: i32 = w.iter().zip(&a.qs).map(|(&w, &x)| w * x as i32).sum();
@@ -141,11 +158,12 @@ fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn column_avx2(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
+unsafe fn column_avx2(wr: WeightRow, q8: &[BlockQ8], blocks: usize, sums: &mut [f32]) {
     use std::arch::x86_64::*;
+    let ty = wr.ty;
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    for (b, block) in wrow.chunks_exact(ty.block_bytes()).enumerate() {
+    for (b, block) in wr.bytes.chunks_exact(ty.block_bytes()).enumerate() {
         // The weights as 32 bytes: low nibbles pair with activations 0..16,
         // high nibbles with 16..32. `maddubs` multiplies unsigned by signed
         // bytes, so signed weights lend their sign to the activations.
@@ -164,7 +182,7 @@ unsafe fn column_avx2(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize,
             ),
         };
         let w_abs = if signed { _mm256_sign_epi8(w, w) } else { w };
-        let dm = scales(ty, block);
+        let dm = wr.scales[b];
         for (r, sum) in sums.iter_mut().enumerate() {
             let a = &q8[r * blocks + b];
             let mut x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
@@ -184,14 +202,64 @@ unsafe fn column_avx2(ty: QuantType, wrow: &[u8], q8: &[BlockQ8], blocks: usize,
     }
 }
 
+/// Weights `[n, k]` as GGUF blocks, with their scales widened.
+pub struct QuantMatrix {
+    pub ty: QuantType,
+    pub blocks: Vec<u8>,
+    scales: Vec<(f32, f32)>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl QuantMatrix {
+    /// `blocks.len()` must be `n · k / 32 · block_bytes`.
+    pub fn new(ty: QuantType, blocks: Vec<u8>, n: usize, k: usize) -> Self {
+        let scales = block_scales(ty, &blocks);
+        Self {
+            ty,
+            blocks,
+            scales,
+            n,
+            k,
+        }
+    }
+
+    /// `y = x · Wᵀ` for `x.len() / k` rows.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let rows = x.len() / self.k.max(1);
+        matmul(
+            self.ty,
+            x,
+            rows,
+            self.k,
+            &self.blocks,
+            &self.scales,
+            self.n,
+            y,
+        )
+    }
+}
+
 /// `y[r][c] = Σ_k x[r][k] · W[c][k]` for `rows` rows of `k` activations and `n`
-/// weight rows stored as `ty` blocks (`w.len() == n · k / 32 · block_bytes`).
-pub fn matmul(ty: QuantType, x: &[f32], rows: usize, k: usize, w: &[u8], n: usize, y: &mut [f32]) {
+/// weight rows stored as `ty` blocks (`w.len() == n · k / 32 · block_bytes`)
+/// whose scales are `scales` ([`block_scales`]).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    ty: QuantType,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[u8],
+    scales: &[(f32, f32)],
+    n: usize,
+    y: &mut [f32],
+) {
     assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
     let blocks = k / QK;
     let row_bytes = blocks * ty.block_bytes();
     assert_eq!(x.len(), rows * k, "activations");
     assert_eq!(w.len(), n * row_bytes, "weights");
+    assert_eq!(scales.len(), n * blocks, "scales");
     assert_eq!(y.len(), rows * n, "output");
     // k is a multiple of 32, so blocks never straddle rows: row r owns blocks
     // r * blocks .. (r + 1) * blocks.
@@ -208,13 +276,12 @@ pub fn matmul(ty: QuantType, x: &[f32], rows: usize, k: usize, w: &[u8], n: usiz
             let mut sums = vec![0f32; rows];
             for c in c0..c1 {
                 sums.iter_mut().for_each(|s| *s = 0.0);
-                column(
+                let row = WeightRow {
                     ty,
-                    &w[c * row_bytes..(c + 1) * row_bytes],
-                    &q8,
-                    blocks,
-                    &mut sums,
-                );
+                    bytes: &w[c * row_bytes..(c + 1) * row_bytes],
+                    scales: &scales[c * blocks..(c + 1) * blocks],
+                };
+                column(row, &q8, blocks, &mut sums);
                 out[(c - c0) * rows..(c - c0 + 1) * rows].copy_from_slice(&sums);
             }
             (c0, out)
@@ -324,7 +391,7 @@ mod tests {
                 let x = pseudo_random(rows * k, 1 + rows as u32);
                 let w = quantize(ty, &pseudo_random(n * k, 99 + n as u32));
                 let mut y = vec![0f32; rows * n];
-                matmul(ty, &x, rows, k, &w, n, &mut y);
+                QuantMatrix::new(ty, w.clone(), n, k).matmul(&x, &mut y);
                 assert_eq!(
                     y,
                     reference(ty, &x, rows, k, &w, n),
@@ -345,7 +412,7 @@ mod tests {
             (QuantType::Q8_0, 0.1),
         ] {
             let mut y = vec![0f32; rows * n];
-            matmul(ty, &x, rows, k, &quantize(ty, &wf), n, &mut y);
+            QuantMatrix::new(ty, quantize(ty, &wf), n, k).matmul(&x, &mut y);
             for r in 0..rows {
                 for c in 0..n {
                     let exact: f32 = (0..k).map(|i| x[r * k + i] * wf[c * k + i]).sum();
@@ -362,12 +429,12 @@ mod tests {
         let (rows, k, n) = (5, 128, 20);
         let x = pseudo_random(rows * k, 8);
         for ty in TYPES {
-            let w = quantize(ty, &pseudo_random(n * k, 9));
+            let w = QuantMatrix::new(ty, quantize(ty, &pseudo_random(n * k, 9)), n, k);
             let mut all = vec![0f32; rows * n];
-            matmul(ty, &x, rows, k, &w, n, &mut all);
+            w.matmul(&x, &mut all);
             for r in 0..rows {
                 let mut one = vec![0f32; n];
-                matmul(ty, &x[r * k..(r + 1) * k], 1, k, &w, n, &mut one);
+                w.matmul(&x[r * k..(r + 1) * k], &mut one);
                 assert_eq!(one, all[r * n..(r + 1) * n], "{ty:?} row {r}");
             }
         }
@@ -395,8 +462,14 @@ mod tests {
                 b[7] = 0x7F;
             }
             let (mut a, mut b) = (vec![0f32; 2], vec![0f32; 2]);
-            column(ty, &w, &all, k / QK, &mut a);
-            column_scalar(ty, &w, &all, k / QK, &mut b);
+            let scales = block_scales(ty, &w);
+            let row = WeightRow {
+                ty,
+                bytes: &w,
+                scales: &scales,
+            };
+            column(row, &all, k / QK, &mut a);
+            column_scalar(row, &all, k / QK, &mut b);
             assert_eq!(a, b, "{ty:?}");
         }
     }

@@ -9,7 +9,7 @@ use super::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::{RmsNorm, VarBuilder};
-use kernels::quant::QuantType;
+use kernels::quant::{QuantMatrix, QuantType};
 use std::path::{Path, PathBuf};
 
 /// Everything the engine needs to serve one model.
@@ -82,12 +82,7 @@ fn quantized_linear(
     match ty {
         Some(ty) if device.is_cpu() => {
             let blocks = q.data()?.into_owned();
-            let weight = Weight::Quant {
-                ty,
-                blocks,
-                out,
-                inp,
-            };
+            let weight = Weight::Quant(QuantMatrix::new(ty, blocks, out, inp));
             Ok(Linear { weight, bias })
         }
         _ => Ok(Linear::new(QMatMul::from_qtensor(q)?, bias)),

@@ -7,19 +7,14 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
-use kernels::quant::QuantType;
+use kernels::quant::QuantMatrix;
 use kernels::rope::RopeTables;
 
 /// A projection's weight, `[out, in]`: Q4_0, Q4_1 and Q8_0 blocks run through
 /// our own kernel on the CPU; every other type through candle's `QMatMul`.
 pub enum Weight {
     Candle(QMatMul),
-    Quant {
-        ty: QuantType,
-        blocks: Vec<u8>,
-        out: usize,
-        inp: usize,
-    },
+    Quant(QuantMatrix),
 }
 
 /// A projection with an optional bias.
@@ -39,17 +34,12 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Quant {
-                ty,
-                blocks,
-                out,
-                inp,
-            } => {
+            Weight::Quant(w) => {
                 let rows = x.dim(0)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut ys = vec![0f32; rows * out];
-                kernels::quant::matmul(*ty, &xs, rows, *inp, blocks, *out, &mut ys);
-                Tensor::from_vec(ys, (rows, *out), x.device())?
+                let mut ys = vec![0f32; rows * w.n];
+                w.matmul(&xs, &mut ys);
+                Tensor::from_vec(ys, (rows, w.n), x.device())?
             }
         };
         match &self.bias {
