@@ -1,6 +1,6 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
-use engine::llm::{EngineConfig, KvCacheSize};
+use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -135,10 +135,7 @@ pub struct EngineSettings {
 impl Default for EngineSettings {
     fn default() -> Self {
         let d = EngineConfig::default();
-        let fraction = match d.kv_cache {
-            KvCacheSize::FractionOfFree(f) => f,
-            KvCacheSize::Bytes(_) => 0.25,
-        };
+
         Self {
             max_num_seqs: d.max_num_seqs,
             max_num_batched_tokens: d.max_num_batched_tokens,
@@ -146,7 +143,7 @@ impl Default for EngineSettings {
             max_model_len: d.max_model_len,
             block_size: d.block_size,
             kv_cache_bytes: None,
-            kv_cache_memory_fraction: fraction,
+            kv_cache_memory_fraction: DEFAULT_KV_CACHE_FRACTION,
             enable_prefix_caching: d.enable_prefix_caching,
         }
     }

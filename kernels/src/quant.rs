@@ -88,7 +88,7 @@ fn combine(ty: QuantType, (d, m): (f32, f32), sumi: i32, a: &BlockQ8) -> f32 {
 
 /// Every block's scale and minimum, widened from f16 once (at load): this
 /// CPU path has no F16C, and widening per use costs as much as the dot product.
-pub fn block_scales(ty: QuantType, w: &[u8]) -> Vec<(f32, f32)> {
+fn block_scales(ty: QuantType, w: &[u8]) -> Vec<(f32, f32)> {
     w.chunks_exact(ty.block_bytes())
         .map(|b| scales(ty, b))
         .collect()

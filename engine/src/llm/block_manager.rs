@@ -59,6 +59,8 @@ struct SeqBlocks {
     blocks: Vec<BlockId>,
     /// Leading blocks already keyed (registered or found in the cache).
     keyed: usize,
+    /// What its prefix-cache lookup added to the stats.
+    lookup: PrefixStats,
 }
 
 /// Prefix-cache lookups since start, in tokens.
@@ -163,7 +165,11 @@ impl BlockManager {
                 parent = Some(key.hash);
             }
             entry.keyed = entry.blocks.len();
-            self.stats.hit += (entry.blocks.len() * self.block_size) as u64;
+            entry.lookup = PrefixStats {
+                queried: tokens.len() as u64,
+                hit: (entry.blocks.len() * self.block_size) as u64,
+            };
+            self.stats.hit += entry.lookup.hit;
         }
         let cached = entry.blocks.len() * self.block_size;
         self.seqs.insert(seq, entry);
@@ -256,11 +262,23 @@ impl BlockManager {
         let entry = SeqBlocks {
             blocks: p.blocks.clone(),
             keyed: p.keyed,
+            lookup: PrefixStats::default(),
         };
         for &b in &entry.blocks {
             self.blocks[b.0 as usize].ref_count += 1;
         }
         self.seqs.insert(child, entry);
+    }
+
+    /// Takes back a [`start`](Self::start) whose sequence could not be admitted
+    /// after all: its blocks are released and its lookup leaves the stats, so
+    /// that a request waiting for blocks is counted once, when it is admitted.
+    pub fn undo_start(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.get(&seq) {
+            self.stats.queried -= s.lookup.queried;
+            self.stats.hit -= s.lookup.hit;
+        }
+        self.free(seq);
     }
 
     /// Releases `seq`'s blocks. Last blocks are freed first, so they are
@@ -317,6 +335,14 @@ mod tests {
         (0..n as u32).map(|i| base + i).collect()
     }
 
+    /// Computes all of `tokens` for `seq`, then ends it; its full blocks stay cached.
+    fn run_and_free(m: &mut BlockManager, seq: SeqId, tokens: &[u32]) {
+        m.start(seq, tokens);
+        m.reserve(seq, 0, tokens.len()).unwrap();
+        m.computed(seq, tokens, tokens.len());
+        m.free(seq);
+    }
+
     #[test]
     fn blocks_return_to_the_pool_when_sequences_end() {
         let mut m = BlockManager::new(8, 4, false);
@@ -367,13 +393,23 @@ mod tests {
     }
 
     #[test]
+    fn an_undone_start_leaves_no_trace() {
+        let mut m = BlockManager::new(4, 2, true);
+        let a = toks(5, 0);
+        run_and_free(&mut m, SeqId(1), &a);
+        let before = m.prefix_stats();
+        assert_eq!(m.start(SeqId(2), &a), 4);
+        m.undo_start(SeqId(2));
+        assert_eq!(m.prefix_stats(), before);
+        assert_eq!(m.num_free(), 4);
+        assert!(!m.has(SeqId(2)));
+    }
+
+    #[test]
     fn freed_cached_blocks_are_reused_until_evicted_lru() {
         let mut m = BlockManager::new(4, 2, true);
         let a = toks(5, 0);
-        m.start(SeqId(1), &a);
-        m.reserve(SeqId(1), 0, 5).unwrap();
-        m.computed(SeqId(1), &a, 5);
-        m.free(SeqId(1));
+        run_and_free(&mut m, SeqId(1), &a);
         assert_eq!(m.num_free(), 4);
         assert_eq!(
             m.start(SeqId(2), &a),
@@ -393,12 +429,10 @@ mod tests {
     fn eviction_takes_the_oldest_freed_and_tails_first() {
         let mut m = BlockManager::new(6, 2, true);
         let a = toks(7, 0);
-        m.start(SeqId(1), &a);
-        m.reserve(SeqId(1), 0, 7).unwrap();
-        m.computed(SeqId(1), &a, 7);
-        m.free(SeqId(1)); // 4 blocks, 3 keyed; freed last block first
-                          // Taking 4 blocks evicts the 2 never used, then a's unkeyed tail, then
-                          // a's last keyed block.
+        // 4 blocks, 3 keyed; the last block is freed first.
+        run_and_free(&mut m, SeqId(1), &a);
+        // Taking 4 blocks evicts the 2 never used, then a's unkeyed tail, then
+        // a's last keyed block.
         m.start(SeqId(2), &toks(8, 100));
         m.reserve(SeqId(2), 0, 8).unwrap();
         assert_eq!(m.start(SeqId(3), &a), 4, "a's first two blocks survive");

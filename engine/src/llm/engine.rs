@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
 }
 
+/// The KV pool's default share of the memory available at start.
+pub const DEFAULT_KV_CACHE_FRACTION: f64 = 0.25;
+
 /// How much memory the KV pool takes, fixed when the engine starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvCacheSize {
@@ -67,7 +70,7 @@ impl Default for EngineConfig {
             max_waiting: 64,
             max_model_len: 8192,
             block_size: 16,
-            kv_cache: KvCacheSize::FractionOfFree(0.25),
+            kv_cache: KvCacheSize::FractionOfFree(DEFAULT_KV_CACHE_FRACTION),
             enable_prefix_caching: true,
         }
     }
@@ -141,7 +144,6 @@ pub struct EngineStats {
 /// The engine thread's live counters, read by handles.
 #[derive(Default)]
 struct SharedStats {
-    total_blocks: AtomicUsize,
     free_blocks: AtomicUsize,
     preemptions: AtomicU64,
     prefix_queried: AtomicU64,
@@ -170,6 +172,7 @@ struct Inner {
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     stats: Arc<SharedStats>,
+    total_blocks: usize,
     vocab_size: usize,
 }
 
@@ -200,7 +203,7 @@ impl LlmEngine {
         let waiting = Arc::new(AtomicUsize::new(0));
         let tokenizer = Arc::new(loaded.tokenizer);
         let stats = Arc::new(SharedStats::default());
-        stats.total_blocks.store(num_blocks, Ordering::Relaxed);
+
         stats.free_blocks.store(num_blocks, Ordering::Relaxed);
         let worker = Worker {
             name: name.to_string(),
@@ -229,6 +232,7 @@ impl LlmEngine {
                 tokenizer,
                 template: loaded.template,
                 stats,
+                total_blocks: num_blocks,
                 vocab_size,
             }),
         }
@@ -258,7 +262,7 @@ impl LlmEngine {
     pub fn stats(&self) -> EngineStats {
         let s = &self.inner.stats;
         EngineStats {
-            total_blocks: s.total_blocks.load(Ordering::Relaxed),
+            total_blocks: self.inner.total_blocks,
             free_blocks: s.free_blocks.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
             prefix_queried: s.prefix_queried.load(Ordering::Relaxed),

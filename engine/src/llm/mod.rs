@@ -17,7 +17,7 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use engine::{
     EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvCacheSize,
-    LlmEngine, TokenLogprob,
+    LlmEngine, TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
 };
 pub use error::LlmError;
 pub use loader::{load_model, LoadedModel};

@@ -47,6 +47,20 @@ pub struct Schedule {
     pub preempted: usize,
 }
 
+impl Schedule {
+    /// Puts tokens `start..start + len` of `s` (at `index` in `running`) in
+    /// the batch; it samples when they reach the end of its known tokens.
+    fn add<S: Schedulable>(&mut self, index: usize, s: &S, start: usize, len: usize) {
+        self.batch
+            .push(s.id(), &s.tokens()[start..start + len], start);
+        self.plan.push(Planned {
+            index,
+            len,
+            samples: start + len == s.tokens().len(),
+        });
+    }
+}
+
 pub struct Scheduler<S> {
     pub config: SchedulerConfig,
     pub waiting: VecDeque<S>,
@@ -91,18 +105,12 @@ impl<S: Schedulable> Scheduler<S> {
                 continue;
             }
             let s = &self.running[index];
-            let (computed, left) = (s.computed(), remaining(s));
-            let len = left.min(budget);
+            let computed = s.computed();
+            let len = remaining(s).min(budget);
             loop {
                 if cache.prepare(s.id(), computed, computed + len).is_ok() {
                     budget -= len;
-                    out.batch
-                        .push(s.id(), &s.tokens()[computed..computed + len], computed);
-                    out.plan.push(Planned {
-                        index,
-                        len,
-                        samples: len == left,
-                    });
+                    out.add(index, s, computed, len);
                     break;
                 }
                 let planned = |j: usize| out.plan.iter().any(|p| p.index == j);
@@ -135,23 +143,17 @@ impl<S: Schedulable> Scheduler<S> {
             }
             let cached = cache.blocks.start(s.id(), s.tokens());
             s.set_computed(cached);
-            let left = remaining(&s);
-            let len = left.min(budget);
+            let len = remaining(&s).min(budget);
             if cache.prepare(s.id(), cached, cached + len).is_err() {
-                cache.blocks.free(s.id());
+                // It waits for blocks; its lookup is made again when it is admitted.
+                cache.blocks.undo_start(s.id());
                 s.set_computed(0);
                 queue.push_front(s);
                 break;
             }
             budget -= len;
             occupied += s.width();
-            out.batch
-                .push(s.id(), &s.tokens()[cached..cached + len], cached);
-            out.plan.push(Planned {
-                index: self.running.len(),
-                len,
-                samples: len == left,
-            });
+            out.add(self.running.len(), &s, cached, len);
             self.running.push(s);
             if !from_preempted {
                 out.admitted += 1;
@@ -164,10 +166,8 @@ impl<S: Schedulable> Scheduler<S> {
             }
             let running = std::mem::take(&mut self.running);
             let mut resumed = Vec::new();
-            for (s, v) in running
-                .into_iter()
-                .zip(victim.iter().chain(std::iter::repeat(&false)))
-            {
+            // Nothing was admitted while preempting: `victim` covers `running`.
+            for (s, v) in running.into_iter().zip(&victim) {
                 if *v {
                     resumed.push(s);
                 } else {
