@@ -3,6 +3,7 @@
 mod api;
 mod config;
 mod models;
+mod registry;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

@@ -1,0 +1,251 @@
+//! The registry's storage: one small SQL surface (exec, query, a write
+//! transaction) over SQLite (embedded default) or PostgreSQL (shared by nodes).
+use std::path::Path;
+
+/// A value going into or coming out of a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sql {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl Sql {
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Sql::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Sql::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self(format!("sqlite: {e}"))
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => Self(format!("postgres: {}", db.message())),
+            None => Self(format!("postgres: {e}")),
+        }
+    }
+}
+
+/// Statements use `$1, $2, ...` placeholders and only BIGINT and TEXT columns,
+/// so the same text runs on both databases.
+pub trait Db: Send {
+    /// Starts a transaction that holds the registry's write lock until commit.
+    fn begin_write(&mut self) -> Result<(), StoreError>;
+    fn commit(&mut self) -> Result<(), StoreError>;
+    fn rollback(&mut self);
+    fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError>;
+    fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError>;
+}
+
+/// Opens `sqlite:PATH`, `postgres://...` / `postgresql://...`, or a plain
+/// file path (SQLite), and creates the tables when they are missing.
+pub fn open(url: &str) -> Result<Box<dyn Db>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Box::new(Postgres::open(url)?))
+    } else {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        Ok(Box::new(Sqlite::open(Path::new(path))?))
+    }
+}
+
+/// Tables shared by both databases. Audit rows are guarded by triggers that
+/// refuse UPDATE and DELETE, so only direct tampering with the file (or the
+/// database's superuser) can change them — which `verify` then detects.
+const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL, number BIGINT NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (model, number));
+CREATE TABLE IF NOT EXISTS version_status (
+    model TEXT NOT NULL, number BIGINT NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (model, number));
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, model TEXT NOT NULL, version BIGINT,
+    body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+";
+
+pub struct Sqlite {
+    conn: rusqlite::Connection,
+}
+
+impl Sqlite {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
+        }
+        let conn = rusqlite::Connection::open(path)
+            .map_err(|e| StoreError(format!("opening {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // WAL for concurrent readers; FULL so every commit is on disk before
+        // the API acknowledges it.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(TABLES)?;
+        conn.execute_batch(
+            "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+             CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;",
+        )?;
+        Ok(Self { conn })
+    }
+}
+
+/// SQLite numbers `?N` parameters; `$N` would be a named one.
+fn sqlite_text(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+fn to_sqlite(p: &Sql) -> rusqlite::types::Value {
+    match p {
+        Sql::Null => rusqlite::types::Value::Null,
+        Sql::Int(i) => rusqlite::types::Value::Integer(*i),
+        Sql::Text(s) => rusqlite::types::Value::Text(s.clone()),
+    }
+}
+
+impl Db for Sqlite {
+    fn begin_write(&mut self) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch("BEGIN IMMEDIATE")?)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch("COMMIT")?)
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError> {
+        let params: Vec<_> = params.iter().map(to_sqlite).collect();
+        let n = self
+            .conn
+            .prepare_cached(&sqlite_text(sql))?
+            .execute(rusqlite::params_from_iter(params))?;
+        Ok(n as u64)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError> {
+        let params: Vec<_> = params.iter().map(to_sqlite).collect();
+        let mut stmt = self.conn.prepare_cached(&sqlite_text(sql))?;
+        let cols = stmt.column_count();
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |row| {
+            (0..cols)
+                .map(|i| {
+                    Ok(match row.get::<_, rusqlite::types::Value>(i)? {
+                        rusqlite::types::Value::Integer(v) => Sql::Int(v),
+                        rusqlite::types::Value::Text(s) => Sql::Text(s),
+                        _ => Sql::Null,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+pub struct Postgres {
+    client: postgres::Client,
+}
+
+impl Postgres {
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+        client.batch_execute(TABLES)?;
+        client.batch_execute(
+            "CREATE OR REPLACE FUNCTION switchyard_audit_append_only() RETURNS trigger
+               LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_append_only') THEN
+                 CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+                   FOR EACH ROW EXECUTE FUNCTION switchyard_audit_append_only();
+               END IF;
+             END $$;",
+        )?;
+        Ok(Self { client })
+    }
+}
+
+impl Db for Postgres {
+    fn begin_write(&mut self) -> Result<(), StoreError> {
+        // One writer at a time across every node sharing the database, so the
+        // audit chain stays a chain and gate checks see the latest state.
+        Ok(self
+            .client
+            .batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE")?)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        Ok(self.client.batch_execute("COMMIT")?)
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.client.batch_execute("ROLLBACK");
+    }
+
+    fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError> {
+        let boxed = pg_params(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            boxed.iter().map(|b| b.as_ref()).collect();
+        Ok(self.client.execute(sql, &refs)?)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError> {
+        let boxed = pg_params(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            boxed.iter().map(|b| b.as_ref()).collect();
+        let rows = self.client.query(sql, &refs)?;
+        rows.iter()
+            .map(|row| {
+                (0..row.len())
+                    .map(|i| {
+                        Ok(
+                            if *row.columns()[i].type_() == postgres::types::Type::INT8 {
+                                row.try_get::<_, Option<i64>>(i)?
+                                    .map_or(Sql::Null, Sql::Int)
+                            } else {
+                                row.try_get::<_, Option<String>>(i)?
+                                    .map_or(Sql::Null, Sql::Text)
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn pg_params(params: &[Sql]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+    params
+        .iter()
+        .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
+            match p {
+                Sql::Null => Box::new(None::<i64>),
+                Sql::Int(i) => Box::new(*i),
+                Sql::Text(s) => Box::new(s.clone()),
+            }
+        })
+        .collect()
+}
