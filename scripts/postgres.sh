@@ -3,7 +3,7 @@
 #   scripts/postgres.sh start   → prints "DIR URL" of a fresh server on 127.0.0.1
 #   scripts/postgres.sh stop DIR
 set -euo pipefail
-port="${SWITCHYARD_PG_PORT:-54329}"
+port="${SWITCHYARD_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 # PostgreSQL refuses to run as root; run it as its own user then.

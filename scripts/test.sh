@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (tiny random models and the
 # real default model), then the end-to-end tests with the official `openai`
-# client against a running server. Installs what it needs on a fresh machine.
+# client against a running server. The registry's tests run on SQLite and on a
+# throwaway PostgreSQL. Installs what it needs on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,11 @@ echo "$SWITCHYARD_MODEL_GGUF"
 echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+echo "== postgresql (Debian's packages), so the registry's tests run on it as on SQLite"
+read -r pg_dir pg_url < <(scripts/postgres.sh start)
+trap 'scripts/postgres.sh stop "$pg_dir"' EXIT
+export SWITCHYARD_TEST_POSTGRES_URL="$pg_url"
 
 echo "== rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

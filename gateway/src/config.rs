@@ -1,5 +1,6 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
+use crate::registry::Role;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,73 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
+    /// Models served as configured, outside the registry.
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// The model registry and its controller; off when absent.
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `sqlite:PATH` or `postgres://...`; default: `registry.db` in `server.data_dir`.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// How often the controller reconciles even without a change.
+    #[serde(default = "default_reconcile_secs")]
+    pub reconcile_interval_secs: u64,
+    /// Engine limits for the LLM versions the controller loads.
+    #[serde(default)]
+    pub engine: EngineSettings,
+    /// Keys for the registry API; each call is made as the key's name.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+fn default_reconcile_secs() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The identity recorded in the audit log.
+    pub name: String,
+    pub role: Role,
+    /// The key itself, or the environment variable holding it.
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_env: Option<String>,
+}
+
+impl ApiKeyConfig {
+    /// The secret, read from the environment where `key_env` says so.
+    pub fn secret(&self) -> Result<String, String> {
+        match (&self.key, &self.key_env) {
+            (Some(k), None) => Ok(k.clone()),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!(
+                    "registry.api_keys `{}`: environment variable {var} is not set",
+                    self.name
+                )
+            }),
+            _ => Err(format!(
+                "registry.api_keys `{}`: give exactly one of `key` and `key_env`",
+                self.name
+            )),
+        }
+    }
+}
+
+impl RegistryConfig {
+    pub fn database_url(&self, server: &ServerConfig) -> String {
+        self.database.clone().unwrap_or_else(|| {
+            format!("sqlite:{}", server.data_dir().join("registry.db").display())
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -17,13 +84,28 @@ pub struct Config {
 pub struct ServerConfig {
     #[serde(default = "default_http")]
     pub http: String,
+    /// Where the server keeps its state (the SQLite registry).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             http: default_http(),
+            data_dir: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// `data_dir`, else `$SWITCHYARD_DATA`, else the user's data folder.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| std::env::var_os("SWITCHYARD_DATA").map(PathBuf::from))
+            .or_else(|| dirs::data_dir().map(|d| d.join("switchyard")))
+            .unwrap_or_else(|| PathBuf::from(".switchyard"))
     }
 }
 
@@ -198,8 +280,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.models.is_empty() {
-            return Err("models: at least one model must be configured".into());
+        if self.models.is_empty() && self.registry.is_none() {
+            return Err(
+                "models: configure at least one model, or a `registry:` to serve registered ones"
+                    .into(),
+            );
         }
         self.server
             .http
@@ -223,28 +308,7 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(format!("{}: `{}` is configured twice", key("name"), m.name));
             }
-            let e = &m.engine;
-            for (k, v) in [
-                ("max_num_seqs", e.max_num_seqs),
-                ("max_num_batched_tokens", e.max_num_batched_tokens),
-                ("max_model_len", e.max_model_len),
-                ("block_size", e.block_size),
-                ("kv_cache_bytes", e.kv_cache_bytes.unwrap_or(1) as usize),
-            ] {
-                if v == 0 {
-                    return Err(format!(
-                        "{}: must be at least 1",
-                        key(&format!("engine.{k}"))
-                    ));
-                }
-            }
-            if !(e.kv_cache_memory_fraction > 0.0 && e.kv_cache_memory_fraction <= 0.95) {
-                return Err(format!(
-                    "{}: must be above 0 and at most 0.95, got {}",
-                    key("engine.kv_cache_memory_fraction"),
-                    e.kv_cache_memory_fraction
-                ));
-            }
+            validate_engine(&m.engine, &key("engine"))?;
             if let ModelSource::Pypi { sha256, .. } = &m.source {
                 if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(format!(
@@ -254,8 +318,49 @@ impl Config {
                 }
             }
         }
+        if let Some(r) = &self.registry {
+            validate_engine(&r.engine, "registry.engine")?;
+            if r.reconcile_interval_secs == 0 {
+                return Err("registry.reconcile_interval_secs: must be at least 1".into());
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, k) in r.api_keys.iter().enumerate() {
+                if !names.insert(&k.name) {
+                    return Err(format!(
+                        "registry.api_keys[{i}].name: `{}` is configured twice",
+                        k.name
+                    ));
+                }
+                if k.key.is_some() == k.key_env.is_some() {
+                    return Err(format!(
+                        "registry.api_keys[{i}]: give exactly one of `key` and `key_env`"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
+}
+
+fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
+    for (k, v) in [
+        ("max_num_seqs", e.max_num_seqs),
+        ("max_num_batched_tokens", e.max_num_batched_tokens),
+        ("max_model_len", e.max_model_len),
+        ("block_size", e.block_size),
+        ("kv_cache_bytes", e.kv_cache_bytes.unwrap_or(1) as usize),
+    ] {
+        if v == 0 {
+            return Err(format!("{at}.{k}: must be at least 1"));
+        }
+    }
+    if !(e.kv_cache_memory_fraction > 0.0 && e.kv_cache_memory_fraction <= 0.95) {
+        return Err(format!(
+            "{at}.kv_cache_memory_fraction: must be above 0 and at most 0.95, got {}",
+            e.kv_cache_memory_fraction
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -295,6 +400,15 @@ mod tests {
         assert!(e.contains("exactly one of"), "{e}");
         let e = Config::parse("models: []").unwrap_err();
         assert!(e.starts_with("models:"), "{e}");
+        let e =
+            Config::parse("registry:\n  api_keys:\n    - { name: a, role: admin }\n").unwrap_err();
+        assert!(e.starts_with("registry.api_keys[0]"), "{e}");
+        let e = Config::parse("registry:\n  api_keys:\n    - { name: a, role: boss, key: k }\n")
+            .unwrap_err();
+        assert!(e.contains("boss") && e.contains("line 3"), "{e}");
+        let e = Config::parse("registry: { engine: { max_num_seqs: 0 } }\n").unwrap_err();
+        assert!(e.starts_with("registry.engine.max_num_seqs"), "{e}");
+        assert!(Config::parse("registry: {}\n").is_ok());
         let e = Config::parse(
             "server: { http: nowhere }\nmodels:\n  - { name: a, source: { path: /x } }\n",
         )

@@ -2,8 +2,11 @@
 //! command line; `api` the HTTP surface, `config` and `models` the setup.
 mod api;
 mod config;
+mod controller;
 mod models;
 mod registry;
+mod registry_cli;
+mod routing;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -44,6 +47,17 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Use a running server's model registry (versions, transitions, rollback, audit).
+    Registry {
+        /// The server's base URL.
+        #[arg(long, env = "SWITCHYARD_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An API key from the server's `registry.api_keys`.
+        #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        #[command(subcommand)]
+        command: registry_cli::RegistryCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,6 +94,7 @@ fn main() -> Result<()> {
             }
             tokio::runtime::Runtime::new()?.block_on(serve(cfg))
         }
+        Command::Registry { url, key, command } => registry_cli::run(&url, key.as_deref(), command),
         Command::Models {
             command: ModelsCommand::Fetch { name, config },
         } => {
@@ -119,7 +134,25 @@ async fn serve(cfg: Config) -> Result<()> {
         )?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let state = api::AppState::new(cfg.models.len(), Some(prometheus));
+    let mut state = api::AppState::new(cfg.models.len(), Some(prometheus));
+    if let Some(rc) = &cfg.registry {
+        let url = rc.database_url(&cfg.server);
+        let registry = tokio::task::block_in_place(|| registry::Registry::open(&url))
+            .with_context(|| format!("opening the registry at {url}"))?;
+        tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
+        let mut keys = Vec::new();
+        for k in &rc.api_keys {
+            let secret = k.secret().map_err(anyhow::Error::msg)?;
+            let actor = registry::Actor {
+                name: k.name.clone(),
+                role: k.role,
+            };
+            keys.push((secret, actor));
+        }
+        state = state.with_registry(api::registry::RegistryApi::new(registry.clone(), keys));
+        let ctl = controller::Controller::new(registry, state.routes().clone(), rc.engine.clone());
+        tokio::spawn(ctl.run(std::time::Duration::from_secs(rc.reconcile_interval_secs)));
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.server.http)
         .await
         .with_context(|| format!("binding {}", cfg.server.http))?;

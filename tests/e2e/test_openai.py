@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL, Server, binary
+from conftest import MODEL, Server, binary, metric
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -78,15 +78,6 @@ CONVERSATIONS = [
     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
     for q in ["Do you sell hammers?", "What are your hours?", "Can I return nails?", "Where are the screws?"]
 ]
-
-
-def metric(server, name) -> float:
-    """Sum of a Prometheus series over its labels."""
-    total = 0.0
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.split()[-1])
-    return total
 
 
 def concurrently(server, conversations, **kw) -> list[str]:

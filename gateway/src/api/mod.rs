@@ -2,7 +2,9 @@
 pub mod error;
 pub mod openai;
 pub mod openai_types;
+pub mod registry;
 
+use crate::routing::{Route, Routes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -10,49 +12,59 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use engine::llm::LlmEngine;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use registry::RegistryApi;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-/// What the handlers share: the loaded engines by public name.
+/// What the handlers share: the route table, the registry (when configured)
+/// and the metrics handle.
 #[derive(Clone)]
 pub struct AppState {
-    engines: Arc<RwLock<HashMap<String, LlmEngine>>>,
+    routes: Routes,
+    /// Configured (not registry-managed) models still loading hold `/health` at 503.
     expected: usize,
+    loaded: Arc<AtomicUsize>,
     metrics: Option<PrometheusHandle>,
+    pub registry: Option<RegistryApi>,
 }
 
 impl AppState {
-    /// `expected` is how many models must be loaded before `/health` says ready.
+    /// `expected` is how many configured models must load before `/health` says ready.
     pub fn new(expected: usize, metrics: Option<PrometheusHandle>) -> Self {
         Self {
-            engines: Arc::default(),
+            routes: Routes::default(),
             expected,
+            loaded: Arc::default(),
             metrics,
+            registry: None,
         }
     }
 
-    pub fn add(&self, engine: LlmEngine) {
-        self.engines
-            .write()
-            .expect("engine table")
-            .insert(engine.name().to_string(), engine);
+    pub fn with_registry(mut self, api: RegistryApi) -> Self {
+        self.registry = Some(api);
+        self
     }
 
-    pub fn engine(&self, name: &str) -> Option<LlmEngine> {
-        self.engines
-            .read()
-            .expect("engine table")
-            .get(name)
-            .cloned()
+    /// Serves a configured model under its own name.
+    pub fn add(&self, engine: LlmEngine) {
+        self.routes.add_fixed(engine);
+        self.loaded.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    pub fn route(&self, name: &str) -> Option<Route> {
+        self.routes.get(name)
     }
 
     fn names(&self) -> Vec<(String, usize)> {
         let mut v: Vec<_> = self
-            .engines
-            .read()
-            .expect("engine table")
-            .values()
-            .map(|e| (e.name().to_string(), e.max_model_len()))
+            .routes
+            .snapshot()
+            .iter()
+            .map(|(name, r)| (name.clone(), r.primary.engine.max_model_len()))
             .collect();
         v.sort();
         v
@@ -66,12 +78,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(registry::routes())
         .with_state(state)
 }
 
 async fn health(State(s): State<AppState>) -> impl IntoResponse {
-    let loaded = s.names().len();
-    if loaded >= s.expected && loaded > 0 {
+    let loaded = s.loaded.load(Ordering::SeqCst);
+    if loaded >= s.expected {
         (
             StatusCode::OK,
             Json(serde_json::json!({"status": "ok", "models": loaded})),

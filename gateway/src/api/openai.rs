@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
+use crate::routing::{bucket, Deployment};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
@@ -38,27 +39,78 @@ enum Kind {
 
 struct Prepared {
     engine: LlmEngine,
+    routed: Routed,
     model: String,
     v: Validated,
     prompt: Vec<u32>,
 }
 
-fn engine_for(state: &AppState, common: &CommonParams) -> Result<LlmEngine, ApiError> {
-    state
-        .engine(&common.model)
-        .ok_or_else(|| ApiError::model_not_found(&common.model))
+/// Where the route sent a request.
+struct Routed {
+    version: Option<u32>,
+    arm: &'static str,
+    shadows: Vec<Deployment>,
+}
+
+/// Picks the deployment for this request: the user's bucket decides between
+/// the primary and a canary/A/B candidate; requests without `user` are
+/// assigned at random.
+fn engine_for(state: &AppState, common: &CommonParams) -> Result<(LlmEngine, Routed), ApiError> {
+    let route = state
+        .route(&common.model)
+        .ok_or_else(|| ApiError::model_not_found(&common.model))?;
+    let unit = common
+        .user
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (d, arm) = route.pick(bucket(&common.model, &unit));
+    let version = d
+        .version
+        .map_or_else(|| "static".to_string(), |v| v.to_string());
+    metrics::counter!("switchyard:route_requests", "route" => common.model.clone(), "version" => version, "arm" => arm)
+        .increment(1);
+    Ok((
+        d.engine.clone(),
+        Routed {
+            version: d.version,
+            arm,
+            shadows: route.shadows.clone(),
+        },
+    ))
+}
+
+/// Sends a copy to each shadow and drops what it answers; a shadow that is
+/// full or failing never touches the primary's reply.
+fn mirror(p: &Prepared) {
+    for d in &p.routed.shadows {
+        let version = d
+            .version
+            .map_or_else(|| "static".to_string(), |v| v.to_string());
+        let labels = [("route", p.model.clone()), ("version", version)];
+        match submit_to(&d.engine, p) {
+            Ok((mut rx, _)) => {
+                metrics::counter!("switchyard:shadow_requests", &labels).increment(1);
+                tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            }
+            Err(_) => metrics::counter!("switchyard:shadow_errors", &labels).increment(1),
+        }
+    }
 }
 
 fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
+    submit_to(&p.engine, p)
+}
+
+fn submit_to(
+    engine: &LlmEngine,
+    p: &Prepared,
+) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
     // Without max_tokens, the rest of the context (at least one token, so an
     // over-long prompt gets the engine's context error).
-    let max_tokens = p.v.max_tokens.unwrap_or_else(|| {
-        p.engine
-            .max_model_len()
-            .saturating_sub(p.prompt.len())
-            .max(1)
-    });
-    let most = p.engine.max_num_seqs();
+    let max_tokens =
+        p.v.max_tokens
+            .unwrap_or_else(|| engine.max_model_len().saturating_sub(p.prompt.len()).max(1));
+    let most = engine.max_num_seqs();
     if p.v.n > most {
         return Err(ApiError::invalid(
             "n",
@@ -77,7 +129,7 @@ fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), A
         stop: p.v.stop.clone(),
         ignore_eos: p.v.ignore_eos,
     };
-    let rx = p.engine.submit(req).map_err(|e| match e {
+    let rx = engine.submit(req).map_err(|e| match e {
         LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
         LlmError::ContextLength {
             max,
@@ -93,7 +145,7 @@ fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), A
 pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
     let prepared = (|| {
         let req: ChatRequest = parse(&body)?;
-        let engine = engine_for(&state, &req.common)?;
+        let (engine, routed) = engine_for(&state, &req.common)?;
         let messages = req.chat_messages()?;
         let logprobs = req.logprobs()?;
         let template = engine.template().ok_or_else(|| {
@@ -113,6 +165,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         let v = req.common.validate(req.max_completion_tokens, logprobs)?;
         Ok::<_, ApiError>(Prepared {
             engine,
+            routed,
             model,
             v,
             prompt,
@@ -124,7 +177,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
     let prepared = (|| {
         let req: CompletionRequest = parse(&body)?;
-        let engine = engine_for(&state, &req.common)?;
+        let (engine, routed) = engine_for(&state, &req.common)?;
         let text = req.prompt_text()?;
         if req.echo {
             return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
@@ -143,6 +196,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
         let v = req.common.validate(max_tokens, logprobs)?;
         Ok::<_, ApiError>(Prepared {
             engine,
+            routed,
             model,
             v,
             prompt,
@@ -160,6 +214,7 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
+    mirror(&p);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -172,11 +227,20 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
         logprobs: p.v.sampling.logprobs.is_some(),
         n: p.v.n,
     };
-    if p.v.stream {
+    let mut resp = if p.v.stream {
         stream_response(shape, rx, p.v.include_usage).into_response()
     } else {
         collect_response(shape, rx, prompt_tokens).await
+    };
+    let h = resp.headers_mut();
+    if let Some(v) = p.routed.version {
+        h.insert("x-switchyard-model-version", v.into());
     }
+    h.insert(
+        "x-switchyard-arm",
+        axum::http::HeaderValue::from_static(p.routed.arm),
+    );
+    resp
 }
 
 /// The fixed parts of every response body of one request.

@@ -48,6 +48,8 @@ pub struct CommonParams {
     #[serde(default)]
     pub ignore_eos: bool,
     pub min_tokens: Option<i64>,
+    /// The end user; keeps one user on one arm of a rollout.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

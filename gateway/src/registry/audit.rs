@@ -107,9 +107,8 @@ pub struct BadEntry {
 /// Walks entries in order; the first broken link or hash is reported.
 pub fn verify(entries: impl IntoIterator<Item = AuditEntry>) -> Verification {
     let mut prev = GENESIS.to_string();
-    let mut expected_seq = 1;
     let mut count = 0;
-    for e in entries {
+    for (expected_seq, e) in (1..).zip(entries) {
         count += 1;
         let bad = |reason: String| Verification {
             entries: count,
@@ -129,7 +128,6 @@ pub fn verify(entries: impl IntoIterator<Item = AuditEntry>) -> Verification {
             return bad("the entry's contents do not match its hash".into());
         }
         prev = e.hash.clone();
-        expected_seq += 1;
     }
     Verification {
         entries: count,

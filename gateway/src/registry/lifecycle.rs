@@ -21,19 +21,6 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 10] = [
-        State::Registered,
-        State::OfflinePassed,
-        State::Shadow,
-        State::Canary,
-        State::AbTest,
-        State::Promoted,
-        State::Deprecated,
-        State::Archived,
-        State::Failed,
-        State::RolledBack,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             State::Registered => "registered",
@@ -235,10 +222,10 @@ fn offline_metrics(model: &ModelSpec, v: &VersionSpec) -> GateResult {
         match v.metrics.overall.get(name) {
             None => problems.push(format!("{name} is not declared")),
             Some(&x) => {
-                if let Some(min) = t.min.filter(|&m| !(x >= m)) {
+                if let Some(min) = t.min.filter(|&m| x.is_nan() || x < m) {
                     problems.push(format!("{name} = {x} is below the minimum {min}"));
                 }
-                if let Some(max) = t.max.filter(|&m| !(x <= m)) {
+                if let Some(max) = t.max.filter(|&m| x.is_nan() || x > m) {
                     problems.push(format!("{name} = {x} is above the maximum {max}"));
                 }
             }
@@ -282,7 +269,7 @@ fn slice_regression(
                 None => problems.push(format!("slice {slice}: {name} is not evaluated")),
                 Some(&now) => {
                     let worse_by = if lower_better { now - was } else { was - now };
-                    if !(worse_by <= tol) {
+                    if worse_by.is_nan() || worse_by > tol {
                         problems.push(format!(
                             "slice {slice}: {name} {was} → {now} regresses by {worse_by:.4} (tolerance {tol})"
                         ));

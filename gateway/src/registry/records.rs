@@ -93,7 +93,8 @@ impl ModelSpec {
                 ));
             }
         }
-        if !(self.gates.slice_tolerance >= 0.0) {
+        let tol = self.gates.slice_tolerance;
+        if tol.is_nan() || tol < 0.0 {
             return Err("gates.slice_tolerance: must be zero or more".into());
         }
         Ok(())

