@@ -167,6 +167,7 @@ impl Db for Sqlite {
 }
 
 pub struct Postgres {
+    url: String,
     client: postgres::Client,
 }
 
@@ -184,7 +185,20 @@ impl Postgres {
                END IF;
              END $$;",
         )?;
-        Ok(Self { client })
+        Ok(Self {
+            url: url.to_string(),
+            client,
+        })
+    }
+
+    /// The connection, opened again if the server closed it (a restart, a
+    /// failover); the statement that saw it close has already failed.
+    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+        if self.client.is_closed() {
+            tracing::warn!("the registry's PostgreSQL connection closed; reconnecting");
+            self.client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+        }
+        Ok(&mut self.client)
     }
 }
 
@@ -193,7 +207,7 @@ impl Db for Postgres {
         // One writer at a time across every node sharing the database, so the
         // audit chain stays a chain and gate checks see the latest state.
         Ok(self
-            .client
+            .client()?
             .batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE")?)
     }
 
@@ -209,14 +223,14 @@ impl Db for Postgres {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        Ok(self.client.execute(sql, &refs)?)
+        Ok(self.client()?.execute(sql, &refs)?)
     }
 
     fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError> {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        let rows = self.client.query(sql, &refs)?;
+        let rows = self.client()?.query(sql, &refs)?;
         rows.iter()
             .map(|row| {
                 (0..row.len())

@@ -641,3 +641,28 @@ proptest! {
         prop_assert_eq!(refused_or_applied, applied_seqs.len());
     }
 }
+
+#[test]
+fn a_dropped_postgres_connection_is_reopened() {
+    let Some((_, url, _dir)) = backends().into_iter().find(|b| b.0 == "postgres") else {
+        return;
+    };
+    let r = Registry::open(&url).unwrap();
+    r.create_model(&deployer(), model("m", Tier::L0, RollbackClass::Stateless))
+        .unwrap();
+    // The server ends the registry's session, as a restart or failover would.
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    // The call that meets the closed connection fails; the next one reconnects.
+    let first = r.models();
+    let models = match first {
+        Ok(m) => m,
+        Err(_) => r.models().unwrap(),
+    };
+    assert_eq!(models.len(), 1);
+}
