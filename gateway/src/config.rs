@@ -16,6 +16,9 @@ pub struct Config {
     /// The model registry and its controller; off when absent.
     #[serde(default)]
     pub registry: Option<RegistryConfig>,
+    /// Prompt experiments (YAML), reloaded when the file changes or on SIGHUP.
+    #[serde(default)]
+    pub experiments_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

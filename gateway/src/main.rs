@@ -3,10 +3,13 @@
 mod api;
 mod config;
 mod controller;
+mod experiment_stats;
+mod experiments;
 mod models;
 mod registry;
 mod registry_cli;
 mod routing;
+mod sticky_hash;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -135,6 +138,12 @@ async fn serve(cfg: Config) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     let mut state = api::AppState::new(cfg.models.len(), Some(prometheus));
+    if let Some(path) = &cfg.experiments_file {
+        let exps = experiments::Experiments::load(path).map_err(anyhow::Error::msg)?;
+        tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
+        tokio::spawn(exps.clone().watch());
+        state = state.with_experiments(exps);
+    }
     if let Some(rc) = &cfg.registry {
         let url = rc.database_url(&cfg.server);
         let registry = tokio::task::block_in_place(|| registry::Registry::open(&url))

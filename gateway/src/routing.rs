@@ -41,23 +41,14 @@ impl Route {
     }
 
     /// The deployment serving a request whose unit hashes to `bucket`
-    /// (0..10,000); the candidate owns the lowest buckets.
+    /// (`sticky_hash`, seed `{route}/rollout`); the candidate owns the lowest
+    /// buckets, so ramping it from 10% to 20% only moves users into it.
     pub fn pick(&self, bucket: u32) -> (&Deployment, &'static str) {
         match &self.candidate {
             Some(c) if f64::from(bucket) < c.percent * 100.0 => (&c.deployment, c.arm),
             _ => (&self.primary, "primary"),
         }
     }
-}
-
-/// 32-bit FNV-1a of `route`, a separator and `unit`, into 10,000 buckets.
-pub fn bucket(route: &str, unit: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in route.bytes().chain([0u8]).chain(unit.bytes()) {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(16_777_619);
-    }
-    h % 10_000
 }
 
 /// The live table: static routes from the config, managed ones from the
@@ -99,26 +90,5 @@ impl Routes {
 
     fn swap(&self, next: HashMap<String, Route>) {
         *self.table.write().expect("route table") = Arc::new(next);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bucket;
-
-    #[test]
-    fn buckets_are_stable_and_spread() {
-        // Fixed vectors: the same unit lands in the same bucket on every node.
-        assert_eq!(
-            bucket("support-bot", "user-1"),
-            bucket("support-bot", "user-1")
-        );
-        assert_ne!(bucket("support-bot", "user-1"), bucket("other", "user-1"));
-        let n = 20_000;
-        let low = (0..n)
-            .filter(|i| bucket("r", &format!("user-{i}")) < 1_000)
-            .count();
-        let share = low as f64 / n as f64;
-        assert!((share - 0.10).abs() < 0.01, "{share}");
     }
 }

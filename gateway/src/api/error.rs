@@ -67,6 +67,14 @@ impl ApiError {
         }
     }
 
+    /// A deployment the route needs is not loaded (yet).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("deployment_unavailable"),
+            ..Self::overloaded(message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,9 +1,12 @@
 //! The HTTP surface: the OpenAI API, health, model list and Prometheus metrics.
 pub mod error;
+pub mod experiments;
 pub mod openai;
 pub mod openai_types;
 pub mod registry;
 
+use crate::experiment_stats::ExperimentStats;
+use crate::experiments::Experiments;
 use crate::routing::{Route, Routes};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -26,6 +29,8 @@ pub struct AppState {
     loaded: Arc<AtomicUsize>,
     metrics: Option<PrometheusHandle>,
     pub registry: Option<RegistryApi>,
+    pub experiments: Experiments,
+    pub stats: ExperimentStats,
 }
 
 impl AppState {
@@ -37,7 +42,32 @@ impl AppState {
             loaded: Arc::default(),
             metrics,
             registry: None,
+            experiments: Experiments::default(),
+            stats: ExperimentStats::default(),
         }
+    }
+
+    pub fn with_experiments(mut self, experiments: Experiments) -> Self {
+        self.experiments = experiments;
+        self
+    }
+
+    /// The engine of `model` (its route's primary) or `model@version` (any
+    /// deployment of that version in the route), with its version.
+    pub fn deployment(&self, name: &str) -> Option<(LlmEngine, Option<u32>)> {
+        let (model, version) = match name.rsplit_once('@') {
+            Some((m, v)) => (m, Some(v.parse::<u32>().ok()?)),
+            None => (name, None),
+        };
+        let route = self.route(model)?;
+        let Some(v) = version else {
+            return Some((route.primary.engine.clone(), route.primary.version));
+        };
+        std::iter::once(&route.primary)
+            .chain(route.candidate.iter().map(|c| &c.deployment))
+            .chain(route.shadows.iter())
+            .find(|d| d.version == Some(v))
+            .map(|d| (d.engine.clone(), d.version))
     }
 
     pub fn with_registry(mut self, api: RegistryApi) -> Self {
@@ -59,6 +89,7 @@ impl AppState {
         self.routes.get(name)
     }
 
+    /// Public model names: routes, and the routes prompt experiments serve.
     fn names(&self) -> Vec<(String, usize)> {
         let mut v: Vec<_> = self
             .routes
@@ -66,6 +97,20 @@ impl AppState {
             .iter()
             .map(|(name, r)| (name.clone(), r.primary.engine.max_model_len()))
             .collect();
+        let table = self.experiments.current();
+        for name in table.names() {
+            let Some(e) = table.get(&name) else { continue };
+            let served = e
+                .spec
+                .arms
+                .iter()
+                .find_map(|a| self.deployment(&a.deployment));
+            if let Some((engine, _)) = served {
+                if !v.iter().any(|(n, _)| n == &e.spec.route) {
+                    v.push((e.spec.route.clone(), engine.max_model_len()));
+                }
+            }
+        }
         v.sort();
         v
     }
@@ -79,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(registry::routes())
+        .merge(experiments::routes())
         .with_state(state)
 }
 

@@ -3,18 +3,24 @@
 use super::error::ApiError;
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
-use crate::routing::{bucket, Deployment};
+use crate::experiment_stats::{ExperimentStats, Outcome};
+use crate::experiments::Assignment;
+use crate::routing::Deployment;
+use crate::sticky_hash::bucket;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use engine::llm::ChatMessage;
 use engine::llm::{
     FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, TokenLogprob,
 };
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -48,14 +54,55 @@ struct Prepared {
 /// Where the route sent a request.
 struct Routed {
     version: Option<u32>,
-    arm: &'static str,
+    arm: String,
     shadows: Vec<Deployment>,
+    /// Set when a prompt experiment assigned the request.
+    experiment: Option<Assignment>,
+    started: Instant,
 }
 
-/// Picks the deployment for this request: the user's bucket decides between
-/// the primary and a canary/A/B candidate; requests without `user` are
-/// assigned at random.
-fn engine_for(state: &AppState, common: &CommonParams) -> Result<(LlmEngine, Routed), ApiError> {
+/// Picks the deployment for this request. A route with prompt experiments
+/// assigns the request's unit to an arm (its deployment and prompt variant,
+/// whose sampling defaults fill what the request leaves unset); otherwise the
+/// hash of `user` decides between the primary and a canary/A/B candidate.
+/// Requests without a unit are assigned at random.
+fn engine_for(
+    state: &AppState,
+    common: &mut CommonParams,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(LlmEngine, Routed), ApiError> {
+    let started = Instant::now();
+    let table = state.experiments.current();
+    if !table.on_route(&common.model).is_empty() {
+        let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let user = common.user.clone();
+        let a = table
+            .assign(&common.model, |e| e.unit(headers, user.as_deref(), &json))
+            .expect("the route has experiments");
+        let (engine, version) = state.deployment(a.deployment()).ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "experiment `{}` arm `{}`: deployment `{}` is not loaded",
+                a.experiment.spec.name,
+                a.arm_name(),
+                a.deployment()
+            ))
+        })?;
+        let variant = a.prompt();
+        common.temperature = common.temperature.or(variant.temperature);
+        common.top_p = common.top_p.or(variant.top_p);
+        common.max_tokens = common.max_tokens.or(variant.max_tokens);
+        return Ok((
+            engine,
+            Routed {
+                version,
+                arm: a.arm_name().to_string(),
+                shadows: vec![],
+                experiment: Some(a),
+                started,
+            },
+        ));
+    }
     let route = state
         .route(&common.model)
         .ok_or_else(|| ApiError::model_not_found(&common.model))?;
@@ -63,7 +110,7 @@ fn engine_for(state: &AppState, common: &CommonParams) -> Result<(LlmEngine, Rou
         .user
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let (d, arm) = route.pick(bucket(&common.model, &unit));
+    let (d, arm) = route.pick(bucket(&format!("{}/rollout", common.model), &unit));
     let version = d
         .version
         .map_or_else(|| "static".to_string(), |v| v.to_string());
@@ -73,10 +120,69 @@ fn engine_for(state: &AppState, common: &CommonParams) -> Result<(LlmEngine, Rou
         d.engine.clone(),
         Routed {
             version: d.version,
-            arm,
+            arm: arm.to_string(),
             shadows: route.shadows.clone(),
+            experiment: None,
+            started,
         },
     ))
+}
+
+/// Replaces the system message (or adds one first) with the arm's.
+fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
+    let Some(content) = system else { return };
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = content,
+        _ => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".into(),
+                content,
+            },
+        ),
+    }
+}
+
+/// Passes events through and records the request's outcome for its arm.
+fn observe(
+    mut rx: UnboundedReceiver<GenerationEvent>,
+    stats: ExperimentStats,
+    a: &Assignment,
+    started: Instant,
+) -> UnboundedReceiver<GenerationEvent> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    let (exp, arm, random) = (
+        a.experiment.spec.name.clone(),
+        a.arm_name().to_string(),
+        a.random,
+    );
+    tokio::spawn(async move {
+        let (mut ttft, mut tokens, mut ok) = (None, 0, true);
+        while let Some(ev) = rx.recv().await {
+            match &ev {
+                GenerationEvent::Delta { .. } => {
+                    ttft.get_or_insert_with(|| started.elapsed().as_secs_f64());
+                }
+                GenerationEvent::Finished {
+                    completion_tokens, ..
+                } => tokens += completion_tokens,
+                GenerationEvent::Failed(_) => ok = false,
+            }
+            if tx.send(ev).is_err() {
+                // The client left; an abandoned request says nothing about the arm.
+                return;
+            }
+        }
+        let outcome = Outcome {
+            ok,
+            latency_s: started.elapsed().as_secs_f64(),
+            ttft_s: ttft,
+            output_tokens: tokens,
+            random,
+        };
+        stats.record(&exp, &arm, &outcome);
+    });
+    out
 }
 
 /// Sends a copy to each shadow and drops what it answers; a shadow that is
@@ -142,11 +248,19 @@ fn submit_to(
     Ok((rx, p.prompt.len()))
 }
 
-pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let prepared = (|| {
-        let req: ChatRequest = parse(&body)?;
-        let (engine, routed) = engine_for(&state, &req.common)?;
-        let messages = req.chat_messages()?;
+        let mut req: ChatRequest = parse(&body)?;
+        let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
+        let mut messages = req.chat_messages()?;
+        apply_system(
+            &mut messages,
+            routed.experiment.as_ref().and_then(|a| a.prompt().system),
+        );
         let logprobs = req.logprobs()?;
         let template = engine.template().ok_or_else(|| {
             ApiError::invalid(
@@ -171,13 +285,17 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
             prompt,
         })
     })();
-    respond(prepared, Kind::Chat).await
+    respond(prepared, Kind::Chat, state.stats.clone()).await
 }
 
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let prepared = (|| {
-        let req: CompletionRequest = parse(&body)?;
-        let (engine, routed) = engine_for(&state, &req.common)?;
+        let mut req: CompletionRequest = parse(&body)?;
+        let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
         let text = req.prompt_text()?;
         if req.echo {
             return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
@@ -202,23 +320,44 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
             prompt,
         })
     })();
-    respond(prepared, Kind::Completion).await
+    respond(prepared, Kind::Completion, state.stats.clone()).await
 }
 
-async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
+async fn respond(
+    prepared: Result<Prepared, ApiError>,
+    kind: Kind,
+    stats: ExperimentStats,
+) -> Response {
     let p = match prepared {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let (rx, prompt_tokens) = match submit(&p) {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    mirror(&p);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
+    let (mut rx, prompt_tokens) = match submit(&p) {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(a) = &p.routed.experiment {
+                let failed = Outcome {
+                    ok: false,
+                    latency_s: p.routed.started.elapsed().as_secs_f64(),
+                    ttft_s: None,
+                    output_tokens: 0,
+                    random: a.random,
+                };
+                stats.record(&a.experiment.spec.name, a.arm_name(), &failed);
+            }
+            return e.into_response();
+        }
+    };
+    mirror(&p);
+    if let Some(a) = &p.routed.experiment {
+        stats.remember(&id, &a.experiment.spec.name, a.arm_name());
+        rx = observe(rx, stats.clone(), a, p.routed.started);
+    }
+    let request_id = id.clone();
     let shape = Shape {
         kind,
         id,
@@ -236,10 +375,12 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     if let Some(v) = p.routed.version {
         h.insert("x-switchyard-model-version", v.into());
     }
-    h.insert(
-        "x-switchyard-arm",
-        axum::http::HeaderValue::from_static(p.routed.arm),
-    );
+    let header = |v: &str| HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("-"));
+    h.insert("x-switchyard-arm", header(&p.routed.arm));
+    h.insert("x-request-id", header(&request_id));
+    if let Some(a) = &p.routed.experiment {
+        h.insert("x-switchyard-experiment", header(&a.experiment.spec.name));
+    }
     resp
 }
 
