@@ -3,6 +3,7 @@
 mod api;
 mod config;
 mod controller;
+mod divergence;
 mod experiment_stats;
 mod experiments;
 mod models;

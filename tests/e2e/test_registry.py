@@ -149,7 +149,7 @@ class Traffic:
 def served_version(server, user=None):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     raw = client.completions.with_raw_response.create(
-        model="smollm2", prompt="Hello", max_tokens=1, user=user or uuid.uuid4().hex
+        model="smollm2", prompt="Hello", max_tokens=1, temperature=0, user=user or uuid.uuid4().hex
     )
     return int(raw.headers["x-switchyard-model-version"]), raw.headers["x-switchyard-arm"]
 
@@ -190,6 +190,19 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     for _ in range(5):
         assert served_version(s) == (1, "primary")
     wait_for("shadow copies", lambda: metric(s, "switchyard:shadow_requests", version="2") >= 5)
+    # The same weights, greedy: the shadow's answers are the primary's.
+    def shadow():
+        return httpx.get(f"{s.url}/v1/routes/smollm2/shadows").json()["shadows"][0]
+    wait_for("shadow comparisons", lambda: shadow()["compared"] >= 5)
+    same = shadow()
+    assert same["version"] == "2" and same["errors"] == 0, same
+    assert same["exact_match_rate"] == 1.0 and same["mean_similarity"] == 1.0, same
+    # Sampled without a seed, the two diverge.
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+    for _ in range(3):
+        client.completions.create(model="smollm2", prompt="Tell me a story.", max_tokens=16, temperature=1.5)
+    wait_for("the sampled comparisons", lambda: shadow()["compared"] >= same["compared"] + 3)
+    assert shadow()["mean_similarity"] < 1.0, shadow()
 
     api.move("smollm2", 2, "canary", traffic_percent=10)
     t_canary = int(time.time() * 1000)

@@ -5,6 +5,7 @@ pub mod openai;
 pub mod openai_types;
 pub mod registry;
 
+use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::experiments::Experiments;
 use crate::routing::{Route, Routes};
@@ -31,6 +32,7 @@ pub struct AppState {
     pub registry: Option<RegistryApi>,
     pub experiments: Experiments,
     pub stats: ExperimentStats,
+    pub shadows: ShadowStats,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
             registry: None,
             experiments: Experiments::default(),
             stats: ExperimentStats::default(),
+            shadows: ShadowStats::default(),
         }
     }
 
@@ -123,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
         .merge(experiments::routes())
         .with_state(state)
@@ -152,6 +156,14 @@ async fn list_models(State(s): State<AppState>) -> impl IntoResponse {
         .map(|(id, max)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard", "max_model_len": max}))
         .collect();
     Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+/// How far each shadow of a route diverges from its primary.
+async fn shadow_summary(
+    State(s): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    Json(s.shadows.summary(&name))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
+use crate::divergence::{self, ShadowStats};
 use crate::experiment_stats::{ExperimentStats, Outcome};
 use crate::experiments::Assignment;
 use crate::routing::Deployment;
@@ -20,9 +21,10 @@ use engine::llm::{
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
@@ -185,22 +187,107 @@ fn observe(
     out
 }
 
-/// Sends a copy to each shadow and drops what it answers; a shadow that is
-/// full or failing never touches the primary's reply.
-fn mirror(p: &Prepared) {
+/// Most copies in flight per shadow; beyond it a copy is skipped (and counted).
+const SHADOW_CONCURRENCY: usize = 4;
+/// A shadow that takes longer is counted as an error.
+const SHADOW_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends a copy of the request to each shadow once the primary has it, and
+/// compares the shadow's first choice with the primary's. A shadow that is
+/// full, slow or failing never touches the primary's reply: it runs on its own
+/// engine, and its result only reaches `ShadowStats`.
+fn mirror(
+    p: &Prepared,
+    shadows: &ShadowStats,
+    rx: UnboundedReceiver<GenerationEvent>,
+) -> UnboundedReceiver<GenerationEvent> {
+    if p.routed.shadows.is_empty() {
+        return rx;
+    }
+    let (rx, primary) = capture(rx, p.routed.started);
     for d in &p.routed.shadows {
         let version = d
             .version
             .map_or_else(|| "static".to_string(), |v| v.to_string());
-        let labels = [("route", p.model.clone()), ("version", version)];
-        match submit_to(&d.engine, p) {
-            Ok((mut rx, _)) => {
-                metrics::counter!("switchyard:shadow_requests", &labels).increment(1);
-                tokio::spawn(async move { while rx.recv().await.is_some() {} });
-            }
-            Err(_) => metrics::counter!("switchyard:shadow_errors", &labels).increment(1),
-        }
+        let route = p.model.clone();
+        let Some(permit) = shadows.permit(&route, &version, SHADOW_CONCURRENCY) else {
+            shadows.skipped(&route, &version);
+            continue;
+        };
+        let Ok((mut srx, _)) = submit_to(&d.engine, p) else {
+            shadows.error(&route, &version);
+            continue;
+        };
+        metrics::counter!("switchyard:shadow_requests", "route" => route.clone(), "version" => version.clone())
+            .increment(1);
+        let (stats, mut primary) = (shadows.clone(), primary.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let answer = tokio::time::timeout(SHADOW_TIMEOUT, async {
+                let mut text = String::new();
+                while let Some(ev) = srx.recv().await {
+                    match ev {
+                        GenerationEvent::Delta {
+                            index: 0, text: t, ..
+                        } => text.push_str(&t),
+                        GenerationEvent::Failed(_) => return None,
+                        _ => {}
+                    }
+                }
+                Some(text)
+            })
+            .await;
+            let shadow_s = started.elapsed().as_secs_f64();
+            let Ok(Some(text)) = answer else {
+                stats.error(&route, &version);
+                return;
+            };
+            // The primary's answer; none if its client left before the end.
+            let Ok(Some((ptext, primary_s))) =
+                primary.wait_for(Option::is_some).await.map(|v| v.clone())
+            else {
+                return;
+            };
+            stats.record(
+                &route,
+                &version,
+                divergence::compare(&ptext, &text),
+                primary_s,
+                shadow_s,
+            );
+        });
     }
+    rx
+}
+
+/// Passes the primary's events through and publishes its first choice's
+/// text and latency when it finishes.
+fn capture(
+    mut rx: UnboundedReceiver<GenerationEvent>,
+    started: Instant,
+) -> (
+    UnboundedReceiver<GenerationEvent>,
+    watch::Receiver<Option<(String, f64)>>,
+) {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    let (done, primary) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            if let GenerationEvent::Delta {
+                index: 0, text: t, ..
+            } = &ev
+            {
+                text.push_str(t);
+            }
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+        let _ = done.send(Some((text, started.elapsed().as_secs_f64())));
+    });
+    (out, primary)
 }
 
 fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
@@ -285,7 +372,7 @@ pub async fn chat_completions(
             prompt,
         })
     })();
-    respond(prepared, Kind::Chat, state.stats.clone()).await
+    respond(prepared, Kind::Chat, &state).await
 }
 
 pub async fn completions(
@@ -320,14 +407,11 @@ pub async fn completions(
             prompt,
         })
     })();
-    respond(prepared, Kind::Completion, state.stats.clone()).await
+    respond(prepared, Kind::Completion, &state).await
 }
 
-async fn respond(
-    prepared: Result<Prepared, ApiError>,
-    kind: Kind,
-    stats: ExperimentStats,
-) -> Response {
+async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppState) -> Response {
+    let (stats, shadows) = (&state.stats, &state.shadows);
     let p = match prepared {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -352,7 +436,7 @@ async fn respond(
             return e.into_response();
         }
     };
-    mirror(&p);
+    rx = mirror(&p, shadows, rx);
     if let Some(a) = &p.routed.experiment {
         stats.remember(&id, &a.experiment.spec.name, a.arm_name());
         rx = observe(rx, stats.clone(), a, p.routed.started);
