@@ -1,6 +1,7 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
 use crate::registry::Role;
+use crate::rollout::RolloutPolicy;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,16 @@ pub struct RegistryConfig {
     /// Keys for the registry API; each call is made as the key's name.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Canary automation, per model.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutPolicy>,
+    /// How often the rollout policies judge their candidates.
+    #[serde(default = "default_rollout_ms")]
+    pub rollout_interval_ms: u64,
+}
+
+fn default_rollout_ms() -> u64 {
+    1000
 }
 
 fn default_reconcile_secs() -> u64 {
@@ -325,6 +336,9 @@ impl Config {
             validate_engine(&r.engine, "registry.engine")?;
             if r.reconcile_interval_secs == 0 {
                 return Err("registry.reconcile_interval_secs: must be at least 1".into());
+            }
+            for (i, p) in r.rollouts.iter().enumerate() {
+                p.validate(&format!("registry.rollouts[{i}]"))?;
             }
             let mut names = std::collections::HashSet::new();
             for (i, k) in r.api_keys.iter().enumerate() {

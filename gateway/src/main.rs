@@ -9,6 +9,7 @@ mod experiments;
 mod models;
 mod registry;
 mod registry_cli;
+mod rollout;
 mod routing;
 mod sticky_hash;
 
@@ -160,6 +161,17 @@ async fn serve(cfg: Config) -> Result<()> {
             keys.push((secret, actor));
         }
         state = state.with_registry(api::registry::RegistryApi::new(registry.clone(), keys));
+        if !rc.rollouts.is_empty() {
+            let auto = rollout::RolloutController::new(
+                registry.clone(),
+                rc.rollouts.clone(),
+                state.versions.clone(),
+                state.shadows.clone(),
+            );
+            tokio::spawn(auto.run(std::time::Duration::from_millis(
+                rc.rollout_interval_ms.max(100),
+            )));
+        }
         let ctl = controller::Controller::new(registry, state.routes().clone(), rc.engine.clone());
         tokio::spawn(ctl.run(std::time::Duration::from_secs(rc.reconcile_interval_secs)));
     }

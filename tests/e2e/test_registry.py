@@ -25,7 +25,7 @@ ARTIFACT = {
 KEYS = {"deployer": "dep-key", "approver": "appr-key", "admin": "admin-key", "viewer": "view-key"}
 
 
-def write_config(tmp_path, database=None, interval=2) -> str:
+def write_config(tmp_path, database=None, interval=2, extra="") -> str:
     keys = "".join(
         f"    - {{ name: {role}-user, role: {role}, key: {key} }}\n" for role, key in KEYS.items()
     )
@@ -37,7 +37,7 @@ def write_config(tmp_path, database=None, interval=2) -> str:
         f"{db}"
         f"  reconcile_interval_secs: {interval}\n"
         "  engine: { max_num_seqs: 8, kv_cache_bytes: 60000000 }\n"
-        "  api_keys:\n" + keys
+        "  api_keys:\n" + keys + extra
     )
     return str(path)
 
@@ -290,6 +290,80 @@ def test_a_restarted_server_serves_what_the_registry_says(tmp_path):
         assert served_version(s) == (1, "primary")
     finally:
         s.stop()
+
+
+ROLLOUT = """\
+  rollout_interval_ms: 300
+  rollouts:
+    - model: auto
+      steps: [10, 50, 100]
+      min_requests: 4
+      min_step_secs: 1
+      min_success_rate: 0.9
+      max_p99_latency_ms: 60000
+      max_shadow_divergence: 0.05
+"""
+
+
+def test_canary_automation_promotes_a_good_candidate_and_rolls_back_a_bad_one(tmp_path):
+    s = Server(write_config(tmp_path, extra=ROLLOUT))
+    api = Api(s)
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+    stop, failures, worker = threading.Event(), [], None
+
+    def traffic():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                client.completions.create(
+                    model="auto", prompt="Please tell me, in one word, the capital city of France:",
+                    max_tokens=2, temperature=0, user=f"user-{i % 50}")
+            except openai.BadRequestError:
+                pass  # the bad candidate's answers; the policy sees them
+            except Exception as e:  # noqa: BLE001 - every other failure is reported
+                failures.append(repr(e))
+
+    try:
+        assert api.post("/models", json=model_spec("auto")).status_code == 201
+        good = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
+        assert api.post("/models/auto/versions", json=good).status_code == 201
+        api.move("auto", 1, "offline_passed")
+        api.move("auto", 1, "promoted")
+        wait_for("v1 to serve", lambda: status(api, "auto", 1) == "serving")
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        # A good candidate: shadow → canary 10% → 50% → promoted, all by the policy.
+        assert api.post("/models/auto/versions", json=good).status_code == 201
+        api.move("auto", 2, "offline_passed")
+        api.move("auto", 2, "shadow")
+        wait_for("v2 promoted by the policy",
+                 lambda: api.get("/models/auto/versions/2").json()["state"] == "promoted", timeout=240)
+        audit = api.get("/audit", params={"model": "auto"}).json()["entries"]
+        auto = [e for e in audit if e["actor"] == "rollout-policy:auto" and e["version"] == 2]
+        steps = [(e["action"], e["details"]["after"]["state"], e["details"]["after"]["traffic_percent"]) for e in auto]
+        assert steps == [("transition", "canary", 10.0), ("ramp", "canary", 50.0),
+                         ("transition", "promoted", None)], steps
+        assert "shadow comparisons" in auto[0]["details"]["reason"]
+        assert "requests at 10%" in auto[1]["details"]["reason"]
+        # A bad build: a context too short for the prompts, so every copy fails.
+        bad = {**good, "requirements": {"context_length": 8}}
+        assert api.post("/models/auto/versions", json=bad).status_code == 201
+        api.move("auto", 3, "offline_passed")
+        api.move("auto", 3, "shadow")
+        wait_for("v3 rolled back by the policy",
+                 lambda: api.get("/models/auto/versions/3").json()["state"] == "rolled_back", timeout=120)
+        entry = [e for e in api.get("/audit", params={"model": "auto"}).json()["entries"]
+                 if e["action"] == "rollback" and e["version"] == 3][0]
+        assert entry["actor"] == "rollout-policy:auto"
+        assert "shadow errors" in entry["details"]["reason"], entry
+        assert api.get("/audit/verify").json()["ok"] is True
+    finally:
+        stop.set()
+        if worker:
+            worker.join(timeout=60)
+        s.stop()
+    assert failures == [], failures[:3]
 
 
 def durability_run(tmp_path, database):

@@ -8,6 +8,7 @@ pub mod registry;
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::experiments::Experiments;
+use crate::rollout::VersionStats;
 use crate::routing::{Route, Routes};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub experiments: Experiments,
     pub stats: ExperimentStats,
     pub shadows: ShadowStats,
+    /// Outcomes per route version, for rollout policies.
+    pub versions: VersionStats,
 }
 
 impl AppState {
@@ -47,6 +50,7 @@ impl AppState {
             experiments: Experiments::default(),
             stats: ExperimentStats::default(),
             shadows: ShadowStats::default(),
+            versions: VersionStats::default(),
         }
     }
 

@@ -4,7 +4,7 @@ use super::error::ApiError;
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
 use crate::divergence::{self, ShadowStats};
-use crate::experiment_stats::{ExperimentStats, Outcome};
+use crate::experiment_stats::Outcome;
 use crate::experiments::Assignment;
 use crate::routing::Deployment;
 use crate::sticky_hash::bucket;
@@ -145,19 +145,14 @@ fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
     }
 }
 
-/// Passes events through and records the request's outcome for its arm.
+/// Passes events through and hands the request's outcome to `done` at the
+/// end (not when the client left: an abandoned request says nothing).
 fn observe(
     mut rx: UnboundedReceiver<GenerationEvent>,
-    stats: ExperimentStats,
-    a: &Assignment,
     started: Instant,
+    done: impl FnOnce(Outcome) + Send + 'static,
 ) -> UnboundedReceiver<GenerationEvent> {
     let (tx, out) = tokio::sync::mpsc::unbounded_channel();
-    let (exp, arm, random) = (
-        a.experiment.spec.name.clone(),
-        a.arm_name().to_string(),
-        a.random,
-    );
     tokio::spawn(async move {
         let (mut ttft, mut tokens, mut ok) = (None, 0, true);
         while let Some(ev) = rx.recv().await {
@@ -171,20 +166,45 @@ fn observe(
                 GenerationEvent::Failed(_) => ok = false,
             }
             if tx.send(ev).is_err() {
-                // The client left; an abandoned request says nothing about the arm.
                 return;
             }
         }
-        let outcome = Outcome {
+        done(Outcome {
             ok,
             latency_s: started.elapsed().as_secs_f64(),
             ttft_s: ttft,
             output_tokens: tokens,
-            random,
-        };
-        stats.record(&exp, &arm, &outcome);
+            random: false,
+        });
     });
     out
+}
+
+/// Where a request's outcome is recorded: its experiment arm, and the route
+/// version that served it (for rollout policies).
+fn outcome_sink(state: &AppState, p: &Prepared) -> impl FnOnce(Outcome) + Send + 'static {
+    let (stats, versions) = (state.stats.clone(), state.versions.clone());
+    let arm = p.routed.experiment.as_ref().map(|a| {
+        (
+            a.experiment.spec.name.clone(),
+            a.arm_name().to_string(),
+            a.random,
+        )
+    });
+    let version = p
+        .routed
+        .version
+        .filter(|_| arm.is_none())
+        .map(|v| (p.model.clone(), v));
+    move |mut o: Outcome| {
+        if let Some((exp, arm, random)) = arm {
+            o.random = random;
+            stats.record(&exp, &arm, &o);
+        }
+        if let Some((route, v)) = version {
+            versions.record(&route, v, o.ok, o.latency_s);
+        }
+    }
 }
 
 /// Most copies in flight per shadow; beyond it a copy is skipped (and counted).
@@ -411,7 +431,6 @@ pub async fn completions(
 }
 
 async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppState) -> Response {
-    let (stats, shadows) = (&state.stats, &state.shadows);
     let p = match prepared {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -420,27 +439,27 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
     };
+    let sink = outcome_sink(state, &p);
     let (mut rx, prompt_tokens) = match submit(&p) {
         Ok(x) => x,
         Err(e) => {
-            if let Some(a) = &p.routed.experiment {
-                let failed = Outcome {
-                    ok: false,
-                    latency_s: p.routed.started.elapsed().as_secs_f64(),
-                    ttft_s: None,
-                    output_tokens: 0,
-                    random: a.random,
-                };
-                stats.record(&a.experiment.spec.name, a.arm_name(), &failed);
-            }
+            sink(Outcome {
+                ok: false,
+                latency_s: p.routed.started.elapsed().as_secs_f64(),
+                ttft_s: None,
+                output_tokens: 0,
+                random: false,
+            });
             return e.into_response();
         }
     };
-    rx = mirror(&p, shadows, rx);
+    rx = mirror(&p, &state.shadows, rx);
     if let Some(a) = &p.routed.experiment {
-        stats.remember(&id, &a.experiment.spec.name, a.arm_name());
-        rx = observe(rx, stats.clone(), a, p.routed.started);
+        state
+            .stats
+            .remember(&id, &a.experiment.spec.name, a.arm_name());
     }
+    rx = observe(rx, p.routed.started, sink);
     let request_id = id.clone();
     let shape = Shape {
         kind,

@@ -97,6 +97,9 @@ pub struct Version {
     /// The share of live traffic while in canary or A/B.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_percent: Option<f64>,
+    /// When the share last changed (entering canary/A/B, or a ramp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_since_ms: Option<i64>,
     #[serde(default)]
     pub approvals: Vec<Approval>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -447,6 +450,7 @@ impl Registry {
                 state: State::Registered,
                 state_since_ms: tx.now,
                 traffic_percent: None,
+                traffic_since_ms: None,
                 approvals: vec![],
                 irreversible_override: None,
                 promoted_at_ms: None,
@@ -592,6 +596,7 @@ impl Registry {
                 v.state = to;
                 v.state_since_ms = tx.now;
                 v.traffic_percent = traffic_percent;
+                v.traffic_since_ms = traffic_percent.map(|_| tx.now);
                 if to == State::Promoted {
                     v.promoted_at_ms = Some(tx.now);
                     v.irreversible_override = req.override_reason.as_ref().map(|r| Override {
@@ -632,6 +637,47 @@ impl Registry {
                 audit_seq: seq,
                 version: vs[i].clone(),
             })
+        })
+    }
+
+    /// Changes a canary's or A/B candidate's share of traffic (a ramp).
+    pub fn set_traffic(
+        &self,
+        actor: &Actor,
+        model: &str,
+        number: u32,
+        percent: f64,
+        reason: Option<String>,
+    ) -> Result<Version> {
+        require(actor, Permission::Deploy)?;
+        if !(percent > 0.0 && percent < 100.0) {
+            return Err(RegistryError::Invalid(format!(
+                "traffic_percent: {percent} must be above 0 and below 100; promote for 100"
+            )));
+        }
+        self.write(|tx| {
+            let mut vs = tx.versions(model)?;
+            let i = find(&mut vs, number, model)?;
+            let v = &mut vs[i];
+            if !v.state.takes_traffic_share() {
+                return Err(RegistryError::Conflict(format!(
+                    "version {number} is {}; only a canary or A/B version has a share to change",
+                    v.state
+                )));
+            }
+            let before = v.snapshot();
+            v.traffic_percent = Some(percent);
+            v.traffic_since_ms = Some(tx.now);
+            let v = v.clone();
+            tx.put_version(&v)?;
+            tx.append(
+                &actor.name,
+                "ramp",
+                model,
+                Some(number),
+                json!({"before": before, "after": v.snapshot(), "reason": reason}),
+            )?;
+            Ok(v)
         })
     }
 
@@ -687,6 +733,7 @@ impl Registry {
                 vs[i].state = State::RolledBack;
                 vs[i].state_since_ms = tx.now;
                 vs[i].traffic_percent = None;
+                vs[i].traffic_since_ms = None;
                 rolled_numbers.push(vs[i].number);
                 tx.put_version(&vs[i])?;
                 tx.append(

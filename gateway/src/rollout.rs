@@ -1,0 +1,341 @@
+//! Canary automation: a rollout policy per model walks a candidate through
+//! traffic steps (e.g. 5 → 25 → 50 → 100) on its own, through the registry.
+//! Each step needs a minimum of requests and time on the candidate and
+//! thresholds on success rate and p99 latency; a shadow must first stay under
+//! a divergence bound. Every decision goes to the audit log with its numbers;
+//! a breach rolls the candidate back.
+use crate::divergence::ShadowStats;
+use crate::registry::lifecycle::State;
+use crate::registry::{Actor, Registry, Role, TransitionRequest, Version};
+use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutPolicy {
+    pub model: String,
+    /// Traffic percent per step; the last must be 100 (promotion).
+    pub steps: Vec<f64>,
+    /// Candidate requests needed before a step is judged.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Time a step lasts at least.
+    #[serde(default = "default_min_secs")]
+    pub min_step_secs: u64,
+    /// Lowest success rate (0–1) the candidate may have.
+    #[serde(default = "default_success")]
+    pub min_success_rate: f64,
+    /// Highest p99 latency the candidate may have.
+    #[serde(default)]
+    pub max_p99_latency_ms: Option<f64>,
+    /// In shadow: highest divergence (1 − mean token similarity) before the
+    /// first canary step; without it, shadows are left to people.
+    #[serde(default)]
+    pub max_shadow_divergence: Option<f64>,
+}
+
+fn default_min_requests() -> u64 {
+    50
+}
+fn default_min_secs() -> u64 {
+    60
+}
+fn default_success() -> f64 {
+    0.99
+}
+
+impl RolloutPolicy {
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        if self.steps.is_empty() || self.steps.last() != Some(&100.0) {
+            return Err(format!(
+                "{at}.steps: give increasing percents ending with 100"
+            ));
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) || self.steps[0] <= 0.0 {
+            return Err(format!(
+                "{at}.steps: percents must increase from above 0 to 100"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_success_rate) {
+            return Err(format!("{at}.min_success_rate: must be within 0 and 1"));
+        }
+        Ok(())
+    }
+}
+
+/// How one routed request ended, for the version that served it.
+#[derive(Clone, Copy)]
+struct Sample {
+    at_ms: i64,
+    ok: bool,
+    latency_ms: f64,
+}
+
+/// A route and one of its versions.
+type RouteVersion = (String, u32);
+
+/// Recent outcomes per (route, version), for the rollout policies.
+#[derive(Clone, Default)]
+pub struct VersionStats {
+    inner: Arc<Mutex<HashMap<RouteVersion, VecDeque<Sample>>>>,
+}
+
+/// Samples kept per version.
+const KEEP: usize = 50_000;
+
+impl VersionStats {
+    pub fn record(&self, route: &str, version: u32, ok: bool, latency_s: f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let q = g.entry((route.into(), version)).or_default();
+        if q.len() == KEEP {
+            q.pop_front();
+        }
+        q.push_back(Sample {
+            at_ms: crate::registry::now_ms(),
+            ok,
+            latency_ms: latency_s * 1e3,
+        });
+    }
+
+    /// Requests, errors and p99 latency (ms) since `since_ms`.
+    fn window(&self, route: &str, version: u32, since_ms: i64) -> (u64, u64, Option<f64>) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(q) = g.get(&(route.to_string(), version)) else {
+            return (0, 0, None);
+        };
+        let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= since_ms).collect();
+        let errors = recent.iter().filter(|s| !s.ok).count() as u64;
+        let mut lat: Vec<f64> = recent
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency_ms)
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let p99 = (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * 0.99).round() as usize]);
+        (recent.len() as u64, errors, p99)
+    }
+}
+
+/// What the automation decided for one candidate.
+#[derive(Debug, PartialEq)]
+enum Decision {
+    Wait,
+    Ramp(f64),
+    Promote,
+    Rollback,
+}
+
+pub struct RolloutController {
+    pub registry: Registry,
+    pub policies: Vec<RolloutPolicy>,
+    pub versions: VersionStats,
+    pub shadows: ShadowStats,
+    /// Transitions the gates refused, not retried until the version's
+    /// approvals change (so a missing approval does not flood the log).
+    refused: Mutex<std::collections::HashSet<(String, u32, State, usize)>>,
+}
+
+impl RolloutController {
+    pub fn new(
+        registry: Registry,
+        policies: Vec<RolloutPolicy>,
+        versions: VersionStats,
+        shadows: ShadowStats,
+    ) -> Self {
+        Self {
+            registry,
+            policies,
+            versions,
+            shadows,
+            refused: Mutex::default(),
+        }
+    }
+
+    /// Applies a transition unless the same one was refused with the same approvals.
+    fn try_transition(
+        &self,
+        actor: &Actor,
+        v: &Version,
+        req: TransitionRequest,
+    ) -> Result<(), crate::registry::RegistryError> {
+        let to = req.to.expect("the automation always names the target");
+        let key = (v.model.clone(), v.number, to, v.approvals.len());
+        if self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        let o = self.registry.transition(actor, &v.model, v.number, req)?;
+        tracing::info!(version = %v.reference(), applied = o.applied, "rollout: {} → {to}", o.from);
+        if !o.applied {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+        }
+        Ok(())
+    }
+
+    /// Judges every candidate every `interval`.
+    pub async fn run(self, interval: Duration) {
+        let me = Arc::new(self);
+        loop {
+            tokio::time::sleep(interval).await;
+            let c = me.clone();
+            let pass = tokio::task::spawn_blocking(move || c.pass()).await;
+            if let Ok(Err(e)) = pass {
+                tracing::warn!("rollout pass failed: {e}");
+            }
+        }
+    }
+
+    fn pass(&self) -> Result<(), crate::registry::RegistryError> {
+        for policy in &self.policies {
+            let Ok(versions) = self.registry.versions(&policy.model) else {
+                continue;
+            };
+            for v in versions
+                .iter()
+                .filter(|v| matches!(v.state, State::Canary | State::Shadow))
+            {
+                self.judge(policy, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn judge(
+        &self,
+        policy: &RolloutPolicy,
+        v: &Version,
+    ) -> Result<(), crate::registry::RegistryError> {
+        let actor = Actor {
+            name: format!("rollout-policy:{}", policy.model),
+            role: Role::Deployer,
+        };
+        let since = v.traffic_since_ms.unwrap_or(v.state_since_ms);
+        let elapsed_s = (crate::registry::now_ms() - since) as f64 / 1e3;
+        let (decision, numbers) = if v.state == State::Shadow {
+            let Some(max) = policy.max_shadow_divergence else {
+                return Ok(());
+            };
+            let s = self.shadows.summary(&policy.model);
+            let mine = s["shadows"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|x| x["version"].as_str() == Some(v.number.to_string().as_str()))
+                    .cloned()
+            });
+            let field = |k: &str| mine.as_ref().and_then(|m| m[k].as_u64()).unwrap_or(0);
+            let (compared, errors) = (field("compared"), field("errors"));
+            let similarity = mine
+                .as_ref()
+                .and_then(|m| m["mean_similarity"].as_f64())
+                .unwrap_or(1.0);
+            let divergence = 1.0 - similarity;
+            let total = compared + errors;
+            let success = if total > 0 {
+                compared as f64 / total as f64
+            } else {
+                1.0
+            };
+            let numbers = format!(
+                "{compared} shadow comparisons, {errors} shadow errors (success {:.1}%), divergence {divergence:.3} (limit {max}) over {elapsed_s:.1} s",
+                success * 100.0
+            );
+            let d = if total >= policy.min_requests.min(10) && success < policy.min_success_rate {
+                Decision::Rollback
+            } else if compared < policy.min_requests || elapsed_s < policy.min_step_secs as f64 {
+                Decision::Wait
+            } else if divergence <= max {
+                Decision::Ramp(policy.steps[0])
+            } else {
+                Decision::Rollback
+            };
+            (d, numbers)
+        } else {
+            let (n, errors, p99) = self.versions.window(&policy.model, v.number, since);
+            let success = if n > 0 {
+                1.0 - errors as f64 / n as f64
+            } else {
+                1.0
+            };
+            let current = v.traffic_percent.unwrap_or(0.0);
+            let numbers = format!(
+                "{n} requests at {current}%, {errors} errors (success {:.1}%, limit {:.1}%), p99 {} (limit {}) over {elapsed_s:.1} s",
+                success * 100.0,
+                policy.min_success_rate * 100.0,
+                p99.map_or("n/a".into(), |p| format!("{p:.0} ms")),
+                policy.max_p99_latency_ms.map_or("none".into(), |p| format!("{p:.0} ms")),
+            );
+            let breached = n > 0
+                && (success < policy.min_success_rate
+                    || policy
+                        .max_p99_latency_ms
+                        .zip(p99)
+                        .is_some_and(|(max, p)| p > max));
+            let d = if breached && n >= policy.min_requests.min(10) {
+                Decision::Rollback
+            } else if n < policy.min_requests || elapsed_s < policy.min_step_secs as f64 {
+                Decision::Wait
+            } else {
+                match policy.steps.iter().find(|&&s| s > current) {
+                    Some(&100.0) | None => Decision::Promote,
+                    Some(&next) => Decision::Ramp(next),
+                }
+            };
+            (d, numbers)
+        };
+        let reason = |what: &str| Some(format!("{what}: {numbers}"));
+        match decision {
+            Decision::Wait => {}
+            Decision::Ramp(p) if v.state == State::Shadow => {
+                self.try_transition(
+                    &actor,
+                    v,
+                    TransitionRequest {
+                        to: Some(State::Canary),
+                        traffic_percent: Some(p),
+                        reason: reason(&format!("shadow passed, canary at {p}%")),
+                        override_reason: None,
+                    },
+                )?;
+            }
+            Decision::Ramp(p) => {
+                self.registry.set_traffic(
+                    &actor,
+                    &v.model,
+                    v.number,
+                    p,
+                    reason(&format!("step passed, ramp to {p}%")),
+                )?;
+                tracing::info!(version = %v.reference(), "rollout: ramp to {p}%");
+            }
+            Decision::Promote => {
+                self.try_transition(
+                    &actor,
+                    v,
+                    TransitionRequest {
+                        to: Some(State::Promoted),
+                        traffic_percent: None,
+                        reason: reason("last step passed, promote"),
+                        override_reason: None,
+                    },
+                )?;
+            }
+            Decision::Rollback => {
+                self.registry.rollback(
+                    &actor,
+                    &v.model,
+                    reason("thresholds breached, roll back"),
+                )?;
+                tracing::warn!(version = %v.reference(), "rollout: rolled back ({numbers})");
+            }
+        }
+        Ok(())
+    }
+}
