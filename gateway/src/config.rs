@@ -2,6 +2,7 @@
 //! which engine limits. Validated on load; errors name the key and line.
 use crate::registry::Role;
 use crate::rollout::RolloutPolicy;
+use crate::upstream::UpstreamConfig;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ pub struct Config {
     /// Prompt experiments (YAML), reloaded when the file changes or on SIGHUP.
     #[serde(default)]
     pub experiments_file: Option<PathBuf>,
+    /// Model names served by remote nodes over the OpenAI API.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -294,11 +298,22 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.models.is_empty() && self.registry.is_none() {
+        if self.models.is_empty() && self.registry.is_none() && self.upstreams.is_empty() {
             return Err(
-                "models: configure at least one model, or a `registry:` to serve registered ones"
+                "models: configure at least one model, a `registry:` to serve registered ones, or `upstreams:`"
                     .into(),
             );
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            u.validate(&format!("upstreams[{i}]"))?;
+            let clash = self.models.iter().any(|m| m.name == u.name)
+                || self.upstreams[..i].iter().any(|o| o.name == u.name);
+            if clash {
+                return Err(format!(
+                    "upstreams[{i}].name: `{}` is configured twice",
+                    u.name
+                ));
+            }
         }
         self.server
             .http

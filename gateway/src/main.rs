@@ -12,6 +12,7 @@ mod registry_cli;
 mod rollout;
 mod routing;
 mod sticky_hash;
+mod upstream;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -140,6 +141,19 @@ async fn serve(cfg: Config) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     let mut state = api::AppState::new(cfg.models.len(), Some(prometheus));
+    if !cfg.upstreams.is_empty() {
+        let ups: Vec<_> = cfg
+            .upstreams
+            .iter()
+            .cloned()
+            .map(upstream::Upstream::new)
+            .collect();
+        for u in &ups {
+            tokio::spawn(u.clone().check_health());
+            tracing::info!(upstream = %u.config.name, replicas = u.config.endpoints.len(), "remote upstream");
+        }
+        state = state.with_upstreams(ups);
+    }
     if let Some(path) = &cfg.experiments_file {
         let exps = experiments::Experiments::load(path).map_err(anyhow::Error::msg)?;
         tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");

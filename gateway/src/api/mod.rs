@@ -10,6 +10,7 @@ use crate::experiment_stats::ExperimentStats;
 use crate::experiments::Experiments;
 use crate::rollout::VersionStats;
 use crate::routing::{Route, Routes};
+use crate::upstream::Upstream;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -18,6 +19,7 @@ use axum::{Json, Router};
 use engine::llm::LlmEngine;
 use metrics_exporter_prometheus::PrometheusHandle;
 use registry::RegistryApi;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub struct AppState {
     pub shadows: ShadowStats,
     /// Outcomes per route version, for rollout policies.
     pub versions: VersionStats,
+    /// Model names served by remote nodes.
+    pub upstreams: Arc<HashMap<String, Upstream>>,
 }
 
 impl AppState {
@@ -51,7 +55,18 @@ impl AppState {
             stats: ExperimentStats::default(),
             shadows: ShadowStats::default(),
             versions: VersionStats::default(),
+            upstreams: Arc::default(),
         }
+    }
+
+    pub fn with_upstreams(mut self, upstreams: impl IntoIterator<Item = Upstream>) -> Self {
+        self.upstreams = Arc::new(
+            upstreams
+                .into_iter()
+                .map(|u| (u.config.name.clone(), u))
+                .collect(),
+        );
+        self
     }
 
     pub fn with_experiments(mut self, experiments: Experiments) -> Self {
@@ -118,6 +133,7 @@ impl AppState {
                 }
             }
         }
+        v.extend(self.upstreams.keys().map(|n| (n.clone(), 0)));
         v.sort();
         v
     }

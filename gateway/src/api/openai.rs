@@ -8,8 +8,10 @@ use crate::experiment_stats::Outcome;
 use crate::experiments::Assignment;
 use crate::routing::Deployment;
 use crate::sticky_hash::bucket;
+use crate::upstream::{ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -360,6 +362,9 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(u) = upstream_for(&state, &body) {
+        return proxy(u, "/v1/chat/completions", body).await;
+    }
     let prepared = (|| {
         let mut req: ChatRequest = parse(&body)?;
         let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
@@ -400,6 +405,9 @@ pub async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(u) = upstream_for(&state, &body) {
+        return proxy(u, "/v1/completions", body).await;
+    }
     let prepared = (|| {
         let mut req: CompletionRequest = parse(&body)?;
         let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
@@ -428,6 +436,61 @@ pub async fn completions(
         })
     })();
     respond(prepared, Kind::Completion, &state).await
+}
+
+/// The remote upstream serving the body's `model`, if any.
+fn upstream_for(state: &AppState, body: &Bytes) -> Option<Upstream> {
+    if state.upstreams.is_empty() {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct ModelOnly {
+        model: String,
+    }
+    let m: ModelOnly = serde_json::from_slice(body).ok()?;
+    state.upstreams.get(&m.model).cloned()
+}
+
+/// Forwards the request to a replica and streams its answer back as is,
+/// naming the replica in `x-switchyard-upstream`.
+async fn proxy(u: Upstream, path: &'static str, body: Bytes) -> Response {
+    let mut v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return ApiError::bad_body(format!("invalid request body: {e}")).into_response(),
+    };
+    let stream = v["stream"].as_bool().unwrap_or(false);
+    if let Some(m) = &u.config.model {
+        v["model"] = json!(m);
+    }
+    let body = Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"));
+    let name = u.config.name.clone();
+    match u.send(ProxyRequest { path, body, stream }).await {
+        Ok((resp, replica)) => {
+            metrics::counter!("switchyard:upstream_requests", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
+                .increment(1);
+            let mut out = Response::builder().status(resp.status());
+            if let Some(ct) = resp.headers().get("content-type") {
+                out = out.header("content-type", ct);
+            }
+            out.header("x-switchyard-upstream", replica)
+                .body(axum::body::Body::from_stream(resp.bytes_stream()))
+                .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+        }
+        Err(e) => {
+            metrics::counter!("switchyard:upstream_errors", "upstream" => name).increment(1);
+            let status = match &e {
+                UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            ApiError {
+                status,
+                code: Some("upstream_unavailable"),
+                ..ApiError::internal(e.to_string())
+            }
+            .into_response()
+        }
+    }
 }
 
 async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppState) -> Response {
