@@ -94,10 +94,10 @@ fn wait_for(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
             let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
+            let mut first = [0u8; 12];
+            if s.read_exact(&mut first).is_ok() && &first == b"HTTP/1.1 200" {
                 return Ok(());
             }
         }

@@ -362,8 +362,8 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(u) = upstream_for(&state, &body) {
-        return proxy(u, "/v1/chat/completions", body).await;
+    if let Some((u, stream)) = upstream_for(&state, &body) {
+        return proxy(u, stream, "/v1/chat/completions", body).await;
     }
     let prepared = (|| {
         let mut req: ChatRequest = parse(&body)?;
@@ -405,8 +405,8 @@ pub async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(u) = upstream_for(&state, &body) {
-        return proxy(u, "/v1/completions", body).await;
+    if let Some((u, stream)) = upstream_for(&state, &body) {
+        return proxy(u, stream, "/v1/completions", body).await;
     }
     let prepared = (|| {
         let mut req: CompletionRequest = parse(&body)?;
@@ -438,59 +438,84 @@ pub async fn completions(
     respond(prepared, Kind::Completion, &state).await
 }
 
+/// The fields a proxied request is read for.
+#[derive(serde::Deserialize)]
+struct ProxyFields {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+}
+
 /// The remote upstream serving the body's `model`, if any.
-fn upstream_for(state: &AppState, body: &Bytes) -> Option<Upstream> {
+fn upstream_for(state: &AppState, body: &Bytes) -> Option<(Upstream, bool)> {
     if state.upstreams.is_empty() {
         return None;
     }
-    #[derive(serde::Deserialize)]
-    struct ModelOnly {
-        model: String,
-    }
-    let m: ModelOnly = serde_json::from_slice(body).ok()?;
-    state.upstreams.get(&m.model).cloned()
+    let f: ProxyFields = serde_json::from_slice(body).ok()?;
+    state.upstreams.get(&f.model).map(|u| (u.clone(), f.stream))
 }
 
-/// Forwards the request to a replica and streams its answer back as is,
-/// naming the replica in `x-switchyard-upstream`.
-async fn proxy(u: Upstream, path: &'static str, body: Bytes) -> Response {
-    let mut v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return ApiError::bad_body(format!("invalid request body: {e}")).into_response(),
+/// Forwards the request to a replica and sends its answer back as is (a
+/// stream as it comes), naming the replica in `x-switchyard-upstream`. The
+/// body is rewritten only when the upstream knows the model by another name.
+async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -> Response {
+    let body = match &u.config.model {
+        Some(m) => {
+            let mut v: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return ApiError::bad_body(format!("invalid request body: {e}")).into_response()
+                }
+            };
+            v["model"] = json!(m);
+            Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"))
+        }
+        None => body,
     };
-    let stream = v["stream"].as_bool().unwrap_or(false);
-    if let Some(m) = &u.config.model {
-        v["model"] = json!(m);
-    }
-    let body = Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"));
     let name = u.config.name.clone();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
             metrics::counter!("switchyard:upstream_requests", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
                 .increment(1);
-            let mut out = Response::builder().status(resp.status());
+            let mut out = Response::builder()
+                .status(resp.status())
+                .header("x-switchyard-upstream", replica);
             if let Some(ct) = resp.headers().get("content-type") {
                 out = out.header("content-type", ct);
             }
-            out.header("x-switchyard-upstream", replica)
-                .body(axum::body::Body::from_stream(resp.bytes_stream()))
+            let body = if stream {
+                axum::body::Body::from_stream(resp.bytes_stream())
+            } else {
+                match resp.bytes().await {
+                    Ok(b) => axum::body::Body::from(b),
+                    Err(e) => {
+                        return upstream_error(
+                            &u.config.name,
+                            UpstreamError::Failed(u.config.name.clone(), e.to_string()),
+                        )
+                    }
+                }
+            };
+            out.body(body)
                 .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
         }
-        Err(e) => {
-            metrics::counter!("switchyard:upstream_errors", "upstream" => name).increment(1);
-            let status = match &e {
-                UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            ApiError {
-                status,
-                code: Some("upstream_unavailable"),
-                ..ApiError::internal(e.to_string())
-            }
-            .into_response()
-        }
+        Err(e) => upstream_error(&name, e),
     }
+}
+
+fn upstream_error(name: &str, e: UpstreamError) -> Response {
+    metrics::counter!("switchyard:upstream_errors", "upstream" => name.to_string()).increment(1);
+    let status = match &e {
+        UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError {
+        status,
+        code: Some("upstream_unavailable"),
+        ..ApiError::internal(e.to_string())
+    }
+    .into_response()
 }
 
 async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppState) -> Response {
