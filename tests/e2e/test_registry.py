@@ -388,12 +388,15 @@ def durability_run(tmp_path, database):
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=32)
     futures = [pool.submit(move, v) for v in range(1, 201)]
-    wait_for("some acknowledgements", lambda: len(acked) >= 40, timeout=120)
+    deadline = time.time() + 120
+    while len(acked) < 20:  # kill as soon as some are acknowledged, mid-burst
+        assert time.time() < deadline, "no transition was acknowledged"
+        time.sleep(0.002)
     s.kill()
     concurrent.futures.wait(futures)
     pool.shutdown()
     done = sorted(acked)
-    assert 40 <= len(done) < 200, len(done)
+    assert 20 <= len(done) < 200, len(done)
 
     s = Server(config, port=s.port)
     try:
