@@ -168,6 +168,18 @@ def status(api, model, version):
     return (api.get(f"/models/{model}/versions/{version}").json().get("status") or {}).get("phase")
 
 
+GOOD = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
+
+
+def serve_first_version(api, name, tier="L0"):
+    """Registers `name`, promotes its version 1 and waits until it serves."""
+    assert api.post("/models", json=model_spec(name, tier=tier)).status_code == 201
+    assert api.post(f"/models/{name}/versions", json=GOOD).status_code == 201
+    api.move(name, 1, "offline_passed")
+    api.move(name, 1, "promoted")
+    wait_for(f"{name} v1 to serve", lambda: status(api, name, 1) == "serving")
+
+
 def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     s, api = registry_server, Api(registry_server)
     assert api.post("/models", json=model_spec("smollm2")).status_code == 201
@@ -249,12 +261,7 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
 
 def test_a_failed_load_keeps_the_previous_routes(registry_server):
     s, api = registry_server, Api(registry_server)
-    assert api.post("/models", json=model_spec("keeper", tier="L0")).status_code == 201
-    good = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
-    assert api.post("/models/keeper/versions", json=good).status_code == 201
-    api.move("keeper", 1, "offline_passed")
-    api.move("keeper", 1, "promoted")
-    wait_for("v1 to serve", lambda: status(api, "keeper", 1) == "serving")
+    serve_first_version(api, "keeper")
     # v2 declares a hash its file does not have.
     gguf = os.environ["SWITCHYARD_MODEL_GGUF"]  # set by scripts/test.sh
     bad = {"artifact": {"uri": f"file://{gguf}", "sha256": "0" * 64, "format": "gguf"},
@@ -274,12 +281,7 @@ def test_a_restarted_server_serves_what_the_registry_says(tmp_path):
     config = write_config(tmp_path)
     s = Server(config)
     api = Api(s)
-    assert api.post("/models", json=model_spec("smollm2", tier="L0")).status_code == 201
-    v1 = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
-    assert api.post("/models/smollm2/versions", json=v1).status_code == 201
-    api.move("smollm2", 1, "offline_passed")
-    api.move("smollm2", 1, "promoted")
-    wait_for("v1 to serve", lambda: status(api, "smollm2", 1) == "serving")
+    serve_first_version(api, "smollm2")
     s.stop()
     # No call after the restart: the controller rebuilds the routes from the registry.
     s = Server(config, port=s.port)
@@ -325,16 +327,11 @@ def test_canary_automation_promotes_a_good_candidate_and_rolls_back_a_bad_one(tm
                 failures.append(repr(e))
 
     try:
-        assert api.post("/models", json=model_spec("auto")).status_code == 201
-        good = {"artifact": ARTIFACT, "metrics": {"overall": {"ifeval": 0.5}}}
-        assert api.post("/models/auto/versions", json=good).status_code == 201
-        api.move("auto", 1, "offline_passed")
-        api.move("auto", 1, "promoted")
-        wait_for("v1 to serve", lambda: status(api, "auto", 1) == "serving")
+        serve_first_version(api, "auto", tier="L1")
         worker = threading.Thread(target=traffic)
         worker.start()
         # A good candidate: shadow → canary 10% → 50% → promoted, all by the policy.
-        assert api.post("/models/auto/versions", json=good).status_code == 201
+        assert api.post("/models/auto/versions", json=GOOD).status_code == 201
         api.move("auto", 2, "offline_passed")
         api.move("auto", 2, "shadow")
         wait_for("v2 promoted by the policy",
@@ -347,7 +344,7 @@ def test_canary_automation_promotes_a_good_candidate_and_rolls_back_a_bad_one(tm
         assert "shadow comparisons" in auto[0]["details"]["reason"]
         assert "requests at 10%" in auto[1]["details"]["reason"]
         # A bad build: a context too short for the prompts, so every copy fails.
-        bad = {**good, "requirements": {"context_length": 8}}
+        bad = {**GOOD, "requirements": {"context_length": 8}}
         assert api.post("/models/auto/versions", json=bad).status_code == 201
         api.move("auto", 3, "offline_passed")
         api.move("auto", 3, "shadow")
@@ -373,8 +370,7 @@ def durability_run(tmp_path, database):
     api = Api(s)
     assert api.post("/models", json=model_spec("durable", tier="L0")).status_code == 201
     for _ in range(200):
-        assert api.post("/models/durable/versions", json={"artifact": ARTIFACT,
-                        "metrics": {"overall": {"ifeval": 0.5}}}).status_code == 201
+        assert api.post("/models/durable/versions", json=GOOD).status_code == 201
     acked, lock = [], threading.Lock()
 
     def move(v):

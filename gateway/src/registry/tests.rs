@@ -138,14 +138,18 @@ fn failed_gates(o: &TransitionOutcome) -> Vec<&str> {
         .collect()
 }
 
-/// Registers `m` and walks version 1 to promoted.
-fn with_promoted_v1(r: &Registry, spec: ModelSpec) {
+/// Registers `m` and walks version 1 to promoted, with `approver`'s
+/// approval of the promotion when the tier needs one.
+fn with_promoted_v1(r: &Registry, spec: ModelSpec, approver: Option<&Actor>) {
     let d = deployer();
     let name = spec.name.clone();
     r.create_model(&d, spec).unwrap();
     r.register_version(&d, &name, version(0.9, 0.9, &[]))
         .unwrap();
     assert!(go(r, &d, &name, 1, State::OfflinePassed).applied);
+    if let Some(a) = approver {
+        r.approve(a, &name, 1, State::Promoted, None).unwrap();
+    }
     let o = go(r, &d, &name, 1, State::Promoted);
     assert!(o.applied, "{:?}", o.gates);
 }
@@ -155,7 +159,7 @@ fn a_version_walks_the_chain_and_the_old_one_is_deprecated() {
     for (db, url, _dir) in backends() {
         let r = Registry::open(&url).unwrap();
         let d = deployer();
-        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless));
+        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         // v2 is worse on a slice than v1 beyond tolerance: refused, and said why.
         r.register_version(&d, "m", version(0.95, 0.85, &[]))
             .unwrap();
@@ -200,7 +204,11 @@ fn tiers_demand_their_approvals() {
         let ann = actor("ann", Role::Approver);
         let bob = actor("bob", Role::Approver);
         // L2: canary and promoted need one approver.
-        with_promoted_v1_approved(&r, model("l2", Tier::L2, RollbackClass::Stateless), &ann);
+        with_promoted_v1(
+            &r,
+            model("l2", Tier::L2, RollbackClass::Stateless),
+            Some(&ann),
+        );
         r.register_version(&d, "l2", version(0.9, 0.9, &[]))
             .unwrap();
         assert!(go(&r, &d, "l2", 2, State::OfflinePassed).applied);
@@ -244,19 +252,6 @@ fn tiers_demand_their_approvals() {
             Err(RegistryError::Forbidden(_))
         ));
     }
-}
-
-fn with_promoted_v1_approved(r: &Registry, spec: ModelSpec, approver: &Actor) {
-    let d = deployer();
-    let name = spec.name.clone();
-    r.create_model(&d, spec).unwrap();
-    r.register_version(&d, &name, version(0.9, 0.9, &[]))
-        .unwrap();
-    assert!(go(r, &d, &name, 1, State::OfflinePassed).applied);
-    r.approve(approver, &name, 1, State::Promoted, None)
-        .unwrap();
-    let o = go(r, &d, &name, 1, State::Promoted);
-    assert!(o.applied, "{:?}", o.gates);
 }
 
 #[test]
@@ -308,7 +303,11 @@ fn rollback_returns_traffic_and_marks_dependents() {
             .unwrap();
         r.register_version(&d, "reporter", version(0.9, 0.9, &[]))
             .unwrap();
-        with_promoted_v1(&r, model("base", Tier::L1, RollbackClass::StateSnapshot));
+        with_promoted_v1(
+            &r,
+            model("base", Tier::L1, RollbackClass::StateSnapshot),
+            None,
+        );
         r.register_version(&d, "base", version(0.9, 0.9, &["ranker@1"]))
             .unwrap();
         for s in [State::OfflinePassed, State::Shadow, State::Canary] {
@@ -360,7 +359,11 @@ fn irreversible_rollback_lists_what_cannot_be_undone() {
     for (_db, url, _dir) in backends() {
         let r = Registry::open(&url).unwrap();
         let d = deployer();
-        with_promoted_v1(&r, model("irr", Tier::L1, RollbackClass::Irreversible));
+        with_promoted_v1(
+            &r,
+            model("irr", Tier::L1, RollbackClass::Irreversible),
+            None,
+        );
         r.register_version(&d, "irr", version(0.9, 0.9, &[]))
             .unwrap();
         for s in [State::OfflinePassed, State::Shadow, State::Canary] {
@@ -382,7 +385,7 @@ fn served_at_replays_the_log() {
     for (db, url, _dir) in backends() {
         let r = Registry::open(&url).unwrap();
         let d = deployer();
-        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless));
+        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         std::thread::sleep(std::time::Duration::from_millis(5));
         let t1 = now_ms();
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -437,7 +440,7 @@ fn tamper(db: &str, url: &str, seq: i64) {
 fn the_audit_log_refuses_edits_and_verify_names_the_tampered_entry() {
     for (db, url, _dir) in backends() {
         let r = Registry::open(&url).unwrap();
-        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless));
+        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         let entries = r.audit(None, 0, 100).unwrap();
         assert_eq!(entries.len(), 4, "{db}");
         assert!(r.verify().unwrap().ok);
