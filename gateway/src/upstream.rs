@@ -232,11 +232,15 @@ impl tower::retry::Policy<ProxyRequest, (reqwest::Response, String), UpstreamErr
     }
 }
 
+/// The stack every request goes through, built once per upstream.
+type Stack = tower::timeout::Timeout<tower::retry::Retry<RetryUnreached, Balancer>>;
+
 /// One remote upstream: its config, replicas and tower stack.
 #[derive(Clone)]
 pub struct Upstream {
     pub config: UpstreamConfig,
     balancer: Balancer,
+    stack: Stack,
 }
 
 impl Upstream {
@@ -263,7 +267,15 @@ impl Upstream {
             threshold: config.failure_threshold,
             open: Duration::from_secs(config.open_secs),
         };
-        Self { config, balancer }
+        let stack = ServiceBuilder::new()
+            .timeout(Duration::from_secs(config.timeout_secs))
+            .retry(RetryUnreached(config.retries))
+            .service(balancer.clone());
+        Self {
+            config,
+            balancer,
+            stack,
+        }
     }
 
     /// Sends the request through timeout → retry → balancer; returns the
@@ -273,11 +285,9 @@ impl Upstream {
         req: ProxyRequest,
     ) -> Result<(reqwest::Response, String), UpstreamError> {
         let (name, secs) = (self.config.name.clone(), self.config.timeout_secs);
-        let svc = ServiceBuilder::new()
-            .timeout(Duration::from_secs(secs))
-            .retry(RetryUnreached(self.config.retries))
-            .service(self.balancer.clone());
-        svc.oneshot(req)
+        self.stack
+            .clone()
+            .oneshot(req)
             .await
             .map_err(|e| match e.downcast::<UpstreamError>() {
                 Ok(e) => *e,
