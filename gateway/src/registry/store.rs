@@ -169,6 +169,8 @@ impl Db for Sqlite {
 pub struct Postgres {
     url: String,
     client: postgres::Client,
+    /// A statement failed below SQL (the connection): open a new one next time.
+    broken: bool,
 }
 
 impl Postgres {
@@ -188,17 +190,30 @@ impl Postgres {
         Ok(Self {
             url: url.to_string(),
             client,
+            broken: false,
         })
     }
 
     /// The connection, opened again if the server closed it (a restart, a
     /// failover); the statement that saw it close has already failed.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
-        if self.client.is_closed() {
+        if self.broken || self.client.is_closed() {
             tracing::warn!("the registry's PostgreSQL connection closed; reconnecting");
             self.client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+            self.broken = false;
         }
         Ok(&mut self.client)
+    }
+
+    /// Notes a failure of the connection itself (not of a statement): an
+    /// I/O error, or the server ending the session (SQLSTATE class 08, 57).
+    fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, StoreError> {
+        if let Err(e) = &r {
+            let code = e.as_db_error().map(|d| d.code().code().to_string());
+            self.broken |=
+                e.is_closed() || code.is_none_or(|c| c.starts_with("08") || c.starts_with("57"));
+        }
+        Ok(r?)
     }
 }
 
@@ -206,31 +221,36 @@ impl Db for Postgres {
     fn begin_write(&mut self) -> Result<(), StoreError> {
         // One writer at a time across every node sharing the database, so the
         // audit chain stays a chain and gate checks see the latest state.
-        Ok(self
+        let r = self
             .client()?
-            .batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE")?)
+            .batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE");
+        self.check(r)
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
-        Ok(self.client.batch_execute("COMMIT")?)
+        let r = self.client.batch_execute("COMMIT");
+        self.check(r)
     }
 
     fn rollback(&mut self) {
-        let _ = self.client.batch_execute("ROLLBACK");
+        let r = self.client.batch_execute("ROLLBACK");
+        let _ = self.check(r);
     }
 
     fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError> {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        Ok(self.client()?.execute(sql, &refs)?)
+        let r = self.client()?.execute(sql, &refs);
+        self.check(r)
     }
 
     fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError> {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        let rows = self.client()?.query(sql, &refs)?;
+        let r = self.client()?.query(sql, &refs);
+        let rows = self.check(r)?;
         rows.iter()
             .map(|row| {
                 (0..row.len())
