@@ -72,10 +72,9 @@ impl Routes {
     /// registry manages a model of the same name).
     pub fn add_fixed(&self, engine: LlmEngine) {
         let name = engine.name().to_string();
-        self.fixed
-            .write()
-            .expect("fixed routes")
-            .insert(name.clone(), Route::single(engine.clone()));
+        // Held until the swap, so a concurrent `publish` cannot be overwritten.
+        let mut fixed = self.fixed.write().expect("fixed routes");
+        fixed.insert(name.clone(), Route::single(engine.clone()));
         let mut next = (*self.snapshot()).clone();
         next.entry(name).or_insert_with(|| Route::single(engine));
         self.swap(next);
@@ -83,7 +82,8 @@ impl Routes {
 
     /// Replaces every managed route at once.
     pub fn publish(&self, managed: HashMap<String, Route>) {
-        let mut next = self.fixed.read().expect("fixed routes").clone();
+        let fixed = self.fixed.read().expect("fixed routes");
+        let mut next = fixed.clone();
         next.extend(managed);
         self.swap(next);
     }
