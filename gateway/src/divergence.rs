@@ -145,6 +145,16 @@ impl ShadowStats {
         self.with(route, version, |t| t.skipped += 1);
     }
 
+    /// Comparisons, shadow errors and mean similarity of one shadow so far.
+    pub fn counts(&self, route: &str, version: &str) -> (u64, u64, Option<f64>) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&(route.to_string(), version.to_string()))
+            .map_or((0, 0, None), |t| {
+                let mean = (t.compared > 0).then(|| t.similarity / t.compared as f64);
+                (t.compared, t.errors, mean)
+            })
+    }
+
     pub fn summary(&self, route: &str) -> Value {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let shadows: Vec<Value> = g

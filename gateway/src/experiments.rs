@@ -99,6 +99,8 @@ pub struct Experiment {
     pub spec: ExperimentSpec,
     /// The slice `[start, end)` of its layer's buckets it owns.
     range: (u32, u32),
+    /// The arms' weights, in order.
+    weights: Vec<f64>,
     layer_seed: String,
 }
 
@@ -131,12 +133,13 @@ impl Assignment {
 }
 
 impl Experiment {
-    /// The unit as this experiment reads it from the request.
-    pub fn unit<'a>(
+    /// The unit as this experiment reads it from the request; the body is
+    /// parsed only for a `body:` unit.
+    pub fn unit(
         &self,
-        headers: &'a axum::http::HeaderMap,
-        user: Option<&'a str>,
-        body: &serde_json::Value,
+        headers: &axum::http::HeaderMap,
+        user: Option<&str>,
+        body: &[u8],
     ) -> Option<String> {
         match &self.spec.unit {
             Unit::Header(h) => headers
@@ -144,10 +147,14 @@ impl Experiment {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             Unit::User => user.map(str::to_string),
-            Unit::BodyField(f) => body.get(f).map(|v| match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            }),
+            Unit::BodyField(f) => serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|b| {
+                    b.get(f).map(|v| match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                }),
         }
         .filter(|u| !u.is_empty())
     }
@@ -158,8 +165,7 @@ impl Experiment {
     }
 
     fn arm_of(&self, unit: &str) -> usize {
-        let weights: Vec<f64> = self.spec.arms.iter().map(|a| a.weight).collect();
-        pick(&weights, bucket(&self.spec.name, unit)).unwrap_or(0)
+        pick(&self.weights, bucket(&self.spec.name, unit)).unwrap_or(0)
     }
 }
 
@@ -272,6 +278,7 @@ impl Table {
             }
             let exp = Arc::new(Experiment {
                 range: (start, end),
+                weights: spec.arms.iter().map(|a| a.weight).collect(),
                 layer_seed: format!("layer:{layer}"),
                 spec,
             });

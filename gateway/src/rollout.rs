@@ -224,18 +224,9 @@ impl RolloutController {
             let Some(max) = policy.max_shadow_divergence else {
                 return Ok(());
             };
-            let s = self.shadows.summary(&policy.model);
-            let mine = s["shadows"].as_array().and_then(|a| {
-                a.iter()
-                    .find(|x| x["version"].as_str() == Some(v.number.to_string().as_str()))
-                    .cloned()
-            });
-            let field = |k: &str| mine.as_ref().and_then(|m| m[k].as_u64()).unwrap_or(0);
-            let (compared, errors) = (field("compared"), field("errors"));
-            let similarity = mine
-                .as_ref()
-                .and_then(|m| m["mean_similarity"].as_f64())
-                .unwrap_or(1.0);
+            let (compared, errors, similarity) =
+                self.shadows.counts(&policy.model, &v.number.to_string());
+            let similarity = similarity.unwrap_or(1.0);
             let divergence = 1.0 - similarity;
             let total = compared + errors;
             let success = if total > 0 {

@@ -79,10 +79,9 @@ fn engine_for(
     let started = Instant::now();
     let table = state.experiments.current();
     if !table.on_route(&common.model).is_empty() {
-        let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let user = common.user.clone();
         let a = table
-            .assign(&common.model, |e| e.unit(headers, user.as_deref(), &json))
+            .assign(&common.model, |e| e.unit(headers, user.as_deref(), body))
             .expect("the route has experiments");
         let (engine, version) = state.deployment(a.deployment()).ok_or_else(|| {
             ApiError::unavailable(format!(
@@ -115,10 +114,7 @@ fn engine_for(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let (d, arm) = route.pick(bucket(&format!("{}/rollout", common.model), &unit));
-    let version = d
-        .version
-        .map_or_else(|| "static".to_string(), |v| v.to_string());
-    metrics::counter!("switchyard:route_requests", "route" => common.model.clone(), "version" => version, "arm" => arm)
+    metrics::counter!("switchyard:route_requests", "route" => common.model.clone(), "version" => version_label(d), "arm" => arm)
         .increment(1);
     Ok((
         d.engine.clone(),
@@ -130,6 +126,12 @@ fn engine_for(
             started,
         },
     ))
+}
+
+/// A deployment's version as metrics and shadow reports name it.
+fn version_label(d: &Deployment) -> String {
+    d.version
+        .map_or_else(|| "static".to_string(), |v| v.to_string())
 }
 
 /// Replaces the system message (or adds one first) with the arm's.
@@ -147,39 +149,57 @@ fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
     }
 }
 
-/// Passes events through and hands the request's outcome to `done` at the
-/// end (not when the client left: an abandoned request says nothing).
-fn observe(
+/// Forwards the engine's events to a new receiver, folding each into
+/// `state` with `inspect`, and hands `state` to `done` once the engine has
+/// sent the last one. A client that leaves stops the forwarding, and `done`
+/// is not called.
+fn tap<S: Send + 'static>(
     mut rx: UnboundedReceiver<GenerationEvent>,
-    started: Instant,
-    done: impl FnOnce(Outcome) + Send + 'static,
+    mut state: S,
+    inspect: impl Fn(&mut S, &GenerationEvent) + Send + 'static,
+    done: impl FnOnce(S) + Send + 'static,
 ) -> UnboundedReceiver<GenerationEvent> {
     let (tx, out) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let (mut ttft, mut tokens, mut ok) = (None, 0, true);
         while let Some(ev) = rx.recv().await {
-            match &ev {
-                GenerationEvent::Delta { .. } => {
-                    ttft.get_or_insert_with(|| started.elapsed().as_secs_f64());
-                }
-                GenerationEvent::Finished {
-                    completion_tokens, ..
-                } => tokens += completion_tokens,
-                GenerationEvent::Failed(_) => ok = false,
-            }
+            inspect(&mut state, &ev);
             if tx.send(ev).is_err() {
                 return;
             }
         }
-        done(Outcome {
-            ok,
-            latency_s: started.elapsed().as_secs_f64(),
-            ttft_s: ttft,
-            output_tokens: tokens,
-            random: false,
-        });
+        done(state);
     });
     out
+}
+
+/// Hands the request's outcome to `done` at the end (not when the client
+/// left: an abandoned request says nothing).
+fn observe(
+    rx: UnboundedReceiver<GenerationEvent>,
+    started: Instant,
+    done: impl FnOnce(Outcome) + Send + 'static,
+) -> UnboundedReceiver<GenerationEvent> {
+    let first = Outcome {
+        ok: true,
+        latency_s: 0.0,
+        ttft_s: None,
+        output_tokens: 0,
+        random: false,
+    };
+    let inspect = move |o: &mut Outcome, ev: &GenerationEvent| match ev {
+        GenerationEvent::Delta { .. } => {
+            o.ttft_s
+                .get_or_insert_with(|| started.elapsed().as_secs_f64());
+        }
+        GenerationEvent::Finished {
+            completion_tokens, ..
+        } => o.output_tokens += completion_tokens,
+        GenerationEvent::Failed(_) => o.ok = false,
+    };
+    tap(rx, first, inspect, move |mut o| {
+        o.latency_s = started.elapsed().as_secs_f64();
+        done(o);
+    })
 }
 
 /// Where a request's outcome is recorded: its experiment arm, and the route
@@ -228,9 +248,7 @@ fn mirror(
     }
     let (rx, primary) = capture(rx, p.routed.started);
     for d in &p.routed.shadows {
-        let version = d
-            .version
-            .map_or_else(|| "static".to_string(), |v| v.to_string());
+        let version = version_label(d);
         let route = p.model.clone();
         let Some(permit) = shadows.permit(&route, &version, SHADOW_CONCURRENCY) else {
             shadows.skipped(&route, &version);
@@ -286,27 +304,22 @@ fn mirror(
 /// Passes the primary's events through and publishes its first choice's
 /// text and latency when it finishes.
 fn capture(
-    mut rx: UnboundedReceiver<GenerationEvent>,
+    rx: UnboundedReceiver<GenerationEvent>,
     started: Instant,
 ) -> (
     UnboundedReceiver<GenerationEvent>,
     watch::Receiver<Option<(String, f64)>>,
 ) {
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
     let (done, primary) = watch::channel(None);
-    tokio::spawn(async move {
-        let mut text = String::new();
-        while let Some(ev) = rx.recv().await {
-            if let GenerationEvent::Delta {
-                index: 0, text: t, ..
-            } = &ev
-            {
-                text.push_str(t);
-            }
-            if tx.send(ev).is_err() {
-                return;
-            }
+    let inspect = |text: &mut String, ev: &GenerationEvent| {
+        if let GenerationEvent::Delta {
+            index: 0, text: t, ..
+        } = ev
+        {
+            text.push_str(t);
         }
+    };
+    let out = tap(rx, String::new(), inspect, move |text| {
         let _ = done.send(Some((text, started.elapsed().as_secs_f64())));
     });
     (out, primary)

@@ -812,40 +812,39 @@ impl Registry {
             .collect()
     }
 
-    /// Recomputes the whole chain.
-    pub fn verify(&self) -> Result<Verification> {
+    /// Every entry (of `model`, or all), oldest first, read in pages.
+    fn all_entries(&self, model: Option<&str>) -> Result<Vec<AuditEntry>> {
         let mut all = Vec::new();
-        let mut after = 0;
         loop {
-            let page = self.audit(None, after, 10_000)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
+            let after = all.last().map_or(0, |e: &AuditEntry| e.seq);
+            let page = self.audit(model, after, 10_000)?;
+            if page.is_empty() {
+                return Ok(all);
+            }
             all.extend(page);
         }
-        Ok(audit::verify(all))
+    }
+
+    /// Recomputes the whole chain.
+    pub fn verify(&self) -> Result<Verification> {
+        Ok(audit::verify(self.all_entries(None)?))
     }
 
     /// Which versions served `model` at `at_ms`, replayed from the audit log.
     pub fn served_at(&self, model: &str, at_ms: i64) -> Result<Served> {
         self.model(model)?;
         let mut states: BTreeMap<u32, (State, Option<f64>)> = BTreeMap::new();
-        let mut after = 0;
-        'pages: loop {
-            let page = self.audit(Some(model), after, 10_000)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for e in page {
-                if e.at_ms > at_ms {
-                    break 'pages;
-                }
-                let body = e.body_json();
-                let (Some(v), Some(s)) = (e.version, body["after"].get("state")) else {
-                    continue;
-                };
-                if let Ok(s) = serde_json::from_value::<State>(s.clone()) {
-                    let pct = body["after"]["traffic_percent"].as_f64();
-                    states.insert(v as u32, (s, pct));
-                }
+        for e in self.all_entries(Some(model))? {
+            if e.at_ms > at_ms {
+                break;
+            }
+            let body = e.body_json();
+            let (Some(v), Some(s)) = (e.version, body["after"].get("state")) else {
+                continue;
+            };
+            if let Ok(s) = serde_json::from_value::<State>(s.clone()) {
+                let pct = body["after"]["traffic_percent"].as_f64();
+                states.insert(v as u32, (s, pct));
             }
         }
         Ok(Served {
