@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (tiny random models and the
-# real default model), then the end-to-end tests with the official `openai`
-# client against a running server. The registry's tests run on SQLite and on a
+# real default model), then the end-to-end tests against a running server with
+# the official clients: `openai`, and `tritonclient` / `perf_analyzer` for the
+# Triton plane. The registry's tests run on SQLite and on a
 # throwaway PostgreSQL. Installs what it needs on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,12 @@ echo "$SWITCHYARD_MODEL_GGUF"
 echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+echo "== libb64 (Debian's package), which tritonclient's perf_analyzer links"
+if ! ldconfig -p | grep -q libb64.so.0d; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d
+fi
 
 echo "== postgresql (Debian's packages), so the registry's tests run on it as on SQLite"
 read -r pg_dir pg_url < <(scripts/postgres.sh start)

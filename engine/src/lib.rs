@@ -1,3 +1,4 @@
 //! Switchyard's inference planes. `llm` runs llama-family language models with
-//! its own engine loop; the DNN plane for Triton model repositories joins it later.
+//! its own engine loop; `dnn` serves Triton model repositories.
+pub mod dnn;
 pub mod llm;

@@ -7,7 +7,7 @@ use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -24,6 +24,45 @@ pub struct Config {
     /// Model names served by remote nodes over the OpenAI API.
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// A Triton model repository served over KServe v2 (HTTP and gRPC).
+    #[serde(default)]
+    pub model_repository: Option<RepositoryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// `<path>/<model>/config.pbtxt` with numeric version folders.
+    pub path: PathBuf,
+    /// `none` (load all at start), `poll` (and rescan), `explicit` (load via the API).
+    #[serde(default = "default_control_mode")]
+    pub control_mode: String,
+    /// Seconds between rescans in `poll` mode.
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+    /// Models to load at start in `explicit` mode (`*` = all).
+    #[serde(default)]
+    pub load_models: Vec<String>,
+}
+
+impl RepositoryConfig {
+    /// A repository at `path` with Triton's defaults.
+    pub fn at(path: PathBuf) -> Self {
+        Self {
+            path,
+            control_mode: default_control_mode(),
+            poll_secs: default_poll_secs(),
+            load_models: Vec::new(),
+        }
+    }
+}
+
+fn default_control_mode() -> String {
+    "none".into()
+}
+
+fn default_poll_secs() -> u64 {
+    15
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -105,6 +144,9 @@ pub struct ServerConfig {
     /// Where the server keeps its state (the SQLite registry).
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Address for KServe v2 gRPC (served when a model repository is).
+    #[serde(default = "default_grpc")]
+    pub grpc: String,
 }
 
 impl Default for ServerConfig {
@@ -112,8 +154,13 @@ impl Default for ServerConfig {
         Self {
             http: default_http(),
             data_dir: None,
+            grpc: default_grpc(),
         }
     }
+}
+
+fn default_grpc() -> String {
+    "127.0.0.1:8081".into()
 }
 
 impl ServerConfig {
@@ -297,13 +344,29 @@ impl Config {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        if self.models.is_empty() && self.registry.is_none() && self.upstreams.is_empty() {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.models.is_empty()
+            && self.registry.is_none()
+            && self.upstreams.is_empty()
+            && self.model_repository.is_none()
+        {
             return Err(
-                "models: configure at least one model, a `registry:` to serve registered ones, or `upstreams:`"
+                "models: configure at least one model, a `registry:` to serve registered ones, `upstreams:`, or a `model_repository:`"
                     .into(),
             );
         }
+        if let Some(r) = &self.model_repository {
+            r.control_mode
+                .parse::<engine::dnn::ControlMode>()
+                .map_err(|e| format!("model_repository.control_mode: {e}"))?;
+            if r.poll_secs == 0 {
+                return Err("model_repository.poll_secs: must be 1 or more".into());
+            }
+        }
+        let grpc = &self.server.grpc;
+        grpc.parse::<std::net::SocketAddr>().map_err(|e| {
+            format!("server.grpc: `{grpc}` is not an address like 127.0.0.1:8081 ({e})")
+        })?;
         for (i, u) in self.upstreams.iter().enumerate() {
             u.validate(&format!("upstreams[{i}]"))?;
             let clash = self.models.iter().any(|m| m.name == u.name)

@@ -47,6 +47,22 @@ enum Command {
         /// Address for the HTTP API, overriding `server.http` in the config.
         #[arg(long)]
         http: Option<String>,
+        /// Serve a Triton model repository over KServe v2 (HTTP and gRPC). Without
+        /// `--config`, only the repository is served.
+        #[arg(long)]
+        model_repository: Option<PathBuf>,
+        /// `none` (load every model at start), `poll` (and rescan), `explicit` (load via the API).
+        #[arg(long)]
+        model_control_mode: Option<String>,
+        /// Seconds between repository rescans in `poll` mode.
+        #[arg(long)]
+        repository_poll_secs: Option<u64>,
+        /// A model to load at start in `explicit` mode (repeatable; `*` = all).
+        #[arg(long)]
+        load_model: Vec<String>,
+        /// Address for KServe v2 gRPC, overriding `server.grpc` (default 127.0.0.1:8081).
+        #[arg(long)]
+        grpc: Option<String>,
     },
     /// Manage model files.
     Models {
@@ -93,11 +109,45 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config, http } => {
-            let mut cfg = load_config(config.as_ref())?;
+        Command::Serve {
+            config,
+            http,
+            model_repository,
+            model_control_mode,
+            repository_poll_secs,
+            load_model,
+            grpc,
+        } => {
+            let mut cfg = match (&config, &model_repository) {
+                (None, Some(_)) => Config::default(),
+                _ => load_config(config.as_ref())?,
+            };
             if let Some(addr) = http {
                 cfg.server.http = addr;
             }
+            if let Some(addr) = grpc {
+                cfg.server.grpc = addr;
+            }
+            if let Some(path) = model_repository {
+                match cfg.model_repository.as_mut() {
+                    Some(r) => r.path = path,
+                    None => cfg.model_repository = Some(config::RepositoryConfig::at(path)),
+                }
+            }
+            if let Some(r) = cfg.model_repository.as_mut() {
+                if let Some(m) = model_control_mode {
+                    r.control_mode = m;
+                }
+                if let Some(secs) = repository_poll_secs {
+                    r.poll_secs = secs;
+                }
+                if !load_model.is_empty() {
+                    r.load_models = load_model;
+                }
+            } else if model_control_mode.is_some() || !load_model.is_empty() {
+                anyhow::bail!("--model-control-mode and --load-model need --model-repository (or `model_repository:` in the config)");
+            }
+            cfg.validate().map_err(anyhow::Error::msg)?;
             tokio::runtime::Runtime::new()?.block_on(serve(cfg))
         }
         Command::Registry { url, key, command } => registry_cli::run(&url, key.as_deref(), command),
@@ -189,11 +239,45 @@ async fn serve(cfg: Config) -> Result<()> {
         let ctl = controller::Controller::new(registry, state.routes().clone(), rc.engine.clone());
         tokio::spawn(ctl.run(std::time::Duration::from_secs(rc.reconcile_interval_secs)));
     }
+    if let Some(rc) = &cfg.model_repository {
+        let mode: engine::dnn::ControlMode = rc.control_mode.parse().map_err(anyhow::Error::msg)?;
+        let (path, load) = (rc.path.clone(), rc.load_models.clone());
+        tracing::info!(path = %path.display(), mode = %rc.control_mode, "loading the model repository");
+        let repo = tokio::task::spawn_blocking(move || {
+            engine::dnn::ModelRepository::open(&path, mode, &load)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        if mode == engine::dnn::ControlMode::Poll {
+            let (repo, every) = (repo.clone(), std::time::Duration::from_secs(rc.poll_secs));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let r = repo.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.poll()).await;
+                }
+            });
+        }
+        state = state.with_model_repository(repo);
+        let grpc = tokio::net::TcpListener::bind(&cfg.server.grpc)
+            .await
+            .with_context(|| format!("binding {}", cfg.server.grpc))?;
+        tracing::info!("KServe gRPC on {}", cfg.server.grpc);
+        let grpc_state = state.clone();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            if let Err(e) = api::kserve::grpc::serve(grpc, grpc_state, shutdown).await {
+                tracing::error!("KServe gRPC stopped: {e:#}");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.server.http)
         .await
         .with_context(|| format!("binding {}", cfg.server.http))?;
     tracing::info!(
-        "listening on http://{} (health: /health, API: /v1)",
+        "listening on http://{} (health: /health, API: /v1, KServe: /v2)",
         cfg.server.http
     );
     let app = api::router(state.clone());

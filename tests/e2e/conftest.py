@@ -23,14 +23,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, config: str | None = None, port: int | None = None):
+    def __init__(self, config: str | None = None, port: int | None = None, args: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
+        cmd = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
         if config:
-            args += ["--config", config]
+            cmd += ["--config", config]
+        cmd += args or []
         self.log = open(Path(binary()).parent / f"e2e-server-{self.port}.log", "a")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -1,6 +1,8 @@
-//! The HTTP surface: the OpenAI API, health, model list and Prometheus metrics.
+//! The HTTP surface: the OpenAI API, KServe v2, health, model list and
+//! Prometheus metrics; KServe gRPC lives in `kserve::grpc`.
 pub mod error;
 pub mod experiments;
+pub mod kserve;
 pub mod openai;
 pub mod openai_types;
 pub mod registry;
@@ -16,6 +18,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use engine::dnn::ModelRepository;
 use engine::llm::LlmEngine;
 use metrics_exporter_prometheus::PrometheusHandle;
 use registry::RegistryApi;
@@ -40,6 +43,8 @@ pub struct AppState {
     pub versions: VersionStats,
     /// Model names served by remote nodes.
     pub upstreams: Arc<HashMap<String, Upstream>>,
+    /// The Triton model repository served over KServe v2, when configured.
+    pub dnn: Option<Arc<ModelRepository>>,
 }
 
 impl AppState {
@@ -56,7 +61,18 @@ impl AppState {
             shadows: ShadowStats::default(),
             versions: VersionStats::default(),
             upstreams: Arc::default(),
+            dnn: None,
         }
+    }
+
+    pub fn with_model_repository(mut self, repo: Arc<ModelRepository>) -> Self {
+        self.dnn = Some(repo);
+        self
+    }
+
+    /// Every configured LLM has loaded (the repository loads before serving starts).
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst) >= self.expected
     }
 
     pub fn with_upstreams(mut self, upstreams: impl IntoIterator<Item = Upstream>) -> Self {
@@ -149,12 +165,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
         .merge(experiments::routes())
+        .merge(kserve::http::routes())
         .with_state(state)
 }
 
 async fn health(State(s): State<AppState>) -> impl IntoResponse {
     let loaded = s.loaded.load(Ordering::SeqCst);
-    if loaded >= s.expected {
+    if s.is_ready() {
         (
             StatusCode::OK,
             Json(serde_json::json!({"status": "ok", "models": loaded})),

@@ -1,0 +1,23 @@
+//! The DNN plane: a Triton model repository (config.pbtxt, versions, control
+//! modes), ONNX / tree / candle backends, and a dynamic batcher per version.
+pub mod backend;
+pub mod batcher;
+pub mod encoder;
+pub mod error;
+pub mod fil;
+pub mod forest;
+pub mod lightgbm;
+pub mod model;
+pub mod onnx;
+pub mod repository;
+pub mod stats;
+pub mod tensor;
+pub mod xgboost;
+
+pub use error::{DnnError, ErrorKind};
+pub use model::ModelSpec;
+pub use repository::{
+    ControlMode, IndexEntry, InferRequest, InferResponse, ModelRepository, RequestedOutput,
+};
+pub use stats::StatsSnapshot;
+pub use tensor::{DataType, Tensor};

@@ -1,0 +1,425 @@
+//! A model's configuration as the plane runs it: config.pbtxt validated and
+//! completed the way Triton completes it, each error naming file and field.
+use super::tensor::DataType;
+use proto::inference::{
+    model_config::SchedulingChoice, model_instance_group::Kind, model_version_policy, ModelConfig,
+    ModelInstanceGroup, ModelVersionPolicy,
+};
+use std::time::Duration;
+
+/// One input or output as the config declares it (`dims` without the batch dimension).
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DataType,
+    pub dims: Vec<i64>,
+    pub optional: bool,
+    pub label_filename: Option<String>,
+}
+
+/// Which executor runs the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendKind {
+    /// ONNX through tract.
+    Onnx,
+    /// A tree ensemble, declared as Triton's FIL backend declares it.
+    Fil(FilParams),
+    /// A candle sentence encoder (BERT family, mean pooling, L2 normalized).
+    SentenceEncoder,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilParams {
+    pub model_type: String,
+    pub is_classifier: bool,
+    pub predict_proba: bool,
+    pub threshold: f32,
+}
+
+/// Triton's dynamic batcher settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchingPolicy {
+    pub preferred_batch_sizes: Vec<usize>,
+    pub max_queue_delay: Duration,
+    /// 0 = unbounded.
+    pub max_queue_size: usize,
+    pub default_timeout: Option<Duration>,
+    pub allow_timeout_override: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    /// The completed config, as `GET /v2/models/{m}/config` returns it.
+    pub config: ModelConfig,
+    pub max_batch_size: usize,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub dynamic_batching: Option<BatchingPolicy>,
+    pub instances: usize,
+    pub backend: BackendKind,
+    pub model_filename: String,
+}
+
+fn tensor_spec(
+    field: &str,
+    name: &str,
+    data_type: i32,
+    dims: &[i64],
+    batching: bool,
+) -> Result<TensorSpec, String> {
+    if name.is_empty() {
+        return Err(format!("{field}.name must be set"));
+    }
+    let dtype = DataType::from_config(data_type)
+        .ok_or_else(|| format!("{field} ('{name}').data_type must be set to a TYPE_*"))?;
+    if dims.is_empty() && !batching {
+        return Err(format!(
+            "{field} ('{name}').dims must be set (max_batch_size is 0, so dims is the full shape)"
+        ));
+    }
+    if let Some(d) = dims.iter().find(|&&d| d < -1 || d == 0) {
+        return Err(format!(
+            "{field} ('{name}').dims: {d} is not a size (use -1 for a variable dimension)"
+        ));
+    }
+    Ok(TensorSpec {
+        name: name.to_string(),
+        dtype,
+        dims: dims.to_vec(),
+        optional: false,
+        label_filename: None,
+    })
+}
+
+fn parameter<'a>(config: &'a ModelConfig, key: &str) -> Option<&'a str> {
+    config.parameters.get(key).map(|p| p.string_value.as_str())
+}
+
+fn bool_parameter(config: &ModelConfig, key: &str, default: bool) -> Result<bool, String> {
+    match parameter(config, key) {
+        None => Ok(default),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err(format!(
+                "parameters[\"{key}\"]: '{v}' is not a boolean (true or false)"
+            )),
+        },
+    }
+}
+
+fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), String> {
+    match (config.platform.as_str(), config.backend.as_str()) {
+        ("onnxruntime_onnx", "" | "onnxruntime") | ("", "onnxruntime") => {
+            Ok((BackendKind::Onnx, "model.onnx"))
+        }
+        ("", "fil") => {
+            let model_type = parameter(config, "model_type").unwrap_or("xgboost_json");
+            let file = match model_type {
+                "xgboost_json" => "xgboost.json",
+                "lightgbm" => "model.txt",
+                other => {
+                    return Err(format!(
+                        "parameters[\"model_type\"]: '{other}' is not supported \
+                         (supported: xgboost_json, lightgbm)"
+                    ))
+                }
+            };
+            let threshold = match parameter(config, "threshold") {
+                None => 0.5,
+                Some(t) => t
+                    .parse()
+                    .map_err(|_| format!("parameters[\"threshold\"]: '{t}' is not a number"))?,
+            };
+            let is_classifier = bool_parameter(config, "is_classifier", false)?
+                || bool_parameter(config, "output_class", false)?;
+            Ok((
+                BackendKind::Fil(FilParams {
+                    model_type: model_type.to_string(),
+                    is_classifier,
+                    predict_proba: bool_parameter(config, "predict_proba", false)?,
+                    threshold,
+                }),
+                file,
+            ))
+        }
+        ("", "candle") => match parameter(config, "model_type") {
+            Some("sentence_encoder") => Ok((BackendKind::SentenceEncoder, "model.safetensors")),
+            other => Err(format!(
+                "parameters[\"model_type\"]: {other:?} is not a candle model type \
+                 (supported: sentence_encoder)"
+            )),
+        },
+        (platform, backend) => Err(format!(
+            "platform '{platform}' / backend '{backend}' is not supported \
+             (supported: platform onnxruntime_onnx or backend onnxruntime, backend fil, backend candle)"
+        )),
+    }
+}
+
+impl ModelSpec {
+    /// Validates and completes `config` for the model in directory `dir_name`.
+    /// Errors name the field; the caller prefixes the file.
+    pub fn from_config(dir_name: &str, mut config: ModelConfig) -> Result<Self, String> {
+        if config.name.is_empty() {
+            config.name = dir_name.to_string();
+        } else if config.name != dir_name {
+            return Err(format!(
+                "name: '{}' must match the model's directory name '{dir_name}'",
+                config.name
+            ));
+        }
+        if config.max_batch_size < 0 {
+            return Err(format!(
+                "max_batch_size: {} must be 0 (no batching) or more",
+                config.max_batch_size
+            ));
+        }
+        let max_batch_size = config.max_batch_size as usize;
+        let batching = max_batch_size > 0;
+        let (backend, default_file) = backend_kind(&config)?;
+        if matches!(backend, BackendKind::Onnx) {
+            config.platform = "onnxruntime_onnx".into();
+            config.backend = "onnxruntime".into();
+        }
+        if config.input.is_empty() {
+            return Err("input: the model declares no inputs".into());
+        }
+        if config.output.is_empty() {
+            return Err("output: the model declares no outputs".into());
+        }
+        let mut inputs = Vec::new();
+        for (i, t) in config.input.iter().enumerate() {
+            let mut spec = tensor_spec(
+                &format!("input[{i}]"),
+                &t.name,
+                t.data_type,
+                &t.dims,
+                batching,
+            )?;
+            spec.optional = t.optional;
+            inputs.push(spec);
+        }
+        let mut outputs = Vec::new();
+        for (i, t) in config.output.iter().enumerate() {
+            let mut spec = tensor_spec(
+                &format!("output[{i}]"),
+                &t.name,
+                t.data_type,
+                &t.dims,
+                batching,
+            )?;
+            spec.label_filename = (!t.label_filename.is_empty()).then(|| t.label_filename.clone());
+            outputs.push(spec);
+        }
+        for (what, names) in [("input", &inputs), ("output", &outputs)] {
+            for (i, t) in names.iter().enumerate() {
+                if names[..i].iter().any(|o| o.name == t.name) {
+                    return Err(format!("{what}: '{}' is declared twice", t.name));
+                }
+            }
+        }
+        if config.input.iter().any(|t| t.reshape.is_some())
+            || config.output.iter().any(|t| t.reshape.is_some())
+        {
+            return Err("reshape: not supported; declare the model's own shapes in dims".into());
+        }
+        let dynamic_batching = match &config.scheduling_choice {
+            None => None,
+            Some(SchedulingChoice::SequenceBatching(_)) => {
+                return Err("sequence_batching: not supported (stateless models only)".into())
+            }
+            Some(SchedulingChoice::EnsembleScheduling(_)) => {
+                return Err("ensemble_scheduling: ensembles are not supported".into())
+            }
+            Some(SchedulingChoice::DynamicBatching(db)) => {
+                if !batching {
+                    return Err("dynamic_batching: needs max_batch_size of 1 or more".into());
+                }
+                if let Some(p) = db
+                    .preferred_batch_size
+                    .iter()
+                    .find(|&&p| p < 1 || p as usize > max_batch_size)
+                {
+                    return Err(format!(
+                        "dynamic_batching.preferred_batch_size: {p} must be between 1 and \
+                         max_batch_size ({max_batch_size})"
+                    ));
+                }
+                if db.priority_levels > 1 {
+                    return Err(
+                        "dynamic_batching.priority_levels: priority queues are not supported"
+                            .into(),
+                    );
+                }
+                let policy = db.default_queue_policy.unwrap_or_default();
+                if policy.timeout_action != 0 {
+                    return Err(
+                        "dynamic_batching.default_queue_policy.timeout_action: only REJECT is supported"
+                            .into(),
+                    );
+                }
+                let mut preferred: Vec<usize> = db
+                    .preferred_batch_size
+                    .iter()
+                    .map(|&p| p as usize)
+                    .collect();
+                preferred.sort_unstable();
+                Some(BatchingPolicy {
+                    preferred_batch_sizes: preferred,
+                    max_queue_delay: Duration::from_micros(db.max_queue_delay_microseconds),
+                    max_queue_size: policy.max_queue_size as usize,
+                    default_timeout: (policy.default_timeout_microseconds > 0)
+                        .then(|| Duration::from_micros(policy.default_timeout_microseconds)),
+                    allow_timeout_override: policy.allow_timeout_override,
+                })
+            }
+        };
+        if config.instance_group.is_empty() {
+            config.instance_group.push(ModelInstanceGroup {
+                count: 1,
+                ..Default::default()
+            });
+        }
+        let mut instances = 0;
+        for (i, g) in config.instance_group.iter_mut().enumerate() {
+            if g.kind == Kind::Gpu as i32 {
+                return Err(format!(
+                    "instance_group[{i}].kind: KIND_GPU is not available; use KIND_CPU"
+                ));
+            }
+            if g.count < 0 {
+                return Err(format!(
+                    "instance_group[{i}].count: {} is negative",
+                    g.count
+                ));
+            }
+            g.count = g.count.max(1);
+            g.kind = Kind::Cpu as i32;
+            if g.name.is_empty() {
+                g.name = format!("{}_{i}", config.name);
+            }
+            instances += g.count as usize;
+        }
+        if config.version_policy.is_none() {
+            config.version_policy = Some(ModelVersionPolicy {
+                policy_choice: Some(model_version_policy::PolicyChoice::Latest(
+                    model_version_policy::Latest { num_versions: 1 },
+                )),
+            });
+        }
+        let model_filename = if config.default_model_filename.is_empty() {
+            config.default_model_filename = default_file.to_string();
+            default_file.to_string()
+        } else {
+            config.default_model_filename.clone()
+        };
+        Ok(Self {
+            name: config.name.clone(),
+            config,
+            max_batch_size,
+            inputs,
+            outputs,
+            dynamic_batching,
+            instances,
+            backend,
+            model_filename,
+        })
+    }
+
+    /// The shape metadata shows: `[-1] + dims` when the model batches.
+    pub fn metadata_shape(&self, t: &TensorSpec) -> Vec<i64> {
+        if self.max_batch_size > 0 {
+            std::iter::once(-1).chain(t.dims.iter().copied()).collect()
+        } else {
+            t.dims.clone()
+        }
+    }
+
+    /// Which of `available` versions the version policy serves.
+    pub fn served_versions(&self, available: &[i64]) -> Vec<i64> {
+        let mut sorted = available.to_vec();
+        sorted.sort_unstable();
+        match self
+            .config
+            .version_policy
+            .as_ref()
+            .and_then(|p| p.policy_choice.as_ref())
+        {
+            Some(model_version_policy::PolicyChoice::All(_)) => sorted,
+            Some(model_version_policy::PolicyChoice::Specific(s)) => sorted
+                .into_iter()
+                .filter(|v| s.versions.contains(v))
+                .collect(),
+            Some(model_version_policy::PolicyChoice::Latest(l)) => {
+                let n = (l.num_versions.max(1) as usize).min(sorted.len());
+                sorted.split_off(sorted.len() - n)
+            }
+            None => sorted.split_off(sorted.len().saturating_sub(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> Result<ModelSpec, String> {
+        ModelSpec::from_config("m", proto::model_config::parse_text(text).unwrap())
+    }
+
+    const ONNX: &str = r#"platform: "onnxruntime_onnx" max_batch_size: 8
+        input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] } ]"#;
+
+    #[test]
+    fn completes_name_instances_policy_and_filename() {
+        let s = spec(ONNX).unwrap();
+        assert_eq!(s.config.name, "m");
+        assert_eq!(s.instances, 1);
+        assert_eq!(s.config.instance_group[0].name, "m_0");
+        assert_eq!(s.model_filename, "model.onnx");
+        assert_eq!(s.metadata_shape(&s.inputs[0]), vec![-1, 4]);
+        assert_eq!(s.served_versions(&[3, 1, 2]), vec![3]);
+        assert!(s.dynamic_batching.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = spec(&ONNX.replace("TYPE_FP32 dims: [ 4 ]", "TYPE_FP32 dims: [ 0 ]")).unwrap_err();
+        assert!(e.starts_with("input[0] ('x').dims"), "{e}");
+        let e = spec(&format!(
+            "{ONNX} dynamic_batching {{ preferred_batch_size: [ 16 ] }}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("dynamic_batching.preferred_batch_size"),
+            "{e}"
+        );
+        let e = spec(&ONNX.replace("onnxruntime_onnx", "tensorrt_plan")).unwrap_err();
+        assert!(e.contains("tensorrt_plan"), "{e}");
+        let e = ModelSpec::from_config(
+            "other",
+            proto::model_config::parse_text(&format!("name: \"m\" {ONNX}")).unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("name:"), "{e}");
+    }
+
+    #[test]
+    fn version_policies() {
+        let all = spec(&format!("{ONNX} version_policy: {{ all {{ }} }}")).unwrap();
+        assert_eq!(all.served_versions(&[2, 1]), vec![1, 2]);
+        let two = spec(&format!(
+            "{ONNX} version_policy: {{ latest {{ num_versions: 2 }} }}"
+        ))
+        .unwrap();
+        assert_eq!(two.served_versions(&[1, 5, 3]), vec![3, 5]);
+        let some = spec(&format!(
+            "{ONNX} version_policy: {{ specific {{ versions: [1, 3] }} }}"
+        ))
+        .unwrap();
+        assert_eq!(some.served_versions(&[1, 2, 3]), vec![1, 3]);
+    }
+}

@@ -1,0 +1,157 @@
+//! Exact per-version statistics in Triton's shape (the statistics extension
+//! and what perf_analyzer reads), mirrored into Prometheus metrics.
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A count of events and their summed duration.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Timed {
+    pub count: u64,
+    pub ns: u64,
+}
+
+impl Timed {
+    fn add(&mut self, d: Duration, n: u64) {
+        self.count += n;
+        self.ns += d.as_nanos() as u64 * n;
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchTimes {
+    pub compute_input: Timed,
+    pub compute_infer: Timed,
+    pub compute_output: Timed,
+}
+
+/// A version's statistics at one moment.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Milliseconds since the epoch of the last finished request (0 = none).
+    pub last_inference_ms: u64,
+    /// Inferences, counting every element of every batch.
+    pub inference_count: u64,
+    /// Backend executions (one per formed batch).
+    pub execution_count: u64,
+    pub success: Timed,
+    pub fail: Timed,
+    pub queue: Timed,
+    pub compute_input: Timed,
+    pub compute_infer: Timed,
+    pub compute_output: Timed,
+    /// Per formed batch size: executions and their times.
+    pub batches: BTreeMap<u64, BatchTimes>,
+}
+
+/// Why a request failed, as Triton labels `nv_inference_request_failure`.
+#[derive(Debug, Clone, Copy)]
+pub enum FailReason {
+    Rejected,
+    Backend,
+}
+
+pub struct VersionStats {
+    model: String,
+    version: String,
+    inner: Mutex<StatsSnapshot>,
+}
+
+/// One executed batch, as the scheduler measured it.
+pub struct Execution {
+    pub requests: u64,
+    pub rows: u64,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+    pub compute_output: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl VersionStats {
+    pub fn new(model: &str, version: i64) -> Self {
+        Self {
+            model: model.to_string(),
+            version: version.to_string(),
+            inner: Mutex::new(StatsSnapshot::default()),
+        }
+    }
+
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [
+            ("model", self.model.clone()),
+            ("version", self.version.clone()),
+        ]
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.inner.lock().expect("stats lock").clone()
+    }
+
+    pub fn pending(&self, n: usize) {
+        metrics::gauge!("nv_inference_pending_request_count", &self.labels()).set(n as f64);
+    }
+
+    /// A batch ran: every request in it is charged the batch's compute times.
+    pub fn execution(&self, e: &Execution) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.execution_count += 1;
+        s.inference_count += e.rows;
+        s.compute_input.add(e.compute_input, e.requests);
+        s.compute_infer.add(e.compute_infer, e.requests);
+        s.compute_output.add(e.compute_output, e.requests);
+        let b = s.batches.entry(e.rows).or_default();
+        b.compute_input.add(e.compute_input, 1);
+        b.compute_infer.add(e.compute_infer, 1);
+        b.compute_output.add(e.compute_output, 1);
+        drop(s);
+        let l = self.labels();
+        metrics::counter!("nv_inference_exec_count", &l).increment(1);
+        metrics::counter!("nv_inference_count", &l).increment(e.rows);
+        let us = |d: Duration| d.as_micros() as u64 * e.requests;
+        metrics::counter!("nv_inference_compute_input_duration_us", &l)
+            .increment(us(e.compute_input));
+        metrics::counter!("nv_inference_compute_infer_duration_us", &l)
+            .increment(us(e.compute_infer));
+        metrics::counter!("nv_inference_compute_output_duration_us", &l)
+            .increment(us(e.compute_output));
+        metrics::histogram!("nv_inference_batch_size", &l).record(e.rows as f64);
+    }
+
+    pub fn success(&self, queue: Duration, total: Duration) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.success.add(total, 1);
+        s.queue.add(queue, 1);
+        s.last_inference_ms = now_ms();
+        drop(s);
+        let l = self.labels();
+        metrics::counter!("nv_inference_request_success", &l).increment(1);
+        metrics::counter!("nv_inference_request_duration_us", &l)
+            .increment(total.as_micros() as u64);
+        metrics::counter!("nv_inference_queue_duration_us", &l).increment(queue.as_micros() as u64);
+        metrics::histogram!("nv_inference_request_duration_seconds", &l)
+            .record(total.as_secs_f64());
+        metrics::histogram!("nv_inference_queue_duration_seconds", &l).record(queue.as_secs_f64());
+    }
+
+    pub fn failure(&self, total: Duration, reason: FailReason) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.fail.add(total, 1);
+        s.last_inference_ms = now_ms();
+        drop(s);
+        let reason = match reason {
+            FailReason::Rejected => "REJECTED",
+            FailReason::Backend => "BACKEND",
+        };
+        let [m, v] = self.labels();
+        metrics::counter!(
+            "nv_inference_request_failure",
+            &[m, v, ("reason", reason.to_string())]
+        )
+        .increment(1);
+    }
+}

@@ -1,0 +1,169 @@
+//! Reads XGBoost's JSON model format (1.0 and later) into a `Forest`:
+//! `fvalue < split_condition` goes left, NaN takes `default_left`, and the
+//! base score enters as a margin through the objective's link function.
+use super::forest::{Forest, Missing, Node, Transform, LEAF};
+use serde_json::Value;
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+/// XGBoost writes base_score as "5E-1" or, since 3.0, "[5E-1]" / "[0E0,0E0,0E0]".
+fn base_scores(v: &Value) -> Result<Vec<f64>, String> {
+    let s = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    s.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("base_score '{s}' is not a number"))
+        })
+        .collect()
+}
+
+fn array<'a>(tree: &'a Value, key: &str, t: usize) -> Result<&'a Vec<Value>, String> {
+    tree[key]
+        .as_array()
+        .ok_or_else(|| format!("trees[{t}].{key} is missing"))
+}
+
+fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
+    let left = array(tree, "left_children", t)?;
+    let right = array(tree, "right_children", t)?;
+    let cond = array(tree, "split_conditions", t)?;
+    let index = array(tree, "split_indices", t)?;
+    let default_left = array(tree, "default_left", t)?;
+    let n = left.len();
+    if [right.len(), cond.len(), index.len(), default_left.len()]
+        .iter()
+        .any(|&l| l != n)
+    {
+        return Err(format!("trees[{t}]: node arrays differ in length"));
+    }
+    if let Some(types) = tree["split_type"].as_array() {
+        if types.iter().any(|s| s.as_i64().unwrap_or(0) != 0) {
+            return Err(format!("trees[{t}]: categorical splits are not supported"));
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let l = left[i]
+                .as_i64()
+                .ok_or_else(|| format!("trees[{t}].left_children[{i}]"))?;
+            let value =
+                num(&cond[i]).ok_or_else(|| format!("trees[{t}].split_conditions[{i}]"))? as f32;
+            if l < 0 {
+                return Ok(Node::leaf(value as f64));
+            }
+            let r = right[i]
+                .as_i64()
+                .ok_or_else(|| format!("trees[{t}].right_children[{i}]"))?;
+            let feature = index[i]
+                .as_u64()
+                .ok_or_else(|| format!("trees[{t}].split_indices[{i}]"))?;
+            let dl = match &default_left[i] {
+                Value::Bool(b) => *b,
+                v => v.as_i64().unwrap_or(0) != 0,
+            };
+            Ok(Node {
+                // For f32 inputs, `x < t` is exactly `x <= the float just below t`.
+                threshold: value.next_down() as f64,
+                feature: u32::try_from(feature).unwrap_or(LEAF - 1),
+                left: l as u32,
+                right: r as u32,
+                default_left: dl,
+                missing: Missing::Nan,
+            })
+        })
+        .collect()
+}
+
+/// Parses an XGBoost JSON model (`Booster.save_model("x.json")`).
+pub fn parse(json: &str) -> Result<Forest, String> {
+    let root: Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let learner = &root["learner"];
+    let booster = &learner["gradient_booster"];
+    let name = booster["name"].as_str().unwrap_or("");
+    let model = match name {
+        "gbtree" => &booster["model"],
+        "dart" => &booster["gbtree"]["model"],
+        other => return Err(format!("booster '{other}' is not supported (gbtree, dart)")),
+    };
+    let params = &learner["learner_model_param"];
+    let num_feature =
+        num(&params["num_feature"]).ok_or("learner_model_param.num_feature is missing")? as usize;
+    let num_class = num(&params["num_class"]).unwrap_or(0.0) as usize;
+    if num(&params["num_target"]).unwrap_or(1.0) as usize > 1 {
+        return Err("multi-target models are not supported".into());
+    }
+    let num_groups = num_class.max(1);
+    let objective = learner["objective"]["name"].as_str().unwrap_or("");
+    let base = base_scores(&params["base_score"])?;
+    let (link, transform): (fn(f64) -> f64, Transform) = match objective {
+        "reg:squarederror"
+        | "reg:linear"
+        | "reg:pseudohubererror"
+        | "reg:absoluteerror"
+        | "reg:quantileerror"
+        | "reg:squaredlogerror" => (|p| p, Transform::Identity),
+        "binary:logistic" | "reg:logistic" => {
+            (|p: f64| -(1.0 / p - 1.0).ln(), Transform::Sigmoid(1.0))
+        }
+        "binary:logitraw" => (|p: f64| -(1.0 / p - 1.0).ln(), Transform::Identity),
+        "binary:hinge" => (|p| p, Transform::Step),
+        "multi:softprob" | "multi:softmax" => (|p| p, Transform::Softmax),
+        "count:poisson" | "reg:gamma" | "reg:tweedie" => (|p: f64| p.ln(), Transform::Exp),
+        other => return Err(format!("objective '{other}' is not supported")),
+    };
+    let base_margin = match base.len() {
+        1 => vec![link(base[0]); num_groups],
+        n if n == num_groups => base.iter().map(|&b| link(b)).collect(),
+        n => {
+            return Err(format!(
+                "base_score has {n} values for {num_groups} outputs"
+            ))
+        }
+    };
+    let trees_json = model["trees"]
+        .as_array()
+        .ok_or("gradient_booster model has no trees")?;
+    let trees = trees_json
+        .iter()
+        .enumerate()
+        .map(|(t, tree)| tree_nodes(tree, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tree_group = match model["tree_info"].as_array() {
+        Some(info) => info
+            .iter()
+            .map(|g| g.as_u64().unwrap_or(0) as usize)
+            .collect(),
+        None => vec![0; trees.len()],
+    };
+    let mut trees = trees;
+    if name == "dart" {
+        let weights = booster["weight_drop"]
+            .as_array()
+            .ok_or("dart model has no weight_drop")?;
+        for (tree, w) in trees.iter_mut().zip(weights) {
+            let w = num(w).unwrap_or(1.0) as f32;
+            for n in tree.iter_mut().filter(|n| n.feature == LEAF) {
+                n.threshold = (n.threshold as f32 * w) as f64;
+            }
+        }
+    }
+    let forest = Forest {
+        trees,
+        tree_group,
+        num_groups,
+        base_margin,
+        num_features: num_feature,
+        transform,
+        average: false,
+    };
+    forest.validate()?;
+    Ok(forest)
+}

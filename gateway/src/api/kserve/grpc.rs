@@ -1,0 +1,427 @@
+//! KServe v2 over gRPC (`inference.GRPCInferenceService`) with Triton's
+//! extensions, `raw_input_contents` / `raw_output_contents`, streaming
+//! infer, gRPC health, and message limits as large as the clients allow.
+use super::{
+    index, model_config, model_metadata, parse_version, repository, server_metadata, statistics,
+};
+use crate::api::AppState;
+use engine::dnn::{
+    DataType, DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, RequestedOutput,
+    Tensor,
+};
+use futures::StreamExt;
+use proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use proto::inference::model_infer_response::InferOutputTensor;
+use proto::inference::*;
+use std::pin::Pin;
+use std::time::Duration;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct KserveGrpc {
+    state: AppState,
+}
+
+pub fn status(e: DnnError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidArg => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Unsupported => tonic::Code::Unimplemented,
+        ErrorKind::Internal => tonic::Code::Internal,
+    };
+    Status::new(code, e.message)
+}
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+
+impl KserveGrpc {
+    fn repo(&self) -> Result<&ModelRepository, Status> {
+        repository(&self.state.dnn).map_err(status)
+    }
+}
+
+/// Typed `contents` as the tensor's binary encoding.
+fn contents_bytes(
+    name: &str,
+    dtype: DataType,
+    c: InferTensorContents,
+) -> Result<Vec<u8>, DnnError> {
+    let narrow = |v: i64, min: i64, max: i64| {
+        (min..=max).contains(&v).then_some(v).ok_or_else(|| {
+            DnnError::invalid(format!(
+                "input '{name}': {v} is not a valid {}",
+                dtype.wire()
+            ))
+        })
+    };
+    let unarrow = |v: u32, max: u32| {
+        (v <= max).then_some(v).ok_or_else(|| {
+            DnnError::invalid(format!(
+                "input '{name}': {v} is not a valid {}",
+                dtype.wire()
+            ))
+        })
+    };
+    let mut out = Vec::new();
+    match dtype {
+        DataType::Bool => out.extend(c.bool_contents.iter().map(|&b| b as u8)),
+        DataType::Int8 => {
+            for v in c.int_contents {
+                out.extend((narrow(v.into(), i8::MIN.into(), i8::MAX.into())? as i8).to_le_bytes());
+            }
+        }
+        DataType::Int16 => {
+            for v in c.int_contents {
+                out.extend(
+                    (narrow(v.into(), i16::MIN.into(), i16::MAX.into())? as i16).to_le_bytes(),
+                );
+            }
+        }
+        DataType::Int32 => c
+            .int_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Int64 => c
+            .int64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Uint8 => {
+            for v in c.uint_contents {
+                out.push(unarrow(v, u8::MAX.into())? as u8);
+            }
+        }
+        DataType::Uint16 => {
+            for v in c.uint_contents {
+                out.extend((unarrow(v, u16::MAX.into())? as u16).to_le_bytes());
+            }
+        }
+        DataType::Uint32 => c
+            .uint_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Uint64 => c
+            .uint64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Fp32 => c
+            .fp32_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Fp64 => c
+            .fp64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        DataType::Bytes => {
+            out = engine::dnn::tensor::encode_bytes(c.bytes_contents.iter().map(Vec::as_slice))
+        }
+        DataType::Fp16 | DataType::Bf16 => {
+            return Err(DnnError::invalid(format!(
+                "input '{name}': {} data must be sent in raw_input_contents",
+                dtype.wire()
+            )))
+        }
+    }
+    Ok(out)
+}
+
+fn param_u64(p: Option<&InferParameter>) -> Option<u64> {
+    use infer_parameter::ParameterChoice as P;
+    match p?.parameter_choice.as_ref()? {
+        P::Int64Param(v) => u64::try_from(*v).ok(),
+        P::Uint64Param(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn infer_request(r: ModelInferRequest) -> Result<InferRequest, DnnError> {
+    let version = parse_version(&r.model_version)?;
+    let raw = !r.raw_input_contents.is_empty();
+    if raw && r.raw_input_contents.len() != r.inputs.len() {
+        return Err(DnnError::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            r.raw_input_contents.len(),
+            r.inputs.len()
+        )));
+    }
+    let mut raws = r.raw_input_contents.into_iter();
+    let mut inputs = Vec::with_capacity(r.inputs.len());
+    for input in r.inputs {
+        let dtype = DataType::from_wire(&input.datatype).ok_or_else(|| {
+            DnnError::invalid(format!(
+                "input '{}': invalid datatype '{}'",
+                input.name, input.datatype
+            ))
+        })?;
+        if input.shape.iter().any(|&d| d < 0) {
+            return Err(DnnError::invalid(format!(
+                "input '{}': shape {:?} has a negative dimension",
+                input.name, input.shape
+            )));
+        }
+        let data = match (raws.next(), input.contents) {
+            (Some(_), Some(_)) => {
+                return Err(DnnError::invalid(format!(
+                    "input '{}': contents must be empty when raw_input_contents is used",
+                    input.name
+                )))
+            }
+            (Some(bytes), None) => bytes,
+            (None, Some(c)) => contents_bytes(&input.name, dtype, c)?,
+            (None, None) => {
+                return Err(DnnError::invalid(format!(
+                    "input '{}' has no data",
+                    input.name
+                )))
+            }
+        };
+        inputs.push(Tensor::new(input.name, dtype, input.shape, data));
+    }
+    let outputs = r
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let classification = param_u64(o.parameters.get("classification")).map(|k| k as usize);
+            RequestedOutput {
+                name: o.name,
+                classification,
+            }
+        })
+        .collect();
+    Ok(InferRequest {
+        model: r.model_name,
+        version,
+        id: r.id,
+        inputs,
+        outputs,
+        timeout: param_u64(r.parameters.get("timeout")).map(Duration::from_micros),
+    })
+}
+
+fn infer_response(resp: InferResponse) -> ModelInferResponse {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut raw = Vec::with_capacity(resp.outputs.len());
+    for t in resp.outputs {
+        outputs.push(InferOutputTensor {
+            name: t.name,
+            datatype: t.dtype.wire().into(),
+            shape: t.shape,
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(t.data);
+    }
+    ModelInferResponse {
+        model_name: resp.model_name,
+        model_version: resp.model_version,
+        id: resp.id,
+        parameters: Default::default(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+async fn run_infer(
+    repo: &ModelRepository,
+    r: ModelInferRequest,
+) -> Result<ModelInferResponse, DnnError> {
+    let req = infer_request(r)?;
+    Ok(infer_response(repo.infer(req).await?))
+}
+
+type InferStream =
+    Pin<Box<dyn futures::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for KserveGrpc {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> GrpcResult<ServerLiveResponse> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> GrpcResult<ServerReadyResponse> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.is_ready(),
+        }))
+    }
+
+    async fn model_ready(&self, r: Request<ModelReadyRequest>) -> GrpcResult<ModelReadyResponse> {
+        let r = r.into_inner();
+        let version = parse_version(&r.version).map_err(status)?;
+        let ready = self.repo()?.version(&r.name, version).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> GrpcResult<ServerMetadataResponse> {
+        Ok(Response::new(server_metadata()))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> GrpcResult<ModelMetadataResponse> {
+        let r = r.into_inner();
+        let version = parse_version(&r.version).map_err(status)?;
+        model_metadata(self.repo()?, &r.name, version)
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn model_infer(&self, r: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
+        run_infer(self.repo()?, r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    type ModelStreamInferStream = InferStream;
+
+    async fn model_stream_infer(
+        &self,
+        r: Request<Streaming<ModelInferRequest>>,
+    ) -> GrpcResult<Self::ModelStreamInferStream> {
+        let repo = self
+            .state
+            .dnn
+            .clone()
+            .ok_or_else(|| status(repository(&None).err().expect("no repository")))?;
+        let mut inbound = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = inbound.next().await {
+                let (tx, repo) = (tx.clone(), repo.clone());
+                tokio::spawn(async move {
+                    let id = req.id.clone();
+                    let msg = match run_infer(&repo, req).await {
+                        Ok(resp) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(resp),
+                        },
+                        Err(e) => ModelStreamInferResponse {
+                            error_message: e.message,
+                            infer_response: Some(ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(msg)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<ModelConfigRequest>,
+    ) -> GrpcResult<ModelConfigResponse> {
+        let r = r.into_inner();
+        let version = parse_version(&r.version).map_err(status)?;
+        let config = model_config(self.repo()?, &r.name, version).map_err(status)?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<ModelStatisticsRequest>,
+    ) -> GrpcResult<ModelStatisticsResponse> {
+        let r = r.into_inner();
+        let version = parse_version(&r.version).map_err(status)?;
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        statistics(self.repo()?, name, version)
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn repository_index(
+        &self,
+        r: Request<RepositoryIndexRequest>,
+    ) -> GrpcResult<RepositoryIndexResponse> {
+        Ok(Response::new(index(self.repo()?, r.into_inner().ready)))
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<RepositoryModelLoadRequest>,
+    ) -> GrpcResult<RepositoryModelLoadResponse> {
+        let r = r.into_inner();
+        use model_repository_parameter::ParameterChoice as P;
+        if r.parameters.keys().any(|k| k.starts_with("file:")) {
+            return Err(status(DnnError::unsupported(
+                "load with file: parameters is not supported; put the files in the repository",
+            )));
+        }
+        let config = match r
+            .parameters
+            .get("config")
+            .and_then(|p| p.parameter_choice.clone())
+        {
+            None => None,
+            Some(P::StringParam(c)) => Some(
+                proto::model_config::from_json(&c)
+                    .map_err(|e| status(DnnError::invalid(format!("parameters.config: {e}"))))?,
+            ),
+            Some(_) => {
+                return Err(status(DnnError::invalid(
+                    "parameters.config must be a string of ModelConfig JSON",
+                )))
+            }
+        };
+        let repo = self.state.dnn.clone();
+        tokio::task::spawn_blocking(move || repository(&repo)?.load(&r.model_name, config))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        r: Request<RepositoryModelUnloadRequest>,
+    ) -> GrpcResult<RepositoryModelUnloadResponse> {
+        self.repo()?
+            .unload(&r.into_inner().model_name)
+            .map_err(status)?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+}
+
+/// Serves KServe gRPC (and `grpc.health.v1.Health`) on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use tonic::codec::CompressionEncoding::{Deflate, Gzip};
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<GrpcInferenceServiceServer<KserveGrpc>>()
+        .await;
+    let service = GrpcInferenceServiceServer::new(KserveGrpc { state })
+        .max_decoding_message_size(i32::MAX as usize)
+        .max_encoding_message_size(i32::MAX as usize)
+        .accept_compressed(Gzip)
+        .accept_compressed(Deflate)
+        .send_compressed(Gzip)
+        .send_compressed(Deflate);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

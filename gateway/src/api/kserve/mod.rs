@@ -1,0 +1,158 @@
+//! KServe v2 / Triton protocol over HTTP (`http`) and gRPC (`grpc`): both
+//! answer from the same model repository with the same messages, built here.
+pub mod grpc;
+pub mod http;
+
+use engine::dnn::{DnnError, ModelRepository, StatsSnapshot};
+use proto::inference::{
+    model_metadata_response::TensorMetadata, repository_index_response::ModelIndex,
+    InferBatchStatistics, InferStatistics, ModelConfig, ModelMetadataResponse, ModelStatistics,
+    ModelStatisticsResponse, RepositoryIndexResponse, ServerMetadataResponse, StatisticDuration,
+};
+use std::sync::Arc;
+
+/// Protocol extensions this server implements, as `GET /v2` lists them.
+pub const EXTENSIONS: &[&str] = &[
+    "classification",
+    "model_repository",
+    "schedule_policy",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+];
+
+pub fn server_metadata() -> ServerMetadataResponse {
+    ServerMetadataResponse {
+        name: "switchyard".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+/// The repository, or the error every model call gets without one.
+pub fn repository(repo: &Option<Arc<ModelRepository>>) -> Result<&ModelRepository, DnnError> {
+    repo.as_deref().ok_or_else(|| {
+        DnnError::not_found("no model repository is served (start with --model-repository PATH)")
+    })
+}
+
+/// A version as the protocol sends it: empty = the default (highest) version.
+pub fn parse_version(v: &str) -> Result<Option<i64>, DnnError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse::<i64>()
+        .map(Some)
+        .map_err(|_| DnnError::invalid(format!("model version '{v}' is not a number")))
+}
+
+pub fn model_metadata(
+    repo: &ModelRepository,
+    name: &str,
+    version: Option<i64>,
+) -> Result<ModelMetadataResponse, DnnError> {
+    let (model, v) = repo.version(name, version)?;
+    let spec = &model.spec;
+    let tensors = |list: &[engine::dnn::model::TensorSpec]| {
+        list.iter()
+            .map(|t| TensorMetadata {
+                name: t.name.clone(),
+                datatype: t.dtype.wire().into(),
+                shape: spec.metadata_shape(t),
+            })
+            .collect()
+    };
+    let versions = match version {
+        Some(_) => vec![v.version.to_string()],
+        None => model.versions.keys().map(|k| k.to_string()).collect(),
+    };
+    Ok(ModelMetadataResponse {
+        name: spec.name.clone(),
+        versions,
+        platform: if spec.config.platform.is_empty() {
+            spec.config.backend.clone()
+        } else {
+            spec.config.platform.clone()
+        },
+        inputs: tensors(&spec.inputs),
+        outputs: tensors(&spec.outputs),
+    })
+}
+
+pub fn model_config(
+    repo: &ModelRepository,
+    name: &str,
+    version: Option<i64>,
+) -> Result<ModelConfig, DnnError> {
+    let (model, _) = repo.version(name, version)?;
+    Ok(model.spec.config.clone())
+}
+
+fn duration(t: engine::dnn::stats::Timed) -> Option<StatisticDuration> {
+    Some(StatisticDuration {
+        count: t.count,
+        ns: t.ns,
+    })
+}
+
+fn statistics_of(name: String, version: i64, s: StatsSnapshot) -> ModelStatistics {
+    ModelStatistics {
+        name,
+        version: version.to_string(),
+        last_inference: s.last_inference_ms,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(InferStatistics {
+            success: duration(s.success),
+            fail: duration(s.fail),
+            queue: duration(s.queue),
+            compute_input: duration(s.compute_input),
+            compute_infer: duration(s.compute_infer),
+            compute_output: duration(s.compute_output),
+            cache_hit: duration(Default::default()),
+            cache_miss: duration(Default::default()),
+        }),
+        batch_stats: s
+            .batches
+            .into_iter()
+            .map(|(size, b)| InferBatchStatistics {
+                batch_size: size,
+                compute_input: duration(b.compute_input),
+                compute_infer: duration(b.compute_infer),
+                compute_output: duration(b.compute_output),
+            })
+            .collect(),
+        memory_usage: vec![],
+        response_stats: Default::default(),
+    }
+}
+
+pub fn statistics(
+    repo: &ModelRepository,
+    name: Option<&str>,
+    version: Option<i64>,
+) -> Result<ModelStatisticsResponse, DnnError> {
+    Ok(ModelStatisticsResponse {
+        model_stats: repo
+            .stats(name, version)?
+            .into_iter()
+            .map(|(n, v, s)| statistics_of(n, v, s))
+            .collect(),
+    })
+}
+
+pub fn index(repo: &ModelRepository, ready: bool) -> RepositoryIndexResponse {
+    RepositoryIndexResponse {
+        models: repo
+            .index(ready)
+            .into_iter()
+            .map(|e| ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state,
+                reason: e.reason,
+            })
+            .collect(),
+    }
+}
