@@ -353,3 +353,56 @@ def test_perf_analyzer_runs_clean(triton, proto, model, shape):
     r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
+
+
+def test_llm_over_kserve(repo):
+    """The LLM engine through the same protocol: infer with text_input, Triton's
+    generate and generate_stream, and gRPC streaming, all agreeing with the
+    OpenAI API on a greedy completion."""
+    from conftest import MODEL
+    s = Triton(repo[0], "--config", str(ROOT / "configs" / "default.yaml"))
+    try:
+        prompt = "The capital of France is"
+        sampling = {"temperature": 0, "max_tokens": 8}
+        http = httpclient.InferenceServerClient(s.http_url)
+        assert http.is_model_ready(MODEL) and http.is_model_ready("iris_xgb")
+        assert http.get_model_metadata(MODEL)["platform"] == "switchyard_llm"
+        assert http.get_model_config(MODEL)["model_transaction_policy"]["decoupled"] is True
+
+        def tensors(mod, stream=False):
+            vals = [("text_input", np.array([prompt.encode()], dtype=object), "BYTES"),
+                    ("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=object), "BYTES"),
+                    ("exclude_input_in_output", np.array([True]), "BOOL"),
+                    ("stream", np.array([stream]), "BOOL")]
+            out = []
+            for name, arr, dt in vals:
+                t = mod.InferInput(name, [1], dt)
+                t.set_data_from_numpy(arr)
+                out.append(t)
+            return out
+
+        text = http.infer(MODEL, tensors(httpclient)).as_numpy("text_output")[0].decode()
+        assert text.strip()
+        gen = httpx.post(f"{s.url}/v2/models/{MODEL}/generate", json={"text_input": prompt, "parameters": sampling}, timeout=60).json()
+        assert gen["text_output"] == prompt + text and gen["model_name"] == MODEL
+        with httpx.stream("POST", f"{s.url}/v2/models/{MODEL}/generate_stream", json={"text_input": prompt, "parameters": sampling}, timeout=60) as r:
+            pieces = [json.loads(line[5:])["text_output"] for line in r.iter_lines() if line.startswith("data:")]
+        assert len(pieces) > 1 and "".join(pieces) == text
+        openai = httpx.post(f"{s.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60).json()
+        assert openai["choices"][0]["text"] == text
+
+        g = grpcclient.InferenceServerClient(s.grpc_url)
+        assert g.infer(MODEL, tensors(grpcclient)).as_numpy("text_output")[0].decode() == text
+        got = []
+        g.start_stream(callback=lambda result, error: got.append((result, error)))
+        try:
+            g.async_stream_infer(MODEL, tensors(grpcclient, stream=True), request_id="s1")
+            deadline = time.time() + 60
+            while "".join(r.as_numpy("text_output")[0].decode() for r, _ in got if r) != text and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            g.stop_stream()
+        assert all(e is None for _, e in got) and len(got) > 1
+        assert "".join(r.as_numpy("text_output")[0].decode() for r, _ in got) == text
+    finally:
+        s.stop()

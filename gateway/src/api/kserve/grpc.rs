@@ -2,7 +2,8 @@
 //! extensions, `raw_input_contents` / `raw_output_contents`, streaming
 //! infer, gRPC health, and message limits as large as the clients allow.
 use super::{
-    index, model_config, model_metadata, parse_version, repository, server_metadata, statistics,
+    index, llm, llm_target, model_config, model_metadata, parse_version, repository,
+    server_metadata, statistics,
 };
 use crate::api::AppState;
 use engine::dnn::{
@@ -222,12 +223,74 @@ fn infer_response(resp: InferResponse) -> ModelInferResponse {
     }
 }
 
-async fn run_infer(
-    repo: &ModelRepository,
-    r: ModelInferRequest,
-) -> Result<ModelInferResponse, DnnError> {
+async fn run_infer(state: &AppState, r: ModelInferRequest) -> Result<ModelInferResponse, DnnError> {
     let req = infer_request(r)?;
-    Ok(infer_response(repo.infer(req).await?))
+    let resp = match llm_target(state, &req.model) {
+        Some((engine, v)) => llm::infer(&engine, v, req).await?,
+        None => repository(&state.dnn)?.infer(req).await?,
+    };
+    Ok(infer_response(resp))
+}
+
+type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
+
+/// One request of a stream: an LLM asked to stream (`stream` = true) gets one
+/// response per text piece, anything else one response.
+async fn stream_one(state: &AppState, r: ModelInferRequest, tx: &StreamSender) {
+    let id = r.id.clone();
+    let result = match llm_target(state, &r.model_name) {
+        Some((engine, version)) => stream_llm(&engine, version, r, tx).await,
+        None => run_infer(state, r).await.map(Some),
+    };
+    let msg = match result {
+        Ok(None) => return,
+        Ok(Some(resp)) => ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(resp),
+        },
+        Err(e) => ModelStreamInferResponse {
+            error_message: e.message,
+            infer_response: Some(ModelInferResponse {
+                id,
+                ..Default::default()
+            }),
+        },
+    };
+    let _ = tx.send(Ok(msg)).await;
+}
+
+/// Streams an LLM's text pieces into `tx` (and returns `None`), or answers
+/// a request that does not ask to stream with one response.
+async fn stream_llm(
+    engine: &engine::llm::LlmEngine,
+    version: String,
+    r: ModelInferRequest,
+    tx: &StreamSender,
+) -> Result<Option<ModelInferResponse>, DnnError> {
+    let req = infer_request(r)?;
+    let (call, stream) = llm::call_from_tensors(&req.inputs)?;
+    if !stream {
+        return Ok(Some(infer_response(
+            llm::infer(engine, version, req).await?,
+        )));
+    }
+    let mut pieces = Box::pin(llm::stream(engine, &call)?);
+    while let Some(piece) = pieces.next().await {
+        let resp = InferResponse {
+            model_name: req.model.clone(),
+            model_version: version.clone(),
+            id: req.id.clone(),
+            outputs: vec![llm::text_tensor(&piece?)],
+        };
+        let msg = ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(infer_response(resp)),
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            break;
+        }
+    }
+    Ok(None)
 }
 
 type InferStream =
@@ -251,7 +314,8 @@ impl GrpcInferenceService for KserveGrpc {
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> GrpcResult<ModelReadyResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
-        let ready = self.repo()?.version(&r.name, version).is_ok();
+        let ready = llm_target(&self.state, &r.name).is_some()
+            || repository(&self.state.dnn).is_ok_and(|repo| repo.version(&r.name, version).is_ok());
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -268,13 +332,16 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> GrpcResult<ModelMetadataResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
+        if let Some((_, v)) = llm_target(&self.state, &r.name) {
+            return Ok(Response::new(llm::metadata(&r.name, &v)));
+        }
         model_metadata(self.repo()?, &r.name, version)
             .map(Response::new)
             .map_err(status)
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
-        run_infer(self.repo()?, r.into_inner())
+        run_infer(&self.state, r.into_inner())
             .await
             .map(Response::new)
             .map_err(status)
@@ -286,33 +353,13 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         r: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
-        let repo = self
-            .state
-            .dnn
-            .clone()
-            .ok_or_else(|| status(repository(&None).err().expect("no repository")))?;
+        let state = self.state.clone();
         let mut inbound = r.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             while let Some(Ok(req)) = inbound.next().await {
-                let (tx, repo) = (tx.clone(), repo.clone());
-                tokio::spawn(async move {
-                    let id = req.id.clone();
-                    let msg = match run_infer(&repo, req).await {
-                        Ok(resp) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(resp),
-                        },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.message,
-                            infer_response: Some(ModelInferResponse {
-                                id,
-                                ..Default::default()
-                            }),
-                        },
-                    };
-                    let _ = tx.send(Ok(msg)).await;
-                });
+                let (tx, state) = (tx.clone(), state.clone());
+                tokio::spawn(async move { stream_one(&state, req, &tx).await });
             }
         });
         Ok(Response::new(Box::pin(
@@ -326,7 +373,10 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> GrpcResult<ModelConfigResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
-        let config = model_config(self.repo()?, &r.name, version).map_err(status)?;
+        let config = match llm_target(&self.state, &r.name) {
+            Some(_) => llm::config(&r.name),
+            None => model_config(self.repo()?, &r.name, version).map_err(status)?,
+        };
         Ok(Response::new(ModelConfigResponse {
             config: Some(config),
         }))

@@ -2,7 +2,8 @@
 //! statistics, repository control, and infer with JSON or binary tensors
 //! (`Inference-Header-Content-Length`), gzip/deflate bodies both ways.
 use super::{
-    index, model_config, model_metadata, parse_version, repository, server_metadata, statistics,
+    index, llm, llm_target, model_config, model_metadata, parse_version, repository,
+    server_metadata, statistics,
 };
 use crate::api::AppState;
 use axum::body::Bytes;
@@ -21,6 +22,8 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
+/// The largest request body (1 GiB); gRPC allows up to 2 GiB per message.
+const MAX_BODY_BYTES: usize = 1 << 30;
 
 /// A protocol error: `{"error": "..."}` with Triton's status for its kind.
 pub struct KsError(pub DnnError);
@@ -76,6 +79,10 @@ pub fn routes() -> Router<AppState> {
         .merge(model("/config", get(config)))
         .merge(model("/stats", get(stats)))
         .merge(model("/infer", post(infer)))
+        .merge(model("/generate", post(generate)))
+        .merge(model("/generate_stream", post(generate_stream)))
+        // Tensors are large; Triton's clients send whole batches in one body.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
 /// The model and version named in the path.
@@ -97,10 +104,13 @@ async fn model_ready(
     State(s): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
 ) -> StatusCode {
-    let ready = target(&p)
-        .ok()
-        .and_then(|(m, v)| repository(&s.dnn).ok()?.version(&m, v).ok())
-        .is_some();
+    let ready = target(&p).ok().is_some_and(|(m, v)| {
+        llm_target(&s, &m).is_some()
+            || repository(&s.dnn)
+                .ok()
+                .and_then(|r| r.version(&m, v).ok())
+                .is_some()
+    });
     if ready {
         StatusCode::OK
     } else {
@@ -113,7 +123,10 @@ async fn metadata(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    let md = model_metadata(repository(&s.dnn)?, &m, v)?;
+    let md = match llm_target(&s, &m) {
+        Some((_, version)) => llm::metadata(&m, &version),
+        None => model_metadata(repository(&s.dnn)?, &m, v)?,
+    };
     Ok(Json(proto::json::to_json(
         &md,
         "inference.ModelMetadataResponse",
@@ -125,11 +138,11 @@ async fn config(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    Ok(Json(proto::model_config::to_json(&model_config(
-        repository(&s.dnn)?,
-        &m,
-        v,
-    )?)))
+    let config = match llm_target(&s, &m) {
+        Some(_) => llm::config(&m),
+        None => model_config(repository(&s.dnn)?, &m, v)?,
+    };
+    Ok(Json(proto::model_config::to_json(&config)))
 }
 
 async fn stats(
@@ -434,7 +447,7 @@ fn parse_infer(
     version: Option<i64>,
     headers: &HeaderMap,
     body: &[u8],
-    repo: &engine::dnn::ModelRepository,
+    repo: Option<&engine::dnn::ModelRepository>,
 ) -> Result<(InferRequest, OutputFormat), DnnError> {
     let header_len = match headers.get(HEADER_LENGTH) {
         None => None,
@@ -454,6 +467,8 @@ fn parse_infer(
         )));
     }
     if header_len == Some(0) {
+        let repo =
+            repo.ok_or_else(|| DnnError::invalid("a raw binary request needs a repository model"))?;
         return raw_request(model, version, body, repo);
     }
     let (head, mut binary) = body.split_at(header_len.unwrap_or(body.len()));
@@ -681,11 +696,16 @@ async fn infer(
     body: Bytes,
 ) -> KsResult<Response> {
     let (model, version) = target(&p)?;
-    let repo = repository(&s.dnn)?;
-    repo.version(&model, version)?;
+    let llm = llm_target(&s, &model);
+    if llm.is_none() {
+        repository(&s.dnn)?.version(&model, version)?;
+    }
     let body = decode_body(&headers, &body)?;
-    let (req, format) = parse_infer(model, version, &headers, &body, repo)?;
-    let resp = repo.infer(req).await?;
+    let (req, format) = parse_infer(model, version, &headers, &body, s.dnn.as_deref())?;
+    let resp = match llm {
+        Some((engine, v)) => llm::infer(&engine, v, req).await?,
+        None => repository(&s.dnn)?.infer(req).await?,
+    };
     let (body, header_len) = infer_body(resp, &format);
     let (encoding, body) = encode_response(&headers, body);
     let mut response = Response::new(axum::body::Body::from(body));
@@ -709,6 +729,111 @@ async fn infer(
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
     }
     Ok(response)
+}
+
+/// Triton's generate extension: a JSON object of inputs by name plus
+/// `parameters` (the sampling settings).
+fn generate_call(
+    s: &AppState,
+    p: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(engine::llm::LlmEngine, String, String, llm::LlmCall), DnnError> {
+    let (model, _) = target(p)?;
+    let (engine, version) = llm_target(s, &model).ok_or_else(|| {
+        DnnError::not_found(format!(
+            "Request for unknown model: '{model}' is not a generative model"
+        ))
+    })?;
+    let req = optional_json(headers, body)?;
+    let obj = req
+        .as_object()
+        .ok_or_else(|| DnnError::invalid("the request must be a JSON object"))?;
+    let prompt = obj
+        .get("text_input")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DnnError::invalid("the request has no string 'text_input'"))?
+        .to_string();
+    let mut params = obj
+        .get("parameters")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(Value::Object(extra)) = obj.get("sampling_parameters") {
+        params.extend(extra.clone());
+    }
+    let exclude_input = obj
+        .get("exclude_input_in_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok((
+        engine,
+        model,
+        version,
+        llm::LlmCall {
+            prompt,
+            params,
+            exclude_input,
+        },
+    ))
+}
+
+/// A generate request, read and checked before the handler runs.
+struct Generate {
+    engine: engine::llm::LlmEngine,
+    model: String,
+    version: String,
+    call: llm::LlmCall,
+}
+
+impl axum::extract::FromRequest<AppState> for Generate {
+    type Rejection = KsError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> KsResult<Self> {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = req.into_parts();
+        let Path(p) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| DnnError::invalid(e.to_string()))?;
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|e| DnnError::invalid(format!("reading the body: {e}")))?;
+        let (engine, model, version, call) = generate_call(state, &p, &parts.headers, &body)?;
+        Ok(Self {
+            engine,
+            model,
+            version,
+            call,
+        })
+    }
+}
+
+async fn generate(g: Generate) -> KsResult<Json<Value>> {
+    let text = llm::complete(&g.engine, &g.call).await?;
+    Ok(Json(
+        json!({"model_name": g.model, "model_version": g.version, "text_output": text}),
+    ))
+}
+
+async fn generate_stream(g: Generate) -> KsResult<Response> {
+    use futures::StreamExt;
+    let Generate {
+        engine,
+        model,
+        version,
+        call,
+    } = g;
+    let pieces = llm::stream(&engine, &call)?;
+    let events = pieces.map(move |piece| {
+        let event = match piece {
+            Ok(text) => json!({"model_name": model, "model_version": version, "text_output": text}),
+            Err(e) => json!({"error": e.message}),
+        };
+        Ok::<_, std::convert::Infallible>(
+            axum::response::sse::Event::default().data(event.to_string()),
+        )
+    });
+    Ok(axum::response::sse::Sse::new(events).into_response())
 }
 
 #[cfg(test)]

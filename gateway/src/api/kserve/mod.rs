@@ -2,6 +2,7 @@
 //! answer from the same model repository with the same messages, built here.
 pub mod grpc;
 pub mod http;
+pub mod llm;
 
 use engine::dnn::{DnnError, ModelRepository, StatsSnapshot};
 use proto::inference::{
@@ -28,6 +29,19 @@ pub fn server_metadata() -> ServerMetadataResponse {
         version: env!("CARGO_PKG_VERSION").into(),
         extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
     }
+}
+
+/// An LLM served under `name` (a route or `model@version`) that is not a
+/// repository model, with the version the protocol reports.
+pub fn llm_target(
+    state: &crate::api::AppState,
+    name: &str,
+) -> Option<(engine::llm::LlmEngine, String)> {
+    if state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
+        return None;
+    }
+    let (engine, version) = state.deployment(name)?;
+    Some((engine, version.unwrap_or(1).to_string()))
 }
 
 /// The repository, or the error every model call gets without one.

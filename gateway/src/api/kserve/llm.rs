@@ -1,0 +1,265 @@
+//! LLMs over KServe v2, the way Triton's vLLM backend exposes them: a BYTES
+//! `text_input` in, `text_output` out, through `infer`, `generate` and
+//! `generate_stream`, with sampling settings as JSON (`sampling_parameters`).
+use engine::dnn::tensor::{bytes_elements, encode_bytes};
+use engine::dnn::{DataType, DnnError, InferRequest, InferResponse, Tensor};
+use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError, SamplingParams};
+use futures::Stream;
+use proto::inference::model_metadata_response::TensorMetadata;
+use proto::inference::{ModelConfig, ModelInput, ModelMetadataResponse, ModelOutput};
+use serde_json::{Map, Value};
+
+/// Tokens generated when the request names no `max_tokens` (vLLM's default).
+const DEFAULT_MAX_TOKENS: usize = 16;
+pub const PLATFORM: &str = "switchyard_llm";
+
+/// One generation as the protocol asks for it.
+pub struct LlmCall {
+    pub prompt: String,
+    pub params: Map<String, Value>,
+    /// Whether the (non-streamed) output repeats the prompt before the completion.
+    pub exclude_input: bool,
+}
+
+/// Inputs: name, datatype, whether required.
+const INPUTS: [(&str, DataType, bool); 4] = [
+    ("text_input", DataType::Bytes, true),
+    ("stream", DataType::Bool, false),
+    ("sampling_parameters", DataType::Bytes, false),
+    ("exclude_input_in_output", DataType::Bool, false),
+];
+
+pub fn metadata(name: &str, version: &str) -> ModelMetadataResponse {
+    ModelMetadataResponse {
+        name: name.into(),
+        versions: vec![version.into()],
+        platform: PLATFORM.into(),
+        inputs: INPUTS
+            .iter()
+            .map(|(n, d, _)| TensorMetadata {
+                name: (*n).into(),
+                datatype: d.wire().into(),
+                shape: vec![1],
+            })
+            .collect(),
+        outputs: vec![TensorMetadata {
+            name: "text_output".into(),
+            datatype: "BYTES".into(),
+            shape: vec![-1],
+        }],
+    }
+}
+
+pub fn config(name: &str) -> ModelConfig {
+    use proto::inference::DataType as C;
+    ModelConfig {
+        name: name.into(),
+        backend: PLATFORM.into(),
+        input: INPUTS
+            .iter()
+            .map(|(n, d, required)| ModelInput {
+                name: (*n).into(),
+                data_type: if *d == DataType::Bool {
+                    C::TypeBool
+                } else {
+                    C::TypeString
+                } as i32,
+                dims: vec![1],
+                optional: !required,
+                ..Default::default()
+            })
+            .collect(),
+        output: vec![ModelOutput {
+            name: "text_output".into(),
+            data_type: C::TypeString as i32,
+            dims: vec![-1],
+            ..Default::default()
+        }],
+        model_transaction_policy: Some(proto::inference::ModelTransactionPolicy {
+            decoupled: true,
+        }),
+        ..Default::default()
+    }
+}
+
+fn one_string(t: &Tensor) -> Result<String, DnnError> {
+    if t.dtype != DataType::Bytes {
+        return Err(DnnError::invalid(format!(
+            "input '{}' must be BYTES",
+            t.name
+        )));
+    }
+    let elements = bytes_elements(&t.data)?;
+    let [one] = elements.as_slice() else {
+        return Err(DnnError::invalid(format!(
+            "input '{}' must hold exactly one string",
+            t.name
+        )));
+    };
+    String::from_utf8(one.to_vec())
+        .map_err(|_| DnnError::invalid(format!("input '{}' is not UTF-8", t.name)))
+}
+
+fn one_bool(t: &Tensor) -> Result<bool, DnnError> {
+    match (t.dtype, t.data.as_slice()) {
+        (DataType::Bool, [b]) => Ok(*b != 0),
+        _ => Err(DnnError::invalid(format!(
+            "input '{}' must be one BOOL",
+            t.name
+        ))),
+    }
+}
+
+/// The call an `infer` request's tensors describe; also whether it asks to stream.
+pub fn call_from_tensors(inputs: &[Tensor]) -> Result<(LlmCall, bool), DnnError> {
+    let mut prompt = None;
+    let mut params = Map::new();
+    let (mut stream, mut exclude_input) = (false, false);
+    for t in inputs {
+        match t.name.as_str() {
+            "text_input" => prompt = Some(one_string(t)?),
+            "stream" => stream = one_bool(t)?,
+            "exclude_input_in_output" => exclude_input = one_bool(t)?,
+            "sampling_parameters" => {
+                let text = one_string(t)?;
+                params = match serde_json::from_str(&text) {
+                    Ok(Value::Object(m)) => m,
+                    _ => {
+                        return Err(DnnError::invalid(
+                            "sampling_parameters must be a JSON object",
+                        ))
+                    }
+                };
+            }
+            other => {
+                return Err(DnnError::invalid(format!(
+                    "unexpected inference input '{other}' for an LLM"
+                )))
+            }
+        }
+    }
+    let prompt = prompt.ok_or_else(|| DnnError::invalid("the request has no 'text_input'"))?;
+    Ok((
+        LlmCall {
+            prompt,
+            params,
+            exclude_input,
+        },
+        stream,
+    ))
+}
+
+fn llm_error(e: LlmError) -> DnnError {
+    match e {
+        LlmError::QueueFull { .. } | LlmError::EngineStopped => {
+            DnnError::unavailable(e.to_string())
+        }
+        LlmError::InvalidRequest(_) | LlmError::ContextLength { .. } | LlmError::Tokenizer(_) => {
+            DnnError::invalid(e.to_string())
+        }
+        other => DnnError::internal(other.to_string()),
+    }
+}
+
+fn generation(engine: &LlmEngine, call: &LlmCall) -> Result<GenerationRequest, DnnError> {
+    let p = &call.params;
+    let bad = |k: &str| DnnError::invalid(format!("sampling parameter '{k}' has the wrong type"));
+    let float = |k: &str, d: f32| {
+        p.get(k).map_or(Ok(d), |v| {
+            v.as_f64().map(|f| f as f32).ok_or_else(|| bad(k))
+        })
+    };
+    let uint = |k: &str| {
+        p.get(k)
+            .map(|v| v.as_u64().ok_or_else(|| bad(k)))
+            .transpose()
+    };
+    let sampling = SamplingParams {
+        temperature: float("temperature", 1.0)?,
+        top_p: float("top_p", 1.0)?,
+        top_k: uint("top_k")?.unwrap_or(0) as usize,
+        seed: uint("seed")?,
+        ..Default::default()
+    };
+    let stop = match p.get("stop") {
+        None => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or_else(|| bad("stop")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("stop")),
+    };
+    Ok(GenerationRequest {
+        prompt: engine.tokenizer().encode(&call.prompt).map_err(llm_error)?,
+        sampling,
+        max_tokens: uint("max_tokens")?.map_or(DEFAULT_MAX_TOKENS, |m| m as usize),
+        min_tokens: uint("min_tokens")?.unwrap_or(0) as usize,
+        stop,
+        ignore_eos: p
+            .get("ignore_eos")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        n: 1,
+    })
+}
+
+/// The completion's text pieces as the engine releases them.
+pub fn stream(
+    engine: &LlmEngine,
+    call: &LlmCall,
+) -> Result<impl Stream<Item = Result<String, DnnError>> + Send + 'static, DnnError> {
+    let rx = engine
+        .submit(generation(engine, call)?)
+        .map_err(llm_error)?;
+    Ok(futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await? {
+                GenerationEvent::Delta { text, .. } if text.is_empty() => continue,
+                GenerationEvent::Delta { text, .. } => return Some((Ok(text), rx)),
+                GenerationEvent::Finished { .. } => return None,
+                GenerationEvent::Failed(e) => return Some((Err(DnnError::internal(e)), rx)),
+            }
+        }
+    }))
+}
+
+/// The whole output: the prompt (unless excluded) and the completion.
+pub async fn complete(engine: &LlmEngine, call: &LlmCall) -> Result<String, DnnError> {
+    use futures::StreamExt;
+    let mut out = if call.exclude_input {
+        String::new()
+    } else {
+        call.prompt.clone()
+    };
+    let mut pieces = Box::pin(stream(engine, call)?);
+    while let Some(piece) = pieces.next().await {
+        out.push_str(&piece?);
+    }
+    Ok(out)
+}
+
+pub fn text_tensor(text: &str) -> Tensor {
+    Tensor::new(
+        "text_output",
+        DataType::Bytes,
+        vec![1],
+        encode_bytes([text.as_bytes()]),
+    )
+}
+
+/// `infer` on an LLM: `text_input` in, the whole `text_output` out.
+pub async fn infer(
+    engine: &LlmEngine,
+    version: String,
+    req: InferRequest,
+) -> Result<InferResponse, DnnError> {
+    let (call, _) = call_from_tensors(&req.inputs)?;
+    let text = complete(engine, &call).await?;
+    Ok(InferResponse {
+        model_name: req.model,
+        model_version: version,
+        id: req.id,
+        outputs: vec![text_tensor(&text)],
+    })
+}
