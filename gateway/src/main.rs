@@ -282,6 +282,11 @@ async fn serve(cfg: Config) -> Result<()> {
     );
     let app = api::router(state.clone());
     let server = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        // Small responses go out at once, not after a delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -67,32 +67,81 @@ pub struct Forest {
     pub transform: Transform,
     /// Divide the sums by the trees per group (LightGBM random forests).
     pub average: bool,
+    /// The nodes as `predict` walks them; built by `pack`.
+    pub packed: Packed,
 }
 
-const ZERO_THRESHOLD: f64 = 1e-35;
+/// Every tree's nodes in one array, 16 bytes each: an f32 threshold (exact
+/// for f32 features, see `pack`), the feature with the split's flags in its
+/// top bits, and the children. A leaf points to itself, so walking a tree
+/// for its depth always ends on a leaf: rows step in lockstep, branch-free.
+#[derive(Debug, Clone, Default)]
+pub struct Packed {
+    nodes: Vec<PackedNode>,
+    roots: Vec<u32>,
+    depths: Vec<u32>,
+    /// Leaf values by node index (0.0 for splits).
+    values: Vec<f64>,
+    /// Whether any split uses LightGBM's zero rule.
+    zero_rule: bool,
+}
 
-#[inline]
-fn leaf_value(tree: &[Node], row: &[f32]) -> f64 {
-    let mut i = 0usize;
-    loop {
-        let n = &tree[i];
-        if n.feature == LEAF {
-            return n.threshold;
-        }
-        let v = row[n.feature as usize] as f64;
-        let left = match n.missing {
-            Missing::Nan if v.is_nan() => n.default_left,
-            Missing::Nan => v <= n.threshold,
-            Missing::Zero | Missing::None => {
-                let v = if v.is_nan() { 0.0 } else { v };
-                if n.missing == Missing::Zero && v.abs() <= ZERO_THRESHOLD {
-                    n.default_left
-                } else {
-                    v <= n.threshold
-                }
-            }
-        };
-        i = if left { n.left } else { n.right } as usize;
+#[derive(Debug, Clone, Copy)]
+struct PackedNode {
+    threshold: f32,
+    flags: u32,
+    left: u32,
+    right: u32,
+}
+
+/// Where NaN goes, decided at pack time from the missing rule.
+const NAN_LEFT: u32 = 1 << 30;
+/// LightGBM's zero rule: (near) 0.0 takes the default branch.
+const ZERO_RULE: u32 = 1 << 29;
+const DEFAULT_LEFT: u32 = 1 << 28;
+const FEATURE: u32 = (1 << 28) - 1;
+
+/// The largest f32 at or below `t`: for any f32 `x`, `x as f64 <= t` exactly
+/// when `x <= f32_floor(t)`.
+fn f32_floor(t: f64) -> f32 {
+    let f = t as f32;
+    if (f as f64) > t {
+        f.next_down()
+    } else {
+        f
+    }
+}
+
+/// LightGBM's `kZeroThreshold` (the f32 literal 1e-35f, widened).
+const ZERO_THRESHOLD: f64 = 1e-35f32 as f64;
+
+/// One step down the tree from node `i` for `row` (a leaf stays put).
+/// `ZERO` is whether any split of the forest has LightGBM's zero rule.
+#[inline(always)]
+fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
+    debug_assert!((i as usize) < nodes.len());
+    // SAFETY: `pack` checked that every child index lies inside `nodes`, and
+    // roots are node indices, so `i` is always in bounds.
+    let n = unsafe { *nodes.get_unchecked(i as usize) };
+    let f = (n.flags & FEATURE) as usize;
+    debug_assert!(f < row.len());
+    // SAFETY: `pack` checked every split's feature against `num_features`,
+    // leaves read feature 0 of a forest with splits, and rows hold
+    // `num_features` values.
+    let v = unsafe { *row.get_unchecked(f) };
+    // NaN compares false, so `v <= t` alone sends it right.
+    let mut left = if n.flags & NAN_LEFT != 0 {
+        (v <= n.threshold) | v.is_nan()
+    } else {
+        v <= n.threshold
+    };
+    if ZERO && n.flags & ZERO_RULE != 0 && (v as f64).abs() <= ZERO_THRESHOLD {
+        left = n.flags & DEFAULT_LEFT != 0;
+    }
+    if left {
+        n.left
+    } else {
+        n.right
     }
 }
 
@@ -101,8 +150,70 @@ fn leaf_value(tree: &[Node], row: &[f32]) -> f64 {
 const BLOCK_ROWS: usize = 64;
 
 impl Forest {
-    /// Checks that every child index and feature lies inside the model.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks that every child index and feature lies inside the model,
+    /// then builds the packed nodes `predict` walks.
+    pub fn pack(&mut self) -> Result<(), String> {
+        self.validate()?;
+        if self.num_features > FEATURE as usize {
+            return Err(format!(
+                "{} features is more than this evaluator takes",
+                self.num_features
+            ));
+        }
+        let mut p = Packed::default();
+        for tree in &self.trees {
+            let base = p.nodes.len() as u32;
+            p.roots.push(base);
+            // Children come after parents (checked above), so one forward pass finds every depth.
+            let mut depth = vec![0u32; tree.len()];
+            for (i, n) in tree.iter().enumerate() {
+                if n.feature != LEAF {
+                    depth[n.left as usize] = depth[i] + 1;
+                    depth[n.right as usize] = depth[i] + 1;
+                }
+            }
+            p.depths.push(depth.iter().copied().max().unwrap_or(0));
+            for (i, n) in tree.iter().enumerate() {
+                let here = base + i as u32;
+                if n.feature == LEAF {
+                    p.nodes.push(PackedNode {
+                        threshold: 0.0,
+                        flags: 0,
+                        left: here,
+                        right: here,
+                    });
+                    p.values.push(n.threshold);
+                    continue;
+                }
+                p.values.push(0.0);
+                let nan_left = match n.missing {
+                    Missing::Nan | Missing::Zero => n.default_left,
+                    Missing::None => 0.0 <= n.threshold,
+                };
+                let mut flags = n.feature;
+                if nan_left {
+                    flags |= NAN_LEFT;
+                }
+                if n.missing == Missing::Zero {
+                    flags |= ZERO_RULE;
+                    p.zero_rule = true;
+                }
+                if n.default_left {
+                    flags |= DEFAULT_LEFT;
+                }
+                p.nodes.push(PackedNode {
+                    threshold: f32_floor(n.threshold),
+                    flags,
+                    left: base + n.left,
+                    right: base + n.right,
+                });
+            }
+        }
+        self.packed = p;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
         if self.tree_group.len() != self.trees.len() {
             return Err("tree_info does not list every tree".into());
         }
@@ -152,10 +263,23 @@ impl Forest {
         let work = |(block, out): (usize, &mut [f64])| {
             let first = block * BLOCK_ROWS;
             let n = out.len() / ng;
-            for (tree, &g) in self.trees.iter().zip(&self.tree_group) {
-                for r in 0..n {
-                    let row = &features[(first + r) * nf..(first + r + 1) * nf];
-                    out[r * ng + g] += leaf_value(tree, row);
+            let rows = &features[first * nf..(first + n) * nf];
+            let p = &self.packed;
+            let mut at = [0u32; BLOCK_ROWS];
+            let at = &mut at[..n];
+            for ((&root, &depth), &g) in p.roots.iter().zip(&p.depths).zip(&self.tree_group) {
+                at.fill(root);
+                for _ in 0..depth {
+                    for (i, row) in at.iter_mut().zip(rows.chunks_exact(nf)) {
+                        *i = if p.zero_rule {
+                            step::<true>(&p.nodes, *i, row)
+                        } else {
+                            step::<false>(&p.nodes, *i, row)
+                        };
+                    }
+                }
+                for (r, &i) in at.iter().enumerate() {
+                    out[r * ng + g] += p.values[i as usize];
                 }
             }
             for r in 0..n {
@@ -214,7 +338,7 @@ mod tests {
     }
 
     fn stump(node: Node) -> Forest {
-        Forest {
+        let mut f = Forest {
             trees: vec![vec![node, Node::leaf(-1.0), Node::leaf(1.0)]],
             tree_group: vec![0],
             num_groups: 1,
@@ -222,7 +346,10 @@ mod tests {
             num_features: 1,
             transform: Transform::Identity,
             average: false,
-        }
+            packed: Packed::default(),
+        };
+        f.pack().unwrap();
+        f
     }
 
     #[test]
@@ -246,6 +373,7 @@ mod tests {
         f.num_groups = 2;
         f.base_margin = vec![0.0, 0.3];
         f.transform = Transform::Softmax;
+        f.pack().unwrap();
         let xs: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) / 7.0).collect();
         let all = f.predict(&xs, xs.len());
         for (r, x) in xs.iter().enumerate() {
@@ -253,8 +381,7 @@ mod tests {
             assert_eq!(&all[r * 2..r * 2 + 2], one.as_slice());
             assert!((one[0] + one[1] - 1.0).abs() < 1e-12);
         }
-        assert!(f.validate().is_ok());
         f.trees[0][0].feature = 3;
-        assert!(f.validate().unwrap_err().contains("feature 3"));
+        assert!(f.pack().unwrap_err().contains("feature 3"));
     }
 }

@@ -152,7 +152,7 @@ pub fn parse(text: &str) -> Result<Forest, String> {
     if trees.is_empty() {
         return Err("the model has no trees".into());
     }
-    let forest = Forest {
+    let mut forest = Forest {
         tree_group: (0..trees.len()).map(|t| t % num_groups).collect(),
         trees,
         num_groups,
@@ -160,7 +160,8 @@ pub fn parse(text: &str) -> Result<Forest, String> {
         num_features,
         transform,
         average: flags.contains(&"average_output"),
+        packed: Default::default(),
     };
-    forest.validate()?;
+    forest.pack()?;
     Ok(forest)
 }

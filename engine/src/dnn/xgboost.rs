@@ -155,7 +155,7 @@ pub fn parse(json: &str) -> Result<Forest, String> {
             }
         }
     }
-    let forest = Forest {
+    let mut forest = Forest {
         trees,
         tree_group,
         num_groups,
@@ -163,7 +163,8 @@ pub fn parse(json: &str) -> Result<Forest, String> {
         num_features: num_feature,
         transform,
         average: false,
+        packed: Default::default(),
     };
-    forest.validate()?;
+    forest.pack()?;
     Ok(forest)
 }

@@ -469,7 +469,12 @@ pub async fn serve(
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small responses go out at once, not after a delayed ACK.
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                })
+            }),
             shutdown,
         )
         .await?;
