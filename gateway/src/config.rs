@@ -471,6 +471,23 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_triton_config_is_valid_and_modes_are_checked() {
+        let text = include_str!("../../configs/triton.yaml");
+        let cfg = Config::parse(text).unwrap();
+        let repo = cfg.model_repository.unwrap();
+        assert_eq!((repo.control_mode.as_str(), repo.poll_secs), ("poll", 15));
+        assert_eq!(cfg.server.grpc, "127.0.0.1:8081");
+        let e = Config::parse(&text.replace("control_mode: poll", "control_mode: sometimes"))
+            .unwrap_err();
+        assert!(
+            e.starts_with("model_repository.control_mode") && e.contains("sometimes"),
+            "{e}"
+        );
+        let e = Config::parse(&text.replace("grpc: 127.0.0.1:8081", "grpc: nowhere")).unwrap_err();
+        assert!(e.starts_with("server.grpc"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let e = Config::parse("models:\n  - name: a\n    source: { path: /x }\n    enigne: {}\n")
             .unwrap_err();
