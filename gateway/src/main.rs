@@ -183,10 +183,20 @@ async fn serve(cfg: Config) -> Result<()> {
     let buckets = [
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
+    // The Triton plane's latencies are sub-millisecond to seconds; its batch
+    // sizes powers of two. Full and prefix matchers win over the suffix one.
+    let dnn_buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    let batch_sizes: Vec<f64> = (0..=12).map(|p| f64::from(1u32 << p)).collect();
+    use metrics_exporter_prometheus::Matcher;
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(Matcher::Prefix("nv_inference_".into()), &dnn_buckets)?
         .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            &buckets,
+            Matcher::Full("nv_inference_batch_size".into()),
+            &batch_sizes,
         )?
         .install_recorder()
         .context("installing the metrics recorder")?;

@@ -198,6 +198,10 @@ def test_dynamic_batching_forms_batches_and_stats_are_exact(repo, triton, grpc):
     assert max(sizes) > 1
     assert metric(triton, "nv_inference_exec_count", model="iris_xgb", version="1") == count(after, "execution_count")
     assert metric(triton, "nv_inference_request_success", model="iris_xgb", version="1") == succ(after)
+    # The formed batch sizes, as a histogram: one observation per execution, summing to the inferences.
+    assert metric(triton, "nv_inference_batch_size_count", model="iris_xgb") == count(after, "execution_count")
+    assert metric(triton, "nv_inference_batch_size_sum", model="iris_xgb") == count(after, "inference_count")
+    assert metric(triton, "nv_inference_batch_size_bucket", model="iris_xgb", le="1") < count(after, "execution_count")
 
 
 def post(triton, path, body, headers=None):
