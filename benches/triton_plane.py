@@ -9,6 +9,7 @@ and our tree evaluator against XGBoost's predict at batch 1,024.
 """
 import argparse
 import csv
+import json
 import os
 import re
 import shutil
@@ -32,10 +33,23 @@ def perf_env():
     return env
 
 
-def perf(model, url, concurrency, window_ms):
+SENTENCES = [
+    "A man is playing a guitar.", "The new movie is awesome.", "A woman is slicing an onion.",
+    "The stock market fell sharply today.", "Two dogs are running through a field.",
+    "How do I reset my password?", "The weather will be sunny tomorrow.", "She is reading a book in the park.",
+    "Our order has not arrived yet.", "The cat sleeps on the warm windowsill.", "Can you recommend a good restaurant?",
+    "The train to Berlin is delayed by twenty minutes.", "He fixed the bug before the release.",
+    "Children are playing football after school.", "Please send me the invoice for last month.",
+    "The museum opens at nine in the morning.",
+]
+
+
+def perf(model, url, concurrency, window_ms, input_data=None):
     out = Path(tempfile.mktemp(suffix=".csv"))
     cmd = [str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-i", "grpc", "-u", url,
            "--concurrency-range", str(concurrency), "-p", str(window_ms), "-s", "50", "--max-trials", "8", "-f", str(out)]
+    if input_data:
+        cmd += ["--input-data", str(input_data)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=600)
     if r.returncode != 0:
         print(f"perf_analyzer failed for {model} c={concurrency}: {r.stdout[-400:]}", flush=True)
@@ -59,6 +73,8 @@ def main():
     ap.add_argument("--tree-bench", default=str(ROOT / "target" / "release" / "tree_predict"))
     ap.add_argument("--window-ms", type=int, default=3000)
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--models", default="iris_onnx,fraud_xgb,minilm")
+    ap.add_argument("--skip-trees", action="store_true", help="leave out the evaluator-vs-XGBoost comparison")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -76,7 +92,10 @@ def main():
     big.save_model(work / "fraud_xgb.json")
     write_model(repo, "fraud_xgb", fil_config("fraud_xgb", 32, 1, {"model_type": "xgboost_json"}, max_batch=1024),
                 {"xgboost.json": work / "fraud_xgb.json"})
-    models = ["iris_onnx", "fraud_xgb", "minilm"]
+    models = args.models.split(",")
+    # MiniLM reads real sentences (perf_analyzer's random bytes would be ~130 tokens each).
+    sentences = work / "sentences.json"
+    sentences.write_text(json.dumps({"data": [{"text": {"content": [t], "shape": [1]}} for t in SENTENCES]}))
     for m in models:
         d = repo / f"{m}_nobatch"
         shutil.copytree(repo / m, d)
@@ -112,11 +131,14 @@ def main():
             "fraud_xgb": ("xgboost inplace_predict, batch 1", library_rate(lambda: booster.inplace_predict(f1))),
             "minilm": ("(no Python anchor here)", None),
         }
+        anchors = {m: anchors[m] for m in models
+        }
         rows = []
         for m in models:
             for c in [int(c) for c in args.concurrency.split(",")]:
-                on = perf(m, f"127.0.0.1:{grpc_port}", c, args.window_ms)
-                off = perf(f"{m}_nobatch", f"127.0.0.1:{grpc_port}", c, args.window_ms)
+                data = sentences if m == "minilm" else None
+                on = perf(m, f"127.0.0.1:{grpc_port}", c, args.window_ms, data)
+                off = perf(f"{m}_nobatch", f"127.0.0.1:{grpc_port}", c, args.window_ms, data)
                 rows.append((m, c, on, off))
                 print(f"{m} c={c}: batching {on[0]:.0f}/s p99 {on[1]:.2f} ms; no batching {off[0]:.0f}/s p99 {off[1]:.2f} ms", flush=True)
     finally:
@@ -131,13 +153,15 @@ def main():
         ratio = f"{on[0] / rate:.2f}" if rate else "—"
         print(f"| {m} | {c} | {on[0]:.0f} | {on[1]:.2f} | {off[0]:.0f} | {off[1]:.2f} | {on[0] / off[0]:.2f} | {lib} | {ratio} |")
 
+    if args.skip_trees:
+        shutil.rmtree(work)
+        return
     # Tree evaluator vs XGBoost's own CPU predict, batch 1,024, same rows.
     batch = X[:1024].copy()
     feats = work / "features.bin"
     feats.write_bytes(batch.tobytes())
     ours = subprocess.run([args.tree_bench, "--model", str(work / "fraud_xgb.json"), "--batch", "1024", "--features", str(feats)],
                           capture_output=True, text=True, check=True)
-    import json
     ours = json.loads(ours.stdout)
     times = []
     for _ in range(200):
