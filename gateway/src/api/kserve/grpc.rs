@@ -2,8 +2,8 @@
 //! extensions, `raw_input_contents` / `raw_output_contents`, streaming
 //! infer, gRPC health, and message limits as large as the clients allow.
 use super::{
-    index, llm, llm_target, model_config, model_metadata, parse_version, repository,
-    server_metadata, statistics,
+    index, llm, llm_target, model_config, model_is_ready, model_metadata, parse_version,
+    repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use engine::dnn::{
@@ -314,8 +314,7 @@ impl GrpcInferenceService for KserveGrpc {
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> GrpcResult<ModelReadyResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
-        let ready = llm_target(&self.state, &r.name).is_some()
-            || repository(&self.state.dnn).is_ok_and(|repo| repo.version(&r.name, version).is_ok());
+        let ready = model_is_ready(&self.state, &r.name, version);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 

@@ -2,8 +2,8 @@
 //! statistics, repository control, and infer with JSON or binary tensors
 //! (`Inference-Header-Content-Length`), gzip/deflate bodies both ways.
 use super::{
-    index, llm, llm_target, model_config, model_metadata, parse_version, repository,
-    server_metadata, statistics,
+    index, llm, llm_target, model_config, model_is_ready, model_metadata, parse_version,
+    repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use axum::body::Bytes;
@@ -92,30 +92,24 @@ fn target(p: &HashMap<String, String>) -> Result<(String, Option<i64>), DnnError
     Ok((model, version))
 }
 
-async fn server_ready(State(s): State<AppState>) -> StatusCode {
-    if s.is_ready() {
+/// Triton's readiness answer: 200, or 400, with no body.
+fn readiness(ready: bool) -> StatusCode {
+    if ready {
         StatusCode::OK
     } else {
         StatusCode::BAD_REQUEST
     }
 }
 
+async fn server_ready(State(s): State<AppState>) -> StatusCode {
+    readiness(s.is_ready())
+}
+
 async fn model_ready(
     State(s): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
 ) -> StatusCode {
-    let ready = target(&p).ok().is_some_and(|(m, v)| {
-        llm_target(&s, &m).is_some()
-            || repository(&s.dnn)
-                .ok()
-                .and_then(|r| r.version(&m, v).ok())
-                .is_some()
-    });
-    if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_REQUEST
-    }
+    readiness(target(&p).is_ok_and(|(m, v)| model_is_ready(&s, &m, v)))
 }
 
 async fn metadata(

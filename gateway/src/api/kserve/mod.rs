@@ -44,6 +44,15 @@ pub fn llm_target(
     Some((engine, version.unwrap_or(1).to_string()))
 }
 
+/// Whether `name` (at `version`) answers requests: an LLM route or a loaded repository model.
+pub fn model_is_ready(state: &crate::api::AppState, name: &str, version: Option<i64>) -> bool {
+    llm_target(state, name).is_some()
+        || state
+            .dnn
+            .as_ref()
+            .is_some_and(|r| r.version(name, version).is_ok())
+}
+
 /// The repository, or the error every model call gets without one.
 pub fn repository(repo: &Option<Arc<ModelRepository>>) -> Result<&ModelRepository, DnnError> {
     repo.as_deref().ok_or_else(|| {
