@@ -54,7 +54,7 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     println!(
         "{{\"trees\": {}, \"batch\": {}, \"median_s\": {median}, \"rows_per_s\": {}}}",
-        forest.trees.len(),
+        forest.num_trees(),
         args.batch,
         args.batch as f64 / median
     );

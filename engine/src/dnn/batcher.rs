@@ -132,13 +132,10 @@ impl Scheduler {
     ) -> Result<oneshot::Receiver<Result<Vec<Tensor>>>> {
         let now = Instant::now();
         let policy = self.shared.policy.as_ref();
-        let timeout = match (policy.and_then(|p| p.default_timeout), timeout) {
-            (Some(d), Some(t)) if policy.is_some_and(|p| p.allow_timeout_override) => {
-                Some(d.min(t))
-            }
-            (Some(d), _) => Some(d),
-            (None, t) if policy.is_some_and(|p| p.allow_timeout_override) => t,
-            (None, _) => None,
+        let requested = timeout.filter(|_| policy.is_some_and(|p| p.allow_timeout_override));
+        let timeout = match (policy.and_then(|p| p.default_timeout), requested) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
         };
         let (tx, rx) = oneshot::channel();
         let mut q = self.shared.queue.lock().expect("queue lock");
@@ -244,13 +241,16 @@ fn execute(shared: &Shared, mut batch: Vec<Pending>) {
         if batch.len() == 1 {
             return Ok(vec![outs]);
         }
-        let split = outs
+        let mut per_request: Vec<Vec<Tensor>> = batch
             .iter()
-            .map(|t| t.split(&rows))
-            .collect::<Result<Vec<Vec<Tensor>>>>()?;
-        Ok((0..batch.len())
-            .map(|r| split.iter().map(|pieces| pieces[r].clone()).collect())
-            .collect())
+            .map(|_| Vec::with_capacity(outs.len()))
+            .collect();
+        for t in &outs {
+            for (mine, piece) in per_request.iter_mut().zip(t.split(&rows)?) {
+                mine.push(piece);
+            }
+        }
+        Ok(per_request)
     });
     let done = Instant::now();
     match outputs {

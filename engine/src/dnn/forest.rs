@@ -54,8 +54,10 @@ pub enum Transform {
     Step,
 }
 
+/// A tree ensemble as a reader parses it; `compile` checks it and builds
+/// the `Forest` that predicts.
 #[derive(Debug, Clone)]
-pub struct Forest {
+pub struct Trees {
     /// Each tree's nodes; node 0 is the root.
     pub trees: Vec<Vec<Node>>,
     /// The output group (class) each tree adds to.
@@ -67,16 +69,15 @@ pub struct Forest {
     pub transform: Transform,
     /// Divide the sums by the trees per group (LightGBM random forests).
     pub average: bool,
-    /// The nodes as `predict` walks them; built by `pack`.
-    pub packed: Packed,
 }
 
-/// Every tree's nodes in one array, 16 bytes each: an f32 threshold (exact
-/// for f32 features, see `pack`), the feature with the split's flags in its
-/// top bits, and the children. A leaf points to itself, so walking a tree
-/// for its depth always ends on a leaf: rows step in lockstep, branch-free.
-#[derive(Debug, Clone, Default)]
-pub struct Packed {
+/// A checked ensemble, every tree's nodes in one array, 16 bytes each: an
+/// f32 threshold (exact for f32 features, see `f32_floor`), the feature with
+/// the split's flags in its top bits, and the children. A leaf points to
+/// itself, so walking a tree for its depth always ends on a leaf: rows step
+/// in lockstep, branch-free.
+#[derive(Debug, Clone)]
+pub struct Forest {
     nodes: Vec<PackedNode>,
     roots: Vec<u32>,
     depths: Vec<u32>,
@@ -84,6 +85,12 @@ pub struct Packed {
     values: Vec<f64>,
     /// Whether any split uses LightGBM's zero rule.
     zero_rule: bool,
+    tree_group: Vec<usize>,
+    pub num_groups: usize,
+    base_margin: Vec<f64>,
+    pub num_features: usize,
+    pub transform: Transform,
+    average: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +101,7 @@ struct PackedNode {
     right: u32,
 }
 
-/// Where NaN goes, decided at pack time from the missing rule.
+/// Where NaN goes, decided at compile time from the missing rule.
 const NAN_LEFT: u32 = 1 << 30;
 /// LightGBM's zero rule: (near) 0.0 takes the default branch.
 const ZERO_RULE: u32 = 1 << 29;
@@ -120,12 +127,12 @@ const ZERO_THRESHOLD: f64 = 1e-35f32 as f64;
 #[inline(always)]
 fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
     debug_assert!((i as usize) < nodes.len());
-    // SAFETY: `pack` checked that every child index lies inside `nodes`, and
+    // SAFETY: `compile` checked that every child index lies inside `nodes`, and
     // roots are node indices, so `i` is always in bounds.
     let n = unsafe { *nodes.get_unchecked(i as usize) };
     let f = (n.flags & FEATURE) as usize;
     debug_assert!(f < row.len());
-    // SAFETY: `pack` checked every split's feature against `num_features`,
+    // SAFETY: `compile` checked every split's feature against `num_features`,
     // leaves read feature 0 of a forest with splits, and rows hold
     // `num_features` values.
     let v = unsafe { *row.get_unchecked(f) };
@@ -149,10 +156,10 @@ fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
 /// enough that each tree's nodes stay in cache while a block walks it.
 const BLOCK_ROWS: usize = 64;
 
-impl Forest {
+impl Trees {
     /// Checks that every child index and feature lies inside the model,
-    /// then builds the packed nodes `predict` walks.
-    pub fn pack(&mut self) -> Result<(), String> {
+    /// then packs the nodes `Forest::predict` walks.
+    pub fn compile(self) -> Result<Forest, String> {
         self.validate()?;
         if self.num_features > FEATURE as usize {
             return Err(format!(
@@ -160,10 +167,22 @@ impl Forest {
                 self.num_features
             ));
         }
-        let mut p = Packed::default();
+        let mut f = Forest {
+            nodes: Vec::new(),
+            roots: Vec::new(),
+            depths: Vec::new(),
+            values: Vec::new(),
+            zero_rule: false,
+            tree_group: self.tree_group,
+            num_groups: self.num_groups,
+            base_margin: self.base_margin,
+            num_features: self.num_features,
+            transform: self.transform,
+            average: self.average,
+        };
         for tree in &self.trees {
-            let base = p.nodes.len() as u32;
-            p.roots.push(base);
+            let base = f.nodes.len() as u32;
+            f.roots.push(base);
             // Children come after parents (checked above), so one forward pass finds every depth.
             let mut depth = vec![0u32; tree.len()];
             for (i, n) in tree.iter().enumerate() {
@@ -172,20 +191,20 @@ impl Forest {
                     depth[n.right as usize] = depth[i] + 1;
                 }
             }
-            p.depths.push(depth.iter().copied().max().unwrap_or(0));
+            f.depths.push(depth.iter().copied().max().unwrap_or(0));
             for (i, n) in tree.iter().enumerate() {
                 let here = base + i as u32;
                 if n.feature == LEAF {
-                    p.nodes.push(PackedNode {
+                    f.nodes.push(PackedNode {
                         threshold: 0.0,
                         flags: 0,
                         left: here,
                         right: here,
                     });
-                    p.values.push(n.threshold);
+                    f.values.push(n.threshold);
                     continue;
                 }
-                p.values.push(0.0);
+                f.values.push(0.0);
                 let nan_left = match n.missing {
                     Missing::Nan | Missing::Zero => n.default_left,
                     Missing::None => 0.0 <= n.threshold,
@@ -196,12 +215,12 @@ impl Forest {
                 }
                 if n.missing == Missing::Zero {
                     flags |= ZERO_RULE;
-                    p.zero_rule = true;
+                    f.zero_rule = true;
                 }
                 if n.default_left {
                     flags |= DEFAULT_LEFT;
                 }
-                p.nodes.push(PackedNode {
+                f.nodes.push(PackedNode {
                     threshold: f32_floor(n.threshold),
                     flags,
                     left: base + n.left,
@@ -209,8 +228,7 @@ impl Forest {
                 });
             }
         }
-        self.packed = p;
-        Ok(())
+        Ok(f)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -249,6 +267,12 @@ impl Forest {
         }
         Ok(())
     }
+}
+
+impl Forest {
+    pub fn num_trees(&self) -> usize {
+        self.roots.len()
+    }
 
     /// Transformed predictions, `rows × num_groups`, for row-major features.
     pub fn predict(&self, features: &[f32], rows: usize) -> Vec<f64> {
@@ -256,7 +280,7 @@ impl Forest {
         let ng = self.num_groups;
         let mut out = vec![0f64; rows * ng];
         let per_group = if self.average {
-            (self.trees.len() / ng).max(1) as f64
+            (self.num_trees() / ng).max(1) as f64
         } else {
             1.0
         };
@@ -264,22 +288,21 @@ impl Forest {
             let first = block * BLOCK_ROWS;
             let n = out.len() / ng;
             let rows = &features[first * nf..(first + n) * nf];
-            let p = &self.packed;
             let mut at = [0u32; BLOCK_ROWS];
             let at = &mut at[..n];
-            for ((&root, &depth), &g) in p.roots.iter().zip(&p.depths).zip(&self.tree_group) {
+            for ((&root, &depth), &g) in self.roots.iter().zip(&self.depths).zip(&self.tree_group) {
                 at.fill(root);
                 for _ in 0..depth {
                     for (i, row) in at.iter_mut().zip(rows.chunks_exact(nf)) {
-                        *i = if p.zero_rule {
-                            step::<true>(&p.nodes, *i, row)
+                        *i = if self.zero_rule {
+                            step::<true>(&self.nodes, *i, row)
                         } else {
-                            step::<false>(&p.nodes, *i, row)
+                            step::<false>(&self.nodes, *i, row)
                         };
                     }
                 }
                 for (r, &i) in at.iter().enumerate() {
-                    out[r * ng + g] += p.values[i as usize];
+                    out[r * ng + g] += self.values[i as usize];
                 }
             }
             for r in 0..n {
@@ -291,7 +314,7 @@ impl Forest {
             }
         };
         let chunks = out.par_chunks_mut(BLOCK_ROWS * ng).enumerate();
-        if rows * self.trees.len() >= 4096 {
+        if rows * self.num_trees() >= 4096 {
             chunks.for_each(work);
         } else {
             out.chunks_mut(BLOCK_ROWS * ng).enumerate().for_each(work);
@@ -337,8 +360,8 @@ mod tests {
         }
     }
 
-    fn stump(node: Node) -> Forest {
-        let mut f = Forest {
+    fn stump(node: Node) -> Trees {
+        Trees {
             trees: vec![vec![node, Node::leaf(-1.0), Node::leaf(1.0)]],
             tree_group: vec![0],
             num_groups: 1,
@@ -346,34 +369,35 @@ mod tests {
             num_features: 1,
             transform: Transform::Identity,
             average: false,
-            packed: Packed::default(),
-        };
-        f.pack().unwrap();
-        f
+        }
     }
 
     #[test]
     fn missing_value_rules() {
-        let nan = stump(split(0, 2.0, Missing::Nan, false));
+        let nan = stump(split(0, 2.0, Missing::Nan, false)).compile().unwrap();
         assert_eq!(nan.predict(&[2.0, 2.5, f32::NAN], 3), vec![-0.5, 1.5, 1.5]);
-        let zero = stump(split(0, -1.0, Missing::Zero, true));
+        let zero = stump(split(0, -1.0, Missing::Zero, true))
+            .compile()
+            .unwrap();
         assert_eq!(
             zero.predict(&[0.0, f32::NAN, 3.0, -2.0], 4),
             vec![-0.5, -0.5, 1.5, -0.5]
         );
-        let none = stump(split(0, 0.5, Missing::None, false));
+        let none = stump(split(0, 0.5, Missing::None, false))
+            .compile()
+            .unwrap();
         assert_eq!(none.predict(&[f32::NAN, 1.0], 2), vec![-0.5, 1.5]);
     }
 
     #[test]
     fn softmax_rows_sum_to_one_and_blocks_agree_with_single_rows() {
-        let mut f = stump(split(0, 0.0, Missing::Nan, true));
-        f.trees.push(f.trees[0].clone());
-        f.tree_group = vec![0, 1];
-        f.num_groups = 2;
-        f.base_margin = vec![0.0, 0.3];
-        f.transform = Transform::Softmax;
-        f.pack().unwrap();
+        let mut t = stump(split(0, 0.0, Missing::Nan, true));
+        t.trees.push(t.trees[0].clone());
+        t.tree_group = vec![0, 1];
+        t.num_groups = 2;
+        t.base_margin = vec![0.0, 0.3];
+        t.transform = Transform::Softmax;
+        let f = t.clone().compile().unwrap();
         let xs: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) / 7.0).collect();
         let all = f.predict(&xs, xs.len());
         for (r, x) in xs.iter().enumerate() {
@@ -381,7 +405,7 @@ mod tests {
             assert_eq!(&all[r * 2..r * 2 + 2], one.as_slice());
             assert!((one[0] + one[1] - 1.0).abs() < 1e-12);
         }
-        f.trees[0][0].feature = 3;
-        assert!(f.pack().unwrap_err().contains("feature 3"));
+        t.trees[0][0].feature = 3;
+        assert!(t.compile().unwrap_err().contains("feature 3"));
     }
 }

@@ -1,7 +1,7 @@
 //! Reads LightGBM's text model format (`Booster.save_model`) into a `Forest`:
 //! `value <= threshold` goes left, with the missing-value rule and default
 //! direction packed into each split's `decision_type`.
-use super::forest::{Forest, Missing, Node, Transform};
+use super::forest::{Forest, Missing, Node, Transform, Trees};
 use std::collections::HashMap;
 
 fn values<T: std::str::FromStr>(
@@ -152,7 +152,7 @@ pub fn parse(text: &str) -> Result<Forest, String> {
     if trees.is_empty() {
         return Err("the model has no trees".into());
     }
-    let mut forest = Forest {
+    Trees {
         tree_group: (0..trees.len()).map(|t| t % num_groups).collect(),
         trees,
         num_groups,
@@ -160,8 +160,6 @@ pub fn parse(text: &str) -> Result<Forest, String> {
         num_features,
         transform,
         average: flags.contains(&"average_output"),
-        packed: Default::default(),
-    };
-    forest.pack()?;
-    Ok(forest)
+    }
+    .compile()
 }

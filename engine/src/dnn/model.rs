@@ -13,7 +13,6 @@ pub struct TensorSpec {
     pub name: String,
     pub dtype: DataType,
     pub dims: Vec<i64>,
-    pub optional: bool,
     pub label_filename: Option<String>,
 }
 
@@ -87,7 +86,6 @@ fn tensor_spec(
         name: name.to_string(),
         dtype,
         dims: dims.to_vec(),
-        optional: false,
         label_filename: None,
     })
 }
@@ -189,18 +187,20 @@ impl ModelSpec {
         if config.output.is_empty() {
             return Err("output: the model declares no outputs".into());
         }
-        let mut inputs = Vec::new();
-        for (i, t) in config.input.iter().enumerate() {
-            let mut spec = tensor_spec(
-                &format!("input[{i}]"),
-                &t.name,
-                t.data_type,
-                &t.dims,
-                batching,
-            )?;
-            spec.optional = t.optional;
-            inputs.push(spec);
-        }
+        let inputs = config
+            .input
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                tensor_spec(
+                    &format!("input[{i}]"),
+                    &t.name,
+                    t.data_type,
+                    &t.dims,
+                    batching,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut outputs = Vec::new();
         for (i, t) in config.output.iter().enumerate() {
             let mut spec = tensor_spec(

@@ -53,6 +53,18 @@ pub struct LoadedModel {
     stamp: Stamp,
 }
 
+impl LoadedModel {
+    /// One of the model's loaded versions.
+    pub fn version(&self, v: i64) -> Result<&Arc<LoadedVersion>> {
+        self.versions.get(&v).ok_or_else(|| {
+            DnnError::not_found(format!(
+                "Request for unknown model: '{}' version {v} is not found",
+                self.spec.name
+            ))
+        })
+    }
+}
+
 /// What a model directory looked like when loaded; a change means reload.
 type Stamp = Vec<(PathBuf, SystemTime)>;
 
@@ -165,10 +177,6 @@ impl ModelRepository {
             }
         }
         Ok(repo)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Model directories in the repository, sorted.
@@ -300,27 +308,28 @@ impl ModelRepository {
         })
     }
 
+    /// Load and unload belong to `explicit` mode, as in Triton.
+    fn explicit_only(&self) -> Result<()> {
+        if self.mode == ControlMode::Explicit {
+            return Ok(());
+        }
+        Err(DnnError::unsupported(format!(
+            "explicit model load / unload is not allowed if model control mode is {:?}; \
+             start with --model-control-mode explicit",
+            self.mode
+        )))
+    }
+
     /// The model control API: load (or reload) `name`, with an optional config override.
     pub fn load(&self, name: &str, config: Option<ModelConfig>) -> Result<()> {
-        if self.mode != ControlMode::Explicit {
-            return Err(DnnError::unsupported(format!(
-                "explicit model load / unload is not allowed if model control mode is {:?}; \
-                 start with --model-control-mode explicit",
-                self.mode
-            )));
-        }
+        self.explicit_only()?;
         self.load_inner(name, config)
             .map_err(|e| DnnError::invalid(format!("failed to load '{name}': {e}")))
     }
 
     /// Unloads `name`; queued requests still finish.
     pub fn unload(&self, name: &str) -> Result<()> {
-        if self.mode != ControlMode::Explicit {
-            return Err(DnnError::unsupported(format!(
-                "explicit model load / unload is not allowed if model control mode is {:?}",
-                self.mode
-            )));
-        }
+        self.explicit_only()?;
         let _guard = self.loading.lock().expect("load lock");
         self.failed.write().expect("failed lock").remove(name);
         match self.models.write().expect("models lock").remove(name) {
@@ -389,11 +398,7 @@ impl ModelRepository {
     ) -> Result<(Arc<LoadedModel>, Arc<LoadedVersion>)> {
         let model = self.model(name)?;
         let v = match version {
-            Some(v) => model.versions.get(&v).cloned().ok_or_else(|| {
-                DnnError::not_found(format!(
-                    "Request for unknown model: '{name}' version {v} is not found"
-                ))
-            })?,
+            Some(v) => model.version(v)?.clone(),
             None => model
                 .versions
                 .values()
@@ -406,10 +411,11 @@ impl ModelRepository {
 
     /// Every model in the repository (and every loaded version), with its state.
     pub fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let dirs = self.model_dirs();
         let models = self.models.read().expect("models lock");
         let failed = self.failed.read().expect("failed lock");
         let mut out = Vec::new();
-        for name in self.model_dirs() {
+        for name in dirs {
             if let Some(m) = models.get(&name) {
                 out.extend(m.versions.keys().map(|v| IndexEntry {
                     name: name.clone(),
@@ -451,12 +457,7 @@ impl ModelRepository {
         let mut out = Vec::new();
         for (n, m) in models {
             if let Some(v) = version {
-                let lv = m.versions.get(&v).ok_or_else(|| {
-                    DnnError::not_found(format!(
-                        "Request for unknown model: '{n}' version {v} is not found"
-                    ))
-                })?;
-                out.push((n.clone(), v, lv.stats.snapshot()));
+                out.push((n.clone(), v, m.version(v)?.stats.snapshot()));
             } else {
                 out.extend(
                     m.versions

@@ -1,5 +1,6 @@
 //! Exact per-version statistics in Triton's shape (the statistics extension
 //! and what perf_analyzer reads), mirrored into Prometheus metrics.
+use metrics::{Counter, Gauge, Histogram};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -52,9 +53,27 @@ pub enum FailReason {
 }
 
 pub struct VersionStats {
-    model: String,
-    version: String,
     inner: Mutex<StatsSnapshot>,
+    series: Series,
+}
+
+/// The version's Prometheus series, registered once so the request path
+/// only bumps them.
+struct Series {
+    exec_count: Counter,
+    inference_count: Counter,
+    compute_input_us: Counter,
+    compute_infer_us: Counter,
+    compute_output_us: Counter,
+    batch_size: Histogram,
+    success: Counter,
+    request_us: Counter,
+    queue_us: Counter,
+    request_seconds: Histogram,
+    queue_seconds: Histogram,
+    pending: Gauge,
+    rejected: Counter,
+    backend_failed: Counter,
 }
 
 /// One executed batch, as the scheduler measured it.
@@ -74,18 +93,37 @@ fn now_ms() -> u64 {
 
 impl VersionStats {
     pub fn new(model: &str, version: i64) -> Self {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        let failed = |reason: &'static str| {
+            let [m, v] = labels.clone();
+            metrics::counter!(
+                "nv_inference_request_failure",
+                &[m, v, ("reason", reason.to_string())]
+            )
+        };
+        let l = &labels;
         Self {
-            model: model.to_string(),
-            version: version.to_string(),
             inner: Mutex::new(StatsSnapshot::default()),
+            series: Series {
+                exec_count: metrics::counter!("nv_inference_exec_count", l),
+                inference_count: metrics::counter!("nv_inference_count", l),
+                compute_input_us: metrics::counter!("nv_inference_compute_input_duration_us", l),
+                compute_infer_us: metrics::counter!("nv_inference_compute_infer_duration_us", l),
+                compute_output_us: metrics::counter!("nv_inference_compute_output_duration_us", l),
+                batch_size: metrics::histogram!("nv_inference_batch_size", l),
+                success: metrics::counter!("nv_inference_request_success", l),
+                request_us: metrics::counter!("nv_inference_request_duration_us", l),
+                queue_us: metrics::counter!("nv_inference_queue_duration_us", l),
+                request_seconds: metrics::histogram!("nv_inference_request_duration_seconds", l),
+                queue_seconds: metrics::histogram!("nv_inference_queue_duration_seconds", l),
+                pending: metrics::gauge!("nv_inference_pending_request_count", l),
+                rejected: failed("REJECTED"),
+                backend_failed: failed("BACKEND"),
+            },
         }
-    }
-
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [
-            ("model", self.model.clone()),
-            ("version", self.version.clone()),
-        ]
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -93,7 +131,7 @@ impl VersionStats {
     }
 
     pub fn pending(&self, n: usize) {
-        metrics::gauge!("nv_inference_pending_request_count", &self.labels()).set(n as f64);
+        self.series.pending.set(n as f64);
     }
 
     /// A batch ran: every request in it is charged the batch's compute times.
@@ -109,17 +147,14 @@ impl VersionStats {
         b.compute_infer.add(e.compute_infer, 1);
         b.compute_output.add(e.compute_output, 1);
         drop(s);
-        let l = self.labels();
-        metrics::counter!("nv_inference_exec_count", &l).increment(1);
-        metrics::counter!("nv_inference_count", &l).increment(e.rows);
+        let m = &self.series;
+        m.exec_count.increment(1);
+        m.inference_count.increment(e.rows);
         let us = |d: Duration| d.as_micros() as u64 * e.requests;
-        metrics::counter!("nv_inference_compute_input_duration_us", &l)
-            .increment(us(e.compute_input));
-        metrics::counter!("nv_inference_compute_infer_duration_us", &l)
-            .increment(us(e.compute_infer));
-        metrics::counter!("nv_inference_compute_output_duration_us", &l)
-            .increment(us(e.compute_output));
-        metrics::histogram!("nv_inference_batch_size", &l).record(e.rows as f64);
+        m.compute_input_us.increment(us(e.compute_input));
+        m.compute_infer_us.increment(us(e.compute_infer));
+        m.compute_output_us.increment(us(e.compute_output));
+        m.batch_size.record(e.rows as f64);
     }
 
     pub fn success(&self, queue: Duration, total: Duration) {
@@ -128,14 +163,12 @@ impl VersionStats {
         s.queue.add(queue, 1);
         s.last_inference_ms = now_ms();
         drop(s);
-        let l = self.labels();
-        metrics::counter!("nv_inference_request_success", &l).increment(1);
-        metrics::counter!("nv_inference_request_duration_us", &l)
-            .increment(total.as_micros() as u64);
-        metrics::counter!("nv_inference_queue_duration_us", &l).increment(queue.as_micros() as u64);
-        metrics::histogram!("nv_inference_request_duration_seconds", &l)
-            .record(total.as_secs_f64());
-        metrics::histogram!("nv_inference_queue_duration_seconds", &l).record(queue.as_secs_f64());
+        let m = &self.series;
+        m.success.increment(1);
+        m.request_us.increment(total.as_micros() as u64);
+        m.queue_us.increment(queue.as_micros() as u64);
+        m.request_seconds.record(total.as_secs_f64());
+        m.queue_seconds.record(queue.as_secs_f64());
     }
 
     pub fn failure(&self, total: Duration, reason: FailReason) {
@@ -143,15 +176,10 @@ impl VersionStats {
         s.fail.add(total, 1);
         s.last_inference_ms = now_ms();
         drop(s);
-        let reason = match reason {
-            FailReason::Rejected => "REJECTED",
-            FailReason::Backend => "BACKEND",
-        };
-        let [m, v] = self.labels();
-        metrics::counter!(
-            "nv_inference_request_failure",
-            &[m, v, ("reason", reason.to_string())]
-        )
+        match reason {
+            FailReason::Rejected => &self.series.rejected,
+            FailReason::Backend => &self.series.backend_failed,
+        }
         .increment(1);
     }
 }

@@ -1,7 +1,7 @@
 //! Reads XGBoost's JSON model format (1.0 and later) into a `Forest`:
 //! `fvalue < split_condition` goes left, NaN takes `default_left`, and the
 //! base score enters as a margin through the objective's link function.
-use super::forest::{Forest, Missing, Node, Transform, LEAF};
+use super::forest::{Forest, Missing, Node, Transform, Trees, LEAF};
 use serde_json::Value;
 
 fn num(v: &Value) -> Option<f64> {
@@ -155,7 +155,7 @@ pub fn parse(json: &str) -> Result<Forest, String> {
             }
         }
     }
-    let mut forest = Forest {
+    Trees {
         trees,
         tree_group,
         num_groups,
@@ -163,8 +163,6 @@ pub fn parse(json: &str) -> Result<Forest, String> {
         num_features: num_feature,
         transform,
         average: false,
-        packed: Default::default(),
-    };
-    forest.pack()?;
-    Ok(forest)
+    }
+    .compile()
 }

@@ -2,8 +2,8 @@
 //! extensions, `raw_input_contents` / `raw_output_contents`, streaming
 //! infer, gRPC health, and message limits as large as the clients allow.
 use super::{
-    index, llm, llm_target, model_config, model_is_ready, model_metadata, parse_version,
-    repository, server_metadata, statistics,
+    config_not_a_string, encode, index, llm, llm_target, model_config, model_is_ready,
+    model_metadata, parse_version, repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use engine::dnn::{
@@ -49,82 +49,55 @@ fn contents_bytes(
     dtype: DataType,
     c: InferTensorContents,
 ) -> Result<Vec<u8>, DnnError> {
-    let narrow = |v: i64, min: i64, max: i64| {
-        (min..=max).contains(&v).then_some(v).ok_or_else(|| {
-            DnnError::invalid(format!(
-                "input '{name}': {v} is not a valid {}",
-                dtype.wire()
-            ))
-        })
-    };
-    let unarrow = |v: u32, max: u32| {
-        (v <= max).then_some(v).ok_or_else(|| {
-            DnnError::invalid(format!(
-                "input '{name}': {v} is not a valid {}",
-                dtype.wire()
-            ))
-        })
-    };
-    let mut out = Vec::new();
     match dtype {
-        DataType::Bool => out.extend(c.bool_contents.iter().map(|&b| b as u8)),
-        DataType::Int8 => {
-            for v in c.int_contents {
-                out.extend((narrow(v.into(), i8::MIN.into(), i8::MAX.into())? as i8).to_le_bytes());
-            }
-        }
-        DataType::Int16 => {
-            for v in c.int_contents {
-                out.extend(
-                    (narrow(v.into(), i16::MIN.into(), i16::MAX.into())? as i16).to_le_bytes(),
-                );
-            }
-        }
-        DataType::Int32 => c
-            .int_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Int64 => c
-            .int64_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Uint8 => {
-            for v in c.uint_contents {
-                out.push(unarrow(v, u8::MAX.into())? as u8);
-            }
-        }
-        DataType::Uint16 => {
-            for v in c.uint_contents {
-                out.extend((unarrow(v, u16::MAX.into())? as u16).to_le_bytes());
-            }
-        }
-        DataType::Uint32 => c
-            .uint_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Uint64 => c
-            .uint64_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Fp32 => c
-            .fp32_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Fp64 => c
-            .fp64_contents
-            .iter()
-            .for_each(|v| out.extend(v.to_le_bytes())),
-        DataType::Bytes => {
-            out = engine::dnn::tensor::encode_bytes(c.bytes_contents.iter().map(Vec::as_slice))
-        }
-        DataType::Fp16 | DataType::Bf16 => {
-            return Err(DnnError::invalid(format!(
-                "input '{name}': {} data must be sent in raw_input_contents",
-                dtype.wire()
-            )))
-        }
+        DataType::Bool => encode(name, dtype, c.bool_contents, Some, |b| [b as u8]),
+        DataType::Int8 => encode(
+            name,
+            dtype,
+            c.int_contents,
+            narrow::<i32, i8>,
+            i8::to_le_bytes,
+        ),
+        DataType::Int16 => encode(
+            name,
+            dtype,
+            c.int_contents,
+            narrow::<i32, i16>,
+            i16::to_le_bytes,
+        ),
+        DataType::Int32 => encode(name, dtype, c.int_contents, Some, i32::to_le_bytes),
+        DataType::Int64 => encode(name, dtype, c.int64_contents, Some, i64::to_le_bytes),
+        DataType::Uint8 => encode(
+            name,
+            dtype,
+            c.uint_contents,
+            narrow::<u32, u8>,
+            u8::to_le_bytes,
+        ),
+        DataType::Uint16 => encode(
+            name,
+            dtype,
+            c.uint_contents,
+            narrow::<u32, u16>,
+            u16::to_le_bytes,
+        ),
+        DataType::Uint32 => encode(name, dtype, c.uint_contents, Some, u32::to_le_bytes),
+        DataType::Uint64 => encode(name, dtype, c.uint64_contents, Some, u64::to_le_bytes),
+        DataType::Fp32 => encode(name, dtype, c.fp32_contents, Some, f32::to_le_bytes),
+        DataType::Fp64 => encode(name, dtype, c.fp64_contents, Some, f64::to_le_bytes),
+        DataType::Bytes => Ok(engine::dnn::tensor::encode_bytes(
+            c.bytes_contents.iter().map(Vec::as_slice),
+        )),
+        DataType::Fp16 | DataType::Bf16 => Err(DnnError::invalid(format!(
+            "input '{name}': {} data must be sent in raw_input_contents",
+            dtype.wire()
+        ))),
     }
-    Ok(out)
+}
+
+/// `v` as the narrower type `T`, if it fits.
+fn narrow<S, T: TryFrom<S>>(v: S) -> Option<T> {
+    T::try_from(v).ok()
 }
 
 fn param_u64(p: Option<&InferParameter>) -> Option<u64> {
@@ -224,12 +197,9 @@ fn infer_response(resp: InferResponse) -> ModelInferResponse {
 }
 
 async fn run_infer(state: &AppState, r: ModelInferRequest) -> Result<ModelInferResponse, DnnError> {
-    let req = infer_request(r)?;
-    let resp = match llm_target(state, &req.model) {
-        Some((engine, v)) => llm::infer(&engine, v, req).await?,
-        None => repository(&state.dnn)?.infer(req).await?,
-    };
-    Ok(infer_response(resp))
+    Ok(infer_response(
+        super::infer(state, infer_request(r)?).await?,
+    ))
 }
 
 type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
@@ -271,7 +241,7 @@ async fn stream_llm(
     let (call, stream) = llm::call_from_tensors(&req.inputs)?;
     if !stream {
         return Ok(Some(infer_response(
-            llm::infer(engine, version, req).await?,
+            llm::answer(engine, version, req, &call).await?,
         )));
     }
     let mut pieces = Box::pin(llm::stream(engine, &call)?);
@@ -331,10 +301,7 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> GrpcResult<ModelMetadataResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
-        if let Some((_, v)) = llm_target(&self.state, &r.name) {
-            return Ok(Response::new(llm::metadata(&r.name, &v)));
-        }
-        model_metadata(self.repo()?, &r.name, version)
+        model_metadata(&self.state, &r.name, version)
             .map(Response::new)
             .map_err(status)
     }
@@ -372,10 +339,7 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> GrpcResult<ModelConfigResponse> {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
-        let config = match llm_target(&self.state, &r.name) {
-            Some(_) => llm::config(&r.name),
-            None => model_config(self.repo()?, &r.name, version).map_err(status)?,
-        };
+        let config = model_config(&self.state, &r.name, version).map_err(status)?;
         Ok(Response::new(ModelConfigResponse {
             config: Some(config),
         }))
@@ -406,31 +370,14 @@ impl GrpcInferenceService for KserveGrpc {
     ) -> GrpcResult<RepositoryModelLoadResponse> {
         let r = r.into_inner();
         use model_repository_parameter::ParameterChoice as P;
-        if r.parameters.keys().any(|k| k.starts_with("file:")) {
-            return Err(status(DnnError::unsupported(
-                "load with file: parameters is not supported; put the files in the repository",
-            )));
-        }
-        let config = match r
-            .parameters
-            .get("config")
-            .and_then(|p| p.parameter_choice.clone())
-        {
+        let config = match r.parameters.get("config").map(|p| &p.parameter_choice) {
             None => None,
-            Some(P::StringParam(c)) => Some(
-                proto::model_config::from_json(&c)
-                    .map_err(|e| status(DnnError::invalid(format!("parameters.config: {e}"))))?,
-            ),
-            Some(_) => {
-                return Err(status(DnnError::invalid(
-                    "parameters.config must be a string of ModelConfig JSON",
-                )))
-            }
+            Some(Some(P::StringParam(c))) => Some(c.clone()),
+            Some(_) => return Err(status(config_not_a_string())),
         };
-        let repo = self.state.dnn.clone();
-        tokio::task::spawn_blocking(move || repository(&repo)?.load(&r.model_name, config))
+        let has_files = r.parameters.keys().any(|k| k.starts_with("file:"));
+        super::load(&self.state, r.model_name, has_files, config)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }

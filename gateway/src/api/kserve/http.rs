@@ -2,8 +2,8 @@
 //! statistics, repository control, and infer with JSON or binary tensors
 //! (`Inference-Header-Content-Length`), gzip/deflate bodies both ways.
 use super::{
-    index, llm, llm_target, model_config, model_is_ready, model_metadata, parse_version,
-    repository, server_metadata, statistics,
+    config_not_a_string, encode, llm, llm_target, model_config, model_is_ready, model_metadata,
+    parse_version, repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use axum::body::Bytes;
@@ -117,10 +117,7 @@ async fn metadata(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    let md = match llm_target(&s, &m) {
-        Some((_, version)) => llm::metadata(&m, &version),
-        None => model_metadata(repository(&s.dnn)?, &m, v)?,
-    };
+    let md = model_metadata(&s, &m, v)?;
     Ok(Json(proto::json::to_json(
         &md,
         "inference.ModelMetadataResponse",
@@ -132,11 +129,9 @@ async fn config(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    let config = match llm_target(&s, &m) {
-        Some(_) => llm::config(&m),
-        None => model_config(repository(&s.dnn)?, &m, v)?,
-    };
-    Ok(Json(proto::model_config::to_json(&config)))
+    Ok(Json(proto::model_config::to_json(&model_config(
+        &s, &m, v,
+    )?)))
 }
 
 async fn stats(
@@ -176,9 +171,8 @@ async fn repo_index(
 ) -> KsResult<Json<Value>> {
     let req = optional_json(&headers, &body)?;
     let ready = req["ready"].as_bool().unwrap_or(false);
-    let idx = index(repository(&s.dnn)?, ready);
-    let rows: Vec<Value> = idx
-        .models
+    let rows: Vec<Value> = repository(&s.dnn)?
+        .index(ready)
         .into_iter()
         .map(|m| {
             let mut row = json!({"name": m.name, "state": m.state});
@@ -202,28 +196,13 @@ async fn load(
 ) -> KsResult<StatusCode> {
     let req = optional_json(&headers, &body)?;
     let params = req["parameters"].as_object().cloned().unwrap_or_default();
-    if params.keys().any(|k| k.starts_with("file:")) {
-        return Err(DnnError::unsupported(
-            "load with file: parameters is not supported; put the files in the repository",
-        )
-        .into());
-    }
     let config = match params.get("config") {
         None => None,
-        Some(Value::String(c)) => Some(
-            proto::model_config::from_json(c)
-                .map_err(|e| DnnError::invalid(format!("parameters.config: {e}")))?,
-        ),
-        Some(_) => {
-            return Err(
-                DnnError::invalid("parameters.config must be a string of ModelConfig JSON").into(),
-            )
-        }
+        Some(Value::String(c)) => Some(c.clone()),
+        Some(_) => return Err(config_not_a_string().into()),
     };
-    let repo = s.dnn.clone();
-    tokio::task::spawn_blocking(move || repository(&repo)?.load(&model, config))
-        .await
-        .map_err(|e| DnnError::internal(e.to_string()))??;
+    let has_files = params.keys().any(|k| k.starts_with("file:"));
+    super::load(&s, model, has_files, config).await?;
     Ok(StatusCode::OK)
 }
 
@@ -239,7 +218,10 @@ async fn unload(
 }
 
 /// The body with any `Content-Encoding: gzip|deflate` undone.
-fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, DnnError> {
+fn decode_body<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, DnnError> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -248,7 +230,7 @@ fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, DnnError> {
         .to_ascii_lowercase();
     let mut out = Vec::new();
     let result = match encoding.as_str() {
-        "identity" | "" => return Ok(body.to_vec()),
+        "identity" | "" => return Ok(std::borrow::Cow::Borrowed(body)),
         "gzip" => flate2::read::GzDecoder::new(body).read_to_end(&mut out),
         "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(&mut out),
         other => {
@@ -259,7 +241,7 @@ fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, DnnError> {
     };
     result
         .map_err(|e| DnnError::invalid(format!("the {encoding} body does not decompress: {e}")))?;
-    Ok(out)
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 /// How the client wants each output: binary (the extension) or JSON data.
@@ -297,58 +279,47 @@ fn json_data(
             dtype.wire()
         ))
     };
-    let int = |v: &Value, min: i128, max: i128| -> Result<i128, DnnError> {
-        let n = v
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| v.as_u64().map(i128::from))
-            .ok_or_else(|| bad(v))?;
-        if n < min || n > max {
-            return Err(bad(v));
-        }
-        Ok(n)
-    };
     let float = |v: &Value| match v.as_str() {
-        Some("NaN") => Ok(f64::NAN),
-        Some("Infinity") => Ok(f64::INFINITY),
-        Some("-Infinity") => Ok(f64::NEG_INFINITY),
-        _ => v.as_f64().ok_or_else(|| bad(v)),
+        Some("NaN") => Some(f64::NAN),
+        Some("Infinity") => Some(f64::INFINITY),
+        Some("-Infinity") => Some(f64::NEG_INFINITY),
+        _ => v.as_f64(),
     };
-    let mut out = Vec::with_capacity(want * dtype.size().unwrap_or(8));
-    if dtype == DataType::Bytes {
-        let strings = flat
-            .iter()
-            .map(|v| v.as_str().map(str::as_bytes).ok_or_else(|| bad(v)))
-            .collect::<Result<Vec<_>, _>>()?;
-        return Ok(encode_bytes(strings));
-    }
-    for v in flat {
-        match dtype {
-            DataType::Bool => out.push(v.as_bool().ok_or_else(|| bad(v))? as u8),
-            DataType::Uint8 => out.push(int(v, 0, u8::MAX as i128)? as u8),
-            DataType::Int8 => {
-                out.extend((int(v, i8::MIN as i128, i8::MAX as i128)? as i8).to_le_bytes())
-            }
-            DataType::Uint16 => out.extend((int(v, 0, u16::MAX as i128)? as u16).to_le_bytes()),
-            DataType::Int16 => {
-                out.extend((int(v, i16::MIN as i128, i16::MAX as i128)? as i16).to_le_bytes())
-            }
-            DataType::Uint32 => out.extend((int(v, 0, u32::MAX as i128)? as u32).to_le_bytes()),
-            DataType::Int32 => {
-                out.extend((int(v, i32::MIN as i128, i32::MAX as i128)? as i32).to_le_bytes())
-            }
-            DataType::Uint64 => out.extend((int(v, 0, u64::MAX as i128)? as u64).to_le_bytes()),
-            DataType::Int64 => {
-                out.extend((int(v, i64::MIN as i128, i64::MAX as i128)? as i64).to_le_bytes())
-            }
-            DataType::Fp16 => out.extend(half::f16::from_f64(float(v)?).to_le_bytes()),
-            DataType::Bf16 => out.extend(half::bf16::from_f64(float(v)?).to_le_bytes()),
-            DataType::Fp32 => out.extend((float(v)? as f32).to_le_bytes()),
-            DataType::Fp64 => out.extend(float(v)?.to_le_bytes()),
-            DataType::Bytes => unreachable!("handled above"),
+    let flat = flat.into_iter();
+    match dtype {
+        DataType::Bytes => {
+            let strings = flat
+                .map(|v| v.as_str().map(str::as_bytes).ok_or_else(|| bad(v)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(encode_bytes(strings))
         }
+        DataType::Bool => encode(name, dtype, flat, Value::as_bool, |b| [b as u8]),
+        DataType::Uint8 => encode(name, dtype, flat, int::<u8>, u8::to_le_bytes),
+        DataType::Int8 => encode(name, dtype, flat, int::<i8>, i8::to_le_bytes),
+        DataType::Uint16 => encode(name, dtype, flat, int::<u16>, u16::to_le_bytes),
+        DataType::Int16 => encode(name, dtype, flat, int::<i16>, i16::to_le_bytes),
+        DataType::Uint32 => encode(name, dtype, flat, int::<u32>, u32::to_le_bytes),
+        DataType::Int32 => encode(name, dtype, flat, int::<i32>, i32::to_le_bytes),
+        DataType::Uint64 => encode(name, dtype, flat, int::<u64>, u64::to_le_bytes),
+        DataType::Int64 => encode(name, dtype, flat, int::<i64>, i64::to_le_bytes),
+        DataType::Fp16 => encode(name, dtype, flat, float, |f| {
+            half::f16::from_f64(f).to_le_bytes()
+        }),
+        DataType::Bf16 => encode(name, dtype, flat, float, |f| {
+            half::bf16::from_f64(f).to_le_bytes()
+        }),
+        DataType::Fp32 => encode(name, dtype, flat, float, |f| (f as f32).to_le_bytes()),
+        DataType::Fp64 => encode(name, dtype, flat, float, f64::to_le_bytes),
     }
-    Ok(out)
+}
+
+/// A JSON integer, if it fits `T`.
+fn int<T: TryFrom<i128>>(v: &Value) -> Option<T> {
+    let n = v
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| v.as_u64().map(i128::from))?;
+    T::try_from(n).ok()
 }
 
 /// A tensor's elements as flat JSON (BYTES as strings).
@@ -624,14 +595,12 @@ fn raw_request(
 
 fn infer_body(resp: InferResponse, format: &OutputFormat) -> (Vec<u8>, Option<usize>) {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
-    let mut binary: Vec<u8> = Vec::new();
-    let mut any_binary = false;
+    let mut binary: Vec<&[u8]> = Vec::new();
     for t in &resp.outputs {
         let mut o = json!({"name": t.name, "datatype": t.dtype.wire(), "shape": t.shape});
         if *format.binary.get(&t.name).unwrap_or(&format.default_binary) {
             o["parameters"] = json!({"binary_data_size": t.data.len()});
-            binary.extend_from_slice(&t.data);
-            any_binary = true;
+            binary.push(&t.data);
         } else {
             o["data"] = tensor_json(t);
         }
@@ -639,14 +608,14 @@ fn infer_body(resp: InferResponse, format: &OutputFormat) -> (Vec<u8>, Option<us
     }
     let mut head = json!({"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs});
     if !resp.id.is_empty() {
-        head["id"] = resp.id.into();
+        head["id"] = resp.id.as_str().into();
     }
     let mut body = serde_json::to_vec(&head).expect("JSON serializes");
-    let header_len = body.len();
-    if !any_binary {
+    if binary.is_empty() {
         return (body, None);
     }
-    body.extend_from_slice(&binary);
+    let header_len = body.len();
+    binary.iter().for_each(|b| body.extend_from_slice(b));
     (body, Some(header_len))
 }
 
@@ -690,16 +659,12 @@ async fn infer(
     body: Bytes,
 ) -> KsResult<Response> {
     let (model, version) = target(&p)?;
-    let llm = llm_target(&s, &model);
-    if llm.is_none() {
+    if llm_target(&s, &model).is_none() {
         repository(&s.dnn)?.version(&model, version)?;
     }
     let body = decode_body(&headers, &body)?;
     let (req, format) = parse_infer(model, version, &headers, &body, s.dnn.as_deref())?;
-    let resp = match llm {
-        Some((engine, v)) => llm::infer(&engine, v, req).await?,
-        None => repository(&s.dnn)?.infer(req).await?,
-    };
+    let resp = super::infer(&s, req).await?;
     let (body, header_len) = infer_body(resp, &format);
     let (encoding, body) = encode_response(&headers, body);
     let mut response = Response::new(axum::body::Body::from(body));

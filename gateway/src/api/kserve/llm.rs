@@ -255,7 +255,17 @@ pub async fn infer(
     req: InferRequest,
 ) -> Result<InferResponse, DnnError> {
     let (call, _) = call_from_tensors(&req.inputs)?;
-    let text = complete(engine, &call).await?;
+    answer(engine, version, req, &call).await
+}
+
+/// The whole `text_output` of a call already read from `req`.
+pub async fn answer(
+    engine: &LlmEngine,
+    version: String,
+    req: InferRequest,
+    call: &LlmCall,
+) -> Result<InferResponse, DnnError> {
+    let text = complete(engine, call).await?;
     Ok(InferResponse {
         model_name: req.model,
         model_version: version,

@@ -4,7 +4,10 @@ pub mod grpc;
 pub mod http;
 pub mod llm;
 
-use engine::dnn::{DnnError, ModelRepository, StatsSnapshot};
+use crate::api::AppState;
+use engine::dnn::{
+    DataType, DnnError, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
+};
 use proto::inference::{
     model_metadata_response::TensorMetadata, repository_index_response::ModelIndex,
     InferBatchStatistics, InferStatistics, ModelConfig, ModelMetadataResponse, ModelStatistics,
@@ -33,10 +36,7 @@ pub fn server_metadata() -> ServerMetadataResponse {
 
 /// An LLM served under `name` (a route or `model@version`) that is not a
 /// repository model, with the version the protocol reports.
-pub fn llm_target(
-    state: &crate::api::AppState,
-    name: &str,
-) -> Option<(engine::llm::LlmEngine, String)> {
+pub fn llm_target(state: &AppState, name: &str) -> Option<(engine::llm::LlmEngine, String)> {
     if state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
         return None;
     }
@@ -45,7 +45,7 @@ pub fn llm_target(
 }
 
 /// Whether `name` (at `version`) answers requests: an LLM route or a loaded repository model.
-pub fn model_is_ready(state: &crate::api::AppState, name: &str, version: Option<i64>) -> bool {
+pub fn model_is_ready(state: &AppState, name: &str, version: Option<i64>) -> bool {
     llm_target(state, name).is_some()
         || state
             .dnn
@@ -70,12 +70,16 @@ pub fn parse_version(v: &str) -> Result<Option<i64>, DnnError> {
         .map_err(|_| DnnError::invalid(format!("model version '{v}' is not a number")))
 }
 
+/// Metadata of an LLM route or a repository model.
 pub fn model_metadata(
-    repo: &ModelRepository,
+    state: &AppState,
     name: &str,
     version: Option<i64>,
 ) -> Result<ModelMetadataResponse, DnnError> {
-    let (model, v) = repo.version(name, version)?;
+    if let Some((_, v)) = llm_target(state, name) {
+        return Ok(llm::metadata(name, &v));
+    }
+    let (model, v) = repository(&state.dnn)?.version(name, version)?;
     let spec = &model.spec;
     let tensors = |list: &[engine::dnn::model::TensorSpec]| {
         list.iter()
@@ -103,13 +107,76 @@ pub fn model_metadata(
     })
 }
 
+/// The config of an LLM route or a repository model.
 pub fn model_config(
-    repo: &ModelRepository,
+    state: &AppState,
     name: &str,
     version: Option<i64>,
 ) -> Result<ModelConfig, DnnError> {
-    let (model, _) = repo.version(name, version)?;
+    if llm_target(state, name).is_some() {
+        return Ok(llm::config(name));
+    }
+    let (model, _) = repository(&state.dnn)?.version(name, version)?;
     Ok(model.spec.config.clone())
+}
+
+/// Runs a request on the LLM route or the repository model it names.
+pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse, DnnError> {
+    match llm_target(state, &req.model) {
+        Some((engine, v)) => llm::infer(&engine, v, req).await,
+        None => repository(&state.dnn)?.infer(req).await,
+    }
+}
+
+/// The model control API as both protocols carry it: `file:` overrides are
+/// refused, `config` is ModelConfig JSON, and loading runs off the runtime.
+pub async fn load(
+    state: &AppState,
+    name: String,
+    has_file_params: bool,
+    config_json: Option<String>,
+) -> Result<(), DnnError> {
+    if has_file_params {
+        return Err(DnnError::unsupported(
+            "load with file: parameters is not supported; put the files in the repository",
+        ));
+    }
+    let config = config_json
+        .map(|c| proto::model_config::from_json(&c))
+        .transpose()
+        .map_err(|e| DnnError::invalid(format!("parameters.config: {e}")))?;
+    let repo = state.dnn.clone();
+    tokio::task::spawn_blocking(move || repository(&repo)?.load(&name, config))
+        .await
+        .map_err(|e| DnnError::internal(e.to_string()))?
+}
+
+/// The refusal for a `config` parameter that is not a string.
+pub fn config_not_a_string() -> DnnError {
+    DnnError::invalid("parameters.config must be a string of ModelConfig JSON")
+}
+
+/// Encodes `values` little-endian as `dtype`; a value `convert` cannot fit
+/// (`None`) is named in the error.
+pub fn encode<S: std::fmt::Display + Copy, T, const N: usize>(
+    input: &str,
+    dtype: DataType,
+    values: impl IntoIterator<Item = S>,
+    convert: impl Fn(S) -> Option<T>,
+    le_bytes: impl Fn(T) -> [u8; N],
+) -> Result<Vec<u8>, DnnError> {
+    let values = values.into_iter();
+    let mut out = Vec::with_capacity(values.size_hint().0 * N);
+    for v in values {
+        let t = convert(v).ok_or_else(|| {
+            DnnError::invalid(format!(
+                "input '{input}': {v} is not a valid {} value",
+                dtype.wire()
+            ))
+        })?;
+        out.extend(le_bytes(t));
+    }
+    Ok(out)
 }
 
 fn duration(t: engine::dnn::stats::Timed) -> Option<StatisticDuration> {
