@@ -322,3 +322,53 @@ fn a_dropped_receiver_cancels_and_a_full_queue_refuses() {
     drop(kept);
     wait_all_free(&e);
 }
+
+#[test]
+fn teacher_forced_scores_equal_the_logprobs_of_generation() {
+    let (e, _dir) = engine(config());
+    let prompt = vec![5, 9, 2, 31, 7, 7, 12];
+    let mut req = request(prompt.clone(), 12);
+    req.sampling.logprobs = Some(0);
+    let mut rx = e.submit(req).unwrap();
+    let (mut ids, mut lps) = (vec![], vec![]);
+    while let Some(ev) = rx.blocking_recv() {
+        if let GenerationEvent::Delta {
+            logprob: Some(l), ..
+        } = ev
+        {
+            ids.push(l.id);
+            lps.push(l.logprob);
+        }
+    }
+    assert_eq!(ids.len(), 12);
+    let tokens: Vec<u32> = prompt.iter().chain(&ids).copied().collect();
+    let scored = e
+        .score(tokens.clone(), prompt.len())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(scored.len(), ids.len());
+    for (i, (a, b)) in scored.iter().zip(&lps).enumerate() {
+        assert!((a - b).abs() < 1e-3, "token {i}: scored {a}, generated {b}");
+    }
+    // A token the model did not pick scores lower than the greedy one.
+    let mut other = tokens.clone();
+    let first = prompt.len();
+    other[first] = (other[first] + 1) % 64;
+    let worse = e
+        .score(other, first)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert!(worse[0] < scored[0], "{} vs {}", worse[0], scored[0]);
+    assert!(matches!(
+        e.score(tokens.clone(), 0),
+        Err(LlmError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        e.score(vec![1, 100_000], 1),
+        Err(LlmError::InvalidRequest(_))
+    ));
+}

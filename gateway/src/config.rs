@@ -1,5 +1,6 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
+use crate::api::kserve::shadow::ShadowConfig;
 use crate::registry::Role;
 use crate::rollout::RolloutPolicy;
 use crate::upstream::UpstreamConfig;
@@ -43,6 +44,9 @@ pub struct RepositoryConfig {
     /// Models to load at start in `explicit` mode (`*` = all).
     #[serde(default)]
     pub load_models: Vec<String>,
+    /// Copies of a model's requests to another model, compared and discarded.
+    #[serde(default)]
+    pub shadows: Vec<ShadowConfig>,
 }
 
 impl RepositoryConfig {
@@ -53,6 +57,7 @@ impl RepositoryConfig {
             control_mode: default_control_mode(),
             poll_secs: default_poll_secs(),
             load_models: Vec::new(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -361,6 +366,9 @@ impl Config {
                 .map_err(|e| format!("model_repository.control_mode: {e}"))?;
             if r.poll_secs == 0 {
                 return Err("model_repository.poll_secs: must be 1 or more".into());
+            }
+            for (i, sh) in r.shadows.iter().enumerate() {
+                sh.validate(&format!("model_repository.shadows[{i}]"))?;
             }
         }
         let grpc = &self.server.grpc;

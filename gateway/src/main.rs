@@ -268,7 +268,14 @@ async fn serve(cfg: Config) -> Result<()> {
                 }
             });
         }
-        state = state.with_model_repository(repo);
+        let shadows = api::kserve::shadow::Shadows::new(&rc.shadows).map_err(anyhow::Error::msg)?;
+        state = state.with_model_repository(repo, shadows);
+    }
+    let kserve_upstreams = cfg
+        .upstreams
+        .iter()
+        .any(|u| u.protocol == upstream::Protocol::Kserve);
+    if cfg.model_repository.is_some() || kserve_upstreams {
         let grpc = tokio::net::TcpListener::bind(&cfg.server.grpc)
             .await
             .with_context(|| format!("binding {}", cfg.server.grpc))?;

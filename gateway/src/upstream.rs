@@ -1,11 +1,13 @@
-//! Remote upstreams: a route served by other nodes speaking the OpenAI API
-//! (another Switchyard, vLLM, llama.cpp's server). A tower stack per
-//! upstream: a timeout layer, a retry layer (only for non-streamed requests
-//! that never reached a node), and a balancer service that sends each request
-//! to the healthy replica with the fewest requests outstanding and opens a
-//! replica's circuit after consecutive failures. Active health checks run
-//! beside it.
+//! Remote upstreams: a model served by other nodes speaking the OpenAI API
+//! (another Switchyard, vLLM, llama.cpp's server) or KServe v2 over gRPC
+//! (Triton, another Switchyard). A tower stack per upstream: a timeout layer,
+//! a retry layer (only for non-streamed requests that never reached a node),
+//! and a balancer service that sends each request to the healthy replica with
+//! the fewest requests outstanding and opens a replica's circuit after
+//! consecutive failures. Active health checks run beside it.
+use crate::api::kserve::grpc::Remote;
 use axum::body::Bytes;
+use engine::dnn::{DnnError, InferRequest, InferResponse};
 use serde::Deserialize;
 use std::future::Future;
 use std::pin::Pin;
@@ -15,12 +17,28 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+/// What an upstream's replicas speak.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// The OpenAI API over HTTP; `/v1/chat/completions` and `/v1/completions`
+    /// are forwarded.
+    #[default]
+    Openai,
+    /// KServe v2 over gRPC; the model's infer, metadata, config and
+    /// readiness are forwarded from both of our KServe fronts.
+    Kserve,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The model name clients send.
     pub name: String,
-    /// Base URLs of the replicas, e.g. `http://10.0.0.5:8080`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The replicas: base URLs (`http://10.0.0.5:8080`) for `openai`, gRPC
+    /// addresses (`grpc://10.0.0.5:8001`) for `kserve`.
     pub endpoints: Vec<String>,
     /// The model name at the upstream (default: `name`).
     #[serde(default)]
@@ -40,6 +58,13 @@ pub struct UpstreamConfig {
     pub failure_threshold: u32,
     #[serde(default = "default_open_secs")]
     pub open_secs: u64,
+}
+
+impl UpstreamConfig {
+    /// The model's name at the upstream.
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or(&self.name)
+    }
 }
 
 fn default_timeout() -> u64 {
@@ -67,8 +92,19 @@ impl UpstreamConfig {
             return Err(format!("{at}.endpoints: give at least one base URL"));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
-            if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
-                return Err(format!("{at}.endpoints[{i}]: `{e}` is not an http(s) URL"));
+            let scheme = reqwest::Url::parse(e).map(|u| u.scheme().to_string());
+            let ok = match self.protocol {
+                Protocol::Openai => matches!(scheme.as_deref(), Ok("http" | "https")),
+                Protocol::Kserve => {
+                    matches!(scheme.as_deref(), Ok("grpc" | "http")) && Remote::endpoint(e).is_ok()
+                }
+            };
+            if !ok {
+                let want = match self.protocol {
+                    Protocol::Openai => "an http(s) URL",
+                    Protocol::Kserve => "a gRPC address like grpc://host:8001",
+                };
+                return Err(format!("{at}.endpoints[{i}]: `{e}` is not {want}"));
             }
         }
         if self.timeout_secs == 0 || self.health_interval_ms == 0 || self.failure_threshold == 0 {
@@ -121,6 +157,91 @@ pub struct ProxyRequest {
     pub stream: bool,
 }
 
+/// What goes through an upstream's stack, by protocol.
+#[derive(Clone)]
+enum Call {
+    Http(ProxyRequest),
+    Infer(Arc<InferRequest>),
+}
+
+impl Call {
+    fn stream(&self) -> bool {
+        matches!(self, Self::Http(r) if r.stream)
+    }
+}
+
+/// A replica's answer: an HTTP response, or a KServe result (an error the
+/// remote model gave is an answer too).
+enum Answer {
+    Http(reqwest::Response),
+    Infer(Result<InferResponse, DnnError>),
+}
+
+/// How one attempt on a replica ended.
+enum Attempt {
+    /// `failed`: a server-side failure that counts toward the circuit.
+    Answered {
+        answer: Answer,
+        failed: bool,
+    },
+    NotReached(String),
+    Failed(String),
+}
+
+/// How replicas are reached.
+#[derive(Clone)]
+enum Transport {
+    Http(reqwest::Client),
+    /// One gRPC client per replica, in replica order.
+    Kserve(Arc<Vec<Remote>>),
+}
+
+impl Transport {
+    async fn attempt(&self, i: usize, base: &str, call: Call) -> Attempt {
+        match (self, call) {
+            (Self::Http(client), Call::Http(req)) => {
+                let sent = client
+                    .post(format!("{base}{}", req.path))
+                    .header("content-type", "application/json")
+                    .body(req.body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(resp) => Attempt::Answered {
+                        failed: resp.status().is_server_error() && resp.status() != 503,
+                        answer: Answer::Http(resp),
+                    },
+                    Err(e) if e.is_connect() => Attempt::NotReached(format!("{base}: {e}")),
+                    Err(e) => Attempt::Failed(format!("{base}: {e}")),
+                }
+            }
+            (Self::Kserve(remotes), Call::Infer(req)) => match remotes[i].call(&req).await {
+                Ok(r) => Attempt::Answered {
+                    answer: Answer::Infer(Ok(r)),
+                    failed: false,
+                },
+                // tonic reports a refused or failed connection as UNAVAILABLE
+                // with the connector's message.
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable && s.message().contains("connect") =>
+                {
+                    Attempt::NotReached(format!("{base}: {}", s.message()))
+                }
+                Err(s) if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) => {
+                    Attempt::Failed(format!("{base}: {}", s.message()))
+                }
+                Err(s) => Attempt::Answered {
+                    failed: s.code() == tonic::Code::Internal,
+                    answer: Answer::Infer(Err(remotes[i].error(s))),
+                },
+            },
+            _ => Attempt::Failed(format!(
+                "{base}: the request is not of this upstream's protocol"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No replica took the request; safe to try another.
@@ -142,13 +263,13 @@ struct Balancer {
     replicas: Arc<Vec<Replica>>,
     /// Where the search starts, so ties rotate over the replicas.
     next: Arc<AtomicUsize>,
-    client: reqwest::Client,
+    transport: Transport,
     threshold: u32,
     open: Duration,
 }
 
-impl Service<ProxyRequest> for Balancer {
-    type Response = (reqwest::Response, String);
+impl Service<Call> for Balancer {
+    type Response = (Answer, String);
     type Error = UpstreamError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, UpstreamError>> + Send>>;
 
@@ -156,7 +277,7 @@ impl Service<ProxyRequest> for Balancer {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+    fn call(&mut self, req: Call) -> Self::Future {
         let me = self.clone();
         Box::pin(async move {
             let n = me.replicas.len();
@@ -168,36 +289,24 @@ impl Service<ProxyRequest> for Balancer {
                 .ok_or_else(|| UpstreamError::NoneHealthy(me.name.clone()))?;
             let r = &me.replicas[i];
             r.outstanding.fetch_add(1, Ordering::Relaxed);
-            let sent = me
-                .client
-                .post(format!("{}{}", r.base, req.path))
-                .header("content-type", "application/json")
-                .body(req.body)
-                .send()
-                .await;
+            let attempt = me.transport.attempt(i, &r.base, req).await;
             r.outstanding.fetch_sub(1, Ordering::Relaxed);
-            match sent {
-                Ok(resp) if resp.status().is_server_error() && resp.status() != 503 => {
-                    r.failed(me.threshold, me.open);
-                    Ok((resp, r.base.clone()))
-                }
-                Ok(resp) => {
-                    r.succeeded();
-                    Ok((resp, r.base.clone()))
-                }
-                Err(e) => {
-                    r.failed(me.threshold, me.open);
-                    if e.is_connect() {
-                        Err(UpstreamError::NotReached(
-                            me.name.clone(),
-                            format!("{}: {e}", r.base),
-                        ))
+            match attempt {
+                Attempt::Answered { answer, failed } => {
+                    if failed {
+                        r.failed(me.threshold, me.open);
                     } else {
-                        Err(UpstreamError::Failed(
-                            me.name.clone(),
-                            format!("{}: {e}", r.base),
-                        ))
+                        r.succeeded();
                     }
+                    Ok((answer, r.base.clone()))
+                }
+                Attempt::NotReached(why) => {
+                    r.failed(me.threshold, me.open);
+                    Err(UpstreamError::NotReached(me.name.clone(), why))
+                }
+                Attempt::Failed(why) => {
+                    r.failed(me.threshold, me.open);
+                    Err(UpstreamError::Failed(me.name.clone(), why))
                 }
             }
         })
@@ -208,18 +317,16 @@ impl Service<ProxyRequest> for Balancer {
 #[derive(Clone)]
 struct RetryUnreached(usize);
 
-impl tower::retry::Policy<ProxyRequest, (reqwest::Response, String), UpstreamError>
-    for RetryUnreached
-{
+impl tower::retry::Policy<Call, (Answer, String), UpstreamError> for RetryUnreached {
     type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
-        req: &mut ProxyRequest,
-        result: &mut Result<(reqwest::Response, String), UpstreamError>,
+        req: &mut Call,
+        result: &mut Result<(Answer, String), UpstreamError>,
     ) -> Option<Self::Future> {
         match result {
-            Err(UpstreamError::NotReached(..)) if !req.stream && self.0 > 0 => {
+            Err(UpstreamError::NotReached(..)) if !req.stream() && self.0 > 0 => {
                 self.0 -= 1;
                 Some(std::future::ready(()))
             }
@@ -227,7 +334,7 @@ impl tower::retry::Policy<ProxyRequest, (reqwest::Response, String), UpstreamErr
         }
     }
 
-    fn clone_request(&mut self, req: &ProxyRequest) -> Option<ProxyRequest> {
+    fn clone_request(&mut self, req: &Call) -> Option<Call> {
         Some(req.clone())
     }
 }
@@ -260,10 +367,24 @@ impl Upstream {
             name: config.name.clone(),
             replicas: Arc::new(replicas),
             next: Arc::default(),
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .expect("an HTTP client"),
+            transport: match config.protocol {
+                Protocol::Openai => Transport::Http(
+                    reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(2))
+                        .build()
+                        .expect("an HTTP client"),
+                ),
+                Protocol::Kserve => Transport::Kserve(Arc::new(
+                    config
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            let timeout = Duration::from_secs(config.timeout_secs);
+                            Remote::new(e, config.model(), timeout).expect("validated endpoints")
+                        })
+                        .collect(),
+                )),
+            },
             threshold: config.failure_threshold,
             open: Duration::from_secs(config.open_secs),
         };
@@ -279,21 +400,91 @@ impl Upstream {
     }
 
     /// Sends the request through timeout → retry → balancer; returns the
-    /// response and the replica that answered.
-    pub async fn send(
-        &self,
-        req: ProxyRequest,
-    ) -> Result<(reqwest::Response, String), UpstreamError> {
+    /// answer and the replica that gave it.
+    async fn run(&self, call: Call) -> Result<(Answer, String), UpstreamError> {
         let (name, secs) = (self.config.name.clone(), self.config.timeout_secs);
         self.stack
             .clone()
-            .oneshot(req)
+            .oneshot(call)
             .await
             .map_err(|e| match e.downcast::<UpstreamError>() {
                 Ok(e) => *e,
                 // The timeout layer's own error.
                 Err(_) => UpstreamError::Timeout(name, secs),
             })
+    }
+
+    /// An OpenAI API request; returns the response and the replica.
+    pub async fn send(
+        &self,
+        req: ProxyRequest,
+    ) -> Result<(reqwest::Response, String), UpstreamError> {
+        match self.run(Call::Http(req)).await? {
+            (Answer::Http(resp), replica) => Ok((resp, replica)),
+            (Answer::Infer(_), _) => Err(self.wrong_protocol()),
+        }
+    }
+
+    /// A KServe infer request, answered under this upstream's model name.
+    pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, DnnError> {
+        let name = self.config.name.clone();
+        let answer = self.run(Call::Infer(Arc::new(req))).await;
+        metrics::counter!("switchyard:upstream_requests", "upstream" => name.clone(), "replica" => answer.as_ref().map_or_else(|_| "-".to_string(), |a| a.1.clone()), "status" => if matches!(answer, Ok((Answer::Infer(Ok(_)), _))) { "ok" } else { "error" })
+            .increment(1);
+        match answer {
+            Ok((Answer::Infer(r), _)) => r.map(|mut r| {
+                r.model_name = name;
+                r
+            }),
+            Ok((Answer::Http(_), _)) => {
+                Err(DnnError::unavailable(self.wrong_protocol().to_string()))
+            }
+            Err(e) => Err(DnnError::unavailable(e.to_string())),
+        }
+    }
+
+    fn wrong_protocol(&self) -> UpstreamError {
+        UpstreamError::Failed(
+            self.config.name.clone(),
+            format!("this upstream speaks {:?}", self.config.protocol),
+        )
+    }
+
+    /// The first available KServe replica, for metadata and config.
+    fn remote(&self) -> Result<&Remote, DnnError> {
+        let Transport::Kserve(remotes) = &self.balancer.transport else {
+            return Err(DnnError::unsupported(format!(
+                "`{}` is served over the OpenAI API",
+                self.config.name
+            )));
+        };
+        self.balancer
+            .replicas
+            .iter()
+            .position(Replica::available)
+            .map(|i| &remotes[i])
+            .ok_or_else(|| {
+                DnnError::unavailable(
+                    UpstreamError::NoneHealthy(self.config.name.clone()).to_string(),
+                )
+            })
+    }
+
+    pub async fn metadata(&self) -> Result<proto::inference::ModelMetadataResponse, DnnError> {
+        let mut m = self.remote()?.metadata().await?;
+        m.name = self.config.name.clone();
+        Ok(m)
+    }
+
+    pub async fn model_config(&self) -> Result<proto::inference::ModelConfig, DnnError> {
+        let mut c = self.remote()?.config().await?;
+        c.name = self.config.name.clone();
+        Ok(c)
+    }
+
+    /// Whether any replica is up.
+    pub fn is_available(&self) -> bool {
+        self.balancer.replicas.iter().any(Replica::available)
     }
 
     /// Marks replicas up or down from `health_path`, forever.
@@ -304,12 +495,20 @@ impl Upstream {
             .build()
             .expect("an HTTP client");
         loop {
-            for r in self.balancer.replicas.iter() {
-                let up = client
-                    .get(format!("{}{}", r.base, self.config.health_path))
-                    .send()
+            for (i, r) in self.balancer.replicas.iter().enumerate() {
+                let up = match &self.balancer.transport {
+                    Transport::Http(_) => client
+                        .get(format!("{}{}", r.base, self.config.health_path))
+                        .send()
+                        .await
+                        .is_ok_and(|resp| resp.status().is_success()),
+                    Transport::Kserve(remotes) => tokio::time::timeout(
+                        every.min(Duration::from_secs(2)),
+                        remotes[i].is_ready(),
+                    )
                     .await
-                    .is_ok_and(|resp| resp.status().is_success());
+                    .unwrap_or(false),
+                };
                 if r.healthy.swap(up, Ordering::Relaxed) != up {
                     tracing::info!(replica = %r.base, up, "upstream health changed");
                 }

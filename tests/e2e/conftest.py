@@ -60,6 +60,39 @@ class Server:
         self.log.close()
 
 
+class Triton(Server):
+    """A server of a Triton model repository over KServe HTTP and gRPC."""
+
+    def __init__(self, repo: Path, *extra: str, config: str | None = None, grpc_port: int | None = None):
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        self.grpc_port = grpc_port or free_port()
+        args = ["--model-repository", str(repo)] if repo else []
+        super().__init__(config=config, args=[*args, "--grpc", f"127.0.0.1:{self.grpc_port}", *extra])
+        self.http_url = f"127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if grpcclient.InferenceServerClient(self.grpc_url).is_server_live():
+                    return
+            except InferenceServerException:
+                time.sleep(0.2)
+        raise RuntimeError("gRPC did not come up")
+
+
+def wait_for(what, check, timeout=120):
+    """Polls `check` until it returns something truthy, and returns that."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def metric(server, name, **labels) -> float:
     """Sum of a Prometheus series over the series whose labels include `labels`."""
     want = [f'{k}="{v}"' for k, v in labels.items()]

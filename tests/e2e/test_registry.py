@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server, metric
+from conftest import Server, metric, wait_for
 
 SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 ARTIFACT = {
@@ -154,16 +154,6 @@ def served_version(server, user=None):
     return int(raw.headers["x-switchyard-model-version"]), raw.headers["x-switchyard-arm"]
 
 
-def wait_for(what, check, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def status(api, model, version):
     return (api.get(f"/models/{model}/versions/{version}").json().get("status") or {}).get("phase")
 
@@ -209,6 +199,12 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     same = shadow()
     assert same["version"] == "2" and same["errors"] == 0, same
     assert same["exact_match_rate"] == 1.0 and same["mean_similarity"] == 1.0, same
+    # Teacher-forced, the primary's tokens are as likely under the same weights.
+    wait_for("teacher-forced scores", lambda: shadow()["teacher_forced"]["scored"] >= 5)
+    forced = shadow()["teacher_forced"]
+    assert abs(forced["mean_kl"]) < 0.01, forced
+    assert forced["shadow_mean_logprob"] < 0, forced
+    assert abs(forced["shadow_mean_logprob"] - forced["primary_mean_logprob"]) < 0.01, forced
     # Sampled without a seed, the two diverge.
     client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
     for _ in range(3):

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Server, free_port, metric
+from conftest import ROOT, Server, Triton, free_port, metric
 from triton_repo import build
 
 CACHE = Path(os.environ.get("SWITCHYARD_TEST_CACHE", Path.home() / ".cache" / "switchyard" / "test-models"))
@@ -29,22 +29,6 @@ def repo(tmp_path_factory):
     repo = root / "repo"
     repo.mkdir()
     return repo, build(repo, CACHE)
-
-
-class Triton(Server):
-    def __init__(self, repo: Path, *extra: str):
-        self.grpc_port = free_port()
-        super().__init__(args=["--model-repository", str(repo), "--grpc", f"127.0.0.1:{self.grpc_port}", *extra])
-        self.http_url = f"127.0.0.1:{self.port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if grpcclient.InferenceServerClient(self.grpc_url).is_server_live():
-                    return
-            except InferenceServerException:
-                time.sleep(0.2)
-        raise RuntimeError("gRPC did not come up")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,8 @@ impl FinishReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
+    /// The token's id in the model's vocabulary.
+    pub id: u32,
     pub token: String,
     pub logprob: f32,
     pub top: Vec<(String, f32)>,
@@ -150,6 +152,19 @@ struct SharedStats {
     prefix_hit: AtomicU64,
 }
 
+/// What the engine thread is asked to do.
+enum Job {
+    Generate(Submission),
+    Score(ScoreJob),
+}
+
+/// A teacher-forced pass ([`LlmEngine::score`]).
+struct ScoreJob {
+    tokens: Vec<u32>,
+    from: usize,
+    reply: tokio::sync::oneshot::Sender<std::result::Result<Vec<f32>, String>>,
+}
+
 struct Submission {
     id: SeqId,
     req: GenerationRequest,
@@ -165,7 +180,7 @@ pub struct LlmEngine {
 
 struct Inner {
     name: String,
-    tx: mpsc::Sender<Submission>,
+    tx: mpsc::Sender<Job>,
     waiting: Arc<AtomicUsize>,
     next_id: AtomicU64,
     config: EngineConfig,
@@ -307,12 +322,54 @@ impl LlmEngine {
         let id = SeqId(inner.next_id.fetch_add(req.n as u64, Ordering::Relaxed));
         inner
             .tx
-            .send(Submission {
+            .send(Job::Generate(Submission {
                 id,
                 req,
                 events,
                 arrived: Instant::now(),
-            })
+            }))
+            .map_err(|_| LlmError::EngineStopped)?;
+        Ok(rx)
+    }
+
+    /// Teacher forcing: the log-probability this model gives each of
+    /// `tokens[from..]` after the tokens before it (temperature 1, no
+    /// penalties). It runs on the engine thread between two iterations, as
+    /// one forward pass over the whole sequence in a private cache.
+    pub fn score(
+        &self,
+        tokens: Vec<u32>,
+        from: usize,
+    ) -> Result<tokio::sync::oneshot::Receiver<std::result::Result<Vec<f32>, String>>> {
+        let inner = &self.inner;
+        if from == 0 || from >= tokens.len() {
+            return Err(LlmError::InvalidRequest(format!(
+                "scoring needs a prefix and at least one token after it (from = {from}, {} tokens)",
+                tokens.len()
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= inner.vocab_size) {
+            return Err(LlmError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                inner.vocab_size
+            )));
+        }
+        let max = inner.config.max_model_len;
+        if tokens.len() > max {
+            return Err(LlmError::ContextLength {
+                max,
+                prompt: from,
+                max_tokens: tokens.len() - from,
+            });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        inner
+            .tx
+            .send(Job::Score(ScoreJob {
+                tokens,
+                from,
+                reply,
+            }))
             .map_err(|_| LlmError::EngineStopped)?;
         Ok(rx)
     }
@@ -422,21 +479,35 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Submission>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         tracing::info!(model = %self.name, "engine loop started");
         // Registered at zero so that dashboards see them before the first event.
         metrics::counter!("switchyard:num_preemptions", &self.labels).increment(0);
         loop {
             if self.scheduler.is_idle() {
                 match rx.recv() {
-                    Ok(s) => self.scheduler.waiting.push_back(Sequence::new(s)),
+                    Ok(job) => self.take(job),
                     Err(_) => return,
                 }
             }
-            while let Ok(s) = rx.try_recv() {
-                self.scheduler.waiting.push_back(Sequence::new(s));
+            while let Ok(job) = rx.try_recv() {
+                self.take(job);
             }
             self.step();
+        }
+    }
+
+    /// Queues a generation; runs a scoring pass at once.
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(s)),
+            Job::Score(j) => {
+                let out = self.model.score(&j.tokens, j.from).map_err(|e| {
+                    tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
+                    e.to_string()
+                });
+                let _ = j.reply.send(out);
+            }
         }
     }
 
@@ -597,6 +668,7 @@ impl Worker {
         };
         let released = s.stops.push(&delta, n >= s.req.min_tokens);
         let logprob = s.req.sampling.logprobs.map(|_| TokenLogprob {
+            id: picked.token,
             token: tok.token_text(picked.token),
             logprob: picked.logprob,
             top: picked

@@ -142,6 +142,57 @@ impl LlamaModel {
     /// token, `[segments, vocab]`, in segment order. Every segment's sequence
     /// must hold blocks for its tokens ([`KvCache::prepare`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.hidden(batch, cache)?;
+        let last: Vec<u32> = batch
+            .segments
+            .iter()
+            .map(|s| (s.offset + s.len - 1) as u32)
+            .collect();
+        let last = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        self.head(&last)
+    }
+
+    /// The logits of hidden states `[rows, hidden]`.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.weights.lm_head.forward(&self.weights.norm.forward(x)?)
+    }
+
+    /// Teacher forcing: the log-probability of each of `tokens[from..]` given
+    /// the tokens before it, from one forward pass over the whole sequence in
+    /// a private cache (the engine's pool is not touched).
+    pub fn score(&self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        if from == 0 || from > tokens.len() {
+            candle_core::bail!(
+                "scoring starts after the first token and within the {} given",
+                tokens.len()
+            )
+        }
+        let layout = self.kv_layout(16);
+        let blocks = tokens.len().div_ceil(layout.block_size);
+        let mut cache = KvCache::new(self.config.num_hidden_layers, layout, blocks, false);
+        cache
+            .allocate(SeqId(0), tokens.len())
+            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+        let mut batch = ForwardBatch::default();
+        batch.push(SeqId(0), tokens, 0);
+        let x = self.hidden(&batch, &mut cache)?;
+        let mut out = Vec::with_capacity(tokens.len() - from);
+        // Row i predicts token i + 1; the vocabulary-wide logits are made a
+        // few rows at a time so that long sequences stay small.
+        let mut row = from - 1;
+        while row < tokens.len() - 1 {
+            let rows = (tokens.len() - 1 - row).min(32);
+            let logits = self.head(&x.narrow(0, row, rows)?)?.to_vec2::<f32>()?;
+            for (i, l) in logits.iter().enumerate() {
+                out.push(kernels::sampling::log_softmax(l)[tokens[row + i + 1] as usize]);
+            }
+            row += rows;
+        }
+        Ok(out)
+    }
+
+    /// The final hidden state of every token in the batch, `[tokens, hidden]`.
+    fn hidden(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         let n = batch.tokens.len();
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -214,14 +265,6 @@ impl LlamaModel {
                 (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
-        let last: Vec<u32> = batch
-            .segments
-            .iter()
-            .map(|s| (s.offset + s.len - 1) as u32)
-            .collect();
-        let last = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        self.weights
-            .lm_head
-            .forward(&self.weights.norm.forward(&last)?)
+        Ok(x)
     }
 }

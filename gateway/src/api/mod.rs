@@ -45,6 +45,8 @@ pub struct AppState {
     pub upstreams: Arc<HashMap<String, Upstream>>,
     /// The Triton model repository served over KServe v2, when configured.
     pub dnn: Option<Arc<ModelRepository>>,
+    /// Shadows of repository models.
+    pub kserve_shadows: kserve::shadow::Shadows,
 }
 
 impl AppState {
@@ -62,11 +64,17 @@ impl AppState {
             versions: VersionStats::default(),
             upstreams: Arc::default(),
             dnn: None,
+            kserve_shadows: Default::default(),
         }
     }
 
-    pub fn with_model_repository(mut self, repo: Arc<ModelRepository>) -> Self {
+    pub fn with_model_repository(
+        mut self,
+        repo: Arc<ModelRepository>,
+        shadows: kserve::shadow::Shadows,
+    ) -> Self {
         self.dnn = Some(repo);
+        self.kserve_shadows = shadows;
         self
     }
 
@@ -149,7 +157,12 @@ impl AppState {
                 }
             }
         }
-        v.extend(self.upstreams.keys().map(|n| (n.clone(), 0)));
+        v.extend(
+            self.upstreams
+                .values()
+                .filter(|u| u.config.protocol == crate::upstream::Protocol::Openai)
+                .map(|u| (u.config.name.clone(), 0)),
+        );
         v.sort();
         v
     }

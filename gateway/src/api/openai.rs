@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use engine::llm::ChatMessage;
 use engine::llm::{
-    FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, TokenLogprob,
+    FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, SamplingParams,
+    TokenLogprob,
 };
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -254,13 +255,14 @@ fn mirror(
             shadows.skipped(&route, &version);
             continue;
         };
-        let Ok((mut srx, _)) = submit_to(&d.engine, p) else {
+        let Ok((mut srx, _)) = submit_to(&d.engine, p, p.v.sampling.logprobs) else {
             shadows.error(&route, &version);
             continue;
         };
         metrics::counter!("switchyard:shadow_requests", "route" => route.clone(), "version" => version.clone())
             .increment(1);
         let (stats, mut primary) = (shadows.clone(), primary.clone());
+        let (engine, prompt) = (d.engine.clone(), p.prompt.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
@@ -284,54 +286,95 @@ fn mirror(
                 return;
             };
             // The primary's answer; none if its client left before the end.
-            let Ok(Some((ptext, primary_s))) =
-                primary.wait_for(Option::is_some).await.map(|v| v.clone())
+            let Ok(Some(answer)) = primary.wait_for(Option::is_some).await.map(|v| v.clone())
             else {
                 return;
             };
             stats.record(
                 &route,
                 &version,
-                divergence::compare(&ptext, &text),
-                primary_s,
+                divergence::compare(&answer.text, &text),
+                answer.seconds,
                 shadow_s,
             );
+            // One teacher-forced pass: the primary's tokens under the shadow.
+            let from = prompt.len();
+            let tokens: Vec<u32> = prompt.into_iter().chain(answer.ids).collect();
+            if tokens.len() == from {
+                return;
+            }
+            match engine.score(tokens, from) {
+                Ok(rx) => match rx.await {
+                    Ok(Ok(shadow_lps)) => {
+                        stats.record_forced(&route, &version, &answer.logprobs, &shadow_lps)
+                    }
+                    _ => stats.error(&route, &version),
+                },
+                Err(e) => {
+                    tracing::debug!(%route, %version, error = %e, "shadow cannot score the primary's tokens")
+                }
+            }
         });
     }
     rx
 }
 
-/// Passes the primary's events through and publishes its first choice's
-/// text and latency when it finishes.
+/// The primary's first choice as shadows compare against it.
+#[derive(Clone, Default)]
+struct PrimaryAnswer {
+    text: String,
+    /// Its tokens and their log-probabilities under the primary model.
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    seconds: f64,
+}
+
+/// Passes the primary's events through and publishes its first choice (text,
+/// tokens, log-probabilities) and latency when it finishes.
 fn capture(
     rx: UnboundedReceiver<GenerationEvent>,
     started: Instant,
 ) -> (
     UnboundedReceiver<GenerationEvent>,
-    watch::Receiver<Option<(String, f64)>>,
+    watch::Receiver<Option<PrimaryAnswer>>,
 ) {
     let (done, primary) = watch::channel(None);
-    let inspect = |text: &mut String, ev: &GenerationEvent| {
+    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| {
         if let GenerationEvent::Delta {
-            index: 0, text: t, ..
+            index: 0,
+            text,
+            logprob,
         } = ev
         {
-            text.push_str(t);
+            a.text.push_str(text);
+            if let Some(l) = logprob {
+                a.ids.push(l.id);
+                a.logprobs.push(l.logprob);
+            }
         }
     };
-    let out = tap(rx, String::new(), inspect, move |text| {
-        let _ = done.send(Some((text, started.elapsed().as_secs_f64())));
+    let out = tap(rx, PrimaryAnswer::default(), inspect, move |mut a| {
+        a.seconds = started.elapsed().as_secs_f64();
+        let _ = done.send(Some(a));
     });
     (out, primary)
 }
 
+/// Submits the primary. With shadows, the engine also reports each token's
+/// log-probability (for the shadows' teacher-forced comparison); the client
+/// sees them only if it asked.
 fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
-    submit_to(&p.engine, p)
+    let logprobs =
+        p.v.sampling
+            .logprobs
+            .or((!p.routed.shadows.is_empty()).then_some(0));
+    submit_to(&p.engine, p, logprobs)
 }
 
 fn submit_to(
     engine: &LlmEngine,
     p: &Prepared,
+    logprobs: Option<usize>,
 ) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
     // Without max_tokens, the rest of the context (at least one token, so an
     // over-long prompt gets the engine's context error).
@@ -351,7 +394,10 @@ fn submit_to(
     let req = GenerationRequest {
         n: p.v.n,
         prompt: p.prompt.clone(),
-        sampling: p.v.sampling.clone(),
+        sampling: SamplingParams {
+            logprobs,
+            ..p.v.sampling.clone()
+        },
         max_tokens,
         min_tokens: p.v.min_tokens,
         stop: p.v.stop.clone(),
@@ -465,7 +511,11 @@ fn upstream_for(state: &AppState, body: &Bytes) -> Option<(Upstream, bool)> {
         return None;
     }
     let f: ProxyFields = serde_json::from_slice(body).ok()?;
-    state.upstreams.get(&f.model).map(|u| (u.clone(), f.stream))
+    state
+        .upstreams
+        .get(&f.model)
+        .filter(|u| u.config.protocol == crate::upstream::Protocol::Openai)
+        .map(|u| (u.clone(), f.stream))
 }
 
 /// Forwards the request to a replica and sends its answer back as is (a

@@ -2,8 +2,8 @@
 //! statistics, repository control, and infer with JSON or binary tensors
 //! (`Inference-Header-Content-Length`), gzip/deflate bodies both ways.
 use super::{
-    config_not_a_string, encode, llm, llm_target, model_config, model_is_ready, model_metadata,
-    parse_version, repository, server_metadata, statistics,
+    config_not_a_string, encode, kserve_upstream, llm, llm_target, model_config, model_is_ready,
+    model_metadata, parse_version, repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use axum::body::Bytes;
@@ -117,7 +117,7 @@ async fn metadata(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    let md = model_metadata(&s, &m, v)?;
+    let md = model_metadata(&s, &m, v).await?;
     Ok(Json(proto::json::to_json(
         &md,
         "inference.ModelMetadataResponse",
@@ -129,9 +129,9 @@ async fn config(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    Ok(Json(proto::model_config::to_json(&model_config(
-        &s, &m, v,
-    )?)))
+    Ok(Json(proto::model_config::to_json(
+        &model_config(&s, &m, v).await?,
+    )))
 }
 
 async fn stats(
@@ -659,11 +659,14 @@ async fn infer(
     body: Bytes,
 ) -> KsResult<Response> {
     let (model, version) = target(&p)?;
-    if llm_target(&s, &model).is_none() {
+    // A remote upstream's model is checked there.
+    let remote = kserve_upstream(&s, &model).is_some();
+    if !remote && llm_target(&s, &model).is_none() {
         repository(&s.dnn)?.version(&model, version)?;
     }
     let body = decode_body(&headers, &body)?;
-    let (req, format) = parse_infer(model, version, &headers, &body, s.dnn.as_deref())?;
+    let repo = if remote { None } else { s.dnn.as_deref() };
+    let (req, format) = parse_infer(model, version, &headers, &body, repo)?;
     let resp = super::infer(&s, req).await?;
     let (body, header_len) = infer_body(resp, &format);
     let (encoding, body) = encode_response(&headers, body);

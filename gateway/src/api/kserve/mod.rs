@@ -3,6 +3,7 @@
 pub mod grpc;
 pub mod http;
 pub mod llm;
+pub mod shadow;
 
 use crate::api::AppState;
 use engine::dnn::{
@@ -44,8 +45,23 @@ pub fn llm_target(state: &AppState, name: &str) -> Option<(engine::llm::LlmEngin
     Some((engine, version.unwrap_or(1).to_string()))
 }
 
-/// Whether `name` (at `version`) answers requests: an LLM route or a loaded repository model.
+/// A model served by remote KServe nodes.
+pub fn kserve_upstream<'a>(
+    state: &'a AppState,
+    name: &str,
+) -> Option<&'a crate::upstream::Upstream> {
+    state
+        .upstreams
+        .get(name)
+        .filter(|u| u.config.protocol == crate::upstream::Protocol::Kserve)
+}
+
+/// Whether `name` (at `version`) answers requests: an LLM route, a model of
+/// a remote upstream with a replica up, or a loaded repository model.
 pub fn model_is_ready(state: &AppState, name: &str, version: Option<i64>) -> bool {
+    if let Some(u) = kserve_upstream(state, name) {
+        return u.is_available();
+    }
     llm_target(state, name).is_some()
         || state
             .dnn
@@ -70,12 +86,15 @@ pub fn parse_version(v: &str) -> Result<Option<i64>, DnnError> {
         .map_err(|_| DnnError::invalid(format!("model version '{v}' is not a number")))
 }
 
-/// Metadata of an LLM route or a repository model.
-pub fn model_metadata(
+/// Metadata of an LLM route, a remote upstream's model or a repository model.
+pub async fn model_metadata(
     state: &AppState,
     name: &str,
     version: Option<i64>,
 ) -> Result<ModelMetadataResponse, DnnError> {
+    if let Some(u) = kserve_upstream(state, name) {
+        return u.metadata().await;
+    }
     if let Some((_, v)) = llm_target(state, name) {
         return Ok(llm::metadata(name, &v));
     }
@@ -107,12 +126,15 @@ pub fn model_metadata(
     })
 }
 
-/// The config of an LLM route or a repository model.
-pub fn model_config(
+/// The config of an LLM route, a remote upstream's model or a repository model.
+pub async fn model_config(
     state: &AppState,
     name: &str,
     version: Option<i64>,
 ) -> Result<ModelConfig, DnnError> {
+    if let Some(u) = kserve_upstream(state, name) {
+        return u.model_config().await;
+    }
     if llm_target(state, name).is_some() {
         return Ok(llm::config(name));
     }
@@ -120,12 +142,31 @@ pub fn model_config(
     Ok(model.spec.config.clone())
 }
 
-/// Runs a request on the LLM route or the repository model it names.
+/// Runs a request on the remote upstream, LLM route or repository model it
+/// names; a repository model's shadows get their copies once it is dispatched.
 pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse, DnnError> {
-    match llm_target(state, &req.model) {
-        Some((engine, v)) => llm::infer(&engine, v, req).await,
-        None => repository(&state.dnn)?.infer(req).await,
+    if let Some(u) = kserve_upstream(state, &req.model) {
+        return u.infer(req).await;
     }
+    if let Some((engine, v)) = llm_target(state, &req.model) {
+        return llm::infer(&engine, v, req).await;
+    }
+    let repo = repository(&state.dnn)?;
+    let Some(done) = state
+        .dnn
+        .as_ref()
+        .and_then(|r| shadow::mirror(&state.kserve_shadows, r, &state.shadows, &req))
+    else {
+        return repo.infer(req).await;
+    };
+    let started = std::time::Instant::now();
+    let out = repo.infer(req).await;
+    let outcome = out
+        .as_ref()
+        .ok()
+        .map(|r| (Arc::new(r.outputs.clone()), started.elapsed().as_secs_f64()));
+    let _ = done.send(Some(outcome));
+    out
 }
 
 /// The model control API as both protocols carry it: `file:` overrides are
