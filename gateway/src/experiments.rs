@@ -2,11 +2,12 @@
 //! arms (a deployment plus a prompt variant) by sticky hash; experiments in
 //! one layer are mutually exclusive. The file is validated on load and hot
 //! reloaded (on change or SIGHUP); a bad file keeps the old table.
+use crate::routing::Routes;
 use crate::sticky_hash::{bucket, pick, BUCKETS};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,26 +335,36 @@ impl Table {
     }
 }
 
-/// The live table, reloaded from `path`.
+/// The experiments file and the route table it publishes into.
 #[derive(Clone, Default)]
 pub struct Experiments {
-    table: Arc<RwLock<Arc<Table>>>,
+    routes: Routes,
     path: Option<PathBuf>,
 }
 
+fn read(path: &Path) -> Result<Table, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Table::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl Experiments {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let table = Table::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// No experiments file: `routes` keeps an empty experiments table.
+    pub fn none(routes: Routes) -> Self {
+        Self { routes, path: None }
+    }
+
+    /// Reads `path` and publishes its experiments into `routes`.
+    pub fn load(path: &Path, routes: Routes) -> Result<Self, String> {
+        routes.set_experiments(read(path)?);
         Ok(Self {
-            table: Arc::new(RwLock::new(Arc::new(table))),
+            routes,
             path: Some(path.to_path_buf()),
         })
     }
 
     pub fn current(&self) -> Arc<Table> {
-        self.table.read().expect("experiments").clone()
+        self.routes.snapshot().experiments.clone()
     }
 
     /// Reads the file again; a bad file keeps the table in force.
@@ -361,10 +372,9 @@ impl Experiments {
         let Some(path) = &self.path else {
             return Ok(0);
         };
-        let next = Self::load(path)?;
-        let table = next.current();
+        let table = read(path)?;
         let n = table.by_name.len();
-        *self.table.write().expect("experiments") = table;
+        self.routes.set_experiments(table);
         Ok(n)
     }
 

@@ -215,7 +215,8 @@ async fn serve(cfg: Config) -> Result<()> {
         state = state.with_upstreams(ups);
     }
     if let Some(path) = &cfg.experiments_file {
-        let exps = experiments::Experiments::load(path).map_err(anyhow::Error::msg)?;
+        let exps = experiments::Experiments::load(path, state.routes().clone())
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
         tokio::spawn(exps.clone().watch());
         state = state.with_experiments(exps);

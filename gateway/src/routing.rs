@@ -1,6 +1,10 @@
 //! Routes: a public model name maps to a primary deployment, an optional
-//! candidate with a share of traffic (canary or A/B), and shadows. The table
-//! is an immutable snapshot, swapped whole when the controller publishes.
+//! candidate with a share of traffic (canary or A/B), and shadows; prompt
+//! experiments map a route name to arms. Both live in one table, an
+//! immutable snapshot: the registry's controller publishes the routes, the
+//! experiments file its experiments, and each publish swaps the whole table,
+//! so a request reads one consistent view.
+use crate::experiments;
 use engine::llm::LlmEngine;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -51,21 +55,51 @@ impl Route {
     }
 }
 
-/// The live table: static routes from the config, managed ones from the
-/// controller. Readers clone an `Arc` and never wait on a publish.
+/// Everything that decides where a request goes, as of one publish.
+#[derive(Clone, Default)]
+pub struct Table {
+    /// Static routes from the config and managed ones from the controller.
+    pub routes: HashMap<String, Route>,
+    /// Prompt experiments from YAML, by route.
+    pub experiments: Arc<experiments::Table>,
+}
+
+impl Table {
+    /// The engine of `model` (its route's primary) or `model@version` (any
+    /// deployment of that version in the route), with its version.
+    pub fn deployment(&self, name: &str) -> Option<(LlmEngine, Option<u32>)> {
+        let (model, version) = match name.rsplit_once('@') {
+            Some((m, v)) => (m, Some(v.parse::<u32>().ok()?)),
+            None => (name, None),
+        };
+        let route = self.routes.get(model)?;
+        let Some(v) = version else {
+            return Some((route.primary.engine.clone(), route.primary.version));
+        };
+        std::iter::once(&route.primary)
+            .chain(route.candidate.iter().map(|c| &c.deployment))
+            .chain(route.shadows.iter())
+            .find(|d| d.version == Some(v))
+            .map(|d| (d.engine.clone(), d.version))
+    }
+}
+
+/// The live table. Readers clone an `Arc` and never wait on a publish.
 #[derive(Clone, Default)]
 pub struct Routes {
-    table: Arc<RwLock<Arc<HashMap<String, Route>>>>,
+    table: Arc<RwLock<Arc<Table>>>,
     fixed: Arc<RwLock<HashMap<String, Route>>>,
 }
 
 impl Routes {
-    pub fn get(&self, name: &str) -> Option<Route> {
-        self.snapshot().get(name).cloned()
+    pub fn snapshot(&self) -> Arc<Table> {
+        self.table.read().expect("route table").clone()
     }
 
-    pub fn snapshot(&self) -> Arc<HashMap<String, Route>> {
-        self.table.read().expect("route table").clone()
+    /// Replaces the prompt experiments; the routes stay as they are.
+    pub fn set_experiments(&self, table: experiments::Table) {
+        let table = Arc::new(table);
+        self.update(|t| t.experiments = table);
     }
 
     /// Adds a statically configured model (it keeps its name unless the
@@ -75,20 +109,28 @@ impl Routes {
         // Held until the swap, so a concurrent `publish` cannot be overwritten.
         let mut fixed = self.fixed.write().expect("fixed routes");
         fixed.insert(name.clone(), Route::single(engine.clone()));
-        let mut next = (*self.snapshot()).clone();
-        next.entry(name).or_insert_with(|| Route::single(engine));
-        self.swap(next);
+        self.update(|t| {
+            t.routes
+                .entry(name)
+                .or_insert_with(|| Route::single(engine));
+        });
     }
 
-    /// Replaces every managed route at once.
+    /// Replaces every managed route at once; the experiments stay.
     pub fn publish(&self, managed: HashMap<String, Route>) {
         let fixed = self.fixed.read().expect("fixed routes");
-        let mut next = fixed.clone();
-        next.extend(managed);
-        self.swap(next);
+        self.update(|t| {
+            t.routes = fixed.clone();
+            t.routes.extend(managed);
+        });
     }
 
-    fn swap(&self, next: HashMap<String, Route>) {
-        *self.table.write().expect("route table") = Arc::new(next);
+    /// Builds the next table from the current one and swaps it in, under
+    /// the write lock so that concurrent publishers never lose a change.
+    fn update(&self, change: impl FnOnce(&mut Table)) {
+        let mut current = self.table.write().expect("route table");
+        let mut next = (**current).clone();
+        change(&mut next);
+        *current = Arc::new(next);
     }
 }

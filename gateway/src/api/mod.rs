@@ -11,7 +11,7 @@ use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::experiments::Experiments;
 use crate::rollout::VersionStats;
-use crate::routing::{Route, Routes};
+use crate::routing::Routes;
 use crate::upstream::Upstream;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -52,13 +52,14 @@ pub struct AppState {
 impl AppState {
     /// `expected` is how many configured models must load before `/health` says ready.
     pub fn new(expected: usize, metrics: Option<PrometheusHandle>) -> Self {
+        let routes = Routes::default();
         Self {
-            routes: Routes::default(),
+            experiments: Experiments::none(routes.clone()),
+            routes,
             expected,
             loaded: Arc::default(),
             metrics,
             registry: None,
-            experiments: Experiments::default(),
             stats: ExperimentStats::default(),
             shadows: ShadowStats::default(),
             versions: VersionStats::default(),
@@ -101,19 +102,7 @@ impl AppState {
     /// The engine of `model` (its route's primary) or `model@version` (any
     /// deployment of that version in the route), with its version.
     pub fn deployment(&self, name: &str) -> Option<(LlmEngine, Option<u32>)> {
-        let (model, version) = match name.rsplit_once('@') {
-            Some((m, v)) => (m, Some(v.parse::<u32>().ok()?)),
-            None => (name, None),
-        };
-        let route = self.route(model)?;
-        let Some(v) = version else {
-            return Some((route.primary.engine.clone(), route.primary.version));
-        };
-        std::iter::once(&route.primary)
-            .chain(route.candidate.iter().map(|c| &c.deployment))
-            .chain(route.shadows.iter())
-            .find(|d| d.version == Some(v))
-            .map(|d| (d.engine.clone(), d.version))
+        self.routes.snapshot().deployment(name)
     }
 
     pub fn with_registry(mut self, api: RegistryApi) -> Self {
@@ -131,15 +120,12 @@ impl AppState {
         &self.routes
     }
 
-    pub fn route(&self, name: &str) -> Option<Route> {
-        self.routes.get(name)
-    }
-
     /// Public model names: routes, and the routes prompt experiments serve.
     fn names(&self) -> Vec<(String, usize)> {
         let mut v: Vec<_> = self
             .routes
             .snapshot()
+            .routes
             .iter()
             .map(|(name, r)| (name.clone(), r.primary.engine.max_model_len()))
             .collect();

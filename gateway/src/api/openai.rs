@@ -78,13 +78,15 @@ fn engine_for(
     body: &Bytes,
 ) -> Result<(LlmEngine, Routed), ApiError> {
     let started = Instant::now();
-    let table = state.experiments.current();
-    if !table.on_route(&common.model).is_empty() {
+    // One snapshot answers both: experiments and routes as of one publish.
+    let table = state.routes().snapshot();
+    if !table.experiments.on_route(&common.model).is_empty() {
         let user = common.user.clone();
         let a = table
+            .experiments
             .assign(&common.model, |e| e.unit(headers, user.as_deref(), body))
             .expect("the route has experiments");
-        let (engine, version) = state.deployment(a.deployment()).ok_or_else(|| {
+        let (engine, version) = table.deployment(a.deployment()).ok_or_else(|| {
             ApiError::unavailable(format!(
                 "experiment `{}` arm `{}`: deployment `{}` is not loaded",
                 a.experiment.spec.name,
@@ -107,8 +109,9 @@ fn engine_for(
             },
         ));
     }
-    let route = state
-        .route(&common.model)
+    let route = table
+        .routes
+        .get(&common.model)
         .ok_or_else(|| ApiError::model_not_found(&common.model))?;
     let unit = common
         .user
