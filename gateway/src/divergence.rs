@@ -190,6 +190,16 @@ struct Totals {
     kl: f64,
 }
 
+/// A shadow's comparisons and errors, mean text similarity, and mean
+/// teacher-forced KL estimate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ShadowCounts {
+    pub compared: u64,
+    pub errors: u64,
+    pub similarity: Option<f64>,
+    pub kl: Option<f64>,
+}
+
 /// A route and one of its shadow versions.
 type ShadowKey = (String, String);
 
@@ -323,13 +333,15 @@ impl ShadowStats {
         self.with(route, version, |t| t.skipped += 1);
     }
 
-    /// Comparisons, shadow errors and mean similarity of one shadow so far.
-    pub fn counts(&self, route: &str, version: &str) -> (u64, u64, Option<f64>) {
+    /// What rollout policies judge a shadow by, so far.
+    pub fn counts(&self, route: &str, version: &str) -> ShadowCounts {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.get(&(route.to_string(), version.to_string()))
-            .map_or((0, 0, None), |t| {
-                let mean = (t.compared > 0).then(|| t.similarity / t.compared as f64);
-                (t.compared, t.errors, mean)
+            .map_or_else(ShadowCounts::default, |t| ShadowCounts {
+                compared: t.compared,
+                errors: t.errors,
+                similarity: (t.compared > 0).then(|| t.similarity / t.compared as f64),
+                kl: (t.scored > 0).then(|| t.kl / t.scored as f64),
             })
     }
 

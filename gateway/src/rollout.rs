@@ -31,9 +31,14 @@ pub struct RolloutPolicy {
     #[serde(default)]
     pub max_p99_latency_ms: Option<f64>,
     /// In shadow: highest divergence (1 − mean token similarity) before the
-    /// first canary step; without it, shadows are left to people.
+    /// first canary step.
     #[serde(default)]
     pub max_shadow_divergence: Option<f64>,
+    /// In shadow: highest mean teacher-forced KL estimate (nats per token of
+    /// the primary's output) before the first canary step. Without either
+    /// bound, shadows are left to people.
+    #[serde(default)]
+    pub max_shadow_kl: Option<f64>,
 }
 
 fn default_min_requests() -> u64 {
@@ -221,13 +226,16 @@ impl RolloutController {
         let since = v.traffic_since_ms.unwrap_or(v.state_since_ms);
         let elapsed_s = (crate::registry::now_ms() - since) as f64 / 1e3;
         let (decision, numbers) = if v.state == State::Shadow {
-            let Some(max) = policy.max_shadow_divergence else {
+            if policy.max_shadow_divergence.is_none() && policy.max_shadow_kl.is_none() {
                 return Ok(());
-            };
-            let (compared, errors, similarity) =
-                self.shadows.counts(&policy.model, &v.number.to_string());
-            let similarity = similarity.unwrap_or(1.0);
-            let divergence = 1.0 - similarity;
+            }
+            let c = self.shadows.counts(&policy.model, &v.number.to_string());
+            let (compared, errors) = (c.compared, c.errors);
+            let divergence = 1.0 - c.similarity.unwrap_or(1.0);
+            let kl = c.kl.unwrap_or(0.0);
+            let within = policy.max_shadow_divergence.is_none_or(|m| divergence <= m)
+                && policy.max_shadow_kl.is_none_or(|m| kl <= m);
+            let limit = |m: Option<f64>| m.map_or_else(|| "none".to_string(), |m| m.to_string());
             let total = compared + errors;
             let success = if total > 0 {
                 compared as f64 / total as f64
@@ -235,14 +243,16 @@ impl RolloutController {
                 1.0
             };
             let numbers = format!(
-                "{compared} shadow comparisons, {errors} shadow errors (success {:.1}%), divergence {divergence:.3} (limit {max}) over {elapsed_s:.1} s",
-                success * 100.0
+                "{compared} shadow comparisons, {errors} shadow errors (success {:.1}%), divergence {divergence:.3} (limit {}), KL {kl:.4} (limit {}) over {elapsed_s:.1} s",
+                success * 100.0,
+                limit(policy.max_shadow_divergence),
+                limit(policy.max_shadow_kl),
             );
             let d = if total >= policy.min_requests.min(10) && success < policy.min_success_rate {
                 Decision::Rollback
             } else if compared < policy.min_requests || elapsed_s < policy.min_step_secs as f64 {
                 Decision::Wait
-            } else if divergence <= max {
+            } else if within {
                 Decision::Ramp(policy.steps[0])
             } else {
                 Decision::Rollback

@@ -300,6 +300,7 @@ ROLLOUT = """\
       min_success_rate: 0.9
       max_p99_latency_ms: 60000
       max_shadow_divergence: 0.05
+      max_shadow_kl: 0.05
 """
 
 
