@@ -109,7 +109,18 @@ fn wait_for(port: u16, what: &str) -> Result<()> {
 struct Killed(Child);
 
 impl Drop for Killed {
+    /// SIGTERM first, so that nginx's master takes its workers down with it.
     fn drop(&mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while term.is_ok() && Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
