@@ -79,12 +79,16 @@ class Hanging:
 @pytest.fixture(scope="module")
 def servers(repo, tmp_path_factory):
     path = repo[0]
-    remote = Triton(path)
-    replicas = [Triton(path), Triton(path)]
-    hang, down = Hanging(), free_port()
-    endpoints = ", ".join(f'"grpc://{r.grpc_url}"' for r in replicas)
-    cfg = tmp_path_factory.mktemp("cfg") / "shadows.yaml"
-    cfg.write_text(f"""
+    started, hang = [], Hanging()
+    try:
+        remote = Triton(path)
+        started.append(remote)
+        replicas = [Triton(path), Triton(path)]
+        started += replicas
+        down = free_port()
+        endpoints = ", ".join(f'"grpc://{r.grpc_url}"' for r in replicas)
+        cfg = tmp_path_factory.mktemp("cfg") / "shadows.yaml"
+        cfg.write_text(f"""
 model_repository:
   path: {path}
   shadows:
@@ -99,13 +103,15 @@ upstreams:
   - {{name: iris_far, protocol: kserve, model: iris, endpoints: [{endpoints}],
      health_interval_ms: 300, failure_threshold: 2, open_secs: 30, timeout_secs: 10}}
 """)
-    main = Triton(None, config=str(cfg))
-    yield main, remote, hang, down, replicas
-    main.stop()
-    for r in [remote, *replicas]:
-        if r.proc.poll() is None:
-            r.stop()
-    hang.close()
+        main = Triton(None, config=str(cfg))
+        started.append(main)
+        yield main, remote, hang, down, replicas
+    finally:
+        # Also when a server fails to start: none is left behind.
+        for s in started:
+            if s.proc.poll() is None:
+                s.stop()
+        hang.close()
 
 
 def infer(client, model, x, request_id=""):
