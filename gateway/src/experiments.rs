@@ -336,10 +336,10 @@ impl Table {
 }
 
 /// The experiments file and the route table it publishes into.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Experiments {
     routes: Routes,
-    path: Option<PathBuf>,
+    path: PathBuf,
 }
 
 fn read(path: &Path) -> Result<Table, String> {
@@ -349,17 +349,12 @@ fn read(path: &Path) -> Result<Table, String> {
 }
 
 impl Experiments {
-    /// No experiments file: `routes` keeps an empty experiments table.
-    pub fn none(routes: Routes) -> Self {
-        Self { routes, path: None }
-    }
-
     /// Reads `path` and publishes its experiments into `routes`.
     pub fn load(path: &Path, routes: Routes) -> Result<Self, String> {
         routes.set_experiments(read(path)?);
         Ok(Self {
             routes,
-            path: Some(path.to_path_buf()),
+            path: path.to_path_buf(),
         })
     }
 
@@ -369,10 +364,7 @@ impl Experiments {
 
     /// Reads the file again; a bad file keeps the table in force.
     pub fn reload(&self) -> Result<usize, String> {
-        let Some(path) = &self.path else {
-            return Ok(0);
-        };
-        let table = read(path)?;
+        let table = read(&self.path)?;
         let n = table.by_name.len();
         self.routes.set_experiments(table);
         Ok(n)
@@ -380,9 +372,7 @@ impl Experiments {
 
     /// Reloads on SIGHUP and whenever the file's modification time or size changes.
     pub async fn watch(self) {
-        let Some(path) = self.path.clone() else {
-            return;
-        };
+        let path = self.path.clone();
         let stamp = |p: &Path| {
             std::fs::metadata(p)
                 .ok()

@@ -219,7 +219,6 @@ async fn serve(cfg: Config) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
         tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
         tokio::spawn(exps.clone().watch());
-        state = state.with_experiments(exps);
     }
     if let Some(rc) = &cfg.registry {
         let url = rc.database_url(&cfg.server);

@@ -158,11 +158,14 @@ enum Job {
     Score(ScoreJob),
 }
 
+/// The log-probabilities of a scoring pass, or why it failed.
+pub type Scores = std::result::Result<Vec<f32>, String>;
+
 /// A teacher-forced pass ([`LlmEngine::score`]).
 struct ScoreJob {
     tokens: Vec<u32>,
     from: usize,
-    reply: tokio::sync::oneshot::Sender<std::result::Result<Vec<f32>, String>>,
+    reply: tokio::sync::oneshot::Sender<Scores>,
 }
 
 struct Submission {
@@ -189,6 +192,18 @@ struct Inner {
     stats: Arc<SharedStats>,
     total_blocks: usize,
     vocab_size: usize,
+}
+
+impl Inner {
+    fn check_vocab(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(t) => Err(LlmError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                self.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl LlmEngine {
@@ -292,12 +307,7 @@ impl LlmEngine {
         if req.prompt.is_empty() {
             return Err(LlmError::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= inner.vocab_size) {
-            return Err(LlmError::InvalidRequest(format!(
-                "token id {t} is outside the vocabulary of {} tokens",
-                inner.vocab_size
-            )));
-        }
+        inner.check_vocab(&req.prompt)?;
         if req.n == 0 || req.n > inner.config.max_num_seqs {
             return Err(LlmError::InvalidRequest(format!(
                 "n = {} must be between 1 and this model's max_num_seqs ({})",
@@ -340,7 +350,7 @@ impl LlmEngine {
         &self,
         tokens: Vec<u32>,
         from: usize,
-    ) -> Result<tokio::sync::oneshot::Receiver<std::result::Result<Vec<f32>, String>>> {
+    ) -> Result<tokio::sync::oneshot::Receiver<Scores>> {
         let inner = &self.inner;
         if from == 0 || from >= tokens.len() {
             return Err(LlmError::InvalidRequest(format!(
@@ -348,12 +358,7 @@ impl LlmEngine {
                 tokens.len()
             )));
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= inner.vocab_size) {
-            return Err(LlmError::InvalidRequest(format!(
-                "token id {t} is outside the vocabulary of {} tokens",
-                inner.vocab_size
-            )));
-        }
+        inner.check_vocab(&tokens)?;
         let max = inner.config.max_model_len;
         if tokens.len() > max {
             return Err(LlmError::ContextLength {

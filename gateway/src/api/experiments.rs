@@ -51,7 +51,7 @@ async fn feedback(State(s): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn list(State(s): State<AppState>) -> Response {
-    let table = s.experiments.current();
+    let table = s.experiments();
     let data: Vec<_> = table
         .names()
         .iter()
@@ -65,7 +65,7 @@ async fn list(State(s): State<AppState>) -> Response {
 }
 
 async fn summary(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    let Some(e) = s.experiments.current().get(&name) else {
+    let Some(e) = s.experiments().get(&name) else {
         return ApiError {
             status: StatusCode::NOT_FOUND,
             code: Some("experiment_not_found"),

@@ -9,10 +9,9 @@ pub mod registry;
 
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
-use crate::experiments::Experiments;
 use crate::rollout::VersionStats;
 use crate::routing::Routes;
-use crate::upstream::Upstream;
+use crate::upstream::{Protocol, Upstream};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -36,7 +35,6 @@ pub struct AppState {
     loaded: Arc<AtomicUsize>,
     metrics: Option<PrometheusHandle>,
     pub registry: Option<RegistryApi>,
-    pub experiments: Experiments,
     pub stats: ExperimentStats,
     pub shadows: ShadowStats,
     /// Outcomes per route version, for rollout policies.
@@ -52,10 +50,8 @@ pub struct AppState {
 impl AppState {
     /// `expected` is how many configured models must load before `/health` says ready.
     pub fn new(expected: usize, metrics: Option<PrometheusHandle>) -> Self {
-        let routes = Routes::default();
         Self {
-            experiments: Experiments::none(routes.clone()),
-            routes,
+            routes: Routes::default(),
             expected,
             loaded: Arc::default(),
             metrics,
@@ -94,9 +90,16 @@ impl AppState {
         self
     }
 
-    pub fn with_experiments(mut self, experiments: Experiments) -> Self {
-        self.experiments = experiments;
-        self
+    /// The prompt experiments in force.
+    pub fn experiments(&self) -> Arc<crate::experiments::Table> {
+        self.routes.snapshot().experiments.clone()
+    }
+
+    /// The remote upstream serving `name` over `protocol`.
+    pub fn upstream(&self, name: &str, protocol: Protocol) -> Option<&Upstream> {
+        self.upstreams
+            .get(name)
+            .filter(|u| u.config.protocol == protocol)
     }
 
     /// The engine of `model` (its route's primary) or `model@version` (any
@@ -122,21 +125,21 @@ impl AppState {
 
     /// Public model names: routes, and the routes prompt experiments serve.
     fn names(&self) -> Vec<(String, usize)> {
-        let mut v: Vec<_> = self
-            .routes
-            .snapshot()
+        let table = self.routes.snapshot();
+        let mut v: Vec<_> = table
             .routes
             .iter()
             .map(|(name, r)| (name.clone(), r.primary.engine.max_model_len()))
             .collect();
-        let table = self.experiments.current();
-        for name in table.names() {
-            let Some(e) = table.get(&name) else { continue };
+        for name in table.experiments.names() {
+            let Some(e) = table.experiments.get(&name) else {
+                continue;
+            };
             let served = e
                 .spec
                 .arms
                 .iter()
-                .find_map(|a| self.deployment(&a.deployment));
+                .find_map(|a| table.deployment(&a.deployment));
             if let Some((engine, _)) = served {
                 if !v.iter().any(|(n, _)| n == &e.spec.route) {
                     v.push((e.spec.route.clone(), engine.max_model_len()));
@@ -146,7 +149,7 @@ impl AppState {
         v.extend(
             self.upstreams
                 .values()
-                .filter(|u| u.config.protocol == crate::upstream::Protocol::Openai)
+                .filter(|u| u.config.protocol == Protocol::Openai)
                 .map(|u| (u.config.name.clone(), 0)),
         );
         v.sort();

@@ -8,7 +8,7 @@ use crate::experiment_stats::Outcome;
 use crate::experiments::Assignment;
 use crate::routing::Deployment;
 use crate::sticky_hash::bucket;
-use crate::upstream::{ProxyRequest, Upstream, UpstreamError};
+use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -515,9 +515,7 @@ fn upstream_for(state: &AppState, body: &Bytes) -> Option<(Upstream, bool)> {
     }
     let f: ProxyFields = serde_json::from_slice(body).ok()?;
     state
-        .upstreams
-        .get(&f.model)
-        .filter(|u| u.config.protocol == crate::upstream::Protocol::Openai)
+        .upstream(&f.model, Protocol::Openai)
         .map(|u| (u.clone(), f.stream))
 }
 

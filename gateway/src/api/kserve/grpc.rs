@@ -39,7 +39,9 @@ type GrpcResult<T> = Result<Response<T>, Status>;
 
 impl KserveGrpc {
     fn repo(&self) -> Result<&ModelRepository, Status> {
-        repository(&self.state.dnn).map_err(status)
+        repository(&self.state.dnn)
+            .map(std::sync::Arc::as_ref)
+            .map_err(status)
     }
 }
 

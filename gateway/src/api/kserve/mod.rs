@@ -50,10 +50,7 @@ pub fn kserve_upstream<'a>(
     state: &'a AppState,
     name: &str,
 ) -> Option<&'a crate::upstream::Upstream> {
-    state
-        .upstreams
-        .get(name)
-        .filter(|u| u.config.protocol == crate::upstream::Protocol::Kserve)
+    state.upstream(name, crate::upstream::Protocol::Kserve)
 }
 
 /// Whether `name` (at `version`) answers requests: an LLM route, a model of
@@ -70,8 +67,8 @@ pub fn model_is_ready(state: &AppState, name: &str, version: Option<i64>) -> boo
 }
 
 /// The repository, or the error every model call gets without one.
-pub fn repository(repo: &Option<Arc<ModelRepository>>) -> Result<&ModelRepository, DnnError> {
-    repo.as_deref().ok_or_else(|| {
+pub fn repository(repo: &Option<Arc<ModelRepository>>) -> Result<&Arc<ModelRepository>, DnnError> {
+    repo.as_ref().ok_or_else(|| {
         DnnError::not_found("no model repository is served (start with --model-repository PATH)")
     })
 }
@@ -152,11 +149,7 @@ pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse,
         return llm::infer(&engine, v, req).await;
     }
     let repo = repository(&state.dnn)?;
-    let Some(done) = state
-        .dnn
-        .as_ref()
-        .and_then(|r| shadow::mirror(&state.kserve_shadows, r, &state.shadows, &req))
-    else {
+    let Some(done) = shadow::mirror(&state.kserve_shadows, repo, &state.shadows, &req) else {
         return repo.infer(req).await;
     };
     let started = std::time::Instant::now();
