@@ -121,6 +121,49 @@ struct Keys<'a> {
 /// One KV head's group of query heads for one token: scores over the visible
 /// keys, softmax, weighted sum of values.
 fn attend(q: &[f32], keys: Keys, kv: LayerKv, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fma() {
+        // SAFETY: AVX2 and FMA are present, checked at run time.
+        return unsafe { attend_fma(q, keys, kv, scale, scores, out) };
+    }
+    attend_with(q, keys, kv, scale, scores, out, dot_portable, axpy_portable)
+}
+
+/// [`attend`] compiled for AVX2 and FMA, with the vector helpers inlined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_fma(
+    q: &[f32],
+    keys: Keys,
+    kv: LayerKv,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_with(
+        q,
+        keys,
+        kv,
+        scale,
+        scores,
+        out,
+        |a, b| dot_fma(a, b),
+        |a, x, y| axpy_fma(a, x, y),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_with(
+    q: &[f32],
+    keys: Keys,
+    kv: LayerKv,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(f32, &[f32], &mut [f32]),
+) {
     let Keys {
         table,
         ctx,
@@ -146,9 +189,13 @@ fn attend(q: &[f32], keys: Keys, kv: LayerKv, scale: f32, scores: &mut Vec<f32>,
             *p = (*p - max).exp();
             sum += *p;
         }
-        let o = &mut out[g * d..(g + 1) * d];
-        for (pos, &p) in row.iter().enumerate() {
-            axpy(p / sum, &v_pool[layout.offset(table, pos, kvh)..][..d], o);
+        row.iter_mut().for_each(|p| *p /= sum);
+    }
+    // Each value row is read once for every head of the group.
+    for pos in 0..ctx {
+        let v = &v_pool[layout.offset(table, pos, kvh)..][..d];
+        for (g, o) in out.chunks_exact_mut(d).enumerate() {
+            axpy(scores[g * ctx + pos], v, o);
         }
     }
 }
@@ -158,17 +205,6 @@ fn fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// `Σ a[i]·b[i]`.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    if fma() {
-        // SAFETY: AVX2 and FMA are present, checked at run time; lengths are equal.
-        return unsafe { dot_fma(a, b) };
-    }
-    dot_portable(a, b)
 }
 
 /// Eight partial sums, like the SIMD path, so the compiler can vectorize it.
@@ -191,6 +227,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len() / 8 * 8;
@@ -210,13 +247,7 @@ unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += alpha · x`.
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if fma() {
-        // SAFETY: AVX2 and FMA are present, checked at run time; lengths are equal.
-        return unsafe { axpy_fma(alpha, x, y) };
-    }
+fn axpy_portable(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
     }
@@ -224,6 +255,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn axpy_fma(alpha: f32, x: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = x.len() / 8 * 8;
@@ -377,13 +409,19 @@ mod tests {
         let a = pseudo_random(67, 1);
         let b = pseudo_random(67, 2);
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - exact).abs() < 1e-5);
         assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-5);
         let mut y1 = pseudo_random(67, 3);
         let mut y2 = y1.clone();
-        axpy(0.5, &a, &mut y1);
-        for (y, x) in y2.iter_mut().zip(&a) {
-            *y += 0.5 * x;
+        axpy_portable(0.5, &a, &mut y2);
+        #[cfg(target_arch = "x86_64")]
+        if fma() {
+            // SAFETY: AVX2 and FMA are present; the lengths are equal.
+            unsafe {
+                assert!((dot_fma(&a, &b) as f64 - exact).abs() < 1e-5);
+                axpy_fma(0.5, &a, &mut y1);
+            }
+        } else {
+            axpy_portable(0.5, &a, &mut y1);
         }
         let diff = y1
             .iter()

@@ -23,6 +23,9 @@ struct Args {
     decode_tokens: usize,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Runs Switchyard alone (for profiling), without the candle anchor.
+    #[arg(long)]
+    skip_reference: bool,
 }
 
 /// One implementation under test: runs `tokens` from position `pos`, returns last logits.
@@ -126,10 +129,6 @@ fn main() {
         cache,
         capacity,
     };
-    let mut reference = Reference {
-        model: load_reference(&a.model),
-        path: a.model.clone(),
-    };
     let threads = candle_core::utils::get_num_threads();
     println!(
         "single stream, {} prompt tokens, {} decode tokens, median of {} runs, {threads} threads\n",
@@ -137,9 +136,16 @@ fn main() {
         a.decode_tokens,
         a.repeats
     );
-    // Alternate so that neither side gets a warmer machine.
-    let (rp, rd) = measure(&mut reference, &prompt, a.decode_tokens, a.repeats);
     let (op, od) = measure(&mut ours, &prompt, a.decode_tokens, a.repeats);
+    if a.skip_reference {
+        println!("switchyard: prefill {op:.1} tok/s, decode {od:.1} tok/s");
+        return;
+    }
+    let mut reference = Reference {
+        model: load_reference(&a.model),
+        path: a.model.clone(),
+    };
+    let (rp, rd) = measure(&mut reference, &prompt, a.decode_tokens, a.repeats);
     print_table(
         &[
             "phase",

@@ -4,11 +4,11 @@
 use super::chat_template::ChatTemplate;
 use super::config::LlamaConfig;
 use super::error::{LlmError, Result};
-use super::model::{Layer, Linear, LlamaModel, Weight, Weights};
+use super::model::{Layer, Linear, LlamaModel, RmsNorm, Weights};
 use super::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device};
-use candle_nn::{RmsNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use kernels::quant::{QuantMatrix, QuantType};
 use std::path::{Path, PathBuf};
 
@@ -50,8 +50,16 @@ impl GgufReader<'_> {
             .map_err(|e| load_err(self.path, format!("tensor {name}: {e}")))
     }
 
-    fn dense(&mut self, name: &str) -> Result<candle_core::Tensor> {
-        Ok(self.qtensor(name)?.dequantize(self.device)?)
+    fn dense(&mut self, name: &str) -> Result<Vec<f32>> {
+        Ok(self
+            .qtensor(name)?
+            .dequantize(self.device)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(self.dense(name)?, eps))
     }
 
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
@@ -67,25 +75,23 @@ impl GgufReader<'_> {
 
 /// A projection over GGUF blocks: our kernel for the types it has (on the
 /// CPU), candle's `QMatMul` for the rest.
-fn quantized_linear(
-    q: QTensor,
-    bias: Option<candle_core::Tensor>,
-    device: &Device,
-) -> Result<Linear> {
+fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Result<Linear> {
     let (out, inp) = q.shape().dims2()?;
     let ty = match q.dtype() {
         GgmlDType::Q4_0 => Some(QuantType::Q4_0),
         GgmlDType::Q4_1 => Some(QuantType::Q4_1),
         GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlDType::Q4K => Some(QuantType::Q4K),
+        GgmlDType::Q5K => Some(QuantType::Q5K),
+        GgmlDType::Q6K => Some(QuantType::Q6K),
         _ => None,
     };
     match ty {
         Some(ty) if device.is_cpu() => {
             let blocks = q.data()?.into_owned();
-            let weight = Weight::Quant(QuantMatrix::new(ty, blocks, out, inp));
-            Ok(Linear { weight, bias })
+            Ok(Linear::quant(QuantMatrix::new(ty, blocks, out, inp), bias))
         }
-        _ => Ok(Linear::new(QMatMul::from_qtensor(q)?, bias)),
+        _ => Ok(Linear::candle(QMatMul::from_qtensor(q)?, out, bias, device)),
     }
 }
 
@@ -153,28 +159,32 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         let p = format!("blk.{i}");
         let b = config.attention_bias;
         layers.push(Layer {
-            q: r.linear(&format!("{p}.attn_q"), b)?,
-            k: r.linear(&format!("{p}.attn_k"), b)?,
-            v: r.linear(&format!("{p}.attn_v"), b)?,
+            qkv: Linear::concat(vec![
+                r.linear(&format!("{p}.attn_q"), b)?,
+                r.linear(&format!("{p}.attn_k"), b)?,
+                r.linear(&format!("{p}.attn_v"), b)?,
+            ]),
             o: r.linear(&format!("{p}.attn_output"), false)?,
-            gate: r.linear(&format!("{p}.ffn_gate"), false)?,
-            up: r.linear(&format!("{p}.ffn_up"), false)?,
+            gate_up: Linear::concat(vec![
+                r.linear(&format!("{p}.ffn_gate"), false)?,
+                r.linear(&format!("{p}.ffn_up"), false)?,
+            ]),
             down: r.linear(&format!("{p}.ffn_down"), false)?,
-            attn_norm: RmsNorm::new(r.dense(&format!("{p}.attn_norm.weight"))?, eps),
-            ffn_norm: RmsNorm::new(r.dense(&format!("{p}.ffn_norm.weight"))?, eps),
+            attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
+            ffn_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
         });
         if (i + 1) % 10 == 0 || i + 1 == n_layers {
             tracing::info!(layers = i + 1, of = n_layers, "loading {}", path.display());
         }
     }
     let embed_q = r.qtensor("token_embd.weight")?;
-    let embed = embed_q.dequantize(device)?;
+    let embed = embed_q.dequantize(device)?.flatten_all()?.to_vec1()?;
     let lm_head = if config.tie_word_embeddings {
         quantized_linear(embed_q, None, device)?
     } else {
         r.linear("output", false)?
     };
-    let norm = RmsNorm::new(r.dense("output_norm.weight")?, eps);
+    let norm = r.norm("output_norm.weight", eps)?;
     let weights = Weights {
         embed,
         layers,
@@ -233,15 +243,21 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
 /// Builds [`Weights`] from tensors named as Hugging Face's llama layout names them.
 pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weights> {
     let (h, kvd) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
+    let device = vb.device().clone();
     let linear = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> Result<Linear> {
-        let bias = if bias { Some(vb.get(o, "bias")?) } else { None };
-        Ok(Linear::new(
-            QMatMul::Tensor(vb.get((o, i), "weight")?),
-            bias,
-        ))
+        let bias = if bias {
+            Some(vb.get(o, "bias")?.to_vec1()?)
+        } else {
+            None
+        };
+        let w = QMatMul::Tensor(vb.get((o, i), "weight")?);
+        Ok(Linear::candle(w, o, bias, &device))
     };
     let norm = |vb: VarBuilder| -> Result<RmsNorm> {
-        Ok(RmsNorm::new(vb.get(h, "weight")?, c.rms_norm_eps))
+        Ok(RmsNorm::new(
+            vb.get(h, "weight")?.to_vec1()?,
+            c.rms_norm_eps,
+        ))
     };
     let m = vb.pp("model");
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -251,24 +267,28 @@ pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weight
         let qd = c.num_attention_heads * c.head_dim;
         layers.push(Layer {
             attn_norm: norm(l.pp("input_layernorm"))?,
-            q: linear(a.pp("q_proj"), h, qd, c.attention_bias)?,
-            k: linear(a.pp("k_proj"), h, kvd, c.attention_bias)?,
-            v: linear(a.pp("v_proj"), h, kvd, c.attention_bias)?,
+            qkv: Linear::concat(vec![
+                linear(a.pp("q_proj"), h, qd, c.attention_bias)?,
+                linear(a.pp("k_proj"), h, kvd, c.attention_bias)?,
+                linear(a.pp("v_proj"), h, kvd, c.attention_bias)?,
+            ]),
             o: linear(a.pp("o_proj"), qd, h, false)?,
             ffn_norm: norm(l.pp("post_attention_layernorm"))?,
-            gate: linear(mlp.pp("gate_proj"), h, c.intermediate_size, false)?,
-            up: linear(mlp.pp("up_proj"), h, c.intermediate_size, false)?,
+            gate_up: Linear::concat(vec![
+                linear(mlp.pp("gate_proj"), h, c.intermediate_size, false)?,
+                linear(mlp.pp("up_proj"), h, c.intermediate_size, false)?,
+            ]),
             down: linear(mlp.pp("down_proj"), c.intermediate_size, h, false)?,
         });
     }
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
     let lm_head = if c.tie_word_embeddings {
-        Linear::new(QMatMul::Tensor(embed.clone()), None)
+        Linear::candle(QMatMul::Tensor(embed.clone()), c.vocab_size, None, &device)
     } else {
         linear(vb.pp("lm_head"), h, c.vocab_size, false)?
     };
     Ok(Weights {
-        embed,
+        embed: embed.flatten_all()?.to_vec1()?,
         layers,
         norm: norm(m.pp("norm"))?,
         lm_head,

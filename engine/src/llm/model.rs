@@ -5,69 +5,170 @@ use super::config::LlamaConfig;
 use super::kv_cache::{KvCache, KvLayout, SeqId};
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::RmsNorm;
 use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
 use kernels::quant::QuantMatrix;
 use kernels::rope::RopeTables;
 
-/// A projection's weight, `[out, in]`: Q4_0, Q4_1 and Q8_0 blocks run through
-/// our own kernel on the CPU; every other type through candle's `QMatMul`.
+/// A projection's weight, `[out, in]`: GGUF blocks with a kernel of ours run
+/// through it on the CPU, anything else through candle's `QMatMul`; several
+/// projections of the same input can sit side by side.
 pub enum Weight {
-    Candle(QMatMul),
+    Candle(QMatMul, Device),
     Quant(QuantMatrix),
+    Concat(Vec<Linear>),
 }
 
 /// A projection with an optional bias.
 pub struct Linear {
-    pub weight: Weight,
-    pub bias: Option<Tensor>,
+    weight: Weight,
+    bias: Option<Vec<f32>>,
+    out: usize,
 }
 
 impl Linear {
-    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+    /// `weight` is `[out, in]` on `device`.
+    pub fn candle(weight: QMatMul, out: usize, bias: Option<Vec<f32>>, device: &Device) -> Self {
         Self {
-            weight: Weight::Candle(weight),
+            weight: Weight::Candle(weight, device.clone()),
+            bias,
+            out,
+        }
+    }
+
+    pub fn quant(weight: QuantMatrix, bias: Option<Vec<f32>>) -> Self {
+        Self {
+            out: weight.n,
+            weight: Weight::Quant(weight),
             bias,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Candle(w) => w.forward(x)?,
+    /// Projections of the same input whose outputs are concatenated per row.
+    /// Blocks of one type merge into a single matrix, so that one pass over
+    /// the input and one parallel section serve all of them.
+    pub fn concat(parts: Vec<Linear>) -> Self {
+        let out = parts.iter().map(|p| p.out).sum();
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+            parts
+                .iter()
+                .flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.out]))
+                .collect()
+        });
+        let mergeable = match parts.first().map(|p| &p.weight) {
+            Some(Weight::Quant(first)) => parts.iter().all(
+                |p| matches!(&p.weight, Weight::Quant(m) if m.ty == first.ty && m.k == first.k),
+            ),
+            _ => false,
+        };
+        let weight = if mergeable {
+            let mut parts = parts.into_iter().filter_map(|p| match p.weight {
+                Weight::Quant(m) => Some(m),
+                _ => None,
+            });
+            let first = parts.next().expect("a first part");
+            let (ty, k) = (first.ty, first.k);
+            let mut blocks = first.blocks;
+            for m in parts {
+                blocks.extend_from_slice(&m.blocks);
+            }
+            Weight::Quant(QuantMatrix::new(ty, blocks, out, k))
+        } else {
+            Weight::Concat(parts)
+        };
+        Self { weight, bias, out }
+    }
+
+    /// `[rows, out]` for `x` of `[rows, in]`.
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut y = match &self.weight {
+            Weight::Candle(w, device) => {
+                let x = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), device)?;
+                w.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+            }
             Weight::Quant(w) => {
-                let rows = x.dim(0)?;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut ys = vec![0f32; rows * w.n];
-                w.matmul(&xs, &mut ys);
-                Tensor::from_vec(ys, (rows, w.n), x.device())?
+                let mut y = vec![0f32; rows * w.n];
+                w.matmul(x, &mut y);
+                y
+            }
+            Weight::Concat(parts) => {
+                let mut y = vec![0f32; rows * self.out];
+                let mut at = 0;
+                for p in parts {
+                    let part = p.forward(x, rows)?;
+                    for (dst, src) in y.chunks_exact_mut(self.out).zip(part.chunks_exact(p.out)) {
+                        dst[at..at + p.out].copy_from_slice(src);
+                    }
+                    at += p.out;
+                }
+                y
             }
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
         }
+        Ok(y)
+    }
+}
+
+/// Root-mean-square normalization with a learned scale, as candle computes it.
+pub struct RmsNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Vec<f32>, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let dim = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        for (x, y) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+            let sum2: f32 = x.iter().map(|v| v * v).sum();
+            let m = (sum2 / dim as f32 + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(&self.weight) {
+                *y = x / m * w;
+            }
+        }
+        y
     }
 }
 
 pub struct Layer {
     pub attn_norm: RmsNorm,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// q, k and v side by side.
+    pub qkv: Linear,
     pub o: Linear,
     pub ffn_norm: RmsNorm,
-    pub gate: Linear,
-    pub up: Linear,
+    /// gate and up side by side.
+    pub gate_up: Linear,
     pub down: Linear,
 }
 
 /// All weights of a model, however they were stored.
 pub struct Weights {
-    /// `[vocab, hidden]`, f32.
-    pub embed: Tensor,
+    /// `[vocab, hidden]`.
+    pub embed: Vec<f32>,
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
+}
+
+/// Runs `f` on one of the compute pool's threads, so that the parallel
+/// sections inside it fork from a worker instead of handing each one over
+/// from the caller's thread and waking it at the end.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::join(f, || ()).0
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
 /// One sequence's slice of a flattened batch.
@@ -142,19 +243,27 @@ impl LlamaModel {
     /// token, `[segments, vocab]`, in segment order. Every segment's sequence
     /// must hold blocks for its tokens ([`KvCache::prepare`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
-        let x = self.hidden(batch, cache)?;
-        let last: Vec<u32> = batch
+        let x = on_pool(|| self.hidden(batch, cache))?;
+        let h = self.config.hidden_size;
+        let last: Vec<f32> = batch
             .segments
             .iter()
-            .map(|s| (s.offset + s.len - 1) as u32)
+            .flat_map(|s| &x[(s.offset + s.len - 1) * h..][..h])
+            .copied()
             .collect();
-        let last = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        self.head(&last)
+        let rows = batch.segments.len();
+        Tensor::from_vec(
+            self.head(&last, rows)?,
+            (rows, self.config.vocab_size),
+            &self.device,
+        )
     }
 
     /// The logits of hidden states `[rows, hidden]`.
-    fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.weights.lm_head.forward(&self.weights.norm.forward(x)?)
+    fn head(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.weights
+            .lm_head
+            .forward(&self.weights.norm.forward(x), rows)
     }
 
     /// Teacher forcing: the log-probability of each of `tokens[from..]` given
@@ -175,15 +284,16 @@ impl LlamaModel {
             .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
         let mut batch = ForwardBatch::default();
         batch.push(SeqId(0), tokens, 0);
-        let x = self.hidden(&batch, &mut cache)?;
+        let x = on_pool(|| self.hidden(&batch, &mut cache))?;
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut out = Vec::with_capacity(tokens.len() - from);
         // Row i predicts token i + 1; the vocabulary-wide logits are made a
         // few rows at a time so that long sequences stay small.
         let mut row = from - 1;
         while row < tokens.len() - 1 {
             let rows = (tokens.len() - 1 - row).min(32);
-            let logits = self.head(&x.narrow(0, row, rows)?)?.to_vec2::<f32>()?;
-            for (i, l) in logits.iter().enumerate() {
+            let logits = self.head(&x[row * h..(row + rows) * h], rows)?;
+            for (i, l) in logits.chunks_exact(vocab).enumerate() {
                 out.push(kernels::sampling::log_softmax(l)[tokens[row + i + 1] as usize]);
             }
             row += rows;
@@ -192,7 +302,7 @@ impl LlamaModel {
     }
 
     /// The final hidden state of every token in the batch, `[tokens, hidden]`.
-    fn hidden(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = batch.tokens.len();
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -229,41 +339,53 @@ impl LlamaModel {
                 block_table: t,
             })
             .collect();
-        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let hidden = c.hidden_size;
+        let vocab = self.weights.embed.len() / hidden;
+        let mut x = Vec::with_capacity(n * hidden);
+        for &t in &batch.tokens {
+            if t as usize >= vocab {
+                candle_core::bail!("token {t} is outside the vocabulary of {vocab}")
+            }
+            x.extend_from_slice(&self.weights.embed[t as usize * hidden..][..hidden]);
+        }
         let scale = 1.0 / (d as f32).sqrt();
-        let kv_width = kv_heads * d;
-        let mut x = self.weights.embed.index_select(&tokens, 0)?;
+        let (qd, kvd) = (heads * d, kv_heads * d);
+        let inter = c.intermediate_size;
         for (li, layer) in self.weights.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let project = |l: &Linear, rows: usize| -> Result<Vec<f32>> {
-                let mut y = l.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-                if rows > 0 {
-                    self.rope
-                        .apply(&mut y, rows, &batch.positions, c.rope_interleaved);
-                }
-                Ok(y)
+            let qkv = layer.qkv.forward(&layer.attn_norm.forward(&x), n)?;
+            let column = |from: usize, width: usize| -> Vec<f32> {
+                qkv.chunks_exact(qd + 2 * kvd)
+                    .flat_map(|r| &r[from..from + width])
+                    .copied()
+                    .collect()
             };
-            let q = project(&layer.q, heads)?;
-            let k = project(&layer.k, kv_heads)?;
-            let v = project(&layer.v, 0)?;
+            let (mut q, mut k, v) = (column(0, qd), column(qd, kvd), column(qd + kvd, kvd));
+            self.rope
+                .apply(&mut q, heads, &batch.positions, c.rope_interleaved);
+            self.rope
+                .apply(&mut k, kv_heads, &batch.positions, c.rope_interleaved);
             for (s, t) in batch.segments.iter().zip(&tables) {
-                let rows = s.offset * kv_width..(s.offset + s.len) * kv_width;
+                let rows = s.offset * kvd..(s.offset + s.len) * kvd;
                 layout.write(&mut cache.k[li], t, s.start_pos, &k[rows.clone()]);
                 layout.write(&mut cache.v[li], t, s.start_pos, &v[rows]);
             }
-            let mut out = vec![0f32; n * heads * d];
+            let mut attn = vec![0f32; n * qd];
             let kv = LayerKv {
                 k: &cache.k[li],
                 v: &cache.v[li],
                 layout,
             };
-            paged_attention(&q, heads, &seqs, kv, scale, &mut out);
-            let attn = Tensor::from_vec(out, (n, heads * d), &self.device)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
+            paged_attention(&q, heads, &seqs, kv, scale, &mut attn);
+            add(&mut x, &layer.o.forward(&attn, n)?);
+            let gate_up = layer.gate_up.forward(&layer.ffn_norm.forward(&x), n)?;
+            let gated: Vec<f32> = gate_up
+                .chunks_exact(2 * inter)
+                .flat_map(|r| {
+                    let (g, u) = r.split_at(inter);
+                    g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                })
+                .collect();
+            add(&mut x, &layer.down.forward(&gated, n)?);
         }
         Ok(x)
     }
