@@ -70,10 +70,12 @@ const TOLERANCE: f32 = 2.0;
 /// at a near-tie (its top two within the tolerance).
 #[test]
 fn greedy_decoding_matches_candle_quantized_llama() {
-    follow_the_reference(&model_path(), &PROMPTS, 64);
+    follow_the_reference(&model_path(), &PROMPTS, 64, 0.05);
 }
 
-fn follow_the_reference(path: &Path, prompts: &[&str], max_steps: usize) {
+/// Fails on any step beyond [`TOLERANCE`], any flip that is not a near-tie,
+/// or near-tie flips in more than `max_flip_share` of the steps.
+fn follow_the_reference(path: &Path, prompts: &[&str], max_steps: usize, max_flip_share: f64) {
     let ours = load_model(path, &Device::Cpu).unwrap();
     let (mut worst_step, mut worst_full, mut steps, mut ties) = (0f32, 0f32, 0, 0);
     let full_pass = |tokens: &[u32]| {
@@ -149,7 +151,10 @@ fn follow_the_reference(path: &Path, prompts: &[&str], max_steps: usize) {
         }
     }
     eprintln!("{steps} greedy steps, {ties} near-tie flips; largest |Δlogit|: full pass {worst_full}, step {worst_step}");
-    assert!(ties * 20 <= steps, "{ties} flips in {steps} steps");
+    assert!(
+        ties as f64 <= max_flip_share * steps as f64,
+        "{ties} flips in {steps} steps"
+    );
 }
 
 /// The default model with its FFN down-projections (the only matrices whose
@@ -195,7 +200,8 @@ fn k_quant_layers_match_candle_quantized_llama() {
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut out, &metadata, &tensors).unwrap();
     drop(out);
-    follow_the_reference(&path, &PROMPTS[..2], 24);
+    // Fewer steps than the main test, so one flip weighs more.
+    follow_the_reference(&path, &PROMPTS, 24, 0.1);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::{QuantType, WeightRow, QK};
 
 /// The primitive steps of unpacking, portable or with x86 SIMD (exact on
 /// every path).
-pub trait F16 {
+pub trait Steps {
     /// An f16 as f32.
     fn f32(bits: [u8; 2]) -> f32;
     /// 16 bytes of nibbles as 32 codes: low nibbles first, then high ones.
@@ -15,7 +15,7 @@ pub trait F16 {
 }
 
 pub struct Soft;
-impl F16 for Soft {
+impl Steps for Soft {
     #[inline(always)]
     fn f32(bits: [u8; 2]) -> f32 {
         half::f16::from_le_bytes(bits).to_f32()
@@ -42,7 +42,7 @@ impl F16 for Soft {
 #[cfg(target_arch = "x86_64")]
 pub struct F16c;
 #[cfg(target_arch = "x86_64")]
-impl F16 for F16c {
+impl Steps for F16c {
     #[inline(always)]
     fn f32(bits: [u8; 2]) -> f32 {
         use std::arch::x86_64::*;
@@ -82,7 +82,7 @@ impl F16 for F16c {
 }
 
 #[inline(always)]
-fn at<F: F16>(b: &[u8], i: usize) -> f32 {
+fn at<F: Steps>(b: &[u8], i: usize) -> f32 {
     F::f32([b[i], b[i + 1]])
 }
 
@@ -112,7 +112,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
 /// Unpacks `src` (one row's blocks) into `row`, whose `codes` hold the row's
 /// values. Padding half-blocks past the row keep zero scales.
 #[inline(always)]
-pub fn unpack<F: F16>(ty: QuantType, src: &[u8], row: &mut WeightRow) {
+pub fn unpack<F: Steps>(ty: QuantType, src: &[u8], row: &mut WeightRow) {
     let blocks = src.chunks_exact(ty.block_bytes()).enumerate();
     match ty {
         QuantType::Q4_0 => {
