@@ -160,8 +160,8 @@ fn follow_the_reference(path: &Path, prompts: &[&str], max_steps: usize, max_fli
 /// The default model with its FFN down-projections (the only matrices whose
 /// rows fill 256-value super-blocks) requantized to Q4_K, Q5_K and Q6_K, layer
 /// by layer in turn, as a llama.cpp `Q4_K_M` file mixes them: a file mixing
-/// block types loads (layers whose fused projections differ in type) and
-/// decodes as candle's `quantized_llama` does.
+/// block types across layers loads and decodes as candle's `quantized_llama`
+/// does.
 #[test]
 fn k_quant_layers_match_candle_quantized_llama() {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
