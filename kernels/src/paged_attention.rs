@@ -106,7 +106,7 @@ pub fn paged_attention(
                 ctx,
                 head: kvh,
             };
-            attend(q, keys, kv, scale, scores, out);
+            attend(Work { q, keys, kv, scale }, scores, out);
         });
 }
 
@@ -118,33 +118,32 @@ struct Keys<'a> {
     head: usize,
 }
 
-/// One KV head's group of query heads for one token: scores over the visible
-/// keys, softmax, weighted sum of values.
-fn attend(q: &[f32], keys: Keys, kv: LayerKv, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// One KV head's group of query heads for one token.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    /// The group's queries, `[group, head_dim]`.
+    q: &'a [f32],
+    keys: Keys<'a>,
+    kv: LayerKv<'a>,
+    scale: f32,
+}
+
+/// Scores over the visible keys, softmax, weighted sum of values.
+fn attend(w: Work, scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if fma() {
         // SAFETY: AVX2 and FMA are present, checked at run time.
-        return unsafe { attend_fma(q, keys, kv, scale, scores, out) };
+        return unsafe { attend_fma(w, scores, out) };
     }
-    attend_with(q, keys, kv, scale, scores, out, dot_portable, axpy_portable)
+    attend_with(w, scores, out, dot_portable, axpy_portable)
 }
 
 /// [`attend`] compiled for AVX2 and FMA, with the vector helpers inlined.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_fma(
-    q: &[f32],
-    keys: Keys,
-    kv: LayerKv,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+unsafe fn attend_fma(w: Work, scores: &mut Vec<f32>, out: &mut [f32]) {
     attend_with(
-        q,
-        keys,
-        kv,
-        scale,
+        w,
         scores,
         out,
         |a, b| dot_fma(a, b),
@@ -152,18 +151,15 @@ unsafe fn attend_fma(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_with(
-    q: &[f32],
-    keys: Keys,
-    kv: LayerKv,
-    scale: f32,
+    w: Work,
     scores: &mut Vec<f32>,
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
     axpy: impl Fn(f32, &[f32], &mut [f32]),
 ) {
+    let Work { q, keys, kv, scale } = w;
     let Keys {
         table,
         ctx,
