@@ -71,7 +71,8 @@ pub fn dot(isa: Isa, w: &WeightRow, a: &ActRow, wide: bool) -> f32 {
 }
 
 /// [`dot`] reading a row of Q4_0, Q4_1 or Q8_0 blocks in place, without
-/// unpacking; `None` where the instruction set has no such path.
+/// unpacking; `None` for the other types and on the portable path, which
+/// unpack instead.
 pub fn dot_blocks(isa: Isa, ty: QuantType, bytes: &[u8], a: &ActRow) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
     {

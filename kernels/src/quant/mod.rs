@@ -69,6 +69,15 @@ impl QuantType {
     fn wide(self) -> bool {
         self == Self::Q8_0
     }
+
+    /// How activations are quantized for this weight type.
+    pub fn scheme(self) -> Scheme {
+        match self {
+            Self::Q4_0 | Self::Q8_0 => Scheme::Q8_0,
+            Self::Q4_1 => Scheme::Q8_1,
+            _ => Scheme::Q8K,
+        }
+    }
 }
 
 /// Half-blocks of scales for a row of `k` values, padded to whole groups.
@@ -88,16 +97,6 @@ pub enum Scheme {
     /// value of largest magnitude, and a sum per 16 values (their offsets may
     /// change every 16 values).
     Q8K,
-}
-
-impl QuantType {
-    pub fn scheme(self) -> Scheme {
-        match self {
-            Self::Q4_0 | Self::Q8_0 => Scheme::Q8_0,
-            Self::Q4_1 => Scheme::Q8_1,
-            _ => Scheme::Q8K,
-        }
-    }
 }
 
 /// Rows of activations quantized to 8 bits per 32-value block: `x ≈ d · q`,

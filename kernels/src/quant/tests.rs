@@ -86,6 +86,11 @@ fn exact(w: &[f32], a: &Activations, n: usize) -> Vec<(f64, f64)> {
     out
 }
 
+/// An `[n, k]` matrix of arbitrary blocks ([`random_blocks`]).
+fn random_matrix(ty: QuantType, n: usize, k: usize, seed: u32) -> QuantMatrix {
+    QuantMatrix::new(ty, random_blocks(ty, n, k, seed), n, k)
+}
+
 fn run(m: &QuantMatrix, isa: Isa, x: &[f32]) -> Vec<f32> {
     let a = Activations::new(x, m.k, m.ty.scheme());
     let mut y = vec![0f32; a.rows() * m.n];
@@ -131,7 +136,7 @@ fn instruction_sets_agree_bit_for_bit() {
     let (rows, k, n) = (3, 512, 9);
     let x = pseudo_random(rows * k, 11);
     for ty in TYPES {
-        let m = QuantMatrix::new(ty, random_blocks(ty, n, k, 5), n, k);
+        let m = random_matrix(ty, n, k, 5);
         let paths = Isa::available();
         let first = run(&m, paths[0], &x);
         for &isa in &paths[1..] {
@@ -182,7 +187,7 @@ fn rows_do_not_depend_on_the_batch() {
     let (rows, k, n) = (5, 768, 40);
     let x = pseudo_random(rows * k, 8);
     for ty in TYPES {
-        let w = QuantMatrix::new(ty, random_blocks(ty, n, k, 9), n, k);
+        let w = random_matrix(ty, n, k, 9);
         for isa in Isa::available() {
             let all = run(&w, isa, &x);
             for r in 0..rows {
