@@ -57,12 +57,13 @@ const PROMPTS: [&str; 5] = [
 /// Largest |Δlogit| allowed between our logits and the reference's, in a full
 /// pass or a KV-cached step. Both quantize every matmul's input activations
 /// the same way (ggml's Q8 schemes), but our kernels sum in another order
-/// (eight lanes of four products, four accumulators) and so does our
-/// attention: a difference in the last bit can flip one activation's rounding
-/// at the next quantization, and 30 layers compound such flips. Measured: 1.49
-/// at worst over 245 cached steps, 0.96 over full passes. A wrong kernel misses
-/// by far more, and the greedy tokens below must agree except at near-ties.
-const TOLERANCE: f32 = 2.0;
+/// (eight blocks side by side in float lanes, folded at the end) and so does
+/// our attention: a difference in the last bit can flip one activation's
+/// rounding at the next quantization, and 30 layers compound such flips.
+/// Measured: 1.76 at worst over 245 cached steps and 0.97 over full passes of
+/// the default model; 2.12 in the K-quant mix below. A wrong kernel misses by
+/// far more, and the greedy tokens below must agree except at near-ties.
+const TOLERANCE: f32 = 2.5;
 
 /// Following the reference's greedy answer (up to 64 tokens) on five chat
 /// prompts, our logits stay within [`TOLERANCE`] at every step and in full

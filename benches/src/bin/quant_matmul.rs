@@ -65,7 +65,7 @@ fn main() {
             continue;
         }
         let q = QTensor::quantize(&w, candle_ty).unwrap();
-        let ours = QuantMatrix::new(ours_ty, q.data().unwrap().into_owned(), n, k);
+        let ours = QuantMatrix::new(ours_ty, &q.data().unwrap(), n, k);
         let theirs = QMatMul::from_qtensor(q).unwrap();
         for rows in a
             .rows

@@ -88,8 +88,8 @@ fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Resu
     };
     match ty {
         Some(ty) if device.is_cpu() => {
-            let blocks = q.data()?.into_owned();
-            Ok(Linear::quant(QuantMatrix::new(ty, blocks, out, inp), bias))
+            let blocks = q.data()?;
+            Ok(Linear::quant(QuantMatrix::new(ty, &blocks, out, inp), bias))
         }
         _ => Ok(Linear::candle(QMatMul::from_qtensor(q)?, out, bias, device)),
     }

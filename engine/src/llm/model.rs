@@ -61,17 +61,15 @@ impl Linear {
             _ => false,
         };
         let weight = if mergeable {
-            let mut parts = parts.into_iter().filter_map(|p| match p.weight {
-                Weight::Quant(m) => Some(m),
-                _ => None,
-            });
-            let first = parts.next().expect("a first part");
-            let (ty, k) = (first.ty, first.k);
-            let mut blocks = first.blocks;
-            for m in parts {
-                blocks.extend_from_slice(&m.blocks);
-            }
-            Weight::Quant(QuantMatrix::new(ty, blocks, out, k))
+            Weight::Quant(QuantMatrix::concat(
+                parts
+                    .into_iter()
+                    .filter_map(|p| match p.weight {
+                        Weight::Quant(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect(),
+            ))
         } else {
             Weight::Concat(parts)
         };

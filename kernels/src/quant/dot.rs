@@ -1,13 +1,12 @@
-//! The dot product of one unpacked weight row with one row of quantized
+//! Dot products of one packed weight row with up to four rows of quantized
 //! activations, with three code paths (AVX-512 VNNI, AVX2, portable) that give
-//! the same bits: each sums the same 4-byte integer lanes, scales and
-//! accumulates them in eight float lanes with fused multiply-adds in the same
-//! order, and folds the lanes the same way.
-use super::{ActRow, QuantType, WeightRow, GROUP, HALVES_PER_GROUP, QK};
+//! the same bits: per group each lane sums its block exactly in integers,
+//! then every path scales and accumulates the eight lanes with the same fused
+//! multiply-adds and folds them the same way.
+use super::{Group, Layout, LANES, STEP};
 
-/// Independent accumulators, so that consecutive blocks' multiply-adds do not
-/// wait on each other.
-const ACCS: usize = 4;
+/// Activation rows one weight group is read for.
+const ROWS: usize = 4;
 
 /// The instruction sets a dot product can use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,48 +55,67 @@ impl Isa {
     }
 }
 
-/// `Σ w·x` over a row: `w = d·code + m` per half-block of 16 values, `x = d·q`
-/// per block of 32 (carried per half-block). `wide` says codes may exceed 127.
-pub fn dot(isa: Isa, w: &WeightRow, a: &ActRow, wide: bool) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::detect` found these features on this CPU.
-        Isa::Vnni => unsafe { x86::dot_vnni(w, a) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::dot_avx2(w, a, wide) },
-        _ => dot_portable(w, a),
+/// One packed weight row: its codes, and per group `d[8]` then `m[8]`.
+pub struct WeightRow<'a> {
+    pub layout: &'a Layout,
+    pub codes: &'a [u8],
+    pub scales: &'a [f32],
+}
+
+/// One row of activations: bytes in the layout's order, and per lane `d` and `s`.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+impl WeightRow<'_> {
+    /// The lengths the SIMD loops rely on.
+    fn check(&self, a: &ActRow) {
+        let (k, lanes) = (self.layout.k, self.layout.lanes());
+        assert!(self.codes.len() == self.layout.code_bytes && self.scales.len() == 2 * lanes);
+        assert!(a.qs.len() == k && a.d.len() == lanes && a.s.len() == lanes);
     }
 }
 
-/// [`dot`] reading a row of Q4_0, Q4_1 or Q8_0 blocks in place, without
-/// unpacking; `None` for the other types and on the portable path, which
-/// unpack instead.
-pub fn dot_blocks(isa: Isa, ty: QuantType, bytes: &[u8], a: &ActRow) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use x86::{Blocks, Legacy};
-        fn run<L: Legacy>(isa: Isa, bytes: &[u8], a: &ActRow) -> Option<f32> {
-            let w = Blocks::<L>::new(bytes);
-            match isa {
-                // SAFETY: `Isa::detect` found these features on this CPU.
-                Isa::Vnni => Some(unsafe { x86::dot_vnni(w, a) }),
-                // SAFETY: as above.
-                Isa::Avx2 => Some(unsafe { x86::dot_avx2(w, a, L::TY.wide()) }),
-                Isa::Portable => None,
+/// `Σ w·x` of `w` with every row of `acts`, handed to `out(row, value)`;
+/// `wide` says codes may exceed 127.
+pub fn dot_rows(
+    isa: Isa,
+    w: &WeightRow,
+    acts: &[ActRow],
+    wide: bool,
+    mut out: impl FnMut(usize, f32),
+) {
+    for (i, chunk) in acts.chunks(ROWS).enumerate() {
+        let mut put = |vs: &[f32]| {
+            for (r, &v) in vs.iter().enumerate() {
+                out(i * ROWS + r, v);
             }
-        }
-        match ty {
-            QuantType::Q4_0 => run::<x86::Q4_0>(isa, bytes, a),
-            QuantType::Q4_1 => run::<x86::Q4_1>(isa, bytes, a),
-            QuantType::Q8_0 => run::<x86::Q8_0>(isa, bytes, a),
-            _ => None,
+        };
+        match *chunk {
+            [a] => put(&dot::<1>(isa, w, [a], wide)),
+            [a, b] => put(&dot::<2>(isa, w, [a, b], wide)),
+            [a, b, c] => put(&dot::<3>(isa, w, [a, b, c], wide)),
+            [a, b, c, d] => put(&dot::<4>(isa, w, [a, b, c, d], wide)),
+            _ => unreachable!("chunks of at most {ROWS}"),
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (isa, ty, bytes, a);
-        None
+}
+
+fn dot<const R: usize>(isa: Isa, w: &WeightRow, a: [ActRow; R], wide: bool) -> [f32; R] {
+    for a in &a {
+        w.check(a);
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::detect` found these features on this CPU; lengths checked.
+        Isa::Vnni => unsafe { x86::dot_vnni(w, &a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::dot_avx2(w, &a, wide) },
+        _ => a.map(|a| dot_portable(w, &a)),
     }
 }
 
@@ -108,175 +126,38 @@ fn fold(v: [f32; 8]) -> f32 {
 }
 
 fn dot_portable(w: &WeightRow, a: &ActRow) -> f32 {
-    let blocks = w.blocks;
-    let (mut acc, mut macc) = ([[0f32; 8]; ACCS], [0f32; 8]);
-    for g in 0..blocks.div_ceil(GROUP) {
-        let h0 = g * HALVES_PER_GROUP;
-        let mut scale = [[0f32; 8]; 2];
-        for (half, s) in scale.iter_mut().enumerate() {
-            for (l, s) in s.iter_mut().enumerate() {
-                let h = h0 + 8 * half + l;
-                *s = w.d[h] * a.d[h];
+    let (mut acc, mut macc) = ([0f32; LANES], [0f32; LANES]);
+    for (gi, g) in w.layout.groups.iter().enumerate() {
+        let mut sum = [0i32; LANES];
+        for s in 0..g.steps() {
+            for b in 0..STEP {
+                let (at, shift) = w.layout.code_at(g, s, b);
+                let code = (w.codes[at] >> shift) & if w.layout.nibbles { 0x0F } else { 0xFF };
+                sum[b / 4] += code as i32 * a.qs[g.start + s * STEP + b] as i32;
             }
         }
-        for half in 0..2 {
-            for (l, m) in macc.iter_mut().enumerate() {
-                let h = h0 + 8 * half + l;
-                *m = w.m[h].mul_add(a.s[h], *m);
-            }
-        }
-        // Whole groups, as the SIMD paths run them (padding adds exact zeros).
-        for j in 0..GROUP {
-            let b = g * GROUP + j;
-            let s = &scale[j / 4];
-            let (c, x) = (&w.codes[b * QK..][..QK], &a.qs[b * QK..][..QK]);
-            for (l, acc) in acc[j % ACCS].iter_mut().enumerate() {
-                let lane: i32 = (4 * l..4 * l + 4).map(|t| c[t] as i32 * x[t] as i32).sum();
-                *acc = (lane as f32).mul_add(s[2 * (j % 4) + l / 4], *acc);
-            }
+        let (d, m) = (
+            &w.scales[2 * gi * LANES..],
+            &w.scales[(2 * gi + 1) * LANES..],
+        );
+        for l in 0..LANES {
+            let at = gi * LANES + l;
+            acc[l] = (sum[l] as f32).mul_add(d[l] * a.d[at], acc[l]);
+            macc[l] = m[l].mul_add(a.s[at], macc[l]);
         }
     }
-    let lanes = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    fold(lanes) + fold(macc)
+    fold(acc) + fold(macc)
+}
+
+/// The step pairs of a group: bytes `[c·64, c·64 + 64)` of its activations.
+fn pairs(g: &Group) -> usize {
+    g.steps().div_ceil(2)
 }
 
 #[cfg(target_arch = "x86_64")]
-pub mod x86 {
-    use super::super::{ActRow, QuantType, WeightRow, GROUP, HALVES_PER_GROUP, QK};
-    use super::ACCS;
+mod x86 {
+    use super::{pairs, ActRow, WeightRow, LANES, STEP};
     use std::arch::x86_64::*;
-
-    /// Where a dot product reads a weight row: per group of 8 blocks the
-    /// scales and offsets of its 16 half-blocks (low 8, high 8), per block its
-    /// 32 codes.
-    pub trait Source {
-        fn blocks(&self) -> usize;
-        /// `[d low, d high, m low, m high]`.
-        unsafe fn group(&self, g: usize) -> [__m256; 4];
-        unsafe fn codes(&self, b: usize) -> __m256i;
-    }
-
-    impl Source for &WeightRow {
-        #[inline(always)]
-        fn blocks(&self) -> usize {
-            self.blocks
-        }
-
-        #[inline(always)]
-        unsafe fn group(&self, g: usize) -> [__m256; 4] {
-            let h = g * HALVES_PER_GROUP;
-            let ld = |v: &[f32], at: usize| _mm256_loadu_ps(v[at..at + 8].as_ptr());
-            [
-                ld(&self.d, h),
-                ld(&self.d, h + 8),
-                ld(&self.m, h),
-                ld(&self.m, h + 8),
-            ]
-        }
-
-        #[inline(always)]
-        unsafe fn codes(&self, b: usize) -> __m256i {
-            _mm256_loadu_si256(self.codes[b * QK..][..QK].as_ptr() as *const __m256i)
-        }
-    }
-
-    /// The block formats a row can be read from in place.
-    pub trait Legacy {
-        const TY: QuantType;
-    }
-    pub struct Q4_0;
-    pub struct Q4_1;
-    pub struct Q8_0;
-    impl Legacy for Q4_0 {
-        const TY: QuantType = QuantType::Q4_0;
-    }
-    impl Legacy for Q4_1 {
-        const TY: QuantType = QuantType::Q4_1;
-    }
-    impl Legacy for Q8_0 {
-        const TY: QuantType = QuantType::Q8_0;
-    }
-
-    /// A row of Q4_0, Q4_1 or Q8_0 blocks read in place, giving exactly the
-    /// values that unpacking it would (the one-row fast path); blocks past the
-    /// row read as zero.
-    pub struct Blocks<'a, L> {
-        bytes: &'a [u8],
-        blocks: usize,
-        ty: std::marker::PhantomData<L>,
-    }
-
-    impl<'a, L: Legacy> Blocks<'a, L> {
-        pub fn new(bytes: &'a [u8]) -> Self {
-            Self {
-                blocks: bytes.len() / L::TY.block_bytes(),
-                bytes,
-                ty: std::marker::PhantomData,
-            }
-        }
-    }
-
-    impl<L: Legacy> Source for Blocks<'_, L> {
-        #[inline(always)]
-        fn blocks(&self) -> usize {
-            self.blocks
-        }
-
-        #[inline(always)]
-        unsafe fn group(&self, g: usize) -> [__m256; 4] {
-            let bb = L::TY.block_bytes();
-            let (mut d, mut m) = ([0u16; GROUP], [0u16; GROUP]);
-            for j in 0..GROUP.min(self.blocks - g * GROUP) {
-                let b = &self.bytes[(g * GROUP + j) * bb..][..4];
-                d[j] = u16::from_le_bytes([b[0], b[1]]);
-                m[j] = u16::from_le_bytes([b[2], b[3]]);
-            }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
-            let m = match L::TY {
-                QuantType::Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
-                QuantType::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
-                _ => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
-            };
-            let lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-            let hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
-            [
-                _mm256_permutevar8x32_ps(d, lo),
-                _mm256_permutevar8x32_ps(d, hi),
-                _mm256_permutevar8x32_ps(m, lo),
-                _mm256_permutevar8x32_ps(m, hi),
-            ]
-        }
-
-        #[inline(always)]
-        unsafe fn codes(&self, b: usize) -> __m256i {
-            if b >= self.blocks {
-                return _mm256_setzero_si256();
-            }
-            // In bounds: block b < blocks lies inside `bytes`.
-            let block = self.bytes.as_ptr().add(b * L::TY.block_bytes());
-            let nibbles = |at: usize| {
-                let v = _mm_loadu_si128(block.add(at) as *const __m128i);
-                let low = _mm_set1_epi8(0x0F);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-                _mm256_set_m128i(hi, _mm_and_si128(v, low))
-            };
-            match L::TY {
-                QuantType::Q4_0 => nibbles(2),
-                QuantType::Q4_1 => nibbles(4),
-                _ => _mm256_xor_si256(
-                    _mm256_loadu_si256(block.add(2) as *const __m256i),
-                    _mm256_set1_epi8(-128),
-                ),
-            }
-        }
-    }
-
-    /// Lanes 0–3 take half-block `2j`'s scale, lanes 4–7 half-block `2j + 1`'s.
-    #[inline(always)]
-    unsafe fn lane_index(j: usize) -> __m256i {
-        let j = 2 * (j % 4) as i32;
-        _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1)
-    }
 
     #[inline(always)]
     unsafe fn fold(v: __m256) -> f32 {
@@ -285,69 +166,81 @@ pub mod x86 {
         _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)))
     }
 
-    /// The shared loop; `lanes` turns 32 codes and 32 activations into eight
-    /// 4-byte integer sums.
+    /// The shared loop; `madd(acc, codes, x)` adds the 4-byte products of 32
+    /// codes and 32 activations to eight integer lanes.
     #[inline(always)]
-    unsafe fn dot_with(
-        w: impl Source,
-        a: &ActRow,
-        lanes: impl Fn(__m256i, __m256i) -> __m256i,
-    ) -> f32 {
-        let blocks = w.blocks();
-        let groups = blocks.div_ceil(GROUP);
-        // The activation row covers whole groups (the raw loads below rely on it).
-        assert!(a.qs.len() >= groups * GROUP * QK && a.d.len() >= groups * HALVES_PER_GROUP);
-        let (mut acc, mut macc) = ([_mm256_setzero_ps(); ACCS], _mm256_setzero_ps());
-        for g in 0..groups {
-            let h = g * HALVES_PER_GROUP;
-            let ld = |v: &[f32], at: usize| _mm256_loadu_ps(v[at..at + 8].as_ptr());
-            let [dlo, dhi, mlo, mhi] = w.group(g);
-            let scale = [
-                _mm256_mul_ps(dlo, ld(a.d, h)),
-                _mm256_mul_ps(dhi, ld(a.d, h + 8)),
-            ];
-            macc = _mm256_fmadd_ps(mlo, ld(a.s, h), macc);
-            macc = _mm256_fmadd_ps(mhi, ld(a.s, h + 8), macc);
-            // Whole groups: blocks past the row have zero codes and scales,
-            // so they add exact zeros.
-            for j in 0..GROUP {
-                let b = g * GROUP + j;
-                if j == GROUP / 2 && b >= blocks {
-                    break;
+    unsafe fn dot_with<const R: usize>(
+        w: &WeightRow,
+        a: &[ActRow; R],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) -> [f32; R] {
+        let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let nibbles = w.layout.nibbles;
+        let low = _mm256_set1_epi8(0x0F);
+        let codes = w.codes.as_ptr();
+        let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+        for (gi, g) in w.layout.groups.iter().enumerate() {
+            let steps = g.steps();
+            let mut sum = [[_mm256_setzero_si256(); 2]; R];
+            for c in 0..pairs(g) {
+                let odd = 2 * c + 1 < steps;
+                // In bounds: the layout's code and activation lengths were checked.
+                let (even, next) = if nibbles {
+                    let v = ld(codes.add(g.codes + c * STEP));
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    (_mm256_and_si256(v, low), hi)
+                } else {
+                    let at = codes.add(g.codes + 2 * c * STEP);
+                    let next = if odd {
+                        ld(at.add(STEP))
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    (ld(at), next)
+                };
+                for r in 0..R {
+                    let x = a[r].qs.as_ptr().add(g.start + 2 * c * STEP) as *const u8;
+                    sum[r][0] = madd(sum[r][0], even, ld(x));
+                    if odd {
+                        sum[r][1] = madd(sum[r][1], next, ld(x.add(STEP)));
+                    }
                 }
-                let x = _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i);
-                let s = _mm256_permutevar8x32_ps(scale[j / 4], lane_index(j));
-                let p = _mm256_cvtepi32_ps(lanes(w.codes(b), x));
-                acc[j % ACCS] = _mm256_fmadd_ps(p, s, acc[j % ACCS]);
+            }
+            let at = gi * LANES;
+            let d = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at));
+            let m = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at + LANES));
+            for r in 0..R {
+                let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[r][0], sum[r][1]));
+                let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
+                acc[r] = _mm256_fmadd_ps(p, s, acc[r]);
+                macc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s.as_ptr().add(at)), macc[r]);
             }
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        fold(sum) + fold(macc)
+        std::array::from_fn(|r| fold(acc[r]) + fold(macc[r]))
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn dot_vnni(w: impl Source, a: &ActRow) -> f32 {
-        dot_with(w, a, |c, x| {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, x)
-        })
+    pub unsafe fn dot_vnni<const R: usize>(w: &WeightRow, a: &[ActRow; R]) -> [f32; R] {
+        dot_with(w, a, |acc, c, x| _mm256_dpbusd_epi32(acc, c, x))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(w: impl Source, a: &ActRow, wide: bool) -> f32 {
+    pub unsafe fn dot_avx2<const R: usize>(w: &WeightRow, a: &[ActRow; R], wide: bool) -> [f32; R] {
         let ones = _mm256_set1_epi16(1);
         // `maddubs` saturates at i16: codes up to 63 never reach it, wider
         // codes are split at bit 7 so that each half stays below it.
         let pairs = |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
         if wide {
             let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
-            dot_with(w, a, |c, x| {
+            dot_with(w, a, |acc, c, x| {
+                let lo = pairs(_mm256_and_si256(c, low7), x);
                 _mm256_add_epi32(
-                    pairs(_mm256_and_si256(c, low7), x),
-                    pairs(_mm256_and_si256(c, high), x),
+                    acc,
+                    _mm256_add_epi32(lo, pairs(_mm256_and_si256(c, high), x)),
                 )
             })
         } else {
-            dot_with(w, a, pairs)
+            dot_with(w, a, |acc, c, x| _mm256_add_epi32(acc, pairs(c, x)))
         }
     }
 }

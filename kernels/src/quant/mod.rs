@@ -1,25 +1,32 @@
 //! Quantized weights (GGUF's Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks) ×
 //! f32 activations, as a GEMM over a batch of rows.
 //!
-//! Activations are quantized to 8 bits per 32-value block as ggml does. Each
-//! weight row is unpacked once per call into unsigned codes with a scale and an
-//! offset per 16 values, then dotted with every activation row using integer
-//! multiply-adds (AVX-512 VNNI or AVX2 where the CPU has them) and float
-//! accumulation. Output columns are spread over the cores. A row's result
-//! never depends on the other rows in the batch, nor on the instruction set.
+//! At load, each matrix is packed into one interleaved form for every type
+//! ([`Layout`]): unsigned codes (4 or 8 bits) with a scale and an offset per
+//! block (`w = d·code + m`), arranged so that one 4-byte integer lane of a
+//! vector register sums a whole block. Activations are quantized to 8 bits as
+//! ggml does for the weight type and laid out the same way. A group of eight
+//! blocks then costs integer multiply-adds (AVX-512 VNNI or AVX2 where the CPU
+//! has them), one conversion to float and one multiply-add per row, and each
+//! weight group is read once for up to four activation rows. Output columns
+//! are spread over the cores. A row's result never depends on the other rows
+//! in the batch, nor on the instruction set.
+mod act;
 mod dot;
 mod unpack;
 
+pub use act::Activations;
 pub use dot::Isa;
 use rayon::prelude::*;
 
-/// Values per block of activations and per unit of the dot product.
+/// Values per block of Q4_0, Q4_1, Q8_0 and of ggml's Q8_0/Q8_1 activations.
 pub const QK: usize = 32;
 /// Values that share one weight scale in the finest format (Q6_K).
 const HALF: usize = 16;
-/// Blocks whose scales are combined in one vector operation.
-const GROUP: usize = 8;
-const HALVES_PER_GROUP: usize = GROUP * QK / HALF;
+/// Integer lanes of a 256-bit register: the blocks of one group.
+const LANES: usize = 8;
+/// Bytes of one step: four values for each lane.
+const STEP: usize = 4 * LANES;
 
 /// The GGUF block formats with a kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +66,18 @@ impl QuantType {
         }
     }
 
-    /// 32-value blocks with an f16 scale first (and an f16 minimum next, for
-    /// Q4_1), which a one-row product reads in place.
-    fn legacy(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    /// Values that share one scale and offset (the block of the packed form).
+    fn scale_values(self) -> usize {
+        if self == Self::Q6K {
+            HALF
+        } else {
+            QK
+        }
+    }
+
+    /// Whether codes fit in 4 bits (packed two to a byte).
+    fn nibbles(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
     }
 
     /// Whether unpacked codes can exceed 127.
@@ -80,11 +95,6 @@ impl QuantType {
     }
 }
 
-/// Half-blocks of scales for a row of `k` values, padded to whole groups.
-fn halves(k: usize) -> usize {
-    (k / QK).div_ceil(GROUP) * HALVES_PER_GROUP
-}
-
 /// How activations are quantized for a weight type: as ggml does for it, so
 /// that our products round as llama.cpp's do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,140 +104,98 @@ pub enum Scheme {
     /// ggml's Q8_1 (for Q4_1): as Q8_0, and the block's sum `d·Σq` rounded to f16.
     Q8_1,
     /// ggml's Q8_K (for the K-quants): one f32 scale per 256 values, from the
-    /// value of largest magnitude, and a sum per 16 values (their offsets may
-    /// change every 16 values).
+    /// value of largest magnitude.
     Q8K,
 }
 
-/// Rows of activations quantized to 8 bits per 32-value block: `x ≈ d · q`,
-/// each row padded with zeros to whole groups of blocks.
-/// Per half-block of 16 values, `d` repeats its block's scale and `s` holds
-/// the scaled sum of the half's values (with [`Scheme::Q8_0`] and
-/// [`Scheme::Q8_1`], the whole block's sum in the first half and zero in the
-/// second); zero in the padding.
-pub struct Activations {
+/// One group of a row: eight lanes of `lane` consecutive values from `start`,
+/// each lane inside one block. Step `s` holds values `4s..4s + 4` of every
+/// lane, lane after lane (32 bytes); 4-bit codes keep two steps per byte,
+/// the even one in the low nibble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Group {
+    start: usize,
+    lane: usize,
+    /// Where its codes begin in a packed weight row.
+    codes: usize,
+}
+
+impl Group {
+    fn steps(&self) -> usize {
+        self.lane / 4
+    }
+
+    /// Byte `b` of step `s` is value `start + (b / 4)·lane + 4s + b % 4`.
+    fn value(&self, s: usize, b: usize) -> usize {
+        self.start + b / 4 * self.lane + 4 * s + b % 4
+    }
+}
+
+/// How a row of `k` values is cut into groups: whole groups of eight blocks,
+/// then the rest in groups of 4, 2 and 1 blocks whose lanes split the blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
     k: usize,
-    halves: usize,
-    qs: Vec<i8>,
-    d: Vec<f32>,
-    s: Vec<f32>,
+    nibbles: bool,
+    groups: Vec<Group>,
+    /// Bytes of codes per weight row.
+    code_bytes: usize,
 }
 
-/// One row of [`Activations`].
-pub struct ActRow<'a> {
-    qs: &'a [i8],
-    d: &'a [f32],
-    s: &'a [f32],
-}
-
-impl Activations {
-    /// Quantizes `x.len() / k` rows of `k` values as ggml's `quantize_row_q8_0`,
-    /// `_q8_1` or `_q8_K` does (`k` a multiple of 32, or of 256 for Q8_K).
-    pub fn new(x: &[f32], k: usize, scheme: Scheme) -> Self {
-        let unit = if scheme == Scheme::Q8K { 256 } else { QK };
-        assert!(
-            k.is_multiple_of(unit),
-            "k = {k} is not a multiple of {unit}"
-        );
-        let rows = x.len() / k;
-        let halves = halves(k);
-        let mut a = Self {
-            k,
-            halves,
-            qs: vec![0; rows * halves * HALF],
-            d: vec![0.0; rows * halves],
-            s: vec![0.0; rows * halves],
-        };
-        let f16 = |v: f32| half::f16::from_f32(v).to_f32();
-        let sum = |q: &[i8]| q.iter().map(|&q| q as i32).sum::<i32>() as f32;
-        for (r, xs) in x.chunks_exact(k).enumerate() {
-            for (u, xs) in xs.chunks_exact(unit).enumerate() {
-                // ggml's scale: the block's largest magnitude maps to ±127.
-                let (d, id) = match scheme {
-                    Scheme::Q8K => {
-                        let max = xs
-                            .iter()
-                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                        let iscale = if max != 0.0 { -127.0 / max } else { 0.0 };
-                        (if max != 0.0 { 1.0 / iscale } else { 0.0 }, iscale)
-                    }
-                    _ => {
-                        let amax = xs.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                        let d = amax / 127.0;
-                        (d, if d != 0.0 { 1.0 / d } else { 0.0 })
-                    }
-                };
-                for (i, xs) in xs.chunks_exact(QK).enumerate() {
-                    let b = u * unit / QK + i;
-                    let qs = &mut a.qs[r * halves * HALF + b * QK..][..QK];
-                    for (q, &v) in qs.iter_mut().zip(xs) {
-                        *q = f32::round(v * id).clamp(-128.0, 127.0) as i8;
-                    }
-                    let at = r * halves + 2 * b;
-                    let (ds, ss) = (&mut a.d[at..at + 2], &mut a.s[at..at + 2]);
-                    match scheme {
-                        // d·Σq is exact in f32 for an f16 d and |Σq| < 2¹².
-                        Scheme::Q8_0 => {
-                            ds.fill(f16(d));
-                            ss[0] = f16(d) * sum(qs);
-                        }
-                        Scheme::Q8_1 => {
-                            ds.fill(f16(d));
-                            ss[0] = f16(d * sum(qs));
-                        }
-                        Scheme::Q8K => {
-                            ds.fill(d);
-                            for (s, half) in ss.iter_mut().zip(qs.chunks_exact(HALF)) {
-                                *s = d * sum(half);
-                            }
-                        }
-                    }
-                }
+impl Layout {
+    fn new(ty: QuantType, k: usize) -> Self {
+        let full = LANES * ty.scale_values();
+        let mut sizes = vec![full; k / full];
+        let mut rest = k % full;
+        for part in [4 * QK, 2 * QK, QK] {
+            if rest >= part {
+                sizes.push(part);
+                rest -= part;
             }
         }
-        a
-    }
-
-    pub fn rows(&self) -> usize {
-        self.d.len() / self.halves
-    }
-
-    fn row(&self, r: usize) -> ActRow<'_> {
-        let h = r * self.halves..(r + 1) * self.halves;
-        ActRow {
-            qs: &self.qs[h.start * HALF..h.end * HALF],
-            d: &self.d[h.clone()],
-            s: &self.s[h],
+        assert_eq!(rest, 0, "k = {k} is not a multiple of {QK}");
+        let nibbles = ty.nibbles();
+        let (mut start, mut codes, mut groups) = (0, 0, Vec::new());
+        for size in sizes {
+            let lane = size / LANES;
+            groups.push(Group { start, lane, codes });
+            start += size;
+            let steps = lane / 4;
+            codes += STEP * if nibbles { steps.div_ceil(2) } else { steps };
         }
-    }
-}
-
-/// One weight row unpacked: `w = d·code + m` per half-block, with zero codes
-/// and scales past the row up to a whole group.
-pub struct WeightRow {
-    blocks: usize,
-    codes: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
-}
-
-impl WeightRow {
-    fn new(k: usize) -> Self {
         Self {
-            blocks: k / QK,
-            codes: vec![0; halves(k) * HALF],
-            d: vec![0.0; halves(k)],
-            m: vec![0.0; halves(k)],
+            k,
+            nibbles,
+            groups,
+            code_bytes: codes,
         }
+    }
+
+    /// Where step `s`, byte `b` of group `g` lies in a packed weight row, and
+    /// the shift of its nibble.
+    fn code_at(&self, g: &Group, s: usize, b: usize) -> (usize, u32) {
+        if self.nibbles {
+            (g.codes + s / 2 * STEP + b, 4 * (s % 2) as u32)
+        } else {
+            (g.codes + s * STEP + b, 0)
+        }
+    }
+
+    /// Groups × lanes: per-lane values (scales, sums) in a row.
+    fn lanes(&self) -> usize {
+        self.groups.len() * LANES
     }
 }
 
-/// Weights `[n, k]` as GGUF blocks, one row after another.
+/// Weights `[n, k]` packed from GGUF blocks into a [`Layout`]: per row, the
+/// codes, and per lane a scale and an offset (`d[8], m[8]` per group).
 pub struct QuantMatrix {
     pub ty: QuantType,
-    pub blocks: Vec<u8>,
     pub n: usize,
     pub k: usize,
+    layout: Layout,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
 }
 
 /// Output columns per parallel task.
@@ -239,83 +207,117 @@ struct Out(*mut f32);
 unsafe impl Sync for Out {}
 
 impl QuantMatrix {
-    /// `blocks.len()` must be `n · k / block_values · block_bytes`.
-    pub fn new(ty: QuantType, blocks: Vec<u8>, n: usize, k: usize) -> Self {
+    /// Packs `blocks`: `n` rows of `k` values as GGUF blocks of `ty`.
+    pub fn new(ty: QuantType, blocks: &[u8], n: usize, k: usize) -> Self {
         assert!(
             k.is_multiple_of(ty.block_values()),
             "{ty:?} rows of {k} values: not whole blocks"
         );
-        assert_eq!(
-            blocks.len(),
-            n * k / ty.block_values() * ty.block_bytes(),
-            "{ty:?} weights [{n}, {k}]"
-        );
-        Self { ty, blocks, n, k }
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.k / self.ty.block_values() * self.ty.block_bytes()
-    }
-
-    /// Unpacks weight row `c` into `row`.
-    fn unpack(&self, isa: Isa, c: usize, row: &mut WeightRow) {
-        let src = &self.blocks[c * self.row_bytes()..][..self.row_bytes()];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: both ISAs include F16C (`Isa::detect`).
-            Isa::Vnni | Isa::Avx2 => unsafe { unpack_f16c(self.ty, src, row) },
-            _ => unpack::unpack::<unpack::Soft>(self.ty, src, row),
-        }
-    }
-
-    /// `y = x · Wᵀ` for `x.len() / k` rows, on the best instruction set.
-    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
-        let a = Activations::new(x, self.k, self.ty.scheme());
-        self.matmul_with(Isa::detect(), &a, y)
-    }
-
-    /// `y = a · Wᵀ` with the given instruction set (which the CPU must have).
-    pub fn matmul_with(&self, isa: Isa, a: &Activations, y: &mut [f32]) {
-        assert_eq!(
-            a.k, self.k,
-            "activations of width {} for k = {}",
-            a.k, self.k
-        );
-        let (rows, n) = (a.rows(), self.n);
-        assert_eq!(y.len(), rows * n, "output");
-        if rows == 1 && self.ty.legacy() && isa != Isa::Portable {
-            let (a, rb) = (a.row(0), self.row_bytes());
-            y.par_chunks_mut(COLS).enumerate().for_each(|(t, y)| {
-                for (i, y) in y.iter_mut().enumerate() {
-                    let bytes = &self.blocks[(t * COLS + i) * rb..][..rb];
-                    *y = dot::dot_blocks(isa, self.ty, bytes, &a).expect("a SIMD path");
-                }
-            });
-            return;
-        }
-        let out = Out(y.as_mut_ptr());
-        let out = &out;
-        (0..n.div_ceil(COLS)).into_par_iter().for_each_init(
-            || WeightRow::new(self.k),
-            |row, t| {
-                for c in t * COLS..((t + 1) * COLS).min(n) {
-                    self.unpack(isa, c, row);
-                    for r in 0..rows {
-                        let v = dot::dot(isa, row, &a.row(r), self.ty.wide());
-                        // SAFETY: r < rows and c < n, so the cell is inside `y`,
-                        // and column c belongs to this task alone.
-                        unsafe { *out.0.add(r * n + c) = v };
+        let row_bytes = k / ty.block_values() * ty.block_bytes();
+        assert_eq!(blocks.len(), n * row_bytes, "{ty:?} weights [{n}, {k}]");
+        let layout = Layout::new(ty, k);
+        let lanes = layout.lanes();
+        let mut codes = vec![0u8; n * layout.code_bytes];
+        let mut scales = vec![0f32; n * 2 * lanes];
+        let rows = codes
+            .par_chunks_mut(layout.code_bytes)
+            .zip(scales.par_chunks_mut(2 * lanes))
+            .zip(blocks.par_chunks(row_bytes));
+        rows.for_each_init(
+            || unpack::Unpacked::new(k),
+            |row, ((codes, scales), src)| {
+                unpack::unpack(ty, src, row);
+                for (gi, g) in layout.groups.iter().enumerate() {
+                    for s in 0..g.steps() {
+                        for b in 0..STEP {
+                            let (at, shift) = layout.code_at(g, s, b);
+                            codes[at] |= row.codes[g.value(s, b)] << shift;
+                        }
+                    }
+                    for l in 0..LANES {
+                        let half = (g.start + l * g.lane) / HALF;
+                        scales[2 * gi * LANES + l] = row.d[half];
+                        scales[(2 * gi + 1) * LANES + l] = row.m[half];
                     }
                 }
             },
         );
+        Self {
+            ty,
+            n,
+            k,
+            layout,
+            codes,
+            scales,
+        }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn unpack_f16c(ty: QuantType, src: &[u8], row: &mut WeightRow) {
-    unpack::unpack::<unpack::F16c>(ty, src, row)
+    /// Matrices of one type and width stacked: their rows one after another.
+    pub fn concat(parts: Vec<QuantMatrix>) -> Self {
+        let mut parts = parts.into_iter();
+        let mut m = parts.next().expect("a first part");
+        for p in parts {
+            assert!(
+                p.ty == m.ty && p.k == m.k,
+                "{:?}×{} after {:?}×{}",
+                p.ty,
+                p.k,
+                m.ty,
+                m.k
+            );
+            m.n += p.n;
+            m.codes.extend_from_slice(&p.codes);
+            m.scales.extend_from_slice(&p.scales);
+        }
+        m
+    }
+
+    fn row(&self, c: usize) -> dot::WeightRow<'_> {
+        let (bytes, lanes) = (self.layout.code_bytes, self.layout.lanes());
+        dot::WeightRow {
+            layout: &self.layout,
+            codes: &self.codes[c * bytes..][..bytes],
+            scales: &self.scales[c * 2 * lanes..][..2 * lanes],
+        }
+    }
+
+    /// `x.len() / k` rows quantized for this matrix with the given
+    /// instruction set (which the CPU must have).
+    pub fn activations(&self, isa: Isa, x: &[f32]) -> Activations {
+        Activations::new(isa, x, &self.layout, self.ty.scheme())
+    }
+
+    /// `y = x · Wᵀ` for `x.len() / k` rows, on the best instruction set.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let isa = Isa::detect();
+        let a = self.activations(isa, x);
+        self.matmul_with(isa, &a, y)
+    }
+
+    /// `y = a · Wᵀ` with the given instruction set (which the CPU must have).
+    pub fn matmul_with(&self, isa: Isa, a: &Activations, y: &mut [f32]) {
+        assert!(
+            a.layout == self.layout && a.scheme == self.ty.scheme(),
+            "activations of width {} quantized for another matrix (k = {})",
+            a.layout.k,
+            self.k
+        );
+        let (rows, n) = (a.rows(), self.n);
+        assert_eq!(y.len(), rows * n, "output");
+        let acts: Vec<_> = (0..rows).map(|r| a.row(r)).collect();
+        let wide = self.ty.wide();
+        let out = Out(y.as_mut_ptr());
+        let out = &out;
+        (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
+            for c in t * COLS..((t + 1) * COLS).min(n) {
+                dot::dot_rows(isa, &self.row(c), &acts, wide, |r, v| {
+                    // SAFETY: r < rows and c < n, so the cell is inside `y`,
+                    // and column c belongs to this task alone.
+                    unsafe { *out.0.add(r * n + c) = v };
+                });
+            }
+        });
+    }
 }
 
 #[cfg(test)]

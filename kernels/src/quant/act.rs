@@ -1,0 +1,168 @@
+//! Activations quantized to 8 bits as ggml quantizes them for each weight
+//! type, laid out in the weights' [`Layout`].
+use super::{dot::ActRow, Isa, Layout, Scheme, LANES, QK, STEP};
+
+/// Rows of activations quantized to 8 bits, in a [`Layout`]'s order: per
+/// group, each step's bytes at `start + 32·s`. Per lane, `d` is its block's
+/// scale and `s` the scaled sum of values that the lane's weight offset
+/// multiplies (with [`Scheme::Q8_0`] and [`Scheme::Q8_1`], the whole
+/// 32-value block's sum in its first lane and zero in the others).
+pub struct Activations {
+    pub(super) layout: Layout,
+    pub(super) scheme: Scheme,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+fn f16(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// ggml's scale for a 32-value block: its largest magnitude maps to ±127,
+/// rounded to f16; and the factor values are multiplied by.
+fn q8_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (f16(d), if d != 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// `v·id` rounded to the nearest integer, ties away from zero (as ggml's
+/// reference `roundf`).
+fn q8(v: f32, id: f32) -> i8 {
+    (v * id).round().clamp(-128.0, 127.0) as i8
+}
+
+/// Quantizes one row of 32-value blocks (Q8_0/Q8_1), a scale per block.
+fn quantize_q8_portable(x: &[f32], q: &mut [i8], scale: &mut [f32]) {
+    for ((xs, q), scale) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(scale) {
+        let (d, id) = q8_scale(xs.iter().fold(0f32, |m, &v| m.max(v.abs())));
+        *scale = d;
+        for (q, &v) in q.iter_mut().zip(xs) {
+            *q = q8(v, id);
+        }
+    }
+}
+
+/// [`quantize_q8_portable`] with AVX2, to the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_avx2(x: &[f32], q: &mut [i8], scale: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for ((xs, q), scale) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(scale) {
+        // SAFETY: 32 values in, 32 bytes out (chunks_exact).
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs[8 * i..].as_ptr()));
+        let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let (d, id) = q8_scale(amax);
+        *scale = d;
+        let id = _mm256_set1_ps(id);
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let i = v.map(|v| {
+            // Ties away from zero: truncate, then step outwards when the
+            // (exact) remainder is at least one half.
+            let v = _mm256_mul_ps(v, id);
+            let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let rest = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+            let up = _mm256_cmp_ps(rest, half, _CMP_GE_OQ);
+            let step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(sign, v)));
+            _mm256_cvtps_epi32(_mm256_add_ps(t, step))
+        });
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, order);
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+    }
+}
+
+/// ggml's Q8_K: one f32 scale per 256 values, from the value of largest
+/// magnitude (which maps to -127).
+fn quantize_q8k(x: &[f32], q: &mut [i8], scale: &mut [f32]) {
+    for ((xs, q), scale) in x.chunks_exact(256).zip(q.chunks_exact_mut(256)).zip(scale) {
+        let max = xs
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let iscale = if max != 0.0 { -127.0 / max } else { 0.0 };
+        *scale = if max != 0.0 { 1.0 / iscale } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(xs) {
+            *q = q8(v, iscale);
+        }
+    }
+}
+
+impl Activations {
+    /// Quantizes `x.len() / k` rows of `k` values as ggml's `quantize_row_q8_0`,
+    /// `_q8_1` or `_q8_K` does, with the given instruction set.
+    pub(super) fn new(isa: Isa, x: &[f32], layout: &Layout, scheme: Scheme) -> Self {
+        let k = layout.k;
+        let unit = if scheme == Scheme::Q8K { 256 } else { QK };
+        assert!(
+            k.is_multiple_of(unit),
+            "k = {k} is not a multiple of {unit}"
+        );
+        let rows = x.len() / k;
+        let lanes = layout.lanes();
+        let mut a = Self {
+            layout: layout.clone(),
+            scheme,
+            qs: vec![0; rows * k],
+            d: vec![0.0; rows * lanes],
+            s: vec![0.0; rows * lanes],
+        };
+        let (mut q, mut scale) = (vec![0i8; k], vec![0f32; k / unit]);
+        let sum = |q: &[i8]| q.iter().map(|&q| q as i32).sum::<i32>() as f32;
+        for (r, xs) in x.chunks_exact(k).enumerate() {
+            match (scheme, isa) {
+                (Scheme::Q8K, _) => quantize_q8k(xs, &mut q, &mut scale),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: both ISAs include AVX2, FMA and F16C (`Isa::detect`).
+                (_, Isa::Vnni | Isa::Avx2) => unsafe { quantize_q8_avx2(xs, &mut q, &mut scale) },
+                _ => quantize_q8_portable(xs, &mut q, &mut scale),
+            }
+            let qs = &mut a.qs[r * k..][..k];
+            let (ds, ss) = (
+                &mut a.d[r * lanes..][..lanes],
+                &mut a.s[r * lanes..][..lanes],
+            );
+            for (gi, g) in layout.groups.iter().enumerate() {
+                for l in 0..LANES {
+                    let first = g.start + l * g.lane;
+                    // Lane l's four values of step s, from their natural place.
+                    for s in 0..g.steps() {
+                        let to = g.start + s * STEP + 4 * l;
+                        qs[to..to + 4].copy_from_slice(&q[first + 4 * s..][..4]);
+                    }
+                    let d = scale[first / unit];
+                    ds[gi * LANES + l] = d;
+                    ss[gi * LANES + l] = match scheme {
+                        // d·Σq is exact in f32 for an f16 d and |Σq| < 2¹².
+                        Scheme::Q8_0 if first.is_multiple_of(QK) => d * sum(&q[first..][..QK]),
+                        Scheme::Q8_1 if first.is_multiple_of(QK) => f16(d * sum(&q[first..][..QK])),
+                        Scheme::Q8K => d * sum(&q[first..][..g.lane]),
+                        _ => 0.0,
+                    };
+                }
+            }
+        }
+        a
+    }
+
+    pub fn rows(&self) -> usize {
+        self.d.len() / self.layout.lanes()
+    }
+
+    pub(super) fn row(&self, r: usize) -> ActRow<'_> {
+        let (k, lanes) = (self.layout.k, self.layout.lanes());
+        ActRow {
+            qs: &self.qs[r * k..][..k],
+            d: &self.d[r * lanes..][..lanes],
+            s: &self.s[r * lanes..][..lanes],
+        }
+    }
+}
