@@ -3,6 +3,7 @@
 mod common;
 
 use candle_core::Device;
+use engine::llm::kv_cache::KvDtype;
 use engine::llm::{
     load_model, ChatMessage, EngineConfig, FinishReason, GenerationEvent, GenerationRequest,
     KvCacheSize, LlmEngine, LlmError, SamplingParams,
@@ -30,14 +31,15 @@ fn config() -> EngineConfig {
         max_model_len: 128,
         block_size: 4,
         kv_cache: KvCacheSize::Bytes(1 << 20),
+        kv_cache_dtype: KvDtype::F16,
         enable_prefix_caching: true,
     }
 }
 
 /// Bytes of `blocks` KV blocks of 4 tokens for the tiny model (2 layers,
-/// 2 KV heads of 16, keys and values, f32).
+/// 2 KV heads of 16, keys and values, f16).
 fn blocks(n: u64) -> KvCacheSize {
-    KvCacheSize::Bytes(n * 2 * 2 * 2 * 4 * 16 * 4)
+    KvCacheSize::Bytes(n * 2 * 2 * 2 * 4 * 16 * 2)
 }
 
 /// Waits until the engine's pool has every block free again.

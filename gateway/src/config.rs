@@ -4,6 +4,7 @@ use crate::api::kserve::shadow::ShadowConfig;
 use crate::registry::Role;
 use crate::rollout::RolloutPolicy;
 use crate::upstream::UpstreamConfig;
+use engine::llm::kv_cache::KvDtype;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -281,7 +282,18 @@ pub struct EngineSettings {
     /// the memory available at start.
     pub kv_cache_bytes: Option<u64>,
     pub kv_cache_memory_fraction: f64,
+    /// `f16` (the default: half the memory and attention traffic) or `f32`.
+    pub kv_cache_dtype: KvCacheDtype,
     pub enable_prefix_caching: bool,
+}
+
+/// How the KV pool stores keys and values.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    #[default]
+    F16,
+    F32,
 }
 
 impl Default for EngineSettings {
@@ -296,6 +308,7 @@ impl Default for EngineSettings {
             block_size: d.block_size,
             kv_cache_bytes: None,
             kv_cache_memory_fraction: DEFAULT_KV_CACHE_FRACTION,
+            kv_cache_dtype: KvCacheDtype::default(),
             enable_prefix_caching: d.enable_prefix_caching,
         }
     }
@@ -312,6 +325,10 @@ impl From<&EngineSettings> for EngineConfig {
             kv_cache: match s.kv_cache_bytes {
                 Some(b) => KvCacheSize::Bytes(b),
                 None => KvCacheSize::FractionOfFree(s.kv_cache_memory_fraction),
+            },
+            kv_cache_dtype: match s.kv_cache_dtype {
+                KvCacheDtype::F16 => KvDtype::F16,
+                KvCacheDtype::F32 => KvDtype::F32,
             },
             enable_prefix_caching: s.enable_prefix_caching,
         }

@@ -1,10 +1,16 @@
 //! Causal attention that reads keys and values through per-sequence block tables,
 //! for a flattened batch mixing prefill chunks and single decode tokens.
 //!
+//! Keys and values are stored as f16 by default (half the memory traffic of
+//! f32, which is what bounds attention over long contexts) or f32, and are
+//! computed on in f32.
 //! Each (query token, KV head) pair is one task computed the same way whatever
 //! else is in the batch, so a token's output does not depend on how it was
-//! batched or chunked. Dot products and accumulations use AVX2/FMA where the CPU
-//! has them, with a portable fallback.
+//! batched or chunked. It walks the sequence block by block: a block's keys
+//! and values are converted once for every query head of the group, scores
+//! are reduced eight positions at a time, and the next block is prefetched.
+//! AVX2/FMA/F16C where the CPU has them, with a portable fallback.
+use half::{f16, slice::HalfFloatSliceExt, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 /// Shape of one layer's KV pool: `[num_blocks, kv_heads, block_size, head_dim]`,
@@ -17,7 +23,7 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Floats of one block (all heads) in one layer's K or V pool.
+    /// Values of one block (all heads) in one layer's K or V pool.
     pub fn block_len(&self) -> usize {
         self.kv_heads * self.block_size * self.head_dim
     }
@@ -30,13 +36,86 @@ impl KvLayout {
 
     /// Writes `x` (`[tokens, kv_heads, head_dim]`) to positions `start_pos..` of
     /// the sequence whose blocks are `table`.
-    pub fn write(&self, pool: &mut [f32], table: &[u32], start_pos: usize, x: &[f32]) {
+    pub fn write(&self, pool: &mut Pool, table: &[u32], start_pos: usize, x: &[f32]) {
         let d = self.head_dim;
         for (t, token) in x.chunks_exact(self.kv_heads * d).enumerate() {
             for (h, row) in token.chunks_exact(d).enumerate() {
                 let o = self.offset(table, start_pos + t, h);
-                pool[o..o + d].copy_from_slice(row);
+                match pool {
+                    Pool::F16(p) => p[o..o + d].convert_from_f32_slice(row),
+                    Pool::F32(p) => p[o..o + d].copy_from_slice(row),
+                }
             }
+        }
+    }
+}
+
+/// How keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// Half the memory and memory traffic; values rounded to 11 significant bits.
+    #[default]
+    F16,
+    /// Exact f32 keys and values.
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+/// One layer's keys or values, `[num_blocks, kv_heads, block_size, head_dim]`.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Pool {
+    /// `len` zeros, taken from the OS's zero pages (so untouched blocks cost nothing).
+    pub fn zeros(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            KvDtype::F16 => Self::F16(vec![0u16; len].reinterpret_into()),
+            KvDtype::F32 => Self::F32(vec![0f32; len]),
+        }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self {
+            Self::F16(_) => KvDtype::F16,
+            Self::F32(_) => KvDtype::F32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F16(p) => p.len(),
+            Self::F32(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies values `src` to `dst` (copy-on-write of a block).
+    pub fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+        match self {
+            Self::F16(p) => p.copy_within(src, dst),
+            Self::F32(p) => p.copy_within(src, dst),
+        }
+    }
+
+    /// `out = self[at..at + out.len()]` as f32.
+    fn widen_portable(&self, at: usize, out: &mut [f32]) {
+        match self {
+            Self::F16(p) => p[at..at + out.len()].convert_to_f32_slice(out),
+            Self::F32(p) => out.copy_from_slice(&p[at..at + out.len()]),
         }
     }
 }
@@ -44,8 +123,8 @@ impl KvLayout {
 /// One layer's key and value pools.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: &'a Pool,
+    pub v: &'a Pool,
     pub layout: KvLayout,
 }
 
@@ -65,6 +144,19 @@ pub struct SeqQueries<'a> {
 /// see, with query head `h` reading KV head `h / (heads / kv_heads)`. `q` and
 /// `out` are `[tokens, heads, head_dim]`; the sequences' rows must cover `q`.
 pub fn paged_attention(
+    q: &[f32],
+    heads: usize,
+    seqs: &[SeqQueries],
+    kv: LayerKv,
+    scale: f32,
+    out: &mut [f32],
+) {
+    attention_with(true, q, heads, seqs, kv, scale, out)
+}
+
+/// [`paged_attention`], on the SIMD path only where `simd` allows it.
+fn attention_with(
+    simd: bool,
     q: &[f32],
     heads: usize,
     seqs: &[SeqQueries],
@@ -94,9 +186,18 @@ pub fn paged_attention(
         owner.iter().all(|&o| o != usize::MAX),
         "uncovered query rows"
     );
-    out.par_chunks_mut(group * d)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (task, out)| {
+    let len = |pool: &Pool| pool.len() / layout.block_len();
+    let blocks = len(kv.k).min(len(kv.v));
+    for s in seqs {
+        let used = (s.start_pos + s.len).div_ceil(layout.block_size);
+        assert!(
+            s.block_table[..used].iter().all(|&b| (b as usize) < blocks),
+            "block outside the pool"
+        );
+    }
+    out.par_chunks_mut(group * d).enumerate().for_each_init(
+        Scratch::default,
+        |scratch, (task, out)| {
             let (row, kvh) = (task / kv_heads, task % kv_heads);
             let s = &seqs[owner[row]];
             let ctx = s.start_pos + (row - s.offset) + 1;
@@ -106,8 +207,9 @@ pub fn paged_attention(
                 ctx,
                 head: kvh,
             };
-            attend(Work { q, keys, kv, scale }, scores, out);
-        });
+            attend(simd, Work { q, keys, kv, scale }, scratch, out);
+        },
+    );
 }
 
 /// The keys one query sees: positions `0..ctx` of KV head `head`.
@@ -128,143 +230,256 @@ struct Work<'a> {
     scale: f32,
 }
 
-/// Scores over the visible keys, softmax, weighted sum of values.
-fn attend(w: Work, scores: &mut Vec<f32>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if fma() {
-        // SAFETY: AVX2 and FMA are present, checked at run time.
-        return unsafe { attend_fma(w, scores, out) };
+impl Work<'_> {
+    /// Where block `b`'s rows of this head begin in a pool, and how many
+    /// positions it holds.
+    fn rows(&self, b: usize) -> (usize, usize) {
+        let layout = self.kv.layout;
+        let pos = b * layout.block_size;
+        let n = (self.keys.ctx - pos).min(layout.block_size);
+        (layout.offset(self.keys.table, pos, self.keys.head), n)
     }
-    attend_with(w, scores, out, dot_portable, axpy_portable)
 }
 
-/// [`attend`] compiled for AVX2 and FMA, with the vector helpers inlined.
+/// Per-thread buffers: scores `[group, ctx]`, one block's rows in f32.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Scores over the visible keys, softmax, weighted sum of values.
+fn attend(simd: bool, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && has_simd() && w.kv.layout.head_dim.is_multiple_of(8) {
+        // SAFETY: AVX2, FMA and F16C are present (checked at run time) and
+        // rows are whole vectors.
+        return unsafe { x86::attend(w, scratch, out) };
+    }
+    attend_portable(w, scratch, out)
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_fma(w: Work, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_with(
-        w,
-        scores,
-        out,
-        |a, b| dot_fma(a, b),
-        |a, x, y| axpy_fma(a, x, y),
-    )
+fn has_simd() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
+/// Softmax in place of the first `ctx` scores of each row of `stride`;
+/// `exp(row, max)` sets `row[i] = e^(row[i] - max)` and returns their sum.
 #[inline(always)]
-fn attend_with(
-    w: Work,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    axpy: impl Fn(f32, &[f32], &mut [f32]),
-) {
-    let Work { q, keys, kv, scale } = w;
-    let Keys {
-        table,
-        ctx,
-        head: kvh,
-    } = keys;
-    let (layout, k_pool, v_pool) = (kv.layout, kv.k, kv.v);
-    let d = layout.head_dim;
-    let group = q.len() / d;
+fn softmax(scores: &mut [f32], stride: usize, ctx: usize, exp: impl Fn(&mut [f32], f32) -> f32) {
+    for row in scores.chunks_exact_mut(stride) {
+        let row = &mut row[..ctx];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv = 1.0 / exp(row, max);
+        row.iter_mut().for_each(|p| *p *= inv);
+    }
+}
+
+fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+    let (d, ctx) = (w.kv.layout.head_dim, w.keys.ctx);
+    let group = w.q.len() / d;
+    let blocks = ctx.div_ceil(w.kv.layout.block_size);
+    let Scratch { scores, rows } = scratch;
     scores.clear();
     scores.resize(group * ctx, 0.0);
-    for pos in 0..ctx {
-        let k = &k_pool[layout.offset(table, pos, kvh)..][..d];
-        for g in 0..group {
-            scores[g * ctx + pos] = dot(&q[g * d..(g + 1) * d], k) * scale;
+    rows.resize(w.kv.layout.block_size * d, 0.0);
+    for b in 0..blocks {
+        let (at, n) = w.rows(b);
+        w.kv.k.widen_portable(at, &mut rows[..n * d]);
+        let pos = b * w.kv.layout.block_size;
+        for (g, q) in w.q.chunks_exact(d).enumerate() {
+            for (j, k) in rows[..n * d].chunks_exact(d).enumerate() {
+                let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                scores[g * ctx + pos + j] = dot * w.scale;
+            }
         }
     }
-    out.fill(0.0);
-    for g in 0..group {
-        let row = &mut scores[g * ctx..(g + 1) * ctx];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
+    softmax(scores, ctx, ctx, |row, max| {
+        let mut sum = 0.0;
         for p in row.iter_mut() {
             *p = (*p - max).exp();
             sum += *p;
         }
-        row.iter_mut().for_each(|p| *p /= sum);
-    }
-    // Each value row is read once for every head of the group.
-    for pos in 0..ctx {
-        let v = &v_pool[layout.offset(table, pos, kvh)..][..d];
+        sum
+    });
+    out.fill(0.0);
+    for b in 0..blocks {
+        let (at, n) = w.rows(b);
+        w.kv.v.widen_portable(at, &mut rows[..n * d]);
+        let pos = b * w.kv.layout.block_size;
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
-            axpy(scores[g * ctx + pos], v, o);
+            for (j, v) in rows[..n * d].chunks_exact(d).enumerate() {
+                let p = scores[g * ctx + pos + j];
+                o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
+mod x86 {
+    use super::{softmax, Pool, Scratch, Work};
+    use std::arch::x86_64::*;
 
-/// Eight partial sums, like the SIMD path, so the compiler can vectorize it.
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+    /// `e^x` for eight lanes (Cephes' polynomial, ~1 ulp over the range
+    /// softmax uses, 0 below -87).
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
+            _mm256_set1_ps(-87.0),
+        );
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    /// `row[i] = e^(row[i] - max)`, returning their sum.
+    #[inline(always)]
+    unsafe fn exp_row(row: &mut [f32], max: f32) -> f32 {
+        let (m, mut acc) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut tail = [f32::NEG_INFINITY; 8];
+        let rest = chunks.into_remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        let e = exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
+        _mm256_storeu_ps(tail.as_mut_ptr(), e);
+        rest.copy_from_slice(&tail[..rest.len()]);
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        lanes.iter().sum::<f32>() + tail[..rest.len()].iter().sum::<f32>()
+    }
+
+    /// Horizontal sums of eight vectors, as one vector.
+    #[inline(always)]
+    unsafe fn sums(a: [__m256; 8]) -> __m256 {
+        let h = |x, y| _mm256_hadd_ps(x, y);
+        let (s01, s23, s45, s67) = (h(a[0], a[1]), h(a[2], a[3]), h(a[4], a[5]), h(a[6], a[7]));
+        let (lo, hi) = (h(s01, s23), h(s45, s67));
+        // lo = [0 1 2 3 | 0 1 2 3] halves, hi likewise for 4..8.
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(lo, hi, 0x20),
+            _mm256_permute2f128_ps(lo, hi, 0x31),
+        )
+    }
+
+    /// `out = pool[at..at + out.len()]` as f32, `out.len()` a multiple of 8.
+    #[inline(always)]
+    unsafe fn widen(pool: &Pool, at: usize, out: &mut [f32]) {
+        match pool {
+            Pool::F16(p) => {
+                let src = &p[at..at + out.len()];
+                for (s, d) in src.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                    let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+                    _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+                }
+            }
+            Pool::F32(p) => out.copy_from_slice(&p[at..at + out.len()]),
         }
     }
-    acc.iter().sum::<f32>() + tail
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..n).step_by(8) {
-        acc = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc,
-        );
+    /// Brings `len` values from `at` toward the cache while other rows are
+    /// computed.
+    #[inline(always)]
+    unsafe fn prefetch(pool: &Pool, at: usize, len: usize) {
+        let (base, bytes) = match pool {
+            Pool::F16(p) => (p[at..at + len].as_ptr() as *const i8, 2 * len),
+            Pool::F32(p) => (p[at..at + len].as_ptr() as *const i8, 4 * len),
+        };
+        for line in (0..bytes).step_by(64) {
+            _mm_prefetch(base.add(line), _MM_HINT_T0);
+        }
     }
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    _mm_cvtss_f32(s1) + tail
-}
 
-/// `y += alpha · x`.
-fn axpy_portable(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn axpy_fma(alpha: f32, x: &[f32], y: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = x.len() / 8 * 8;
-    let a = _mm256_set1_ps(alpha);
-    for i in (0..n).step_by(8) {
-        let py = y.as_mut_ptr().add(i);
-        _mm256_storeu_ps(
-            py,
-            _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)),
-        );
-    }
-    for i in n..x.len() {
-        y[i] += alpha * x[i];
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+        let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
+        let group = w.q.len() / d;
+        let blocks = ctx.div_ceil(bs);
+        let Scratch { scores, rows } = scratch;
+        // Rows of scores have room for a last group of eight past `ctx`.
+        let stride = ctx + 8;
+        scores.clear();
+        scores.resize(group * stride, 0.0);
+        rows.resize((bs + 8) * d, 0.0);
+        let scale = _mm256_set1_ps(w.scale);
+        for b in 0..blocks {
+            let (at, n) = w.rows(b);
+            if b + 1 < blocks {
+                let (next, m) = w.rows(b + 1);
+                prefetch(w.kv.k, next, m * d);
+            }
+            widen(w.kv.k, at, &mut rows[..n * d]);
+            let pos = b * bs;
+            for (g, q) in w.q.chunks_exact(d).enumerate() {
+                // Eight positions at a time (past `n`, rows and scores are
+                // scratch that later positions overwrite).
+                for j in (0..n).step_by(8) {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for i in (0..d).step_by(8) {
+                        let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
+                            *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                        }
+                    }
+                    let s = _mm256_mul_ps(sums(acc), scale);
+                    _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
+                }
+            }
+        }
+        softmax(scores, stride, ctx, |row, max| exp_row(row, max));
+        out.fill(0.0);
+        for b in 0..blocks {
+            let (at, n) = w.rows(b);
+            if b + 1 < blocks {
+                let (next, m) = w.rows(b + 1);
+                prefetch(w.kv.v, next, m * d);
+            }
+            widen(w.kv.v, at, &mut rows[..n * d]);
+            let pos = b * bs;
+            for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                let p = &scores[g * stride + pos..][..n];
+                for i in (0..d).step_by(8) {
+                    let mut acc = _mm256_loadu_ps(o.as_ptr().add(i));
+                    for (j, &p) in p.iter().enumerate() {
+                        let v = _mm256_loadu_ps(rows.as_ptr().add(j * d + i));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(p), v, acc);
+                    }
+                    _mm256_storeu_ps(o.as_mut_ptr().add(i), acc);
+                }
+            }
+        }
     }
 }
 
@@ -318,7 +533,8 @@ mod tests {
     }
 
     /// Sequences of odd lengths whose blocks are scattered through the pool,
-    /// some decoding one token, some prefilling a chunk after cached tokens.
+    /// some decoding one token, some prefilling a chunk after cached tokens,
+    /// on the SIMD path (where the CPU and head size allow it) and the portable one.
     #[test]
     fn equals_dense_attention() {
         for (case, &(heads, kv_heads, d, block_size)) in
@@ -344,8 +560,13 @@ mod tests {
                 .map(|(c, n)| (c + n).div_ceil(block_size))
                 .sum();
             let num_blocks = total_blocks + 3;
-            let mut k_pool = vec![f32::NAN; num_blocks * layout.block_len()];
-            let mut v_pool = k_pool.clone();
+            let len = num_blocks * layout.block_len();
+            // Unwritten cells are NaN, so reading one shows.
+            let nan = [
+                Pool::F16(vec![f16::NAN; len]),
+                Pool::F32(vec![f32::NAN; len]),
+            ];
+            let (mut k_pools, mut v_pools) = (nan.clone(), nan);
             // Hand out blocks in a scrambled order.
             let mut free: Vec<u32> = (0..num_blocks as u32).rev().collect();
             free.swap(0, num_blocks / 2);
@@ -355,14 +576,18 @@ mod tests {
             for (i, &(cached, new)) in shapes.iter().enumerate() {
                 let ctx = cached + new;
                 let seed = (case * 100 + i) as u32;
-                let k = pseudo_random(ctx * kv_heads * d, seed);
-                let v = pseudo_random(ctx * kv_heads * d, seed + 7);
+                // Values f16 holds exactly, so both kinds of pool store them as they are.
+                let f16s = |v: Vec<f32>| v.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                let k: Vec<f32> = f16s(pseudo_random(ctx * kv_heads * d, seed));
+                let v: Vec<f32> = f16s(pseudo_random(ctx * kv_heads * d, seed + 7));
                 let q = pseudo_random(new * heads * d, seed + 13);
                 let table: Vec<u32> = (0..ctx.div_ceil(block_size))
                     .map(|_| free.pop().unwrap())
                     .collect();
-                layout.write(&mut k_pool, &table, 0, &k);
-                layout.write(&mut v_pool, &table, 0, &v);
+                for (kp, vp) in k_pools.iter_mut().zip(&mut v_pools) {
+                    layout.write(kp, &table, 0, &k);
+                    layout.write(vp, &table, 0, &v);
+                }
                 let scale = 1.0 / (d as f32).sqrt();
                 expected.extend(dense(&q, heads, &k, &v, kv_heads, d, cached, scale));
                 q_all.extend(q);
@@ -385,45 +610,22 @@ mod tests {
                 .collect();
             let mut out = vec![0f32; q_all.len()];
             let scale = 1.0 / (d as f32).sqrt();
-            let kv = LayerKv {
-                k: &k_pool,
-                v: &v_pool,
-                layout,
-            };
-            paged_attention(&q_all, heads, &seqs, kv, scale, &mut out);
-            let diff = out
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "case {case}: max |Δ| = {diff}");
-        }
-    }
-
-    #[test]
-    fn simd_and_portable_dot_agree() {
-        let a = pseudo_random(67, 1);
-        let b = pseudo_random(67, 2);
-        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot_portable(&a, &b) as f64 - exact).abs() < 1e-5);
-        let mut y1 = pseudo_random(67, 3);
-        let mut y2 = y1.clone();
-        axpy_portable(0.5, &a, &mut y2);
-        #[cfg(target_arch = "x86_64")]
-        if fma() {
-            // SAFETY: AVX2 and FMA are present; the lengths are equal.
-            unsafe {
-                assert!((dot_fma(&a, &b) as f64 - exact).abs() < 1e-5);
-                axpy_fma(0.5, &a, &mut y1);
+            for (k, v) in k_pools.iter().zip(&v_pools) {
+                let kv = LayerKv { k, v, layout };
+                for simd in [true, false] {
+                    attention_with(simd, &q_all, heads, &seqs, kv, scale, &mut out);
+                    let diff = out
+                        .iter()
+                        .zip(&expected)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        diff < 1e-5,
+                        "case {case}, {:?}, simd {simd}: max |Δ| = {diff}",
+                        k.dtype()
+                    );
+                }
             }
-        } else {
-            axpy_portable(0.5, &a, &mut y1);
         }
-        let diff = y1
-            .iter()
-            .zip(&y2)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-6);
     }
 }

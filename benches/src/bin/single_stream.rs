@@ -6,7 +6,7 @@ use benches::{median, print_table};
 use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::Parser;
-use engine::llm::kv_cache::{KvCache, SeqId};
+use engine::llm::kv_cache::{KvCache, KvDtype, SeqId};
 use engine::llm::load_model;
 use engine::llm::model::ForwardBatch;
 use std::path::PathBuf;
@@ -121,6 +121,7 @@ fn main() {
     let cache = KvCache::new(
         loaded.model.config.num_hidden_layers,
         loaded.model.kv_layout(16),
+        KvDtype::default(),
         capacity.div_ceil(16),
         false,
     );

@@ -3,7 +3,7 @@
 use super::chat_template::ChatTemplate;
 use super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::error::{LlmError, Result};
-use super::kv_cache::{KvCache, SeqId};
+use super::kv_cache::{KvCache, KvDtype, SeqId};
 use super::loader::LoadedModel;
 use super::model::LlamaModel;
 use super::sampling::{Sampler, SamplingParams};
@@ -26,6 +26,9 @@ pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     pub kv_cache: KvCacheSize,
+    /// How keys and values are stored (f16 halves the pool's memory and the
+    /// traffic of attention; f32 keeps them exact).
+    pub kv_cache_dtype: KvDtype,
     /// Reuse the KV blocks of a prompt prefix seen before.
     pub enable_prefix_caching: bool,
 }
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             max_model_len: 8192,
             block_size: 16,
             kv_cache: KvCacheSize::FractionOfFree(DEFAULT_KV_CACHE_FRACTION),
+            kv_cache_dtype: KvDtype::default(),
             enable_prefix_caching: true,
         }
     }
@@ -213,7 +217,7 @@ impl LlmEngine {
         let layers = model.config.num_hidden_layers;
         let vocab_size = model.config.vocab_size;
         let layout = model.kv_layout(config.block_size.max(1));
-        let block_bytes = KvCache::block_bytes(layers, layout);
+        let block_bytes = KvCache::block_bytes(layers, layout, config.kv_cache_dtype);
         let num_blocks = (config.kv_cache.bytes() / block_bytes as u64).max(1) as usize;
         config.max_model_len = config
             .max_model_len
@@ -226,9 +230,16 @@ impl LlmEngine {
             tokens = num_blocks * layout.block_size,
             mib = (num_blocks * block_bytes) >> 20,
             prefix_caching = config.enable_prefix_caching,
+            dtype = ?config.kv_cache_dtype,
             "KV cache pool"
         );
-        let cache = KvCache::new(layers, layout, num_blocks, config.enable_prefix_caching);
+        let cache = KvCache::new(
+            layers,
+            layout,
+            config.kv_cache_dtype,
+            num_blocks,
+            config.enable_prefix_caching,
+        );
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let tokenizer = Arc::new(loaded.tokenizer);

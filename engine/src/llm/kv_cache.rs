@@ -1,7 +1,7 @@
 //! The paged KV cache: one preallocated pool of fixed-size blocks per layer for
 //! keys and values, and the block manager that hands the blocks out.
 use super::block_manager::{BlockManager, OutOfBlocks};
-pub use kernels::paged_attention::KvLayout;
+pub use kernels::paged_attention::{KvDtype, KvLayout, Pool};
 
 /// Identifies one sequence in the engine for its whole life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -10,8 +10,8 @@ pub struct SeqId(pub u64);
 pub struct KvCache {
     pub layout: KvLayout,
     /// Per layer, `[num_blocks, kv_heads, block_size, head_dim]`.
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub k: Vec<Pool>,
+    pub v: Vec<Pool>,
     pub blocks: BlockManager,
 }
 
@@ -21,21 +21,23 @@ impl KvCache {
     pub fn new(
         num_layers: usize,
         layout: KvLayout,
+        dtype: KvDtype,
         num_blocks: usize,
         prefix_caching: bool,
     ) -> Self {
         let len = num_blocks * layout.block_len();
+        let pool = || Pool::zeros(dtype, len);
         Self {
             layout,
-            k: (0..num_layers).map(|_| vec![0f32; len]).collect(),
-            v: (0..num_layers).map(|_| vec![0f32; len]).collect(),
+            k: (0..num_layers).map(|_| pool()).collect(),
+            v: (0..num_layers).map(|_| pool()).collect(),
             blocks: BlockManager::new(num_blocks, layout.block_size, prefix_caching),
         }
     }
 
     /// Bytes one block takes over all layers, keys and values.
-    pub fn block_bytes(num_layers: usize, layout: KvLayout) -> usize {
-        2 * num_layers * layout.block_len() * std::mem::size_of::<f32>()
+    pub fn block_bytes(num_layers: usize, layout: KvLayout, dtype: KvDtype) -> usize {
+        2 * num_layers * layout.block_len() * dtype.bytes()
     }
 
     /// Starts `seq` without prefix reuse, with room for `tokens` tokens.

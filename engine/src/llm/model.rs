@@ -2,7 +2,7 @@
 //! sequences in one row, each with its own position, attending through the
 //! paged KV cache.
 use super::config::LlamaConfig;
-use super::kv_cache::{KvCache, KvLayout, SeqId};
+use super::kv_cache::{KvCache, KvDtype, KvLayout, SeqId};
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
 use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
@@ -276,7 +276,13 @@ impl LlamaModel {
         }
         let layout = self.kv_layout(16);
         let blocks = tokens.len().div_ceil(layout.block_size);
-        let mut cache = KvCache::new(self.config.num_hidden_layers, layout, blocks, false);
+        let mut cache = KvCache::new(
+            self.config.num_hidden_layers,
+            layout,
+            KvDtype::F32,
+            blocks,
+            false,
+        );
         cache
             .allocate(SeqId(0), tokens.len())
             .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;

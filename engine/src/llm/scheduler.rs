@@ -200,7 +200,7 @@ impl<S: Schedulable> Scheduler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::kv_cache::KvLayout;
+    use crate::llm::kv_cache::{KvDtype, KvLayout};
 
     struct Seq(SeqId, Vec<u32>, usize);
     impl Schedulable for Seq {
@@ -224,7 +224,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        KvCache::new(1, layout, num_blocks, true)
+        KvCache::new(1, layout, KvDtype::F16, num_blocks, true)
     }
 
     /// Runs the plan: every planned token becomes computed, and a sequence that

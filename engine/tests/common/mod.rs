@@ -2,7 +2,7 @@
 //! folder, shared by the integration tests.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
-use engine::llm::kv_cache::KvCache;
+use engine::llm::kv_cache::{KvCache, KvDtype};
 use engine::llm::model::LlamaModel;
 use engine::llm::LlamaConfig;
 use std::collections::HashMap;
@@ -96,11 +96,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// A KV pool of 4096 tokens in 16-token blocks for `model`, without prefix caching.
+/// A KV pool of 4096 tokens in 16-token blocks for `model`, without prefix
+/// caching, in f32 (as the reference implementations keep keys and values).
 pub fn kv_cache(model: &LlamaModel) -> KvCache {
     KvCache::new(
         model.config.num_hidden_layers,
         model.kv_layout(16),
+        KvDtype::F32,
         256,
         false,
     )

@@ -5,9 +5,6 @@
 //! multiply-adds and folds them the same way.
 use super::{Group, Layout, LANES, STEP};
 
-/// Activation rows one weight group is read for.
-const ROWS: usize = 4;
-
 /// The instruction sets a dot product can use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -70,52 +67,49 @@ pub struct ActRow<'a> {
     pub s: &'a [f32],
 }
 
-impl WeightRow<'_> {
-    /// The lengths the SIMD loops rely on.
-    fn check(&self, a: &ActRow) {
-        let (k, lanes) = (self.layout.k, self.layout.lanes());
-        assert!(self.codes.len() == self.layout.code_bytes && self.scales.len() == 2 * lanes);
-        assert!(a.qs.len() == k && a.d.len() == lanes && a.s.len() == lanes);
-    }
+/// Whether `w` and `a` have the lengths the SIMD loops rely on.
+fn fits(w: &WeightRow, a: &ActRow) -> bool {
+    let (k, lanes) = (w.layout.k, w.layout.lanes());
+    w.codes.len() == w.layout.code_bytes
+        && w.scales.len() == 2 * lanes
+        && a.qs.len() == k
+        && a.d.len() == lanes
+        && a.s.len() == lanes
 }
 
-/// `Σ w·x` of `w` with every row of `acts`, handed to `out(row, value)`;
-/// `wide` says codes may exceed 127.
-pub fn dot_rows(
+/// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (weight row
+/// `row(c)`) and every row `r` of `acts`; `wide` says codes may exceed 127.
+pub fn columns<'a>(
     isa: Isa,
-    w: &WeightRow,
+    row: impl Fn(usize) -> WeightRow<'a>,
+    cols: std::ops::Range<usize>,
     acts: &[ActRow],
     wide: bool,
-    mut out: impl FnMut(usize, f32),
+    out: impl FnMut(usize, usize, f32),
 ) {
-    for (i, chunk) in acts.chunks(ROWS).enumerate() {
-        let mut put = |vs: &[f32]| {
-            for (r, &v) in vs.iter().enumerate() {
-                out(i * ROWS + r, v);
-            }
-        };
-        match *chunk {
-            [a] => put(&dot::<1>(isa, w, [a], wide)),
-            [a, b] => put(&dot::<2>(isa, w, [a, b], wide)),
-            [a, b, c] => put(&dot::<3>(isa, w, [a, b, c], wide)),
-            [a, b, c, d] => put(&dot::<4>(isa, w, [a, b, c, d], wide)),
-            _ => unreachable!("chunks of at most {ROWS}"),
-        }
-    }
-}
-
-fn dot<const R: usize>(isa: Isa, w: &WeightRow, a: [ActRow; R], wide: bool) -> [f32; R] {
-    for a in &a {
-        w.check(a);
+    for c in cols.clone() {
+        let w = row(c);
+        assert!(
+            acts.iter().all(|a| fits(&w, a)),
+            "weight row {c} and activations of other layouts"
+        );
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` found these features on this CPU; lengths checked.
-        Isa::Vnni => unsafe { x86::dot_vnni(w, &a) },
+        Isa::Vnni => unsafe { x86::columns_vnni(row, cols, acts, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::dot_avx2(w, &a, wide) },
-        _ => a.map(|a| dot_portable(w, &a)),
+        Isa::Avx2 => unsafe { x86::columns_avx2(row, cols, acts, wide, out) },
+        _ => {
+            let mut out = out;
+            for c in cols {
+                let w = row(c);
+                for (r, a) in acts.iter().enumerate() {
+                    out(r, c, dot_portable(&w, a));
+                }
+            }
+        }
     }
 }
 
@@ -158,6 +152,7 @@ fn pairs(g: &Group) -> usize {
 mod x86 {
     use super::{pairs, ActRow, WeightRow, LANES, STEP};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     #[inline(always)]
     unsafe fn fold(v: __m256) -> f32 {
@@ -219,20 +214,67 @@ mod x86 {
         std::array::from_fn(|r| fold(acc[r]) + fold(macc[r]))
     }
 
+    /// Every column, four activation rows at a time (the most whose
+    /// accumulators stay in 16 registers), then the rest.
+    #[inline(always)]
+    unsafe fn columns_with<'a>(
+        row: impl Fn(usize) -> WeightRow<'a>,
+        cols: Range<usize>,
+        acts: &[ActRow],
+        mut out: impl FnMut(usize, usize, f32),
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
+    ) {
+        for c in cols {
+            let w = row(c);
+            let mut chunks = acts.chunks_exact(4);
+            let mut r = 0;
+            for a in &mut chunks {
+                let a: &[ActRow; 4] = a.try_into().expect("four rows");
+                for (i, v) in dot_with(&w, a, madd).into_iter().enumerate() {
+                    out(r + i, c, v);
+                }
+                r += 4;
+            }
+            let rest = chunks.remainder();
+            let vs: &[f32] = match rest.len() {
+                1 => &dot_with::<1>(&w, rest.try_into().expect("one row"), madd),
+                2 => &dot_with::<2>(&w, rest.try_into().expect("two rows"), madd),
+                3 => &dot_with::<3>(&w, rest.try_into().expect("three rows"), madd),
+                _ => &[],
+            };
+            for (i, &v) in vs.iter().enumerate() {
+                out(r + i, c, v);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn dot_vnni<const R: usize>(w: &WeightRow, a: &[ActRow; R]) -> [f32; R] {
-        dot_with(w, a, |acc, c, x| _mm256_dpbusd_epi32(acc, c, x))
+    pub unsafe fn columns_vnni<'a>(
+        row: impl Fn(usize) -> WeightRow<'a>,
+        cols: Range<usize>,
+        acts: &[ActRow],
+        out: impl FnMut(usize, usize, f32),
+    ) {
+        columns_with(row, cols, acts, out, |acc, c, x| {
+            _mm256_dpbusd_epi32(acc, c, x)
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2<const R: usize>(w: &WeightRow, a: &[ActRow; R], wide: bool) -> [f32; R] {
+    pub unsafe fn columns_avx2<'a>(
+        row: impl Fn(usize) -> WeightRow<'a>,
+        cols: Range<usize>,
+        acts: &[ActRow],
+        wide: bool,
+        out: impl FnMut(usize, usize, f32),
+    ) {
         let ones = _mm256_set1_epi16(1);
         // `maddubs` saturates at i16: codes up to 63 never reach it, wider
         // codes are split at bit 7 so that each half stays below it.
-        let pairs = |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
+        let pairs = move |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
         if wide {
             let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
-            dot_with(w, a, |acc, c, x| {
+            columns_with(row, cols, acts, out, move |acc, c, x| {
                 let lo = pairs(_mm256_and_si256(c, low7), x);
                 _mm256_add_epi32(
                     acc,
@@ -240,7 +282,9 @@ mod x86 {
                 )
             })
         } else {
-            dot_with(w, a, |acc, c, x| _mm256_add_epi32(acc, pairs(c, x)))
+            columns_with(row, cols, acts, out, move |acc, c, x| {
+                _mm256_add_epi32(acc, pairs(c, x))
+            })
         }
     }
 }

@@ -309,13 +309,19 @@ impl QuantMatrix {
         let out = Out(y.as_mut_ptr());
         let out = &out;
         (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
-            for c in t * COLS..((t + 1) * COLS).min(n) {
-                dot::dot_rows(isa, &self.row(c), &acts, wide, |r, v| {
+            let cols = t * COLS..((t + 1) * COLS).min(n);
+            dot::columns(
+                isa,
+                |c| self.row(c),
+                cols,
+                &acts,
+                wide,
+                |r, c, v| {
                     // SAFETY: r < rows and c < n, so the cell is inside `y`,
                     // and column c belongs to this task alone.
                     unsafe { *out.0.add(r * n + c) = v };
-                });
-            }
+                },
+            );
         });
     }
 }
