@@ -513,6 +513,18 @@ mod tests {
     }
 
     #[test]
+    fn kv_cache_dtype_is_f16_unless_set() {
+        let cfg = Config::parse(include_str!("../../configs/default.yaml")).unwrap();
+        let engine = |cfg: &Config| EngineConfig::from(&cfg.models[0].engine).kv_cache_dtype;
+        assert_eq!(engine(&cfg), KvDtype::F16);
+        let text =
+            "models:\n  - name: a\n    source: { path: /x }\n    engine: { kv_cache_dtype: f32 }\n";
+        assert_eq!(engine(&Config::parse(text).unwrap()), KvDtype::F32);
+        let e = Config::parse(&text.replace("f32", "fp8")).unwrap_err();
+        assert!(e.contains("fp8") && e.contains("line 4"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let e = Config::parse("models:\n  - name: a\n    source: { path: /x }\n    enigne: {}\n")
             .unwrap_err();
