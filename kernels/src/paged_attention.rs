@@ -326,38 +326,8 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{softmax, Pool, Scratch, Work};
+    use crate::activation::x86::exp;
     use std::arch::x86_64::*;
-
-    /// `e^x` for eight lanes (Cephes' polynomial, ~1 ulp over the range
-    /// softmax uses, 0 below -87).
-    #[inline(always)]
-    unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(
-            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
-            _mm256_set1_ps(-87.0),
-        );
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_fmadd_ps(
-            y,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let pow2 = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    }
 
     /// `row[i] = e^(row[i] - max)`, returning their sum.
     #[inline(always)]

@@ -69,7 +69,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_num_seqs: 16,
-            max_num_batched_tokens: 512,
+            max_num_batched_tokens: 256,
             max_waiting: 64,
             max_model_len: 8192,
             block_size: 16,
@@ -518,7 +518,8 @@ impl Worker {
         match job {
             Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(s)),
             Job::Score(j) => {
-                let out = self.model.score(&j.tokens, j.from).map_err(|e| {
+                let dtype = self.cache.k.first().map_or(KvDtype::F32, |p| p.dtype());
+                let out = self.model.score(&j.tokens, j.from, dtype).map_err(|e| {
                     tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
                     e.to_string()
                 });

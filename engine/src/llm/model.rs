@@ -266,8 +266,9 @@ impl LlamaModel {
 
     /// Teacher forcing: the log-probability of each of `tokens[from..]` given
     /// the tokens before it, from one forward pass over the whole sequence in
-    /// a private cache (the engine's pool is not touched).
-    pub fn score(&self, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+    /// a private cache of `dtype` (the engine's pool is not touched; with its
+    /// dtype, the scores equal generation's log-probabilities).
+    pub fn score(&self, tokens: &[u32], from: usize, dtype: KvDtype) -> Result<Vec<f32>> {
         if from == 0 || from > tokens.len() {
             candle_core::bail!(
                 "scoring starts after the first token and within the {} given",
@@ -276,13 +277,7 @@ impl LlamaModel {
         }
         let layout = self.kv_layout(16);
         let blocks = tokens.len().div_ceil(layout.block_size);
-        let mut cache = KvCache::new(
-            self.config.num_hidden_layers,
-            layout,
-            KvDtype::F32,
-            blocks,
-            false,
-        );
+        let mut cache = KvCache::new(self.config.num_hidden_layers, layout, dtype, blocks, false);
         cache
             .allocate(SeqId(0), tokens.len())
             .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
@@ -382,13 +377,7 @@ impl LlamaModel {
             paged_attention(&q, heads, &seqs, kv, scale, &mut attn);
             add(&mut x, &layer.o.forward(&attn, n)?);
             let gate_up = layer.gate_up.forward(&layer.ffn_norm.forward(&x), n)?;
-            let gated: Vec<f32> = gate_up
-                .chunks_exact(2 * inter)
-                .flat_map(|r| {
-                    let (g, u) = r.split_at(inter);
-                    g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                })
-                .collect();
+            let gated = kernels::activation::silu_mul(&gate_up, inter);
             add(&mut x, &layer.down.forward(&gated, n)?);
         }
         Ok(x)

@@ -78,7 +78,8 @@ fn fits(w: &WeightRow, a: &ActRow) -> bool {
 }
 
 /// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (weight row
-/// `row(c)`) and every row `r` of `acts`; `wide` says codes may exceed 127.
+/// `row(c)`, all of one matrix) and every row `r` of `acts`; `wide` says
+/// codes may exceed 127.
 pub fn columns<'a>(
     isa: Isa,
     row: impl Fn(usize) -> WeightRow<'a>,
@@ -87,11 +88,12 @@ pub fn columns<'a>(
     wide: bool,
     out: impl FnMut(usize, usize, f32),
 ) {
-    for c in cols.clone() {
+    // Every row of a matrix has the first one's lengths (`QuantMatrix::row`).
+    if let Some(c) = cols.clone().next() {
         let w = row(c);
         assert!(
             acts.iter().all(|a| fits(&w, a)),
-            "weight row {c} and activations of other layouts"
+            "weight rows and activations of other layouts"
         );
     }
     match isa {
