@@ -98,8 +98,8 @@ def test_sixteen_concurrent_requests_match_sequential_ones(server):
 
 
 def test_preemption_under_a_small_kv_pool_keeps_outputs(tmp_config):
-    # 24 blocks of 16 tokens (SmolLM2: 30 layers x 3 KV heads x 64 x 2 x 4 bytes a token).
-    s = Server(tmp_config(max_num_seqs=8, kv_cache_bytes=24 * 16 * 46080, max_model_len=384))
+    # 24 blocks of 16 tokens (SmolLM2: 30 layers x 3 KV heads x 64 x 2 x 2 bytes of f16 a token).
+    s = Server(tmp_config(max_num_seqs=8, kv_cache_bytes=24 * 16 * 23040, max_model_len=384))
     try:
         convs = CONVERSATIONS[:8]
         kw = dict(max_tokens=40, extra_body={"ignore_eos": True})
