@@ -3,7 +3,7 @@
 //! the same bits: per group each lane sums its block exactly in integers,
 //! then every path scales and accumulates the eight lanes with the same fused
 //! multiply-adds and folds them the same way.
-use super::{Group, Layout, LANES, STEP};
+use super::{Group, Layout, QuantMatrix, LANES, STEP};
 
 /// The instruction sets a dot product can use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,12 +77,11 @@ fn fits(w: &WeightRow, a: &ActRow) -> bool {
         && a.s.len() == lanes
 }
 
-/// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (weight row
-/// `row(c)`, all of one matrix) and every row `r` of `acts`; `wide` says
-/// codes may exceed 127.
-pub fn columns<'a>(
+/// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (row `c` of `m`)
+/// and every row `r` of `acts`; `wide` says codes may exceed 127.
+pub fn columns(
     isa: Isa,
-    row: impl Fn(usize) -> WeightRow<'a>,
+    m: &QuantMatrix,
     cols: std::ops::Range<usize>,
     acts: &[ActRow],
     wide: bool,
@@ -90,7 +89,7 @@ pub fn columns<'a>(
 ) {
     // Every row of a matrix has the first one's lengths (`QuantMatrix::row`).
     if let Some(c) = cols.clone().next() {
-        let w = row(c);
+        let w = m.row(c);
         assert!(
             acts.iter().all(|a| fits(&w, a)),
             "weight rows and activations of other layouts"
@@ -99,14 +98,14 @@ pub fn columns<'a>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` found these features on this CPU; lengths checked.
-        Isa::Vnni => unsafe { x86::columns_vnni(row, cols, acts, out) },
+        Isa::Vnni => unsafe { x86::columns_vnni(m, cols, acts, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::columns_avx2(row, cols, acts, wide, out) },
+        Isa::Avx2 => unsafe { x86::columns_avx2(m, cols, acts, wide, out) },
         _ => {
             let mut out = out;
             for c in cols {
-                let w = row(c);
+                let w = m.row(c);
                 for (r, a) in acts.iter().enumerate() {
                     out(r, c, dot_portable(&w, a));
                 }
@@ -152,7 +151,7 @@ fn pairs(g: &Group) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{pairs, ActRow, WeightRow, LANES, STEP};
+    use super::{pairs, ActRow, Layout, QuantMatrix, WeightRow, LANES, STEP};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -216,18 +215,52 @@ mod x86 {
         std::array::from_fn(|r| fold(acc[r]) + fold(macc[r]))
     }
 
-    /// Every column, four activation rows at a time (the most whose
-    /// accumulators stay in 16 registers), then the rest.
+    /// `w`'s 4-bit codes as bytes in `to` (`bytes`, the same groups with a
+    /// byte per code): the same integers, without splitting nibbles again
+    /// for every pass of activation rows.
     #[inline(always)]
-    unsafe fn columns_with<'a>(
-        row: impl Fn(usize) -> WeightRow<'a>,
+    unsafe fn widen_codes(w: &WeightRow, bytes: &Layout, to: &mut Vec<u8>) {
+        to.resize(bytes.code_bytes, 0);
+        let low = _mm256_set1_epi8(0x0F);
+        for (g, g8) in w.layout.groups.iter().zip(&bytes.groups) {
+            let steps = g.steps();
+            for c in 0..pairs(g) {
+                // In bounds: the row's lengths were checked, `to` sized above.
+                let v =
+                    _mm256_loadu_si256(w.codes.as_ptr().add(g.codes + c * STEP) as *const __m256i);
+                let at = to.as_mut_ptr().add(g8.codes + 2 * c * STEP) as *mut __m256i;
+                _mm256_storeu_si256(at, _mm256_and_si256(v, low));
+                if 2 * c + 1 < steps {
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    _mm256_storeu_si256(at.add(1), hi);
+                }
+            }
+        }
+    }
+
+    /// Every column, four activation rows at a time (the most whose
+    /// accumulators stay in 16 registers), then the rest. With more than one
+    /// pass, 4-bit rows are widened to bytes first.
+    #[inline(always)]
+    unsafe fn columns_with(
+        m: &QuantMatrix,
         cols: Range<usize>,
         acts: &[ActRow],
         mut out: impl FnMut(usize, usize, f32),
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
     ) {
+        let mut wide = Vec::new();
+        let bytes = m.bytes_layout.as_ref().filter(|_| acts.len() > 4);
         for c in cols {
-            let w = row(c);
+            let mut w = m.row(c);
+            if let Some(bytes) = bytes {
+                widen_codes(&w, bytes, &mut wide);
+                w = WeightRow {
+                    layout: bytes,
+                    codes: &wide,
+                    scales: w.scales,
+                };
+            }
             let mut chunks = acts.chunks_exact(4);
             let mut r = 0;
             for a in &mut chunks {
@@ -251,20 +284,20 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn columns_vnni<'a>(
-        row: impl Fn(usize) -> WeightRow<'a>,
+    pub unsafe fn columns_vnni(
+        m: &QuantMatrix,
         cols: Range<usize>,
         acts: &[ActRow],
         out: impl FnMut(usize, usize, f32),
     ) {
-        columns_with(row, cols, acts, out, |acc, c, x| {
+        columns_with(m, cols, acts, out, |acc, c, x| {
             _mm256_dpbusd_epi32(acc, c, x)
         })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn columns_avx2<'a>(
-        row: impl Fn(usize) -> WeightRow<'a>,
+    pub unsafe fn columns_avx2(
+        m: &QuantMatrix,
         cols: Range<usize>,
         acts: &[ActRow],
         wide: bool,
@@ -276,7 +309,7 @@ mod x86 {
         let pairs = move |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
         if wide {
             let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
-            columns_with(row, cols, acts, out, move |acc, c, x| {
+            columns_with(m, cols, acts, out, move |acc, c, x| {
                 let lo = pairs(_mm256_and_si256(c, low7), x);
                 _mm256_add_epi32(
                     acc,
@@ -284,7 +317,7 @@ mod x86 {
                 )
             })
         } else {
-            columns_with(row, cols, acts, out, move |acc, c, x| {
+            columns_with(m, cols, acts, out, move |acc, c, x| {
                 _mm256_add_epi32(acc, pairs(c, x))
             })
         }

@@ -144,6 +144,11 @@ pub struct Layout {
 
 impl Layout {
     fn new(ty: QuantType, k: usize) -> Self {
+        Self::with_codes(ty, k, ty.nibbles())
+    }
+
+    /// The layout of `ty`'s groups with codes packed as nibbles or as bytes.
+    fn with_codes(ty: QuantType, k: usize, nibbles: bool) -> Self {
         let full = LANES * ty.scale_values();
         let mut sizes = vec![full; k / full];
         let mut rest = k % full;
@@ -154,7 +159,6 @@ impl Layout {
             }
         }
         assert_eq!(rest, 0, "k = {k} is not a multiple of {QK}");
-        let nibbles = ty.nibbles();
         let (mut start, mut codes, mut groups) = (0, 0, Vec::new());
         for size in sizes {
             let lane = size / LANES;
@@ -194,6 +198,9 @@ pub struct QuantMatrix {
     pub n: usize,
     pub k: usize,
     layout: Layout,
+    /// For 4-bit codes, the same groups with a byte per code: a weight row is
+    /// widened to it once when many activation rows will read it.
+    bytes_layout: Option<Layout>,
     codes: Vec<u8>,
     scales: Vec<f32>,
 }
@@ -246,6 +253,7 @@ impl QuantMatrix {
             ty,
             n,
             k,
+            bytes_layout: layout.nibbles.then(|| Layout::with_codes(ty, k, false)),
             layout,
             codes,
             scales,
@@ -310,18 +318,11 @@ impl QuantMatrix {
         let out = &out;
         (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
             let cols = t * COLS..((t + 1) * COLS).min(n);
-            dot::columns(
-                isa,
-                |c| self.row(c),
-                cols,
-                &acts,
-                wide,
-                |r, c, v| {
-                    // SAFETY: r < rows and c < n, so the cell is inside `y`,
-                    // and column c belongs to this task alone.
-                    unsafe { *out.0.add(r * n + c) = v };
-                },
-            );
+            dot::columns(isa, self, cols, &acts, wide, |r, c, v| {
+                // SAFETY: r < rows and c < n, so the cell is inside `y`,
+                // and column c belongs to this task alone.
+                unsafe { *out.0.add(r * n + c) = v };
+            });
         });
     }
 }
