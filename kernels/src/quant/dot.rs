@@ -239,8 +239,8 @@ mod x86 {
     }
 
     /// Every column, four activation rows at a time (the most whose
-    /// accumulators stay in 16 registers), then the rest. With more than one
-    /// pass, 4-bit rows are widened to bytes first.
+    /// accumulators stay in 16 registers), then the rest. With more than four
+    /// passes, 4-bit rows are widened to bytes first.
     #[inline(always)]
     unsafe fn columns_with(
         m: &QuantMatrix,
@@ -250,7 +250,9 @@ mod x86 {
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
     ) {
         let mut wide = Vec::new();
-        let bytes = m.bytes_layout.as_ref().filter(|_| acts.len() > 4);
+        // Measured: widening pays from about five passes (prefill chunks),
+        // not at four (a batch of 16 decode rows).
+        let bytes = m.bytes_layout.as_ref().filter(|_| acts.len() > 16);
         for c in cols {
             let mut w = m.row(c);
             if let Some(bytes) = bytes {

@@ -207,10 +207,11 @@ fn matmul_is_close_to_the_float_product() {
 }
 
 /// A row's result is the same alone or in a batch (where weights are read
-/// for up to four rows at a time), on every instruction set.
+/// for up to four rows at a time, and 4-bit rows widened to bytes first for
+/// more than 16), on every instruction set.
 #[test]
 fn rows_do_not_depend_on_the_batch() {
-    let (rows, k, n) = (7, 768, 40);
+    let (rows, k, n) = (19, 768, 40);
     let x = pseudo_random(rows * k, 8);
     for ty in TYPES {
         let w = random_matrix(ty, n, k, 9);
