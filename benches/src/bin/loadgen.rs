@@ -80,12 +80,14 @@ async fn one(
         "messages": messages,
     });
     let start = Instant::now();
-    let resp = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?;
+    let send = || client.post(format!("{url}/v1/chat/completions")).json(&body).send();
+    // A server may close a kept-alive connection just as a request goes out:
+    // that request is sent once more (its time still counts from the first try).
+    let resp = match send().await {
+        Err(e) if e.is_request() => send().await?,
+        r => r?,
+    }
+    .error_for_status()?;
     let mut stream = resp.bytes_stream();
     let (mut buf, mut ttft, mut last, mut gaps, mut tokens, mut chunks) =
         (String::new(), None, start, Vec::new(), 0, 0);
