@@ -80,7 +80,12 @@ async fn one(
         "messages": messages,
     });
     let start = Instant::now();
-    let send = || client.post(format!("{url}/v1/chat/completions")).json(&body).send();
+    let send = || {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+    };
     // A server may close a kept-alive connection just as a request goes out:
     // that request is sent once more (its time still counts from the first try).
     let resp = match send().await {

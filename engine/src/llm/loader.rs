@@ -76,8 +76,8 @@ impl GgufReader<'_> {
 /// A projection over GGUF blocks: our kernel on the CPU for Q4_0, Q4_1 and
 /// Q8_0, candle's `QMatMul` for the rest. The choice follows
 /// `benches/quant_matmul` (docs/BENCHMARKS.md): at the default model's shapes
-/// ours is 1.6–2× candle's speed on Q4_0 and Q8_0 and ~10× on Q4_1, while
-/// candle's AVX2 K-quant dot products beat our unpack-then-dot path.
+/// ours is 1.5–8× candle's speed on Q4_0 and Q8_0 and 15–50× on Q4_1, while
+/// candle's tuned Q4_K and Q6_K kernels beat ours at 16 rows.
 fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Result<Linear> {
     let (out, inp) = q.shape().dims2()?;
     let ty = match q.dtype() {
