@@ -391,6 +391,20 @@ mod x86 {
         }
     }
 
+    /// Block `b`'s rows of `pool` as f32 in `rows`, the next block on its way
+    /// to the cache; returns how many positions it holds.
+    #[inline(always)]
+    unsafe fn block(w: &Work, pool: &Pool, b: usize, rows: &mut [f32]) -> usize {
+        let d = w.kv.layout.head_dim;
+        let (at, n) = w.rows(b);
+        if (b + 1) * w.kv.layout.block_size < w.keys.ctx {
+            let (next, m) = w.rows(b + 1);
+            prefetch(pool, next, m * d);
+        }
+        widen(pool, at, &mut rows[..n * d]);
+        n
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
         let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
@@ -404,12 +418,7 @@ mod x86 {
         rows.resize((bs + 8) * d, 0.0);
         let scale = _mm256_set1_ps(w.scale);
         for b in 0..blocks {
-            let (at, n) = w.rows(b);
-            if b + 1 < blocks {
-                let (next, m) = w.rows(b + 1);
-                prefetch(w.kv.k, next, m * d);
-            }
-            widen(w.kv.k, at, &mut rows[..n * d]);
+            let n = block(&w, w.kv.k, b, rows);
             let pos = b * bs;
             for (g, q) in w.q.chunks_exact(d).enumerate() {
                 // Eight positions at a time (past `n`, rows and scores are
@@ -431,12 +440,7 @@ mod x86 {
         softmax(scores, stride, ctx, |row, max| exp_row(row, max));
         out.fill(0.0);
         for b in 0..blocks {
-            let (at, n) = w.rows(b);
-            if b + 1 < blocks {
-                let (next, m) = w.rows(b + 1);
-                prefetch(w.kv.v, next, m * d);
-            }
-            widen(w.kv.v, at, &mut rows[..n * d]);
+            let n = block(&w, w.kv.v, b, rows);
             let pos = b * bs;
             for (g, o) in out.chunks_exact_mut(d).enumerate() {
                 let p = &scores[g * stride + pos..][..n];
