@@ -1,4 +1,6 @@
 //! Elementwise activations over rows, vectorized where the CPU allows.
+#[cfg(target_arch = "x86_64")]
+use crate::quant::Isa;
 
 /// `silu(gate) · up` for rows laid out `[gate (width) | up (width)]`, as
 /// `[rows, width]`.
@@ -11,8 +13,8 @@ pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
     {
         let (g, u) = r.split_at(width);
         #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: AVX2 and FMA are present (checked at run time).
+        if Isa::detect() != Isa::Portable {
+            // SAFETY: every SIMD `Isa` includes AVX2 and FMA.
             unsafe { x86::silu_mul(g, u, o) };
             continue;
         }
@@ -30,12 +32,6 @@ fn silu_mul_portable(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
-
-    pub fn available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
 
     /// `e^x` for eight lanes (Cephes' polynomial, within 2 ulp over
     /// [-87, 88], inputs clamped to that range).

@@ -10,6 +10,7 @@
 //! and values are converted once for every query head of the group, scores
 //! are reduced eight positions at a time, and the next block is prefetched.
 //! AVX2/FMA/F16C where the CPU has them, with a portable fallback.
+use crate::quant::Isa;
 use half::{f16, slice::HalfFloatSliceExt, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
@@ -143,20 +144,10 @@ pub struct SeqQueries<'a> {
 /// `out[t, h] = softmax(scale · q[t, h] · Kᵀ) · V` over the keys each query may
 /// see, with query head `h` reading KV head `h / (heads / kv_heads)`. `q` and
 /// `out` are `[tokens, heads, head_dim]`; the sequences' rows must cover `q`.
+/// `isa` (which the CPU must have) picks the SIMD path unless it is
+/// [`Isa::Portable`] or the head size is not a whole number of vectors.
 pub fn paged_attention(
-    q: &[f32],
-    heads: usize,
-    seqs: &[SeqQueries],
-    kv: LayerKv,
-    scale: f32,
-    out: &mut [f32],
-) {
-    attention_with(true, q, heads, seqs, kv, scale, out)
-}
-
-/// [`paged_attention`], on the SIMD path only where `simd` allows it.
-fn attention_with(
-    simd: bool,
+    isa: Isa,
     q: &[f32],
     heads: usize,
     seqs: &[SeqQueries],
@@ -207,7 +198,7 @@ fn attention_with(
                 ctx,
                 head: kvh,
             };
-            attend(simd, Work { q, keys, kv, scale }, scratch, out);
+            attend(isa, Work { q, keys, kv, scale }, scratch, out);
         },
     );
 }
@@ -249,25 +240,16 @@ struct Scratch {
 }
 
 /// Scores over the visible keys, softmax, weighted sum of values.
-fn attend(simd: bool, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+fn attend(isa: Isa, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd && has_simd() && w.kv.layout.head_dim.is_multiple_of(8) {
-        // SAFETY: AVX2, FMA and F16C are present (checked at run time) and
-        // rows are whole vectors.
+    if isa != Isa::Portable && w.kv.layout.head_dim.is_multiple_of(8) {
+        // SAFETY: every SIMD `Isa` includes AVX2, FMA and F16C, and rows are
+        // whole vectors.
         return unsafe { x86::attend(w, scratch, out) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     attend_portable(w, scratch, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_simd() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
 }
 
 /// Softmax in place of the first `ctx` scores of each row of `stride`;
@@ -508,7 +490,7 @@ mod tests {
 
     /// Sequences of odd lengths whose blocks are scattered through the pool,
     /// some decoding one token, some prefilling a chunk after cached tokens,
-    /// on the SIMD path (where the CPU and head size allow it) and the portable one.
+    /// on every instruction set the CPU has (SIMD where the head size allows it).
     #[test]
     fn equals_dense_attention() {
         for (case, &(heads, kv_heads, d, block_size)) in
@@ -586,8 +568,8 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             for (k, v) in k_pools.iter().zip(&v_pools) {
                 let kv = LayerKv { k, v, layout };
-                for simd in [true, false] {
-                    attention_with(simd, &q_all, heads, &seqs, kv, scale, &mut out);
+                for isa in Isa::available() {
+                    paged_attention(isa, &q_all, heads, &seqs, kv, scale, &mut out);
                     let diff = out
                         .iter()
                         .zip(&expected)
@@ -595,7 +577,7 @@ mod tests {
                         .fold(0f32, f32::max);
                     assert!(
                         diff < 1e-5,
-                        "case {case}, {:?}, simd {simd}: max |Δ| = {diff}",
+                        "case {case}, {:?}, {isa:?}: max |Δ| = {diff}",
                         k.dtype()
                     );
                 }

@@ -518,7 +518,7 @@ impl Worker {
         match job {
             Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(s)),
             Job::Score(j) => {
-                let dtype = self.cache.k.first().map_or(KvDtype::F32, |p| p.dtype());
+                let dtype = self.cache.dtype;
                 let out = self.model.score(&j.tokens, j.from, dtype).map_err(|e| {
                     tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
                     e.to_string()

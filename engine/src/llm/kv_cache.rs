@@ -9,6 +9,7 @@ pub struct SeqId(pub u64);
 
 pub struct KvCache {
     pub layout: KvLayout,
+    pub dtype: KvDtype,
     /// Per layer, `[num_blocks, kv_heads, block_size, head_dim]`.
     pub k: Vec<Pool>,
     pub v: Vec<Pool>,
@@ -29,6 +30,7 @@ impl KvCache {
         let pool = || Pool::zeros(dtype, len);
         Self {
             layout,
+            dtype,
             k: (0..num_layers).map(|_| pool()).collect(),
             v: (0..num_layers).map(|_| pool()).collect(),
             blocks: BlockManager::new(num_blocks, layout.block_size, prefix_caching),

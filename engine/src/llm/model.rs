@@ -6,7 +6,7 @@ use super::kv_cache::{KvCache, KvDtype, KvLayout, SeqId};
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
 use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
-use kernels::quant::QuantMatrix;
+use kernels::quant::{Isa, QuantMatrix};
 use kernels::rope::RopeTables;
 
 /// A projection's weight, `[out, in]`: GGUF blocks with a kernel of ours run
@@ -374,7 +374,7 @@ impl LlamaModel {
                 v: &cache.v[li],
                 layout,
             };
-            paged_attention(&q, heads, &seqs, kv, scale, &mut attn);
+            paged_attention(Isa::detect(), &q, heads, &seqs, kv, scale, &mut attn);
             add(&mut x, &layer.o.forward(&attn, n)?);
             let gate_up = layer.gate_up.forward(&layer.ffn_norm.forward(&x), n)?;
             let gated = kernels::activation::silu_mul(&gate_up, inter);

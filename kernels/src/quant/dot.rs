@@ -78,13 +78,12 @@ fn fits(w: &WeightRow, a: &ActRow) -> bool {
 }
 
 /// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (row `c` of `m`)
-/// and every row `r` of `acts`; `wide` says codes may exceed 127.
+/// and every row `r` of `acts`.
 pub fn columns(
     isa: Isa,
     m: &QuantMatrix,
     cols: std::ops::Range<usize>,
     acts: &[ActRow],
-    wide: bool,
     out: impl FnMut(usize, usize, f32),
 ) {
     // Every row of a matrix has the first one's lengths (`QuantMatrix::row`).
@@ -101,7 +100,7 @@ pub fn columns(
         Isa::Vnni => unsafe { x86::columns_vnni(m, cols, acts, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::columns_avx2(m, cols, acts, wide, out) },
+        Isa::Avx2 => unsafe { x86::columns_avx2(m, cols, acts, out) },
         _ => {
             let mut out = out;
             for c in cols {
@@ -302,14 +301,13 @@ mod x86 {
         m: &QuantMatrix,
         cols: Range<usize>,
         acts: &[ActRow],
-        wide: bool,
         out: impl FnMut(usize, usize, f32),
     ) {
         let ones = _mm256_set1_epi16(1);
         // `maddubs` saturates at i16: codes up to 63 never reach it, wider
         // codes are split at bit 7 so that each half stays below it.
         let pairs = move |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
-        if wide {
+        if m.ty.wide() {
             let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
             columns_with(m, cols, acts, out, move |acc, c, x| {
                 let lo = pairs(_mm256_and_si256(c, low7), x);

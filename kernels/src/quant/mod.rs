@@ -313,12 +313,11 @@ impl QuantMatrix {
         let (rows, n) = (a.rows(), self.n);
         assert_eq!(y.len(), rows * n, "output");
         let acts: Vec<_> = (0..rows).map(|r| a.row(r)).collect();
-        let wide = self.ty.wide();
         let out = Out(y.as_mut_ptr());
         let out = &out;
         (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
             let cols = t * COLS..((t + 1) * COLS).min(n);
-            dot::columns(isa, self, cols, &acts, wide, |r, c, v| {
+            dot::columns(isa, self, cols, &acts, |r, c, v| {
                 // SAFETY: r < rows and c < n, so the cell is inside `y`,
                 // and column c belongs to this task alone.
                 unsafe { *out.0.add(r * n + c) = v };
