@@ -19,11 +19,11 @@ fn f16(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
 
-/// ggml's scale for a 32-value block: its largest magnitude maps to ±127,
-/// rounded to f16; and the factor values are multiplied by.
+/// ggml's scale for a 32-value block: its largest magnitude maps to ±127
+/// (stored rounded to f16); and the factor values are multiplied by.
 fn q8_scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    (f16(d), if d != 0.0 { 1.0 / d } else { 0.0 })
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// `v·id` rounded to the nearest integer, ties away from zero (as ggml's
@@ -139,10 +139,11 @@ impl Activations {
                         qs[to..to + 4].copy_from_slice(&q[first + 4 * s..][..4]);
                     }
                     let d = scale[first / unit];
-                    ds[gi * LANES + l] = d;
+                    ds[gi * LANES + l] = if scheme == Scheme::Q8K { d } else { f16(d) };
                     ss[gi * LANES + l] = match scheme {
                         // d·Σq is exact in f32 for an f16 d and |Σq| < 2¹².
-                        Scheme::Q8_0 if first.is_multiple_of(QK) => d * sum(&q[first..][..QK]),
+                        Scheme::Q8_0 if first.is_multiple_of(QK) => f16(d) * sum(&q[first..][..QK]),
+                        // ggml rounds the sum taken with the unrounded scale.
                         Scheme::Q8_1 if first.is_multiple_of(QK) => f16(d * sum(&q[first..][..QK])),
                         Scheme::Q8K => d * sum(&q[first..][..g.lane]),
                         _ => 0.0,
