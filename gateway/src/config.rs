@@ -1,7 +1,9 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
 use crate::api::kserve::shadow::ShadowConfig;
-use crate::registry::Role;
+use crate::auth::{ApiKeyConfig, DEFAULT_MIN_KEY_LENGTH};
+use crate::limits::Limits;
+use crate::registry::records::Tier;
 use crate::rollout::RolloutPolicy;
 use crate::upstream::UpstreamConfig;
 use engine::llm::kv_cache::KvDtype;
@@ -29,6 +31,47 @@ pub struct Config {
     /// A Triton model repository served over KServe v2 (HTTP and gRPC).
     #[serde(default)]
     pub model_repository: Option<RepositoryConfig>,
+    /// API keys for every front that changes state (and the registry's).
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// API keys with roles: they authorize repository control, feedback and the
+/// registry. `registry.api_keys` adds to this list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Secrets shorter than this stop the server at start.
+    pub min_key_length: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            min_key_length: DEFAULT_MIN_KEY_LENGTH,
+        }
+    }
+}
+
+impl Config {
+    /// Every configured key with where it is configured: `auth.api_keys`,
+    /// then `registry.api_keys`.
+    pub fn api_keys(&self) -> Vec<(String, &ApiKeyConfig)> {
+        let auth = self
+            .auth
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("auth.api_keys[{i}]"), k));
+        let registry = self
+            .registry
+            .iter()
+            .flat_map(|r| r.api_keys.iter().enumerate())
+            .map(|(i, k)| (format!("registry.api_keys[{i}]"), k));
+        auth.chain(registry).collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,6 +91,25 @@ pub struct RepositoryConfig {
     /// Copies of a model's requests to another model, compared and discarded.
     #[serde(default)]
     pub shadows: Vec<ShadowConfig>,
+    /// The most instances (`instance_group.count` summed) a model may ask for.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// The dynamic batcher's queue bound for models whose config sets no
+    /// `max_queue_size`; beyond it requests are refused with 503.
+    #[serde(default = "default_queue_size")]
+    pub default_max_queue_size: usize,
+    /// With no API keys configured, allow repository load/unload without a
+    /// key (explicit mode only).
+    #[serde(default)]
+    pub allow_unauthenticated_control: bool,
+}
+
+fn default_max_instances() -> usize {
+    engine::dnn::DEFAULT_MAX_INSTANCES
+}
+
+fn default_queue_size() -> usize {
+    engine::dnn::DEFAULT_MAX_QUEUE_SIZE
 }
 
 impl RepositoryConfig {
@@ -59,6 +121,17 @@ impl RepositoryConfig {
             poll_secs: default_poll_secs(),
             load_models: Vec::new(),
             shadows: Vec::new(),
+            max_instances: default_max_instances(),
+            default_max_queue_size: default_queue_size(),
+            allow_unauthenticated_control: false,
+        }
+    }
+
+    /// The bounds the repository plane enforces.
+    pub fn bounds(&self) -> engine::dnn::RepositoryBounds {
+        engine::dnn::RepositoryBounds {
+            max_instances: self.max_instances,
+            default_max_queue_size: self.default_max_queue_size,
         }
     }
 }
@@ -83,15 +156,26 @@ pub struct RegistryConfig {
     /// Engine limits for the LLM versions the controller loads.
     #[serde(default)]
     pub engine: EngineSettings,
-    /// Keys for the registry API; each call is made as the key's name.
+    /// More API keys (as `auth.api_keys`); each call is made as the key's name.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Folders that `file://` artifacts (and plain paths) must lie in, after
+    /// symlinks are resolved; the data directory is always one.
+    #[serde(default)]
+    pub artifact_roots: Vec<PathBuf>,
+    /// Models of a lower tier (fewer approvals) are created by admins only.
+    #[serde(default = "default_tier_floor")]
+    pub min_tier_without_admin: Tier,
     /// Canary automation, per model.
     #[serde(default)]
     pub rollouts: Vec<RolloutPolicy>,
     /// How often the rollout policies judge their candidates.
     #[serde(default = "default_rollout_ms")]
     pub rollout_interval_ms: u64,
+}
+
+fn default_tier_floor() -> Tier {
+    Tier::L2
 }
 
 fn default_rollout_ms() -> u64 {
@@ -102,43 +186,19 @@ fn default_reconcile_secs() -> u64 {
     10
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyConfig {
-    /// The identity recorded in the audit log.
-    pub name: String,
-    pub role: Role,
-    /// The key itself, or the environment variable holding it.
-    #[serde(default)]
-    pub key: Option<String>,
-    #[serde(default)]
-    pub key_env: Option<String>,
-}
-
-impl ApiKeyConfig {
-    /// The secret, read from the environment where `key_env` says so.
-    pub fn secret(&self) -> Result<String, String> {
-        match (&self.key, &self.key_env) {
-            (Some(k), None) => Ok(k.clone()),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                format!(
-                    "registry.api_keys `{}`: environment variable {var} is not set",
-                    self.name
-                )
-            }),
-            _ => Err(format!(
-                "registry.api_keys `{}`: give exactly one of `key` and `key_env`",
-                self.name
-            )),
-        }
-    }
-}
-
 impl RegistryConfig {
     pub fn database_url(&self, server: &ServerConfig) -> String {
         self.database.clone().unwrap_or_else(|| {
             format!("sqlite:{}", server.data_dir().join("registry.db").display())
         })
+    }
+
+    /// Where `file://` artifacts may come from: the configured roots and the
+    /// data directory.
+    pub fn artifact_roots(&self, server: &ServerConfig) -> Vec<PathBuf> {
+        let mut roots = self.artifact_roots.clone();
+        roots.push(server.data_dir());
+        roots
     }
 }
 
@@ -153,6 +213,12 @@ pub struct ServerConfig {
     /// Address for KServe v2 gRPC (served when a model repository is).
     #[serde(default = "default_grpc")]
     pub grpc: String,
+    /// Body, message, connection and time bounds.
+    #[serde(default)]
+    pub limits: Limits,
+    /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -161,8 +227,14 @@ impl Default for ServerConfig {
             http: default_http(),
             data_dir: None,
             grpc: default_grpc(),
+            limits: Limits::default(),
+            shutdown_grace_secs: default_grace(),
         }
     }
+}
+
+fn default_grace() -> u64 {
+    30
 }
 
 fn default_grpc() -> String {
@@ -387,6 +459,33 @@ impl Config {
             for (i, sh) in r.shadows.iter().enumerate() {
                 sh.validate(&format!("model_repository.shadows[{i}]"))?;
             }
+            if r.max_instances == 0 || r.default_max_queue_size == 0 {
+                return Err(
+                    "model_repository: max_instances and default_max_queue_size must be at least 1"
+                        .into(),
+                );
+            }
+            if r.allow_unauthenticated_control && r.control_mode != "explicit" {
+                return Err(format!(
+                    "model_repository.allow_unauthenticated_control: only with control_mode \
+                     explicit (it is `{}`)",
+                    r.control_mode
+                ));
+            }
+            if r.allow_unauthenticated_control && !self.api_keys().is_empty() {
+                return Err(
+                    "model_repository.allow_unauthenticated_control: API keys are configured, \
+                     so repository control takes a key with role admin; drop this setting"
+                        .into(),
+                );
+            }
+        }
+        self.server.limits.validate("server.limits")?;
+        if self.auth.min_key_length == 0 {
+            return Err("auth.min_key_length: must be at least 1".into());
+        }
+        for (at, k) in self.api_keys() {
+            k.validate(&at)?;
         }
         let grpc = &self.server.grpc;
         grpc.parse::<std::net::SocketAddr>().map_err(|e| {
@@ -442,20 +541,6 @@ impl Config {
             }
             for (i, p) in r.rollouts.iter().enumerate() {
                 p.validate(&format!("registry.rollouts[{i}]"))?;
-            }
-            let mut names = std::collections::HashSet::new();
-            for (i, k) in r.api_keys.iter().enumerate() {
-                if !names.insert(&k.name) {
-                    return Err(format!(
-                        "registry.api_keys[{i}].name: `{}` is configured twice",
-                        k.name
-                    ));
-                }
-                if k.key.is_some() == k.key_env.is_some() {
-                    return Err(format!(
-                        "registry.api_keys[{i}]: give exactly one of `key` and `key_env`"
-                    ));
-                }
             }
         }
         Ok(())

@@ -11,12 +11,15 @@ use crate::routing::{Candidate, Deployment, Route, Routes};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub struct Controller {
     registry: Registry,
     routes: Routes,
     engine: EngineSettings,
+    /// Where local artifacts may come from.
+    artifact_roots: Vec<PathBuf>,
     /// Engines by (model, version).
     loaded: HashMap<(String, u32), LlmEngine>,
     /// The last route published per model, kept when a pass cannot build a new one.
@@ -29,11 +32,17 @@ pub struct Controller {
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl Controller {
-    pub fn new(registry: Registry, routes: Routes, engine: EngineSettings) -> Self {
+    pub fn new(
+        registry: Registry,
+        routes: Routes,
+        engine: EngineSettings,
+        artifact_roots: Vec<PathBuf>,
+    ) -> Self {
         Self {
             registry,
             routes,
             engine,
+            artifact_roots,
             loaded: HashMap::new(),
             published: HashMap::new(),
             failed: HashMap::new(),
@@ -142,7 +151,9 @@ impl Controller {
     }
 
     fn load(&self, v: &Version) -> Result<LlmEngine> {
-        let path = crate::models::resolve_artifact(&v.spec.artifact.uri, &v.spec.artifact.sha256)?;
+        let artifact = &v.spec.artifact;
+        let path =
+            crate::models::resolve_artifact(&artifact.uri, &artifact.sha256, &self.artifact_roots)?;
         let loaded = load_model(&path, &candle_core::Device::Cpu)
             .with_context(|| format!("loading {}", path.display()))?;
         let mut config: EngineConfig = (&self.engine).into();

@@ -12,6 +12,15 @@ const MAX_SAMPLES: usize = 100_000;
 /// Request ids remembered for feedback.
 const MAX_REQUESTS: usize = 200_000;
 
+/// Why feedback was not recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedbackError {
+    /// No such request (or it is too old to remember).
+    Unknown(String),
+    /// The request was scored already.
+    Duplicate(String),
+}
+
 #[derive(Debug, Default, Clone)]
 struct ArmStats {
     requests: u64,
@@ -42,7 +51,8 @@ pub struct Outcome {
 #[derive(Default)]
 struct Inner {
     arms: HashMap<(String, String), ArmStats>,
-    requests: HashMap<String, (String, String)>,
+    /// Experiment, arm, and whether feedback was given, per request id.
+    requests: HashMap<String, (String, String, bool)>,
     order: VecDeque<String>,
 }
 
@@ -66,8 +76,10 @@ impl ExperimentStats {
             }
         }
         g.order.push_back(request_id.to_string());
-        g.requests
-            .insert(request_id.to_string(), (experiment.into(), arm.into()));
+        g.requests.insert(
+            request_id.to_string(),
+            (experiment.into(), arm.into(), false),
+        );
     }
 
     pub fn record(&self, experiment: &str, arm: &str, o: &Outcome) {
@@ -107,13 +119,23 @@ impl ExperimentStats {
     }
 
     /// Records a user's score for the request's arm; `Err` when the id is unknown.
-    pub fn feedback(&self, request_id: &str, score: f64) -> Result<(String, String), String> {
+    /// Credits `score` to the arm that served `request_id`, once per request.
+    pub fn feedback(
+        &self,
+        request_id: &str,
+        score: f64,
+    ) -> Result<(String, String), FeedbackError> {
         let mut g = self.lock();
-        let (exp, arm) = g
-            .requests
-            .get(request_id)
-            .cloned()
-            .ok_or_else(|| format!("no experiment request with id `{request_id}` (ids are kept for the last {MAX_REQUESTS} requests)"))?;
+        let entry = g.requests.get_mut(request_id).ok_or_else(|| {
+            FeedbackError::Unknown(format!("no experiment request with id `{request_id}` (ids are kept for the last {MAX_REQUESTS} requests)"))
+        })?;
+        if entry.2 {
+            return Err(FeedbackError::Duplicate(format!(
+                "feedback for `{request_id}` was recorded already; each request is scored once"
+            )));
+        }
+        entry.2 = true;
+        let (exp, arm) = (entry.0.clone(), entry.1.clone());
         push(
             &mut g
                 .arms
@@ -375,7 +397,14 @@ mod tests {
         );
         s.remember("req-1", "e", "b");
         assert!(s.feedback("req-1", 1.0).is_ok());
-        assert!(s.feedback("nope", 1.0).is_err());
+        assert!(matches!(
+            s.feedback("req-1", 1.0),
+            Err(FeedbackError::Duplicate(_))
+        ));
+        assert!(matches!(
+            s.feedback("nope", 1.0),
+            Err(FeedbackError::Unknown(_))
+        ));
         let v = s.summary("e", &["a".into(), "b".into()]);
         assert_eq!(v["arms"][1]["requests"], 31);
         assert_eq!(v["arms"][1]["errors"], 1);

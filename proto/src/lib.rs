@@ -1,5 +1,6 @@
 //! KServe v2 / Triton protocol definitions: the gRPC service and messages
 //! generated from `proto/`, and ModelConfig in text format and JSON.
+pub use prost;
 pub mod json;
 pub mod model_config;
 

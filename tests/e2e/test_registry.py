@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,7 +23,8 @@ ARTIFACT = {
     "sha256": SHA,
     "format": "gguf",
 }
-KEYS = {"deployer": "dep-key", "approver": "appr-key", "admin": "admin-key", "viewer": "view-key"}
+KEYS = {"deployer": "deployer-key-0123456789", "approver": "approver-key-0123456789",
+        "admin": "admin-key-0123456789", "viewer": "viewer-key-0123456789"}
 
 
 def write_config(tmp_path, database=None, interval=2, extra="") -> str:
@@ -36,6 +38,9 @@ def write_config(tmp_path, database=None, interval=2, extra="") -> str:
         "registry:\n"
         f"{db}"
         f"  reconcile_interval_secs: {interval}\n"
+        # Deployers create the low-tier models these tests walk; the floor has its own test.
+        "  min_tier_without_admin: L0\n"
+        f"  artifact_roots: [{Path(os.environ['SWITCHYARD_MODEL_GGUF']).parent}]\n"
         "  engine: { max_num_seqs: 8, kv_cache_bytes: 60000000 }\n"
         "  api_keys:\n" + keys + extra
     )

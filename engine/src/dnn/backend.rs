@@ -3,7 +3,7 @@
 use super::error::Result;
 use super::model::{BackendKind, ModelSpec};
 use super::tensor::Tensor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Runs one batch. `inputs` follow the config's input order, each with the
@@ -13,17 +13,44 @@ pub trait Backend: Send + Sync {
     fn execute(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
 }
 
-/// Loads the backend for `spec` from `dir` (`<repo>/<model>/<version>`).
+/// Loads the backend for `spec` from `dir` (`<repo>/<model>/<version>`);
+/// the model file must lie inside `dir`.
 pub fn load(spec: &ModelSpec, dir: &Path) -> std::result::Result<Arc<dyn Backend>, String> {
-    let file = dir.join(&spec.model_filename);
+    let file = confined(dir, &spec.model_filename, "default_model_filename")?;
     if !file.exists() {
         return Err(format!("{} does not exist", file.display()));
     }
     Ok(match &spec.backend {
         BackendKind::Fil(params) => Arc::new(super::fil::FilBackend::load(spec, params, &file)?),
         BackendKind::Onnx => Arc::new(super::onnx::OnnxBackend::load(spec, &file)?),
-        BackendKind::SentenceEncoder => Arc::new(super::encoder::SentenceEncoder::load(spec, dir)?),
+        BackendKind::SentenceEncoder => {
+            Arc::new(super::encoder::SentenceEncoder::load(spec, dir, &file)?)
+        }
     })
+}
+
+/// `name`, a file a config names, as a path inside `dir`: relative, without
+/// `..`, and (symlinks resolved) still inside `dir`. The refusal is the same
+/// whether or not something exists outside, so it tells nothing about it.
+pub fn confined(dir: &Path, name: &str, field: &str) -> std::result::Result<PathBuf, String> {
+    use std::path::Component;
+    let refuse = || format!("{field}: '{name}' must name a file inside the model's directory");
+    let relative = Path::new(name);
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if name.is_empty() || !plain {
+        return Err(refuse());
+    }
+    let path = dir.join(relative);
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    match path.canonicalize() {
+        Ok(real) if !real.starts_with(&root) => Err(refuse()),
+        // A missing file is reported where it is read.
+        _ => Ok(path),
+    }
 }
 
 /// The shape of an output: `[rows] + dims` when batching, else `dims`.

@@ -32,6 +32,8 @@ struct Shared {
     backend: Arc<dyn Backend>,
     policy: Option<BatchingPolicy>,
     max_batch_size: usize,
+    /// Requests that may wait; more are refused (503).
+    max_queue: usize,
     stats: Arc<VersionStats>,
 }
 
@@ -102,24 +104,42 @@ fn plan(
 }
 
 impl Scheduler {
-    /// Starts `spec.instances` workers over `backend`.
-    pub fn start(spec: &ModelSpec, backend: Arc<dyn Backend>, stats: Arc<VersionStats>) -> Self {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            backend,
-            policy: spec.dynamic_batching.clone(),
-            max_batch_size: spec.max_batch_size,
-            stats,
-        });
+    /// Starts `spec.instances` workers over `backend`. The queue holds the
+    /// policy's `max_queue_size` requests, or `default_queue` when the config
+    /// sets none. A worker thread that cannot be started fails the load.
+    pub fn start(
+        spec: &ModelSpec,
+        backend: Arc<dyn Backend>,
+        stats: Arc<VersionStats>,
+        default_queue: usize,
+    ) -> std::result::Result<Self, String> {
+        let max_queue = spec
+            .dynamic_batching
+            .as_ref()
+            .map(|p| p.max_queue_size)
+            .filter(|&m| m > 0)
+            .unwrap_or(default_queue)
+            .max(1);
+        let scheduler = Self {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                backend,
+                policy: spec.dynamic_batching.clone(),
+                max_batch_size: spec.max_batch_size,
+                max_queue,
+                stats,
+            }),
+        };
         for i in 0..spec.instances.max(1) {
-            let shared = shared.clone();
+            let shared = scheduler.shared.clone();
+            // On failure `scheduler` drops, and the started workers exit.
             std::thread::Builder::new()
                 .name(format!("{}-{i}", spec.name))
                 .spawn(move || worker(&shared))
-                .expect("spawn a model instance thread");
+                .map_err(|e| format!("starting instance {i} of {}: {e}", spec.name))?;
         }
-        Self { shared }
+        Ok(scheduler)
     }
 
     /// Queues one request of `rows` batch elements; inputs in config order.
@@ -139,16 +159,15 @@ impl Scheduler {
         };
         let (tx, rx) = oneshot::channel();
         let mut q = self.shared.queue.lock().expect("queue lock");
-        if let Some(max) = policy.map(|p| p.max_queue_size).filter(|&m| m > 0) {
-            if q.pending.len() >= max {
-                drop(q);
-                self.shared
-                    .stats
-                    .failure(Duration::ZERO, FailReason::Rejected);
-                return Err(DnnError::unavailable(format!(
-                    "Exceeds maximum queue size ({max} requests waiting)"
-                )));
-            }
+        let max = self.shared.max_queue;
+        if q.pending.len() >= max {
+            drop(q);
+            self.shared
+                .stats
+                .failure(Duration::ZERO, FailReason::Rejected);
+            return Err(DnnError::unavailable(format!(
+                "Exceeds maximum queue size ({max} requests waiting)"
+            )));
         }
         q.pending.push_back(Pending {
             inputs,

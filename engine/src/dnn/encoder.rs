@@ -22,8 +22,9 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
-    /// Reads `model.safetensors`, `config.json` and `tokenizer.json` from `dir`.
-    pub fn load(spec: &ModelSpec, dir: &Path) -> std::result::Result<Self, String> {
+    /// Reads the weights (`weights`, checked to lie in `dir`), `config.json`
+    /// and `tokenizer.json` from `dir`.
+    pub fn load(spec: &ModelSpec, dir: &Path, weights: &Path) -> std::result::Result<Self, String> {
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name))
                 .map_err(|e| format!("{}: {e}", dir.join(name).display()))
@@ -39,10 +40,9 @@ impl SentenceEncoder {
                 ..Default::default()
             }))
             .map_err(|e| e.to_string())?;
-        let weights = dir.join(&spec.model_filename);
         // SAFETY: the weights file is memory-mapped read-only and not modified while served.
         let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
                 .map_err(|e| format!("{}: {e}", weights.display()))?;
         let model =
             BertModel::load(vb, &config).map_err(|e| format!("{}: {e}", weights.display()))?;

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     Unsupported,
     /// A failure inside the server or a backend (HTTP 500, gRPC INTERNAL).
     Internal,
+    /// Larger than a configured bound (HTTP 413, gRPC RESOURCE_EXHAUSTED).
+    TooLarge,
 }
 
 #[derive(Debug, Clone, Error)]
@@ -45,6 +47,9 @@ impl DnnError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::TooLarge, message)
     }
 }
 

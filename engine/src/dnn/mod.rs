@@ -17,7 +17,8 @@ pub mod xgboost;
 pub use error::{DnnError, ErrorKind};
 pub use model::ModelSpec;
 pub use repository::{
-    ControlMode, IndexEntry, InferRequest, InferResponse, ModelRepository, RequestedOutput,
+    ControlMode, IndexEntry, InferRequest, InferResponse, ModelRepository, RepositoryBounds,
+    RequestedOutput, DEFAULT_MAX_INSTANCES, DEFAULT_MAX_QUEUE_SIZE,
 };
 pub use stats::StatsSnapshot;
 pub use tensor::{DataType, Tensor};

@@ -282,7 +282,7 @@ impl ModelSpec {
                 ..Default::default()
             });
         }
-        let mut instances = 0;
+        let mut instances: usize = 0;
         for (i, g) in config.instance_group.iter_mut().enumerate() {
             if g.kind == Kind::Gpu as i32 {
                 return Err(format!(
@@ -300,7 +300,7 @@ impl ModelSpec {
             if g.name.is_empty() {
                 g.name = format!("{}_{i}", config.name);
             }
-            instances += g.count as usize;
+            instances = instances.saturating_add(g.count as usize);
         }
         if config.version_policy.is_none() {
             config.version_policy = Some(ModelVersionPolicy {

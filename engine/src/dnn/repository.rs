@@ -103,9 +103,33 @@ pub struct InferResponse {
     pub outputs: Vec<Tensor>,
 }
 
+/// The most instances a model may ask for, and the queue bound of models
+/// whose config sets none.
+pub const DEFAULT_MAX_INSTANCES: usize = 16;
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 1024;
+
+/// What the repository refuses to start, whatever a config asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepositoryBounds {
+    /// `instance_group.count` summed over a model's groups.
+    pub max_instances: usize,
+    /// The dynamic batcher's queue when the config sets no `max_queue_size`.
+    pub default_max_queue_size: usize,
+}
+
+impl Default for RepositoryBounds {
+    fn default() -> Self {
+        Self {
+            max_instances: DEFAULT_MAX_INSTANCES,
+            default_max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+        }
+    }
+}
+
 pub struct ModelRepository {
     root: PathBuf,
     pub mode: ControlMode,
+    bounds: RepositoryBounds,
     models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
     /// Models that failed to load, with the reason.
     failed: RwLock<BTreeMap<String, String>>,
@@ -149,6 +173,7 @@ impl ModelRepository {
         root: &Path,
         mode: ControlMode,
         startup: &[String],
+        bounds: RepositoryBounds,
     ) -> std::result::Result<Arc<Self>, String> {
         if !root.is_dir() {
             return Err(format!(
@@ -162,6 +187,7 @@ impl ModelRepository {
         let repo = Arc::new(Self {
             root: root.to_path_buf(),
             mode,
+            bounds,
             models: RwLock::new(BTreeMap::new()),
             failed: RwLock::new(BTreeMap::new()),
             loading: Mutex::new(()),
@@ -252,6 +278,15 @@ impl ModelRepository {
         let config_file = dir.join("config.pbtxt");
         let spec = ModelSpec::from_config(name, config)
             .map_err(|e| format!("{}: {e}", config_file.display()))?;
+        if spec.instances > self.bounds.max_instances {
+            return Err(format!(
+                "{}: instance_group: {} instances asked for; at most {} \
+                 (model_repository.max_instances)",
+                config_file.display(),
+                spec.instances,
+                self.bounds.max_instances
+            ));
+        }
         let mut available: Vec<i64> = std::fs::read_dir(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
             .flatten()
@@ -273,7 +308,8 @@ impl ModelRepository {
         let mut labels = HashMap::new();
         for out in &spec.outputs {
             if let Some(file) = &out.label_filename {
-                let path = dir.join(file);
+                let field = format!("output '{}'.label_filename", out.name);
+                let path = backend::confined(&dir, file, &field)?;
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     format!(
                         "output '{}'.label_filename: {}: {e}",
@@ -290,7 +326,13 @@ impl ModelRepository {
             tracing::info!(model = %name, version = v, "loading {}", vdir.join(&spec.model_filename).display());
             let backend = backend::load(&spec, &vdir).map_err(|e| format!("version {v}: {e}"))?;
             let stats = Arc::new(VersionStats::new(name, v));
-            let scheduler = Scheduler::start(&spec, backend, stats.clone());
+            let scheduler = Scheduler::start(
+                &spec,
+                backend,
+                stats.clone(),
+                self.bounds.default_max_queue_size,
+            )
+            .map_err(|e| format!("version {v}: {e}"))?;
             versions.insert(
                 v,
                 Arc::new(LoadedVersion {

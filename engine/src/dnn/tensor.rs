@@ -160,7 +160,14 @@ impl Tensor {
         let count = self.element_count()?;
         match self.dtype.size() {
             Some(size) => {
-                let want = count * size;
+                let want = count.checked_mul(size).ok_or_else(|| {
+                    DnnError::invalid(format!(
+                        "input '{}': shape {:?} of {} is larger than memory",
+                        self.name,
+                        self.shape,
+                        self.dtype.wire()
+                    ))
+                })?;
                 if self.data.len() != want {
                     return Err(DnnError::invalid(format!(
                         "input '{}': {} bytes of data, but shape {:?} of {} needs {want}",

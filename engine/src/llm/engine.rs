@@ -326,7 +326,13 @@ impl LlmEngine {
             )));
         }
         let max = inner.config.max_model_len;
-        if req.prompt.len() + req.max_tokens > max {
+        let total = req.prompt.len().checked_add(req.max_tokens);
+        if req.max_tokens == 0 {
+            return Err(LlmError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if total.is_none_or(|t| t > max) {
             return Err(LlmError::ContextLength {
                 max,
                 prompt: req.prompt.len(),
@@ -541,6 +547,16 @@ impl Worker {
         }
         let sched = self.scheduler.schedule(&mut self.cache);
         self.waiting.fetch_sub(sched.admitted, Ordering::SeqCst);
+        for mut s in self.scheduler.unfit.drain(..) {
+            let blocks = self.cache.blocks.num_blocks();
+            tracing::warn!(model = %self.name, seq = s.id.0, tokens = s.tokens.len(), blocks, "a sequence cannot fit the KV pool alone; ended");
+            let _ = s.events.send(GenerationEvent::Failed(format!(
+                "the sequence needs more KV cache than the whole pool holds ({blocks} blocks of {} tokens); \
+                 send a shorter prompt or a smaller max_tokens",
+                self.cache.blocks.block_size()
+            )));
+            s.finished = true;
+        }
         let labels = self.labels.clone();
         if sched.preempted > 0 {
             metrics::counter!("switchyard:num_preemptions", &labels)

@@ -41,7 +41,8 @@ pub struct Planned {
 pub struct Schedule {
     pub batch: ForwardBatch,
     pub plan: Vec<Planned>,
-    /// Sequences taken from `waiting` (not counting resumed preempted ones).
+    /// Sequences taken from `waiting`: admitted, or ended as unfit (not
+    /// counting resumed preempted ones).
     pub admitted: usize,
     /// Sequences preempted to free blocks; they recompute when resumed.
     pub preempted: usize,
@@ -68,6 +69,10 @@ pub struct Scheduler<S> {
     pub preempted: VecDeque<S>,
     /// In admission order: the last is the newest.
     pub running: Vec<S>,
+    /// Sequences that cannot fit the KV pool even with every other sequence
+    /// gone; the engine ends them with an error (they would preempt
+    /// themselves forever).
+    pub unfit: Vec<S>,
 }
 
 impl<S: Schedulable> Scheduler<S> {
@@ -77,6 +82,7 @@ impl<S: Schedulable> Scheduler<S> {
             waiting: VecDeque::new(),
             preempted: VecDeque::new(),
             running: Vec::new(),
+            unfit: Vec::new(),
         }
     }
 
@@ -89,11 +95,14 @@ impl<S: Schedulable> Scheduler<S> {
     /// served, after a prefix-cache lookup), all under the token budget, so one
     /// long prompt cannot stall everyone's decoding. When a sequence needs a
     /// block and none is free, the newest sequence not yet in this batch is
-    /// preempted: its blocks are freed and it recomputes later.
+    /// preempted: its blocks are freed and it recomputes later. A sequence
+    /// that needs a block while no other sequence holds any can never run:
+    /// it goes to `unfit` instead.
     pub fn schedule(&mut self, cache: &mut KvCache) -> Schedule {
         let mut out = Schedule::default();
         let mut budget = self.config.max_num_batched_tokens;
         let mut victim = vec![false; self.running.len()];
+        let mut unfit = vec![false; self.running.len()];
         let remaining = |s: &S| s.tokens().len() - s.computed();
         let decoding = (0..self.running.len()).filter(|&i| remaining(&self.running[i]) == 1);
         let prefilling = (0..self.running.len()).filter(|&i| remaining(&self.running[i]) > 1);
@@ -118,6 +127,10 @@ impl<S: Schedulable> Scheduler<S> {
                     .rev()
                     .find(|&j| j != index && !victim[j] && !planned(j))
                     .unwrap_or(index);
+                if v == index {
+                    // Alone, it would get every block there is.
+                    unfit[index] = (0..self.running.len()).all(|j| j == index || victim[j]);
+                }
                 victim[v] = true;
                 cache.blocks.free(self.running[v].id());
                 if v == index {
@@ -145,9 +158,17 @@ impl<S: Schedulable> Scheduler<S> {
             s.set_computed(cached);
             let len = remaining(&s).min(budget);
             if cache.prepare(s.id(), cached, cached + len).is_err() {
-                // It waits for blocks; its lookup is made again when it is admitted.
                 cache.blocks.undo_start(s.id());
                 s.set_computed(0);
+                if self.running.is_empty() {
+                    // Every block is free, and still too few.
+                    self.unfit.push(s);
+                    if !from_preempted {
+                        out.admitted += 1;
+                    }
+                    continue;
+                }
+                // It waits for blocks; its lookup is made again when it is admitted.
                 queue.push_front(s);
                 break;
             }
@@ -167,8 +188,10 @@ impl<S: Schedulable> Scheduler<S> {
             let running = std::mem::take(&mut self.running);
             let mut resumed = Vec::new();
             // Nothing was admitted while preempting: `victim` covers `running`.
-            for (s, v) in running.into_iter().zip(&victim) {
-                if *v {
+            for ((s, v), u) in running.into_iter().zip(&victim).zip(&unfit) {
+                if *u {
+                    self.unfit.push(s);
+                } else if *v {
                     resumed.push(s);
                 } else {
                     self.running.push(s);
@@ -308,5 +331,56 @@ mod tests {
         // Its tail block went to sequence 1 (tails are evicted first); its
         // first block is still cached.
         assert_eq!(resumed.batch.segments[0].start_pos, 4);
+    }
+
+    #[test]
+    fn a_sequence_that_outgrows_the_pool_alone_is_ended_and_the_others_progress() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 64,
+        });
+        // 4 blocks of 4 tokens; sequence 1 grows without end, 2 stops at 6 tokens.
+        let mut cache = cache(4);
+        s.waiting.push_back(Seq(SeqId(1), (0..7).collect(), 0));
+        s.waiting.push_back(Seq(SeqId(2), (10..13).collect(), 0));
+        let mut done = Vec::new();
+        for _ in 0..40 {
+            let sched = s.schedule(&mut cache);
+            advance(&mut s, &sched, &mut cache);
+            done.extend(s.retire(&mut cache, |q| q.0 == SeqId(2) && q.1.len() >= 6));
+            if s.is_idle() && s.unfit.len() == 1 {
+                break;
+            }
+        }
+        assert_eq!(done.len(), 1, "the other sequence finished");
+        assert_eq!(done[0].1.len(), 6);
+        assert_eq!(s.unfit.len(), 1, "the one that cannot fit was ended");
+        assert_eq!(s.unfit[0].0, SeqId(1));
+        assert!(
+            s.is_idle(),
+            "nothing spins: no sequence is left to schedule"
+        );
+        assert_eq!(cache.blocks.num_free(), 4, "every block came back");
+    }
+
+    #[test]
+    fn a_prompt_larger_than_the_pool_is_ended_at_admission() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 64,
+        });
+        let mut cache = cache(2);
+        s.waiting.push_back(Seq(SeqId(1), (0..20).collect(), 0));
+        s.waiting.push_back(Seq(SeqId(2), vec![1, 2, 3], 0));
+        let sched = s.schedule(&mut cache);
+        assert_eq!(s.unfit.len(), 1);
+        assert_eq!(s.unfit[0].0, SeqId(1));
+        assert_eq!(sched.admitted, 2, "both left the queue");
+        assert_eq!(
+            s.running.len(),
+            1,
+            "the next one is admitted in the same pass"
+        );
+        assert_eq!(s.running[0].0, SeqId(2));
     }
 }

@@ -1,5 +1,10 @@
 //! Errors as the OpenAI API sends them: `{"error": {message, type, param, code}}`
 //! with the matching HTTP status.
+use super::AppState;
+use crate::auth::AuthError;
+use crate::limits::{self, BodyError};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -51,7 +56,7 @@ impl ApiError {
                     "This model's maximum context length is {max} tokens. However, you requested {} tokens \
                      ({prompt} in the messages, {completion} in the completion). Please reduce the length of \
                      the messages or completion.",
-                    prompt + completion
+                    prompt.saturating_add(completion)
                 ),
             )
         }
@@ -98,5 +103,58 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let (kind, code) = match e {
+            AuthError::Forbidden(_) => ("permission_error", "forbidden"),
+            _ => ("authentication_error", "invalid_api_key"),
+        };
+        Self {
+            status: e.http_status(),
+            message: e.message(),
+            kind,
+            param: None,
+            code: Some(code),
+        }
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        let status = match e {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BodyError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        };
+        Self {
+            status,
+            code: matches!(e, BodyError::TooLarge { .. }).then_some("request_too_large"),
+            ..Self::bad_body(e.message())
+        }
+    }
+}
+
+/// A request body of the OpenAI-shaped routes, under
+/// `server.limits.max_body_bytes` (inflated under the decompressed bound
+/// when compressed); refusals come in OpenAI's error shape.
+pub struct OpenAiBody(pub Bytes);
+
+impl FromRequest<AppState> for OpenAiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, s: &AppState) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let raw = limits::read_body(&parts.headers, body, s.limits.max_body_bytes).await?;
+        let encoding = limits::content_encoding(&parts.headers);
+        let cap = s.limits.max_decompressed_bytes;
+        let size = if encoding == "identity" { 0 } else { raw.len() };
+        let body = s
+            .offload
+            .run(size, move || limits::inflate(&encoding, raw, cap))
+            .await?;
+        Ok(Self(body))
     }
 }

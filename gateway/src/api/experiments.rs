@@ -1,11 +1,12 @@
 //! Prompt experiments over HTTP: `POST /v1/feedback` (a user's score for a
 //! request, credited to its arm), `GET /v1/experiments` and
 //! `GET /v1/experiments/{name}/summary` (per-arm figures and tests).
-use super::error::ApiError;
+use super::error::{ApiError, OpenAiBody};
 use super::AppState;
-use axum::body::Bytes;
+use crate::auth::{self, Permission};
+use crate::experiment_stats::FeedbackError;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,7 +28,14 @@ struct Feedback {
     score: f64,
 }
 
-async fn feedback(State(s): State<AppState>, body: Bytes) -> Response {
+async fn feedback(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    OpenAiBody(body): OpenAiBody,
+) -> Response {
+    if let Err(e) = s.authorize(auth::from_headers(&headers), Permission::Invoke) {
+        return ApiError::from(e).into_response();
+    }
     let f: Feedback = match serde_json::from_slice(&body) {
         Ok(f) => f,
         Err(e) => return ApiError::bad_body(format!("invalid request body: {e}")).into_response(),
@@ -41,9 +49,15 @@ async fn feedback(State(s): State<AppState>, body: Bytes) -> Response {
             Json(json!({"request_id": f.request_id, "experiment": experiment, "arm": arm})),
         )
             .into_response(),
-        Err(m) => ApiError {
+        Err(FeedbackError::Unknown(m)) => ApiError {
             status: StatusCode::NOT_FOUND,
             code: Some("request_not_found"),
+            ..ApiError::invalid("request_id", m)
+        }
+        .into_response(),
+        Err(FeedbackError::Duplicate(m)) => ApiError {
+            status: StatusCode::CONFLICT,
+            code: Some("feedback_recorded"),
             ..ApiError::invalid("request_id", m)
         }
         .into_response(),

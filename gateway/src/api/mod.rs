@@ -7,8 +7,11 @@ pub mod openai;
 pub mod openai_types;
 pub mod registry;
 
+use crate::auth::{Actor, AuthError, Keys, Permission};
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
+use crate::limits::Limits;
+use crate::offload::Offload;
 use crate::rollout::VersionStats;
 use crate::routing::Routes;
 use crate::upstream::{Protocol, Upstream};
@@ -45,6 +48,14 @@ pub struct AppState {
     pub dnn: Option<Arc<ModelRepository>>,
     /// Shadows of repository models.
     pub kserve_shadows: kserve::shadow::Shadows,
+    /// The configured API keys (empty: none configured).
+    pub keys: Arc<Keys>,
+    /// With no keys, repository control without one (explicit mode,
+    /// `--allow-unauthenticated-control`).
+    pub open_control: bool,
+    pub limits: Limits,
+    /// The bounded pool for heavy request work.
+    pub offload: Offload,
 }
 
 impl AppState {
@@ -62,6 +73,45 @@ impl AppState {
             upstreams: Arc::default(),
             dnn: None,
             kserve_shadows: Default::default(),
+            keys: Arc::default(),
+            open_control: false,
+            limits: Limits::default(),
+            offload: Offload::default(),
+        }
+    }
+
+    /// Keys and bounds for every front.
+    pub fn with_security(mut self, keys: Keys, open_control: bool, limits: Limits) -> Self {
+        self.keys = Arc::new(keys);
+        self.open_control = open_control;
+        self.offload = Offload::new(limits.blocking_threads, limits.offload_bytes);
+        self.limits = limits;
+        self
+    }
+
+    /// Lets a call through if the presented key allows `p`. With no keys
+    /// configured, feedback is open (as inference is), and repository
+    /// control only when the server was started to allow it.
+    pub fn authorize(
+        &self,
+        presented: Option<&str>,
+        p: Permission,
+    ) -> Result<Option<Actor>, AuthError> {
+        if !self.keys.is_empty() {
+            return self.keys.authorize(presented, p).map(Some);
+        }
+        match p {
+            Permission::Invoke => Ok(None),
+            Permission::Control if self.open_control => Ok(None),
+            Permission::Control => Err(AuthError::Missing(
+                "repository control needs an API key with role admin (auth.api_keys); \
+                 without keys, start with --model-control-mode explicit \
+                 --allow-unauthenticated-control"
+                    .into(),
+            )),
+            _ => Err(AuthError::Missing(
+                "no API keys are configured (auth.api_keys)".into(),
+            )),
         }
     }
 

@@ -1,6 +1,6 @@
 //! `/v1/chat/completions` and `/v1/completions`: validate, tokenize, submit to
 //! the engine, and answer as one JSON body or as server-sent events.
-use super::error::ApiError;
+use super::error::{ApiError, OpenAiBody};
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
 use crate::divergence::{self, ShadowStats};
@@ -95,9 +95,12 @@ fn engine_for(
             ))
         })?;
         let variant = a.prompt();
-        common.temperature = common.temperature.or(variant.temperature);
-        common.top_p = common.top_p.or(variant.top_p);
-        common.max_tokens = common.max_tokens.or(variant.max_tokens);
+        common.fields.temperature = common
+            .fields
+            .temperature
+            .or(variant.temperature.map(f64::from));
+        common.fields.top_p = common.fields.top_p.or(variant.top_p.map(f64::from));
+        common.fields.max_tokens = common.fields.max_tokens.or(variant.max_tokens);
         return Ok((
             engine,
             Routed {
@@ -258,7 +261,7 @@ fn mirror(
             shadows.skipped(&route, &version);
             continue;
         };
-        let Ok((mut srx, _)) = submit_to(&d.engine, p, p.v.sampling.logprobs) else {
+        let Ok((mut srx, _)) = submit_to(&d.engine, p, p.v.params.sampling.logprobs) else {
             shadows.error(&route, &version);
             continue;
         };
@@ -368,7 +371,8 @@ fn capture(
 /// sees them only if it asked.
 fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
     let logprobs =
-        p.v.sampling
+        p.v.params
+            .sampling
             .logprobs
             .or((!p.routed.shadows.is_empty()).then_some(0));
     submit_to(&p.engine, p, logprobs)
@@ -382,29 +386,30 @@ fn submit_to(
     // Without max_tokens, the rest of the context (at least one token, so an
     // over-long prompt gets the engine's context error).
     let max_tokens =
-        p.v.max_tokens
+        p.v.params
+            .max_tokens
             .unwrap_or_else(|| engine.max_model_len().saturating_sub(p.prompt.len()).max(1));
     let most = engine.max_num_seqs();
-    if p.v.n > most {
+    if p.v.params.n > most {
         return Err(ApiError::invalid(
             "n",
             format!(
                 "`n` = {} is more than this model's max_num_seqs ({most})",
-                p.v.n
+                p.v.params.n
             ),
         ));
     }
     let req = GenerationRequest {
-        n: p.v.n,
+        n: p.v.params.n,
         prompt: p.prompt.clone(),
         sampling: SamplingParams {
             logprobs,
-            ..p.v.sampling.clone()
+            ..p.v.params.sampling.clone()
         },
         max_tokens,
-        min_tokens: p.v.min_tokens,
-        stop: p.v.stop.clone(),
-        ignore_eos: p.v.ignore_eos,
+        min_tokens: p.v.params.min_tokens,
+        stop: p.v.params.stop.clone(),
+        ignore_eos: p.v.params.ignore_eos,
     };
     let rx = engine.submit(req).map_err(|e| match e {
         LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
@@ -422,82 +427,100 @@ fn submit_to(
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    OpenAiBody(body): OpenAiBody,
 ) -> Response {
     if let Some((u, stream)) = upstream_for(&state, &body) {
         return proxy(u, stream, "/v1/chat/completions", body).await;
     }
-    let prepared = (|| {
-        let mut req: ChatRequest = parse(&body)?;
-        let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
-        let mut messages = req.chat_messages()?;
-        apply_system(
-            &mut messages,
-            routed.experiment.as_ref().and_then(|a| a.prompt().system),
-        );
-        let logprobs = req.logprobs()?;
-        let template = engine.template().ok_or_else(|| {
-            ApiError::invalid(
-                "model",
-                "this model has no chat template; use /v1/completions",
-            )
-        })?;
-        let text = template
-            .render(&messages, true)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        let prompt = engine
-            .tokenizer()
-            .encode(&text)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let model = req.common.model.clone();
-        let v = req.common.validate(req.max_completion_tokens, logprobs)?;
-        Ok::<_, ApiError>(Prepared {
-            engine,
-            routed,
-            model,
-            v,
-            prompt,
-        })
-    })();
+    let s = state.clone();
+    let prepared = state
+        .offload
+        .run(body.len(), move || prepare_chat(&s, &headers, &body))
+        .await;
     respond(prepared, Kind::Chat, &state).await
+}
+
+/// Parses, routes, renders the chat template and tokenizes: the work that
+/// runs on the blocking pool for a large body.
+fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Prepared, ApiError> {
+    let mut req: ChatRequest = parse(body)?;
+    let (engine, routed) = engine_for(state, &mut req.common, headers, body)?;
+    let mut messages = req.chat_messages()?;
+    apply_system(
+        &mut messages,
+        routed.experiment.as_ref().and_then(|a| a.prompt().system),
+    );
+    let logprobs = req.logprobs()?;
+    let template = engine.template().ok_or_else(|| {
+        ApiError::invalid(
+            "model",
+            "this model has no chat template; use /v1/completions",
+        )
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = engine
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let model = req.common.model.clone();
+    let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+    Ok(Prepared {
+        engine,
+        routed,
+        model,
+        v,
+        prompt,
+    })
 }
 
 pub async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    OpenAiBody(body): OpenAiBody,
 ) -> Response {
     if let Some((u, stream)) = upstream_for(&state, &body) {
         return proxy(u, stream, "/v1/completions", body).await;
     }
-    let prepared = (|| {
-        let mut req: CompletionRequest = parse(&body)?;
-        let (engine, routed) = engine_for(&state, &mut req.common, &headers, &body)?;
-        let text = req.prompt_text()?;
-        if req.echo {
-            return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
-        }
-        let logprobs = req.logprobs()?;
-        let prompt = engine
-            .tokenizer()
-            .encode(&text)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if prompt.is_empty() {
-            return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
-        }
-        let model = req.common.model.clone();
-        // OpenAI's default for completions is 16 tokens.
-        let max_tokens = req.common.max_tokens.or(Some(16));
-        let v = req.common.validate(max_tokens, logprobs)?;
-        Ok::<_, ApiError>(Prepared {
-            engine,
-            routed,
-            model,
-            v,
-            prompt,
-        })
-    })();
+    let s = state.clone();
+    let prepared = state
+        .offload
+        .run(body.len(), move || prepare_completion(&s, &headers, &body))
+        .await;
     respond(prepared, Kind::Completion, &state).await
+}
+
+fn prepare_completion(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Prepared, ApiError> {
+    let mut req: CompletionRequest = parse(body)?;
+    let (engine, routed) = engine_for(state, &mut req.common, headers, body)?;
+    let text = req.prompt_text()?;
+    if req.echo {
+        return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
+    }
+    let logprobs = req.logprobs()?;
+    let prompt = engine
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    let model = req.common.model.clone();
+    // OpenAI's default for completions is 16 tokens.
+    let max_tokens = req.common.fields.max_tokens.or(Some(16));
+    let v = req.common.validate(max_tokens, logprobs)?;
+    Ok(Prepared {
+        engine,
+        routed,
+        model,
+        v,
+        prompt,
+    })
 }
 
 /// The fields a proxied request is read for.
@@ -618,8 +641,8 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         id,
         model: p.model,
         created: now(),
-        logprobs: p.v.sampling.logprobs.is_some(),
-        n: p.v.n,
+        logprobs: p.v.params.sampling.logprobs.is_some(),
+        n: p.v.params.n,
     };
     let mut resp = if p.v.stream {
         stream_response(shape, rx, p.v.include_usage).into_response()

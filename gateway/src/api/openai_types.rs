@@ -1,25 +1,9 @@
 //! Request bodies of the OpenAI API, and their validation into the engine's
 //! request type. Unknown fields are ignored, as OpenAI's own server does.
 use super::error::ApiError;
-use engine::llm::{ChatMessage, SamplingParams};
+use crate::params::{GenerateParams, ParamError, SamplingFields};
+use engine::llm::ChatMessage;
 use serde::Deserialize;
-
-/// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -27,27 +11,17 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Sampling fields shared by both endpoints, with vLLM's extensions.
+/// Fields shared by both endpoints: the model, streaming, the user, and the
+/// generation parameters (with vLLM's extensions) that every LLM front checks
+/// the same way (`params`).
 #[derive(Debug, Deserialize, Default)]
 pub struct CommonParams {
     pub model: String,
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<i64>,
-    pub n: Option<i64>,
-    pub stop: Option<OneOrMany>,
+    #[serde(flatten)]
+    pub fields: SamplingFields,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub ignore_eos: bool,
-    pub min_tokens: Option<i64>,
     /// The end user; keeps one user on one arm of a rollout.
     pub user: Option<String>,
 }
@@ -103,31 +77,14 @@ pub struct CompletionRequest {
 /// The validated, endpoint-independent part of a request.
 #[derive(Debug)]
 pub struct Validated {
-    pub sampling: SamplingParams,
-    pub max_tokens: Option<usize>,
-    pub min_tokens: usize,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
+    pub params: GenerateParams,
     pub stream: bool,
     pub include_usage: bool,
-    /// Choices to generate.
-    pub n: usize,
 }
 
-fn in_range(
-    param: &'static str,
-    v: Option<f32>,
-    lo: f32,
-    hi: f32,
-    default: f32,
-) -> Result<f32, ApiError> {
-    match v {
-        None => Ok(default),
-        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-        Some(x) => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be between {lo} and {hi}, got {x}"),
-        )),
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        ApiError::invalid(e.param, e.message)
     }
 }
 
@@ -138,88 +95,10 @@ impl CommonParams {
         max_tokens: Option<i64>,
         logprobs: Option<usize>,
     ) -> Result<Validated, ApiError> {
-        let temperature = in_range("temperature", self.temperature, 0.0, 2.0, 1.0)?;
-        let top_p = in_range("top_p", self.top_p, 0.0, 1.0, 1.0)?;
-        if top_p == 0.0 {
-            return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0"));
-        }
-        let min_p = in_range("min_p", self.min_p, 0.0, 1.0, 0.0)?;
-        let frequency_penalty =
-            in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, 0.0)?;
-        let presence_penalty = in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?;
-        let repetition_penalty = in_range(
-            "repetition_penalty",
-            self.repetition_penalty,
-            0.01,
-            10.0,
-            1.0,
-        )?;
-        let top_k = match self.top_k {
-            None | Some(-1) | Some(0) => 0,
-            Some(k) if k > 0 => k as usize,
-            Some(k) => {
-                return Err(ApiError::invalid(
-                    "top_k",
-                    format!("`top_k` must be -1 (off) or positive, got {k}"),
-                ))
-            }
-        };
-        let n = match self.n {
-            None => 1,
-            Some(n) if n >= 1 => n as usize,
-            Some(n) => {
-                return Err(ApiError::invalid(
-                    "n",
-                    format!("`n` must be at least 1, got {n}"),
-                ))
-            }
-        };
-        let max_tokens = match max_tokens.or(self.max_tokens) {
-            None => None,
-            Some(m) if m >= 1 => Some(m as usize),
-            Some(m) => {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!("`max_tokens` must be at least 1, got {m}"),
-                ))
-            }
-        };
-        let min_tokens = match self.min_tokens {
-            None => 0,
-            Some(m) if m >= 0 && max_tokens.is_none_or(|mx| m as usize <= mx) => m as usize,
-            Some(m) => {
-                return Err(ApiError::invalid(
-                    "min_tokens",
-                    format!("`min_tokens` ({m}) must be between 0 and max_tokens"),
-                ))
-            }
-        };
-        let stop = self.stop.map(OneOrMany::into_vec).unwrap_or_default();
-        if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid(
-                "stop",
-                "`stop` strings must not be empty",
-            ));
-        }
         Ok(Validated {
-            sampling: SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                frequency_penalty,
-                presence_penalty,
-                repetition_penalty,
-                seed: self.seed.map(|s| s as u64),
-                logprobs,
-            },
-            max_tokens,
-            min_tokens,
-            stop,
-            ignore_eos: self.ignore_eos,
+            params: self.fields.validate(max_tokens, logprobs)?,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             stream: self.stream,
-            n,
         })
     }
 }
@@ -328,7 +207,7 @@ mod tests {
                "ignore_eos":true,"min_tokens":3,"max_tokens":8,"stop":"END","seed":5,"top_k":-1}"#,
         );
         assert_eq!(r.chat_messages().unwrap()[0].content, "hi");
-        let v = r.common.validate(None, None).unwrap();
+        let v = r.common.validate(None, None).unwrap().params;
         assert!(v.ignore_eos);
         assert_eq!(
             (v.min_tokens, v.max_tokens, v.sampling.top_k),

@@ -3,6 +3,8 @@
 //! needs an API key (`Authorization: Bearer KEY`); the key's role decides
 //! what it may change, and its name is what the audit log records.
 use super::AppState;
+use crate::auth::{self, AuthError, Permission};
+use crate::limits::{self, BodyError};
 use crate::registry::records::{ModelSpec, VersionSpec};
 use crate::registry::{
     lifecycle::State as VersionState, Actor, Registry, RegistryError, TransitionRequest,
@@ -15,51 +17,26 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Arc;
 
-/// The registry and the keys that may use it (by sha256 of the secret).
+/// The registry as the API serves it; keys are the server's (`AppState::keys`).
 #[derive(Clone)]
 pub struct RegistryApi {
     pub registry: Registry,
-    keys: Arc<HashMap<[u8; 32], Actor>>,
 }
 
 impl RegistryApi {
-    pub fn new(registry: Registry, keys: impl IntoIterator<Item = (String, Actor)>) -> Self {
-        let keys = keys
-            .into_iter()
-            .map(|(secret, actor)| (Sha256::digest(secret.as_bytes()).into(), actor))
-            .collect();
-        Self {
-            registry,
-            keys: Arc::new(keys),
-        }
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
     }
+}
 
-    fn actor(&self, headers: &HeaderMap) -> Result<Actor, Box<Response>> {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-        let Some(secret) = given else {
-            return Err(Box::new(error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "the registry needs an API key: send `Authorization: Bearer KEY`",
-            )));
-        };
-        let digest: [u8; 32] = Sha256::digest(secret.trim().as_bytes()).into();
-        self.keys.get(&digest).cloned().ok_or_else(|| {
-            Box::new(error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this API key is not configured in `registry.api_keys`",
-            ))
-        })
-    }
+/// A refused key in the registry's error shape.
+fn auth_error(e: AuthError) -> Response {
+    let kind = match e {
+        AuthError::Forbidden(_) => "forbidden",
+        _ => "unauthorized",
+    };
+    error(e.http_status(), kind, e.message())
 }
 
 pub fn routes() -> Router<AppState> {
@@ -123,13 +100,20 @@ fn registry_error(e: RegistryError) -> Response {
 /// and an empty body reads as `{}`.
 struct JsonBody<T>(T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = Response;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
-        let body = Bytes::from_request(req, state)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let body = limits::read_body(&parts.headers, body, state.limits.max_body_bytes)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|e| {
+                let status = match e {
+                    BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                error(status, "invalid_request", e.message())
+            })?;
         let body = if body.is_empty() {
             Bytes::from_static(b"{}")
         } else {
@@ -172,9 +156,12 @@ async fn call_with<T: IntoResponse + Send + 'static>(
             "this server has no registry: add a `registry:` section to its config",
         );
     };
-    let actor = match api.actor(headers) {
+    let actor = match state
+        .keys
+        .authorize(auth::from_headers(headers), Permission::Read)
+    {
         Ok(a) => a,
-        Err(r) => return *r,
+        Err(e) => return auth_error(e),
     };
     match tokio::task::spawn_blocking(move || f(&api.registry, actor)).await {
         Ok(Ok(v)) => v.into_response(),

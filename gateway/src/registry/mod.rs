@@ -17,42 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use store::{Db, Sql, StoreError};
 
-/// Who may do what. Roles are granted to API keys in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Viewer,
-    Deployer,
-    Approver,
-    Admin,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
-    /// Register models and versions, move versions, roll back.
-    Deploy,
-    Approve,
-    /// Promote an irreversible model past its block.
-    Override,
-}
-
-impl Role {
-    pub fn allows(self, p: Permission) -> bool {
-        matches!(
-            (self, p),
-            (Role::Admin, _)
-                | (Role::Deployer, Permission::Deploy)
-                | (Role::Approver, Permission::Approve)
-        )
-    }
-}
-
-/// The identity behind a call, as its API key names it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Actor {
-    pub name: String,
-    pub role: Role,
-}
+pub use crate::auth::{Actor, Permission, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -202,6 +167,8 @@ pub fn now_ms() -> i64 {
 pub struct Registry {
     db: Arc<Mutex<Box<dyn Db>>>,
     changed: Arc<tokio::sync::Notify>,
+    /// Models below this tier are created by admins only.
+    tier_floor: records::Tier,
 }
 
 /// One write transaction: reads see the latest committed state, writes and
@@ -310,20 +277,7 @@ fn find(versions: &mut [Version], number: u32, model: &str) -> Result<usize> {
 }
 
 fn require(actor: &Actor, p: Permission) -> Result<()> {
-    if actor.role.allows(p) {
-        Ok(())
-    } else {
-        Err(RegistryError::Forbidden(format!(
-            "`{}` has role {:?}, which may not {}",
-            actor.name,
-            actor.role,
-            match p {
-                Permission::Deploy => "register or move versions",
-                Permission::Approve => "approve transitions",
-                Permission::Override => "override the irreversible block",
-            }
-        )))
-    }
+    crate::auth::require(actor, p).map_err(|e| RegistryError::Forbidden(e.message()))
 }
 
 impl Registry {
@@ -336,7 +290,14 @@ impl Registry {
         Self {
             db: Arc::new(Mutex::new(db)),
             changed: Arc::default(),
+            tier_floor: records::Tier::L2,
         }
+    }
+
+    /// Models below `tier` (fewer approvals) may be created by admins only.
+    pub fn with_tier_floor(mut self, tier: records::Tier) -> Self {
+        self.tier_floor = tier;
+        self
     }
 
     /// Fires after every committed change, for the controller.
@@ -375,6 +336,13 @@ impl Registry {
     pub fn create_model(&self, actor: &Actor, spec: ModelSpec) -> Result<ModelSpec> {
         require(actor, Permission::Deploy)?;
         spec.validate().map_err(RegistryError::Invalid)?;
+        if spec.tier < self.tier_floor && !actor.role.allows(Permission::Override) {
+            return Err(RegistryError::Forbidden(format!(
+                "tier {:?} needs fewer approvals than this registry's floor {:?} \
+                 (registry.min_tier_without_admin); only an admin may create such a model",
+                spec.tier, self.tier_floor
+            )));
+        }
         self.write(|tx| {
             if tx.model(&spec.name).is_ok() {
                 return Err(RegistryError::Conflict(format!(

@@ -54,6 +54,11 @@ fn actor(name: &str, role: Role) -> Actor {
     }
 }
 
+/// A registry without a tier floor, so that deployers create models of any tier.
+fn open(url: &str) -> Registry {
+    Registry::open(url).unwrap().with_tier_floor(Tier::L0)
+}
+
 fn deployer() -> Actor {
     actor("dana", Role::Deployer)
 }
@@ -157,7 +162,7 @@ fn with_promoted_v1(r: &Registry, spec: ModelSpec, approver: Option<&Actor>) {
 #[test]
 fn a_version_walks_the_chain_and_the_old_one_is_deprecated() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         // v2 is worse on a slice than v1 beyond tolerance: refused, and said why.
@@ -199,7 +204,7 @@ fn a_version_walks_the_chain_and_the_old_one_is_deprecated() {
 #[test]
 fn tiers_demand_their_approvals() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         let ann = actor("ann", Role::Approver);
         let bob = actor("bob", Role::Approver);
@@ -257,7 +262,7 @@ fn tiers_demand_their_approvals() {
 #[test]
 fn irreversible_models_need_an_admin_override_to_promote() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         let ann = actor("ann", Role::Approver);
         r.create_model(&d, model("irr", Tier::L2, RollbackClass::Irreversible))
@@ -292,7 +297,7 @@ fn irreversible_models_need_an_admin_override_to_promote() {
 #[test]
 fn rollback_returns_traffic_and_marks_dependents() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         // A downstream model built on `base` v2, and one built on that.
         r.create_model(&d, model("ranker", Tier::L0, RollbackClass::Stateless))
@@ -357,7 +362,7 @@ fn rollback_returns_traffic_and_marks_dependents() {
 #[test]
 fn irreversible_rollback_lists_what_cannot_be_undone() {
     for (_db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         with_promoted_v1(
             &r,
@@ -383,7 +388,7 @@ fn irreversible_rollback_lists_what_cannot_be_undone() {
 #[test]
 fn served_at_replays_the_log() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         let d = deployer();
         with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -439,7 +444,7 @@ fn tamper(db: &str, url: &str, seq: i64) {
 #[test]
 fn the_audit_log_refuses_edits_and_verify_names_the_tampered_entry() {
     for (db, url, _dir) in backends() {
-        let r = Registry::open(&url).unwrap();
+        let r = open(&url);
         with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
         let entries = r.audit(None, 0, 100).unwrap();
         assert_eq!(entries.len(), 4, "{db}");
@@ -592,7 +597,7 @@ proptest! {
         irreversible in proptest::bool::ANY,
         calls in proptest::collection::vec(call(), 1..80),
     ) {
-        let r = Registry::open(":memory:").unwrap();
+        let r = open(":memory:");
         let spec = model("p", tier, if irreversible { RollbackClass::Irreversible } else { RollbackClass::Stateless });
         let d = deployer();
         r.create_model(&d, spec.clone()).unwrap();
@@ -650,7 +655,7 @@ fn a_dropped_postgres_connection_is_reopened() {
     let Some((_, url, _dir)) = backends().into_iter().find(|b| b.0 == "postgres") else {
         return;
     };
-    let r = Registry::open(&url).unwrap();
+    let r = open(&url);
     r.create_model(&deployer(), model("m", Tier::L0, RollbackClass::Stateless))
         .unwrap();
     // The server ends the registry's session, as a restart or failover would.
@@ -668,4 +673,32 @@ fn a_dropped_postgres_connection_is_reopened() {
         Err(_) => r.models().unwrap(),
     };
     assert_eq!(models.len(), 1);
+}
+
+#[test]
+fn only_admins_create_models_below_the_tier_floor() {
+    for (_, url, _dir) in backends() {
+        let r = Registry::open(&url).unwrap();
+        let e = r
+            .create_model(
+                &deployer(),
+                model("low", Tier::L1, RollbackClass::Stateless),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::Forbidden(m) if m.contains("L2")),
+            "{e:?}"
+        );
+        r.create_model(
+            &deployer(),
+            model("high", Tier::L2, RollbackClass::Stateless),
+        )
+        .unwrap();
+        r.create_model(
+            &actor("root", Role::Admin),
+            model("low", Tier::L0, RollbackClass::Stateless),
+        )
+        .unwrap();
+        assert_eq!(r.models().unwrap().len(), 2);
+    }
 }

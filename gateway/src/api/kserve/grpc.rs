@@ -31,6 +31,7 @@ pub fn status(e: DnnError) -> Status {
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Unsupported => tonic::Code::Unimplemented,
         ErrorKind::Internal => tonic::Code::Internal,
+        ErrorKind::TooLarge => tonic::Code::ResourceExhausted,
     };
     Status::new(code, e.message)
 }
@@ -38,6 +39,18 @@ pub fn status(e: DnnError) -> Status {
 type GrpcResult<T> = Result<Response<T>, Status>;
 
 impl KserveGrpc {
+    /// Repository control needs a key with the admin role (or, with no keys
+    /// configured, `--allow-unauthenticated-control`).
+    fn control(&self, m: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        self.state
+            .authorize(
+                crate::auth::from_metadata(m),
+                crate::auth::Permission::Control,
+            )
+            .map(drop)
+            .map_err(|e| e.grpc_status())
+    }
+
     fn repo(&self) -> Result<&ModelRepository, Status> {
         repository(&self.state.dnn)
             .map(std::sync::Arc::as_ref)
@@ -111,7 +124,7 @@ fn param_u64(p: Option<&InferParameter>) -> Option<u64> {
     }
 }
 
-fn infer_request(r: ModelInferRequest) -> Result<InferRequest, DnnError> {
+pub(crate) fn infer_request(r: ModelInferRequest) -> Result<InferRequest, DnnError> {
     let version = parse_version(&r.model_version)?;
     let raw = !r.raw_input_contents.is_empty();
     if raw && r.raw_input_contents.len() != r.inputs.len() {
@@ -315,6 +328,7 @@ impl Remote {
             tonic::Code::NotFound => ErrorKind::NotFound,
             tonic::Code::Unimplemented => ErrorKind::Unsupported,
             tonic::Code::Internal => ErrorKind::Internal,
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => ErrorKind::TooLarge,
             _ => ErrorKind::Unavailable,
         };
         DnnError {
@@ -376,7 +390,7 @@ type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, S
 async fn stream_one(state: &AppState, r: ModelInferRequest, tx: &StreamSender) {
     let id = r.id.clone();
     let result = match llm_target(state, &r.model_name) {
-        Some((engine, version)) => stream_llm(&engine, version, r, tx).await,
+        Some((engine, version)) => stream_llm(state, &engine, version, r, tx).await,
         None => run_infer(state, r).await.map(Some),
     };
     let msg = match result {
@@ -399,6 +413,7 @@ async fn stream_one(state: &AppState, r: ModelInferRequest, tx: &StreamSender) {
 /// Streams an LLM's text pieces into `tx` (and returns `None`), or answers
 /// a request that does not ask to stream with one response.
 async fn stream_llm(
+    state: &AppState,
     engine: &engine::llm::LlmEngine,
     version: String,
     r: ModelInferRequest,
@@ -408,10 +423,11 @@ async fn stream_llm(
     let (call, stream) = llm::call_from_tensors(&req.inputs)?;
     if !stream {
         return Ok(Some(infer_response(
-            llm::answer(engine, version, req, &call).await?,
+            llm::answer(&state.offload, engine, version, req, &call).await?,
         )));
     }
-    let mut pieces = Box::pin(llm::stream(engine, &call)?);
+    let generation = llm::request(&state.offload, engine, &call).await?;
+    let mut pieces = Box::pin(llm::stream(engine, generation)?);
     while let Some(piece) = pieces.next().await {
         let resp = InferResponse {
             model_name: req.model.clone(),
@@ -538,6 +554,7 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         r: Request<RepositoryModelLoadRequest>,
     ) -> GrpcResult<RepositoryModelLoadResponse> {
+        self.control(r.metadata())?;
         let r = r.into_inner();
         use model_repository_parameter::ParameterChoice as P;
         let config = match r.parameters.get("config").map(|p| &p.parameter_choice) {
@@ -556,6 +573,7 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         r: Request<RepositoryModelUnloadRequest>,
     ) -> GrpcResult<RepositoryModelUnloadResponse> {
+        self.control(r.metadata())?;
         self.repo()?
             .unload(&r.into_inner().model_name)
             .map_err(status)?;
@@ -563,10 +581,14 @@ impl GrpcInferenceService for KserveGrpc {
     }
 }
 
-/// Serves KServe gRPC (and `grpc.health.v1.Health`) on `listener` until `shutdown`.
+/// Serves KServe gRPC (and `grpc.health.v1.Health`) on `listener` until
+/// `shutdown`: messages up to `grpc_max_message_bytes` either way (a larger
+/// one is refused from its length prefix, before it is read), at most
+/// `max_connections` connections and `max_concurrent_streams` streams each.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: crate::limits::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use tonic::codec::CompressionEncoding::{Deflate, Gzip};
@@ -575,24 +597,24 @@ pub async fn serve(
         .set_serving::<GrpcInferenceServiceServer<KserveGrpc>>()
         .await;
     let service = GrpcInferenceServiceServer::new(KserveGrpc { state })
-        .max_decoding_message_size(i32::MAX as usize)
-        .max_encoding_message_size(i32::MAX as usize)
+        .max_decoding_message_size(limits.grpc_max_message_bytes)
+        .max_encoding_message_size(limits.grpc_max_message_bytes)
         .accept_compressed(Gzip)
         .accept_compressed(Deflate)
         .send_compressed(Gzip)
         .send_compressed(Deflate);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let incoming = futures::stream::unfold((listener, permits), |(l, p)| async move {
+        let conn = crate::server::accept_capped(&l, &p).await;
+        Some((conn, (l, p)))
+    });
     tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            // Small responses go out at once, not after a delayed ACK.
-            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-                conn.inspect(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                })
-            }),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -6,8 +6,11 @@ use super::{
     model_metadata, parse_version, repository, server_metadata, statistics,
 };
 use crate::api::AppState;
+use crate::auth::{self, AuthError, Permission};
+use crate::limits::{self, BodyError};
+use crate::params::SamplingFields;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,32 +21,66 @@ use engine::dnn::{
 };
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
-/// The largest request body (1 GiB); gRPC allows up to 2 GiB per message.
-const MAX_BODY_BYTES: usize = 1 << 30;
 
-/// A protocol error: `{"error": "..."}` with Triton's status for its kind.
-pub struct KsError(pub DnnError);
+/// A protocol error: `{"error": "..."}` with Triton's status for its kind
+/// (and `Retry-After` on a 503).
+pub struct KsError {
+    status: StatusCode,
+    message: String,
+}
 
 impl From<DnnError> for KsError {
     fn from(e: DnnError) -> Self {
-        Self(e)
-    }
-}
-
-impl IntoResponse for KsError {
-    fn into_response(self) -> Response {
-        let status = match self.0.kind {
+        let status = match e.kind {
             ErrorKind::InvalidArg => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         };
-        (status, Json(json!({ "error": self.0.message }))).into_response()
+        Self {
+            status,
+            message: e.message,
+        }
+    }
+}
+
+impl From<AuthError> for KsError {
+    fn from(e: AuthError) -> Self {
+        Self {
+            status: e.http_status(),
+            message: e.message(),
+        }
+    }
+}
+
+impl From<BodyError> for KsError {
+    fn from(e: BodyError) -> Self {
+        let status = match e {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BodyError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        };
+        Self {
+            status,
+            message: e.message(),
+        }
+    }
+}
+
+impl IntoResponse for KsError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -81,8 +118,45 @@ pub fn routes() -> Router<AppState> {
         .merge(model("/infer", post(infer)))
         .merge(model("/generate", post(generate)))
         .merge(model("/generate_stream", post(generate_stream)))
-        // Tensors are large; Triton's clients send whole batches in one body.
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// Reads a body under `limit` and inflates it under the decompressed bound
+/// (on the blocking pool when it is large).
+async fn read(req: Request, s: &AppState, limit: usize) -> KsResult<(HeaderMap, Bytes)> {
+    let (parts, body) = req.into_parts();
+    let raw = limits::read_body(&parts.headers, body, limit).await?;
+    let encoding = limits::content_encoding(&parts.headers);
+    let cap = s.limits.max_decompressed_bytes;
+    let size = if encoding == "identity" { 0 } else { raw.len() };
+    let body = s
+        .offload
+        .run(size, move || limits::inflate(&encoding, raw, cap))
+        .await?;
+    Ok((parts.headers, body))
+}
+
+/// A JSON body (control, `generate`) under `server.limits.max_body_bytes`.
+struct JsonBody(HeaderMap, Bytes);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = KsError;
+
+    async fn from_request(req: Request, s: &AppState) -> KsResult<Self> {
+        let (h, b) = read(req, s, s.limits.max_body_bytes).await?;
+        Ok(Self(h, b))
+    }
+}
+
+/// An `infer` body under `server.limits.max_tensor_body_bytes`.
+struct TensorBody(HeaderMap, Bytes);
+
+impl FromRequest<AppState> for TensorBody {
+    type Rejection = KsError;
+
+    async fn from_request(req: Request, s: &AppState) -> KsResult<Self> {
+        let (h, b) = read(req, s, s.limits.max_tensor_body_bytes).await?;
+        Ok(Self(h, b))
+    }
 }
 
 /// The model and version named in the path.
@@ -155,21 +229,19 @@ async fn all_stats(State(s): State<AppState>) -> KsResult<Json<Value>> {
 }
 
 /// An optional JSON body (clients post nothing, `{}` or parameters).
-fn optional_json(headers: &HeaderMap, body: &[u8]) -> Result<Value, DnnError> {
-    let body = decode_body(headers, body)?;
+fn optional_json(body: &[u8]) -> Result<Value, DnnError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&body)
+    serde_json::from_slice(body)
         .map_err(|e| DnnError::invalid(format!("failed to parse the request JSON buffer: {e}")))
 }
 
 async fn repo_index(
     State(s): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(_, body): JsonBody,
 ) -> KsResult<Json<Value>> {
-    let req = optional_json(&headers, &body)?;
+    let req = optional_json(&body)?;
     let ready = req["ready"].as_bool().unwrap_or(false);
     let rows: Vec<Value> = repository(&s.dnn)?
         .index(ready)
@@ -191,10 +263,10 @@ async fn repo_index(
 async fn load(
     State(s): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(headers, body): JsonBody,
 ) -> KsResult<StatusCode> {
-    let req = optional_json(&headers, &body)?;
+    s.authorize(auth::from_headers(&headers), Permission::Control)?;
+    let req = optional_json(&body)?;
     let params = req["parameters"].as_object().cloned().unwrap_or_default();
     let config = match params.get("config") {
         None => None,
@@ -209,43 +281,16 @@ async fn load(
 async fn unload(
     State(s): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(headers, body): JsonBody,
 ) -> KsResult<StatusCode> {
-    optional_json(&headers, &body)?;
+    s.authorize(auth::from_headers(&headers), Permission::Control)?;
+    optional_json(&body)?;
     repository(&s.dnn)?.unload(&model)?;
     Ok(StatusCode::OK)
 }
 
-/// The body with any `Content-Encoding: gzip|deflate` undone.
-fn decode_body<'a>(
-    headers: &HeaderMap,
-    body: &'a [u8],
-) -> Result<std::borrow::Cow<'a, [u8]>, DnnError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
-        .trim()
-        .to_ascii_lowercase();
-    let mut out = Vec::new();
-    let result = match encoding.as_str() {
-        "identity" | "" => return Ok(std::borrow::Cow::Borrowed(body)),
-        "gzip" => flate2::read::GzDecoder::new(body).read_to_end(&mut out),
-        "deflate" => flate2::read::ZlibDecoder::new(body).read_to_end(&mut out),
-        other => {
-            return Err(DnnError::unsupported(format!(
-                "Content-Encoding '{other}' is not supported (gzip, deflate)"
-            )))
-        }
-    };
-    result
-        .map_err(|e| DnnError::invalid(format!("the {encoding} body does not decompress: {e}")))?;
-    Ok(std::borrow::Cow::Owned(out))
-}
-
 /// How the client wants each output: binary (the extension) or JSON data.
-struct OutputFormat {
+pub(crate) struct OutputFormat {
     default_binary: bool,
     binary: HashMap<String, bool>,
 }
@@ -407,7 +452,7 @@ fn quote_non_finite(head: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// Parses an infer request: JSON alone, or a JSON header followed by the
 /// binary tensors, or (header length 0) one raw input tensor.
-fn parse_infer(
+pub(crate) fn parse_infer(
     model: String,
     version: Option<i64>,
     headers: &HeaderMap,
@@ -655,8 +700,7 @@ fn encode_response(headers: &HeaderMap, body: Vec<u8>) -> (Option<&'static str>,
 async fn infer(
     State(s): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
+    TensorBody(headers, body): TensorBody,
 ) -> KsResult<Response> {
     let (model, version) = target(&p)?;
     // A remote upstream's model is checked there.
@@ -664,9 +708,14 @@ async fn infer(
     if !remote && llm_target(&s, &model).is_none() {
         repository(&s.dnn)?.version(&model, version)?;
     }
-    let body = decode_body(&headers, &body)?;
-    let repo = if remote { None } else { s.dnn.as_deref() };
-    let (req, format) = parse_infer(model, version, &headers, &body, repo)?;
+    let repo = if remote { None } else { s.dnn.clone() };
+    let head = headers.clone();
+    let (req, format) = s
+        .offload
+        .run(body.len(), move || {
+            parse_infer(model, version, &head, &body, repo.as_deref())
+        })
+        .await?;
     let resp = super::infer(&s, req).await?;
     let (body, header_len) = infer_body(resp, &format);
     let (encoding, body) = encode_response(&headers, body);
@@ -693,13 +742,16 @@ async fn infer(
     Ok(response)
 }
 
-/// Triton's generate extension: a JSON object of inputs by name plus
-/// `parameters` (the sampling settings).
+/// Triton's generate extension: a JSON object of the model's inputs by name
+/// (`text_input` as a string or a one-element list, `sampling_parameters` as
+/// an object or its JSON text, `exclude_input_in_output`, `stream`) plus
+/// `parameters`; sampling keys (`max_tokens`, `temperature`, ...) are taken
+/// at the top level too, as for Triton's LLM backends. Any other key is refused.
 fn generate_call(
     s: &AppState,
     p: &HashMap<String, String>,
-    headers: &HeaderMap,
     body: &[u8],
+    streaming: bool,
 ) -> Result<(engine::llm::LlmEngine, String, String, llm::LlmCall), DnnError> {
     let (model, _) = target(p)?;
     let (engine, version) = llm_target(s, &model).ok_or_else(|| {
@@ -707,34 +759,83 @@ fn generate_call(
             "Request for unknown model: '{model}' is not a generative model"
         ))
     })?;
-    let req = optional_json(headers, body)?;
+    let req = optional_json(body)?;
     let obj = req
         .as_object()
         .ok_or_else(|| DnnError::invalid("the request must be a JSON object"))?;
-    let prompt = obj
-        .get("text_input")
-        .and_then(Value::as_str)
-        .ok_or_else(|| DnnError::invalid("the request has no string 'text_input'"))?
-        .to_string();
-    let mut params = obj
-        .get("parameters")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    if let Some(Value::Object(extra)) = obj.get("sampling_parameters") {
-        params.extend(extra.clone());
+    let mut prompt = None;
+    let mut sampling = Map::new();
+    let mut exclude_input = false;
+    for (key, value) in obj {
+        match key.as_str() {
+            "text_input" => {
+                prompt = Some(match value {
+                    Value::String(t) => t.clone(),
+                    Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                        a[0].as_str().unwrap_or_default().to_string()
+                    }
+                    _ => {
+                        return Err(DnnError::invalid(
+                            "'text_input' must be a string or a list of one string",
+                        ))
+                    }
+                })
+            }
+            "parameters" => match value {
+                Value::Object(m) => sampling.extend(m.clone()),
+                _ => return Err(DnnError::invalid("'parameters' must be a JSON object")),
+            },
+            "sampling_parameters" => match value {
+                Value::Object(m) => sampling.extend(m.clone()),
+                Value::String(t) => match serde_json::from_str(t) {
+                    Ok(Value::Object(m)) => sampling.extend(m),
+                    _ => {
+                        return Err(DnnError::invalid(
+                            "'sampling_parameters' must be a JSON object",
+                        ))
+                    }
+                },
+                _ => {
+                    return Err(DnnError::invalid(
+                        "'sampling_parameters' must be a JSON object",
+                    ))
+                }
+            },
+            "exclude_input_in_output" => {
+                exclude_input = value.as_bool().ok_or_else(|| {
+                    DnnError::invalid("'exclude_input_in_output' must be true or false")
+                })?
+            }
+            "stream" => {
+                let on = value
+                    .as_bool()
+                    .ok_or_else(|| DnnError::invalid("'stream' must be true or false"))?;
+                if on && !streaming {
+                    return Err(DnnError::invalid(
+                        "'stream': true needs the generate_stream endpoint",
+                    ));
+                }
+            }
+            k if crate::params::is_sampling_key(k) => {
+                sampling.insert(key.clone(), value.clone());
+            }
+            other => {
+                return Err(DnnError::invalid(format!(
+                    "unexpected key '{other}' in the generate request (it takes text_input, \
+                     parameters, sampling_parameters, exclude_input_in_output, stream and \
+                     sampling keys such as max_tokens)"
+                )))
+            }
+        }
     }
-    let exclude_input = obj
-        .get("exclude_input_in_output")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let prompt = prompt.ok_or_else(|| DnnError::invalid("the request has no 'text_input'"))?;
     Ok((
         engine,
         model,
         version,
         llm::LlmCall {
             prompt,
-            params,
+            fields: SamplingFields::from_json(&sampling)?,
             exclude_input,
         },
     ))
@@ -746,32 +847,36 @@ struct Generate {
     model: String,
     version: String,
     call: llm::LlmCall,
+    /// The engine request: parameters checked, prompt tokenized.
+    request: engine::llm::GenerationRequest,
 }
 
-impl axum::extract::FromRequest<AppState> for Generate {
+impl FromRequest<AppState> for Generate {
     type Rejection = KsError;
 
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> KsResult<Self> {
+    async fn from_request(req: Request, state: &AppState) -> KsResult<Self> {
         use axum::extract::FromRequestParts;
         let (mut parts, body) = req.into_parts();
         let Path(p) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| DnnError::invalid(e.to_string()))?;
-        let body = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .map_err(|e| DnnError::invalid(format!("reading the body: {e}")))?;
-        let (engine, model, version, call) = generate_call(state, &p, &parts.headers, &body)?;
+        let req = Request::from_parts(parts, body);
+        let streaming = req.uri().path().ends_with("/generate_stream");
+        let JsonBody(_, body) = JsonBody::from_request(req, state).await?;
+        let (engine, model, version, call) = generate_call(state, &p, &body, streaming)?;
+        let request = llm::request(&state.offload, &engine, &call).await?;
         Ok(Self {
             engine,
             model,
             version,
             call,
+            request,
         })
     }
 }
 
 async fn generate(g: Generate) -> KsResult<Json<Value>> {
-    let text = llm::complete(&g.engine, &g.call).await?;
+    let text = llm::complete(&g.engine, &g.call, g.request).await?;
     Ok(Json(
         json!({"model_name": g.model, "model_version": g.version, "text_output": text}),
     ))
@@ -783,9 +888,10 @@ async fn generate_stream(g: Generate) -> KsResult<Response> {
         engine,
         model,
         version,
-        call,
+        request,
+        ..
     } = g;
-    let pieces = llm::stream(&engine, &call)?;
+    let pieces = llm::stream(&engine, request)?;
     let events = pieces.map(move |piece| {
         let event = match piece {
             Ok(text) => json!({"model_name": model, "model_version": version, "text_output": text}),

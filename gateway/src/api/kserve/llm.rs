@@ -1,22 +1,25 @@
 //! LLMs over KServe v2, the way Triton's vLLM backend exposes them: a BYTES
 //! `text_input` in, `text_output` out, through `infer`, `generate` and
 //! `generate_stream`, with sampling settings as JSON (`sampling_parameters`).
+use crate::offload::Offload;
+use crate::params::{ParamError, SamplingFields};
 use engine::dnn::tensor::{bytes_elements, encode_bytes};
 use engine::dnn::{DataType, DnnError, InferRequest, InferResponse, Tensor};
-use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError, SamplingParams};
+use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
 use futures::Stream;
 use proto::inference::model_metadata_response::TensorMetadata;
 use proto::inference::{ModelConfig, ModelInput, ModelMetadataResponse, ModelOutput};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Tokens generated when the request names no `max_tokens` (vLLM's default).
-const DEFAULT_MAX_TOKENS: usize = 16;
+const DEFAULT_MAX_TOKENS: i64 = 16;
 pub const PLATFORM: &str = "switchyard_llm";
 
 /// One generation as the protocol asks for it.
 pub struct LlmCall {
     pub prompt: String,
-    pub params: Map<String, Value>,
+    /// Sampling parameters as given; checked by [`request`].
+    pub fields: SamplingFields,
     /// Whether the (non-streamed) output repeats the prompt before the completion.
     pub exclude_input: bool,
 }
@@ -113,7 +116,7 @@ fn one_bool(t: &Tensor) -> Result<bool, DnnError> {
 /// The call an `infer` request's tensors describe; also whether it asks to stream.
 pub fn call_from_tensors(inputs: &[Tensor]) -> Result<(LlmCall, bool), DnnError> {
     let mut prompt = None;
-    let mut params = Map::new();
+    let mut fields = SamplingFields::default();
     let (mut stream, mut exclude_input) = (false, false);
     for t in inputs {
         match t.name.as_str() {
@@ -122,8 +125,8 @@ pub fn call_from_tensors(inputs: &[Tensor]) -> Result<(LlmCall, bool), DnnError>
             "exclude_input_in_output" => exclude_input = one_bool(t)?,
             "sampling_parameters" => {
                 let text = one_string(t)?;
-                params = match serde_json::from_str(&text) {
-                    Ok(Value::Object(m)) => m,
+                fields = match serde_json::from_str(&text) {
+                    Ok(Value::Object(m)) => SamplingFields::from_json(&m)?,
                     _ => {
                         return Err(DnnError::invalid(
                             "sampling_parameters must be a JSON object",
@@ -142,7 +145,7 @@ pub fn call_from_tensors(inputs: &[Tensor]) -> Result<(LlmCall, bool), DnnError>
     Ok((
         LlmCall {
             prompt,
-            params,
+            fields,
             exclude_input,
         },
         stream,
@@ -161,45 +164,40 @@ fn llm_error(e: LlmError) -> DnnError {
     }
 }
 
-fn generation(engine: &LlmEngine, call: &LlmCall) -> Result<GenerationRequest, DnnError> {
-    let p = &call.params;
-    let bad = |k: &str| DnnError::invalid(format!("sampling parameter '{k}' has the wrong type"));
-    let float = |k: &str, d: f32| {
-        p.get(k).map_or(Ok(d), |v| {
-            v.as_f64().map(|f| f as f32).ok_or_else(|| bad(k))
-        })
-    };
-    let uint = |k: &str| {
-        p.get(k)
-            .map(|v| v.as_u64().ok_or_else(|| bad(k)))
-            .transpose()
-    };
-    let sampling = SamplingParams {
-        temperature: float("temperature", 1.0)?,
-        top_p: float("top_p", 1.0)?,
-        top_k: uint("top_k")?.unwrap_or(0) as usize,
-        seed: uint("seed")?,
-        ..Default::default()
-    };
-    let stop = match p.get("stop") {
-        None => vec![],
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| s.as_str().map(str::to_string).ok_or_else(|| bad("stop")))
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(bad("stop")),
-    };
+impl From<ParamError> for DnnError {
+    fn from(e: ParamError) -> Self {
+        DnnError::invalid(e.message)
+    }
+}
+
+/// The engine request for `call`: its parameters checked as every LLM front
+/// checks them, its prompt tokenized (on the blocking pool when it is long).
+pub async fn request(
+    offload: &Offload,
+    engine: &LlmEngine,
+    call: &LlmCall,
+) -> Result<GenerationRequest, DnnError> {
+    let mut fields = call.fields.clone();
+    fields.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
+    let p = fields.validate(None, None)?;
+    if p.n != 1 {
+        return Err(DnnError::invalid(format!(
+            "`n` must be 1 over KServe (text_output holds one completion), got {}",
+            p.n
+        )));
+    }
+    let (engine, text) = (engine.clone(), call.prompt.clone());
+    let prompt = offload
+        .run(text.len(), move || engine.tokenizer().encode(&text))
+        .await
+        .map_err(llm_error)?;
     Ok(GenerationRequest {
-        prompt: engine.tokenizer().encode(&call.prompt).map_err(llm_error)?,
-        sampling,
-        max_tokens: uint("max_tokens")?.map_or(DEFAULT_MAX_TOKENS, |m| m as usize),
-        min_tokens: uint("min_tokens")?.unwrap_or(0) as usize,
-        stop,
-        ignore_eos: p
-            .get("ignore_eos")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        prompt,
+        sampling: p.sampling,
+        max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS as usize),
+        min_tokens: p.min_tokens,
+        stop: p.stop,
+        ignore_eos: p.ignore_eos,
         n: 1,
     })
 }
@@ -207,11 +205,9 @@ fn generation(engine: &LlmEngine, call: &LlmCall) -> Result<GenerationRequest, D
 /// The completion's text pieces as the engine releases them.
 pub fn stream(
     engine: &LlmEngine,
-    call: &LlmCall,
+    req: GenerationRequest,
 ) -> Result<impl Stream<Item = Result<String, DnnError>> + Send + 'static, DnnError> {
-    let rx = engine
-        .submit(generation(engine, call)?)
-        .map_err(llm_error)?;
+    let rx = engine.submit(req).map_err(llm_error)?;
     Ok(futures::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await? {
@@ -225,14 +221,18 @@ pub fn stream(
 }
 
 /// The whole output: the prompt (unless excluded) and the completion.
-pub async fn complete(engine: &LlmEngine, call: &LlmCall) -> Result<String, DnnError> {
+pub async fn complete(
+    engine: &LlmEngine,
+    call: &LlmCall,
+    req: GenerationRequest,
+) -> Result<String, DnnError> {
     use futures::StreamExt;
     let mut out = if call.exclude_input {
         String::new()
     } else {
         call.prompt.clone()
     };
-    let mut pieces = Box::pin(stream(engine, call)?);
+    let mut pieces = Box::pin(stream(engine, req)?);
     while let Some(piece) = pieces.next().await {
         out.push_str(&piece?);
     }
@@ -250,22 +250,25 @@ pub fn text_tensor(text: &str) -> Tensor {
 
 /// `infer` on an LLM: `text_input` in, the whole `text_output` out.
 pub async fn infer(
+    offload: &Offload,
     engine: &LlmEngine,
     version: String,
     req: InferRequest,
 ) -> Result<InferResponse, DnnError> {
     let (call, _) = call_from_tensors(&req.inputs)?;
-    answer(engine, version, req, &call).await
+    answer(offload, engine, version, req, &call).await
 }
 
 /// The whole `text_output` of a call already read from `req`.
 pub async fn answer(
+    offload: &Offload,
     engine: &LlmEngine,
     version: String,
     req: InferRequest,
     call: &LlmCall,
 ) -> Result<InferResponse, DnnError> {
-    let text = complete(engine, call).await?;
+    let generation = request(offload, engine, call).await?;
+    let text = complete(engine, call, generation).await?;
     Ok(InferResponse {
         model_name: req.model,
         model_version: version,

@@ -146,7 +146,7 @@ pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse,
         return u.infer(req).await;
     }
     if let Some((engine, v)) = llm_target(state, &req.model) {
-        return llm::infer(&engine, v, req).await;
+        return llm::infer(&state.offload, &engine, v, req).await;
     }
     let repo = repository(&state.dnn)?;
     let Some(done) = shadow::mirror(&state.kserve_shadows, repo, &state.shadows, &req) else {

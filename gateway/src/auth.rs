@@ -1,0 +1,405 @@
+//! API keys and what their roles may do, for every front that changes state:
+//! the registry, repository load/unload (HTTP and gRPC) and feedback. Secrets
+//! are held only as sha256 digests; a presented key is compared as sent.
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+/// Who may do what. Roles are granted to API keys in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads the registry.
+    Viewer,
+    /// Registers models and versions, moves versions, rolls back.
+    Deployer,
+    Approver,
+    /// Applications: inference and feedback.
+    Invoke,
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Read the registry (models, versions, audit).
+    Read,
+    /// Register models and versions, move versions, roll back.
+    Deploy,
+    Approve,
+    /// Promote an irreversible model past its block; create models below the tier floor.
+    Override,
+    /// Load and unload repository models.
+    Control,
+    /// Send feedback for a request.
+    Invoke,
+}
+
+impl Permission {
+    /// What the permission allows, for refusals.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Permission::Read => "read the registry",
+            Permission::Deploy => "register or move versions",
+            Permission::Approve => "approve transitions",
+            Permission::Override => "override the irreversible block or the tier floor",
+            Permission::Control => "load or unload repository models",
+            Permission::Invoke => "call models or send feedback",
+        }
+    }
+}
+
+impl Role {
+    pub fn allows(self, p: Permission) -> bool {
+        matches!(
+            (self, p),
+            (Role::Admin, _)
+                | (Role::Deployer, Permission::Deploy | Permission::Read)
+                | (Role::Approver, Permission::Approve | Permission::Read)
+                | (Role::Viewer, Permission::Read)
+                | (Role::Invoke, Permission::Invoke)
+        )
+    }
+}
+
+/// The identity behind a call, as its API key names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Actor {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The shortest secret accepted by default.
+pub const DEFAULT_MIN_KEY_LENGTH: usize = 16;
+
+/// An API key as configured: the secret inline, from the environment, or as
+/// the hex sha256 of the secret (no secret in the file).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The identity recorded in the audit log.
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+}
+
+impl ApiKeyConfig {
+    /// Checks the form (exactly one source; a digest of 64 hex digits).
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        let sources = [&self.key, &self.key_env, &self.key_sha256]
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+        if sources != 1 {
+            return Err(format!(
+                "{at}: give exactly one of `key`, `key_env` and `key_sha256`"
+            ));
+        }
+        if self.name.trim().is_empty() {
+            return Err(format!("{at}.name: must not be empty"));
+        }
+        if let Some(h) = &self.key_sha256 {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!("{at}.key_sha256: must be 64 hex digits"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key's digest, reading the environment where `key_env` says so.
+    /// Empty, short or padded secrets are refused, naming the key.
+    fn digest(&self, at: &str, min_len: usize) -> Result<[u8; 32], String> {
+        let secret = match (&self.key, &self.key_env, &self.key_sha256) {
+            (Some(k), None, None) => k.clone(),
+            (None, Some(var), None) => std::env::var(var).map_err(|_| {
+                format!(
+                    "{at} (`{}`): environment variable {var} is not set",
+                    self.name
+                )
+            })?,
+            (None, None, Some(h)) => {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(h, &mut out).map_err(|e| format!("{at}.key_sha256: {e}"))?;
+                return Ok(out);
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: give exactly one of `key`, `key_env` and `key_sha256`"
+                ))
+            }
+        };
+        if secret.is_empty() {
+            return Err(format!("{at} (`{}`): the secret is empty", self.name));
+        }
+        if secret.trim() != secret {
+            return Err(format!(
+                "{at} (`{}`): the secret starts or ends with whitespace",
+                self.name
+            ));
+        }
+        if secret.chars().count() < min_len {
+            return Err(format!(
+                "{at} (`{}`): the secret has {} characters; at least {min_len} are needed",
+                self.name,
+                secret.chars().count()
+            ));
+        }
+        Ok(Sha256::digest(secret.as_bytes()).into())
+    }
+}
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthError {
+    /// No key was presented (401).
+    Missing(String),
+    /// The presented key is not configured (401).
+    Unknown,
+    /// The key's role does not allow the call (403).
+    Forbidden(String),
+}
+
+impl AuthError {
+    pub fn message(&self) -> String {
+        match self {
+            AuthError::Missing(m) => m.clone(),
+            AuthError::Unknown => "this API key is not configured".into(),
+            AuthError::Forbidden(m) => m.clone(),
+        }
+    }
+
+    /// 401 for a missing or unknown key, 403 for a key without the role.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        match self {
+            AuthError::Forbidden(_) => axum::http::StatusCode::FORBIDDEN,
+            _ => axum::http::StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    pub fn grpc_status(&self) -> tonic::Status {
+        match self {
+            AuthError::Forbidden(m) => tonic::Status::permission_denied(m.clone()),
+            other => tonic::Status::unauthenticated(other.message()),
+        }
+    }
+}
+
+/// The configured keys, by digest of their secret.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    by_digest: HashMap<[u8; 32], Actor>,
+}
+
+impl Keys {
+    /// Resolves and checks every key: `(where it is configured, its config)`.
+    /// Duplicate names or secrets stop the server, naming both keys.
+    pub fn from_config<'a>(
+        entries: impl IntoIterator<Item = (String, &'a ApiKeyConfig)>,
+        min_len: usize,
+    ) -> Result<Self, String> {
+        let mut by_digest: HashMap<[u8; 32], Actor> = HashMap::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        for (at, k) in entries {
+            k.validate(&at)?;
+            if let Some(first) = names.insert(k.name.clone(), at.clone()) {
+                return Err(format!(
+                    "{at}.name: `{}` is configured twice (also at {first})",
+                    k.name
+                ));
+            }
+            let digest = k.digest(&at, min_len)?;
+            let actor = Actor {
+                name: k.name.clone(),
+                role: k.role,
+            };
+            if let Some(other) = by_digest.insert(digest, actor) {
+                return Err(format!(
+                    "{at} (`{}`): the same secret is configured for `{}`",
+                    k.name, other.name
+                ));
+            }
+        }
+        Ok(Self { by_digest })
+    }
+
+    /// Keys for tests and tools: `(secret, actor)` pairs, unchecked.
+    pub fn from_secrets(keys: impl IntoIterator<Item = (String, Actor)>) -> Self {
+        Self {
+            by_digest: keys
+                .into_iter()
+                .map(|(s, a)| (Sha256::digest(s.as_bytes()).into(), a))
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    /// The actor behind a presented key.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Actor, AuthError> {
+        let Some(secret) = presented.filter(|s| !s.is_empty()) else {
+            return Err(AuthError::Missing(
+                "an API key is needed: send `Authorization: Bearer KEY` or `x-api-key: KEY`".into(),
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        self.by_digest
+            .get(&digest)
+            .cloned()
+            .ok_or(AuthError::Unknown)
+    }
+
+    /// The actor behind a presented key, if its role allows `p`.
+    pub fn authorize(&self, presented: Option<&str>, p: Permission) -> Result<Actor, AuthError> {
+        let actor = self.authenticate(presented)?;
+        require(&actor, p)?;
+        Ok(actor)
+    }
+}
+
+/// Refuses `actor` unless its role allows `p`.
+pub fn require(actor: &Actor, p: Permission) -> Result<(), AuthError> {
+    if actor.role.allows(p) {
+        return Ok(());
+    }
+    Err(AuthError::Forbidden(format!(
+        "`{}` has role {:?}, which may not {}",
+        actor.name,
+        actor.role,
+        p.describe()
+    )))
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key`,
+/// read through `header` (HTTP headers or gRPC metadata).
+pub fn presented<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
+    header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("x-api-key"))
+}
+
+/// The key of an HTTP request.
+pub fn from_headers(h: &axum::http::HeaderMap) -> Option<&str> {
+    presented(|name| h.get(name).and_then(|v| v.to_str().ok()))
+}
+
+/// The key of a gRPC request.
+pub fn from_metadata(m: &tonic::metadata::MetadataMap) -> Option<&str> {
+    presented(|name| m.get(name).and_then(|v| v.to_str().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, role: Role, secret: &str) -> ApiKeyConfig {
+        ApiKeyConfig {
+            name: name.into(),
+            role,
+            key: Some(secret.into()),
+            key_env: None,
+            key_sha256: None,
+        }
+    }
+
+    fn keys(list: &[ApiKeyConfig]) -> Result<Keys, String> {
+        Keys::from_config(
+            list.iter()
+                .enumerate()
+                .map(|(i, k)| (format!("auth.api_keys[{i}]"), k)),
+            DEFAULT_MIN_KEY_LENGTH,
+        )
+    }
+
+    #[test]
+    fn empty_short_padded_and_duplicate_secrets_stop_the_server_naming_the_key() {
+        let e = keys(&[key("ops", Role::Admin, "")]).unwrap_err();
+        assert!(e.contains("auth.api_keys[0]") && e.contains("empty"), "{e}");
+        let e = keys(&[key("ops", Role::Admin, "short")]).unwrap_err();
+        assert!(e.contains("`ops`") && e.contains("at least 16"), "{e}");
+        let e = keys(&[key("ops", Role::Admin, " a-long-enough-secret ")]).unwrap_err();
+        assert!(e.contains("whitespace"), "{e}");
+        let e = keys(&[
+            key("a", Role::Admin, "the-same-long-secret"),
+            key("b", Role::Viewer, "the-same-long-secret"),
+        ])
+        .unwrap_err();
+        assert!(
+            e.starts_with("auth.api_keys[1]") && e.contains("`a`"),
+            "{e}"
+        );
+        let e = keys(&[
+            key("a", Role::Admin, "first-long-secret-1"),
+            key("a", Role::Viewer, "second-long-secret-2"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let unset = ApiKeyConfig {
+            key: None,
+            key_env: Some("SWITCHYARD_TEST_UNSET_KEY_VAR".into()),
+            ..key("env", Role::Admin, "")
+        };
+        let e = keys(&[unset]).unwrap_err();
+        assert!(e.contains("SWITCHYARD_TEST_UNSET_KEY_VAR"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_or_padded_presented_key_is_no_key() {
+        let k = keys(&[key("ops", Role::Admin, "a-long-enough-secret")]).unwrap();
+        assert_eq!(
+            k.authenticate(Some("a-long-enough-secret")).unwrap().name,
+            "ops"
+        );
+        assert!(matches!(
+            k.authenticate(Some("")),
+            Err(AuthError::Missing(_))
+        ));
+        assert!(matches!(k.authenticate(None), Err(AuthError::Missing(_))));
+        assert_eq!(
+            k.authenticate(Some(" a-long-enough-secret")),
+            Err(AuthError::Unknown)
+        );
+    }
+
+    #[test]
+    fn hashed_keys_authenticate_and_roles_decide() {
+        let digest = hex::encode(Sha256::digest(b"an-application-secret"));
+        let app = ApiKeyConfig {
+            key: None,
+            key_sha256: Some(digest),
+            ..key("app", Role::Invoke, "")
+        };
+        let k = keys(&[app, key("view", Role::Viewer, "a-viewer-secret-123")]).unwrap();
+        let actor = k
+            .authorize(Some("an-application-secret"), Permission::Invoke)
+            .unwrap();
+        assert_eq!(actor.role, Role::Invoke);
+        let e = k
+            .authorize(Some("an-application-secret"), Permission::Control)
+            .unwrap_err();
+        assert_eq!(e.http_status(), axum::http::StatusCode::FORBIDDEN);
+        assert!(k
+            .authorize(Some("a-viewer-secret-123"), Permission::Read)
+            .is_ok());
+        assert!(k
+            .authorize(Some("a-viewer-secret-123"), Permission::Invoke)
+            .is_err());
+        for p in [
+            Permission::Read,
+            Permission::Deploy,
+            Permission::Approve,
+            Permission::Override,
+            Permission::Control,
+            Permission::Invoke,
+        ] {
+            assert!(Role::Admin.allows(p));
+        }
+        assert!(!Role::Deployer.allows(Permission::Control));
+        assert!(!Role::Invoke.allows(Permission::Read));
+    }
+}

@@ -1,0 +1,21 @@
+//! Switchyard's gateway as a library: the HTTP and gRPC fronts (`api`), the
+//! route table and the registry, the controller, and the server that ties
+//! them together (`server`). The `switchyard` binary is its command line.
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod controller;
+pub mod divergence;
+pub mod experiment_stats;
+pub mod experiments;
+pub mod fuzz;
+pub mod limits;
+pub mod models;
+pub mod offload;
+pub mod params;
+pub mod registry;
+pub mod rollout;
+pub mod routing;
+pub mod server;
+pub mod sticky_hash;
+pub mod upstream;

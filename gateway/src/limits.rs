@@ -1,0 +1,244 @@
+//! The server's bounds, each configurable under `server.limits` with a safe
+//! default and enforced before the work is done: body sizes per route family,
+//! the size a compressed body may inflate to, gRPC message size, the header
+//! read timeout, connection and stream caps, and the blocking pool's size.
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap};
+use serde::Deserialize;
+use std::io::Read;
+
+const MIB: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// JSON bodies: the OpenAI API, `generate`, the registry, feedback,
+    /// repository control.
+    pub max_body_bytes: usize,
+    /// KServe `infer` over HTTP (JSON or binary tensors).
+    pub max_tensor_body_bytes: usize,
+    /// What a gzip or deflate body may inflate to.
+    pub max_decompressed_bytes: usize,
+    /// One gRPC message, either way.
+    pub grpc_max_message_bytes: usize,
+    /// From when an HTTP/1 connection starts waiting for a request (at open,
+    /// or after the previous response) until the request's head is read; a
+    /// kept-alive connection that sends nothing within it is closed too.
+    pub header_read_timeout_secs: u64,
+    /// Open connections per listener (HTTP, gRPC); further ones wait in the
+    /// kernel's backlog until one closes.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection (HTTP and gRPC).
+    pub max_concurrent_streams: u32,
+    /// Threads that decode, decompress, render templates and tokenize large
+    /// requests, off the async workers.
+    pub blocking_threads: usize,
+    /// Bodies from this size on are decoded on the blocking threads.
+    pub offload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * MIB,
+            max_tensor_body_bytes: 64 * MIB,
+            max_decompressed_bytes: 64 * MIB,
+            grpc_max_message_bytes: 64 * MIB,
+            header_read_timeout_secs: 30,
+            max_connections: 1024,
+            max_concurrent_streams: 128,
+            blocking_threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            offload_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Every bound must be at least 1; an inflated body may not be smaller
+    /// than the body it came from.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        for (k, v) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_tensor_body_bytes", self.max_tensor_body_bytes),
+            ("max_decompressed_bytes", self.max_decompressed_bytes),
+            ("grpc_max_message_bytes", self.grpc_max_message_bytes),
+            (
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs as usize,
+            ),
+            ("max_connections", self.max_connections),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams as usize,
+            ),
+            ("blocking_threads", self.blocking_threads),
+        ] {
+            if v == 0 {
+                return Err(format!("{at}.{k}: must be at least 1"));
+            }
+        }
+        if self.grpc_max_message_bytes > i32::MAX as usize {
+            return Err(format!(
+                "{at}.grpc_max_message_bytes: at most {} (gRPC's own bound)",
+                i32::MAX
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyError {
+    /// Larger than `limit` bytes (413).
+    TooLarge { what: &'static str, limit: usize },
+    /// Malformed: a broken connection, a body that does not inflate (400).
+    Invalid(String),
+    /// A `Content-Encoding` we do not take (415).
+    Unsupported(String),
+}
+
+impl BodyError {
+    pub fn message(&self) -> String {
+        match self {
+            BodyError::TooLarge { what, limit } => format!(
+                "the {what} is larger than {limit} bytes (server.limits); send less per request"
+            ),
+            BodyError::Invalid(m) | BodyError::Unsupported(m) => m.clone(),
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes. A `Content-Length` above
+/// the limit is refused before anything is read.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let too_large = BodyError::TooLarge {
+        what: "request body",
+        limit,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let source = std::error::Error::source(&e);
+        let over = source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if over {
+            too_large
+        } else {
+            BodyError::Invalid(format!("reading the request body: {e}"))
+        }
+    })
+}
+
+/// `Content-Encoding` of a request, lower-cased; `identity` when absent.
+pub fn content_encoding(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Inflates a gzip or deflate body, streaming, stopping as soon as the output
+/// passes `limit` bytes. `identity` is returned as is.
+pub fn inflate(encoding: &str, body: Bytes, limit: usize) -> Result<Bytes, BodyError> {
+    let mut out = Vec::new();
+    let cap = limit as u64 + 1;
+    let read = match encoding {
+        "identity" | "" => return Ok(body),
+        "gzip" => flate2::read::GzDecoder::new(&body[..])
+            .take(cap)
+            .read_to_end(&mut out),
+        "deflate" => flate2::read::ZlibDecoder::new(&body[..])
+            .take(cap)
+            .read_to_end(&mut out),
+        other => {
+            return Err(BodyError::Unsupported(format!(
+                "Content-Encoding '{other}' is not supported (gzip, deflate)"
+            )))
+        }
+    };
+    read.map_err(|e| BodyError::Invalid(format!("the {encoding} body does not decompress: {e}")))?;
+    if out.len() > limit {
+        return Err(BodyError::TooLarge {
+            what: "decompressed request body",
+            limit,
+        });
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(data).unwrap();
+        Bytes::from(enc.finish().unwrap())
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_cap() {
+        // 64 MiB of zeros compress to ~64 KiB; the cap is 1 MiB.
+        let bomb = gzip(&vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 100_000);
+        let e = inflate("gzip", bomb, 1 << 20).unwrap_err();
+        assert_eq!(
+            e,
+            BodyError::TooLarge {
+                what: "decompressed request body",
+                limit: 1 << 20
+            }
+        );
+        let ok = inflate("gzip", gzip(b"{\"a\": 1}"), 8).unwrap();
+        assert_eq!(&ok[..], b"{\"a\": 1}");
+        let e = inflate("gzip", gzip(b"{\"a\": 1}"), 7).unwrap_err();
+        assert!(matches!(e, BodyError::TooLarge { .. }));
+        assert!(matches!(
+            inflate("br", Bytes::new(), 1),
+            Err(BodyError::Unsupported(_))
+        ));
+        assert!(matches!(
+            inflate("gzip", Bytes::from_static(b"not gzip"), 10),
+            Err(BodyError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused_declared_or_not() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, "11".parse().unwrap());
+        let e = read_body(&h, Body::from("hello world"), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BodyError::TooLarge { limit: 10, .. }));
+        // No Content-Length (chunked): refused once more than the limit arrived.
+        let e = read_body(&HeaderMap::new(), Body::from("hello world"), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BodyError::TooLarge { limit: 10, .. }), "{e:?}");
+        let b = read_body(&HeaderMap::new(), Body::from("hello"), 10)
+            .await
+            .unwrap();
+        assert_eq!(&b[..], b"hello");
+    }
+
+    #[test]
+    fn zero_bounds_name_themselves() {
+        let l = Limits {
+            max_connections: 0,
+            ..Limits::default()
+        };
+        let e = l.validate("server.limits").unwrap_err();
+        assert_eq!(e, "server.limits.max_connections: must be at least 1");
+        assert!(Limits::default().validate("server.limits").is_ok());
+    }
+}

@@ -1,0 +1,382 @@
+//! The server: builds the shared state from the configuration (keys, bounds,
+//! registry, repository, models), then serves HTTP and gRPC through accept
+//! loops that cap connections and time out slow request heads, until SIGTERM
+//! or Ctrl-C, when requests in flight get a grace period to finish.
+use crate::api::{self, AppState};
+use crate::auth::Keys;
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::{controller, experiments, models, registry, rollout, upstream};
+use anyhow::{Context, Result};
+use engine::llm::{load_model, LlmEngine};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Resolves once SIGTERM or Ctrl-C arrives.
+async fn terminate() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    // Latencies as histograms (not summaries), as vLLM's dashboards expect.
+    let buckets = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    // The Triton plane's latencies are sub-millisecond to seconds; its batch
+    // sizes powers of two. Full and prefix matchers win over the suffix one.
+    let dnn_buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    let batch_sizes: Vec<f64> = (0..=12).map(|p| f64::from(1u32 << p)).collect();
+    use metrics_exporter_prometheus::Matcher;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(Matcher::Prefix("nv_inference_".into()), &dnn_buckets)?
+        .set_buckets_for_metric(
+            Matcher::Full("nv_inference_batch_size".into()),
+            &batch_sizes,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")
+}
+
+/// Whether `addr` (host:port) listens beyond this machine.
+fn beyond_loopback(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>()
+        .map_or(true, |a| !a.ip().is_loopback())
+}
+
+/// Serves `cfg` until SIGTERM or Ctrl-C.
+pub async fn serve(cfg: Config) -> Result<()> {
+    let keys =
+        Keys::from_config(cfg.api_keys(), cfg.auth.min_key_length).map_err(anyhow::Error::msg)?;
+    let open_control = cfg
+        .model_repository
+        .as_ref()
+        .is_some_and(|r| r.allow_unauthenticated_control);
+    if keys.is_empty() && beyond_loopback(&cfg.server.http) {
+        tracing::warn!(
+            address = %cfg.server.http,
+            "listening beyond loopback with no API keys: feedback is open to anyone who reaches the port"
+        );
+    }
+    if open_control {
+        tracing::warn!("repository load/unload is open to anyone who reaches the ports (--allow-unauthenticated-control)");
+    }
+    let limits = cfg.server.limits;
+    let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?)).with_security(
+        keys,
+        open_control,
+        limits,
+    );
+    if !cfg.upstreams.is_empty() {
+        let ups: Vec<_> = cfg
+            .upstreams
+            .iter()
+            .cloned()
+            .map(upstream::Upstream::new)
+            .collect();
+        for u in &ups {
+            tokio::spawn(u.clone().check_health());
+            tracing::info!(upstream = %u.config.name, replicas = u.config.endpoints.len(), "remote upstream");
+        }
+        state = state.with_upstreams(ups);
+    }
+    if let Some(path) = &cfg.experiments_file {
+        let exps = experiments::Experiments::load(path, state.routes().clone())
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
+        tokio::spawn(exps.clone().watch());
+    }
+    if let Some(rc) = &cfg.registry {
+        let url = rc.database_url(&cfg.server);
+        let registry = tokio::task::block_in_place(|| registry::Registry::open(&url))
+            .with_context(|| format!("opening the registry at {url}"))?
+            .with_tier_floor(rc.min_tier_without_admin);
+        tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
+        state = state.with_registry(api::registry::RegistryApi::new(registry.clone()));
+        if !rc.rollouts.is_empty() {
+            let auto = rollout::RolloutController::new(
+                registry.clone(),
+                rc.rollouts.clone(),
+                state.versions.clone(),
+                state.shadows.clone(),
+            );
+            tokio::spawn(auto.run(Duration::from_millis(rc.rollout_interval_ms.max(100))));
+        }
+        let ctl = controller::Controller::new(
+            registry,
+            state.routes().clone(),
+            rc.engine.clone(),
+            rc.artifact_roots(&cfg.server),
+        );
+        tokio::spawn(ctl.run(Duration::from_secs(rc.reconcile_interval_secs)));
+    }
+    if let Some(rc) = &cfg.model_repository {
+        let mode: engine::dnn::ControlMode = rc.control_mode.parse().map_err(anyhow::Error::msg)?;
+        let (path, load, bounds) = (rc.path.clone(), rc.load_models.clone(), rc.bounds());
+        tracing::info!(path = %path.display(), mode = %rc.control_mode, "loading the model repository");
+        let repo = tokio::task::spawn_blocking(move || {
+            engine::dnn::ModelRepository::open(&path, mode, &load, bounds)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        if mode == engine::dnn::ControlMode::Poll {
+            let (repo, every) = (repo.clone(), Duration::from_secs(rc.poll_secs));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let r = repo.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.poll()).await;
+                }
+            });
+        }
+        let shadows = api::kserve::shadow::Shadows::new(&rc.shadows).map_err(anyhow::Error::msg)?;
+        state = state.with_model_repository(repo, shadows);
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let kserve_upstreams = cfg
+        .upstreams
+        .iter()
+        .any(|u| u.protocol == upstream::Protocol::Kserve);
+    let mut grpc_done = None;
+    if cfg.model_repository.is_some() || kserve_upstreams {
+        let grpc = TcpListener::bind(&cfg.server.grpc)
+            .await
+            .with_context(|| format!("binding {}", cfg.server.grpc))?;
+        tracing::info!("KServe gRPC on {}", cfg.server.grpc);
+        let (grpc_state, mut stop) = (state.clone(), stop.clone());
+        grpc_done = Some(tokio::spawn(async move {
+            let shutdown = async move { stopped(&mut stop).await };
+            if let Err(e) = api::kserve::grpc::serve(grpc, grpc_state, limits, shutdown).await {
+                tracing::error!("KServe gRPC stopped: {e:#}");
+            }
+        }));
+    }
+    let listener = TcpListener::bind(&cfg.server.http)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.http))?;
+    tracing::info!(
+        "listening on http://{} (health: /health, API: /v1, KServe: /v2)",
+        cfg.server.http
+    );
+    let app = api::router(state.clone());
+    let http = tokio::spawn(serve_http(listener, app, limits, stop.clone(), grace));
+    let models = cfg.models.clone();
+    let loading = tokio::task::spawn_blocking(move || load_models(&state, &models));
+    tokio::select! {
+        loaded = loading => loaded??,
+        _ = terminate() => {
+            let _ = stop_tx.send(true);
+            tracing::info!("stopping before every model loaded");
+            return Ok(());
+        }
+    }
+    terminate().await;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "stopping: no new connections; requests in flight may finish"
+    );
+    let _ = stop_tx.send(true);
+    http.await??;
+    if let Some(g) = grpc_done {
+        let _ = tokio::time::timeout(grace, g).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads the configured (not registry-managed) models one after another.
+fn load_models(state: &AppState, models: &[crate::config::ModelConfig]) -> Result<()> {
+    let device = candle_core::Device::Cpu;
+    for m in models {
+        let path =
+            models::resolve(&m.source).with_context(|| format!("fetching model `{}`", m.name))?;
+        tracing::info!(model = %m.name, path = %path.display(), "loading");
+        let loaded =
+            load_model(&path, &device).with_context(|| format!("loading model `{}`", m.name))?;
+        state.add(LlmEngine::start(&m.name, loaded, (&m.engine).into()));
+        tracing::info!(model = %m.name, "ready");
+    }
+    Ok(())
+}
+
+/// One accepted connection, holding its place under the connection cap.
+pub struct Capped<T> {
+    io: T,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Accepts connections while fewer than `max` are open; further clients wait
+/// in the kernel's backlog.
+pub async fn accept_capped(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> std::io::Result<Capped<tokio::net::TcpStream>> {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                // Small responses go out at once, not after a delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                return Ok(Capped {
+                    io: tcp,
+                    _permit: permit,
+                });
+            }
+            // Out of file descriptors and the like: wait, then accept again.
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
+    ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Capped<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Capped<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves `app` over HTTP/1 and HTTP/2 (cleartext) on `listener`: at most
+/// `max_connections` open, request heads read within the header timeout
+/// (which also closes idle kept-alive connections), at most
+/// `max_concurrent_streams` HTTP/2 streams per connection. When `stop` turns
+/// true, accepting stops and open connections finish their requests within
+/// `grace`.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let conn = tokio::select! {
+            c = accept_capped(&listener, &permits) => c?,
+            _ = stopped(&mut stop) => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (builder, mut stop) = (builder.clone(), stop.clone());
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // Every connection holds a permit until it ends: all back means all done.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the grace period ended with connections still open; closing them");
+    }
+    Ok(())
+}
