@@ -29,9 +29,9 @@ if ! ldconfig -p | grep -q libb64.so.0d; then
 fi
 
 echo "== postgresql (Debian's packages), so the registry's tests run on it as on SQLite"
-read -r pg_dir pg_url < <(scripts/postgres.sh start)
+read -r pg_dir pg_url pg_ca < <(scripts/postgres.sh start)
 trap 'scripts/postgres.sh stop "$pg_dir"' EXIT
-export SWITCHYARD_TEST_POSTGRES_URL="$pg_url"
+export SWITCHYARD_TEST_POSTGRES_URL="$pg_url" SWITCHYARD_TEST_POSTGRES_CA="$pg_ca"
 
 echo "== rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -147,9 +147,14 @@ fn default_poll_secs() -> u64 {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// `sqlite:PATH` or `postgres://...`; default: `registry.db` in `server.data_dir`.
+    /// `sqlite:PATH` or `postgres://...` (`?sslmode=require` for TLS);
+    /// default: `registry.db` in `server.data_dir`.
     #[serde(default)]
     pub database: Option<String>,
+    /// A PEM file of the CA that signed the PostgreSQL server's certificate
+    /// (with `sslmode=require`); default: the webpki roots.
+    #[serde(default)]
+    pub database_ca: Option<PathBuf>,
     /// How often the controller reconciles even without a change.
     #[serde(default = "default_reconcile_secs")]
     pub reconcile_interval_secs: u64,

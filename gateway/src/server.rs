@@ -104,7 +104,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     if let Some(rc) = &cfg.registry {
         let url = rc.database_url(&cfg.server);
-        let registry = tokio::task::block_in_place(|| registry::Registry::open(&url))
+        let ca = rc.database_ca.as_deref();
+        let registry = tokio::task::block_in_place(|| registry::Registry::open_with_ca(&url, ca))
             .with_context(|| format!("opening the registry at {url}"))?
             .with_tier_floor(rc.min_tier_without_admin);
         tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");

@@ -7,6 +7,7 @@ pub mod records;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 use audit::{AuditEntry, Verification, GENESIS};
 use lifecycle::{GateResult, State, TransitionCheck};
@@ -283,7 +284,12 @@ fn require(actor: &Actor, p: Permission) -> Result<()> {
 impl Registry {
     /// Opens (and creates) the database at `url`; see `store::open`.
     pub fn open(url: &str) -> Result<Self> {
-        Ok(Self::with_db(store::open(url)?))
+        Self::open_with_ca(url, None)
+    }
+
+    /// As `open`, verifying a PostgreSQL server's TLS certificate against `ca`.
+    pub fn open_with_ca(url: &str, ca: Option<&std::path::Path>) -> Result<Self> {
+        Ok(Self::with_db(store::open(url, ca)?))
     }
 
     pub fn with_db(db: Box<dyn Db>) -> Self {

@@ -40,7 +40,16 @@ impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
         match e.as_db_error() {
             Some(db) => Self(format!("postgres: {}", db.message())),
-            None => Self(format!("postgres: {e}")),
+            None => {
+                // The cause (a refused certificate, a reset connection) is in the chain.
+                let mut message = format!("postgres: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    message.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Self(message)
+            }
         }
     }
 }
@@ -58,9 +67,22 @@ pub trait Db: Send {
 
 /// Opens `sqlite:PATH`, `postgres://...` / `postgresql://...`, or a plain
 /// file path (SQLite), and creates the tables when they are missing.
-pub fn open(url: &str) -> Result<Box<dyn Db>, StoreError> {
+/// PostgreSQL URLs with `sslmode=require` connect over TLS, verified against
+/// `ca` (a PEM file) or the webpki roots.
+pub fn open(url: &str, ca: Option<&Path>) -> Result<Box<dyn Db>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Box::new(Postgres::open(url)?))
+        let tls = match (super::tls::required(url), ca) {
+            (true, ca) => Some(super::tls::Tls::new(ca).map_err(StoreError)?),
+            (false, Some(_)) => {
+                return Err(StoreError(
+                    "registry.database_ca is set, but the database URL does not say \
+                     sslmode=require"
+                        .into(),
+                ))
+            }
+            (false, None) => None,
+        };
+        Ok(Box::new(Postgres::open(url, tls)?))
     } else {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
         Ok(Box::new(Sqlite::open(Path::new(path))?))
@@ -168,14 +190,22 @@ impl Db for Sqlite {
 
 pub struct Postgres {
     url: String,
+    tls: Option<super::tls::Tls>,
     client: postgres::Client,
     /// A statement failed below SQL (the connection): open a new one next time.
     broken: bool,
 }
 
 impl Postgres {
-    pub fn open(url: &str) -> Result<Self, StoreError> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    fn connect(url: &str, tls: &Option<super::tls::Tls>) -> Result<postgres::Client, StoreError> {
+        Ok(match tls {
+            Some(t) => postgres::Client::connect(url, t.clone())?,
+            None => postgres::Client::connect(url, postgres::NoTls)?,
+        })
+    }
+
+    pub fn open(url: &str, tls: Option<super::tls::Tls>) -> Result<Self, StoreError> {
+        let mut client = Self::connect(url, &tls)?;
         client.batch_execute(TABLES)?;
         client.batch_execute(
             "CREATE OR REPLACE FUNCTION switchyard_audit_append_only() RETURNS trigger
@@ -189,6 +219,7 @@ impl Postgres {
         )?;
         Ok(Self {
             url: url.to_string(),
+            tls,
             client,
             broken: false,
         })
@@ -199,7 +230,7 @@ impl Postgres {
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.broken || self.client.is_closed() {
             tracing::warn!("the registry's PostgreSQL connection closed; reconnecting");
-            self.client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+            self.client = Self::connect(&self.url, &self.tls)?;
             self.broken = false;
         }
         Ok(&mut self.client)

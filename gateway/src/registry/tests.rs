@@ -702,3 +702,39 @@ fn only_admins_create_models_below_the_tier_floor() {
         assert_eq!(r.models().unwrap().len(), 2);
     }
 }
+
+/// `sslmode=require` connects over TLS, verified against the server's CA;
+/// a server whose certificate the roots do not vouch for is refused.
+#[test]
+fn postgres_over_tls_verifies_the_server() {
+    let (Ok(base), Ok(ca)) = (
+        std::env::var("SWITCHYARD_TEST_POSTGRES_URL"),
+        std::env::var("SWITCHYARD_TEST_POSTGRES_CA"),
+    ) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs need SWITCHYARD_TEST_POSTGRES_URL and _CA (scripts/test.sh sets them)"
+        );
+        eprintln!("no PostgreSQL with TLS (SWITCHYARD_TEST_POSTGRES_URL, _CA): not run");
+        return;
+    };
+    let ca = std::path::Path::new(&ca);
+    let url = format!("{}?sslmode=require", fresh_pg_database(&base));
+    let r = Registry::open_with_ca(&url, Some(ca)).unwrap();
+    r.create_model(
+        &deployer(),
+        model("tls", Tier::L2, RollbackClass::Stateless),
+    )
+    .unwrap();
+    assert_eq!(r.models().unwrap().len(), 1);
+    let mut c = postgres::Client::connect(&url, super::tls::Tls::new(Some(ca)).unwrap()).unwrap();
+    let row = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the session is encrypted");
+    let e = Registry::open_with_ca(&url, None).err().unwrap();
+    assert!(format!("{e}").to_lowercase().contains("certificate"), "{e}");
+}
