@@ -14,6 +14,37 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+/// The end of the grace period at shutdown: requests still in flight then
+/// end with an error (a stream with an error event) instead of being cut.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A signal and its handle; `send(true)` ends the grace period.
+    pub fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Resolves when requests in flight must end (never, for a server that
+    /// is not shutting down).
+    pub async fn ended(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        let (tx, rx) = watch::channel(false);
+        // The sender lives as long as the program: never ended.
+        std::mem::forget(tx);
+        Self(rx)
+    }
+}
+
 /// Resolves once SIGTERM or Ctrl-C arrives.
 async fn terminate() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -78,11 +109,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracing::warn!("repository load/unload is open to anyone who reaches the ports (--allow-unauthenticated-control)");
     }
     let limits = cfg.server.limits;
-    let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?)).with_security(
-        keys,
-        open_control,
-        limits,
-    );
+    let (end_grace, shutdown) = Shutdown::new();
+    let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?))
+        .with_security(keys, open_control, limits)
+        .with_shutdown(shutdown);
     if !cfg.upstreams.is_empty() {
         let ups: Vec<_> = cfg
             .upstreams
@@ -177,7 +207,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         cfg.server.http
     );
     let app = api::router(state.clone());
-    let http = tokio::spawn(serve_http(listener, app, limits, stop.clone(), grace));
+    let mut http = tokio::spawn(serve_http(listener, app, limits, stop.clone()));
     let models = cfg.models.clone();
     let loading = tokio::task::spawn_blocking(move || load_models(&state, &models));
     tokio::select! {
@@ -194,9 +224,18 @@ pub async fn serve(cfg: Config) -> Result<()> {
         "stopping: no new connections; requests in flight may finish"
     );
     let _ = stop_tx.send(true);
-    http.await??;
+    if tokio::time::timeout(grace, &mut http).await.is_err() {
+        tracing::warn!("the grace period is over: requests still in flight end with an error");
+        let _ = end_grace.send(true);
+        if tokio::time::timeout(Duration::from_secs(5), &mut http)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the grace period; closing them");
+        }
+    }
     if let Some(g) = grpc_done {
-        let _ = tokio::time::timeout(grace, g).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), g).await;
     }
     tracing::info!("stopped");
     Ok(())
@@ -325,14 +364,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// `max_connections` open, request heads read within the header timeout
 /// (which also closes idle kept-alive connections), at most
 /// `max_concurrent_streams` HTTP/2 streams per connection. When `stop` turns
-/// true, accepting stops and open connections finish their requests within
-/// `grace`.
+/// true, accepting stops and open connections finish their requests; this
+/// returns when the last one has closed.
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
-    grace: Duration,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -373,11 +411,6 @@ pub async fn serve_http(
     drop(listener);
     // Every connection holds a permit until it ends: all back means all done.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("the grace period ended with connections still open; closing them");
-    }
+    let _ = permits.acquire_many(all).await;
     Ok(())
 }

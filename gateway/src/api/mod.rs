@@ -56,6 +56,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The bounded pool for heavy request work.
     pub offload: Offload,
+    /// Ends requests still in flight when the shutdown grace period is over.
+    pub shutdown: crate::server::Shutdown,
 }
 
 impl AppState {
@@ -77,7 +79,13 @@ impl AppState {
             open_control: false,
             limits: Limits::default(),
             offload: Offload::default(),
+            shutdown: Default::default(),
         }
+    }
+
+    pub fn with_shutdown(mut self, shutdown: crate::server::Shutdown) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Keys and bounds for every front.
@@ -265,4 +273,34 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// `events`, ended by the shutdown grace period running out, with `last()`
+/// appended then (an error event, so that a client sees why its stream
+/// ended rather than a cut connection).
+pub fn until_shutdown<S, T>(
+    events: S,
+    shutdown: crate::server::Shutdown,
+    last: impl FnOnce() -> Vec<T> + Send + 'static,
+) -> impl futures::Stream<Item = T> + Send
+where
+    S: futures::Stream<Item = T> + Send,
+    T: Send + 'static,
+{
+    use futures::StreamExt;
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cut.clone();
+    let ended = async move {
+        shutdown.ended().await;
+        flag.store(true, Ordering::SeqCst);
+    };
+    let tail = futures::stream::once(async move {
+        if cut.load(Ordering::SeqCst) {
+            last()
+        } else {
+            Vec::new()
+        }
+    })
+    .flat_map(futures::stream::iter);
+    events.take_until(Box::pin(ended)).chain(tail)
 }

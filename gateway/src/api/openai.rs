@@ -645,9 +645,12 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         n: p.v.params.n,
     };
     let mut resp = if p.v.stream {
-        stream_response(shape, rx, p.v.include_usage).into_response()
+        stream_response(shape, rx, p.v.include_usage, state.shutdown.clone()).into_response()
     } else {
-        collect_response(shape, rx, prompt_tokens).await
+        tokio::select! {
+            r = collect_response(shape, rx, prompt_tokens) => r,
+            _ = state.shutdown.ended() => shutting_down().into_response(),
+        }
     };
     let h = resp.headers_mut();
     if let Some(v) = p.routed.version {
@@ -810,6 +813,7 @@ fn stream_response(
     shape: Shape,
     rx: UnboundedReceiver<GenerationEvent>,
     include_usage: bool,
+    shutdown: crate::server::Shutdown,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let with_usage = move |mut v: Value| {
         if include_usage {
@@ -908,5 +912,19 @@ fn stream_response(
             Some((stream::iter(events.into_iter().map(Ok)), (rx, shape, pr)))
         },
     );
-    Sse::new(head.chain(body.flatten()))
+    let events = super::until_shutdown(head.chain(body.flatten()), shutdown, || {
+        vec![
+            Ok(sse(&shutting_down().body())),
+            Ok(Event::default().data("[DONE]")),
+        ]
+    });
+    Sse::new(events)
+}
+
+/// What a request still running at the end of the shutdown grace period gets.
+fn shutting_down() -> ApiError {
+    ApiError {
+        code: Some("shutting_down"),
+        ..ApiError::unavailable("the server is shutting down; send the request again")
+    }
 }

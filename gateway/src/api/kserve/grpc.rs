@@ -428,7 +428,18 @@ async fn stream_llm(
     }
     let generation = llm::request(&state.offload, engine, &call).await?;
     let mut pieces = Box::pin(llm::stream(engine, generation)?);
-    while let Some(piece) = pieces.next().await {
+    loop {
+        let piece = tokio::select! {
+            p = pieces.next() => match p {
+                Some(p) => p,
+                None => break,
+            },
+            _ = state.shutdown.ended() => {
+                return Err(DnnError::unavailable(
+                    "the server is shutting down; send the request again",
+                ))
+            }
+        };
         let resp = InferResponse {
             model_name: req.model.clone(),
             model_version: version.clone(),

@@ -875,14 +875,22 @@ impl FromRequest<AppState> for Generate {
     }
 }
 
-async fn generate(g: Generate) -> KsResult<Json<Value>> {
-    let text = llm::complete(&g.engine, &g.call, g.request).await?;
+async fn generate(State(s): State<AppState>, g: Generate) -> KsResult<Json<Value>> {
+    let text = tokio::select! {
+        t = llm::complete(&g.engine, &g.call, g.request) => t?,
+        _ = s.shutdown.ended() => return Err(shutting_down().into()),
+    };
     Ok(Json(
         json!({"model_name": g.model, "model_version": g.version, "text_output": text}),
     ))
 }
 
-async fn generate_stream(g: Generate) -> KsResult<Response> {
+/// What a request still running at the end of the shutdown grace period gets.
+fn shutting_down() -> DnnError {
+    DnnError::unavailable("the server is shutting down; send the request again")
+}
+
+async fn generate_stream(State(s): State<AppState>, g: Generate) -> KsResult<Response> {
     use futures::StreamExt;
     let Generate {
         engine,
@@ -892,11 +900,14 @@ async fn generate_stream(g: Generate) -> KsResult<Response> {
         ..
     } = g;
     let pieces = llm::stream(&engine, request)?;
-    let events = pieces.map(move |piece| {
-        let event = match piece {
-            Ok(text) => json!({"model_name": model, "model_version": version, "text_output": text}),
-            Err(e) => json!({"error": e.message}),
-        };
+    let events = pieces.map(move |piece| match piece {
+        Ok(text) => json!({"model_name": model, "model_version": version, "text_output": text}),
+        Err(e) => json!({"error": e.message}),
+    });
+    let events = crate::api::until_shutdown(events, s.shutdown.clone(), || {
+        vec![json!({"error": shutting_down().message})]
+    })
+    .map(|event| {
         Ok::<_, std::convert::Infallible>(
             axum::response::sse::Event::default().data(event.to_string()),
         )
