@@ -439,10 +439,18 @@ mod tests {
         let a = t.assign("support-bot", |_| Some("user-1".into())).unwrap();
         assert!(!a.random);
         assert_eq!(a.deployment(), "smollm2-135m-instruct");
-        for i in 0..200 {
+        // Sticky across processes: a table parsed anew assigns every user
+        // alike (no seed drawn at start), and the 50/50 split holds.
+        let again = Table::parse(TWO_ARMS).unwrap();
+        let mut concise = 0;
+        for i in 0..2000 {
             let u = format!("user-{i}");
-            assert_eq!(arm_of(&t, "support-bot", &u), arm_of(&t, "support-bot", &u));
+            let arm = arm_of(&t, "support-bot", &u);
+            assert_eq!(arm, arm_of(&again, "support-bot", &u), "{u}");
+            concise += usize::from(arm.ends_with("/concise"));
         }
+        // Binomial(2000, 0.5): the standard deviation is 22.4; 5 of them.
+        assert!((1000 - 112..=1000 + 112).contains(&concise), "{concise}");
         assert!(t.assign("other-route", |_| None).is_none());
         assert!(t.assign("support-bot", |_| None).unwrap().random);
     }

@@ -99,6 +99,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,tokenizers=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Serve {

@@ -190,7 +190,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let grpc = TcpListener::bind(&cfg.server.grpc)
             .await
             .with_context(|| format!("binding {}", cfg.server.grpc))?;
-        tracing::info!("KServe gRPC on {}", cfg.server.grpc);
+        // The bound address: with port 0 the system picked it.
+        let bound = grpc.local_addr()?;
+        tracing::info!("KServe gRPC on {bound}");
         let (grpc_state, mut stop) = (state.clone(), stop.clone());
         grpc_done = Some(tokio::spawn(async move {
             let shutdown = async move { stopped(&mut stop).await };
@@ -204,7 +206,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .with_context(|| format!("binding {}", cfg.server.http))?;
     tracing::info!(
         "listening on http://{} (health: /health, API: /v1, KServe: /v2)",
-        cfg.server.http
+        listener.local_addr()?
     );
     let app = api::router(state.clone());
     let mut http = tokio::spawn(serve_http(listener, app, limits, stop.clone()));

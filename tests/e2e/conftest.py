@@ -1,5 +1,7 @@
 """Starts the real `switchyard` binary on a free port for the end-to-end tests."""
+import itertools
 import os
+import re
 import socket
 import subprocess
 import time
@@ -17,33 +19,56 @@ def binary() -> str:
 
 
 def free_port() -> int:
+    """A port nobody listens on (for an address that must refuse connections)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+_servers = itertools.count()
+
+
 class Server:
+    """The server on ports it binds itself (port 0 unless `port` is given),
+    read back from its log; ready once `/health` answers 200."""
+
     def __init__(self, config: str | None = None, port: int | None = None, args: list[str] | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [binary(), "serve", "--http", f"127.0.0.1:{self.port}"]
+        cmd = [binary(), "serve", "--http", f"127.0.0.1:{port or 0}"]
         if config:
             cmd += ["--config", config]
         cmd += args or []
-        self.log = open(Path(binary()).parent / f"e2e-server-{self.port}.log", "a")
+        name = f"e2e-server-{os.getpid()}-{next(_servers)}.log"
+        self.log = open(Path(binary()).parent / name, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = int(self.wait_for_log(r"listening on http://127\.0\.0\.1:(\d+)"))
+        self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 180
         while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"switchyard exited with {self.proc.returncode}; see {self.log.name}")
+            self.check_running()
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError("switchyard did not become healthy within 180 s")
+
+    def check_running(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"switchyard exited with {self.proc.returncode}; see {self.log.name}")
+
+    def wait_for_log(self, pattern: str, timeout: float = 60) -> str:
+        """The first group of the first log line matching `pattern`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, Path(self.log.name).read_text())
+            if m:
+                return m.group(1)
+            self.check_running()
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"no log line matching {pattern!r} within {timeout} s; see {self.log.name}")
 
     def kill(self):
         """SIGKILL: no shutdown handlers, no flushing; what was acknowledged must survive."""
@@ -54,22 +79,23 @@ class Server:
     def stop(self):
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(timeout=10)
         self.log.close()
 
 
 class Triton(Server):
     """A server of a Triton model repository over KServe HTTP and gRPC."""
 
-    def __init__(self, repo: Path, *extra: str, config: str | None = None, grpc_port: int | None = None):
+    def __init__(self, repo: Path, *extra: str, config: str | None = None):
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        self.grpc_port = grpc_port or free_port()
         args = ["--model-repository", str(repo)] if repo else []
-        super().__init__(config=config, args=[*args, "--grpc", f"127.0.0.1:{self.grpc_port}", *extra])
+        super().__init__(config=config, args=[*args, "--grpc", "127.0.0.1:0", *extra])
+        self.grpc_port = int(self.wait_for_log(r"KServe gRPC on 127\.0\.0\.1:(\d+)"))
         self.http_url = f"127.0.0.1:{self.port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         deadline = time.time() + 30
@@ -78,8 +104,19 @@ class Triton(Server):
                 if grpcclient.InferenceServerClient(self.grpc_url).is_server_live():
                     return
             except InferenceServerException:
-                time.sleep(0.2)
+                time.sleep(0.1)
         raise RuntimeError("gRPC did not come up")
+
+
+def require_env(name: str, how: str) -> str:
+    """An environment variable a test needs. Missing, the test is skipped with
+    the reason shown, except in CI (`CI` set), where it fails: CI runs all."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not set ({how}); CI runs every test")
+    pytest.skip(f"{name} is not set ({how})")
 
 
 def wait_for(what, check, timeout=120):
@@ -93,14 +130,22 @@ def wait_for(what, check, timeout=120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def metric(server, name, **labels) -> float:
-    """Sum of a Prometheus series over the series whose labels include `labels`."""
+def metric(server, name, missing=None, **labels) -> float:
+    """Sum of a Prometheus series over the series whose labels include
+    `labels`. A family with no such series is an error (a renamed metric must
+    fail the test), unless the caller says what its absence means (`missing`:
+    the value before the first event)."""
     want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
+    total, found = 0.0, False
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             if all(w in line for w in want):
                 total += float(line.split()[-1])
+                found = True
+    if not found:
+        if missing is not None:
+            return missing
+        raise AssertionError(f"no series {name} with {labels} at {server.url}/metrics")
     return total
 
 

@@ -18,8 +18,12 @@ EXAMPLE = (ROOT / "configs" / "experiments.yaml").read_text().replace("prompt: {
 
 
 def write_experiment(path, w1, w2):
+    """Replaces the file whole (a rename), as an editor or a deploy tool does,
+    so the watcher never reads it half written."""
     text = EXAMPLE.replace("weight: 50", f"weight: {w1}", 1).replace("weight: 50", f"weight: {w2}", 1)
-    path.write_text(text)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +155,10 @@ def test_hot_reload_keeps_serving_and_refuses_a_bad_file(experiment_server):
         for i in range(5):
             assert ask(s, f"user-{i}")[0]["x-switchyard-arm"] == "concise"
         # A bad file is refused; the table in force stays.
-        rejected = metric(s, "switchyard:experiment_reloads", outcome="rejected")
+        rejected = metric(s, "switchyard:experiment_reloads", missing=0.0, outcome="rejected")
         write_experiment(path, -1, 10)
         deadline = time.time() + 10
-        while metric(s, "switchyard:experiment_reloads", outcome="rejected") == rejected:
+        while metric(s, "switchyard:experiment_reloads", missing=0.0, outcome="rejected") == rejected:
             assert time.time() < deadline, "the bad file was not looked at"
             time.sleep(0.1)
         assert weights(s) == [100.0, 0.0]

@@ -10,9 +10,7 @@ Upstreams: a model served by two remote Switchyard nodes over KServe gRPC,
 reached through our HTTP and gRPC fronts with tritonclient; balancing,
 failover when one is killed, a clear error when none is left."""
 import socket
-import statistics
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,11 +18,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from conftest import Triton, free_port, metric, wait_for
 from triton_repo import fil_config, write_model
 
-HANG_TIMEOUT_MS = 400
+HANG_TIMEOUT_MS = 2000
 
 
 def xgb_model(repo: Path, name: str, X, y, trees: int):
@@ -117,9 +116,7 @@ upstreams:
 def infer(client, model, x, request_id=""):
     i = httpclient.InferInput("input__0", list(x.shape), "FP32")
     i.set_data_from_numpy(x, binary_data=True)
-    start = time.perf_counter()
-    r = client.infer(model, [i], request_id=request_id)
-    return r.as_numpy("output__0"), time.perf_counter() - start
+    return client.infer(model, [i], request_id=request_id).as_numpy("output__0")
 
 
 def shadows(server, model):
@@ -131,19 +128,17 @@ def test_the_primary_is_untouched_and_divergence_tells_models_apart(repo, server
     _, X, want = repo
     main, remote, hang, down, _ = servers
     client = httpclient.InferenceServerClient(main.http_url)
-    shadowed, plain = [], []
+    hanging = f"grpc://127.0.0.1:{hang.port}/iris"
     for k in range(30):
         rows = X[(k * 5) % 150:(k * 5) % 150 + 5]
-        got, dt = infer(client, "iris", rows, request_id=f"r{k}")
+        got = infer(client, "iris", rows, request_id=f"r{k}")
         # Exactly the library's own probabilities, whatever the shadows do.
         np.testing.assert_allclose(got, want["iris"][(k * 5) % 150:(k * 5) % 150 + 5], rtol=1e-6, atol=1e-7)
-        shadowed.append(dt)
-        plain.append(infer(client, "iris_plain", rows)[1])
-    # Never held up by the hanging shadow (each copy to it waits 400 ms).
-    assert max(shadowed) < HANG_TIMEOUT_MS / 1000, max(shadowed)
-    assert statistics.median(shadowed) < statistics.median(plain) + 0.02, (shadowed, plain)
-
-    hanging = f"grpc://127.0.0.1:{hang.port}/iris"
+        if k == 0:
+            # The answer came while its copy to the hanging node was still
+            # waiting (it fails only after 2 s): the primary never waits.
+            first = shadows(main, "iris").get(hanging, {"errors": 0})
+            assert first["errors"] == 0, first
     report = wait_for("every shadow to settle", lambda: (
         lambda r: r if sum(s["compared"] + s["errors"] + s["skipped"] for s in r.values()) >= 6 * 30 else None
     )(shadows(main, "iris")))
@@ -180,7 +175,7 @@ def test_a_sampled_shadow_gets_its_share_by_request_id(repo, servers):
     # Exactly the ids whose hash falls in the sampled half, about 100 of 200.
     want = sum(_sampled(rid, "iris_copy", "iris_small") for rid in ids)
     assert 70 <= want <= 130, want
-    wait_for("copies", lambda: metric(main, "switchyard:shadow_requests", route="iris_copy") == want)
+    wait_for("copies", lambda: metric(main, "switchyard:shadow_requests", missing=0.0, route="iris_copy") == want)
     wait_for("comparisons", lambda: shadows(main, "iris_copy")["iris_small"]["compared"] == want)
 
 
@@ -244,13 +239,13 @@ def test_a_remote_kserve_upstream_balances_and_fails_over(repo, servers):
     for k in range(8):
         ask(http if k % 2 else grpc, k)
     assert successes(r2) - before[1] - used[1] == 8
-    # None left: a clear error, quickly.
+    # None left: a clear error, not a hang (a client that waited out its
+    # 10 s limit would raise a timeout, without the model's name).
     r2.kill()
-    time.sleep(1)
-    start = time.time()
+    wait_for("the health check to mark both down", lambda: not http.is_model_ready("iris_far"))
+    quick = httpclient.InferenceServerClient(main.http_url, network_timeout=10)
     i = httpclient.InferInput("input__0", [1, 4], "FP32")
     i.set_data_from_numpy(X[:1])
-    with pytest.raises(Exception) as e:
-        http.infer("iris_far", [i])
-    assert "iris_far" in str(e.value) and time.time() - start < 5, str(e.value)
-    assert not http.is_model_ready("iris_far")
+    with pytest.raises(InferenceServerException) as e:
+        quick.infer("iris_far", [i])
+    assert e.value.status() == "503" and "iris_far" in str(e.value), str(e.value)

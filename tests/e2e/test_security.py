@@ -17,13 +17,11 @@ import gzip
 import json
 import os
 import socket
-import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import grpc as grpclib
 import httpx
 import numpy as np
 import pytest
@@ -31,7 +29,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, MODEL, Server, Triton, binary, free_port, wait_for
+from conftest import ROOT, MODEL, Triton, binary, free_port, wait_for
 
 KEYS = {
     "admin": "admin-secret-0123456789",

@@ -1,7 +1,6 @@
 """The Triton-compatible plane, judged by NVIDIA's own clients: tritonclient
 (HTTP and gRPC) and perf_analyzer against a repository built from real
 libraries, every output checked against the library's own prediction."""
-import gzip
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Server, Triton, free_port, metric
+from conftest import ROOT, Triton, metric
 from triton_repo import build
 
 CACHE = Path(os.environ.get("SWITCHYARD_TEST_CACHE", Path.home() / ".cache" / "switchyard" / "test-models"))
@@ -158,9 +157,22 @@ def test_sentence_encoder_takes_bytes(http, grpc, proto):
     np.testing.assert_allclose(alone[0], emb[2], atol=1e-4)
 
 
+def series(triton):
+    """The batcher's Prometheus series for iris_xgb, read together."""
+    m = lambda name, **kw: metric(triton, name, missing=0.0, model="iris_xgb", **kw)
+    return {
+        "exec": m("nv_inference_exec_count", version="1"),
+        "success": m("nv_inference_request_success", version="1"),
+        "batches": m("nv_inference_batch_size_count"),
+        "rows": m("nv_inference_batch_size_sum"),
+        "single": m("nv_inference_batch_size_bucket", le="1"),
+    }
+
+
 def test_dynamic_batching_forms_batches_and_stats_are_exact(repo, triton, grpc):
     X = repo[1]["iris_xgb"]["X"]
     before = grpc.get_inference_statistics("iris_xgb", as_json=True)["model_stats"][0]
+    before_series = series(triton)
     n = 48
     done = []
     for i in range(n):
@@ -178,14 +190,18 @@ def test_dynamic_batching_forms_batches_and_stats_are_exact(repo, triton, grpc):
     assert 1 <= execs < n, f"{n} concurrent requests ran in {execs} executions"
     succ = lambda s: int(s["inference_stats"]["success"].get("count", 0))
     assert succ(after) - succ(before) == n
-    sizes = {int(b["batch_size"]) for b in after["batch_stats"]}
-    assert max(sizes) > 1
-    assert metric(triton, "nv_inference_exec_count", model="iris_xgb", version="1") == count(after, "execution_count")
-    assert metric(triton, "nv_inference_request_success", model="iris_xgb", version="1") == succ(after)
-    # The formed batch sizes, as a histogram: one observation per execution, summing to the inferences.
-    assert metric(triton, "nv_inference_batch_size_count", model="iris_xgb") == count(after, "execution_count")
-    assert metric(triton, "nv_inference_batch_size_sum", model="iris_xgb") == count(after, "inference_count")
-    assert metric(triton, "nv_inference_batch_size_bucket", model="iris_xgb", le="1") < count(after, "execution_count")
+    # This test's batches alone (earlier tests filled the counters before it).
+    per_size = lambda s: {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in s.get("batch_stats", [])}
+    formed = {size: k - per_size(before).get(size, 0) for size, k in per_size(after).items()}
+    assert sum(formed.values()) == execs, formed
+    assert sum(size * k for size, k in formed.items()) == n, formed
+    assert any(k > 0 for size, k in formed.items() if size > 1), formed
+    # The Prometheus series moved by exactly as much: one batch-size
+    # observation per execution, their sum the inferences.
+    grown = {k: v - before_series[k] for k, v in series(triton).items()}
+    assert grown["exec"] == execs and grown["batches"] == execs, grown
+    assert grown["success"] == n and grown["rows"] == n, grown
+    assert grown["single"] == formed.get(1, 0), (grown, formed)
 
 
 def post(triton, path, body, headers=None):

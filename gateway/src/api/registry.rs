@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -39,35 +39,64 @@ fn auth_error(e: AuthError) -> Response {
     error(e.http_status(), kind, e.message())
 }
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/registry/models", get(list_models).post(create_model))
-        .route("/v1/registry/models/{model}", get(get_model))
-        .route(
+/// Every route with its methods: the router is built from this table, and a
+/// test holds it to `openapi.json` both ways (nothing served undocumented,
+/// nothing documented unserved).
+fn table() -> Vec<(
+    &'static str,
+    &'static [&'static str],
+    MethodRouter<AppState>,
+)> {
+    vec![
+        (
+            "/v1/registry/models",
+            &["get", "post"],
+            get(list_models).post(create_model),
+        ),
+        ("/v1/registry/models/{model}", &["get"], get(get_model)),
+        (
             "/v1/registry/models/{model}/versions",
+            &["get", "post"],
             get(list_versions).post(register_version),
-        )
-        .route(
+        ),
+        (
             "/v1/registry/models/{model}/versions/{version}",
+            &["get"],
             get(get_version),
-        )
-        .route(
+        ),
+        (
             "/v1/registry/models/{model}/versions/{version}/transitions",
+            &["post"],
             post(transition),
-        )
-        .route(
+        ),
+        (
             "/v1/registry/models/{model}/versions/{version}/approvals",
+            &["post"],
             post(approve),
-        )
-        .route(
+        ),
+        (
             "/v1/registry/models/{model}/versions/{version}/lineage",
+            &["get"],
             get(lineage),
-        )
-        .route("/v1/registry/models/{model}/rollback", post(rollback))
-        .route("/v1/registry/models/{model}/served", get(served))
-        .route("/v1/registry/audit", get(audit))
-        .route("/v1/registry/audit/verify", get(verify))
-        .route("/openapi.json", get(openapi))
+        ),
+        (
+            "/v1/registry/models/{model}/rollback",
+            &["post"],
+            post(rollback),
+        ),
+        ("/v1/registry/models/{model}/served", &["get"], get(served)),
+        ("/v1/registry/audit", &["get"], get(audit)),
+        ("/v1/registry/audit/verify", &["get"], get(verify)),
+        ("/openapi.json", &["get"], get(openapi)),
+    ]
+}
+
+pub fn routes() -> Router<AppState> {
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (path, _, methods)| {
+            r.route(path, methods)
+        })
 }
 
 /// The OpenAPI 3.1 description of these routes.
@@ -402,4 +431,71 @@ async fn audit(State(s): State<AppState>, h: HeaderMap, Query(q): Query<AuditQue
 
 async fn verify(State(s): State<AppState>, h: HeaderMap) -> Response {
     call(&s, &h, StatusCode::OK, |r, _| r.verify()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use tower::ServiceExt;
+
+    /// `(path, method)` pairs of `openapi.json`.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|m| ["get", "post", "put", "patch", "delete"].contains(&m.as_str()))
+                    .map(move |m| (path.clone(), m.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_table_is_the_openapi_document_both_ways() {
+        let served: BTreeSet<(String, String)> = table()
+            .iter()
+            .flat_map(|(p, ms, _)| ms.iter().map(move |m| (p.to_string(), m.to_string())))
+            .collect();
+        let doc = documented();
+        assert_eq!(
+            served.difference(&doc).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "served but not documented"
+        );
+        assert_eq!(
+            doc.difference(&served).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "documented but not served"
+        );
+    }
+
+    /// The router answers each documented method, and only those (405 for
+    /// the others), so the table's method lists cannot drift from the router.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_tables_methods() {
+        let app = routes().with_state(AppState::new(0, None));
+        for (path, methods, _) in table() {
+            let concrete = path.replace("{model}", "m").replace("{version}", "1");
+            for m in ["GET", "POST", "PUT", "DELETE"] {
+                let req = axum::http::Request::builder()
+                    .method(m)
+                    .uri(&concrete)
+                    .body(axum::body::Body::from("{}"))
+                    .unwrap();
+                let status = app.clone().oneshot(req).await.unwrap().status();
+                let listed = methods.contains(&m.to_ascii_lowercase().as_str());
+                assert_eq!(
+                    status == StatusCode::METHOD_NOT_ALLOWED,
+                    !listed,
+                    "{m} {path}: {status}"
+                );
+            }
+        }
+    }
 }

@@ -33,7 +33,13 @@ pub fn backends() -> Vec<(&'static str, String, tempfile::TempDir)> {
             fresh_pg_database(&base),
             tempfile::tempdir().unwrap(),
         )),
-        Err(_) => eprintln!("SWITCHYARD_TEST_POSTGRES_URL is not set: SQLite only"),
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs every backend: set SWITCHYARD_TEST_POSTGRES_URL (scripts/test.sh does)"
+            );
+            eprintln!("SWITCHYARD_TEST_POSTGRES_URL is not set: SQLite only")
+        }
     }
     out
 }

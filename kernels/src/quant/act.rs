@@ -167,3 +167,219 @@ impl Activations {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Our activation quantizers against an independent implementation:
+    //! candle's `BlockQ8_0` / `BlockQ8_1` / `BlockQ8K::from_float`, on every
+    //! instruction-set path. Candle computes Q8_1's sum in f16 arithmetic
+    //! (`f16(Σq)·f16(d)`), where ggml's `quantize_row_q8_1` rounds `Σq·d` once
+    //! from the unrounded scale; the sum is checked against ggml's formula.
+    use super::super::{QuantType, Scheme};
+    use super::*;
+    use crate::test_util::pseudo_random;
+    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
+    use half::f16 as F16;
+
+    /// Rows of 512 values: ordinary ones, a row of exact halves after scaling
+    /// (ties, where rounding modes differ), a row with one large outlier and
+    /// tiny rest (values that round to zero), and a zero block.
+    fn rows() -> Vec<Vec<f32>> {
+        let plain = pseudo_random(512, 7).iter().map(|v| v * 3.0).collect();
+        // With amax = 127, the scale is 1 and every value k + 0.5 is a tie.
+        let ties = (0..512)
+            .map(|i| {
+                if i % 32 == 0 {
+                    127.0
+                } else {
+                    (i % 64) as f32 - 31.5
+                }
+            })
+            .collect();
+        let outlier = (0..512)
+            .map(|i| {
+                if i == 5 {
+                    -900.0
+                } else {
+                    1e-3 * (i as f32).sin()
+                }
+            })
+            .collect();
+        let mut zeros: Vec<f32> = pseudo_random(512, 9);
+        zeros[64..96].fill(0.0);
+        vec![plain, ties, outlier, zeros]
+    }
+
+    /// One block of candle's, read from its `#[repr(C)]` bytes (its fields
+    /// are private): the scale, Q8_1's sum, and the codes.
+    struct Block {
+        d: f32,
+        s: f32,
+        qs: Vec<i8>,
+    }
+
+    fn bytes<T>(blocks: &[T]) -> &[u8] {
+        // SAFETY: candle's blocks are `#[repr(C)]` plain data without padding
+        // (candle asserts their sizes); read only.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
+    }
+
+    fn f16_at(b: &[u8], at: usize) -> f32 {
+        F16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    }
+
+    fn codes(b: &[u8]) -> Vec<i8> {
+        b.iter().map(|&c| c as i8).collect()
+    }
+
+    /// candle's Q8_0, Q8_1 and Q8_K blocks of `x`.
+    fn candle_q8_0(x: &[f32]) -> Vec<Block> {
+        let mut blocks = vec![BlockQ8_0::zeros(); x.len() / QK];
+        BlockQ8_0::from_float(x, &mut blocks);
+        bytes(&blocks)
+            .chunks_exact(34)
+            .map(|b| Block {
+                d: f16_at(b, 0),
+                s: 0.0,
+                qs: codes(&b[2..]),
+            })
+            .collect()
+    }
+
+    fn candle_q8_1(x: &[f32]) -> Vec<Block> {
+        let mut blocks = vec![BlockQ8_1::zeros(); x.len() / QK];
+        BlockQ8_1::from_float(x, &mut blocks);
+        bytes(&blocks)
+            .chunks_exact(36)
+            .map(|b| Block {
+                d: f16_at(b, 0),
+                s: f16_at(b, 2),
+                qs: codes(&b[4..]),
+            })
+            .collect()
+    }
+
+    fn candle_q8_k(x: &[f32]) -> Vec<Block> {
+        let mut blocks = vec![BlockQ8K::zeros(); x.len() / 256];
+        BlockQ8K::from_float(x, &mut blocks);
+        bytes(&blocks)
+            .chunks_exact(292)
+            .map(|b| Block {
+                d: f32::from_le_bytes(b[..4].try_into().unwrap()),
+                s: 0.0,
+                qs: codes(&b[4..260]),
+            })
+            .collect()
+    }
+
+    type Quantizer = fn(&[f32], &mut [i8], &mut [f32]);
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(x: &[f32], q: &mut [i8], scale: &mut [f32]) {
+        // SAFETY: only listed when the CPU has AVX2, FMA and F16C.
+        unsafe { quantize_q8_avx2(x, q, scale) }
+    }
+
+    /// Every Q8_0/Q8_1 quantizer this CPU can run.
+    fn paths() -> Vec<(&'static str, Quantizer)> {
+        let mut out: Vec<(&'static str, Quantizer)> = vec![("portable", quantize_q8_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() != Isa::Portable {
+            out.push(("avx2", avx2));
+        }
+        out
+    }
+
+    #[test]
+    fn q8_0_and_q8_1_match_candle_and_ggml() {
+        for (r, x) in rows().iter().enumerate() {
+            let (b0, b1) = (candle_q8_0(x), candle_q8_1(x));
+            for (name, quantize) in paths() {
+                let (mut q, mut scale) = (vec![0i8; x.len()], vec![0f32; x.len() / QK]);
+                quantize(x, &mut q, &mut scale);
+                for (b, (c0, c1)) in b0.iter().zip(&b1).enumerate() {
+                    let qs = &q[b * QK..][..QK];
+                    assert_eq!(qs, &c0.qs[..], "{name} row {r} block {b}: Q8_0 codes");
+                    assert_eq!(qs, &c1.qs[..], "{name} row {r} block {b}: Q8_1 codes");
+                    assert_eq!(f16(scale[b]), c0.d, "{name} row {r} block {b}");
+                    assert_eq!(f16(scale[b]), c1.d, "{name} row {r} block {b}");
+                    // Candle's own sum, in f16 arithmetic, for the record:
+                    // within one f16 step of ggml's, which the lanes carry.
+                    let ggml = f16(qs.iter().map(|&q| q as i32).sum::<i32>() as f32 * scale[b]);
+                    assert!(
+                        (c1.s - ggml).abs() <= ggml.abs() / 512.0 + 1e-7,
+                        "{name} row {r} block {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_k_matches_candle() {
+        for (r, x) in rows().iter().enumerate() {
+            let blocks = candle_q8_k(x);
+            let (mut q, mut scale) = (vec![0i8; x.len()], vec![0f32; x.len() / 256]);
+            quantize_q8k(x, &mut q, &mut scale);
+            for (b, c) in blocks.iter().enumerate() {
+                assert_eq!(&q[b * 256..][..256], &c.qs[..], "row {r} block {b}");
+                assert_eq!(scale[b], c.d, "row {r} block {b}");
+            }
+        }
+    }
+
+    /// The scale and sum each lane carries, as the dot products read them,
+    /// from every path: Q8_0's `f16(d)·Σq`, Q8_1's ggml `f16(Σq·d)`, Q8_K's
+    /// `d·Σq` over the lane's values.
+    #[test]
+    fn lane_scales_and_sums_are_ggmls() {
+        for (ty, scheme) in [
+            (QuantType::Q4_0, Scheme::Q8_0),
+            (QuantType::Q4_1, Scheme::Q8_1),
+            (QuantType::Q4K, Scheme::Q8K),
+        ] {
+            let layout = Layout::new(ty, 512);
+            for (r, x) in rows().iter().enumerate() {
+                let (b0, bk) = (candle_q8_0(x), candle_q8_k(x));
+                for isa in Isa::available() {
+                    let a = Activations::new(isa, x, &layout, scheme);
+                    let row = a.row(0);
+                    for (gi, g) in layout.groups.iter().enumerate() {
+                        for l in 0..LANES {
+                            let first = g.start + l * g.lane;
+                            let (d, s) = (row.d[gi * LANES + l], row.s[gi * LANES + l]);
+                            let at = format!("{isa:?} {ty:?} row {r} lane at {first}");
+                            match scheme {
+                                Scheme::Q8K => {
+                                    let c = &bk[first / 256];
+                                    let sum: i32 = c.qs[first % 256..][..g.lane]
+                                        .iter()
+                                        .map(|&q| q as i32)
+                                        .sum();
+                                    assert_eq!(d, c.d, "{at}");
+                                    assert_eq!(s, c.d * sum as f32, "{at}");
+                                }
+                                _ => {
+                                    let c = &b0[first / QK];
+                                    assert_eq!(d, c.d, "{at}");
+                                    let sum: i32 = c.qs.iter().map(|&q| q as i32).sum();
+                                    let amax = x[first / QK * QK..][..QK]
+                                        .iter()
+                                        .fold(0f32, |m, v| m.max(v.abs()));
+                                    let want = if !first.is_multiple_of(QK) {
+                                        0.0
+                                    } else if scheme == Scheme::Q8_0 {
+                                        c.d * sum as f32
+                                    } else {
+                                        f16(sum as f32 * (amax / 127.0))
+                                    };
+                                    assert_eq!(s, want, "{at}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
