@@ -519,3 +519,116 @@ impl Upstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+
+    /// A replica on loopback answering `/v1/completions` with `status` after
+    /// `delay`, counting its requests.
+    async fn replica(status: u16, delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(move || {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        "{\"ok\": true}",
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), hits)
+    }
+
+    /// An address that refuses connections: bound, then closed.
+    fn refusing() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    fn upstream(endpoints: Vec<String>, retries: usize, threshold: u32) -> Upstream {
+        Upstream::new(UpstreamConfig {
+            name: "m".into(),
+            protocol: Protocol::Openai,
+            endpoints,
+            model: None,
+            timeout_secs: 5,
+            retries,
+            health_path: "/health".into(),
+            health_interval_ms: 1000,
+            failure_threshold: threshold,
+            open_secs: 60,
+        })
+    }
+
+    fn request(stream: bool) -> ProxyRequest {
+        ProxyRequest {
+            path: "/v1/completions",
+            body: Bytes::from_static(b"{}"),
+            stream,
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_go_to_the_next_replica_and_stop_at_their_limit() {
+        let (live, hits) = replica(200, Duration::ZERO).await;
+        // Tries start at replicas 0, 1, 2 in turn: two refusals, then the live one.
+        let endpoints = vec![refusing(), refusing(), live.clone()];
+        let two = upstream(endpoints.clone(), 2, 10);
+        let (resp, used) = two.send(request(false)).await.unwrap();
+        assert_eq!((resp.status().as_u16(), used), (200, live.clone()));
+        let one = upstream(endpoints.clone(), 1, 10);
+        let e = one.send(request(false)).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::NotReached(..)), "{e}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "the live replica was tried once"
+        );
+        // A stream is never sent twice, even when it never arrived.
+        let streams = upstream(endpoints, 2, 10);
+        let e = streams.send(request(true)).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::NotReached(..)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_keeps_failing_is_left_out_until_its_circuit_closes() {
+        let (live, _) = replica(200, Duration::ZERO).await;
+        let (broken, broken_hits) = replica(500, Duration::ZERO).await;
+        let u = upstream(vec![broken.clone(), live.clone()], 0, 2);
+        let mut answers = Vec::new();
+        for _ in 0..8 {
+            let (resp, used) = u.send(request(false)).await.unwrap();
+            // A 500 is the replica's answer: passed on, not retried.
+            answers.push((resp.status().as_u16(), used));
+        }
+        assert_eq!(broken_hits.load(Ordering::SeqCst), 2, "{answers:?}");
+        assert!(
+            answers[4..].iter().all(|a| a == &(200, live.clone())),
+            "{answers:?}"
+        );
+        assert!(!u.balancer.replicas[0].available() && u.is_available());
+    }
+
+    #[tokio::test]
+    async fn a_slow_replica_runs_into_the_timeout() {
+        let (slow, _) = replica(200, Duration::from_secs(30)).await;
+        let mut u = upstream(vec![slow], 0, 10);
+        u = Upstream::new(UpstreamConfig {
+            timeout_secs: 1,
+            ..u.config
+        });
+        let e = u.send(request(false)).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Timeout(_, 1)), "{e}");
+    }
+}

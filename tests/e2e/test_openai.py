@@ -172,14 +172,29 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in client(server).models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
     ask(client(server), "Hi", max_tokens=2)
-    metrics = httpx.get(f"{server.url}/metrics").text
-    label = f'{{model_name="{MODEL}"}}'
-    for name in ["generation_tokens", "prompt_tokens", "num_requests_running", "num_requests_waiting",
-                 "kv_cache_usage_perc", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions"]:
-        assert f"switchyard:{name}{label}" in metrics, name
-    for name in ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds"]:
-        assert f"switchyard:{name}_bucket" in metrics, name
+    # Each engine series moves by exactly what one request does (nothing else
+    # runs on this server between the two reads).
+    m = lambda name: metric(server, f"switchyard:{name}", model_name=MODEL)
+    names = ["prompt_tokens", "generation_tokens", "time_to_first_token_seconds_count",
+             "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
+             "request_queue_time_seconds_count", "prefix_cache_queries", "prefix_cache_hits",
+             "num_preemptions", "e2e_request_latency_seconds_sum"]
+    before = {n: m(n) for n in names}
+    r = client(server).completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=5,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    grown = {n: m(n) - before[n] for n in names}
+    assert grown["prompt_tokens"] == r.usage.prompt_tokens, grown
+    assert grown["generation_tokens"] == r.usage.completion_tokens == 5, grown
+    assert grown["time_to_first_token_seconds_count"] == 1, grown
+    assert grown["inter_token_latency_seconds_count"] == 4, grown
+    assert grown["e2e_request_latency_seconds_count"] == 1, grown
+    assert grown["e2e_request_latency_seconds_sum"] > 0, grown
+    assert grown["request_queue_time_seconds_count"] == 1, grown
+    assert grown["prefix_cache_queries"] == r.usage.prompt_tokens, grown
+    assert grown["num_preemptions"] == 0, grown
+    # Gauges at rest: nothing running or waiting, no block held.
+    for gauge in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]:
+        assert m(gauge) == 0, gauge
 
 
 def test_disconnect_cancels_the_sequence(server):

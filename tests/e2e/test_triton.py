@@ -1,6 +1,7 @@
 """The Triton-compatible plane, judged by NVIDIA's own clients: tritonclient
 (HTTP and gRPC) and perf_analyzer against a repository built from real
 libraries, every output checked against the library's own prediction."""
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Triton, metric
+from conftest import ROOT, Triton, metric, wait_for
 from triton_repo import build
 
 CACHE = Path(os.environ.get("SWITCHYARD_TEST_CACHE", Path.home() / ".cache" / "switchyard" / "test-models"))
@@ -155,6 +156,17 @@ def test_sentence_encoder_takes_bytes(http, grpc, proto):
     # One sentence alone embeds the same as inside a batch (padding is masked).
     alone = run(client, "minilm", {"text": texts[2:]}).as_numpy("embedding")
     np.testing.assert_allclose(alone[0], emb[2], atol=1e-4)
+    # And each equals an independent numpy implementation of the model.
+    reference = minilm_reference()
+    for row, [text] in zip(emb, texts):
+        np.testing.assert_allclose(row, reference.embed_one(text.decode()), atol=1e-4)
+
+
+@functools.cache
+def minilm_reference():
+    from bert_reference import Bert
+
+    return Bert(CACHE / "minilm")
 
 
 def series(triton):
@@ -300,6 +312,10 @@ def test_explicit_load_unload(repo):
         assert c.get_model_config("diabetes_lgbm")["max_batch_size"] == 4
         with pytest.raises(InferenceServerException, match="missing_model|no model directory"):
             c.load_model("missing_model")
+        # Loading with files in the request is a feature this server does not have.
+        with pytest.raises(InferenceServerException) as e:
+            g.load_model("iris_xgb", files={"file:1/xgboost.json": b"{}"})
+        assert e.value.status() == "StatusCode.UNIMPLEMENTED", e.value
     finally:
         s.stop()
 
@@ -327,6 +343,28 @@ def test_poll_mode_picks_up_a_new_model(repo, tmp_path):
         assert c.is_model_ready("cancer_lgbm")
         broken = [m for m in c.get_model_repository_index() if m["name"] == "broken"][0]
         assert broken["state"] == "UNAVAILABLE" and "config.pbtxt" in broken["reason"] and "line 2" in broken["reason"]
+        # A model that failed to load answers UNAVAILABLE, naming why.
+        g = grpcclient.InferenceServerClient(s.grpc_url)
+        x = grpcclient.InferInput("input__0", [1, 4], "FP32")
+        x.set_data_from_numpy(repo[1]["iris_xgb"]["X"][:1])
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("broken", [x])
+        assert e.value.status() == "StatusCode.UNAVAILABLE" and "config.pbtxt" in str(e.value), e.value
+        # A changed model file is reloaded: the new trees answer.
+        import xgboost as xgb
+        from sklearn.datasets import load_iris
+
+        X, y = repo[1]["iris_xgb"]["X"], load_iris(return_X_y=True)[1]
+        retrained = xgb.XGBClassifier(n_estimators=3, max_depth=1, random_state=1).fit(X, y)
+        # Written beside, then renamed into place, as a deploy tool does.
+        retrained.save_model(tmp_path / "xgboost.json")
+        os.replace(tmp_path / "xgboost.json", live / "iris_xgb" / "1" / "xgboost.json")
+        want = retrained.predict_proba(X[:5])
+        assert not np.allclose(want, repo[1]["iris_xgb"]["y"][:5], atol=1e-3)
+        hx = httpclient.InferInput("input__0", [5, 4], "FP32")
+        hx.set_data_from_numpy(X[:5])
+        wait_for("the changed model to answer", lambda: np.allclose(
+            c.infer("iris_xgb", [hx]).as_numpy("output__0"), want, rtol=1e-5, atol=1e-6), timeout=30)
         shutil.rmtree(live / "iris_xgb")
         deadline = time.time() + 20
         while c.is_model_ready("iris_xgb") and time.time() < deadline:

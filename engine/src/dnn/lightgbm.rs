@@ -163,3 +163,77 @@ pub fn parse(text: &str) -> Result<Forest, String> {
     }
     .compile()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A binary model of two trees as LightGBM 4 writes it: a stump on
+    /// feature 0 (`<= 1.5` left; decision_type 10 = default left, NaN missing)
+    /// and one on feature 1 (decision_type 0 = NaN read as 0.0).
+    const MODEL: &str = "tree
+version=v4
+num_class=1
+num_tree_per_iteration=1
+label_index=0
+max_feature_idx=1
+objective=binary sigmoid:1
+
+Tree=0
+num_leaves=2
+num_cat=0
+split_feature=0
+threshold=1.5
+decision_type=10
+left_child=-1
+right_child=-2
+leaf_value=-0.5 0.5
+
+Tree=1
+num_leaves=2
+num_cat=0
+split_feature=1
+threshold=-0.25
+decision_type=0
+left_child=-1
+right_child=-2
+leaf_value=0.125 -0.125
+
+end of trees
+";
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn at_most_goes_left_and_missing_follows_the_decision_type() {
+        let f = parse(MODEL).unwrap();
+        let rows = [
+            1.5,
+            -1.0, // <= 1.5: left; <= -0.25: left
+            1.6,
+            0.0, // right; 0 > -0.25: right
+            f32::NAN,
+            f32::NAN, // NaN on feature 0 goes to the default (left); read as 0.0 on feature 1: right
+        ];
+        let want = [-0.5 + 0.125, 0.5 - 0.125, -0.5 - 0.125];
+        for (got, margin) in f.predict(&rows, 3).iter().zip(want) {
+            assert!((got - sigmoid(margin)).abs() < 1e-12, "{got} vs {margin}");
+        }
+    }
+
+    #[test]
+    fn malformed_models_are_refused_by_name() {
+        let e = parse(&MODEL.replace("leaf_value=-0.5 0.5", "leaf_value=-0.5")).unwrap_err();
+        assert!(e.contains("Tree=0") && e.contains("leaf values"), "{e}");
+        let e = parse(&MODEL.replace("num_cat=0\nsplit_feature=1", "num_cat=1\nsplit_feature=1"))
+            .unwrap_err();
+        assert!(e.contains("Tree=1") && e.contains("categorical"), "{e}");
+        let e = parse(&MODEL.replace("threshold=1.5", "threshold=abc")).unwrap_err();
+        assert!(e.contains("threshold") && e.contains("abc"), "{e}");
+        let e = parse(&MODEL.replace("binary sigmoid:1", "lambdarank")).unwrap_err();
+        assert!(e.contains("lambdarank"), "{e}");
+        assert!(parse("hello").unwrap_err().contains("not a LightGBM"));
+    }
+}

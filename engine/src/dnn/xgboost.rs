@@ -166,3 +166,69 @@ pub fn parse(json: &str) -> Result<Forest, String> {
     }
     .compile()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Two trees, written as XGBoost 2.x writes them: a stump on feature 1
+    /// (`x1 < 0.5` left, NaN left) and a constant; base_score 0.5 under
+    /// `binary:logistic`, so the base margin is 0.
+    fn model(objective: &str, base_score: &str) -> String {
+        json!({"learner": {
+        "learner_model_param": {"num_feature": "2", "num_class": "0", "base_score": base_score},
+        "objective": {"name": objective},
+        "gradient_booster": {"name": "gbtree", "model": {
+            "tree_info": [0, 0],
+            "trees": [
+                {"left_children": [1, -1, -1], "right_children": [2, -1, -1],
+                 "split_conditions": [0.5, -1.0, 1.0], "split_indices": [1, 0, 0],
+                 "default_left": [1, 0, 0]},
+                {"left_children": [-1], "right_children": [-1], "split_conditions": [0.25],
+                 "split_indices": [0], "default_left": [0]}
+            ]}}}})
+        .to_string()
+    }
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn less_than_goes_left_nan_takes_the_default_and_the_base_score_is_a_margin() {
+        let f = parse(&model("binary:logistic", "5E-1")).unwrap();
+        assert_eq!(f.num_trees(), 2);
+        // x1 = 0.2 < 0.5: left (-1.0); x1 = 0.5 is not below: right (+1.0); NaN: left.
+        let rows = [0.0, 0.2, 0.0, 0.5, 9.0, f32::NAN];
+        let p = f.predict(&rows, 3);
+        for (got, margin) in p.iter().zip([-0.75, 1.25, -0.75]) {
+            assert!((got - sigmoid(margin)).abs() < 1e-12, "{got} vs {margin}");
+        }
+        // base_score as XGBoost 3 writes it, and a raw-margin objective.
+        let raw = parse(&model("binary:logitraw", "[7.5E-1]")).unwrap();
+        let p = raw.predict(&[0.0, 0.2], 1);
+        assert!((p[0] - (-0.75 + (3.0f64).ln())).abs() < 1e-6, "{}", p[0]);
+    }
+
+    #[test]
+    fn malformed_models_are_refused_by_name() {
+        let bad = |edit: &dyn Fn(&mut Value)| {
+            let mut v: Value = serde_json::from_str(&model("binary:logistic", "5E-1")).unwrap();
+            edit(&mut v);
+            parse(&v.to_string()).unwrap_err()
+        };
+        fn tree(v: &mut Value) -> &mut Value {
+            &mut v["learner"]["gradient_booster"]["model"]["trees"][0]
+        }
+        let e = bad(&|v| tree(v)["right_children"] = json!([2, -1]));
+        assert!(e.contains("trees[0]") && e.contains("length"), "{e}");
+        let e = bad(&|v| tree(v)["split_type"] = json!([1, 0, 0]));
+        assert!(e.contains("categorical"), "{e}");
+        let e = bad(&|v| v["learner"]["objective"]["name"] = json!("rank:ndcg"));
+        assert!(e.contains("rank:ndcg"), "{e}");
+        let e = bad(&|v| v["learner"]["learner_model_param"]["base_score"] = json!("[1E0,2E0]"));
+        assert!(e.contains("base_score"), "{e}");
+        assert!(parse("{not json").unwrap_err().contains("JSON"));
+    }
+}

@@ -312,4 +312,97 @@ mod tests {
             assert!(t == 3 || t == 4, "{t}");
         }
     }
+
+    /// The distribution sampling should follow, computed independently in
+    /// f64: softmax(logits / T) over the top k, then the smallest head of it
+    /// whose mass reaches top_p, then min_p; renormalized after each cut.
+    fn expected(logits: &[f32], t: f64, top_k: usize, top_p: f64, min_p: f64) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let keep_k = if top_k == 0 { logits.len() } else { top_k };
+        let mut p = vec![0f64; logits.len()];
+        let max = logits[order[0]] as f64;
+        for &i in &order[..keep_k] {
+            p[i] = ((logits[i] as f64 - max) / t).exp();
+        }
+        let normalize = |p: &mut Vec<f64>| {
+            let z: f64 = p.iter().sum();
+            p.iter_mut().for_each(|v| *v /= z);
+        };
+        normalize(&mut p);
+        let mut mass = 0.0;
+        let mut cut = false;
+        for &i in &order {
+            if cut {
+                p[i] = 0.0;
+            }
+            mass += p[i];
+            cut |= mass >= top_p;
+        }
+        normalize(&mut p);
+        let top = p.iter().cloned().fold(0.0, f64::max);
+        p.iter_mut()
+            .filter(|v| **v < min_p * top)
+            .for_each(|v| *v = 0.0);
+        normalize(&mut p);
+        p
+    }
+
+    /// Pearson's χ² of `counts` against `want` over the tokens `want` allows;
+    /// a draw of a token it forbids fails at once.
+    fn chi_square(counts: &[u64], want: &[f64], n: u64) -> (f64, usize) {
+        let mut stat = 0.0;
+        let mut cells = 0;
+        for (c, w) in counts.iter().zip(want) {
+            if *w == 0.0 {
+                assert_eq!(*c, 0, "a token outside the allowed set was drawn");
+                continue;
+            }
+            let e = w * n as f64;
+            stat += (*c as f64 - e).powi(2) / e;
+            cells += 1;
+        }
+        (stat, cells - 1)
+    }
+
+    /// The χ² value a correct sampler exceeds with probability 0.001, by
+    /// degrees of freedom (1 to 9).
+    const CHI2_999: [f64; 9] = [
+        10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88,
+    ];
+
+    #[test]
+    fn sampling_follows_the_renormalized_softmax() {
+        let logits = [2.0f32, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 1.1];
+        let n = 40_000u64;
+        for (t, top_k, top_p, min_p) in [
+            (1.0, 0, 1.0, 0.0),
+            (0.7, 0, 1.0, 0.0),
+            (1.3, 5, 1.0, 0.0),
+            (1.0, 0, 0.8, 0.0),
+            (0.8, 6, 0.9, 0.0),
+            (1.0, 0, 1.0, 0.2),
+        ] {
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: t as f32,
+                top_k,
+                top_p: top_p as f32,
+                min_p: min_p as f32,
+                seed: Some(1234),
+                ..Default::default()
+            });
+            let mut counts = vec![0u64; logits.len()];
+            for _ in 0..n {
+                let picked = sampler.sample(&mut logits.clone(), &[], &[], &[]);
+                counts[picked.token as usize] += 1;
+            }
+            let want = expected(&logits, t, top_k, top_p, min_p);
+            let (stat, df) = chi_square(&counts, &want, n);
+            assert!(
+                stat < CHI2_999[df - 1],
+                "T={t} top_k={top_k} top_p={top_p} min_p={min_p}: χ² = {stat:.1} with {df} d.f.; \
+                 counts {counts:?}, expected {want:?}"
+            );
+        }
+    }
 }

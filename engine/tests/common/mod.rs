@@ -5,13 +5,21 @@ use candle_core::{DType, Device, Tensor};
 use engine::llm::kv_cache::{KvCache, KvDtype};
 use engine::llm::model::LlamaModel;
 use engine::llm::LlamaConfig;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
 pub const CONFIG: &str = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
   "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":97,"rms_norm_eps":1e-5,"rope_theta":10000.0,
   "max_position_embeddings":256,"tie_word_embeddings":false}"#;
 
-/// Writes random weights in Hugging Face's llama layout; returns the folder.
+/// A standard normal sample (Box–Muller).
+fn gaussian(rng: &mut StdRng) -> f32 {
+    let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// Writes seeded random weights in Hugging Face's llama layout.
 pub fn tiny_checkpoint(dir: &std::path::Path) {
     let dev = Device::Cpu;
     let c = LlamaConfig::from_hf_json(CONFIG).unwrap();
@@ -21,11 +29,18 @@ pub fn tiny_checkpoint(dir: &std::path::Path) {
         c.num_key_value_heads * c.head_dim,
     );
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f64| {
-        t.insert(name, Tensor::randn(0f32, std as f32, shape, &dev).unwrap());
+    // Seeded: a failure reproduces with the same weights.
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut normal = |shape: &[usize], std: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| gaussian(&mut rng) * std).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
     };
-    put("model.embed_tokens.weight".into(), &[c.vocab_size, h], 1.0);
-    put("lm_head.weight".into(), &[c.vocab_size, h], 0.2);
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        normal(&[c.vocab_size, h], 1.0),
+    );
+    t.insert("lm_head.weight".into(), normal(&[c.vocab_size, h], 0.2));
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (n, shape) in [
@@ -37,12 +52,12 @@ pub fn tiny_checkpoint(dir: &std::path::Path) {
             ("mlp.up_proj", [i, h]),
             ("mlp.down_proj", [h, i]),
         ] {
-            put(format!("{p}.{n}.weight"), &shape, 0.15);
+            t.insert(format!("{p}.{n}.weight"), normal(&shape, 0.15));
         }
     }
     for l in 0..c.num_hidden_layers {
         for n in ["input_layernorm", "post_attention_layernorm"] {
-            let w = (Tensor::randn(0f32, 0.1, h, &dev).unwrap() + 1.0).unwrap();
+            let w = (normal(&[h], 0.1) + 1.0).unwrap();
             t.insert(format!("model.layers.{l}.{n}.weight"), w);
         }
     }
@@ -99,10 +114,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// A KV pool of 4096 tokens in 16-token blocks for `model`, without prefix
 /// caching, in f32 (as the reference implementations keep keys and values).
 pub fn kv_cache(model: &LlamaModel) -> KvCache {
+    kv_cache_of(model, KvDtype::F32)
+}
+
+/// The same pool, keys and values stored as `dtype`.
+pub fn kv_cache_of(model: &LlamaModel, dtype: KvDtype) -> KvCache {
     KvCache::new(
         model.config.num_hidden_layers,
         model.kv_layout(16),
-        KvDtype::F32,
+        dtype,
         256,
         false,
     )
