@@ -340,3 +340,168 @@ impl RolloutController {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::records::*;
+
+    fn admin() -> Actor {
+        Actor {
+            name: "root".into(),
+            role: Role::Admin,
+        }
+    }
+
+    fn spec() -> VersionSpec {
+        VersionSpec {
+            artifact: Artifact {
+                uri: "pypi:pkg==1/m.gguf".into(),
+                sha256: "ab".repeat(32),
+                format: "gguf".into(),
+            },
+            requirements: Requirements::default(),
+            contract: Contract::default(),
+            lineage: Lineage::default(),
+            metrics: Metrics::default(),
+            dependents: vec![],
+        }
+    }
+
+    fn policy() -> RolloutPolicy {
+        RolloutPolicy {
+            model: "m".into(),
+            steps: vec![10.0, 50.0, 100.0],
+            min_requests: 4,
+            min_step_secs: 0,
+            min_success_rate: 0.9,
+            max_p99_latency_ms: Some(100.0),
+            max_shadow_divergence: Some(0.1),
+            max_shadow_kl: None,
+        }
+    }
+
+    /// A registry with `m`: version 1 promoted, version 2 in `state` (a
+    /// canary at 10%, or a shadow), and a controller with `policy()`.
+    fn setup(state: State) -> RolloutController {
+        let r = Registry::open(":memory:").unwrap();
+        let a = admin();
+        r.create_model(
+            &a,
+            ModelSpec {
+                name: "m".into(),
+                class: ModelClass::Llm,
+                tier: Tier::L0,
+                rollback_class: RollbackClass::Stateless,
+                owner: "o".into(),
+                gates: Gates::default(),
+            },
+        )
+        .unwrap();
+        let go = |v: u32, to: State, pct: Option<f64>| {
+            let o = r
+                .transition(
+                    &a,
+                    "m",
+                    v,
+                    TransitionRequest {
+                        to: Some(to),
+                        traffic_percent: pct,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert!(o.applied, "{to}: {:?}", o.gates);
+        };
+        for v in [1, 2] {
+            r.register_version(&a, "m", spec()).unwrap();
+            go(v, State::OfflinePassed, None);
+        }
+        go(1, State::Promoted, None);
+        go(2, State::Shadow, None);
+        if state == State::Canary {
+            go(2, State::Canary, Some(10.0));
+        }
+        RolloutController::new(
+            r,
+            vec![policy()],
+            VersionStats::default(),
+            ShadowStats::default(),
+        )
+    }
+
+    fn v2(c: &RolloutController) -> Version {
+        c.registry.version("m", 2).unwrap()
+    }
+
+    /// Samples land after the step began: a millisecond apart, so the
+    /// window of the next step never counts this one's.
+    fn record(c: &RolloutController, ok: bool, latency_s: f64, n: usize) {
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 0..n {
+            c.versions.record("m", 2, ok, latency_s);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_good_canary_waits_for_its_requests_then_ramps_then_is_promoted() {
+        let c = setup(State::Canary);
+        record(&c, true, 0.01, 3);
+        c.pass().unwrap();
+        assert_eq!(v2(&c).traffic_percent, Some(10.0), "3 of 4 requests: wait");
+        record(&c, true, 0.01, 1);
+        c.pass().unwrap();
+        assert_eq!(v2(&c).traffic_percent, Some(50.0));
+        c.pass().unwrap();
+        assert_eq!(
+            v2(&c).traffic_percent,
+            Some(50.0),
+            "the new step counts anew"
+        );
+        record(&c, true, 0.01, 4);
+        c.pass().unwrap();
+        assert_eq!(v2(&c).state, State::Promoted);
+        let audit = c.registry.audit(Some("m"), 0, 100).unwrap();
+        let ramp = audit.iter().find(|e| e.action == "ramp").unwrap();
+        assert_eq!(ramp.actor, "rollout-policy:m");
+        assert!(ramp.body.contains("4 requests at 10%"), "{}", ramp.body);
+    }
+
+    #[test]
+    fn errors_or_a_slow_p99_roll_the_canary_back_with_the_numbers() {
+        for (ok, latency_s, why) in [(false, 0.01, "2 errors"), (true, 0.5, "p99 500 ms")] {
+            let c = setup(State::Canary);
+            record(&c, true, 0.01, 2);
+            record(&c, ok, latency_s, 2);
+            c.pass().unwrap();
+            assert_eq!(v2(&c).state, State::RolledBack, "{why}");
+            let audit = c.registry.audit(Some("m"), 0, 100).unwrap();
+            let rb = audit.iter().find(|e| e.action == "rollback").unwrap();
+            assert!(rb.body.contains(why), "{why}: {}", rb.body);
+        }
+    }
+
+    #[test]
+    fn a_shadow_that_fails_is_rolled_back_and_one_that_agrees_becomes_a_canary() {
+        let bad = setup(State::Shadow);
+        for _ in 0..4 {
+            bad.shadows.error("m", "2");
+        }
+        bad.pass().unwrap();
+        assert_eq!(v2(&bad).state, State::RolledBack);
+        let good = setup(State::Shadow);
+        for _ in 0..4 {
+            good.shadows.record(
+                "m",
+                "2",
+                crate::divergence::compare("Paris.", "Paris."),
+                0.1,
+                0.1,
+            );
+        }
+        good.pass().unwrap();
+        let v = v2(&good);
+        assert_eq!((v.state, v.traffic_percent), (State::Canary, Some(10.0)));
+    }
+}
