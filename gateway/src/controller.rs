@@ -222,3 +222,211 @@ fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::records::*;
+    use crate::registry::{Actor, Role, TransitionRequest};
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use sha2::{Digest, Sha256};
+    use std::path::Path;
+
+    /// A one-layer llama with seeded weights and the small test vocabulary,
+    /// as a GGUF file; returns its sha256.
+    fn tiny_gguf(path: &Path) -> String {
+        let (vocab, hidden, ffn, heads, kv_heads) = (263usize, 32usize, 64usize, 4u32, 2u32);
+        let kv = hidden / heads as usize * kv_heads as usize;
+        let mut seed = 7u32;
+        let mut tensor = |dims: &[usize], scale: f32| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect();
+            let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        };
+        let mut tensors = vec![
+            (
+                "token_embd.weight".to_string(),
+                tensor(&[vocab, hidden], 1.0),
+            ),
+            ("output_norm.weight".to_string(), tensor(&[hidden], 0.1)),
+        ];
+        for (name, dims) in [
+            ("attn_q", vec![hidden, hidden]),
+            ("attn_k", vec![kv, hidden]),
+            ("attn_v", vec![kv, hidden]),
+            ("attn_output", vec![hidden, hidden]),
+            ("ffn_gate", vec![ffn, hidden]),
+            ("ffn_up", vec![ffn, hidden]),
+            ("ffn_down", vec![hidden, ffn]),
+            ("attn_norm", vec![hidden]),
+            ("ffn_norm", vec![hidden]),
+        ] {
+            tensors.push((format!("blk.0.{name}.weight"), tensor(&dims, 0.2)));
+        }
+        use gguf_file::Value;
+        let mut md = crate::fuzz::small_vocabulary();
+        for (k, v) in [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.embedding_length", Value::U32(hidden as u32)),
+            ("llama.feed_forward_length", Value::U32(ffn as u32)),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.attention.head_count", Value::U32(heads)),
+            ("llama.attention.head_count_kv", Value::U32(kv_heads)),
+            ("llama.context_length", Value::U32(256)),
+        ] {
+            md.insert(k.to_string(), v);
+        }
+        let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &md, &ts).unwrap();
+        hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+    }
+
+    fn admin() -> Actor {
+        Actor {
+            name: "root".into(),
+            role: Role::Admin,
+        }
+    }
+
+    fn version(uri: String, sha256: String) -> VersionSpec {
+        VersionSpec {
+            artifact: Artifact {
+                uri,
+                sha256,
+                format: "gguf".into(),
+            },
+            requirements: Requirements::default(),
+            contract: Contract::default(),
+            lineage: Lineage::default(),
+            metrics: Metrics::default(),
+            dependents: vec![],
+        }
+    }
+
+    /// A registry with model `m` (L0), its artifacts under `root`.
+    fn setup(root: &Path) -> (Registry, Controller) {
+        let r = Registry::open(":memory:").unwrap();
+        r.create_model(
+            &admin(),
+            ModelSpec {
+                name: "m".into(),
+                class: ModelClass::Llm,
+                tier: Tier::L0,
+                rollback_class: RollbackClass::Stateless,
+                owner: "o".into(),
+                gates: Gates::default(),
+            },
+        )
+        .unwrap();
+        let engine = EngineSettings {
+            kv_cache_bytes: Some(1 << 20),
+            max_num_seqs: 2,
+            ..Default::default()
+        };
+        let ctl = Controller::new(
+            r.clone(),
+            Routes::default(),
+            engine,
+            vec![root.to_path_buf()],
+        );
+        (r, ctl)
+    }
+
+    fn promote(r: &Registry, v: u32) {
+        for to in [State::OfflinePassed, State::Promoted] {
+            let req = TransitionRequest {
+                to: Some(to),
+                ..Default::default()
+            };
+            assert!(r.transition(&admin(), "m", v, req).unwrap().applied);
+        }
+    }
+
+    fn phase(r: &Registry, v: u32) -> (String, String) {
+        let s = r.status("m", v).unwrap().expect("a status");
+        (s.phase, s.message)
+    }
+
+    fn served_version(ctl: &Controller) -> Option<u32> {
+        ctl.routes
+            .snapshot()
+            .routes
+            .get("m")
+            .map(|r| r.primary.version.expect("a managed version"))
+    }
+
+    #[test]
+    fn a_promoted_version_is_loaded_routed_and_its_status_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, mut ctl) = setup(dir.path());
+        let path = dir.path().join("m.gguf");
+        let sha = tiny_gguf(&path);
+        r.register_version(
+            &admin(),
+            "m",
+            version(format!("file://{}", path.display()), sha),
+        )
+        .unwrap();
+        promote(&r, 1);
+        ctl.pass().unwrap();
+        assert_eq!(served_version(&ctl), Some(1));
+        assert_eq!(phase(&r, 1).0, "serving");
+        // Deprecated, nothing routes to it: unloaded, and its status says so.
+        let req = TransitionRequest {
+            to: Some(State::Deprecated),
+            ..Default::default()
+        };
+        assert!(r.transition(&admin(), "m", 1, req).unwrap().applied);
+        ctl.pass().unwrap();
+        assert_eq!(served_version(&ctl), None);
+        assert_eq!(phase(&r, 1).0, "unloaded");
+    }
+
+    #[test]
+    fn a_version_that_fails_to_load_leaves_the_previous_route_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let (r, mut ctl) = setup(dir.path());
+        let good = dir.path().join("good.gguf");
+        let sha = tiny_gguf(&good);
+        r.register_version(
+            &admin(),
+            "m",
+            version(format!("file://{}", good.display()), sha.clone()),
+        )
+        .unwrap();
+        promote(&r, 1);
+        ctl.pass().unwrap();
+        // Version 2: the same file, but outside the artifact roots.
+        let stray = outside.path().join("stray.gguf");
+        std::fs::copy(&good, &stray).unwrap();
+        r.register_version(
+            &admin(),
+            "m",
+            version(format!("file://{}", stray.display()), sha),
+        )
+        .unwrap();
+        promote(&r, 2);
+        ctl.pass().unwrap();
+        let (p, message) = phase(&r, 2);
+        assert_eq!(p, "failed");
+        assert!(
+            message.contains("artifact roots") && message.contains("previous routes keep serving"),
+            "{message}"
+        );
+        assert_eq!(
+            served_version(&ctl),
+            Some(1),
+            "the route still serves version 1"
+        );
+    }
+}

@@ -125,6 +125,13 @@ pub fn tokenizer(data: &[u8]) {
 /// A GPT-2 style vocabulary: the 256 byte symbols, a few merges and two
 /// control tokens, with SmolLM's digit splitting.
 fn small_tokenizer() -> Tokenizer {
+    Tokenizer::from_gguf(&small_vocabulary()).expect("the fuzz vocabulary builds")
+}
+
+/// [`small_tokenizer`]'s vocabulary as GGUF `tokenizer.ggml.*` metadata
+/// (263 tokens, the last the end of sequence); tests build tiny GGUF models
+/// with it too.
+pub(crate) fn small_vocabulary() -> HashMap<String, candle_core::quantized::gguf_file::Value> {
     use candle_core::quantized::gguf_file::Value;
     let bytes: Vec<String> = byte_symbols().into_iter().collect();
     let mut tokens = bytes.clone();
@@ -158,7 +165,7 @@ fn small_tokenizer() -> Tokenizer {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    Tokenizer::from_gguf(&md).expect("the fuzz vocabulary builds")
+    md
 }
 
 /// GPT-2's byte-to-symbol table: printable bytes stand for themselves, the
