@@ -26,7 +26,10 @@ parameters [ { key: "model_type" value: { string_value: "xgboost_json" } }, { ke
 """)
 PY
 viewer="soak-viewer-key-0123456789"
-sed -n '/^models:/,$p' configs/default.yaml > "$dir/models.yaml"
+# A fixed 1 GiB KV pool, so that resident memory has a stated bound: the
+# pool's pages are touched as sequences fill it, and stay.
+sed -n '/^models:/,$p' configs/default.yaml \
+  | sed 's/kv_cache_memory_fraction: .*/kv_cache_bytes: 1073741824/' > "$dir/models.yaml"
 {
   echo "server: { http: 127.0.0.1:18080, grpc: 127.0.0.1:18081, data_dir: $dir/data }"
   echo "auth: { api_keys: [ { name: dashboard, role: viewer, key: $viewer } ] }"
@@ -43,3 +46,5 @@ for _ in $(seq 600); do
 done
 ./target/release/soak --url http://127.0.0.1:18080 --pid "$pid" --duration-secs "$secs" \
   --concurrency "$conc" --viewer-key "$viewer"
+echo
+grep -a "KV cache pool" "$dir/server.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-240
