@@ -226,8 +226,8 @@ fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::records::*;
-    use crate::registry::{Actor, Role, TransitionRequest};
+    use crate::registry::testing::{admin, gguf_version as version, with_model};
+    use crate::registry::TransitionRequest;
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     use sha2::{Digest, Sha256};
@@ -290,43 +290,9 @@ mod tests {
         hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
     }
 
-    fn admin() -> Actor {
-        Actor {
-            name: "root".into(),
-            role: Role::Admin,
-        }
-    }
-
-    fn version(uri: String, sha256: String) -> VersionSpec {
-        VersionSpec {
-            artifact: Artifact {
-                uri,
-                sha256,
-                format: "gguf".into(),
-            },
-            requirements: Requirements::default(),
-            contract: Contract::default(),
-            lineage: Lineage::default(),
-            metrics: Metrics::default(),
-            dependents: vec![],
-        }
-    }
-
     /// A registry with model `m` (L0), its artifacts under `root`.
     fn setup(root: &Path) -> (Registry, Controller) {
-        let r = Registry::open(":memory:").unwrap();
-        r.create_model(
-            &admin(),
-            ModelSpec {
-                name: "m".into(),
-                class: ModelClass::Llm,
-                tier: Tier::L0,
-                rollback_class: RollbackClass::Stateless,
-                owner: "o".into(),
-                gates: Gates::default(),
-            },
-        )
-        .unwrap();
+        let r = with_model("m");
         let engine = EngineSettings {
             kv_cache_bytes: Some(1 << 20),
             max_num_seqs: 2,

@@ -99,6 +99,16 @@ pub enum BodyError {
 }
 
 impl BodyError {
+    /// 413 for too large, 415 for an encoding we do not take, else 400.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BodyError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        }
+    }
+
     pub fn message(&self) -> String {
         match self {
             BodyError::TooLarge { what, limit } => format!(

@@ -344,29 +344,7 @@ impl RolloutController {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::records::*;
-
-    fn admin() -> Actor {
-        Actor {
-            name: "root".into(),
-            role: Role::Admin,
-        }
-    }
-
-    fn spec() -> VersionSpec {
-        VersionSpec {
-            artifact: Artifact {
-                uri: "pypi:pkg==1/m.gguf".into(),
-                sha256: "ab".repeat(32),
-                format: "gguf".into(),
-            },
-            requirements: Requirements::default(),
-            contract: Contract::default(),
-            lineage: Lineage::default(),
-            metrics: Metrics::default(),
-            dependents: vec![],
-        }
-    }
+    use crate::registry::testing::{admin, gguf_version, with_model};
 
     fn policy() -> RolloutPolicy {
         RolloutPolicy {
@@ -384,20 +362,8 @@ mod tests {
     /// A registry with `m`: version 1 promoted, version 2 in `state` (a
     /// canary at 10%, or a shadow), and a controller with `policy()`.
     fn setup(state: State) -> RolloutController {
-        let r = Registry::open(":memory:").unwrap();
+        let r = with_model("m");
         let a = admin();
-        r.create_model(
-            &a,
-            ModelSpec {
-                name: "m".into(),
-                class: ModelClass::Llm,
-                tier: Tier::L0,
-                rollback_class: RollbackClass::Stateless,
-                owner: "o".into(),
-                gates: Gates::default(),
-            },
-        )
-        .unwrap();
         let go = |v: u32, to: State, pct: Option<f64>| {
             let o = r
                 .transition(
@@ -414,7 +380,8 @@ mod tests {
             assert!(o.applied, "{to}: {:?}", o.gates);
         };
         for v in [1, 2] {
-            r.register_version(&a, "m", spec()).unwrap();
+            let spec = gguf_version("pypi:pkg==1/m.gguf".into(), "ab".repeat(32));
+            r.register_version(&a, "m", spec).unwrap();
             go(v, State::OfflinePassed, None);
         }
         go(1, State::Promoted, None);

@@ -2,7 +2,7 @@
 //! with the matching HTTP status.
 use super::AppState;
 use crate::auth::AuthError;
-use crate::limits::{self, BodyError};
+use crate::limits::BodyError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
@@ -124,13 +124,8 @@ impl From<AuthError> for ApiError {
 
 impl From<BodyError> for ApiError {
     fn from(e: BodyError) -> Self {
-        let status = match e {
-            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Invalid(_) => StatusCode::BAD_REQUEST,
-            BodyError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        };
         Self {
-            status,
+            status: e.http_status(),
             code: matches!(e, BodyError::TooLarge { .. }).then_some("request_too_large"),
             ..Self::bad_body(e.message())
         }
@@ -146,15 +141,7 @@ impl FromRequest<AppState> for OpenAiBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &AppState) -> Result<Self, ApiError> {
-        let (parts, body) = req.into_parts();
-        let raw = limits::read_body(&parts.headers, body, s.limits.max_body_bytes).await?;
-        let encoding = limits::content_encoding(&parts.headers);
-        let cap = s.limits.max_decompressed_bytes;
-        let size = if encoding == "identity" { 0 } else { raw.len() };
-        let body = s
-            .offload
-            .run(size, move || limits::inflate(&encoding, raw, cap))
-            .await?;
+        let (_, body) = super::read_body(req, s, s.limits.max_body_bytes).await?;
         Ok(Self(body))
     }
 }

@@ -275,6 +275,27 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// A request's body read under `limit` and, when compressed, inflated under
+/// `server.limits.max_decompressed_bytes` (on the blocking pool, when that
+/// is work); with the request's headers.
+pub async fn read_body(
+    req: axum::extract::Request,
+    s: &AppState,
+    limit: usize,
+) -> Result<(axum::http::HeaderMap, axum::body::Bytes), crate::limits::BodyError> {
+    use crate::limits;
+    let (parts, body) = req.into_parts();
+    let raw = limits::read_body(&parts.headers, body, limit).await?;
+    let encoding = limits::content_encoding(&parts.headers);
+    let cap = s.limits.max_decompressed_bytes;
+    let size = if encoding == "identity" { 0 } else { raw.len() };
+    let body = s
+        .offload
+        .run(size, move || limits::inflate(&encoding, raw, cap))
+        .await?;
+    Ok((parts.headers, body))
+}
+
 /// `events`, ended by the shutdown grace period running out, with `last()`
 /// appended then (an error event, so that a client sees why its stream
 /// ended rather than a cut connection).

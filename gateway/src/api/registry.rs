@@ -4,7 +4,7 @@
 //! what it may change, and its name is what the audit log records.
 use super::AppState;
 use crate::auth::{self, AuthError, Permission};
-use crate::limits::{self, BodyError};
+use crate::limits;
 use crate::registry::records::{ModelSpec, VersionSpec};
 use crate::registry::{
     lifecycle::State as VersionState, Actor, Registry, RegistryError, TransitionRequest,
@@ -136,13 +136,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let (parts, body) = req.into_parts();
         let body = limits::read_body(&parts.headers, body, state.limits.max_body_bytes)
             .await
-            .map_err(|e| {
-                let status = match e {
-                    BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                error(status, "invalid_request", e.message())
-            })?;
+            .map_err(|e| error(e.http_status(), "invalid_request", e.message()))?;
         let body = if body.is_empty() {
             Bytes::from_static(b"{}")
         } else {

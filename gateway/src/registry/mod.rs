@@ -6,6 +6,8 @@ pub mod lifecycle;
 pub mod records;
 pub mod store;
 #[cfg(test)]
+pub mod testing;
+#[cfg(test)]
 mod tests;
 pub mod tls;
 

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::api::AppState;
 use crate::auth::{self, AuthError, Permission};
-use crate::limits::{self, BodyError};
+use crate::limits::BodyError;
 use crate::params::SamplingFields;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -61,13 +61,8 @@ impl From<AuthError> for KsError {
 
 impl From<BodyError> for KsError {
     fn from(e: BodyError) -> Self {
-        let status = match e {
-            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Invalid(_) => StatusCode::BAD_REQUEST,
-            BodyError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        };
         Self {
-            status,
+            status: e.http_status(),
             message: e.message(),
         }
     }
@@ -120,19 +115,8 @@ pub fn routes() -> Router<AppState> {
         .merge(model("/generate_stream", post(generate_stream)))
 }
 
-/// Reads a body under `limit` and inflates it under the decompressed bound
-/// (on the blocking pool when it is large).
 async fn read(req: Request, s: &AppState, limit: usize) -> KsResult<(HeaderMap, Bytes)> {
-    let (parts, body) = req.into_parts();
-    let raw = limits::read_body(&parts.headers, body, limit).await?;
-    let encoding = limits::content_encoding(&parts.headers);
-    let cap = s.limits.max_decompressed_bytes;
-    let size = if encoding == "identity" { 0 } else { raw.len() };
-    let body = s
-        .offload
-        .run(size, move || limits::inflate(&encoding, raw, cap))
-        .await?;
-    Ok((parts.headers, body))
+    Ok(crate::api::read_body(req, s, limit).await?)
 }
 
 /// A JSON body (control, `generate`) under `server.limits.max_body_bytes`.
