@@ -25,6 +25,25 @@ echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
 
+echo "== llama.cpp's tokenizer test vectors (from the llama-cpp-python sdist, sha256-pinned)"
+vocabs="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/llama-vocab-0.3.16"
+if [ ! -f "$vocabs/ggml-vocab-qwen2.gguf.out" ]; then
+  sdist="$(mktemp -d)"
+  # pip prepares an sdist's metadata before saving it; that takes CMake,
+  # which the pinned test clients bring into .venv.
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pip download -q --disable-pip-version-check \
+    --no-deps --no-binary :all: --no-build-isolation -d "$sdist" llama-cpp-python==0.3.16
+  echo "34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6  $sdist/llama_cpp_python-0.3.16.tar.gz" \
+    | sha256sum -c --quiet
+  mkdir -p "$vocabs"
+  tar xzf "$sdist/llama_cpp_python-0.3.16.tar.gz" -C "$vocabs" --strip-components=4 --wildcards \
+    '*/models/ggml-vocab-gpt-2.gguf*' '*/models/ggml-vocab-starcoder.gguf*' \
+    '*/models/ggml-vocab-refact.gguf*' '*/models/ggml-vocab-llama-bpe.gguf*' \
+    '*/models/ggml-vocab-qwen2.gguf*'
+  rm -rf "$sdist"
+fi
+export SWITCHYARD_LLAMA_VOCABS="$vocabs"
+
 echo "== libb64 (Debian's package), which tritonclient's perf_analyzer links"
 if ! ldconfig -p | grep -q libb64.so.0d; then
   apt-get update -qq

@@ -72,8 +72,17 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
+        let pre_name = s("tokenizer.ggml.pre");
+        // Llama 3's vocabulary takes a word found whole in the vocabulary as
+        // is, before any merge (Hugging Face's `ignore_merges`, llama.cpp's
+        // LLAMA3 pre-tokenizer): its merges alone do not reach every word.
+        let llama3 = matches!(
+            pre_name.as_deref(),
+            Some("llama-bpe" | "llama3" | "smaug-bpe")
+        );
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(llama3)
             .build()
             .map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -87,7 +96,7 @@ impl Tokenizer {
             .map_err(tok_err)?;
             Ok(sp.into())
         };
-        let pre: PreTokenizerWrapper = match s("tokenizer.ggml.pre").as_deref() {
+        let pre: PreTokenizerWrapper = match pre_name.as_deref() {
             Some("smollm" | "starcoder" | "codeshell" | "refact") => {
                 Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
             }
