@@ -178,6 +178,12 @@ def series(triton):
         "batches": m("nv_inference_batch_size_count"),
         "rows": m("nv_inference_batch_size_sum"),
         "single": m("nv_inference_batch_size_bucket", le="1"),
+        "inferences": m("nv_inference_count", version="1"),
+        "request_us": m("nv_inference_request_duration_us", version="1"),
+        "queue_us": m("nv_inference_queue_duration_us", version="1"),
+        "compute_us": m("nv_inference_compute_infer_duration_us", version="1"),
+        "request_s": m("nv_inference_request_duration_seconds_count", version="1"),
+        "queue_s": m("nv_inference_queue_duration_seconds_count", version="1"),
     }
 
 
@@ -214,6 +220,33 @@ def test_dynamic_batching_forms_batches_and_stats_are_exact(repo, triton, grpc):
     assert grown["exec"] == execs and grown["batches"] == execs, grown
     assert grown["success"] == n and grown["rows"] == n, grown
     assert grown["single"] == formed.get(1, 0), (grown, formed)
+    assert grown["inferences"] == n and grown["request_s"] == n and grown["queue_s"] == n, grown
+    assert grown["request_us"] > grown["compute_us"] > 0 and grown["queue_us"] > 0, grown
+    assert metric(triton, "nv_inference_pending_request_count", model="iris_xgb", version="1") == 0
+
+
+def test_a_failure_inside_the_runtime_is_internal(triton, http, grpc):
+    """An index past the row fails in the ONNX runtime, not in our checks:
+    500 over HTTP, INTERNAL over gRPC, counted as a backend failure; a good
+    index answers."""
+    failures = lambda: metric(triton, "nv_inference_request_failure", missing=0.0,
+                              model="pick_onnx", reason="BACKEND")
+    before = failures()
+    for client in (http, grpc):
+        mod = client_module(client)
+        for index, want in [(2, 2.0), (9, None)]:
+            x = mod.InferInput("X", [1, 4], "FP32")
+            x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+            i = mod.InferInput("I", [1, 1], "INT64")
+            i.set_data_from_numpy(np.array([[index]], dtype=np.int64))
+            if want is not None:
+                assert client.infer("pick_onnx", [x, i]).as_numpy("Y")[0, 0] == want
+                continue
+            with pytest.raises(InferenceServerException) as e:
+                client.infer("pick_onnx", [x, i])
+            code = "500" if mod is httpclient else "StatusCode.INTERNAL"
+            assert e.value.status() == code and "GatherElements" in str(e.value), e.value
+    assert failures() - before == 2
 
 
 def post(triton, path, body, headers=None):

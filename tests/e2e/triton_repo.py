@@ -123,6 +123,22 @@ dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
                 {"model.txt": repo.parent / "diabetes_lgbm.txt"})
     expected["diabetes_lgbm"] = {"X": Xd, "y": r.predict(Xd).astype(np.float32).reshape(-1, 1)}
 
+    # An ONNX graph that reads a row element by an index the request gives:
+    # an index past the row fails inside the runtime (INTERNAL).
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["X", "I"], ["Y"], axis=1)], "pick",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("I", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    write_model(repo, "pick_onnx", """platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "I" data_type: TYPE_INT64 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+""", {"model.onnx": model.SerializeToString()})
+
     # all-MiniLM-L6-v2 on candle.
     write_model(repo, "minilm", """backend: "candle"
 max_batch_size: 16

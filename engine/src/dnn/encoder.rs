@@ -118,3 +118,139 @@ impl Backend for SentenceEncoder {
         )])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dnn::tensor::encode_bytes;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    const HIDDEN: usize = 8;
+
+    /// A one-layer BERT of width 8 with seeded weights, a word-level
+    /// tokenizer with BERT's `[CLS] … [SEP]` template, and its config.
+    fn tiny_bert(dir: &Path) {
+        let words = [
+            "[PAD]", "[CLS]", "[SEP]", "[UNK]", "the", "cat", "sat", "on", "a", "mat",
+        ];
+        let config = json!({"vocab_size": words.len(), "hidden_size": HIDDEN, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0, "max_position_embeddings": 32, "type_vocab_size": 2,
+            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+            "position_embedding_type": "absolute", "use_cache": false, "model_type": "bert"});
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let special = |id: usize| {
+            json!({"id": id, "content": words[id], "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+        };
+        let token = |t: &str, id: usize| json!({"id": t, "ids": [id], "tokens": [t]});
+        let piece = |p: serde_json::Value| {
+            json!([{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, p,
+            {"SpecialToken": {"id": "[SEP]", "type_id": 0}}])
+        };
+        let tokenizer = json!({"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0), special(1), special(2), special(3)],
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": piece(json!({"Sequence": {"id": "A", "type_id": 0}})),
+                "pair": piece(json!({"Sequence": {"id": "B", "type_id": 1}})),
+                "special_tokens": {"[CLS]": token("[CLS]", 1), "[SEP]": token("[SEP]", 2)}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                "vocab": words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect::<serde_json::Map<_, _>>()}});
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let mut seed = 11u32;
+        let mut t = HashMap::new();
+        let mut put = |name: &str, dims: &[usize], around: f32| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    around + ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.4
+                })
+                .collect();
+            t.insert(
+                name.to_string(),
+                CTensor::from_vec(v, dims, &Device::Cpu).unwrap(),
+            );
+        };
+        put(
+            "embeddings.word_embeddings.weight",
+            &[words.len(), HIDDEN],
+            0.0,
+        );
+        put("embeddings.position_embeddings.weight", &[32, HIDDEN], 0.0);
+        put("embeddings.token_type_embeddings.weight", &[2, HIDDEN], 0.0);
+        for ln in [
+            "embeddings.LayerNorm",
+            "encoder.layer.0.attention.output.LayerNorm",
+            "encoder.layer.0.output.LayerNorm",
+        ] {
+            put(&format!("{ln}.weight"), &[HIDDEN], 1.0);
+            put(&format!("{ln}.bias"), &[HIDDEN], 0.0);
+        }
+        for (name, out, inp) in [
+            ("attention.self.query", HIDDEN, HIDDEN),
+            ("attention.self.key", HIDDEN, HIDDEN),
+            ("attention.self.value", HIDDEN, HIDDEN),
+            ("attention.output.dense", HIDDEN, HIDDEN),
+            ("intermediate.dense", 16, HIDDEN),
+            ("output.dense", HIDDEN, 16),
+        ] {
+            put(&format!("encoder.layer.0.{name}.weight"), &[out, inp], 0.0);
+            put(&format!("encoder.layer.0.{name}.bias"), &[out], 0.0);
+        }
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    }
+
+    fn spec(dims: i64) -> ModelSpec {
+        let text = format!(
+            r#"backend: "candle" max_batch_size: 4
+            input [ {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }} ]
+            output [ {{ name: "embedding" data_type: TYPE_FP32 dims: [ {dims} ] }} ]
+            parameters [ {{ key: "model_type" value: {{ string_value: "sentence_encoder" }} }} ]"#
+        );
+        ModelSpec::from_config("enc", proto::model_config::parse_text(&text).unwrap()).unwrap()
+    }
+
+    fn embed(e: &SentenceEncoder, texts: &[&str]) -> Vec<Vec<f32>> {
+        let data = encode_bytes(texts.iter().map(|t| t.as_bytes()));
+        let input = Tensor::new("text", DataType::Bytes, vec![texts.len() as i64, 1], data);
+        let out = e.execute(&[input]).unwrap();
+        assert_eq!(out[0].shape, vec![texts.len() as i64, HIDDEN as i64]);
+        out[0]
+            .to_f32()
+            .unwrap()
+            .chunks(HIDDEN)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn embeddings_are_normalized_and_padding_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_bert(dir.path());
+        let weights = dir.path().join("model.safetensors");
+        let e = SentenceEncoder::load(&spec(HIDDEN as i64), dir.path(), &weights).unwrap();
+        let batch = embed(&e, &["the cat sat on a mat", "a cat", "the mat"]);
+        for row in &batch {
+            let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        }
+        assert!(
+            batch[1] != batch[2],
+            "different sentences embed differently"
+        );
+        // Alone, the short sentence has no padding; in the batch it had four
+        // padding tokens, which the attention mask and the pooling leave out.
+        let alone = embed(&e, &["a cat"]);
+        for (a, b) in alone[0].iter().zip(&batch[1]) {
+            assert!((a - b).abs() < 1e-5, "{:?} vs {:?}", alone[0], batch[1]);
+        }
+        let e = SentenceEncoder::load(&spec(3), dir.path(), &weights)
+            .err()
+            .unwrap();
+        assert!(e.contains("dims [ 8 ]"), "{e}");
+    }
+}
