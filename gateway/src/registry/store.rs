@@ -194,6 +194,9 @@ pub struct Postgres {
     client: postgres::Client,
     /// A statement failed below SQL (the connection): open a new one next time.
     broken: bool,
+    /// A write transaction is open: a lost connection lost it, so nothing is
+    /// retried until it ends.
+    in_tx: bool,
 }
 
 impl Postgres {
@@ -222,6 +225,7 @@ impl Postgres {
             tls,
             client,
             broken: false,
+            in_tx: false,
         })
     }
 
@@ -234,6 +238,23 @@ impl Postgres {
             self.broken = false;
         }
         Ok(&mut self.client)
+    }
+
+    /// Runs `f` on the connection. If the connection turns out to be gone
+    /// (a server restart, a failover) outside a write transaction, nothing
+    /// was done on it: `f` runs once more on a new one.
+    fn retrying<T>(
+        &mut self,
+        f: impl Fn(&mut postgres::Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let r = f(self.client()?);
+        match self.check(r) {
+            Err(_) if self.broken && !self.in_tx => {
+                let r = f(self.client()?);
+                self.check(r)
+            }
+            other => other,
+        }
     }
 
     /// Notes a failure of the connection itself (not of a statement): an
@@ -252,18 +273,19 @@ impl Db for Postgres {
     fn begin_write(&mut self) -> Result<(), StoreError> {
         // One writer at a time across every node sharing the database, so the
         // audit chain stays a chain and gate checks see the latest state.
-        let r = self
-            .client()?
-            .batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE");
-        self.check(r)
+        self.retrying(|c| c.batch_execute("BEGIN; LOCK TABLE audit IN EXCLUSIVE MODE"))?;
+        self.in_tx = true;
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
+        self.in_tx = false;
         let r = self.client.batch_execute("COMMIT");
         self.check(r)
     }
 
     fn rollback(&mut self) {
+        self.in_tx = false;
         let r = self.client.batch_execute("ROLLBACK");
         let _ = self.check(r);
     }
@@ -272,16 +294,14 @@ impl Db for Postgres {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        let r = self.client()?.execute(sql, &refs);
-        self.check(r)
+        self.retrying(|c| c.execute(sql, &refs))
     }
 
     fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError> {
         let boxed = pg_params(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        let r = self.client()?.query(sql, &refs);
-        let rows = self.check(r)?;
+        let rows = self.retrying(|c| c.query(sql, &refs))?;
         rows.iter()
             .map(|row| {
                 (0..row.len())
