@@ -2,6 +2,7 @@
 //! which engine limits. Validated on load; errors name the key and line.
 use crate::api::kserve::shadow::ShadowConfig;
 use crate::auth::{ApiKeyConfig, DEFAULT_MIN_KEY_LENGTH};
+use crate::dispatch::mirror::ShadowPolicy;
 use crate::limits::Limits;
 use crate::registry::records::Tier;
 use crate::rollout::RolloutPolicy;
@@ -177,6 +178,43 @@ pub struct RegistryConfig {
     /// How often the rollout policies judge their candidates.
     #[serde(default = "default_rollout_ms")]
     pub rollout_interval_ms: u64,
+    /// How much traffic each model's shadow versions see (default: every
+    /// request, 4 copies in flight, 120 s each).
+    #[serde(default)]
+    pub shadows: Vec<RegistryShadow>,
+}
+
+/// The shadow policy of one registry model's shadow versions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryShadow {
+    pub model: String,
+    #[serde(default = "default_sample_percent")]
+    pub sample_percent: f64,
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "default_shadow_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_sample_percent() -> f64 {
+    ShadowPolicy::default().sample_percent
+}
+fn default_in_flight() -> usize {
+    ShadowPolicy::default().max_in_flight
+}
+fn default_shadow_timeout_ms() -> u64 {
+    ShadowPolicy::default().timeout_ms
+}
+
+impl RegistryShadow {
+    pub fn policy(&self) -> ShadowPolicy {
+        ShadowPolicy {
+            sample_percent: self.sample_percent,
+            max_in_flight: self.max_in_flight,
+            timeout_ms: self.timeout_ms,
+        }
+    }
 }
 
 fn default_tier_floor() -> Tier {
@@ -543,6 +581,9 @@ impl Config {
             validate_engine(&r.engine, "registry.engine")?;
             if r.reconcile_interval_secs == 0 {
                 return Err("registry.reconcile_interval_secs: must be at least 1".into());
+            }
+            for (i, s) in r.shadows.iter().enumerate() {
+                s.policy().validate(&format!("registry.shadows[{i}]"))?;
             }
             for (i, p) in r.rollouts.iter().enumerate() {
                 p.validate(&format!("registry.rollouts[{i}]"))?;

@@ -4,10 +4,11 @@
 //! writes each version's outcome to its status. It keeps no state of its own
 //! that the registry cannot rebuild, so a restart reconciles from the registry.
 use crate::config::EngineSettings;
+use crate::dispatch::mirror::ShadowPolicy;
+use crate::dispatch::routing::{Arm, Candidate, Deployment, Route, Routes, Shadow};
 use crate::registry::lifecycle::State;
 use crate::registry::records::ModelClass;
 use crate::registry::{Registry, Version};
-use crate::routing::{Candidate, Deployment, Route, Routes};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,8 @@ pub struct Controller {
     engine: EngineSettings,
     /// Where local artifacts may come from.
     artifact_roots: Vec<PathBuf>,
+    /// How much traffic each model's shadows see (default for the rest).
+    shadow_policies: HashMap<String, ShadowPolicy>,
     /// Engines by (model, version).
     loaded: HashMap<(String, u32), LlmEngine>,
     /// The last route published per model, kept when a pass cannot build a new one.
@@ -43,10 +46,17 @@ impl Controller {
             routes,
             engine,
             artifact_roots,
+            shadow_policies: HashMap::new(),
             loaded: HashMap::new(),
             published: HashMap::new(),
             failed: HashMap::new(),
         }
+    }
+
+    /// The shadow policy of each model's shadow versions.
+    pub fn with_shadow_policies(mut self, policies: HashMap<String, ShadowPolicy>) -> Self {
+        self.shadow_policies = policies;
+        self
     }
 
     /// Reconciles now, after every registry change, and every `interval`.
@@ -177,16 +187,19 @@ impl Controller {
                 .map(|v| Candidate {
                     deployment: deployment(v),
                     arm: if v.state == State::Canary {
-                        "canary"
+                        Arm::Canary
                     } else {
-                        "ab_test"
+                        Arm::AbTest
                     },
                     percent: v.traffic_percent.unwrap_or(0.0),
                 }),
             shadows: live
                 .iter()
                 .filter(|v| v.state == State::Shadow)
-                .map(|v| deployment(v))
+                .map(|v| Shadow {
+                    deployment: deployment(v),
+                    policy: self.shadow_policies.get(model).copied().unwrap_or_default(),
+                })
                 .collect(),
         })
     }
@@ -217,7 +230,7 @@ fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
         .flat_map(|(name, r)| {
             let mut v: Vec<Option<u32>> = vec![r.primary.version];
             v.extend(r.candidate.iter().map(|c| c.deployment.version));
-            v.extend(r.shadows.iter().map(|d| d.version));
+            v.extend(r.shadows.iter().map(|s| s.deployment.version));
             v.into_iter().flatten().map(move |n| (name.clone(), n))
         })
         .collect()
@@ -226,69 +239,9 @@ fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::testing::{admin, gguf_version as version, with_model};
+    use crate::registry::testing::{admin, gguf_version as version, tiny_gguf, with_model};
     use crate::registry::TransitionRequest;
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-    use sha2::{Digest, Sha256};
     use std::path::Path;
-
-    /// A one-layer llama with seeded weights and the small test vocabulary,
-    /// as a GGUF file; returns its sha256.
-    fn tiny_gguf(path: &Path) -> String {
-        let (vocab, hidden, ffn, heads, kv_heads) = (263usize, 32usize, 64usize, 4u32, 2u32);
-        let kv = hidden / heads as usize * kv_heads as usize;
-        let mut seed = 7u32;
-        let mut tensor = |dims: &[usize], scale: f32| {
-            let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                    ((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
-                })
-                .collect();
-            let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
-            QTensor::quantize(&t, GgmlDType::F32).unwrap()
-        };
-        let mut tensors = vec![
-            (
-                "token_embd.weight".to_string(),
-                tensor(&[vocab, hidden], 1.0),
-            ),
-            ("output_norm.weight".to_string(), tensor(&[hidden], 0.1)),
-        ];
-        for (name, dims) in [
-            ("attn_q", vec![hidden, hidden]),
-            ("attn_k", vec![kv, hidden]),
-            ("attn_v", vec![kv, hidden]),
-            ("attn_output", vec![hidden, hidden]),
-            ("ffn_gate", vec![ffn, hidden]),
-            ("ffn_up", vec![ffn, hidden]),
-            ("ffn_down", vec![hidden, ffn]),
-            ("attn_norm", vec![hidden]),
-            ("ffn_norm", vec![hidden]),
-        ] {
-            tensors.push((format!("blk.0.{name}.weight"), tensor(&dims, 0.2)));
-        }
-        use gguf_file::Value;
-        let mut md = crate::fuzz::small_vocabulary();
-        for (k, v) in [
-            ("general.architecture", Value::String("llama".into())),
-            ("llama.embedding_length", Value::U32(hidden as u32)),
-            ("llama.feed_forward_length", Value::U32(ffn as u32)),
-            ("llama.block_count", Value::U32(1)),
-            ("llama.attention.head_count", Value::U32(heads)),
-            ("llama.attention.head_count_kv", Value::U32(kv_heads)),
-            ("llama.context_length", Value::U32(256)),
-        ] {
-            md.insert(k.to_string(), v);
-        }
-        let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let mut f = std::fs::File::create(path).unwrap();
-        gguf_file::write(&mut f, &md, &ts).unwrap();
-        hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
-    }
 
     /// A registry with model `m` (L0), its artifacts under `root`.
     fn setup(root: &Path) -> (Registry, Controller) {

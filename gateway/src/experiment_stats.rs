@@ -40,6 +40,7 @@ fn push(v: &mut VecDeque<f64>, x: f64) {
 }
 
 /// How one request ended.
+#[derive(Default)]
 pub struct Outcome {
     pub ok: bool,
     pub latency_s: f64,

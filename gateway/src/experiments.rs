@@ -2,8 +2,9 @@
 //! arms (a deployment plus a prompt variant) by sticky hash; experiments in
 //! one layer are mutually exclusive. The file is validated on load and hot
 //! reloaded (on change or SIGHUP); a bad file keeps the old table.
-use crate::routing::Routes;
-use crate::sticky_hash::{bucket, pick, BUCKETS};
+use crate::dispatch::mirror::ShadowPolicy;
+use crate::dispatch::routing::Routes;
+use crate::dispatch::sticky_hash::{bucket, pick, BUCKETS};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,11 +46,17 @@ fn hundred() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct ArmSpec {
     pub name: String,
+    /// The arm's share among the served arms; a shadow arm takes none.
+    #[serde(default)]
     pub weight: f64,
     /// `model` (its primary) or `model@version`.
     pub deployment: String,
     #[serde(default)]
     pub prompt: PromptVariant,
+    /// A shadow arm: it gets a copy of the route's sampled requests, its
+    /// answer is compared with the served arm's and never reaches a client.
+    #[serde(default)]
+    pub shadow: Option<ShadowPolicy>,
 }
 
 /// What an arm changes in the request: a system prompt, and sampling
@@ -124,6 +131,15 @@ impl Assignment {
 
     pub fn deployment(&self) -> &str {
         &self.experiment.spec.arms[self.arm.unwrap_or(0)].deployment
+    }
+
+    /// The experiment's shadow arms.
+    pub fn shadows(&self) -> impl Iterator<Item = &ArmSpec> {
+        self.experiment
+            .spec
+            .arms
+            .iter()
+            .filter(|a| a.shadow.is_some())
     }
 
     pub fn prompt(&self) -> PromptVariant {
@@ -225,6 +241,32 @@ impl Table {
                         &format!("arms[{j}].deployment"),
                         "name a model or model@version".into(),
                     ));
+                }
+                if let Some(policy) = &a.shadow {
+                    if j == 0 {
+                        return Err(err(
+                            &format!("arms[{j}].shadow"),
+                            "the first arm serves the holdout; put the shadow arm after it".into(),
+                        ));
+                    }
+                    if a.weight != 0.0 {
+                        return Err(err(
+                            &format!("arms[{j}].weight"),
+                            "a shadow arm serves no one; leave its weight out".into(),
+                        ));
+                    }
+                    if a.prompt.temperature.is_some()
+                        || a.prompt.top_p.is_some()
+                        || a.prompt.max_tokens.is_some()
+                    {
+                        return Err(err(
+                            &format!("arms[{j}].prompt"),
+                            "a shadow arm runs the served request's sampling; it takes only a \
+                             `system` prompt"
+                                .into(),
+                        ));
+                    }
+                    policy.validate(&at(&format!("arms[{j}].shadow")))?;
                 }
                 if let Some(t) = a.prompt.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
                     return Err(err(

@@ -105,7 +105,12 @@ impl VersionStats {
     }
 
     /// Requests, errors and p99 latency (ms) since `since_ms`.
-    fn window(&self, route: &str, version: u32, since_ms: i64) -> (u64, u64, Option<f64>) {
+    pub(crate) fn window(
+        &self,
+        route: &str,
+        version: u32,
+        since_ms: i64,
+    ) -> (u64, u64, Option<f64>) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(q) = g.get(&(route.to_string(), version)) else {
             return (0, 0, None);

@@ -154,6 +154,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
             state.routes().clone(),
             rc.engine.clone(),
             rc.artifact_roots(&cfg.server),
+        )
+        .with_shadow_policies(
+            rc.shadows
+                .iter()
+                .map(|s| (s.model.clone(), s.policy()))
+                .collect(),
         );
         tokio::spawn(ctl.run(Duration::from_secs(rc.reconcile_interval_secs)));
     }

@@ -8,12 +8,12 @@ pub mod openai_types;
 pub mod registry;
 
 use crate::auth::{Actor, AuthError, Keys, Permission};
+use crate::dispatch::routing::Routes;
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::limits::Limits;
 use crate::offload::Offload;
 use crate::rollout::VersionStats;
-use crate::routing::Routes;
 use crate::upstream::{Protocol, Upstream};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -179,6 +179,15 @@ impl AppState {
 
     pub fn routes(&self) -> &Routes {
         &self.routes
+    }
+
+    /// Where the dispatch layer records outcomes.
+    pub fn recorders(&self) -> crate::dispatch::Recorders {
+        crate::dispatch::Recorders {
+            experiments: self.stats.clone(),
+            versions: self.versions.clone(),
+            shadows: self.shadows.clone(),
+        }
     }
 
     /// Public model names: routes, and the routes prompt experiments serve.

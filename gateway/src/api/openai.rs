@@ -3,31 +3,25 @@
 use super::error::{ApiError, OpenAiBody};
 use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
 use super::AppState;
-use crate::divergence::{self, ShadowStats};
-use crate::experiment_stats::Outcome;
-use crate::experiments::Assignment;
-use crate::routing::Deployment;
-use crate::sticky_hash::bucket;
+use crate::dispatch::llm::{Generation, LlmTarget};
+use crate::dispatch::{self, Unavailable};
 use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
-use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use engine::llm::ChatMessage;
 use engine::llm::{
-    FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, SamplingParams,
-    TokenLogprob,
+    FinishReason, GenerationEvent, GenerationRequest, LlmEngine, LlmError, TokenLogprob,
 };
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::watch;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
@@ -49,96 +43,43 @@ enum Kind {
 }
 
 struct Prepared {
-    engine: LlmEngine,
-    routed: Routed,
+    target: LlmTarget,
+    /// The name the client sent, as the response repeats it.
     model: String,
     v: Validated,
     prompt: Vec<u32>,
+    /// An experiment shadow arm's own prompt, by shadow.
+    shadow_prompts: Vec<Option<Vec<u32>>>,
+    request_id: String,
 }
 
-/// Where the route sent a request.
-struct Routed {
-    version: Option<u32>,
-    arm: String,
-    shadows: Vec<Deployment>,
-    /// Set when a prompt experiment assigned the request.
-    experiment: Option<Assignment>,
-    started: Instant,
-}
-
-/// Picks the deployment for this request. A route with prompt experiments
-/// assigns the request's unit to an arm (its deployment and prompt variant,
-/// whose sampling defaults fill what the request leaves unset); otherwise the
-/// hash of `user` decides between the primary and a canary/A/B candidate.
-/// Requests without a unit are assigned at random.
-fn engine_for(
+/// Resolves the request's model through the dispatch layer. The rollout
+/// unit is `user`, else the `x-switchyard-unit` header; a prompt
+/// experiment reads its own unit. An experiment arm's sampling defaults fill
+/// what the request leaves unset.
+fn route(
     state: &AppState,
     common: &mut CommonParams,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(LlmEngine, Routed), ApiError> {
-    let started = Instant::now();
+) -> Result<LlmTarget, ApiError> {
     // One snapshot answers both: experiments and routes as of one publish.
     let table = state.routes().snapshot();
-    if !table.experiments.on_route(&common.model).is_empty() {
-        let user = common.user.clone();
-        let a = table
-            .experiments
-            .assign(&common.model, |e| e.unit(headers, user.as_deref(), body))
-            .expect("the route has experiments");
-        let (engine, version) = table.deployment(a.deployment()).ok_or_else(|| {
-            ApiError::unavailable(format!(
-                "experiment `{}` arm `{}`: deployment `{}` is not loaded",
-                a.experiment.spec.name,
-                a.arm_name(),
-                a.deployment()
-            ))
-        })?;
+    let user = common.user.clone();
+    let unit = user.clone().or_else(|| dispatch::header_unit(headers));
+    let target = dispatch::resolve_llm(&table, &common.model, unit.as_deref(), |e| {
+        e.unit(headers, user.as_deref(), body)
+    })
+    .map_err(|Unavailable(m)| ApiError::unavailable(m))?
+    .ok_or_else(|| ApiError::model_not_found(&common.model))?;
+    if let Some(a) = &target.experiment {
         let variant = a.prompt();
-        common.fields.temperature = common
-            .fields
-            .temperature
-            .or(variant.temperature.map(f64::from));
-        common.fields.top_p = common.fields.top_p.or(variant.top_p.map(f64::from));
-        common.fields.max_tokens = common.fields.max_tokens.or(variant.max_tokens);
-        return Ok((
-            engine,
-            Routed {
-                version,
-                arm: a.arm_name().to_string(),
-                shadows: vec![],
-                experiment: Some(a),
-                started,
-            },
-        ));
+        let f = &mut common.fields;
+        f.temperature = f.temperature.or(variant.temperature.map(f64::from));
+        f.top_p = f.top_p.or(variant.top_p.map(f64::from));
+        f.max_tokens = f.max_tokens.or(variant.max_tokens);
     }
-    let route = table
-        .routes
-        .get(&common.model)
-        .ok_or_else(|| ApiError::model_not_found(&common.model))?;
-    let unit = common
-        .user
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let (d, arm) = route.pick(bucket(&format!("{}/rollout", common.model), &unit));
-    metrics::counter!("switchyard:route_requests", "route" => common.model.clone(), "version" => version_label(d), "arm" => arm)
-        .increment(1);
-    Ok((
-        d.engine.clone(),
-        Routed {
-            version: d.version,
-            arm: arm.to_string(),
-            shadows: route.shadows.clone(),
-            experiment: None,
-            started,
-        },
-    ))
-}
-
-/// A deployment's version as metrics and shadow reports name it.
-fn version_label(d: &Deployment) -> String {
-    d.version
-        .map_or_else(|| "static".to_string(), |v| v.to_string())
+    Ok(target)
 }
 
 /// Replaces the system message (or adds one first) with the arm's.
@@ -156,233 +97,12 @@ fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
     }
 }
 
-/// Forwards the engine's events to a new receiver, folding each into
-/// `state` with `inspect`, and hands `state` to `done` once the engine has
-/// sent the last one. A client that leaves stops the forwarding, and `done`
-/// is not called.
-fn tap<S: Send + 'static>(
-    mut rx: UnboundedReceiver<GenerationEvent>,
-    mut state: S,
-    inspect: impl Fn(&mut S, &GenerationEvent) + Send + 'static,
-    done: impl FnOnce(S) + Send + 'static,
-) -> UnboundedReceiver<GenerationEvent> {
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            inspect(&mut state, &ev);
-            if tx.send(ev).is_err() {
-                return;
-            }
-        }
-        done(state);
-    });
-    out
-}
-
-/// Hands the request's outcome to `done` at the end (not when the client
-/// left: an abandoned request says nothing).
-fn observe(
-    rx: UnboundedReceiver<GenerationEvent>,
-    started: Instant,
-    done: impl FnOnce(Outcome) + Send + 'static,
-) -> UnboundedReceiver<GenerationEvent> {
-    let first = Outcome {
-        ok: true,
-        latency_s: 0.0,
-        ttft_s: None,
-        output_tokens: 0,
-        random: false,
-    };
-    let inspect = move |o: &mut Outcome, ev: &GenerationEvent| match ev {
-        GenerationEvent::Delta { .. } => {
-            o.ttft_s
-                .get_or_insert_with(|| started.elapsed().as_secs_f64());
-        }
-        GenerationEvent::Finished {
-            completion_tokens, ..
-        } => o.output_tokens += completion_tokens,
-        GenerationEvent::Failed(_) => o.ok = false,
-    };
-    tap(rx, first, inspect, move |mut o| {
-        o.latency_s = started.elapsed().as_secs_f64();
-        done(o);
-    })
-}
-
-/// Where a request's outcome is recorded: its experiment arm, and the route
-/// version that served it (for rollout policies).
-fn outcome_sink(state: &AppState, p: &Prepared) -> impl FnOnce(Outcome) + Send + 'static {
-    let (stats, versions) = (state.stats.clone(), state.versions.clone());
-    let arm = p.routed.experiment.as_ref().map(|a| {
-        (
-            a.experiment.spec.name.clone(),
-            a.arm_name().to_string(),
-            a.random,
-        )
-    });
-    let version = p
-        .routed
-        .version
-        .filter(|_| arm.is_none())
-        .map(|v| (p.model.clone(), v));
-    move |mut o: Outcome| {
-        if let Some((exp, arm, random)) = arm {
-            o.random = random;
-            stats.record(&exp, &arm, &o);
-        }
-        if let Some((route, v)) = version {
-            versions.record(&route, v, o.ok, o.latency_s);
-        }
-    }
-}
-
-/// Most copies in flight per shadow; beyond it a copy is skipped (and counted).
-const SHADOW_CONCURRENCY: usize = 4;
-/// A shadow that takes longer is counted as an error.
-const SHADOW_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Sends a copy of the request to each shadow once the primary has it, and
-/// compares the shadow's first choice with the primary's. A shadow that is
-/// full, slow or failing never touches the primary's reply: it runs on its own
-/// engine, and its result only reaches `ShadowStats`.
-fn mirror(
+/// The engine request for `p`, started through the dispatch layer.
+fn submit(
     p: &Prepared,
-    shadows: &ShadowStats,
-    rx: UnboundedReceiver<GenerationEvent>,
-) -> UnboundedReceiver<GenerationEvent> {
-    if p.routed.shadows.is_empty() {
-        return rx;
-    }
-    let (rx, primary) = capture(rx, p.routed.started);
-    for d in &p.routed.shadows {
-        let version = version_label(d);
-        let route = p.model.clone();
-        let Some(permit) = shadows.permit(&route, &version, SHADOW_CONCURRENCY) else {
-            shadows.skipped(&route, &version);
-            continue;
-        };
-        let Ok((mut srx, _)) = submit_to(&d.engine, p, p.v.params.sampling.logprobs) else {
-            shadows.error(&route, &version);
-            continue;
-        };
-        metrics::counter!("switchyard:shadow_requests", "route" => route.clone(), "version" => version.clone())
-            .increment(1);
-        let (stats, mut primary) = (shadows.clone(), primary.clone());
-        let (engine, prompt) = (d.engine.clone(), p.prompt.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let answer = tokio::time::timeout(SHADOW_TIMEOUT, async {
-                let mut text = String::new();
-                while let Some(ev) = srx.recv().await {
-                    match ev {
-                        GenerationEvent::Delta {
-                            index: 0, text: t, ..
-                        } => text.push_str(&t),
-                        GenerationEvent::Failed(_) => return None,
-                        _ => {}
-                    }
-                }
-                Some(text)
-            })
-            .await;
-            let shadow_s = started.elapsed().as_secs_f64();
-            let Ok(Some(text)) = answer else {
-                stats.error(&route, &version);
-                return;
-            };
-            // The primary's answer; none if its client left before the end.
-            let Ok(Some(answer)) = primary.wait_for(Option::is_some).await.map(|v| v.clone())
-            else {
-                return;
-            };
-            stats.record(
-                &route,
-                &version,
-                divergence::compare(&answer.text, &text),
-                answer.seconds,
-                shadow_s,
-            );
-            // One teacher-forced pass: the primary's tokens under the shadow.
-            let from = prompt.len();
-            let tokens: Vec<u32> = prompt.into_iter().chain(answer.ids).collect();
-            if tokens.len() == from {
-                return;
-            }
-            match engine.score(tokens, from) {
-                Ok(rx) => match rx.await {
-                    Ok(Ok(shadow_lps)) => {
-                        stats.record_forced(&route, &version, &answer.logprobs, &shadow_lps)
-                    }
-                    _ => stats.error(&route, &version),
-                },
-                Err(e) => {
-                    tracing::debug!(%route, %version, error = %e, "shadow cannot score the primary's tokens")
-                }
-            }
-        });
-    }
-    rx
-}
-
-/// The primary's first choice as shadows compare against it.
-#[derive(Clone, Default)]
-struct PrimaryAnswer {
-    text: String,
-    /// Its tokens and their log-probabilities under the primary model.
-    ids: Vec<u32>,
-    logprobs: Vec<f32>,
-    seconds: f64,
-}
-
-/// Passes the primary's events through and publishes its first choice (text,
-/// tokens, log-probabilities) and latency when it finishes.
-fn capture(
-    rx: UnboundedReceiver<GenerationEvent>,
-    started: Instant,
-) -> (
-    UnboundedReceiver<GenerationEvent>,
-    watch::Receiver<Option<PrimaryAnswer>>,
-) {
-    let (done, primary) = watch::channel(None);
-    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| {
-        if let GenerationEvent::Delta {
-            index: 0,
-            text,
-            logprob,
-        } = ev
-        {
-            a.text.push_str(text);
-            if let Some(l) = logprob {
-                a.ids.push(l.id);
-                a.logprobs.push(l.logprob);
-            }
-        }
-    };
-    let out = tap(rx, PrimaryAnswer::default(), inspect, move |mut a| {
-        a.seconds = started.elapsed().as_secs_f64();
-        let _ = done.send(Some(a));
-    });
-    (out, primary)
-}
-
-/// Submits the primary. With shadows, the engine also reports each token's
-/// log-probability (for the shadows' teacher-forced comparison); the client
-/// sees them only if it asked.
-fn submit(p: &Prepared) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
-    let logprobs =
-        p.v.params
-            .sampling
-            .logprobs
-            .or((!p.routed.shadows.is_empty()).then_some(0));
-    submit_to(&p.engine, p, logprobs)
-}
-
-fn submit_to(
-    engine: &LlmEngine,
-    p: &Prepared,
-    logprobs: Option<usize>,
+    state: &AppState,
 ) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
+    let engine = &p.target.engine;
     // Without max_tokens, the rest of the context (at least one token, so an
     // over-long prompt gets the engine's context error).
     let max_tokens =
@@ -399,28 +119,33 @@ fn submit_to(
             ),
         ));
     }
-    let req = GenerationRequest {
+    let request = GenerationRequest {
         n: p.v.params.n,
         prompt: p.prompt.clone(),
-        sampling: SamplingParams {
-            logprobs,
-            ..p.v.params.sampling.clone()
-        },
+        sampling: p.v.params.sampling.clone(),
         max_tokens,
         min_tokens: p.v.params.min_tokens,
         stop: p.v.params.stop.clone(),
         ignore_eos: p.v.params.ignore_eos,
     };
-    let rx = engine.submit(req).map_err(|e| match e {
-        LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
-        LlmError::ContextLength {
-            max,
-            prompt,
-            max_tokens,
-        } => ApiError::context_length(max, prompt, max_tokens),
-        LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
-        other => ApiError::internal(other.to_string()),
-    })?;
+    let generation = Generation {
+        request,
+        request_id: p.request_id.clone(),
+        shadow_prompts: p.shadow_prompts.clone(),
+    };
+    let rx = p
+        .target
+        .start(&state.recorders(), generation)
+        .map_err(|e| match e {
+            LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
+            LlmError::ContextLength {
+                max,
+                prompt,
+                max_tokens,
+            } => ApiError::context_length(max, prompt, max_tokens),
+            LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
+            other => ApiError::internal(other.to_string()),
+        })?;
     Ok((rx, p.prompt.len()))
 }
 
@@ -444,13 +169,41 @@ pub async fn chat_completions(
 /// runs on the blocking pool for a large body.
 fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Prepared, ApiError> {
     let mut req: ChatRequest = parse(body)?;
-    let (engine, routed) = engine_for(state, &mut req.common, headers, body)?;
-    let mut messages = req.chat_messages()?;
-    apply_system(
-        &mut messages,
-        routed.experiment.as_ref().and_then(|a| a.prompt().system),
-    );
+    let target = route(state, &mut req.common, headers, body)?;
+    let messages = req.chat_messages()?;
     let logprobs = req.logprobs()?;
+    let system = target.experiment.as_ref().and_then(|a| a.prompt().system);
+    let prompt = render_chat(&target.engine, messages.clone(), system)?;
+    let shadow_prompts = target
+        .shadows
+        .iter()
+        .map(|s| {
+            s.system
+                .clone()
+                .map(|sys| render_chat(&s.engine, messages.clone(), Some(sys)))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()?;
+    let model = req.common.model.clone();
+    let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+    Ok(Prepared {
+        request_id: dispatch::request_id(headers, "chatcmpl"),
+        target,
+        model,
+        v,
+        prompt,
+        shadow_prompts,
+    })
+}
+
+/// The chat prompt as `engine`'s template renders it (with `system` in place
+/// of the first system message), tokenized.
+fn render_chat(
+    engine: &LlmEngine,
+    mut messages: Vec<ChatMessage>,
+    system: Option<String>,
+) -> Result<Vec<u32>, ApiError> {
+    apply_system(&mut messages, system);
     let template = engine.template().ok_or_else(|| {
         ApiError::invalid(
             "model",
@@ -460,19 +213,10 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
     let text = template
         .render(&messages, true)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = engine
+    engine
         .tokenizer()
         .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let model = req.common.model.clone();
-    let v = req.common.validate(req.max_completion_tokens, logprobs)?;
-    Ok(Prepared {
-        engine,
-        routed,
-        model,
-        v,
-        prompt,
-    })
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 pub async fn completions(
@@ -497,13 +241,14 @@ fn prepare_completion(
     body: &Bytes,
 ) -> Result<Prepared, ApiError> {
     let mut req: CompletionRequest = parse(body)?;
-    let (engine, routed) = engine_for(state, &mut req.common, headers, body)?;
+    let target = route(state, &mut req.common, headers, body)?;
     let text = req.prompt_text()?;
     if req.echo {
         return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
     }
     let logprobs = req.logprobs()?;
-    let prompt = engine
+    let prompt = target
+        .engine
         .tokenizer()
         .encode(&text)
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -515,8 +260,10 @@ fn prepare_completion(
     let max_tokens = req.common.fields.max_tokens.or(Some(16));
     let v = req.common.validate(max_tokens, logprobs)?;
     Ok(Prepared {
-        engine,
-        routed,
+        request_id: dispatch::request_id(headers, "cmpl"),
+        // A shadow arm's system prompt is for chat; completions copy the prompt.
+        shadow_prompts: vec![],
+        target,
         model,
         v,
         prompt,
@@ -610,32 +357,19 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let id = match kind {
-        Kind::Chat => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        Kind::Completion => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+    // The body's id is the request id, prefixed as OpenAI's are.
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl-",
+        Kind::Completion => "cmpl-",
     };
-    let sink = outcome_sink(state, &p);
-    let (mut rx, prompt_tokens) = match submit(&p) {
+    let id = match p.request_id.starts_with(prefix) {
+        true => p.request_id.clone(),
+        false => format!("{prefix}{}", p.request_id),
+    };
+    let (rx, prompt_tokens) = match submit(&p, state) {
         Ok(x) => x,
-        Err(e) => {
-            sink(Outcome {
-                ok: false,
-                latency_s: p.routed.started.elapsed().as_secs_f64(),
-                ttft_s: None,
-                output_tokens: 0,
-                random: false,
-            });
-            return e.into_response();
-        }
+        Err(e) => return e.into_response(),
     };
-    rx = mirror(&p, &state.shadows, rx);
-    if let Some(a) = &p.routed.experiment {
-        state
-            .stats
-            .remember(&id, &a.experiment.spec.name, a.arm_name());
-    }
-    rx = observe(rx, p.routed.started, sink);
-    let request_id = id.clone();
     let shape = Shape {
         kind,
         id,
@@ -652,16 +386,7 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
             _ = state.shutdown.ended() => shutting_down().into_response(),
         }
     };
-    let h = resp.headers_mut();
-    if let Some(v) = p.routed.version {
-        h.insert("x-switchyard-model-version", v.into());
-    }
-    let header = |v: &str| HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("-"));
-    h.insert("x-switchyard-arm", header(&p.routed.arm));
-    h.insert("x-request-id", header(&request_id));
-    if let Some(a) = &p.routed.experiment {
-        h.insert("x-switchyard-experiment", header(&a.experiment.spec.name));
-    }
+    dispatch::headers(resp.headers_mut(), &p.target.served(), &p.request_id);
     resp
 }
 

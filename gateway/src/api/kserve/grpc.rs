@@ -2,10 +2,13 @@
 //! extensions, `raw_input_contents` / `raw_output_contents`, streaming
 //! infer, gRPC health, and message limits as large as the clients allow.
 use super::{
-    config_not_a_string, encode, index, llm, llm_target, model_config, model_is_ready,
-    model_metadata, parse_version, repository, server_metadata, statistics,
+    config_not_a_string, encode, index, llm, model_config, model_is_ready, model_metadata,
+    parse_version, repository, server_metadata, statistics,
 };
 use crate::api::AppState;
+use crate::dispatch::llm::LlmTarget;
+use crate::dispatch::Served;
+use axum::http::HeaderMap;
 use engine::dnn::{
     DataType, DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, RequestedOutput,
     Tensor,
@@ -14,6 +17,7 @@ use futures::StreamExt;
 use proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
+use proto::inference::infer_parameter::ParameterChoice;
 use proto::inference::model_infer_response::InferOutputTensor;
 use proto::inference::*;
 use std::pin::Pin;
@@ -377,21 +381,53 @@ impl Remote {
     }
 }
 
-async fn run_infer(state: &AppState, r: ModelInferRequest) -> Result<ModelInferResponse, DnnError> {
-    Ok(infer_response(
-        super::infer(state, infer_request(r)?).await?,
-    ))
+/// Runs one request; what the dispatch layer chose (an LLM's version and
+/// arm) comes back in the response's parameters.
+async fn run_infer(
+    state: &AppState,
+    r: ModelInferRequest,
+    headers: &HeaderMap,
+) -> Result<ModelInferResponse, DnnError> {
+    let (resp, served) = super::infer(state, infer_request(r)?, headers).await?;
+    let mut out = infer_response(resp);
+    if let Some(s) = served {
+        served_parameters(&mut out, &s);
+    }
+    Ok(out)
+}
+
+/// `switchyard_arm`, `switchyard_model_version` and `switchyard_experiment`
+/// as response parameters, as HTTP names them in headers.
+fn served_parameters(out: &mut ModelInferResponse, s: &Served) {
+    let text = |v: String| InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(v)),
+    };
+    let p = &mut out.parameters;
+    p.insert("switchyard_arm".into(), text(s.arm.as_str().to_string()));
+    if let Some(v) = s.version {
+        p.insert("switchyard_model_version".into(), text(v.to_string()));
+    }
+    if let Some(e) = &s.experiment {
+        p.insert("switchyard_experiment".into(), text(e.clone()));
+    }
 }
 
 type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
 
 /// One request of a stream: an LLM asked to stream (`stream` = true) gets one
 /// response per text piece, anything else one response.
-async fn stream_one(state: &AppState, r: ModelInferRequest, tx: &StreamSender) {
+async fn stream_one(
+    state: &AppState,
+    r: ModelInferRequest,
+    headers: &HeaderMap,
+    tx: &StreamSender,
+) {
     let id = r.id.clone();
-    let result = match llm_target(state, &r.model_name) {
-        Some((engine, version)) => stream_llm(state, &engine, version, r, tx).await,
-        None => run_infer(state, r).await.map(Some),
+    let request_id = llm::request_id(&r.id, headers);
+    let result = match llm::route(state, &r.model_name, headers, &request_id) {
+        Ok(Some(target)) => stream_llm(state, &target, r, request_id, tx).await,
+        Ok(None) => run_infer(state, r, headers).await.map(Some),
+        Err(e) => Err(e),
     };
     let msg = match result {
         Ok(None) => return,
@@ -414,20 +450,24 @@ async fn stream_one(state: &AppState, r: ModelInferRequest, tx: &StreamSender) {
 /// a request that does not ask to stream with one response.
 async fn stream_llm(
     state: &AppState,
-    engine: &engine::llm::LlmEngine,
-    version: String,
+    target: &LlmTarget,
     r: ModelInferRequest,
+    request_id: String,
     tx: &StreamSender,
 ) -> Result<Option<ModelInferResponse>, DnnError> {
     let req = infer_request(r)?;
     let (call, stream) = llm::call_from_tensors(&req.inputs)?;
+    let served = |mut out: ModelInferResponse| {
+        served_parameters(&mut out, &target.served());
+        out
+    };
     if !stream {
-        return Ok(Some(infer_response(
-            llm::answer(&state.offload, engine, version, req, &call).await?,
-        )));
+        let resp = llm::answer(state, target, req, &call, request_id).await?;
+        return Ok(Some(served(infer_response(resp))));
     }
-    let generation = llm::request(&state.offload, engine, &call).await?;
-    let mut pieces = Box::pin(llm::stream(engine, generation)?);
+    let version = llm::version_of(target);
+    let events = llm::start(state, target, &call, request_id).await?;
+    let mut pieces = Box::pin(llm::pieces(events));
     loop {
         let piece = tokio::select! {
             p = pieces.next() => match p {
@@ -448,7 +488,7 @@ async fn stream_llm(
         };
         let msg = ModelStreamInferResponse {
             error_message: String::new(),
-            infer_response: Some(infer_response(resp)),
+            infer_response: Some(served(infer_response(resp))),
         };
         if tx.send(Ok(msg)).await.is_err() {
             break;
@@ -502,7 +542,8 @@ impl GrpcInferenceService for KserveGrpc {
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
-        run_infer(&self.state, r.into_inner())
+        let headers = r.metadata().clone().into_headers();
+        run_infer(&self.state, r.into_inner(), &headers)
             .await
             .map(Response::new)
             .map_err(status)
@@ -515,12 +556,13 @@ impl GrpcInferenceService for KserveGrpc {
         r: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
         let state = self.state.clone();
+        let headers = r.metadata().clone().into_headers();
         let mut inbound = r.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             while let Some(Ok(req)) = inbound.next().await {
-                let (tx, state) = (tx.clone(), state.clone());
-                tokio::spawn(async move { stream_one(&state, req, &tx).await });
+                let (tx, state, headers) = (tx.clone(), state.clone(), headers.clone());
+                tokio::spawn(async move { stream_one(&state, req, &headers, &tx).await });
             }
         });
         Ok(Response::new(Box::pin(

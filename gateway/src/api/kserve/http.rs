@@ -700,7 +700,8 @@ async fn infer(
             parse_infer(model, version, &head, &body, repo.as_deref())
         })
         .await?;
-    let resp = super::infer(&s, req).await?;
+    let request_id = llm::request_id(&req.id, &headers);
+    let (resp, served) = super::infer(&s, req, &headers).await?;
     let (body, header_len) = infer_body(resp, &format);
     let (encoding, body) = encode_response(&headers, body);
     let mut response = Response::new(axum::body::Body::from(body));
@@ -723,6 +724,9 @@ async fn infer(
     if let Some(e) = encoding {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
     }
+    if let Some(served) = served {
+        crate::dispatch::headers(h, &served, &request_id);
+    }
     Ok(response)
 }
 
@@ -732,17 +736,11 @@ async fn infer(
 /// `parameters`; sampling keys (`max_tokens`, `temperature`, ...) are taken
 /// at the top level too, as for Triton's LLM backends. Any other key is refused.
 fn generate_call(
-    s: &AppState,
     p: &HashMap<String, String>,
     body: &[u8],
     streaming: bool,
-) -> Result<(engine::llm::LlmEngine, String, String, llm::LlmCall), DnnError> {
+) -> Result<(String, llm::LlmCall), DnnError> {
     let (model, _) = target(p)?;
-    let (engine, version) = llm_target(s, &model).ok_or_else(|| {
-        DnnError::not_found(format!(
-            "Request for unknown model: '{model}' is not a generative model"
-        ))
-    })?;
     let req = optional_json(body)?;
     let obj = req
         .as_object()
@@ -814,9 +812,7 @@ fn generate_call(
     }
     let prompt = prompt.ok_or_else(|| DnnError::invalid("the request has no 'text_input'"))?;
     Ok((
-        engine,
         model,
-        version,
         llm::LlmCall {
             prompt,
             fields: SamplingFields::from_json(&sampling)?,
@@ -825,14 +821,14 @@ fn generate_call(
     ))
 }
 
-/// A generate request, read and checked before the handler runs.
+/// A generate request, read, checked and dispatched before the handler runs.
 struct Generate {
-    engine: engine::llm::LlmEngine,
     model: String,
-    version: String,
     call: llm::LlmCall,
-    /// The engine request: parameters checked, prompt tokenized.
-    request: engine::llm::GenerationRequest,
+    target: crate::dispatch::llm::LlmTarget,
+    request_id: String,
+    /// The engine's events.
+    events: tokio::sync::mpsc::UnboundedReceiver<engine::llm::GenerationEvent>,
 }
 
 impl FromRequest<AppState> for Generate {
@@ -846,27 +842,42 @@ impl FromRequest<AppState> for Generate {
             .map_err(|e| DnnError::invalid(e.to_string()))?;
         let req = Request::from_parts(parts, body);
         let streaming = req.uri().path().ends_with("/generate_stream");
-        let JsonBody(_, body) = JsonBody::from_request(req, state).await?;
-        let (engine, model, version, call) = generate_call(state, &p, &body, streaming)?;
-        let request = llm::request(&state.offload, &engine, &call).await?;
+        let JsonBody(headers, body) = JsonBody::from_request(req, state).await?;
+        let (model, call) = generate_call(&p, &body, streaming)?;
+        let request_id = llm::request_id("", &headers);
+        let target = llm::route(state, &model, &headers, &request_id)?.ok_or_else(|| {
+            DnnError::not_found(format!(
+                "Request for unknown model: '{model}' is not a generative model"
+            ))
+        })?;
+        let events = llm::start(state, &target, &call, request_id.clone()).await?;
         Ok(Self {
-            engine,
             model,
-            version,
             call,
-            request,
+            target,
+            request_id,
+            events,
         })
     }
 }
 
-async fn generate(State(s): State<AppState>, g: Generate) -> KsResult<Json<Value>> {
+async fn generate(State(s): State<AppState>, g: Generate) -> KsResult<Response> {
+    let Generate {
+        model,
+        call,
+        target,
+        request_id,
+        events,
+    } = g;
     let text = tokio::select! {
-        t = llm::complete(&g.engine, &g.call, g.request) => t?,
+        t = llm::complete(&call, events) => t?,
         _ = s.shutdown.ended() => return Err(shutting_down().into()),
     };
-    Ok(Json(
-        json!({"model_name": g.model, "model_version": g.version, "text_output": text}),
-    ))
+    let version = llm::version_of(&target);
+    let mut r = Json(json!({"model_name": model, "model_version": version, "text_output": text}))
+        .into_response();
+    crate::dispatch::headers(r.headers_mut(), &target.served(), &request_id);
+    Ok(r)
 }
 
 /// What a request still running at the end of the shutdown grace period gets.
@@ -877,13 +888,14 @@ fn shutting_down() -> DnnError {
 async fn generate_stream(State(s): State<AppState>, g: Generate) -> KsResult<Response> {
     use futures::StreamExt;
     let Generate {
-        engine,
         model,
-        version,
-        request,
+        target,
+        request_id,
+        events,
         ..
     } = g;
-    let pieces = llm::stream(&engine, request)?;
+    let version = llm::version_of(&target);
+    let pieces = llm::pieces(events);
     let events = pieces.map(move |piece| match piece {
         Ok(text) => json!({"model_name": model, "model_version": version, "text_output": text}),
         Err(e) => json!({"error": e.message}),
@@ -896,7 +908,9 @@ async fn generate_stream(State(s): State<AppState>, g: Generate) -> KsResult<Res
             axum::response::sse::Event::default().data(event.to_string()),
         )
     });
-    Ok(axum::response::sse::Sse::new(events).into_response())
+    let mut r = axum::response::sse::Sse::new(events).into_response();
+    crate::dispatch::headers(r.headers_mut(), &target.served(), &request_id);
+    Ok(r)
 }
 
 #[cfg(test)]

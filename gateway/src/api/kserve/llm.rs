@@ -1,8 +1,12 @@
 //! LLMs over KServe v2, the way Triton's vLLM backend exposes them: a BYTES
 //! `text_input` in, `text_output` out, through `infer`, `generate` and
 //! `generate_stream`, with sampling settings as JSON (`sampling_parameters`).
+use crate::api::AppState;
+use crate::dispatch::llm::{Generation, LlmTarget};
+use crate::dispatch::{self, Unavailable};
 use crate::offload::Offload;
 use crate::params::{ParamError, SamplingFields};
+use axum::http::HeaderMap;
 use engine::dnn::tensor::{bytes_elements, encode_bytes};
 use engine::dnn::{DataType, DnnError, InferRequest, InferResponse, Tensor};
 use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
@@ -10,6 +14,7 @@ use futures::Stream;
 use proto::inference::model_metadata_response::TensorMetadata;
 use proto::inference::{ModelConfig, ModelInput, ModelMetadataResponse, ModelOutput};
 use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Tokens generated when the request names no `max_tokens` (vLLM's default).
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -202,13 +207,58 @@ pub async fn request(
     })
 }
 
+/// The LLM deployment that serves a KServe call to `name` through the
+/// dispatch layer, or `None` when `name` is not an LLM (a repository model
+/// of that name comes first). The rollout unit is the `x-switchyard-unit`
+/// header, else the request id.
+pub fn route(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> Result<Option<LlmTarget>, DnnError> {
+    if state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
+        return Ok(None);
+    }
+    let table = state.routes().snapshot();
+    let unit = dispatch::header_unit(headers).unwrap_or_else(|| request_id.to_string());
+    dispatch::resolve_llm(&table, name, Some(&unit), |e| e.unit(headers, None, &[]))
+        .map_err(|Unavailable(m)| DnnError::unavailable(m))
+}
+
+/// The id a KServe request goes by: its own `id`, else `x-request-id`, else a new one.
+pub fn request_id(id: &str, headers: &HeaderMap) -> String {
+    if id.is_empty() {
+        dispatch::request_id(headers, "kserve")
+    } else {
+        id.to_string()
+    }
+}
+
+/// Starts `call` on `target` through the dispatch layer (shadows, outcome
+/// statistics), its parameters checked and its prompt tokenized first.
+pub async fn start(
+    state: &AppState,
+    target: &LlmTarget,
+    call: &LlmCall,
+    request_id: String,
+) -> Result<UnboundedReceiver<GenerationEvent>, DnnError> {
+    let request = request(&state.offload, &target.engine, call).await?;
+    let generation = Generation {
+        request,
+        request_id,
+        shadow_prompts: vec![],
+    };
+    target
+        .start(&state.recorders(), generation)
+        .map_err(llm_error)
+}
+
 /// The completion's text pieces as the engine releases them.
-pub fn stream(
-    engine: &LlmEngine,
-    req: GenerationRequest,
-) -> Result<impl Stream<Item = Result<String, DnnError>> + Send + 'static, DnnError> {
-    let rx = engine.submit(req).map_err(llm_error)?;
-    Ok(futures::stream::unfold(rx, |mut rx| async move {
+pub fn pieces(
+    rx: UnboundedReceiver<GenerationEvent>,
+) -> impl Stream<Item = Result<String, DnnError>> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await? {
                 GenerationEvent::Delta { text, .. } if text.is_empty() => continue,
@@ -217,14 +267,13 @@ pub fn stream(
                 GenerationEvent::Failed(e) => return Some((Err(DnnError::internal(e)), rx)),
             }
         }
-    }))
+    })
 }
 
 /// The whole output: the prompt (unless excluded) and the completion.
 pub async fn complete(
-    engine: &LlmEngine,
     call: &LlmCall,
-    req: GenerationRequest,
+    rx: UnboundedReceiver<GenerationEvent>,
 ) -> Result<String, DnnError> {
     use futures::StreamExt;
     let mut out = if call.exclude_input {
@@ -232,7 +281,7 @@ pub async fn complete(
     } else {
         call.prompt.clone()
     };
-    let mut pieces = Box::pin(stream(engine, req)?);
+    let mut pieces = Box::pin(pieces(rx));
     while let Some(piece) = pieces.next().await {
         out.push_str(&piece?);
     }
@@ -248,31 +297,25 @@ pub fn text_tensor(text: &str) -> Tensor {
     )
 }
 
-/// `infer` on an LLM: `text_input` in, the whole `text_output` out.
-pub async fn infer(
-    offload: &Offload,
-    engine: &LlmEngine,
-    version: String,
-    req: InferRequest,
-) -> Result<InferResponse, DnnError> {
-    let (call, _) = call_from_tensors(&req.inputs)?;
-    answer(offload, engine, version, req, &call).await
-}
-
 /// The whole `text_output` of a call already read from `req`.
 pub async fn answer(
-    offload: &Offload,
-    engine: &LlmEngine,
-    version: String,
+    state: &AppState,
+    target: &LlmTarget,
     req: InferRequest,
     call: &LlmCall,
+    request_id: String,
 ) -> Result<InferResponse, DnnError> {
-    let generation = request(offload, engine, call).await?;
-    let text = complete(engine, call, generation).await?;
+    let rx = start(state, target, call, request_id).await?;
+    let text = complete(call, rx).await?;
     Ok(InferResponse {
         model_name: req.model,
-        model_version: version,
+        model_version: version_of(target),
         id: req.id,
         outputs: vec![text_tensor(&text)],
     })
+}
+
+/// The version KServe answers name (1 for a model configured without the registry).
+pub fn version_of(target: &LlmTarget) -> String {
+    target.version.unwrap_or(1).to_string()
 }

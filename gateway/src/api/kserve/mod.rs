@@ -6,6 +6,8 @@ pub mod llm;
 pub mod shadow;
 
 use crate::api::AppState;
+use crate::dispatch::Served;
+use axum::http::HeaderMap;
 use engine::dnn::{
     DataType, DnnError, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
 };
@@ -140,17 +142,32 @@ pub async fn model_config(
 }
 
 /// Runs a request on the remote upstream, LLM route or repository model it
-/// names; a repository model's shadows get their copies once it is dispatched.
-pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse, DnnError> {
+/// names, with what served it when the dispatch layer chose (an LLM's
+/// version and arm); a repository model's shadows get their copies once it
+/// is dispatched.
+pub async fn infer(
+    state: &AppState,
+    req: InferRequest,
+    headers: &HeaderMap,
+) -> Result<(InferResponse, Option<Served>), DnnError> {
     if let Some(u) = kserve_upstream(state, &req.model) {
-        return u.infer(req).await;
+        return Ok((u.infer(req).await?, None));
     }
-    if let Some((engine, v)) = llm_target(state, &req.model) {
-        return llm::infer(&state.offload, &engine, v, req).await;
+    let request_id = llm::request_id(&req.id, headers);
+    if let Some(target) = llm::route(state, &req.model, headers, &request_id)? {
+        let (call, _) = llm::call_from_tensors(&req.inputs)?;
+        let resp = llm::answer(state, &target, req, &call, request_id).await?;
+        return Ok((resp, Some(target.served())));
     }
     let repo = repository(&state.dnn)?;
-    let Some(done) = shadow::mirror(&state.kserve_shadows, repo, &state.shadows, &req) else {
-        return repo.infer(req).await;
+    let Some(done) = shadow::mirror(
+        &state.kserve_shadows,
+        repo,
+        &state.shadows,
+        &req,
+        &request_id,
+    ) else {
+        return Ok((repo.infer(req).await?, None));
     };
     let started = std::time::Instant::now();
     let out = repo.infer(req).await;
@@ -159,7 +176,7 @@ pub async fn infer(state: &AppState, req: InferRequest) -> Result<InferResponse,
         .ok()
         .map(|r| (Arc::new(r.outputs.clone()), started.elapsed().as_secs_f64()));
     let _ = done.send(Some(outcome));
-    out
+    Ok((out?, None))
 }
 
 /// The model control API as both protocols carry it: `file:` overrides are

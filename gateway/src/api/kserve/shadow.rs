@@ -1,16 +1,17 @@
 //! Shadows for the Triton plane: a sampled copy of a repository model's
 //! infer requests goes to another repository model or to a model on a remote
-//! KServe v2 node over gRPC. Each shadow has its own concurrency bound and
+//! KServe v2 node over gRPC, through the one shadow runner
+//! (`dispatch::mirror`). Each shadow has its own concurrency bound and
 //! timeout; its outputs are compared with the primary's (argmax agreement,
 //! mean absolute difference, KL of probabilities) and never reach the client.
 use super::grpc::Remote;
+use crate::dispatch::mirror::{Copy, ShadowPolicy};
 use crate::divergence::{compare_tensors, ShadowStats};
-use crate::sticky_hash::bucket;
-use engine::dnn::{DnnError, InferRequest, InferResponse, ModelRepository, Tensor};
+use engine::dnn::{DnnError, InferRequest, ModelRepository, Tensor};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -45,15 +46,17 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl ShadowConfig {
+    /// How much of the model's traffic the shadow sees.
+    pub fn policy(&self) -> ShadowPolicy {
+        ShadowPolicy {
+            sample_percent: self.sample_percent,
+            max_in_flight: self.max_in_flight,
+            timeout_ms: self.timeout_ms,
+        }
+    }
+
     pub fn validate(&self, at: &str) -> Result<(), String> {
-        if !(0.0..=100.0).contains(&self.sample_percent) {
-            return Err(format!("{at}.sample_percent: must be between 0 and 100"));
-        }
-        if self.max_in_flight == 0 || self.timeout_ms == 0 {
-            return Err(format!(
-                "{at}: max_in_flight and timeout_ms must be at least 1"
-            ));
-        }
+        self.policy().validate(at)?;
         if self.endpoint.is_none() && self.target == self.model {
             return Err(format!(
                 "{at}.target: `{}` would shadow itself; name another model or an endpoint",
@@ -123,69 +126,32 @@ impl Shadows {
 /// `None` if it failed.
 pub type PrimaryOutcome = Option<(Arc<Vec<Tensor>>, f64)>;
 
-/// Sends copies of `req` to the shadows of its model that sample it, and
-/// returns where the caller publishes the primary's outcome (`None` when no
-/// copy was sent). The copies run as their own tasks: a shadow that is
-/// slow, failing or down only reaches `stats`.
+/// Sends copies of `req` to the shadows of its model that sample
+/// `request_id`, and returns where the caller publishes the primary's
+/// outcome (`None` when no copy was sent). The copies run on the one shadow
+/// runner: a shadow that is slow, failing or down only reaches `stats`.
 pub fn mirror(
     shadows: &Shadows,
     repo: &Arc<ModelRepository>,
     stats: &ShadowStats,
     req: &InferRequest,
+    request_id: &str,
 ) -> Option<watch::Sender<Option<PrimaryOutcome>>> {
     let list = shadows.by_model.get(&req.model)?;
-    let unit = if req.id.is_empty() {
-        uuid::Uuid::new_v4().to_string()
-    } else {
-        req.id.clone()
-    };
     let (done, primary) = watch::channel::<Option<PrimaryOutcome>>(None);
     let mut sent = false;
     for s in list {
-        let seed = format!("{}/shadow/{}", req.model, s.label);
-        if f64::from(bucket(&seed, &unit)) >= s.config.sample_percent * 100.0 {
-            continue;
-        }
-        let (route, label) = (req.model.clone(), s.label.clone());
-        let Some(permit) = stats.permit(&route, &label, s.config.max_in_flight) else {
-            stats.skipped(&route, &label);
-            continue;
-        };
-        metrics::counter!("switchyard:shadow_requests", "route" => route.clone(), "version" => label.clone())
-            .increment(1);
-        sent = true;
         let copy = InferRequest {
             version: None,
             ..req.clone()
         };
-        let (target, repo, stats, mut primary) = (
-            s.target.clone(),
-            repo.clone(),
-            stats.clone(),
-            primary.clone(),
-        );
-        let timeout = Duration::from_millis(s.config.timeout_ms);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let answer = tokio::time::timeout(timeout, run(&target, &repo, copy)).await;
-            let shadow_s = started.elapsed().as_secs_f64();
-            let outputs = match answer {
-                Ok(Ok(r)) => r.outputs,
-                Ok(Err(e)) => {
-                    tracing::debug!(%route, shadow = %label, error = %e.message, "shadow failed");
-                    return stats.error(&route, &label);
-                }
-                Err(_) => return stats.error(&route, &label),
-            };
-            // Nothing to compare with if the primary failed.
-            let Ok(Some((p, primary_s))) = primary
-                .wait_for(Option::is_some)
-                .await
-                .map(|v| v.clone().flatten())
-            else {
-                return;
-            };
+        let (target, repo) = (s.target.clone(), repo.clone());
+        let run = async move { run(&target, &repo, copy).await.map_err(|e| e.message) };
+        let (route, label) = (req.model.clone(), s.label.clone());
+        let compare = move |stats: ShadowStats,
+                            (p, primary_s): (Arc<Vec<Tensor>>, f64),
+                            outputs: Vec<Tensor>,
+                            shadow_s: f64| async move {
             stats.record_tensors(
                 &route,
                 &label,
@@ -193,7 +159,14 @@ pub fn mirror(
                 primary_s,
                 shadow_s,
             );
-        });
+        };
+        sent |= Copy {
+            stats,
+            route: &req.model,
+            label: &s.label,
+            policy: s.config.policy(),
+        }
+        .launch(request_id, primary.clone(), run, compare);
     }
     sent.then_some(done)
 }
@@ -202,12 +175,13 @@ async fn run(
     target: &Target,
     repo: &ModelRepository,
     mut req: InferRequest,
-) -> Result<InferResponse, DnnError> {
-    match target {
+) -> Result<Vec<Tensor>, DnnError> {
+    let resp = match target {
         Target::Local(model) => {
             req.model = model.clone();
             repo.infer(req).await
         }
         Target::Remote(r) => r.infer(&req).await,
-    }
+    };
+    resp.map(|r| r.outputs)
 }

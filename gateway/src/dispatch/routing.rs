@@ -4,6 +4,7 @@
 //! immutable snapshot: the registry's controller publishes the routes, the
 //! experiments file its experiments, and each publish swaps the whole table,
 //! so a request reads one consistent view.
+use super::mirror::ShadowPolicy;
 use crate::experiments;
 use engine::llm::LlmEngine;
 use std::collections::HashMap;
@@ -17,19 +18,58 @@ pub struct Deployment {
     pub engine: LlmEngine,
 }
 
+impl Deployment {
+    /// Its version as metrics, headers and shadow reports name it.
+    pub fn label(&self) -> String {
+        self.version
+            .map_or_else(|| "static".to_string(), |v| v.to_string())
+    }
+}
+
+/// Which part of a route served a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Arm {
+    Primary,
+    Canary,
+    AbTest,
+    /// The client named the version (`model@3`).
+    Pinned,
+    /// An arm of a prompt experiment (`holdout` outside its traffic).
+    Experiment(String),
+}
+
+impl Arm {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Arm::Primary => "primary",
+            Arm::Canary => "canary",
+            Arm::AbTest => "ab_test",
+            Arm::Pinned => "pinned",
+            Arm::Experiment(name) => name,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Candidate {
     pub deployment: Deployment,
-    /// `canary` or `ab_test`.
-    pub arm: &'static str,
+    /// [`Arm::Canary`] or [`Arm::AbTest`].
+    pub arm: Arm,
     pub percent: f64,
+}
+
+/// A deployment that gets copies of a route's requests.
+#[derive(Clone)]
+pub struct Shadow {
+    pub deployment: Deployment,
+    pub policy: ShadowPolicy,
 }
 
 #[derive(Clone)]
 pub struct Route {
     pub primary: Deployment,
     pub candidate: Option<Candidate>,
-    pub shadows: Vec<Deployment>,
+    pub shadows: Vec<Shadow>,
 }
 
 impl Route {
@@ -47,10 +87,10 @@ impl Route {
     /// The deployment serving a request whose unit hashes to `bucket`
     /// (`sticky_hash`, seed `{route}/rollout`); the candidate owns the lowest
     /// buckets, so ramping it from 10% to 20% only moves users into it.
-    pub fn pick(&self, bucket: u32) -> (&Deployment, &'static str) {
+    pub fn pick(&self, bucket: u32) -> (&Deployment, Arm) {
         match &self.candidate {
-            Some(c) if f64::from(bucket) < c.percent * 100.0 => (&c.deployment, c.arm),
-            _ => (&self.primary, "primary"),
+            Some(c) if f64::from(bucket) < c.percent * 100.0 => (&c.deployment, c.arm.clone()),
+            _ => (&self.primary, Arm::Primary),
         }
     }
 }
@@ -78,7 +118,7 @@ impl Table {
         };
         std::iter::once(&route.primary)
             .chain(route.candidate.iter().map(|c| &c.deployment))
-            .chain(route.shadows.iter())
+            .chain(route.shadows.iter().map(|s| &s.deployment))
             .find(|d| d.version == Some(v))
             .map(|d| (d.engine.clone(), d.version))
     }

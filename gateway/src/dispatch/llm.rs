@@ -1,0 +1,323 @@
+//! Running one generation on the deployment a request resolved to: the
+//! engine gets the request, each shadow that samples it gets a copy, and
+//! the outcome reaches the version's and the experiment arm's statistics.
+//! The fronts receive the engine's events and render them in their protocol.
+use super::mirror::{Copy, ShadowPolicy};
+use super::routing::{Arm, Shadow};
+use super::Recorders;
+use crate::divergence;
+use crate::experiment_stats::Outcome;
+use crate::experiments::Assignment;
+use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
+
+/// Where one LLM request goes.
+pub struct LlmTarget {
+    /// The public name the client sent (without `@version`).
+    pub route: String,
+    /// The model whose version serves it (an experiment arm's deployment
+    /// may belong to another model).
+    pub model: String,
+    pub engine: LlmEngine,
+    pub version: Option<u32>,
+    pub arm: Arm,
+    /// Set when a prompt experiment assigned the request.
+    pub experiment: Option<Assignment>,
+    pub shadows: Vec<TextShadow>,
+    pub started: Instant,
+}
+
+/// A deployment that gets copies of the request.
+pub struct TextShadow {
+    pub engine: LlmEngine,
+    /// How its statistics name it: the version, or `experiment/arm`.
+    pub label: String,
+    pub policy: ShadowPolicy,
+    /// An experiment shadow arm's system prompt (chat requests).
+    pub system: Option<String>,
+}
+
+impl TextShadow {
+    pub fn of_route(s: &Shadow) -> Self {
+        Self {
+            engine: s.deployment.engine.clone(),
+            label: s.deployment.label(),
+            policy: s.policy,
+            system: None,
+        }
+    }
+}
+
+/// A request ready for the engine.
+pub struct Generation {
+    pub request: GenerationRequest,
+    /// The request id: shadows sample by its hash; feedback names it.
+    pub request_id: String,
+    /// A shadow's own prompt tokens (an experiment shadow arm with its own
+    /// system prompt), by index into [`LlmTarget::shadows`].
+    pub shadow_prompts: Vec<Option<Vec<u32>>>,
+}
+
+impl LlmTarget {
+    /// What served the request, as responses name it.
+    pub fn served(&self) -> super::Served {
+        super::Served {
+            version: self.version,
+            arm: self.arm.clone(),
+            experiment: self
+                .experiment
+                .as_ref()
+                .map(|a| a.experiment.spec.name.clone()),
+        }
+    }
+
+    /// Submits the request and returns the engine's events, after the
+    /// shadows got their copies; the outcome is recorded when the last event
+    /// has passed (a client that leaves records nothing). With shadows, the
+    /// engine also computes each token's log-probability (for the
+    /// teacher-forced comparison); a front shows them only if asked.
+    pub fn start(
+        &self,
+        rec: &Recorders,
+        g: Generation,
+    ) -> Result<UnboundedReceiver<GenerationEvent>, LlmError> {
+        let sink = self.outcome_sink(rec);
+        let mut primary = g.request.clone();
+        if !self.shadows.is_empty() {
+            primary.sampling.logprobs = primary.sampling.logprobs.or(Some(0));
+        }
+        let rx = match self.engine.submit(primary) {
+            Ok(rx) => rx,
+            Err(e) => {
+                sink(Outcome {
+                    ok: false,
+                    latency_s: self.started.elapsed().as_secs_f64(),
+                    ..Outcome::default()
+                });
+                return Err(e);
+            }
+        };
+        let rx = self.mirror(rec, &g, rx);
+        if let Some(a) = &self.experiment {
+            rec.experiments
+                .remember(&g.request_id, &a.experiment.spec.name, a.arm_name());
+        }
+        Ok(observe(rx, self.started, sink))
+    }
+
+    /// Where the outcome is recorded: its experiment arm, and the version
+    /// that served it (for rollout policies).
+    fn outcome_sink(&self, rec: &Recorders) -> impl FnOnce(Outcome) + Send + 'static {
+        let (stats, versions) = (rec.experiments.clone(), rec.versions.clone());
+        let arm = self.experiment.as_ref().map(|a| {
+            (
+                a.experiment.spec.name.clone(),
+                a.arm_name().to_string(),
+                a.random,
+            )
+        });
+        let version = self.version.map(|v| (self.model.clone(), v));
+        move |mut o: Outcome| {
+            if let Some((exp, arm, random)) = arm {
+                o.random = random;
+                stats.record(&exp, &arm, &o);
+            }
+            if let Some((model, v)) = version {
+                versions.record(&model, v, o.ok, o.latency_s);
+            }
+        }
+    }
+
+    /// Sends a copy of the request to each shadow that samples it, and
+    /// compares the shadow's first choice with the primary's: text, and one
+    /// teacher-forced pass of the primary's tokens under the shadow.
+    fn mirror(
+        &self,
+        rec: &Recorders,
+        g: &Generation,
+        rx: UnboundedReceiver<GenerationEvent>,
+    ) -> UnboundedReceiver<GenerationEvent> {
+        if self.shadows.is_empty() {
+            return rx;
+        }
+        let (rx, primary) = capture(rx, self.started);
+        for (i, s) in self.shadows.iter().enumerate() {
+            let prompt = g
+                .shadow_prompts
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| g.request.prompt.clone());
+            let copy = GenerationRequest {
+                prompt: prompt.clone(),
+                n: 1,
+                sampling: engine::llm::SamplingParams {
+                    logprobs: None,
+                    ..g.request.sampling.clone()
+                },
+                ..g.request.clone()
+            };
+            let engine = s.engine.clone();
+            let run = async move {
+                let mut srx = engine.submit(copy).map_err(|e| e.to_string())?;
+                let mut text = String::new();
+                while let Some(ev) = srx.recv().await {
+                    match ev {
+                        GenerationEvent::Delta {
+                            index: 0, text: t, ..
+                        } => text.push_str(&t),
+                        GenerationEvent::Failed(e) => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(text)
+            };
+            let (route, label, engine) = (self.route.clone(), s.label.clone(), s.engine.clone());
+            let compare = move |stats: divergence::ShadowStats,
+                                answer: PrimaryAnswer,
+                                text: String,
+                                shadow_s: f64| async move {
+                stats.record(
+                    &route,
+                    &label,
+                    divergence::compare(&answer.text, &text),
+                    answer.seconds,
+                    shadow_s,
+                );
+                forced(&stats, &route, &label, &engine, prompt, answer).await;
+            };
+            Copy {
+                stats: &rec.shadows,
+                route: &self.route,
+                label: &s.label,
+                policy: s.policy,
+            }
+            .launch(&g.request_id, primary.clone(), run, compare);
+        }
+        rx
+    }
+}
+
+/// The primary's tokens scored under the shadow (teacher forcing): the KL
+/// between the two models along the primary's own answer.
+async fn forced(
+    stats: &divergence::ShadowStats,
+    route: &str,
+    label: &str,
+    engine: &LlmEngine,
+    prompt: Vec<u32>,
+    answer: PrimaryAnswer,
+) {
+    let from = prompt.len();
+    let tokens: Vec<u32> = prompt.into_iter().chain(answer.ids).collect();
+    if tokens.len() == from {
+        return;
+    }
+    match engine.score(tokens, from) {
+        Ok(rx) => match rx.await {
+            Ok(Ok(shadow_lps)) => stats.record_forced(route, label, &answer.logprobs, &shadow_lps),
+            _ => stats.error(route, label),
+        },
+        Err(e) => {
+            tracing::debug!(%route, %label, error = %e, "shadow cannot score the primary's tokens")
+        }
+    }
+}
+
+/// Forwards the engine's events to a new receiver, folding each into
+/// `state` with `inspect`, and hands `state` to `done` once the engine has
+/// sent the last one. A client that leaves stops the forwarding, and `done`
+/// is not called.
+fn tap<S: Send + 'static>(
+    mut rx: UnboundedReceiver<GenerationEvent>,
+    mut state: S,
+    inspect: impl Fn(&mut S, &GenerationEvent) + Send + 'static,
+    done: impl FnOnce(Option<S>) + Send + 'static,
+) -> UnboundedReceiver<GenerationEvent> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            inspect(&mut state, &ev);
+            if tx.send(ev).is_err() {
+                return done(None);
+            }
+        }
+        done(Some(state));
+    });
+    out
+}
+
+/// Hands the request's outcome to `done` at the end (not when the client
+/// left: an abandoned request says nothing).
+fn observe(
+    rx: UnboundedReceiver<GenerationEvent>,
+    started: Instant,
+    done: impl FnOnce(Outcome) + Send + 'static,
+) -> UnboundedReceiver<GenerationEvent> {
+    let inspect = move |o: &mut Outcome, ev: &GenerationEvent| match ev {
+        GenerationEvent::Delta { .. } => {
+            o.ttft_s
+                .get_or_insert_with(|| started.elapsed().as_secs_f64());
+        }
+        GenerationEvent::Finished {
+            completion_tokens, ..
+        } => o.output_tokens += completion_tokens,
+        GenerationEvent::Failed(_) => o.ok = false,
+    };
+    let first = Outcome {
+        ok: true,
+        ..Outcome::default()
+    };
+    tap(rx, first, inspect, move |o| {
+        if let Some(mut o) = o {
+            o.latency_s = started.elapsed().as_secs_f64();
+            done(o);
+        }
+    })
+}
+
+/// The primary's first choice as shadows compare against it.
+#[derive(Clone, Default)]
+struct PrimaryAnswer {
+    text: String,
+    /// Its tokens and their log-probabilities under the primary model.
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    seconds: f64,
+}
+
+/// Passes the primary's events through and publishes its first choice
+/// (text, tokens, log-probabilities) and latency when it finishes, or that
+/// there is none when its client left.
+fn capture(
+    rx: UnboundedReceiver<GenerationEvent>,
+    started: Instant,
+) -> (
+    UnboundedReceiver<GenerationEvent>,
+    watch::Receiver<Option<Option<PrimaryAnswer>>>,
+) {
+    let (done, primary) = watch::channel(None);
+    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| {
+        if let GenerationEvent::Delta {
+            index: 0,
+            text,
+            logprob,
+        } = ev
+        {
+            a.text.push_str(text);
+            if let Some(l) = logprob {
+                a.ids.push(l.id);
+                a.logprobs.push(l.logprob);
+            }
+        }
+    };
+    let out = tap(rx, PrimaryAnswer::default(), inspect, move |a| {
+        let _ = done.send(Some(a.map(|mut a| {
+            a.seconds = started.elapsed().as_secs_f64();
+            a
+        })));
+    });
+    (out, primary)
+}
