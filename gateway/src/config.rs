@@ -253,9 +253,11 @@ pub struct ServerConfig {
     /// Where the server keeps its state (the SQLite registry).
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
-    /// Address for KServe v2 gRPC (served when a model repository is).
-    #[serde(default = "default_grpc")]
-    pub grpc: String,
+    /// Address for KServe v2 gRPC. gRPC is served when this is set (here
+    /// or with `--grpc`), or when a model repository or a KServe upstream is
+    /// configured (then at 127.0.0.1:8081 by default).
+    #[serde(default)]
+    pub grpc: Option<String>,
     /// Body, message, connection and time bounds.
     #[serde(default)]
     pub limits: Limits,
@@ -269,7 +271,7 @@ impl Default for ServerConfig {
         Self {
             http: default_http(),
             data_dir: None,
-            grpc: default_grpc(),
+            grpc: None,
             limits: Limits::default(),
             shutdown_grace_secs: default_grace(),
         }
@@ -280,11 +282,12 @@ fn default_grace() -> u64 {
     30
 }
 
-fn default_grpc() -> String {
-    "127.0.0.1:8081".into()
-}
-
 impl ServerConfig {
+    /// Where KServe gRPC listens when it is served.
+    pub fn grpc_addr(&self) -> &str {
+        self.grpc.as_deref().unwrap_or("127.0.0.1:8081")
+    }
+
     /// `data_dir`, else `$SWITCHYARD_DATA`, else the user's data folder.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
@@ -530,7 +533,7 @@ impl Config {
         for (at, k) in self.api_keys() {
             k.validate(&at)?;
         }
-        let grpc = &self.server.grpc;
+        let grpc = self.server.grpc_addr();
         grpc.parse::<std::net::SocketAddr>().map_err(|e| {
             format!("server.grpc: `{grpc}` is not an address like 127.0.0.1:8081 ({e})")
         })?;
@@ -632,7 +635,7 @@ mod tests {
         let cfg = Config::parse(text).unwrap();
         let repo = cfg.model_repository.unwrap();
         assert_eq!((repo.control_mode.as_str(), repo.poll_secs), ("poll", 15));
-        assert_eq!(cfg.server.grpc, "127.0.0.1:8081");
+        assert_eq!(cfg.server.grpc_addr(), "127.0.0.1:8081");
         let e = Config::parse(&text.replace("control_mode: poll", "control_mode: sometimes"))
             .unwrap_err();
         assert!(

@@ -120,7 +120,7 @@ fn main() -> Result<()> {
                 cfg.server.http = addr;
             }
             if let Some(addr) = grpc {
-                cfg.server.grpc = addr;
+                cfg.server.grpc = Some(addr);
             }
             if let Some(path) = model_repository {
                 match cfg.model_repository.as_mut() {

@@ -192,10 +192,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .iter()
         .any(|u| u.protocol == upstream::Protocol::Kserve);
     let mut grpc_done = None;
-    if cfg.model_repository.is_some() || kserve_upstreams {
-        let grpc = TcpListener::bind(&cfg.server.grpc)
+    if cfg.server.grpc.is_some() || cfg.model_repository.is_some() || kserve_upstreams {
+        let addr = cfg.server.grpc_addr();
+        let grpc = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding {}", cfg.server.grpc))?;
+            .with_context(|| format!("binding {addr}"))?;
         // The bound address: with port 0 the system picked it.
         let bound = grpc.local_addr()?;
         tracing::info!("KServe gRPC on {bound}");

@@ -119,6 +119,17 @@ def require_env(name: str, how: str) -> str:
     pytest.skip(f"{name} is not set ({how})")
 
 
+def bucket(seed: str, unit: str) -> int:
+    """The server's sticky hash (GrowthBook's v2): the unit's bucket under
+    `seed`, in 0..10,000; a share of p% holds the buckets below 100·p."""
+    def fnv1a32(s: str) -> int:
+        h = 0x811C9DC5
+        for b in s.encode():
+            h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+        return h
+    return fnv1a32(str(fnv1a32(seed + unit))) % 10000
+
+
 def wait_for(what, check, timeout=120):
     """Polls `check` until it returns something truthy, and returns that."""
     deadline = time.time() + timeout

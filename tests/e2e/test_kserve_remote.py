@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Triton, free_port, metric, wait_for
+from conftest import Triton, bucket, free_port, metric, wait_for
 from triton_repo import fil_config, write_model
 
 HANG_TIMEOUT_MS = 2000
@@ -173,21 +173,10 @@ def test_a_sampled_shadow_gets_its_share_by_request_id(repo, servers):
         i.set_data_from_numpy(X[:1])
         client.infer("iris_copy", [i], request_id=rid)
     # Exactly the ids whose hash falls in the sampled half, about 100 of 200.
-    want = sum(_sampled(rid, "iris_copy", "iris_small") for rid in ids)
+    want = sum(bucket("iris_copy/shadow/iris_small", rid) < 5000 for rid in ids)
     assert 70 <= want <= 130, want
     wait_for("copies", lambda: metric(main, "switchyard:shadow_requests", missing=0.0, route="iris_copy") == want)
     wait_for("comparisons", lambda: shadows(main, "iris_copy")["iris_small"]["compared"] == want)
-
-
-def _sampled(request_id: str, model: str, label: str) -> bool:
-    """The sticky hash (GrowthBook's v2) of the request id under the shadow's seed, < 50%."""
-    def fnv1a32(s: str) -> int:
-        h = 0x811C9DC5
-        for b in s.encode():
-            h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-        return h
-    bucket = fnv1a32(str(fnv1a32(f"{model}/shadow/{label}" + request_id))) % 10000
-    return bucket < 5000
 
 
 def test_a_bad_shadow_config_names_the_key(tmp_path, repo):

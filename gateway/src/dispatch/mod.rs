@@ -41,8 +41,9 @@ fn model_of(deployment: &str) -> &str {
 ///
 /// - `model@version` is that version, with no shadows ([`Arm::Pinned`]).
 /// - A route with prompt experiments assigns the request to an arm by the
-///   experiment's unit (`experiment_unit`); the route's shadows and the
-///   experiment's shadow arms still get their copies.
+///   experiment's unit (`experiment_unit`); an arm naming a route is served
+///   as that route serves (canary share included); the route's shadows and
+///   the experiment's shadow arms still get their copies.
 /// - Any other route picks its canary or A/B candidate by the sticky hash
 ///   of `unit` (a random one when the request has none).
 pub fn resolve_llm(
@@ -82,16 +83,30 @@ pub fn resolve_llm(
     if !table.experiments.on_route(name).is_empty() {
         let a = table
             .experiments
-            .assign(name, experiment_unit)
+            .assign(name, &experiment_unit)
             .expect("the route has experiments");
-        let served = table.deployment(a.deployment()).ok_or_else(|| {
-            Unavailable(format!(
-                "experiment `{}` arm `{}`: deployment `{}` is not loaded",
-                a.experiment.spec.name,
-                a.arm_name(),
-                a.deployment()
-            ))
-        })?;
+        // An arm that names a route (not `model@version`) is served as that
+        // route serves: its canary or A/B candidate gets its share of the
+        // arm's units too, so a rollout policy sees experiment traffic.
+        let picked = table.routes.get(a.deployment()).map(|r| {
+            let unit =
+                experiment_unit(&a.experiment).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let (d, _) = r.pick(sticky_hash::bucket(
+                &format!("{}/rollout", a.deployment()),
+                &unit,
+            ));
+            (d.engine.clone(), d.version)
+        });
+        let served = picked
+            .or_else(|| table.deployment(a.deployment()))
+            .ok_or_else(|| {
+                Unavailable(format!(
+                    "experiment `{}` arm `{}`: deployment `{}` is not loaded",
+                    a.experiment.spec.name,
+                    a.arm_name(),
+                    a.deployment()
+                ))
+            })?;
         let mut shadows = route_shadows();
         for arm in a.shadows() {
             match table.deployment(&arm.deployment) {

@@ -132,6 +132,27 @@ fn an_experiment_route_keeps_its_shadows_and_adds_its_shadow_arms() {
 }
 
 #[test]
+fn an_experiment_arm_naming_the_route_keeps_its_canary_share() {
+    let mut t = table(100.0);
+    let text = EXPERIMENT.replace("deployment: m@1", "deployment: m");
+    t.experiments = Arc::new(crate::experiments::Table::parse(&text).unwrap());
+    let mut on_canary = 0;
+    for i in 0..400 {
+        let unit = format!("u{i}");
+        let r = resolve_llm(&t, "m", None, |_| Some(unit.clone()))
+            .unwrap()
+            .unwrap();
+        if r.arm != Arm::Experiment("a".into()) {
+            continue;
+        }
+        let canary = sticky_hash::bucket("m/rollout", &unit) < 3000;
+        assert_eq!(r.version, Some(if canary { 2 } else { 1 }), "{unit}");
+        on_canary += usize::from(canary);
+    }
+    assert!(on_canary > 0);
+}
+
+#[test]
 fn an_experiment_arm_that_is_not_loaded_is_unavailable() {
     let mut t = table(100.0);
     let text = EXPERIMENT.replace("m@2", "m@7").replace("m@1", "m@7");
