@@ -5,7 +5,10 @@
 //! that the registry cannot rebuild, so a restart reconciles from the registry.
 use crate::config::EngineSettings;
 use crate::dispatch::mirror::ShadowPolicy;
-use crate::dispatch::routing::{Arm, Candidate, Deployment, Route, Routes, Shadow};
+use crate::dispatch::routing::{
+    Arm, Candidate, Deployment, Route, Routes, Shadow, TensorDeployment,
+};
+use crate::plane::Plane;
 use crate::registry::lifecycle::State;
 use crate::registry::records::ModelClass;
 use crate::registry::{Registry, Version};
@@ -13,6 +16,7 @@ use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Controller {
@@ -23,10 +27,13 @@ pub struct Controller {
     artifact_roots: Vec<PathBuf>,
     /// How much traffic each model's shadows see (default for the rest).
     shadow_policies: HashMap<String, ShadowPolicy>,
-    /// Engines by (model, version).
-    loaded: HashMap<(String, u32), LlmEngine>,
-    /// The last route published per model, kept when a pass cannot build a new one.
+    /// The registry's repository plane, for tree and DNN versions.
+    plane: Option<Arc<Plane>>,
+    /// What serves each (model, version).
+    loaded: HashMap<(String, u32), Loaded>,
+    /// The last routes published per model, kept when a pass cannot build new ones.
     published: HashMap<String, Route>,
+    published_tensors: HashMap<String, Route<TensorDeployment>>,
     /// When a version last failed to load; it is retried after `RETRY_AFTER`.
     failed: HashMap<(String, u32), Instant>,
 }
@@ -47,8 +54,10 @@ impl Controller {
             engine,
             artifact_roots,
             shadow_policies: HashMap::new(),
+            plane: None,
             loaded: HashMap::new(),
             published: HashMap::new(),
+            published_tensors: HashMap::new(),
             failed: HashMap::new(),
         }
     }
@@ -56,6 +65,12 @@ impl Controller {
     /// The shadow policy of each model's shadow versions.
     pub fn with_shadow_policies(mut self, policies: HashMap<String, ShadowPolicy>) -> Self {
         self.shadow_policies = policies;
+        self
+    }
+
+    /// Serves tree and DNN versions from `plane`.
+    pub fn with_plane(mut self, plane: Arc<Plane>) -> Self {
+        self.plane = Some(plane);
         self
     }
 
@@ -80,39 +95,56 @@ impl Controller {
 
     /// One reconcile pass over every model in the registry.
     pub fn pass(&mut self) -> Result<()> {
-        let mut routes = HashMap::new();
+        let (mut routes, mut tensors) = (HashMap::new(), HashMap::new());
         let mut keep = HashSet::new();
         for model in self.registry.models()? {
             let versions = self.registry.versions(&model.name)?;
             let live: Vec<&Version> = versions.iter().filter(|v| v.state.is_live()).collect();
             keep.extend(live.iter().map(|v| (v.model.clone(), v.number)));
-            if model.class != ModelClass::Llm {
+            let tensor = model.class != ModelClass::Llm;
+            if tensor && self.plane.is_none() {
                 for v in &live {
-                    self.status(v, "failed", &format!(
-                        "class {:?}: this server has no plane for it yet; only llm versions are served",
-                        model.class
-                    ));
+                    self.status(
+                        v,
+                        "failed",
+                        "this server has no repository plane (it needs a registry data directory)",
+                    );
                 }
                 continue;
             }
             let mut failed = false;
             for v in &live {
-                failed |= !self.ensure_loaded(v);
+                failed |= !self.ensure_loaded(v, tensor);
             }
-            if failed {
-                // A version that did not load leaves the model's routes as they were.
-                if let Some(r) = self.published.get(&model.name) {
-                    routes.insert(model.name.clone(), r.clone());
-                }
-                continue;
-            }
-            if let Some(route) = self.build_route(&model.name, &live) {
-                routes.insert(model.name.clone(), route);
+            let name = model.name.clone();
+            // A version that did not load leaves the model's routes as they were.
+            if tensor {
+                let route = match failed {
+                    true => self.published_tensors.get(&name).cloned(),
+                    false => self.route_of(&name, &live, |l| match l {
+                        Loaded::Tensor(d) => Some(d.clone()),
+                        Loaded::Llm(_) => None,
+                    }),
+                };
+                tensors.extend(route.map(|r| (name, r)));
+            } else {
+                let route = match failed {
+                    true => self.published.get(&name).cloned(),
+                    false => self.route_of(&name, &live, |l| match l {
+                        Loaded::Llm(d) => Some(d.clone()),
+                        Loaded::Tensor(_) => None,
+                    }),
+                };
+                routes.extend(route.map(|r| (name, r)));
             }
         }
-        self.routes.publish(routes.clone());
+        self.routes.publish(routes.clone(), tensors.clone());
         self.published = routes;
-        keep.extend(versions_in_use(&self.published));
+        self.published_tensors = tensors;
+        keep.extend(versions_in_use(&self.published, |d| d.version));
+        keep.extend(versions_in_use(&self.published_tensors, |d| {
+            Some(d.version)
+        }));
         self.unload_unused(&keep);
         Ok(())
     }
@@ -124,7 +156,7 @@ impl Controller {
     }
 
     /// Loads `v` unless it runs already; false (with the reason in its status) on failure.
-    fn ensure_loaded(&mut self, v: &Version) -> bool {
+    fn ensure_loaded(&mut self, v: &Version, tensor: bool) -> bool {
         let key = (v.model.clone(), v.number);
         if self.loaded.contains_key(&key) {
             self.status(v, "serving", &format!("serving as {}", v.state));
@@ -139,10 +171,19 @@ impl Controller {
         }
         self.status(v, "loading", "fetching, verifying and loading the artifact");
         tracing::info!(version = %v.reference(), uri = %v.spec.artifact.uri, "loading");
-        match self.load(v) {
-            Ok(engine) => {
+        let loaded = match tensor {
+            true => self.load_tensor(v).map(Loaded::Tensor),
+            false => self.load(v).map(|engine| {
+                Loaded::Llm(Deployment {
+                    version: Some(v.number),
+                    engine,
+                })
+            }),
+        };
+        match loaded {
+            Ok(loaded) => {
                 self.failed.remove(&key);
-                self.loaded.insert(key, engine);
+                self.loaded.insert(key, loaded);
                 tracing::info!(version = %v.reference(), "ready");
                 self.status(v, "serving", &format!("serving as {}", v.state));
                 true
@@ -173,19 +214,36 @@ impl Controller {
         Ok(LlmEngine::start(&v.reference(), loaded, config))
     }
 
-    fn build_route(&self, model: &str, live: &[&Version]) -> Option<Route> {
-        let deployment = |v: &Version| Deployment {
-            version: Some(v.number),
-            engine: self.loaded[&(model.to_string(), v.number)].clone(),
-        };
-        let primary = live.iter().find(|v| v.state == State::Promoted)?;
+    /// Lays out and loads a tree or DNN version in the repository plane.
+    fn load_tensor(&self, v: &Version) -> Result<TensorDeployment> {
+        let plane = self.plane.as_ref().expect("checked by the pass");
+        let artifact = &v.spec.artifact;
+        let path =
+            crate::models::resolve_artifact(&artifact.uri, &artifact.sha256, &self.artifact_roots)?;
+        let model = plane.load(v, &path).map_err(anyhow::Error::msg)?;
+        Ok(TensorDeployment {
+            version: v.number,
+            model,
+        })
+    }
+
+    /// The route of `model`'s live versions, of the plane `of` picks.
+    fn route_of<D>(
+        &self,
+        model: &str,
+        live: &[&Version],
+        of: impl Fn(&Loaded) -> Option<D>,
+    ) -> Option<Route<D>> {
+        let deployment = |v: &Version| of(&self.loaded[&(model.to_string(), v.number)]);
+        let primary = deployment(live.iter().find(|v| v.state == State::Promoted)?)?;
         Some(Route {
-            primary: deployment(primary),
+            primary,
             candidate: live
                 .iter()
                 .find(|v| v.state.takes_traffic_share())
-                .map(|v| Candidate {
-                    deployment: deployment(v),
+                .and_then(|v| Some((v, deployment(v)?)))
+                .map(|(v, d)| Candidate {
+                    deployment: d,
                     arm: if v.state == State::Canary {
                         Arm::Canary
                     } else {
@@ -196,8 +254,9 @@ impl Controller {
             shadows: live
                 .iter()
                 .filter(|v| v.state == State::Shadow)
-                .map(|v| Shadow {
-                    deployment: deployment(v),
+                .filter_map(|v| deployment(v))
+                .map(|deployment| Shadow {
+                    deployment,
                     policy: self.shadow_policies.get(model).copied().unwrap_or_default(),
                 })
                 .collect(),
@@ -214,7 +273,10 @@ impl Controller {
         for key in unused {
             // In-flight requests hold their own handle; the engine thread
             // ends when the last one finishes.
-            self.loaded.remove(&key);
+            if let (Some(Loaded::Tensor(d)), Some(plane)) = (self.loaded.remove(&key), &self.plane)
+            {
+                plane.unload(&d.model);
+            }
             tracing::info!(model = %key.0, version = key.1, "unloaded");
             let why = "unloaded: the version is no longer live";
             if let Err(e) = self.registry.set_status(&key.0, key.1, "unloaded", why) {
@@ -224,16 +286,25 @@ impl Controller {
     }
 }
 
-fn versions_in_use(routes: &HashMap<String, Route>) -> HashSet<(String, u32)> {
+fn versions_in_use<D>(
+    routes: &HashMap<String, Route<D>>,
+    version: impl Fn(&D) -> Option<u32>,
+) -> HashSet<(String, u32)> {
     routes
         .iter()
         .flat_map(|(name, r)| {
-            let mut v: Vec<Option<u32>> = vec![r.primary.version];
-            v.extend(r.candidate.iter().map(|c| c.deployment.version));
-            v.extend(r.shadows.iter().map(|s| s.deployment.version));
+            let mut v: Vec<Option<u32>> = vec![version(&r.primary)];
+            v.extend(r.candidate.iter().map(|c| version(&c.deployment)));
+            v.extend(r.shadows.iter().map(|s| version(&s.deployment)));
             v.into_iter().flatten().map(move |n| (name.clone(), n))
         })
         .collect()
+}
+
+/// What serves a version: an engine, or a model in the repository plane.
+enum Loaded {
+    Llm(Deployment),
+    Tensor(TensorDeployment),
 }
 
 #[cfg(test)]

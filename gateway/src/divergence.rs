@@ -198,6 +198,10 @@ pub struct ShadowCounts {
     pub errors: u64,
     pub similarity: Option<f64>,
     pub kl: Option<f64>,
+    /// Tensor shadows: the share of rows whose argmax agrees, and the mean
+    /// absolute difference per element.
+    pub argmax_agreement: Option<f64>,
+    pub abs_diff: Option<f64>,
 }
 
 /// A route and one of its shadow versions.
@@ -342,6 +346,10 @@ impl ShadowStats {
                 errors: t.errors,
                 similarity: (t.compared > 0).then(|| t.similarity / t.compared as f64),
                 kl: (t.scored > 0).then(|| t.kl / t.scored as f64),
+                argmax_agreement: (t.tensor.rows > 0)
+                    .then(|| t.tensor.argmax_agree as f64 / t.tensor.rows as f64),
+                abs_diff: (t.tensor.elements > 0)
+                    .then(|| t.tensor.abs_diff / t.tensor.elements as f64),
             })
     }
 

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod models;
 pub mod offload;
 pub mod params;
+pub mod plane;
 pub mod registry;
 pub mod rollout;
 pub mod server;

@@ -65,7 +65,11 @@ pub fn resolve_artifact(uri: &str, sha256: &str, roots: &[PathBuf]) -> Result<Pa
     } else {
         local_artifact(Path::new(uri.strip_prefix("file://").unwrap_or(uri)), roots)?
     };
-    let got = sha256_file(&path)?;
+    let got = if path.is_dir() {
+        sha256_folder(&path)?
+    } else {
+        sha256_file(&path)?
+    };
     if !got.eq_ignore_ascii_case(sha256) {
         tracing::warn!(path = %path.display(), declared = %sha256, found = %got, "artifact sha256 mismatch");
         bail!(
@@ -264,6 +268,43 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A folder's sha256: of the lines `sha256sum` prints for its files (`HASH
+/// ␠␠relative/path`), sorted by path, so that
+/// `(cd DIR && find . -type f -printf '%P\n' | LC_ALL=C sort | xargs -d '\n' sha256sum) | sha256sum`
+/// gives the same. A symbolic link inside is refused.
+pub fn sha256_folder(root: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let kind = e.file_type()?;
+            if kind.is_symlink() {
+                bail!(
+                    "{}: an artifact folder may hold no symbolic link",
+                    e.path().display()
+                );
+            }
+            if kind.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e
+                    .path()
+                    .strip_prefix(root)?
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                files.push((rel, e.path()));
+            }
+        }
+    }
+    files.sort();
+    let mut listing = String::new();
+    for (rel, path) in files {
+        listing.push_str(&format!("{}  {rel}\n", sha256_file(&path)?));
+    }
+    Ok(hex::encode(Sha256::digest(listing.as_bytes())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,5 +423,27 @@ mod tests {
             resolve_artifact(&uri, &"0".repeat(64), &roots).unwrap_err()
         );
         assert!(e.contains("differs") && !e.contains(&sha), "{e}");
+    }
+
+    #[test]
+    fn a_folder_hashes_as_coreutils_list_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("m");
+        std::fs::create_dir_all(root.join("1")).unwrap();
+        std::fs::write(root.join("config.pbtxt"), "backend: \"fil\"").unwrap();
+        std::fs::write(root.join("1/xgboost.json"), "{}").unwrap();
+        std::fs::write(root.join("labels.txt"), "a\nb\n").unwrap();
+        let ours = sha256_folder(&root).unwrap();
+        let script = "cd \"$1\" && find . -type f -printf '%P\\n' | LC_ALL=C sort \
+                      | xargs -d '\\n' sha256sum | sha256sum | cut -d' ' -f1";
+        let out = std::process::Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ours);
+        std::os::unix::fs::symlink("/etc/passwd", root.join("1/link")).unwrap();
+        let e = sha256_folder(&root).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
     }
 }

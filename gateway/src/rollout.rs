@@ -39,6 +39,14 @@ pub struct RolloutPolicy {
     /// bound, shadows are left to people.
     #[serde(default)]
     pub max_shadow_kl: Option<f64>,
+    /// In shadow, for tree and DNN models: the lowest share of output rows
+    /// whose argmax agrees with the primary's.
+    #[serde(default)]
+    pub min_shadow_argmax_agreement: Option<f64>,
+    /// In shadow, for tree and DNN models: the highest mean absolute
+    /// difference per output element.
+    #[serde(default)]
+    pub max_shadow_abs_diff: Option<f64>,
 }
 
 fn default_min_requests() -> u64 {
@@ -231,15 +239,25 @@ impl RolloutController {
         let since = v.traffic_since_ms.unwrap_or(v.state_since_ms);
         let elapsed_s = (crate::registry::now_ms() - since) as f64 / 1e3;
         let (decision, numbers) = if v.state == State::Shadow {
-            if policy.max_shadow_divergence.is_none() && policy.max_shadow_kl.is_none() {
+            if policy.max_shadow_divergence.is_none()
+                && policy.max_shadow_kl.is_none()
+                && policy.min_shadow_argmax_agreement.is_none()
+                && policy.max_shadow_abs_diff.is_none()
+            {
                 return Ok(());
             }
             let c = self.shadows.counts(&policy.model, &v.number.to_string());
             let (compared, errors) = (c.compared, c.errors);
             let divergence = 1.0 - c.similarity.unwrap_or(1.0);
             let kl = c.kl.unwrap_or(0.0);
+            let agreement = c.argmax_agreement.unwrap_or(1.0);
+            let abs_diff = c.abs_diff.unwrap_or(0.0);
             let within = policy.max_shadow_divergence.is_none_or(|m| divergence <= m)
-                && policy.max_shadow_kl.is_none_or(|m| kl <= m);
+                && policy.max_shadow_kl.is_none_or(|m| kl <= m)
+                && policy
+                    .min_shadow_argmax_agreement
+                    .is_none_or(|m| agreement >= m)
+                && policy.max_shadow_abs_diff.is_none_or(|m| abs_diff <= m);
             let limit = |m: Option<f64>| m.map_or_else(|| "none".to_string(), |m| m.to_string());
             let total = compared + errors;
             let success = if total > 0 {
@@ -248,10 +266,12 @@ impl RolloutController {
                 1.0
             };
             let numbers = format!(
-                "{compared} shadow comparisons, {errors} shadow errors (success {:.1}%), divergence {divergence:.3} (limit {}), KL {kl:.4} (limit {}) over {elapsed_s:.1} s",
+                "{compared} shadow comparisons, {errors} shadow errors (success {:.1}%), divergence {divergence:.3} (limit {}), KL {kl:.4} (limit {}), argmax agreement {agreement:.3} (min {}), mean abs diff {abs_diff:.4} (limit {}) over {elapsed_s:.1} s",
                 success * 100.0,
                 limit(policy.max_shadow_divergence),
                 limit(policy.max_shadow_kl),
+                limit(policy.min_shadow_argmax_agreement),
+                limit(policy.max_shadow_abs_diff),
             );
             let d = if total >= policy.min_requests.min(10) && success < policy.min_success_rate {
                 Decision::Rollback
@@ -361,6 +381,8 @@ mod tests {
             max_p99_latency_ms: Some(100.0),
             max_shadow_divergence: Some(0.1),
             max_shadow_kl: None,
+            min_shadow_argmax_agreement: None,
+            max_shadow_abs_diff: None,
         }
     }
 
@@ -475,5 +497,48 @@ mod tests {
         good.pass().unwrap();
         let v = v2(&good);
         assert_eq!((v.state, v.traffic_percent), (State::Canary, Some(10.0)));
+    }
+
+    #[test]
+    fn a_tensor_shadow_is_judged_by_argmax_agreement_and_abs_diff() {
+        use crate::divergence::compare_tensors;
+        use engine::dnn::Tensor;
+        let primary = [Tensor::from_f32(
+            "p",
+            vec![2, 3],
+            &[0.7, 0.2, 0.1, 0.1, 0.8, 0.1],
+        )];
+        let agreeing = [Tensor::from_f32(
+            "p",
+            vec![2, 3],
+            &[0.69, 0.21, 0.1, 0.1, 0.8, 0.1],
+        )];
+        let rotated = [Tensor::from_f32(
+            "p",
+            vec![2, 3],
+            &[0.1, 0.7, 0.2, 0.1, 0.1, 0.8],
+        )];
+        for (shadow, state, why) in [
+            (&agreeing, State::Canary, "argmax agreement 1.000"),
+            (&rotated, State::RolledBack, "argmax agreement 0.000"),
+        ] {
+            let mut c = setup(State::Shadow);
+            c.policies[0].max_shadow_divergence = None;
+            c.policies[0].min_shadow_argmax_agreement = Some(0.9);
+            c.policies[0].max_shadow_abs_diff = Some(0.05);
+            for _ in 0..4 {
+                let cmp = compare_tensors(&primary, shadow);
+                c.shadows.record_tensors("m", "2", cmp, 0.01, 0.01);
+            }
+            c.pass().unwrap();
+            assert_eq!(v2(&c).state, state, "{why}");
+            let audit = c.registry.audit(Some("m"), 0, 100).unwrap();
+            let e = audit
+                .iter()
+                .rev()
+                .find(|e| e.actor == "rollout-policy:m")
+                .unwrap();
+            assert!(e.body.contains(why), "{}", e.body);
+        }
     }
 }

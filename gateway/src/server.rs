@@ -6,7 +6,7 @@ use crate::api::{self, AppState};
 use crate::auth::Keys;
 use crate::config::Config;
 use crate::limits::Limits;
-use crate::{controller, experiments, models, registry, rollout, upstream};
+use crate::{controller, experiments, models, plane, registry, rollout, upstream};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, LlmEngine};
 use std::sync::Arc;
@@ -149,6 +149,16 @@ pub async fn serve(cfg: Config) -> Result<()> {
             );
             tokio::spawn(auto.run(Duration::from_millis(rc.rollout_interval_ms.max(100))));
         }
+        let bounds = cfg
+            .model_repository
+            .as_ref()
+            .map(|r| r.bounds())
+            .unwrap_or_default();
+        let plane_root = cfg.server.data_dir().join("plane");
+        let plane = tokio::task::block_in_place(|| plane::Plane::open(&plane_root, bounds))
+            .map_err(anyhow::Error::msg)?;
+        let plane = Arc::new(plane);
+        state = state.with_plane(plane.repo.clone());
         let ctl = controller::Controller::new(
             registry,
             state.routes().clone(),
@@ -160,7 +170,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 .iter()
                 .map(|s| (s.model.clone(), s.policy()))
                 .collect(),
-        );
+        )
+        .with_plane(plane);
         tokio::spawn(ctl.run(Duration::from_secs(rc.reconcile_interval_secs)));
     }
     if let Some(rc) = &cfg.model_repository {

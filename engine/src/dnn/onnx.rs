@@ -10,6 +10,7 @@ use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, TDim, TValue, TVec,
     Tensor as TractTensor, TypedRunnableModel,
 };
+use tract_onnx::tract_hir::infer::Factoid;
 
 pub struct OnnxBackend {
     plan: Arc<TypedRunnableModel>,
@@ -65,6 +66,15 @@ impl OnnxBackend {
                     t.dtype.wire()
                 )
             })?;
+            // A datatype the graph declares must be the config's: tract
+            // would otherwise take the config's word and fail, or cast, later.
+            let declared = model.input_fact(k).map_err(err)?.datum_type.concretize();
+            if let Some(own) = declared.filter(|own| *own != dt) {
+                return Err(format!(
+                    "config.pbtxt declares input '{name}' as {}, but the ONNX model takes {own:?}",
+                    t.dtype.wire()
+                ));
+            }
             let mut shape: Vec<TDim> = Vec::new();
             if spec.max_batch_size > 0 {
                 shape.push(batch.clone().into());

@@ -48,6 +48,8 @@ pub struct AppState {
     pub dnn: Option<Arc<ModelRepository>>,
     /// Shadows of repository models.
     pub kserve_shadows: kserve::shadow::Shadows,
+    /// The registry's repository plane (tree and DNN versions).
+    pub plane: Option<Arc<ModelRepository>>,
     /// The configured API keys (empty: none configured).
     pub keys: Arc<Keys>,
     /// With no keys, repository control without one (explicit mode,
@@ -75,6 +77,7 @@ impl AppState {
             upstreams: Arc::default(),
             dnn: None,
             kserve_shadows: Default::default(),
+            plane: None,
             keys: Arc::default(),
             open_control: false,
             limits: Limits::default(),
@@ -164,6 +167,11 @@ impl AppState {
     /// deployment of that version in the route), with its version.
     pub fn deployment(&self, name: &str) -> Option<(LlmEngine, Option<u32>)> {
         self.routes.snapshot().deployment(name)
+    }
+
+    pub fn with_plane(mut self, plane: Arc<ModelRepository>) -> Self {
+        self.plane = Some(plane);
+        self
     }
 
     pub fn with_registry(mut self, api: RegistryApi) -> Self {

@@ -9,6 +9,7 @@ pub mod llm;
 pub mod mirror;
 pub mod routing;
 pub mod sticky_hash;
+pub mod tensor;
 
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;

@@ -50,9 +50,18 @@ impl Arm {
     }
 }
 
+/// One registry version of a tree or DNN model, loaded into the registry's
+/// repository plane as `model@version`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorDeployment {
+    pub version: u32,
+    /// Its name in the repository plane.
+    pub model: String,
+}
+
 #[derive(Clone)]
-pub struct Candidate {
-    pub deployment: Deployment,
+pub struct Candidate<D = Deployment> {
+    pub deployment: D,
     /// [`Arm::Canary`] or [`Arm::AbTest`].
     pub arm: Arm,
     pub percent: f64,
@@ -60,16 +69,30 @@ pub struct Candidate {
 
 /// A deployment that gets copies of a route's requests.
 #[derive(Clone)]
-pub struct Shadow {
-    pub deployment: Deployment,
+pub struct Shadow<D = Deployment> {
+    pub deployment: D,
     pub policy: ShadowPolicy,
 }
 
+/// A public name's deployments: LLM engines, or (`Route<TensorDeployment>`)
+/// versions in the repository plane.
 #[derive(Clone)]
-pub struct Route {
-    pub primary: Deployment,
-    pub candidate: Option<Candidate>,
-    pub shadows: Vec<Shadow>,
+pub struct Route<D = Deployment> {
+    pub primary: D,
+    pub candidate: Option<Candidate<D>>,
+    pub shadows: Vec<Shadow<D>>,
+}
+
+impl<D> Route<D> {
+    /// The deployment serving a request whose unit hashes to `bucket`
+    /// (`sticky_hash`, seed `{route}/rollout`); the candidate owns the lowest
+    /// buckets, so ramping it from 10% to 20% only moves users into it.
+    pub fn pick(&self, bucket: u32) -> (&D, Arm) {
+        match &self.candidate {
+            Some(c) if f64::from(bucket) < c.percent * 100.0 => (&c.deployment, c.arm.clone()),
+            _ => (&self.primary, Arm::Primary),
+        }
+    }
 }
 
 impl Route {
@@ -83,16 +106,6 @@ impl Route {
             shadows: vec![],
         }
     }
-
-    /// The deployment serving a request whose unit hashes to `bucket`
-    /// (`sticky_hash`, seed `{route}/rollout`); the candidate owns the lowest
-    /// buckets, so ramping it from 10% to 20% only moves users into it.
-    pub fn pick(&self, bucket: u32) -> (&Deployment, Arm) {
-        match &self.candidate {
-            Some(c) if f64::from(bucket) < c.percent * 100.0 => (&c.deployment, c.arm.clone()),
-            _ => (&self.primary, Arm::Primary),
-        }
-    }
 }
 
 /// Everything that decides where a request goes, as of one publish.
@@ -100,6 +113,8 @@ impl Route {
 pub struct Table {
     /// Static routes from the config and managed ones from the controller.
     pub routes: HashMap<String, Route>,
+    /// The registry's tree and DNN models, by name.
+    pub tensor_routes: HashMap<String, Route<TensorDeployment>>,
     /// Prompt experiments from YAML, by route.
     pub experiments: Arc<experiments::Table>,
 }
@@ -156,12 +171,18 @@ impl Routes {
         });
     }
 
-    /// Replaces every managed route at once; the experiments stay.
-    pub fn publish(&self, managed: HashMap<String, Route>) {
+    /// Replaces every managed route at once, of both planes; the
+    /// experiments stay.
+    pub fn publish(
+        &self,
+        managed: HashMap<String, Route>,
+        tensors: HashMap<String, Route<TensorDeployment>>,
+    ) {
         let fixed = self.fixed.read().expect("fixed routes");
         self.update(|t| {
             t.routes = fixed.clone();
             t.routes.extend(managed);
+            t.tensor_routes = tensors;
         });
     }
 

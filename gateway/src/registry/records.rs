@@ -133,6 +133,10 @@ pub struct Requirements {
     pub tokenizer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_model: Option<String>,
+    /// Tree and DNN files served without a config.pbtxt: the largest batch
+    /// the dynamic batcher forms (absent: no batching).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

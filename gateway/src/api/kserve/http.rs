@@ -689,10 +689,15 @@ async fn infer(
     let (model, version) = target(&p)?;
     // A remote upstream's model is checked there.
     let remote = kserve_upstream(&s, &model).is_some();
-    if !remote && llm_target(&s, &model).is_none() {
+    let registry_model = super::tensor_model(&s, &model).is_some();
+    if !remote && !registry_model && llm_target(&s, &model).is_none() {
         repository(&s.dnn)?.version(&model, version)?;
     }
-    let repo = if remote { None } else { s.dnn.clone() };
+    let repo = if remote || registry_model {
+        None
+    } else {
+        s.dnn.clone()
+    };
     let head = headers.clone();
     let (req, format) = s
         .offload

@@ -6,10 +6,11 @@ pub mod llm;
 pub mod shadow;
 
 use crate::api::AppState;
+use crate::dispatch::tensor::{resolve_tensor, TensorTarget};
 use crate::dispatch::Served;
 use axum::http::HeaderMap;
 use engine::dnn::{
-    DataType, DnnError, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
+    DataType, DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
 };
 use proto::inference::{
     model_metadata_response::TensorMetadata, repository_index_response::ModelIndex,
@@ -55,11 +56,42 @@ pub fn kserve_upstream<'a>(
     state.upstream(name, crate::upstream::Protocol::Kserve)
 }
 
+/// A registry tree or DNN model's plane model serving `name` as primary
+/// (or the pinned `name@version`), with every version its route serves.
+pub fn tensor_model(state: &AppState, name: &str) -> Option<(String, Vec<String>)> {
+    state.plane.as_ref()?;
+    if state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
+        return None;
+    }
+    let table = state.routes().snapshot();
+    let (route_name, pinned) = match name.rsplit_once('@') {
+        Some((m, v)) => (m, Some(v.parse::<u32>().ok()?)),
+        None => (name, None),
+    };
+    let route = table.tensor_routes.get(route_name)?;
+    let mut all = std::iter::once(&route.primary)
+        .chain(route.candidate.iter().map(|c| &c.deployment))
+        .chain(route.shadows.iter().map(|s| &s.deployment));
+    let model = match pinned {
+        Some(v) => all.find(|d| d.version == v)?.model.clone(),
+        None => route.primary.model.clone(),
+    };
+    let mut versions: Vec<u32> = std::iter::once(route.primary.version)
+        .chain(route.candidate.iter().map(|c| c.deployment.version))
+        .collect();
+    versions.sort_unstable();
+    Some((model, versions.iter().map(u32::to_string).collect()))
+}
+
 /// Whether `name` (at `version`) answers requests: an LLM route, a model of
-/// a remote upstream with a replica up, or a loaded repository model.
+/// a remote upstream with a replica up, a registry model, or a loaded
+/// repository model.
 pub fn model_is_ready(state: &AppState, name: &str, version: Option<i64>) -> bool {
     if let Some(u) = kserve_upstream(state, name) {
         return u.is_available();
+    }
+    if tensor_model(state, name).is_some() {
+        return true;
     }
     llm_target(state, name).is_some()
         || state
@@ -97,7 +129,23 @@ pub async fn model_metadata(
     if let Some((_, v)) = llm_target(state, name) {
         return Ok(llm::metadata(name, &v));
     }
-    let (model, v) = repository(&state.dnn)?.version(name, version)?;
+    if let Some((model, versions)) = tensor_model(state, name) {
+        let plane = state.plane.as_deref().expect("a tensor model has a plane");
+        let mut m = repository_metadata(plane, &model, None).await?;
+        m.name = name.to_string();
+        m.versions = versions;
+        return Ok(m);
+    }
+    repository_metadata(repository(&state.dnn)?, name, version).await
+}
+
+/// A repository model's metadata.
+async fn repository_metadata(
+    repo: &ModelRepository,
+    name: &str,
+    version: Option<i64>,
+) -> Result<ModelMetadataResponse, DnnError> {
+    let (model, v) = repo.version(name, version)?;
     let spec = &model.spec;
     let tensors = |list: &[engine::dnn::model::TensorSpec]| {
         list.iter()
@@ -137,6 +185,12 @@ pub async fn model_config(
     if llm_target(state, name).is_some() {
         return Ok(llm::config(name));
     }
+    if let Some((model, _)) = tensor_model(state, name) {
+        let plane = state.plane.as_deref().expect("a tensor model has a plane");
+        let mut config = plane.version(&model, None)?.0.spec.config.clone();
+        config.name = name.to_string();
+        return Ok(config);
+    }
     let (model, _) = repository(&state.dnn)?.version(name, version)?;
     Ok(model.spec.config.clone())
 }
@@ -159,24 +213,82 @@ pub async fn infer(
         let resp = llm::answer(state, &target, req, &call, request_id).await?;
         return Ok((resp, Some(target.served())));
     }
+    if let Some(t) = tensor_target(state, &req.model, headers, &request_id) {
+        return infer_tensor(state, t, req, &request_id).await;
+    }
     let repo = repository(&state.dnn)?;
-    let Some(done) = shadow::mirror(
-        &state.kserve_shadows,
-        repo,
-        &state.shadows,
-        &req,
-        &request_id,
-    ) else {
-        return Ok((repo.infer(req).await?, None));
-    };
+    let shadows = state.kserve_shadows.of(&req.model);
+    let done = shadow::mirror(shadows, &req.model, repo, &state.shadows, &req, &request_id);
+    Ok((mirrored(repo, req, done).await?, None))
+}
+
+/// Runs `req` on `repo` and publishes its outcome to the shadows that got
+/// a copy (`done`), so they can compare.
+async fn mirrored(
+    repo: &ModelRepository,
+    req: InferRequest,
+    done: Option<tokio::sync::watch::Sender<Option<shadow::PrimaryOutcome>>>,
+) -> Result<InferResponse, DnnError> {
     let started = std::time::Instant::now();
     let out = repo.infer(req).await;
-    let outcome = out
+    if let Some(done) = done {
+        let outcome = out
+            .as_ref()
+            .ok()
+            .map(|r| (Arc::new(r.outputs.clone()), started.elapsed().as_secs_f64()));
+        let _ = done.send(Some(outcome));
+    }
+    out
+}
+
+/// The registry tree or DNN model version that serves `name`, unless the
+/// configured repository has a model of that name. The rollout unit is the
+/// `x-switchyard-unit` header, else the request id.
+fn tensor_target(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> Option<TensorTarget> {
+    if state.plane.is_none() || state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
+        return None;
+    }
+    let unit = crate::dispatch::header_unit(headers).unwrap_or_else(|| request_id.to_string());
+    resolve_tensor(&state.routes().snapshot(), name, &unit)
+}
+
+/// Runs a request on the plane version it resolved to, mirrors it to the
+/// route's shadow versions and records the outcome for rollout policies.
+/// A request the model refuses as invalid says nothing about the version.
+async fn infer_tensor(
+    state: &AppState,
+    t: TensorTarget,
+    mut req: InferRequest,
+    request_id: &str,
+) -> Result<(InferResponse, Option<Served>), DnnError> {
+    let plane = state
+        .plane
         .as_ref()
-        .ok()
-        .map(|r| (Arc::new(r.outputs.clone()), started.elapsed().as_secs_f64()));
-    let _ = done.send(Some(outcome));
-    Ok((out?, None))
+        .ok_or_else(|| DnnError::internal("the repository plane is not running"))?;
+    let public = std::mem::replace(&mut req.model, t.deployment.model.clone());
+    req.version = None;
+    let shadows: Vec<shadow::Shadow> = t
+        .shadows
+        .iter()
+        .map(|(label, model, policy)| shadow::Shadow::local(label.clone(), model.clone(), *policy))
+        .collect();
+    let done = shadow::mirror(&shadows, &t.route, plane, &state.shadows, &req, request_id);
+    let out = mirrored(plane, req, done).await;
+    if !matches!(&out, Err(e) if e.kind == ErrorKind::InvalidArg) {
+        let seconds = t.started.elapsed().as_secs_f64();
+        state
+            .versions
+            .record(&t.route, t.deployment.version, out.is_ok(), seconds);
+    }
+    let mut resp = out?;
+    resp.model_name = public;
+    resp.model_version = t.deployment.version.to_string();
+    Ok((resp, Some(t.served())))
 }
 
 /// The model control API as both protocols carry it: `file:` overrides are

@@ -86,9 +86,21 @@ enum Target {
 
 #[derive(Clone)]
 pub struct Shadow {
-    config: ShadowConfig,
+    /// How reports and metrics name it.
     label: String,
     target: Target,
+    policy: ShadowPolicy,
+}
+
+impl Shadow {
+    /// A model of `repo`'s plane, as a registry shadow version.
+    pub fn local(label: String, model: String, policy: ShadowPolicy) -> Self {
+        Self {
+            label,
+            target: Target::Local(model),
+            policy,
+        }
+    }
 }
 
 /// The shadows of each repository model, from the config.
@@ -112,13 +124,18 @@ impl Shadows {
             };
             by_model.entry(c.model.clone()).or_default().push(Shadow {
                 label: c.label(),
-                config: c.clone(),
                 target,
+                policy: c.policy(),
             });
         }
         Ok(Self {
             by_model: Arc::new(by_model),
         })
+    }
+
+    /// The configured shadows of repository model `model`.
+    pub fn of(&self, model: &str) -> &[Shadow] {
+        self.by_model.get(model).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -126,18 +143,22 @@ impl Shadows {
 /// `None` if it failed.
 pub type PrimaryOutcome = Option<(Arc<Vec<Tensor>>, f64)>;
 
-/// Sends copies of `req` to the shadows of its model that sample
-/// `request_id`, and returns where the caller publishes the primary's
-/// outcome (`None` when no copy was sent). The copies run on the one shadow
-/// runner: a shadow that is slow, failing or down only reaches `stats`.
+/// Sends copies of `req` to each of `route`'s shadows that samples
+/// `request_id` (local ones run on `repo`), and returns where the caller
+/// publishes the primary's outcome (`None` when no copy was sent). The copies
+/// run on the one shadow runner: a shadow that is slow, failing or down only
+/// reaches `stats`.
 pub fn mirror(
-    shadows: &Shadows,
+    list: &[Shadow],
+    route: &str,
     repo: &Arc<ModelRepository>,
     stats: &ShadowStats,
     req: &InferRequest,
     request_id: &str,
 ) -> Option<watch::Sender<Option<PrimaryOutcome>>> {
-    let list = shadows.by_model.get(&req.model)?;
+    if list.is_empty() {
+        return None;
+    }
     let (done, primary) = watch::channel::<Option<PrimaryOutcome>>(None);
     let mut sent = false;
     for s in list {
@@ -147,13 +168,13 @@ pub fn mirror(
         };
         let (target, repo) = (s.target.clone(), repo.clone());
         let run = async move { run(&target, &repo, copy).await.map_err(|e| e.message) };
-        let (route, label) = (req.model.clone(), s.label.clone());
+        let (route_name, label) = (route.to_string(), s.label.clone());
         let compare = move |stats: ShadowStats,
                             (p, primary_s): (Arc<Vec<Tensor>>, f64),
                             outputs: Vec<Tensor>,
                             shadow_s: f64| async move {
             stats.record_tensors(
-                &route,
+                &route_name,
                 &label,
                 compare_tensors(&p, &outputs),
                 primary_s,
@@ -162,9 +183,9 @@ pub fn mirror(
         };
         sent |= Copy {
             stats,
-            route: &req.model,
+            route,
             label: &s.label,
-            policy: s.config.policy(),
+            policy: s.policy,
         }
         .launch(request_id, primary.clone(), run, compare);
     }
