@@ -182,6 +182,9 @@ pub struct RegistryConfig {
     /// request, 4 copies in flight, 120 s each).
     #[serde(default)]
     pub shadows: Vec<RegistryShadow>,
+    /// Sampled requests and answers, per route (off unless a route is named).
+    #[serde(default)]
+    pub request_log: Option<crate::dispatch::log::RequestLogConfig>,
 }
 
 /// The shadow policy of one registry model's shadow versions.
@@ -587,6 +590,9 @@ impl Config {
             }
             for (i, s) in r.shadows.iter().enumerate() {
                 s.policy().validate(&format!("registry.shadows[{i}]"))?;
+            }
+            if let Some(l) = &r.request_log {
+                l.validate("registry.request_log")?;
             }
             for (i, p) in r.rollouts.iter().enumerate() {
                 p.validate(&format!("registry.rollouts[{i}]"))?;

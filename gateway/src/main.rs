@@ -72,6 +72,17 @@ enum Command {
         #[command(subcommand)]
         command: registry_cli::RegistryCommand,
     },
+    /// Read a running server's request log (`registry.request_log`).
+    Requests {
+        /// The server's base URL.
+        #[arg(long, env = "SWITCHYARD_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An API key whose role may read the registry.
+        #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        #[command(subcommand)]
+        command: registry_cli::RequestsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +162,9 @@ fn main() -> Result<()> {
             tokio::runtime::Runtime::new()?.block_on(gateway::server::serve(cfg))
         }
         Command::Registry { url, key, command } => registry_cli::run(&url, key.as_deref(), command),
+        Command::Requests { url, key, command } => {
+            registry_cli::requests(&url, key.as_deref(), command)
+        }
         Command::Models {
             command: ModelsCommand::Fetch { name, config },
         } => {

@@ -181,8 +181,25 @@ pub fn run(url: &str, key: Option<&str>, command: RegistryCommand) -> Result<()>
         }
         RegistryCommand::Verify => (Method::GET, "/audit/verify".into(), None),
     };
+    let value = send(&format!("{base}{path}"), key, method, &[], body)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    if value["ok"] == json!(false) {
+        bail!("the audit chain does not verify");
+    }
+    Ok(())
+}
+
+/// Calls the server; an answer that is not a success is an error with the
+/// server's message.
+fn send(
+    url: &str,
+    key: Option<&str>,
+    method: reqwest::Method,
+    query: &[(&str, String)],
+    body: Option<Value>,
+) -> Result<Value> {
     let client = reqwest::blocking::Client::new();
-    let mut req = client.request(method, format!("{base}{path}"));
+    let mut req = client.request(method, url).query(query);
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -191,19 +208,63 @@ pub fn run(url: &str, key: Option<&str>, command: RegistryCommand) -> Result<()>
     }
     let resp = req
         .send()
-        .with_context(|| format!("calling {base}{path} (is `switchyard serve` running there?)"))?;
+        .with_context(|| format!("calling {url} (is `switchyard serve` running there?)"))?;
     let status = resp.status();
     let text = resp.text()?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    println!("{}", serde_json::to_string_pretty(&value)?);
     if !status.is_success() {
         let msg = value["error"]["message"]
             .as_str()
-            .unwrap_or("see the answer above");
+            .map_or_else(|| value.to_string(), str::to_string);
         bail!("{status}: {msg}");
     }
-    if value["ok"] == json!(false) {
-        bail!("the audit chain does not verify");
+    Ok(value)
+}
+
+#[derive(Subcommand)]
+pub enum RequestsCommand {
+    /// Print the request log's entries (sampled requests and answers), oldest first.
+    Export {
+        #[arg(long)]
+        route: Option<String>,
+        /// Only entries served by this arm (primary, canary, ab_test, pinned, an experiment arm).
+        #[arg(long)]
+        arm: Option<String>,
+        /// From this time on (RFC 3339 or Unix ms).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+        /// `jsonl` (one entry per line) or `json` (one document).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
+}
+
+/// `switchyard requests ...`: the request log of a running server.
+pub fn requests(url: &str, key: Option<&str>, command: RequestsCommand) -> Result<()> {
+    let RequestsCommand::Export {
+        route,
+        arm,
+        since,
+        limit,
+        format,
+    } = command;
+    if format != "jsonl" && format != "json" {
+        bail!("--format: `{format}` is not jsonl or json");
+    }
+    let mut query = vec![("limit", limit.to_string())];
+    for (k, v) in [("route", route), ("arm", arm), ("since", since)] {
+        query.extend(v.map(|v| (k, v)));
+    }
+    let url = format!("{}/v1/requests", url.trim_end_matches('/'));
+    let value = send(&url, key, reqwest::Method::GET, &query, None)?;
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    for entry in value["requests"].as_array().into_iter().flatten() {
+        println!("{entry}");
     }
     Ok(())
 }

@@ -140,6 +140,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .with_tier_floor(rc.min_tier_without_admin);
         tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
         state = state.with_registry(api::registry::RegistryApi::new(registry.clone()));
+        if let Some(log) = &rc.request_log {
+            state.request_log = Some(crate::dispatch::log::RequestLog::start(
+                registry.clone(),
+                log,
+            ));
+        }
         if !rc.rollouts.is_empty() {
             let auto = rollout::RolloutController::new(
                 registry.clone(),

@@ -6,6 +6,8 @@ sampling takes exactly the request ids that hash into its share; a route with
 a prompt experiment still feeds its shadows and version statistics, and the
 experiment's shadow arm is compared without ever answering a client."""
 import json
+import os
+import subprocess
 import threading
 import time
 
@@ -15,8 +17,8 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import Server, bucket, metric, wait_for
-from test_registry import GOOD, Api, serve_first_version, status, write_config
+from conftest import Server, binary, bucket, metric, wait_for
+from test_registry import GOOD, KEYS, Api, serve_first_version, status, write_config
 
 POLICY = """\
     - model: {model}
@@ -53,9 +55,12 @@ def node(tmp_path_factory):
         + POLICY.format(model="kauto", min_requests=10)
         + POLICY.format(model="expo", min_requests=6)
         + "  shadows:\n    - { model: sampled, sample_percent: 25 }\n"
+        + "  request_log:\n    max_rows: 1000\n"
+        + "    routes: [ { route: logged, log_sample_percent: 50 } ]\n"
         + f"experiments_file: {tmp / 'experiments.yaml'}\n"
     )
-    s = Server(write_config(tmp, extra=extra), args=["--grpc", "127.0.0.1:0"])
+    s = Server(config := write_config(tmp, extra=extra), args=["--grpc", "127.0.0.1:0"])
+    s.config = config
     port = s.wait_for_log(r"KServe gRPC on 127\.0\.0\.1:(\d+)")
     s.grpc_url = f"127.0.0.1:{port}"
     yield s
@@ -165,13 +170,19 @@ def test_kserve_traffic_alone_walks_an_llm_candidate_to_promotion(node):
     assert all(arm in ("primary", "canary") for *_, arm in seen)
 
 
-def test_shadow_sampling_takes_the_request_ids_in_its_share(node):
+def with_a_shadow(node, model):
+    """Serves `model` v1 with v2 as its shadow; returns the registry client."""
     api = Api(node)
-    serve_first_version(api, "sampled")
-    assert api.post("/models/sampled/versions", json=GOOD).status_code == 201
-    api.move("sampled", 2, "offline_passed")
-    api.move("sampled", 2, "shadow")
-    wait_for("the shadow to load", lambda: status(api, "sampled", 2) == "serving")
+    serve_first_version(api, model)
+    assert api.post(f"/models/{model}/versions", json=GOOD).status_code == 201
+    api.move(model, 2, "offline_passed")
+    api.move(model, 2, "shadow")
+    wait_for("the shadow to load", lambda: status(api, model, 2) == "serving")
+    return api
+
+
+def test_shadow_sampling_takes_the_request_ids_in_its_share(node):
+    api = with_a_shadow(node, "sampled")
     ids = [f"req-{i}" for i in range(24)]
     inside = [i for i in ids if bucket("sampled/shadow/2", i) < 2500]
     assert 0 < len(inside) < len(ids)
@@ -226,3 +237,50 @@ def test_an_experiment_route_feeds_shadows_versions_and_its_shadow_arm(node):
     assert {exp for *_, exp in seen} == {"tone"}
     assert {v for _, v, _ in seen} == {1, 2}
     assert compared(node, "expo", "2") > 0
+
+
+def test_the_request_log_holds_what_was_sampled_and_survives_a_restart(node):
+    """Last in the module: it restarts the node."""
+    api = with_a_shadow(node, "logged")
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0)
+    ids = [f"log-{i}" for i in range(16)]
+    for rid in ids:
+        raw = client.completions.with_raw_response.create(
+            model="logged", prompt="Say hi", max_tokens=2, temperature=0,
+            extra_headers={"x-request-id": rid})
+        assert raw.headers["x-request-id"] == rid
+    # A route that is not logged.
+    client.completions.create(model="sampled", prompt="Say hi", max_tokens=1,
+                              extra_headers={"x-request-id": "not-logged"})
+    sampled = {rid for rid in ids if bucket("logged/log", rid) < 5000}
+    assert 0 < len(sampled) < len(ids)
+    viewer = httpx.Client(base_url=node.url, headers={"Authorization": f"Bearer {KEYS['viewer']}"})
+
+    def entries(role):
+        log = viewer.get("/v1/requests").json()["requests"]
+        return {e["request_id"]: e for e in log if e["role"] == role}
+
+    wait_for("the sampled requests and their shadow answers in the log",
+             lambda: set(entries("primary")) == sampled and set(entries("shadow")) == sampled)
+    primary = entries("primary")
+    for rid, e in primary.items():
+        assert (e["route"], e["version"], e["arm"], e["ok"]) == ("logged", 1, "primary", True), e
+        assert e["prompt"] == "Say hi" and e["completion_tokens"] == 2 and e["response"], e
+    shadow = entries("shadow")
+    assert all(e["shadow"] == "2" and "similarity" in e["comparison"] for e in shadow.values())
+    assert viewer.get("/v1/requests", params={"route": "sampled"}).json()["requests"] == []
+    assert httpx.get(f"{node.url}/v1/requests").status_code == 401  # a key is needed
+    # The CLI export, one entry per line.
+    env = {**os.environ, "SWITCHYARD_URL": node.url, "SWITCHYARD_API_KEY": KEYS["viewer"]}
+    out = subprocess.run([binary(), "requests", "export", "--route", "logged", "--arm", "primary"],
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert {json.loads(line)["request_id"] for line in out.splitlines()} == sampled
+    # The log lives in the registry's database: a restarted node has it.
+    before = viewer.get("/v1/requests").json()["requests"]
+    node.stop()
+    again = Server(node.config, port=node.port)
+    try:
+        after = httpx.get(f"{again.url}/v1/requests", headers={"Authorization": f"Bearer {KEYS['viewer']}"}).json()
+        assert after["requests"] == before
+    finally:
+        again.stop()

@@ -50,6 +50,8 @@ pub struct AppState {
     pub kserve_shadows: kserve::shadow::Shadows,
     /// The registry's repository plane (tree and DNN versions).
     pub plane: Option<Arc<ModelRepository>>,
+    /// Sampled requests and answers, in the registry's database.
+    pub request_log: Option<crate::dispatch::log::RequestLog>,
     /// The configured API keys (empty: none configured).
     pub keys: Arc<Keys>,
     /// With no keys, repository control without one (explicit mode,
@@ -78,6 +80,7 @@ impl AppState {
             dnn: None,
             kserve_shadows: Default::default(),
             plane: None,
+            request_log: None,
             keys: Arc::default(),
             open_control: false,
             limits: Limits::default(),
@@ -195,6 +198,7 @@ impl AppState {
             experiments: self.stats.clone(),
             versions: self.versions.clone(),
             shadows: self.shadows.clone(),
+            log: self.request_log.clone(),
         }
     }
 

@@ -87,6 +87,7 @@ fn table() -> Vec<(
         ("/v1/registry/models/{model}/served", &["get"], get(served)),
         ("/v1/registry/audit", &["get"], get(audit)),
         ("/v1/registry/audit/verify", &["get"], get(verify)),
+        ("/v1/requests", &["get"], get(requests)),
         ("/openapi.json", &["get"], get(openapi)),
     ]
 }
@@ -419,6 +420,47 @@ async fn audit(State(s): State<AppState>, h: HeaderMap, Query(q): Query<AuditQue
             })
             .collect();
         Ok(json!({"entries": entries}))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct RequestsQuery {
+    route: Option<String>,
+    arm: Option<String>,
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+/// The request log: sampled requests and answers, oldest first.
+async fn requests(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Query(q): Query<RequestsQuery>,
+) -> Response {
+    let since = match q.since.as_deref().map(|t| parse_time(Some(t))).transpose() {
+        Ok(t) => t.unwrap_or(0),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                e.replace("at:", "since:"),
+            )
+        }
+    };
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    call(&s, &h, StatusCode::OK, move |r, _| {
+        let entries: Vec<Value> = r
+            .requests(q.route.as_deref(), since, limit)?
+            .into_iter()
+            .filter(|e| q.arm.as_deref().is_none_or(|a| e.doc["arm"] == a))
+            .map(|e| {
+                let mut doc = e.doc;
+                doc["at"] = json!(crate::registry::format_ms(e.at_ms));
+                doc
+            })
+            .collect();
+        Ok(json!({"requests": entries}))
     })
     .await
 }

@@ -2,13 +2,15 @@
 //! engine gets the request, each shadow that samples it gets a copy, and
 //! the outcome reaches the version's and the experiment arm's statistics.
 //! The fronts receive the engine's events and render them in their protocol.
-use super::mirror::{Copy, ShadowPolicy};
+use super::log::RequestLog;
+use super::mirror::{Copy, Primary, ShadowPolicy};
 use super::routing::{Arm, Shadow};
 use super::Recorders;
 use crate::divergence;
 use crate::experiment_stats::Outcome;
 use crate::experiments::Assignment;
 use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
+use serde_json::json;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -99,7 +101,17 @@ impl LlmTarget {
                 return Err(e);
             }
         };
-        let rx = self.mirror(rec, &g, rx);
+        let logged = rec.logged(&self.route, &g.request_id);
+        let rx = if self.shadows.is_empty() && logged.is_none() {
+            rx
+        } else {
+            let (rx, primary) = capture(rx, self.started);
+            self.mirror(rec, &g, &primary, logged.as_ref());
+            if let Some(log) = logged {
+                self.log_primary(log, &g, primary);
+            }
+            rx
+        };
         if let Some(a) = &self.experiment {
             rec.experiments
                 .remember(&g.request_id, &a.experiment.spec.name, a.arm_name());
@@ -130,19 +142,44 @@ impl LlmTarget {
         }
     }
 
+    /// Writes the primary's answer to the request log once it is complete
+    /// (a request whose client left is not logged).
+    fn log_primary(&self, log: RequestLog, g: &Generation, mut primary: Primary<PrimaryAnswer>) {
+        let served = self.served();
+        let (route, model) = (self.route.clone(), self.model.clone());
+        let (engine, prompt) = (self.engine.clone(), g.request.prompt.clone());
+        let request_id = g.request_id.clone();
+        tokio::spawn(async move {
+            let Ok(Some(a)) = primary
+                .wait_for(Option::is_some)
+                .await
+                .map(|v| v.clone().flatten())
+            else {
+                return;
+            };
+            let text = engine.tokenizer().decode(&prompt).unwrap_or_default();
+            log.write(
+                &route,
+                json!({"request_id": request_id, "role": "primary", "route": route, "model": model,
+                       "version": served.version, "arm": served.arm.as_str(),
+                       "experiment": served.experiment, "ok": a.ok,
+                       "latency_ms": a.seconds * 1e3, "prompt_tokens": prompt.len(),
+                       "completion_tokens": a.tokens, "prompt": text, "response": a.text}),
+            );
+        });
+    }
+
     /// Sends a copy of the request to each shadow that samples it, and
     /// compares the shadow's first choice with the primary's: text, and one
-    /// teacher-forced pass of the primary's tokens under the shadow.
+    /// teacher-forced pass of the primary's tokens under the shadow. A
+    /// logged request's shadow answers are logged too.
     fn mirror(
         &self,
         rec: &Recorders,
         g: &Generation,
-        rx: UnboundedReceiver<GenerationEvent>,
-    ) -> UnboundedReceiver<GenerationEvent> {
-        if self.shadows.is_empty() {
-            return rx;
-        }
-        let (rx, primary) = capture(rx, self.started);
+        primary: &Primary<PrimaryAnswer>,
+        log: Option<&RequestLog>,
+    ) {
         for (i, s) in self.shadows.iter().enumerate() {
             let prompt = g
                 .shadow_prompts
@@ -175,17 +212,22 @@ impl LlmTarget {
                 Ok(text)
             };
             let (route, label, engine) = (self.route.clone(), s.label.clone(), s.engine.clone());
+            let (log, request_id) = (log.cloned(), g.request_id.clone());
             let compare = move |stats: divergence::ShadowStats,
                                 answer: PrimaryAnswer,
                                 text: String,
                                 shadow_s: f64| async move {
-                stats.record(
-                    &route,
-                    &label,
-                    divergence::compare(&answer.text, &text),
-                    answer.seconds,
-                    shadow_s,
-                );
+                let c = divergence::compare(&answer.text, &text);
+                if let Some(log) = log {
+                    log.write(
+                        &route,
+                        json!({"request_id": request_id, "role": "shadow", "route": route,
+                               "shadow": label, "latency_ms": shadow_s * 1e3, "response": text,
+                               "comparison": {"exact": c.exact, "similarity": c.similarity,
+                                              "length_ratio": c.length_ratio}}),
+                    );
+                }
+                stats.record(&route, &label, c, answer.seconds, shadow_s);
                 forced(&stats, &route, &label, &engine, prompt, answer).await;
             };
             Copy {
@@ -196,7 +238,6 @@ impl LlmTarget {
             }
             .launch(&g.request_id, primary.clone(), run, compare);
         }
-        rx
     }
 }
 
@@ -279,8 +320,11 @@ fn observe(
 }
 
 /// The primary's first choice as shadows compare against it.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct PrimaryAnswer {
+    ok: bool,
+    /// Completion tokens, all choices.
+    tokens: usize,
     text: String,
     /// Its tokens and their log-probabilities under the primary model.
     ids: Vec<u32>,
@@ -299,21 +343,33 @@ fn capture(
     watch::Receiver<Option<Option<PrimaryAnswer>>>,
 ) {
     let (done, primary) = watch::channel(None);
-    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| {
-        if let GenerationEvent::Delta {
+    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| match ev {
+        GenerationEvent::Delta {
             index: 0,
             text,
             logprob,
-        } = ev
-        {
+        } => {
             a.text.push_str(text);
             if let Some(l) = logprob {
                 a.ids.push(l.id);
                 a.logprobs.push(l.logprob);
             }
         }
+        GenerationEvent::Delta { .. } => {}
+        GenerationEvent::Finished {
+            completion_tokens, ..
+        } => a.tokens += completion_tokens,
+        GenerationEvent::Failed(_) => a.ok = false,
     };
-    let out = tap(rx, PrimaryAnswer::default(), inspect, move |a| {
+    let first = PrimaryAnswer {
+        ok: true,
+        tokens: 0,
+        text: String::new(),
+        ids: vec![],
+        logprobs: vec![],
+        seconds: 0.0,
+    };
+    let out = tap(rx, first, inspect, move |a| {
         let _ = done.send(Some(a.map(|mut a| {
             a.seconds = started.elapsed().as_secs_f64();
             a

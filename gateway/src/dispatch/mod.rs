@@ -6,6 +6,7 @@
 //! The fronts only parse, call [`resolve_llm`] and [`llm::LlmTarget::start`],
 //! and render.
 pub mod llm;
+pub mod log;
 pub mod mirror;
 pub mod routing;
 pub mod sticky_hash;
@@ -26,6 +27,15 @@ pub struct Recorders {
     pub experiments: ExperimentStats,
     pub versions: VersionStats,
     pub shadows: ShadowStats,
+    /// The request log, when the registry keeps one.
+    pub log: Option<log::RequestLog>,
+}
+
+impl Recorders {
+    /// The request log, if it samples request `request_id` of `route`.
+    pub fn logged(&self, route: &str, request_id: &str) -> Option<log::RequestLog> {
+        self.log.clone().filter(|l| l.samples(route, request_id))
+    }
 }
 
 /// Why a name that exists cannot take the request now.

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod lifecycle;
 pub mod records;
+pub mod request_log;
 pub mod store;
 #[cfg(test)]
 pub mod testing;

@@ -104,6 +104,8 @@ CREATE TABLE IF NOT EXISTS audit (
     seq BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, model TEXT NOT NULL, version BIGINT,
     body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS request_log (
+    id BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, route TEXT NOT NULL, doc TEXT NOT NULL);
 ";
 
 pub struct Sqlite {

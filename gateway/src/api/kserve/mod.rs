@@ -257,6 +257,14 @@ fn tensor_target(
     resolve_tensor(&state.routes().snapshot(), name, &unit)
 }
 
+/// Names, datatypes and shapes of tensors, as the request log keeps them.
+fn tensor_shapes(tensors: &[engine::dnn::Tensor]) -> Vec<serde_json::Value> {
+    tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "datatype": t.dtype.wire(), "shape": t.shape}))
+        .collect()
+}
+
 /// Runs a request on the plane version it resolved to, mirrors it to the
 /// route's shadow versions and records the outcome for rollout policies.
 /// A request the model refuses as invalid says nothing about the version.
@@ -278,12 +286,23 @@ async fn infer_tensor(
         .map(|(label, model, policy)| shadow::Shadow::local(label.clone(), model.clone(), *policy))
         .collect();
     let done = shadow::mirror(&shadows, &t.route, plane, &state.shadows, &req, request_id);
+    let inputs = tensor_shapes(&req.inputs);
     let out = mirrored(plane, req, done).await;
+    let seconds = t.started.elapsed().as_secs_f64();
     if !matches!(&out, Err(e) if e.kind == ErrorKind::InvalidArg) {
-        let seconds = t.started.elapsed().as_secs_f64();
         state
             .versions
             .record(&t.route, t.deployment.version, out.is_ok(), seconds);
+    }
+    if let Some(log) = state.recorders().logged(&t.route, request_id) {
+        log.write(
+            &t.route,
+            serde_json::json!({"request_id": request_id, "role": "primary", "route": t.route,
+                "version": t.deployment.version, "arm": t.arm.as_str(), "ok": out.is_ok(),
+                "latency_ms": seconds * 1e3, "inputs": inputs,
+                "outputs": out.as_ref().map(|r| tensor_shapes(&r.outputs)).unwrap_or_default(),
+                "error": out.as_ref().err().map(|e| e.message.clone())}),
+        );
     }
     let mut resp = out?;
     resp.model_name = public;
