@@ -55,6 +55,8 @@ def node(tmp_path_factory):
         + POLICY.format(model="kauto", min_requests=10)
         + POLICY.format(model="expo", min_requests=6)
         + "  shadows:\n    - { model: sampled, sample_percent: 25 }\n"
+        # Room for every copy: sequential requests outpace the shadow.
+        + "    - { model: logged, max_in_flight: 64 }\n"
         + "  request_log:\n    max_rows: 1000\n"
         + "    routes: [ { route: logged, log_sample_percent: 50 } ]\n"
         + f"experiments_file: {tmp / 'experiments.yaml'}\n"
@@ -250,7 +252,8 @@ def test_the_request_log_holds_what_was_sampled_and_survives_a_restart(node):
             extra_headers={"x-request-id": rid})
         assert raw.headers["x-request-id"] == rid
     # A route that is not logged.
-    client.completions.create(model="sampled", prompt="Say hi", max_tokens=1,
+    serve_first_version(api, "quiet")
+    client.completions.create(model="quiet", prompt="Say hi", max_tokens=1,
                               extra_headers={"x-request-id": "not-logged"})
     sampled = {rid for rid in ids if bucket("logged/log", rid) < 5000}
     assert 0 < len(sampled) < len(ids)
@@ -268,7 +271,7 @@ def test_the_request_log_holds_what_was_sampled_and_survives_a_restart(node):
         assert e["prompt"] == "Say hi" and e["completion_tokens"] == 2 and e["response"], e
     shadow = entries("shadow")
     assert all(e["shadow"] == "2" and "similarity" in e["comparison"] for e in shadow.values())
-    assert viewer.get("/v1/requests", params={"route": "sampled"}).json()["requests"] == []
+    assert viewer.get("/v1/requests", params={"route": "quiet"}).json()["requests"] == []
     assert httpx.get(f"{node.url}/v1/requests").status_code == 401  # a key is needed
     # The CLI export, one entry per line.
     env = {**os.environ, "SWITCHYARD_URL": node.url, "SWITCHYARD_API_KEY": KEYS["viewer"]}
