@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use engine::llm::kv_cache::{KvDtype, SeqId};
 use engine::llm::model::ForwardBatch;
-use engine::llm::{load_model, ChatMessage, LoadedModel};
+use engine::llm::{load_model, ChatMessage, LoadedWeights};
 use std::path::{Path, PathBuf};
 
 fn model_path() -> PathBuf {
@@ -21,12 +21,12 @@ fn model_path() -> PathBuf {
         .into()
 }
 
-fn load() -> LoadedModel {
+fn load() -> LoadedWeights {
     load_model(&model_path(), &Device::Cpu).unwrap()
 }
 
 /// The user turn rendered with the model's own chat template, tokenized.
-fn chat_tokens(m: &LoadedModel, content: &str) -> Vec<u32> {
+fn chat_tokens(m: &LoadedWeights, content: &str) -> Vec<u32> {
     let msg = ChatMessage {
         role: "user".into(),
         content: content.into(),

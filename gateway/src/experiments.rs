@@ -188,12 +188,12 @@ impl Experiment {
 
 /// The experiments in force, by route.
 #[derive(Debug, Default)]
-pub struct Table {
+pub struct ExperimentTable {
     by_route: HashMap<String, Vec<Arc<Experiment>>>,
     by_name: HashMap<String, Arc<Experiment>>,
 }
 
-impl Table {
+impl ExperimentTable {
     /// Parses and validates a file; errors name the key, and the line where
     /// the YAML parser or the experiment's `name:` line can tell.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -208,7 +208,7 @@ impl Table {
                     format!(" (experiment at line {})", i + 1)
                 })
         };
-        let mut table = Table::default();
+        let mut table = ExperimentTable::default();
         let mut layer_used: HashMap<String, u32> = HashMap::new();
         for (i, spec) in file.experiments.into_iter().enumerate() {
             let at = |k: &str| format!("experiments[{i}].{k}");
@@ -384,10 +384,10 @@ pub struct Experiments {
     path: PathBuf,
 }
 
-fn read(path: &Path) -> Result<Table, String> {
+fn read(path: &Path) -> Result<ExperimentTable, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Table::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    ExperimentTable::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl Experiments {
@@ -400,7 +400,7 @@ impl Experiments {
         })
     }
 
-    pub fn current(&self) -> Arc<Table> {
+    pub fn current(&self) -> Arc<ExperimentTable> {
         self.routes.snapshot().experiments.clone()
     }
 
@@ -469,7 +469,7 @@ mod tests {
     /// The example shipped in `configs/`.
     const TWO_ARMS: &str = include_str!("../../configs/experiments.yaml");
 
-    fn arm_of(t: &Table, route: &str, user: &str) -> String {
+    fn arm_of(t: &ExperimentTable, route: &str, user: &str) -> String {
         t.assign(route, |_| Some(user.to_string()))
             .map(|a| format!("{}/{}", a.experiment.spec.name, a.arm_name()))
             .unwrap()
@@ -477,13 +477,13 @@ mod tests {
 
     #[test]
     fn the_issue_example_parses_and_users_stick() {
-        let t = Table::parse(TWO_ARMS).unwrap();
+        let t = ExperimentTable::parse(TWO_ARMS).unwrap();
         let a = t.assign("support-bot", |_| Some("user-1".into())).unwrap();
         assert!(!a.random);
         assert_eq!(a.deployment(), "smollm2-135m-instruct");
         // Sticky across processes: a table parsed anew assigns every user
         // alike (no seed drawn at start), and the 50/50 split holds.
-        let again = Table::parse(TWO_ARMS).unwrap();
+        let again = ExperimentTable::parse(TWO_ARMS).unwrap();
         let mut concise = 0;
         for i in 0..2000 {
             let u = format!("user-{i}");
@@ -504,23 +504,24 @@ mod tests {
         // The second arm's weight made negative.
         let (head, tail) = TWO_ARMS.split_at(TWO_ARMS.rfind("weight: 50").unwrap());
         let bad = format!("{head}{}", tail.replacen("weight: 50", "weight: -5", 1));
-        let e = Table::parse(&bad).unwrap_err();
+        let e = ExperimentTable::parse(&bad).unwrap_err();
         assert!(
             e.starts_with("experiments[0].arms[1].weight") && e.contains(&name_line),
             "{e}"
         );
-        let e = Table::parse(&TWO_ARMS.replace("header:x-user-id", "cookie:x")).unwrap_err();
+        let e =
+            ExperimentTable::parse(&TWO_ARMS.replace("header:x-user-id", "cookie:x")).unwrap_err();
         assert!(
             e.contains("unit `cookie:x`") && e.contains(&name_line),
             "{e}"
         );
-        let e = Table::parse(&TWO_ARMS.replace("metrics:", "metrix:")).unwrap_err();
+        let e = ExperimentTable::parse(&TWO_ARMS.replace("metrics:", "metrix:")).unwrap_err();
         let metrics_line = format!("line {}", line("metrics:"));
         assert!(e.contains("metrix") && e.contains(&metrics_line), "{e}");
     }
 
-    fn layered(traffic_a: u32, traffic_b: u32) -> Table {
-        Table::parse(&format!(
+    fn layered(traffic_a: u32, traffic_b: u32) -> ExperimentTable {
+        ExperimentTable::parse(&format!(
             "experiments:
   - {{ name: a, route: r, unit: user, layer: l, traffic: {traffic_a},
       arms: [{{ name: x, weight: 1, deployment: m }}, {{ name: y, weight: 1, deployment: m }}] }}
@@ -559,7 +560,7 @@ mod tests {
                 );
             }
         }
-        let e = Table::parse(
+        let e = ExperimentTable::parse(
             "experiments:
   - { name: a, route: r, unit: user, layer: l, traffic: 60, arms: [{ name: x, weight: 1, deployment: m }] }
   - { name: b, route: s, unit: user, layer: l, traffic: 60, arms: [{ name: x, weight: 1, deployment: m }] }

@@ -64,10 +64,10 @@ pub fn kserve_grpc_infer(data: &[u8]) {
 pub fn model_config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Ok(cfg) = proto::model_config::parse_text(&text) {
-        let _ = engine::dnn::ModelSpec::from_config("m", cfg);
+        let _ = engine::dnn::ModelDefinition::from_config("m", cfg);
     }
     if let Ok(cfg) = proto::model_config::from_json(&text) {
-        let _ = engine::dnn::ModelSpec::from_config("m", cfg);
+        let _ = engine::dnn::ModelDefinition::from_config("m", cfg);
     }
 }
 

@@ -91,14 +91,14 @@ type RouteVersion = (String, u32);
 
 /// Recent outcomes per (route, version), for the rollout policies.
 #[derive(Clone, Default)]
-pub struct VersionStats {
+pub struct VersionOutcomes {
     inner: Arc<Mutex<HashMap<RouteVersion, VecDeque<Sample>>>>,
 }
 
 /// Samples kept per version.
 const KEEP: usize = 50_000;
 
-impl VersionStats {
+impl VersionOutcomes {
     pub fn record(&self, route: &str, version: u32, ok: bool, latency_s: f64) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let q = g.entry((route.into(), version)).or_default();
@@ -148,7 +148,7 @@ enum Decision {
 pub struct RolloutController {
     pub registry: Registry,
     pub policies: Vec<RolloutPolicy>,
-    pub versions: VersionStats,
+    pub versions: VersionOutcomes,
     pub shadows: ShadowStats,
     /// Transitions the gates refused, not retried until the version's
     /// approvals change (so a missing approval does not flood the log).
@@ -159,7 +159,7 @@ impl RolloutController {
     pub fn new(
         registry: Registry,
         policies: Vec<RolloutPolicy>,
-        versions: VersionStats,
+        versions: VersionOutcomes,
         shadows: ShadowStats,
     ) -> Self {
         Self {
@@ -419,7 +419,7 @@ mod tests {
         RolloutController::new(
             r,
             vec![policy()],
-            VersionStats::default(),
+            VersionOutcomes::default(),
             ShadowStats::default(),
         )
     }

@@ -1,7 +1,7 @@
 //! The executor interface every backend implements, and loading one from a
 //! model version directory as the config's backend names it.
 use super::error::Result;
-use super::model::{BackendKind, ModelSpec};
+use super::model::{BackendKind, ModelDefinition};
 use super::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ pub trait Backend: Send + Sync {
 
 /// Loads the backend for `spec` from `dir` (`<repo>/<model>/<version>`);
 /// the model file must lie inside `dir`.
-pub fn load(spec: &ModelSpec, dir: &Path) -> std::result::Result<Arc<dyn Backend>, String> {
+pub fn load(spec: &ModelDefinition, dir: &Path) -> std::result::Result<Arc<dyn Backend>, String> {
     let file = confined(dir, &spec.model_filename, "default_model_filename")?;
     if !file.exists() {
         return Err(format!("{} does not exist", file.display()));
@@ -54,7 +54,7 @@ pub fn confined(dir: &Path, name: &str, field: &str) -> std::result::Result<Path
 }
 
 /// The shape of an output: `[rows] + dims` when batching, else `dims`.
-pub fn output_shape(spec: &ModelSpec, dims: &[i64], rows: usize) -> Vec<i64> {
+pub fn output_shape(spec: &ModelDefinition, dims: &[i64], rows: usize) -> Vec<i64> {
     if spec.max_batch_size > 0 {
         std::iter::once(rows as i64)
             .chain(dims.iter().copied())

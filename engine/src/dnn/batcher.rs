@@ -3,7 +3,7 @@
 //! preferred sizes, a queue delay, a bounded queue and queue timeouts.
 use super::backend::Backend;
 use super::error::{DnnError, Result};
-use super::model::{BatchingPolicy, ModelSpec};
+use super::model::{BatchingPolicy, ModelDefinition};
 use super::stats::{Execution, FailReason, VersionStats};
 use super::tensor::Tensor;
 use std::collections::VecDeque;
@@ -39,7 +39,7 @@ struct Shared {
 
 /// Runs one model version; dropping it lets the workers finish what is
 /// queued and exit.
-pub struct Scheduler {
+pub struct Batcher {
     shared: Arc<Shared>,
 }
 
@@ -103,12 +103,12 @@ fn plan(
     Plan::Wait(policy.max_queue_delay - waited)
 }
 
-impl Scheduler {
+impl Batcher {
     /// Starts `spec.instances` workers over `backend`. The queue holds the
     /// policy's `max_queue_size` requests, or `default_queue` when the config
     /// sets none. A worker thread that cannot be started fails the load.
     pub fn start(
-        spec: &ModelSpec,
+        spec: &ModelDefinition,
         backend: Arc<dyn Backend>,
         stats: Arc<VersionStats>,
         default_queue: usize,
@@ -183,7 +183,7 @@ impl Scheduler {
     }
 }
 
-impl Drop for Scheduler {
+impl Drop for Batcher {
     fn drop(&mut self) {
         self.shared.queue.lock().expect("queue lock").stopping = true;
         self.shared.wake.notify_all();

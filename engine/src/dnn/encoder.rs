@@ -2,7 +2,7 @@
 //! text in, mean-pooled and L2-normalized embeddings out.
 use super::backend::{output_shape, Backend};
 use super::error::{DnnError, Result};
-use super::model::ModelSpec;
+use super::model::ModelDefinition;
 use super::tensor::{bytes_elements, DataType, Tensor};
 use candle_core::{DType, Device, Tensor as CTensor};
 use candle_nn::VarBuilder;
@@ -18,13 +18,17 @@ pub struct SentenceEncoder {
     tokenizer: Tokenizer,
     hidden: usize,
     output_name: String,
-    spec: ModelSpec,
+    spec: ModelDefinition,
 }
 
 impl SentenceEncoder {
     /// Reads the weights (`weights`, checked to lie in `dir`), `config.json`
     /// and `tokenizer.json` from `dir`.
-    pub fn load(spec: &ModelSpec, dir: &Path, weights: &Path) -> std::result::Result<Self, String> {
+    pub fn load(
+        spec: &ModelDefinition,
+        dir: &Path,
+        weights: &Path,
+    ) -> std::result::Result<Self, String> {
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name))
                 .map_err(|e| format!("{}: {e}", dir.join(name).display()))
@@ -204,14 +208,15 @@ mod tests {
         candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     }
 
-    fn spec(dims: i64) -> ModelSpec {
+    fn spec(dims: i64) -> ModelDefinition {
         let text = format!(
             r#"backend: "candle" max_batch_size: 4
             input [ {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }} ]
             output [ {{ name: "embedding" data_type: TYPE_FP32 dims: [ {dims} ] }} ]
             parameters [ {{ key: "model_type" value: {{ string_value: "sentence_encoder" }} }} ]"#
         );
-        ModelSpec::from_config("enc", proto::model_config::parse_text(&text).unwrap()).unwrap()
+        ModelDefinition::from_config("enc", proto::model_config::parse_text(&text).unwrap())
+            .unwrap()
     }
 
     fn embed(e: &SentenceEncoder, texts: &[&str]) -> Vec<Vec<f32>> {

@@ -3,7 +3,7 @@
 use super::backend::{output_shape, Backend};
 use super::error::{DnnError, Result};
 use super::forest::{Forest, Transform};
-use super::model::{FilParams, ModelSpec};
+use super::model::{FilParams, ModelDefinition};
 use super::tensor::{element_count, Tensor};
 use std::path::Path;
 
@@ -12,12 +12,12 @@ pub struct FilBackend {
     params: FilParams,
     output_name: String,
     output_dims: Vec<i64>,
-    spec: ModelSpec,
+    spec: ModelDefinition,
 }
 
 impl FilBackend {
     pub fn load(
-        spec: &ModelSpec,
+        spec: &ModelDefinition,
         params: &FilParams,
         file: &Path,
     ) -> std::result::Result<Self, String> {

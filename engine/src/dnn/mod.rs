@@ -15,7 +15,7 @@ pub mod tensor;
 pub mod xgboost;
 
 pub use error::{DnnError, ErrorKind};
-pub use model::ModelSpec;
+pub use model::ModelDefinition;
 pub use repository::{
     ControlMode, IndexEntry, InferRequest, InferResponse, ModelRepository, RepositoryBounds,
     RequestedOutput, DEFAULT_MAX_INSTANCES, DEFAULT_MAX_QUEUE_SIZE,

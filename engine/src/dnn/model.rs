@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// One input or output as the config declares it (`dims` without the batch dimension).
 #[derive(Debug, Clone)]
-pub struct TensorSpec {
+pub struct TensorDefinition {
     pub name: String,
     pub dtype: DataType,
     pub dims: Vec<i64>,
@@ -47,13 +47,13 @@ pub struct BatchingPolicy {
 }
 
 #[derive(Debug, Clone)]
-pub struct ModelSpec {
+pub struct ModelDefinition {
     pub name: String,
     /// The completed config, as `GET /v2/models/{m}/config` returns it.
     pub config: ModelConfig,
     pub max_batch_size: usize,
-    pub inputs: Vec<TensorSpec>,
-    pub outputs: Vec<TensorSpec>,
+    pub inputs: Vec<TensorDefinition>,
+    pub outputs: Vec<TensorDefinition>,
     pub dynamic_batching: Option<BatchingPolicy>,
     pub instances: usize,
     pub backend: BackendKind,
@@ -66,7 +66,7 @@ fn tensor_spec(
     data_type: i32,
     dims: &[i64],
     batching: bool,
-) -> Result<TensorSpec, String> {
+) -> Result<TensorDefinition, String> {
     if name.is_empty() {
         return Err(format!("{field}.name must be set"));
     }
@@ -82,7 +82,7 @@ fn tensor_spec(
             "{field} ('{name}').dims: {d} is not a size (use -1 for a variable dimension)"
         ));
     }
-    Ok(TensorSpec {
+    Ok(TensorDefinition {
         name: name.to_string(),
         dtype,
         dims: dims.to_vec(),
@@ -156,7 +156,7 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
     }
 }
 
-impl ModelSpec {
+impl ModelDefinition {
     /// Validates and completes `config` for the model in directory `dir_name`.
     /// Errors name the field; the caller prefixes the file.
     pub fn from_config(dir_name: &str, mut config: ModelConfig) -> Result<Self, String> {
@@ -329,7 +329,7 @@ impl ModelSpec {
     }
 
     /// The shape metadata shows: `[-1] + dims` when the model batches.
-    pub fn metadata_shape(&self, t: &TensorSpec) -> Vec<i64> {
+    pub fn metadata_shape(&self, t: &TensorDefinition) -> Vec<i64> {
         if self.max_batch_size > 0 {
             std::iter::once(-1).chain(t.dims.iter().copied()).collect()
         } else {
@@ -365,8 +365,8 @@ impl ModelSpec {
 mod tests {
     use super::*;
 
-    fn spec(text: &str) -> Result<ModelSpec, String> {
-        ModelSpec::from_config("m", proto::model_config::parse_text(text).unwrap())
+    fn spec(text: &str) -> Result<ModelDefinition, String> {
+        ModelDefinition::from_config("m", proto::model_config::parse_text(text).unwrap())
     }
 
     const ONNX: &str = r#"platform: "onnxruntime_onnx" max_batch_size: 8
@@ -399,7 +399,7 @@ mod tests {
         );
         let e = spec(&ONNX.replace("onnxruntime_onnx", "tensorrt_plan")).unwrap_err();
         assert!(e.contains("tensorrt_plan"), "{e}");
-        let e = ModelSpec::from_config(
+        let e = ModelDefinition::from_config(
             "other",
             proto::model_config::parse_text(&format!("name: \"m\" {ONNX}")).unwrap(),
         )

@@ -2,7 +2,7 @@
 //! config's shapes (a symbolic batch dimension) and optimized once at load.
 use super::backend::Backend;
 use super::error::{DnnError, Result};
-use super::model::ModelSpec;
+use super::model::ModelDefinition;
 use super::tensor::{element_count, DataType, Tensor};
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub struct OnnxBackend {
     input_order: Vec<usize>,
     /// For each config output, its index among the model's outputs.
     output_order: Vec<usize>,
-    spec: ModelSpec,
+    spec: ModelDefinition,
 }
 
 fn datum_type(d: DataType) -> Option<DatumType> {
@@ -40,7 +40,7 @@ fn datum_type(d: DataType) -> Option<DatumType> {
 }
 
 impl OnnxBackend {
-    pub fn load(spec: &ModelSpec, file: &Path) -> std::result::Result<Self, String> {
+    pub fn load(spec: &ModelDefinition, file: &Path) -> std::result::Result<Self, String> {
         let err = |e: tract_onnx::prelude::TractError| format!("{}: {e:#}", file.display());
         let mut model = tract_onnx::onnx().model_for_path(file).map_err(err)?;
         let batch = model.sym("N");

@@ -2,9 +2,9 @@
 //! mode (none, poll, explicit), requests checked against each config, the
 //! dynamic batcher per version, and the index, statistics and load/unload.
 use super::backend;
-use super::batcher::Scheduler;
+use super::batcher::Batcher;
 use super::error::{DnnError, Result};
-use super::model::ModelSpec;
+use super::model::ModelDefinition;
 use super::stats::{StatsSnapshot, VersionStats};
 use super::tensor::{bytes_elements, encode_bytes, Tensor};
 use proto::inference::ModelConfig;
@@ -41,13 +41,13 @@ impl std::str::FromStr for ControlMode {
 /// A loaded version: its scheduler and statistics.
 pub struct LoadedVersion {
     pub version: i64,
-    scheduler: Scheduler,
+    scheduler: Batcher,
     pub stats: Arc<VersionStats>,
 }
 
 /// A loaded model: the completed config, its versions and output labels.
 pub struct LoadedModel {
-    pub spec: ModelSpec,
+    pub spec: ModelDefinition,
     pub versions: BTreeMap<i64, Arc<LoadedVersion>>,
     labels: HashMap<String, Vec<String>>,
     stamp: Stamp,
@@ -276,7 +276,7 @@ impl ModelRepository {
             None => self.read_config(name)?,
         };
         let config_file = dir.join("config.pbtxt");
-        let spec = ModelSpec::from_config(name, config)
+        let spec = ModelDefinition::from_config(name, config)
             .map_err(|e| format!("{}: {e}", config_file.display()))?;
         if spec.instances > self.bounds.max_instances {
             return Err(format!(
@@ -326,7 +326,7 @@ impl ModelRepository {
             tracing::info!(model = %name, version = v, "loading {}", vdir.join(&spec.model_filename).display());
             let backend = backend::load(&spec, &vdir).map_err(|e| format!("version {v}: {e}"))?;
             let stats = Arc::new(VersionStats::new(name, v));
-            let scheduler = Scheduler::start(
+            let scheduler = Batcher::start(
                 &spec,
                 backend,
                 stats.clone(),
@@ -557,7 +557,7 @@ impl ModelRepository {
 
 /// Puts inputs in config order after checking names, datatypes, shapes,
 /// batch size and data length; returns them with the batch size.
-fn check_inputs(spec: &ModelSpec, mut given: Vec<Tensor>) -> Result<(Vec<Tensor>, usize)> {
+fn check_inputs(spec: &ModelDefinition, mut given: Vec<Tensor>) -> Result<(Vec<Tensor>, usize)> {
     let name = &spec.name;
     for (i, t) in given.iter().enumerate() {
         if !spec.inputs.iter().any(|s| s.name == t.name) {

@@ -4,7 +4,7 @@ use super::chat_template::ChatTemplate;
 use super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::error::{LlmError, Result};
 use super::kv_cache::{KvCache, KvDtype, SeqId};
-use super::loader::LoadedModel;
+use super::loader::LoadedWeights;
 use super::model::LlamaModel;
 use super::sampling::{Sampler, SamplingParams};
 use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
@@ -212,7 +212,7 @@ impl Inner {
 
 impl LlmEngine {
     /// Starts the engine thread for `model`, served under `name`.
-    pub fn start(name: &str, loaded: LoadedModel, mut config: EngineConfig) -> Self {
+    pub fn start(name: &str, loaded: LoadedWeights, mut config: EngineConfig) -> Self {
         let model = &loaded.model;
         let layers = model.config.num_hidden_layers;
         let vocab_size = model.config.vocab_size;

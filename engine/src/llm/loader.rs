@@ -13,14 +13,14 @@ use kernels::quant::{QuantMatrix, QuantType};
 use std::path::{Path, PathBuf};
 
 /// Everything the engine needs to serve one model.
-pub struct LoadedModel {
+pub struct LoadedWeights {
     pub model: LlamaModel,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
 }
 
 /// Loads a `.gguf` file or a folder with `config.json` and safetensors.
-pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedWeights> {
     if path.is_dir() {
         load_hf_dir(path, device)
     } else {
@@ -95,7 +95,7 @@ fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Resu
     }
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
     let mut file = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| load_err(path, format!("not a GGUF file: {e}")))?;
@@ -191,14 +191,14 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         norm,
         lm_head,
     };
-    Ok(LoadedModel {
+    Ok(LoadedWeights {
         model: LlamaModel::new(config, weights, device)?,
         tokenizer,
         template,
     })
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| load_err(&dir.join(name), e))
     };
@@ -233,7 +233,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
         )?,
         Err(_) => None,
     };
-    Ok(LoadedModel {
+    Ok(LoadedWeights {
         model: LlamaModel::new(config, weights, device)?,
         tokenizer,
         template,

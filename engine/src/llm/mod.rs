@@ -20,6 +20,6 @@ pub use engine::{
     LlmEngine, TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
 };
 pub use error::LlmError;
-pub use loader::{load_model, LoadedModel};
+pub use loader::{load_model, LoadedWeights};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

@@ -13,7 +13,7 @@ use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::limits::Limits;
 use crate::offload::Offload;
-use crate::rollout::VersionStats;
+use crate::rollout::VersionOutcomes;
 use crate::upstream::{Protocol, Upstream};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -41,7 +41,7 @@ pub struct AppState {
     pub stats: ExperimentStats,
     pub shadows: ShadowStats,
     /// Outcomes per route version, for rollout policies.
-    pub versions: VersionStats,
+    pub versions: VersionOutcomes,
     /// Model names served by remote nodes.
     pub upstreams: Arc<HashMap<String, Upstream>>,
     /// The Triton model repository served over KServe v2, when configured.
@@ -75,7 +75,7 @@ impl AppState {
             registry: None,
             stats: ExperimentStats::default(),
             shadows: ShadowStats::default(),
-            versions: VersionStats::default(),
+            versions: VersionOutcomes::default(),
             upstreams: Arc::default(),
             dnn: None,
             kserve_shadows: Default::default(),
@@ -155,7 +155,7 @@ impl AppState {
     }
 
     /// The prompt experiments in force.
-    pub fn experiments(&self) -> Arc<crate::experiments::Table> {
+    pub fn experiments(&self) -> Arc<crate::experiments::ExperimentTable> {
         self.routes.snapshot().experiments.clone()
     }
 

@@ -15,9 +15,9 @@ pub mod tensor;
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::experiments::Experiment;
-use crate::rollout::VersionStats;
+use crate::rollout::VersionOutcomes;
 use llm::{LlmTarget, TextShadow};
-use routing::{Arm, Table};
+use routing::{Arm, RouteTable};
 use std::time::Instant;
 
 /// Where outcomes go: experiment arms, route versions (for rollout
@@ -25,7 +25,7 @@ use std::time::Instant;
 #[derive(Clone, Default)]
 pub struct Recorders {
     pub experiments: ExperimentStats,
-    pub versions: VersionStats,
+    pub versions: VersionOutcomes,
     pub shadows: ShadowStats,
     /// The request log, when the registry keeps one.
     pub log: Option<log::RequestLog>,
@@ -58,7 +58,7 @@ fn model_of(deployment: &str) -> &str {
 /// - Any other route picks its canary or A/B candidate by the sticky hash
 ///   of `unit` (a random one when the request has none).
 pub fn resolve_llm(
-    table: &Table,
+    table: &RouteTable,
     name: &str,
     unit: Option<&str>,
     experiment_unit: impl Fn(&Experiment) -> Option<String>,

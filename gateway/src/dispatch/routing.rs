@@ -110,16 +110,16 @@ impl Route {
 
 /// Everything that decides where a request goes, as of one publish.
 #[derive(Clone, Default)]
-pub struct Table {
+pub struct RouteTable {
     /// Static routes from the config and managed ones from the controller.
     pub routes: HashMap<String, Route>,
     /// The registry's tree and DNN models, by name.
     pub tensor_routes: HashMap<String, Route<TensorDeployment>>,
     /// Prompt experiments from YAML, by route.
-    pub experiments: Arc<experiments::Table>,
+    pub experiments: Arc<experiments::ExperimentTable>,
 }
 
-impl Table {
+impl RouteTable {
     /// The engine of `model` (its route's primary) or `model@version` (any
     /// deployment of that version in the route), with its version.
     pub fn deployment(&self, name: &str) -> Option<(LlmEngine, Option<u32>)> {
@@ -142,17 +142,17 @@ impl Table {
 /// The live table. Readers clone an `Arc` and never wait on a publish.
 #[derive(Clone, Default)]
 pub struct Routes {
-    table: Arc<RwLock<Arc<Table>>>,
+    table: Arc<RwLock<Arc<RouteTable>>>,
     fixed: Arc<RwLock<HashMap<String, Route>>>,
 }
 
 impl Routes {
-    pub fn snapshot(&self) -> Arc<Table> {
+    pub fn snapshot(&self) -> Arc<RouteTable> {
         self.table.read().expect("route table").clone()
     }
 
     /// Replaces the prompt experiments; the routes stay as they are.
-    pub fn set_experiments(&self, table: experiments::Table) {
+    pub fn set_experiments(&self, table: experiments::ExperimentTable) {
         let table = Arc::new(table);
         self.update(|t| t.experiments = table);
     }
@@ -188,7 +188,7 @@ impl Routes {
 
     /// Builds the next table from the current one and swaps it in, under
     /// the write lock so that concurrent publishers never lose a change.
-    fn update(&self, change: impl FnOnce(&mut Table)) {
+    fn update(&self, change: impl FnOnce(&mut RouteTable)) {
         let mut current = self.table.write().expect("route table");
         let mut next = (**current).clone();
         change(&mut next);

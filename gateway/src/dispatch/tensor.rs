@@ -3,7 +3,7 @@
 //! as an LLM route, with its shadows; outcomes reach the version statistics
 //! that rollout policies judge.
 use super::mirror::ShadowPolicy;
-use super::routing::{Arm, Route, Table, TensorDeployment};
+use super::routing::{Arm, Route, RouteTable, TensorDeployment};
 use super::{model_of, sticky_hash, Served};
 use std::time::Instant;
 
@@ -31,7 +31,7 @@ impl TensorTarget {
 /// Resolves `name` (a route, or `model@version`) to a version of a
 /// registry tree or DNN model, or `None` when the registry serves no such
 /// model. The unit picks a canary or A/B candidate by its share.
-pub fn resolve_tensor(table: &Table, name: &str, unit: &str) -> Option<TensorTarget> {
+pub fn resolve_tensor(table: &RouteTable, name: &str, unit: &str) -> Option<TensorTarget> {
     let started = Instant::now();
     let route_name = model_of(name);
     let route: &Route<TensorDeployment> = table.tensor_routes.get(route_name)?;

@@ -147,7 +147,7 @@ async fn repository_metadata(
 ) -> Result<ModelMetadataResponse, DnnError> {
     let (model, v) = repo.version(name, version)?;
     let spec = &model.spec;
-    let tensors = |list: &[engine::dnn::model::TensorSpec]| {
+    let tensors = |list: &[engine::dnn::model::TensorDefinition]| {
         list.iter()
             .map(|t| TensorMetadata {
                 name: t.name.clone(),
