@@ -39,7 +39,7 @@ pub fn kserve_http_infer(data: &[u8]) {
     if len != u16::MAX {
         headers.insert("inference-header-content-length", len.into());
     }
-    if let Ok((req, _)) = kserve::http::parse_infer("m".into(), None, &headers, body, None) {
+    if let Ok((req, _)) = kserve::codec::parse_infer("m".into(), None, &headers, body, None) {
         for t in &req.inputs {
             let _ = t.check_size();
         }

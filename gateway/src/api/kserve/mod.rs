@@ -1,5 +1,7 @@
 //! KServe v2 / Triton protocol over HTTP (`http`) and gRPC (`grpc`): both
 //! answer from the same model repository with the same messages, built here.
+pub mod client;
+pub mod codec;
 pub mod grpc;
 pub mod http;
 pub mod llm;

@@ -4,7 +4,7 @@
 //! (`dispatch::mirror`). Each shadow has its own concurrency bound and
 //! timeout; its outputs are compared with the primary's (argmax agreement,
 //! mean absolute difference, KL of probabilities) and never reach the client.
-use super::grpc::Remote;
+use super::client::Remote;
 use crate::dispatch::mirror::{Copy, ShadowPolicy};
 use crate::divergence::{compare_tensors, ShadowStats};
 use engine::dnn::{DnnError, InferRequest, ModelRepository, Tensor};

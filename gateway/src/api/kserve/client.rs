@@ -1,0 +1,173 @@
+//! The KServe v2 gRPC client: a model on another node (Triton, or another
+//! Switchyard), for remote shadows and KServe upstreams.
+use super::grpc::{contents_bytes, status};
+use engine::dnn::{DataType, DnnError, ErrorKind, InferRequest, InferResponse, Tensor};
+use proto::inference::*;
+use std::time::Duration;
+use tonic::Status;
+
+/// A remote node's answer as ours: raw contents, or typed ones.
+fn remote_response(r: ModelInferResponse) -> Result<InferResponse, DnnError> {
+    let mut raws = r.raw_output_contents.into_iter();
+    let mut outputs = Vec::with_capacity(r.outputs.len());
+    for o in r.outputs {
+        let dtype = DataType::from_wire(&o.datatype).ok_or_else(|| {
+            DnnError::internal(format!(
+                "the remote node sent output '{}' as unknown datatype '{}'",
+                o.name, o.datatype
+            ))
+        })?;
+        let data = match (raws.next(), o.contents) {
+            (Some(bytes), _) => bytes,
+            (None, Some(c)) => contents_bytes(&o.name, dtype, c)?,
+            (None, None) => Vec::new(),
+        };
+        outputs.push(Tensor::new(o.name, dtype, o.shape, data));
+    }
+    Ok(InferResponse {
+        model_name: r.model_name,
+        model_version: r.model_version,
+        id: r.id,
+        outputs,
+    })
+}
+
+/// A model on another node speaking KServe v2 over gRPC (Triton, or another
+/// Switchyard).
+#[derive(Clone)]
+pub struct Remote {
+    client: proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    /// The model's name there.
+    pub model: String,
+    pub endpoint: String,
+}
+
+impl Remote {
+    /// Connects lazily to `endpoint` (`grpc://host:port` or `http://host:port`).
+    pub fn new(endpoint: &str, model: &str, timeout: Duration) -> Result<Self, String> {
+        let channel = Self::endpoint(endpoint)?
+            .connect_timeout(Duration::from_secs(2).min(timeout))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            client:
+                proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+                    channel,
+                )
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            model: model.to_string(),
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    /// `grpc://host:port` (or `http://`) as tonic's endpoint; checks the
+    /// address without connecting, so configs are validated before start.
+    pub fn endpoint(endpoint: &str) -> Result<tonic::transport::Endpoint, String> {
+        let url = match endpoint.strip_prefix("grpc://") {
+            Some(rest) => format!("http://{rest}"),
+            None => endpoint.to_string(),
+        };
+        tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| format!("`{endpoint}` is not a gRPC endpoint: {e}"))
+    }
+
+    /// Runs `req` there (under the remote model's name), raw tensors both ways.
+    pub async fn call(&self, req: &InferRequest) -> Result<InferResponse, Status> {
+        let (inputs, raw) = req
+            .inputs
+            .iter()
+            .map(|t| {
+                let meta = model_infer_request::InferInputTensor {
+                    name: t.name.clone(),
+                    datatype: t.dtype.wire().into(),
+                    shape: t.shape.clone(),
+                    parameters: Default::default(),
+                    contents: None,
+                };
+                (meta, t.data.clone())
+            })
+            .unzip();
+        let outputs = req
+            .outputs
+            .iter()
+            .map(|o| model_infer_request::InferRequestedOutputTensor {
+                name: o.name.clone(),
+                parameters: Default::default(),
+            })
+            .collect();
+        let msg = ModelInferRequest {
+            model_name: self.model.clone(),
+            model_version: req.version.map(|v| v.to_string()).unwrap_or_default(),
+            id: req.id.clone(),
+            parameters: Default::default(),
+            inputs,
+            outputs,
+            raw_input_contents: raw,
+        };
+        let resp = self.client.clone().model_infer(msg).await?;
+        remote_response(resp.into_inner()).map_err(status)
+    }
+
+    pub async fn infer(&self, req: &InferRequest) -> Result<InferResponse, DnnError> {
+        self.call(req).await.map_err(|s| self.error(s))
+    }
+
+    /// The remote's status as our error, naming the model and node.
+    pub fn error(&self, s: Status) -> DnnError {
+        let kind = match s.code() {
+            tonic::Code::InvalidArgument => ErrorKind::InvalidArg,
+            tonic::Code::NotFound => ErrorKind::NotFound,
+            tonic::Code::Unimplemented => ErrorKind::Unsupported,
+            tonic::Code::Internal => ErrorKind::Internal,
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => ErrorKind::TooLarge,
+            _ => ErrorKind::Unavailable,
+        };
+        DnnError {
+            kind,
+            message: format!("{} at {}: {}", self.model, self.endpoint, s.message()),
+        }
+    }
+
+    pub async fn is_ready(&self) -> bool {
+        let req = ModelReadyRequest {
+            name: self.model.clone(),
+            version: String::new(),
+        };
+        self.client
+            .clone()
+            .model_ready(req)
+            .await
+            .is_ok_and(|r| r.into_inner().ready)
+    }
+
+    pub async fn metadata(&self) -> Result<ModelMetadataResponse, DnnError> {
+        let req = ModelMetadataRequest {
+            name: self.model.clone(),
+            version: String::new(),
+        };
+        let r = self.client.clone().model_metadata(req).await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn config(&self) -> Result<ModelConfig, DnnError> {
+        let req = ModelConfigRequest {
+            name: self.model.clone(),
+            version: String::new(),
+        };
+        let r = self.client.clone().model_config(req).await;
+        r.map_err(|s| self.error(s))?
+            .into_inner()
+            .config
+            .ok_or_else(|| {
+                DnnError::internal(format!(
+                    "{} at {} sent no config",
+                    self.model, self.endpoint
+                ))
+            })
+    }
+}

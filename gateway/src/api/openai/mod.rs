@@ -1,0 +1,298 @@
+//! `/v1/chat/completions` and `/v1/completions`: validate, tokenize, submit to
+//! the engine, and answer as one JSON body or as server-sent events.
+mod proxy;
+mod render;
+
+use super::error::{ApiError, OpenAiBody};
+use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
+use super::AppState;
+use crate::dispatch::llm::{Generation, LlmTarget};
+use crate::dispatch::{self, Unavailable};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use engine::llm::ChatMessage;
+use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
+use proxy::{proxy, upstream_for};
+use render::{collect_response, shutting_down, stream_response, Kind, Shape};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_body(format!("invalid request body: {e}")))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Prepared {
+    target: LlmTarget,
+    /// The name the client sent, as the response repeats it.
+    model: String,
+    v: Validated,
+    prompt: Vec<u32>,
+    /// An experiment shadow arm's own prompt, by shadow.
+    shadow_prompts: Vec<Option<Vec<u32>>>,
+    request_id: String,
+}
+
+/// Resolves the request's model through the dispatch layer. The rollout
+/// unit is `user`, else the `x-switchyard-unit` header; a prompt
+/// experiment reads its own unit. An experiment arm's sampling defaults fill
+/// what the request leaves unset.
+fn route(
+    state: &AppState,
+    common: &mut CommonParams,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<LlmTarget, ApiError> {
+    // One snapshot answers both: experiments and routes as of one publish.
+    let table = state.routes().snapshot();
+    let user = common.user.clone();
+    let unit = user.clone().or_else(|| dispatch::header_unit(headers));
+    let target = dispatch::resolve_llm(&table, &common.model, unit.as_deref(), |e| {
+        e.unit(headers, user.as_deref(), body)
+    })
+    .map_err(|Unavailable(m)| ApiError::unavailable(m))?
+    .ok_or_else(|| ApiError::model_not_found(&common.model))?;
+    if let Some(a) = &target.experiment {
+        let variant = a.prompt();
+        let f = &mut common.fields;
+        f.temperature = f.temperature.or(variant.temperature.map(f64::from));
+        f.top_p = f.top_p.or(variant.top_p.map(f64::from));
+        f.max_tokens = f.max_tokens.or(variant.max_tokens);
+    }
+    Ok(target)
+}
+
+/// Replaces the system message (or adds one first) with the arm's.
+fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
+    let Some(content) = system else { return };
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = content,
+        _ => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".into(),
+                content,
+            },
+        ),
+    }
+}
+
+/// The engine request for `p`, started through the dispatch layer.
+fn submit(
+    p: &Prepared,
+    state: &AppState,
+) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
+    let engine = &p.target.engine;
+    // Without max_tokens, the rest of the context (at least one token, so an
+    // over-long prompt gets the engine's context error).
+    let max_tokens =
+        p.v.params
+            .max_tokens
+            .unwrap_or_else(|| engine.max_model_len().saturating_sub(p.prompt.len()).max(1));
+    let most = engine.max_num_seqs();
+    if p.v.params.n > most {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "`n` = {} is more than this model's max_num_seqs ({most})",
+                p.v.params.n
+            ),
+        ));
+    }
+    let request = GenerationRequest {
+        n: p.v.params.n,
+        prompt: p.prompt.clone(),
+        sampling: p.v.params.sampling.clone(),
+        max_tokens,
+        min_tokens: p.v.params.min_tokens,
+        stop: p.v.params.stop.clone(),
+        ignore_eos: p.v.params.ignore_eos,
+    };
+    let generation = Generation {
+        request,
+        request_id: p.request_id.clone(),
+        shadow_prompts: p.shadow_prompts.clone(),
+    };
+    let rx = p
+        .target
+        .start(&state.recorders(), generation)
+        .map_err(|e| match e {
+            LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
+            LlmError::ContextLength {
+                max,
+                prompt,
+                max_tokens,
+            } => ApiError::context_length(max, prompt, max_tokens),
+            LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
+            other => ApiError::internal(other.to_string()),
+        })?;
+    Ok((rx, p.prompt.len()))
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiBody(body): OpenAiBody,
+) -> Response {
+    if let Some((u, stream)) = upstream_for(&state, &body) {
+        return proxy(u, stream, "/v1/chat/completions", body).await;
+    }
+    let s = state.clone();
+    let prepared = state
+        .offload
+        .run(body.len(), move || prepare_chat(&s, &headers, &body))
+        .await;
+    respond(prepared, Kind::Chat, &state).await
+}
+
+/// Parses, routes, renders the chat template and tokenizes: the work that
+/// runs on the blocking pool for a large body.
+fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Prepared, ApiError> {
+    let mut req: ChatRequest = parse(body)?;
+    let target = route(state, &mut req.common, headers, body)?;
+    let messages = req.chat_messages()?;
+    let logprobs = req.logprobs()?;
+    let system = target.experiment.as_ref().and_then(|a| a.prompt().system);
+    let prompt = render_chat(&target.engine, messages.clone(), system)?;
+    let shadow_prompts = target
+        .shadows
+        .iter()
+        .map(|s| {
+            s.system
+                .clone()
+                .map(|sys| render_chat(&s.engine, messages.clone(), Some(sys)))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()?;
+    let model = req.common.model.clone();
+    let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+    Ok(Prepared {
+        request_id: dispatch::request_id(headers, "chatcmpl"),
+        target,
+        model,
+        v,
+        prompt,
+        shadow_prompts,
+    })
+}
+
+/// The chat prompt as `engine`'s template renders it (with `system` in place
+/// of the first system message), tokenized.
+fn render_chat(
+    engine: &LlmEngine,
+    mut messages: Vec<ChatMessage>,
+    system: Option<String>,
+) -> Result<Vec<u32>, ApiError> {
+    apply_system(&mut messages, system);
+    let template = engine.template().ok_or_else(|| {
+        ApiError::invalid(
+            "model",
+            "this model has no chat template; use /v1/completions",
+        )
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    engine
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OpenAiBody(body): OpenAiBody,
+) -> Response {
+    if let Some((u, stream)) = upstream_for(&state, &body) {
+        return proxy(u, stream, "/v1/completions", body).await;
+    }
+    let s = state.clone();
+    let prepared = state
+        .offload
+        .run(body.len(), move || prepare_completion(&s, &headers, &body))
+        .await;
+    respond(prepared, Kind::Completion, &state).await
+}
+
+fn prepare_completion(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Prepared, ApiError> {
+    let mut req: CompletionRequest = parse(body)?;
+    let target = route(state, &mut req.common, headers, body)?;
+    let text = req.prompt_text()?;
+    if req.echo {
+        return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
+    }
+    let logprobs = req.logprobs()?;
+    let prompt = target
+        .engine
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    let model = req.common.model.clone();
+    // OpenAI's default for completions is 16 tokens.
+    let max_tokens = req.common.fields.max_tokens.or(Some(16));
+    let v = req.common.validate(max_tokens, logprobs)?;
+    Ok(Prepared {
+        request_id: dispatch::request_id(headers, "cmpl"),
+        // A shadow arm's system prompt is for chat; completions copy the prompt.
+        shadow_prompts: vec![],
+        target,
+        model,
+        v,
+        prompt,
+    })
+}
+
+async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppState) -> Response {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    // The body's id is the request id, prefixed as OpenAI's are.
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl-",
+        Kind::Completion => "cmpl-",
+    };
+    let id = match p.request_id.starts_with(prefix) {
+        true => p.request_id.clone(),
+        false => format!("{prefix}{}", p.request_id),
+    };
+    let (rx, prompt_tokens) = match submit(&p, state) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let shape = Shape {
+        kind,
+        id,
+        model: p.model,
+        created: now(),
+        logprobs: p.v.params.sampling.logprobs.is_some(),
+        n: p.v.params.n,
+    };
+    let mut resp = if p.v.stream {
+        stream_response(shape, rx, p.v.include_usage, state.shutdown.clone()).into_response()
+    } else {
+        tokio::select! {
+            r = collect_response(shape, rx, prompt_tokens) => r,
+            _ = state.shutdown.ended() => shutting_down().into_response(),
+        }
+    };
+    dispatch::headers(resp.headers_mut(), &p.target.served(), &p.request_id);
+    resp
+}

@@ -1,0 +1,92 @@
+//! Models served by remote OpenAI-compatible nodes: the request is forwarded
+//! as it came (renamed when the node knows the model by another name), and
+//! the answer comes back as it is, a stream as it streams.
+use crate::api::error::ApiError;
+use crate::api::AppState;
+use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// The fields a proxied request is read for.
+#[derive(serde::Deserialize)]
+struct ProxyFields {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// The remote upstream serving the body's `model`, if any.
+pub fn upstream_for(state: &AppState, body: &Bytes) -> Option<(Upstream, bool)> {
+    if state.upstreams.is_empty() {
+        return None;
+    }
+    let f: ProxyFields = serde_json::from_slice(body).ok()?;
+    state
+        .upstream(&f.model, Protocol::Openai)
+        .map(|u| (u.clone(), f.stream))
+}
+
+/// Forwards the request to a replica and sends its answer back as is (a
+/// stream as it comes), naming the replica in `x-switchyard-upstream`. The
+/// body is rewritten only when the upstream knows the model by another name.
+pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -> Response {
+    let body = match &u.config.model {
+        Some(m) => {
+            let mut v: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return ApiError::bad_body(format!("invalid request body: {e}")).into_response()
+                }
+            };
+            v["model"] = json!(m);
+            Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"))
+        }
+        None => body,
+    };
+    let name = u.config.name.clone();
+    match u.send(ProxyRequest { path, body, stream }).await {
+        Ok((resp, replica)) => {
+            metrics::counter!("switchyard:upstream_requests", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
+                .increment(1);
+            let mut out = Response::builder()
+                .status(resp.status())
+                .header("x-switchyard-upstream", replica);
+            if let Some(ct) = resp.headers().get("content-type") {
+                out = out.header("content-type", ct);
+            }
+            let body = if stream {
+                axum::body::Body::from_stream(resp.bytes_stream())
+            } else {
+                match resp.bytes().await {
+                    Ok(b) => axum::body::Body::from(b),
+                    Err(e) => {
+                        return upstream_error(
+                            &u.config.name,
+                            UpstreamError::Failed(u.config.name.clone(), e.to_string()),
+                        )
+                    }
+                }
+            };
+            out.body(body)
+                .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+        }
+        Err(e) => upstream_error(&name, e),
+    }
+}
+
+fn upstream_error(name: &str, e: UpstreamError) -> Response {
+    metrics::counter!("switchyard:upstream_errors", "upstream" => name.to_string()).increment(1);
+    let status = match &e {
+        UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError {
+        status,
+        code: Some("upstream_unavailable"),
+        ..ApiError::internal(e.to_string())
+    }
+    .into_response()
+}

@@ -1,0 +1,283 @@
+//! OpenAI's response shapes: one JSON body, or server-sent events (role,
+//! content deltas, finish reason, usage, `[DONE]`), with chat's and
+//! completions' logprobs.
+use crate::api::error::ApiError;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::llm::{FinishReason, GenerationEvent, TokenLogprob};
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// The two endpoints differ only in prompt building and response shapes.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// The fixed parts of every response body of one request.
+pub struct Shape {
+    pub kind: Kind,
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    pub logprobs: bool,
+    /// Choices in the response.
+    pub n: usize,
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Chat's `logprobs.content` entries.
+fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+    let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(&l.token, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|(t, lp)| entry(t, *lp)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions' legacy logprobs object; `offset` is where the text starts.
+fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut text_offset = Vec::new();
+    for l in lps {
+        text_offset.push(offset);
+        offset += l.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn logprobs(&self, lps: &[TokenLogprob], offset: usize) -> Value {
+        match (self.logprobs, self.kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Chat) => chat_logprobs(lps),
+            (true, Kind::Completion) => completion_logprobs(lps, offset),
+        }
+    }
+
+    /// Choice `index` holding `text`; a delta for chat chunks.
+    fn choice(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        lps: &[TokenLogprob],
+        offset: usize,
+        finish: Option<FinishReason>,
+        chunk: bool,
+    ) -> Value {
+        let finish_reason = finish.map(FinishReason::as_str);
+        let logprobs = self.logprobs(lps, offset);
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            (Kind::Chat, false) => {
+                json!({"index": index, "message": {"role": "assistant", "content": text.unwrap_or("")},
+                                          "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            (Kind::Chat, true) => {
+                let delta = text.map_or(json!({}), |t| json!({"content": t}));
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+        }
+    }
+
+    fn body(&self, choices: Vec<Value>, chunk: bool) -> Value {
+        json!({"id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices})
+    }
+}
+
+pub async fn collect_response(
+    shape: Shape,
+    mut rx: UnboundedReceiver<GenerationEvent>,
+    prompt_tokens: usize,
+) -> Response {
+    let mut texts = vec![String::new(); shape.n];
+    let mut lps = vec![Vec::new(); shape.n];
+    let mut finished = vec![None; shape.n];
+    let mut completion = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenerationEvent::Delta {
+                index,
+                text,
+                logprob,
+            } => {
+                texts[index].push_str(&text);
+                lps[index].extend(logprob);
+            }
+            GenerationEvent::Finished {
+                index,
+                reason,
+                completion_tokens,
+                ..
+            } => {
+                finished[index] = Some(reason);
+                completion += completion_tokens;
+                if finished.iter().all(Option::is_some) {
+                    let choices = (0..shape.n)
+                        .map(|i| shape.choice(i, Some(&texts[i]), &lps[i], 0, finished[i], false))
+                        .collect();
+                    let mut body = shape.body(choices, false);
+                    body["usage"] = usage(prompt_tokens, completion);
+                    return Json(body).into_response();
+                }
+            }
+            GenerationEvent::Failed(m) => return ApiError::internal(m).into_response(),
+        }
+    }
+    ApiError::internal(format!(
+        "the engine stopped before finishing (prompt of {prompt_tokens} tokens)"
+    ))
+    .into_response()
+}
+
+fn sse(v: &Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+/// Server-sent events: the role first (chat), then content deltas, the finish
+/// reason, optional usage, and `[DONE]`. Dropping the stream cancels the request.
+pub fn stream_response(
+    shape: Shape,
+    rx: UnboundedReceiver<GenerationEvent>,
+    include_usage: bool,
+    shutdown: crate::server::Shutdown,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let with_usage = move |mut v: Value| {
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let first: Vec<Value> = match shape.kind {
+        Kind::Chat => (0..shape.n)
+            .map(|i| {
+                with_usage(shape.body(
+                    vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})],
+                    true,
+                ))
+            })
+            .collect(),
+        Kind::Completion => vec![],
+    };
+    let head = stream::iter(first.iter().map(sse).map(Ok).collect::<Vec<_>>());
+    /// Per choice: text offset so far; and choices finished, completion tokens.
+    struct Progress {
+        offsets: Vec<usize>,
+        finished: usize,
+        completion: usize,
+        done: bool,
+    }
+    let progress = Progress {
+        offsets: vec![0; shape.n],
+        finished: 0,
+        completion: 0,
+        done: false,
+    };
+    let body = stream::unfold(
+        (rx, shape, progress),
+        move |(mut rx, shape, mut pr)| async move {
+            if pr.done {
+                return None;
+            }
+            let ev = rx.recv().await;
+            let events = match ev {
+                Some(GenerationEvent::Delta {
+                    index,
+                    text,
+                    logprob,
+                }) => {
+                    let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
+                    if text.is_empty() && lps.is_empty() {
+                        vec![]
+                    } else {
+                        let offset = pr.offsets[index];
+                        let v = with_usage(shape.body(
+                            vec![shape.choice(index, Some(&text), &lps, offset, None, true)],
+                            true,
+                        ));
+                        pr.offsets[index] += text.len();
+                        vec![sse(&v)]
+                    }
+                }
+                Some(GenerationEvent::Finished {
+                    index,
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let text = (shape.kind == Kind::Completion).then_some("");
+                    let offset = pr.offsets[index];
+                    let mut out = vec![sse(&with_usage(shape.body(
+                        vec![shape.choice(index, text, &[], offset, Some(reason), true)],
+                        true,
+                    )))];
+                    pr.finished += 1;
+                    pr.completion += completion_tokens;
+                    if pr.finished == shape.n {
+                        if include_usage {
+                            let mut u = shape.body(vec![], true);
+                            u["usage"] = usage(prompt_tokens, pr.completion);
+                            out.push(sse(&u));
+                        }
+                        out.push(Event::default().data("[DONE]"));
+                        pr.done = true;
+                    }
+                    out
+                }
+                Some(GenerationEvent::Failed(m)) => {
+                    pr.done = true;
+                    vec![
+                        sse(&ApiError::internal(m).body()),
+                        Event::default().data("[DONE]"),
+                    ]
+                }
+                None => {
+                    pr.done = true;
+                    vec![sse(&ApiError::internal("the engine stopped").body())]
+                }
+            };
+            Some((stream::iter(events.into_iter().map(Ok)), (rx, shape, pr)))
+        },
+    );
+    let events = crate::api::until_shutdown(head.chain(body.flatten()), shutdown, || {
+        vec![
+            Ok(sse(&shutting_down().body())),
+            Ok(Event::default().data("[DONE]")),
+        ]
+    });
+    Sse::new(events)
+}
+
+/// What a request still running at the end of the shutdown grace period gets.
+pub fn shutting_down() -> ApiError {
+    ApiError {
+        code: Some("shutting_down"),
+        ..ApiError::unavailable("the server is shutting down; send the request again")
+    }
+}
