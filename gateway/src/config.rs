@@ -1,11 +1,10 @@
 //! The server's YAML configuration: which models to load, from where, and with
 //! which engine limits. Validated on load; errors name the key and line.
-use crate::api::kserve::shadow::ShadowConfig;
 use crate::auth::{ApiKeyConfig, DEFAULT_MIN_KEY_LENGTH};
-use crate::dispatch::mirror::ShadowPolicy;
+use crate::control::rollout::RolloutPolicy;
+use crate::dispatch::mirror::{ShadowConfig, ShadowPolicy};
 use crate::limits::Limits;
 use crate::registry::records::Tier;
-use crate::rollout::RolloutPolicy;
 use crate::upstream::UpstreamConfig;
 use engine::llm::kv_cache::KvDtype;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};

@@ -5,8 +5,9 @@
 use crate::api::{self, AppState};
 use crate::auth::Keys;
 use crate::config::Config;
+use crate::control::{controller, experiments_file, rollout};
 use crate::limits::Limits;
-use crate::{controller, experiments, models, plane, registry, rollout, upstream};
+use crate::{models, plane, registry, upstream};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, LlmEngine};
 use std::sync::Arc;
@@ -127,7 +128,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         state = state.with_upstreams(ups);
     }
     if let Some(path) = &cfg.experiments_file {
-        let exps = experiments::Experiments::load(path, state.routes().clone())
+        let exps = experiments_file::Experiments::load(path, state.routes().clone())
             .map_err(anyhow::Error::msg)?;
         tracing::info!(path = %path.display(), experiments = exps.current().names().len(), "experiments loaded; watching for changes and SIGHUP");
         tokio::spawn(exps.clone().watch());

@@ -5,7 +5,7 @@
 //! and a balancer service that sends each request to the healthy replica with
 //! the fewest requests outstanding and opens a replica's circuit after
 //! consecutive failures. Active health checks run beside it.
-use crate::api::kserve::client::Remote;
+use crate::kserve_client::Remote;
 use axum::body::Bytes;
 use engine::dnn::{DnnError, InferRequest, InferResponse};
 use serde::Deserialize;

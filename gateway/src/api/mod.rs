@@ -8,12 +8,12 @@ pub mod openai_types;
 pub mod registry;
 
 use crate::auth::{Actor, AuthError, Keys, Permission};
+use crate::dispatch::outcomes::VersionOutcomes;
 use crate::dispatch::routing::Routes;
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
 use crate::limits::Limits;
 use crate::offload::Offload;
-use crate::rollout::VersionOutcomes;
 use crate::upstream::{Protocol, Upstream};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -155,7 +155,7 @@ impl AppState {
     }
 
     /// The prompt experiments in force.
-    pub fn experiments(&self) -> Arc<crate::experiments::ExperimentTable> {
+    pub fn experiments(&self) -> Arc<crate::dispatch::experiments::ExperimentTable> {
         self.routes.snapshot().experiments.clone()
     }
 

@@ -70,6 +70,71 @@ impl ShadowPolicy {
     }
 }
 
+/// A configured shadow of a repository model (`model_repository.shadows`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The repository model whose requests are copied.
+    pub model: String,
+    /// The model that gets the copies: in this repository, or at `endpoint`.
+    pub target: String,
+    /// A remote KServe v2 gRPC node, e.g. `grpc://10.0.0.7:8001`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Share of requests copied, by the hash of the request id.
+    #[serde(default = "default_tensor_sample")]
+    pub sample_percent: f64,
+    /// Copies in flight at most; beyond it a copy is skipped (and counted).
+    #[serde(default = "default_tensor_in_flight")]
+    pub max_in_flight: usize,
+    /// A copy that takes longer counts as a shadow error.
+    #[serde(default = "default_tensor_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_tensor_sample() -> f64 {
+    100.0
+}
+fn default_tensor_in_flight() -> usize {
+    4
+}
+fn default_tensor_timeout_ms() -> u64 {
+    5000
+}
+
+impl ShadowConfig {
+    /// How much of the model's traffic the shadow sees.
+    pub fn policy(&self) -> ShadowPolicy {
+        ShadowPolicy {
+            sample_percent: self.sample_percent,
+            max_in_flight: self.max_in_flight,
+            timeout_ms: self.timeout_ms,
+        }
+    }
+
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        self.policy().validate(at)?;
+        if self.endpoint.is_none() && self.target == self.model {
+            return Err(format!(
+                "{at}.target: `{}` would shadow itself; name another model or an endpoint",
+                self.target
+            ));
+        }
+        if let Some(e) = &self.endpoint {
+            crate::kserve_client::Remote::endpoint(e).map_err(|e| format!("{at}.endpoint: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// How reports and metrics name this shadow: the target, with its node.
+    pub fn label(&self) -> String {
+        match &self.endpoint {
+            Some(e) => format!("{e}/{}", self.target),
+            None => self.target.clone(),
+        }
+    }
+}
+
 /// One shadow of one route, as its statistics name it.
 pub struct Copy<'a> {
     pub stats: &'a ShadowStats,

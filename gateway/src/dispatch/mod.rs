@@ -5,18 +5,20 @@
 //! arm, per shadow) the same way whichever protocol carried the request.
 //! The fronts only parse, call [`resolve_llm`] and [`llm::LlmTarget::start`],
 //! and render.
+pub mod experiments;
 pub mod llm;
 pub mod log;
 pub mod mirror;
+pub mod outcomes;
 pub mod routing;
 pub mod sticky_hash;
 pub mod tensor;
 
+use crate::dispatch::experiments::Experiment;
 use crate::divergence::ShadowStats;
 use crate::experiment_stats::ExperimentStats;
-use crate::experiments::Experiment;
-use crate::rollout::VersionOutcomes;
 use llm::{LlmTarget, TextShadow};
+use outcomes::VersionOutcomes;
 use routing::{Arm, RouteTable};
 use std::time::Instant;
 

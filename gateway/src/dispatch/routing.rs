@@ -5,7 +5,7 @@
 //! experiments file its experiments, and each publish swaps the whole table,
 //! so a request reads one consistent view.
 use super::mirror::ShadowPolicy;
-use crate::experiments;
+use crate::dispatch::experiments;
 use engine::llm::LlmEngine;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -108,7 +108,8 @@ experiments:
 #[test]
 fn an_experiment_route_keeps_its_shadows_and_adds_its_shadow_arms() {
     let mut t = table(100.0);
-    t.experiments = Arc::new(crate::experiments::ExperimentTable::parse(EXPERIMENT).unwrap());
+    t.experiments =
+        Arc::new(crate::dispatch::experiments::ExperimentTable::parse(EXPERIMENT).unwrap());
     let mut seen = std::collections::HashSet::new();
     for i in 0..200 {
         let unit = format!("u{i}");
@@ -135,7 +136,7 @@ fn an_experiment_route_keeps_its_shadows_and_adds_its_shadow_arms() {
 fn an_experiment_arm_naming_the_route_keeps_its_canary_share() {
     let mut t = table(100.0);
     let text = EXPERIMENT.replace("deployment: m@1", "deployment: m");
-    t.experiments = Arc::new(crate::experiments::ExperimentTable::parse(&text).unwrap());
+    t.experiments = Arc::new(crate::dispatch::experiments::ExperimentTable::parse(&text).unwrap());
     let mut on_canary = 0;
     for i in 0..400 {
         let unit = format!("u{i}");
@@ -156,7 +157,7 @@ fn an_experiment_arm_naming_the_route_keeps_its_canary_share() {
 fn an_experiment_arm_that_is_not_loaded_is_unavailable() {
     let mut t = table(100.0);
     let text = EXPERIMENT.replace("m@2", "m@7").replace("m@1", "m@7");
-    t.experiments = Arc::new(crate::experiments::ExperimentTable::parse(&text).unwrap());
+    t.experiments = Arc::new(crate::dispatch::experiments::ExperimentTable::parse(&text).unwrap());
     let err = resolve_llm(&t, "m", None, |_| Some("u".into()))
         .err()
         .expect("unavailable");
@@ -184,7 +185,7 @@ fn shadow_arms_are_checked_when_the_file_loads() {
     ] {
         let text = EXPERIMENT.replace(from, to);
         assert_ne!(text, EXPERIMENT, "{from}");
-        let err = crate::experiments::ExperimentTable::parse(&text).unwrap_err();
+        let err = crate::dispatch::experiments::ExperimentTable::parse(&text).unwrap_err();
         assert!(err.contains(says), "{err}");
     }
 }

@@ -2,16 +2,17 @@
 //! extensions, `raw_input_contents` / `raw_output_contents`, streaming
 //! infer, gRPC health, and message limits as large as the clients allow.
 use super::{
-    config_not_a_string, encode, index, llm, model_config, model_is_ready, model_metadata,
-    parse_version, repository, server_metadata, statistics,
+    config_not_a_string, index, llm, model_config, model_is_ready, model_metadata, parse_version,
+    repository, server_metadata, statistics,
 };
 use crate::api::AppState;
 use crate::dispatch::llm::LlmTarget;
 use crate::dispatch::Served;
+use crate::kserve_client::contents_bytes;
+pub use crate::kserve_client::status;
 use axum::http::HeaderMap;
 use engine::dnn::{
-    DataType, DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, RequestedOutput,
-    Tensor,
+    DataType, DnnError, InferRequest, InferResponse, ModelRepository, RequestedOutput, Tensor,
 };
 use futures::StreamExt;
 use proto::inference::grpc_inference_service_server::{
@@ -26,18 +27,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct KserveGrpc {
     state: AppState,
-}
-
-pub fn status(e: DnnError) -> Status {
-    let code = match e.kind {
-        ErrorKind::InvalidArg => tonic::Code::InvalidArgument,
-        ErrorKind::NotFound => tonic::Code::NotFound,
-        ErrorKind::Unavailable => tonic::Code::Unavailable,
-        ErrorKind::Unsupported => tonic::Code::Unimplemented,
-        ErrorKind::Internal => tonic::Code::Internal,
-        ErrorKind::TooLarge => tonic::Code::ResourceExhausted,
-    };
-    Status::new(code, e.message)
 }
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -60,63 +49,6 @@ impl KserveGrpc {
             .map(std::sync::Arc::as_ref)
             .map_err(status)
     }
-}
-
-/// Typed `contents` as the tensor's binary encoding.
-pub(crate) fn contents_bytes(
-    name: &str,
-    dtype: DataType,
-    c: InferTensorContents,
-) -> Result<Vec<u8>, DnnError> {
-    match dtype {
-        DataType::Bool => encode(name, dtype, c.bool_contents, Some, |b| [b as u8]),
-        DataType::Int8 => encode(
-            name,
-            dtype,
-            c.int_contents,
-            narrow::<i32, i8>,
-            i8::to_le_bytes,
-        ),
-        DataType::Int16 => encode(
-            name,
-            dtype,
-            c.int_contents,
-            narrow::<i32, i16>,
-            i16::to_le_bytes,
-        ),
-        DataType::Int32 => encode(name, dtype, c.int_contents, Some, i32::to_le_bytes),
-        DataType::Int64 => encode(name, dtype, c.int64_contents, Some, i64::to_le_bytes),
-        DataType::Uint8 => encode(
-            name,
-            dtype,
-            c.uint_contents,
-            narrow::<u32, u8>,
-            u8::to_le_bytes,
-        ),
-        DataType::Uint16 => encode(
-            name,
-            dtype,
-            c.uint_contents,
-            narrow::<u32, u16>,
-            u16::to_le_bytes,
-        ),
-        DataType::Uint32 => encode(name, dtype, c.uint_contents, Some, u32::to_le_bytes),
-        DataType::Uint64 => encode(name, dtype, c.uint64_contents, Some, u64::to_le_bytes),
-        DataType::Fp32 => encode(name, dtype, c.fp32_contents, Some, f32::to_le_bytes),
-        DataType::Fp64 => encode(name, dtype, c.fp64_contents, Some, f64::to_le_bytes),
-        DataType::Bytes => Ok(engine::dnn::tensor::encode_bytes(
-            c.bytes_contents.iter().map(Vec::as_slice),
-        )),
-        DataType::Fp16 | DataType::Bf16 => Err(DnnError::invalid(format!(
-            "input '{name}': {} data must be sent in raw_input_contents",
-            dtype.wire()
-        ))),
-    }
-}
-
-/// `v` as the narrower type `T`, if it fits.
-fn narrow<S, T: TryFrom<S>>(v: S) -> Option<T> {
-    T::try_from(v).ok()
 }
 
 fn param_u64(p: Option<&InferParameter>) -> Option<u64> {

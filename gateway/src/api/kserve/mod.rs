@@ -1,6 +1,5 @@
 //! KServe v2 / Triton protocol over HTTP (`http`) and gRPC (`grpc`): both
 //! answer from the same model repository with the same messages, built here.
-pub mod client;
 pub mod codec;
 pub mod grpc;
 pub mod http;
@@ -10,9 +9,10 @@ pub mod shadow;
 use crate::api::AppState;
 use crate::dispatch::tensor::{resolve_tensor, TensorTarget};
 use crate::dispatch::Served;
+pub use crate::kserve_client::encode;
 use axum::http::HeaderMap;
 use engine::dnn::{
-    DataType, DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
+    DnnError, ErrorKind, InferRequest, InferResponse, ModelRepository, StatsSnapshot,
 };
 use proto::inference::{
     model_metadata_response::TensorMetadata, repository_index_response::ModelIndex,
@@ -338,29 +338,6 @@ pub async fn load(
 /// The refusal for a `config` parameter that is not a string.
 pub fn config_not_a_string() -> DnnError {
     DnnError::invalid("parameters.config must be a string of ModelConfig JSON")
-}
-
-/// Encodes `values` little-endian as `dtype`; a value `convert` cannot fit
-/// (`None`) is named in the error.
-pub fn encode<S: std::fmt::Display + Copy, T, const N: usize>(
-    input: &str,
-    dtype: DataType,
-    values: impl IntoIterator<Item = S>,
-    convert: impl Fn(S) -> Option<T>,
-    le_bytes: impl Fn(T) -> [u8; N],
-) -> Result<Vec<u8>, DnnError> {
-    let values = values.into_iter();
-    let mut out = Vec::with_capacity(values.size_hint().0 * N);
-    for v in values {
-        let t = convert(v).ok_or_else(|| {
-            DnnError::invalid(format!(
-                "input '{input}': {v} is not a valid {} value",
-                dtype.wire()
-            ))
-        })?;
-        out.extend(le_bytes(t));
-    }
-    Ok(out)
 }
 
 fn duration(t: engine::dnn::stats::Timed) -> Option<StatisticDuration> {

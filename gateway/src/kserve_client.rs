@@ -1,10 +1,103 @@
-//! The KServe v2 gRPC client: a model on another node (Triton, or another
-//! Switchyard), for remote shadows and KServe upstreams.
-use super::grpc::{contents_bytes, status};
+//! The KServe v2 gRPC client (a model on another node: Triton, or another
+//! Switchyard, for remote shadows and KServe upstreams), with the protocol's
+//! tensor and status conversions that the server shares.
 use engine::dnn::{DataType, DnnError, ErrorKind, InferRequest, InferResponse, Tensor};
 use proto::inference::*;
 use std::time::Duration;
 use tonic::Status;
+
+/// Our error as a gRPC status.
+pub fn status(e: DnnError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidArg => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Unsupported => tonic::Code::Unimplemented,
+        ErrorKind::Internal => tonic::Code::Internal,
+        ErrorKind::TooLarge => tonic::Code::ResourceExhausted,
+    };
+    Status::new(code, e.message)
+}
+
+/// Encodes `values` little-endian as `dtype`; a value `convert` cannot fit
+/// (`None`) is named in the error.
+pub fn encode<S: std::fmt::Display + Copy, T, const N: usize>(
+    input: &str,
+    dtype: DataType,
+    values: impl IntoIterator<Item = S>,
+    convert: impl Fn(S) -> Option<T>,
+    le_bytes: impl Fn(T) -> [u8; N],
+) -> Result<Vec<u8>, DnnError> {
+    let values = values.into_iter();
+    let mut out = Vec::with_capacity(values.size_hint().0 * N);
+    for v in values {
+        let t = convert(v).ok_or_else(|| {
+            DnnError::invalid(format!(
+                "input '{input}': {v} is not a valid {} value",
+                dtype.wire()
+            ))
+        })?;
+        out.extend(le_bytes(t));
+    }
+    Ok(out)
+}
+
+/// Typed `contents` as the tensor's binary encoding.
+pub fn contents_bytes(
+    name: &str,
+    dtype: DataType,
+    c: InferTensorContents,
+) -> Result<Vec<u8>, DnnError> {
+    match dtype {
+        DataType::Bool => encode(name, dtype, c.bool_contents, Some, |b| [b as u8]),
+        DataType::Int8 => encode(
+            name,
+            dtype,
+            c.int_contents,
+            narrow::<i32, i8>,
+            i8::to_le_bytes,
+        ),
+        DataType::Int16 => encode(
+            name,
+            dtype,
+            c.int_contents,
+            narrow::<i32, i16>,
+            i16::to_le_bytes,
+        ),
+        DataType::Int32 => encode(name, dtype, c.int_contents, Some, i32::to_le_bytes),
+        DataType::Int64 => encode(name, dtype, c.int64_contents, Some, i64::to_le_bytes),
+        DataType::Uint8 => encode(
+            name,
+            dtype,
+            c.uint_contents,
+            narrow::<u32, u8>,
+            u8::to_le_bytes,
+        ),
+        DataType::Uint16 => encode(
+            name,
+            dtype,
+            c.uint_contents,
+            narrow::<u32, u16>,
+            u16::to_le_bytes,
+        ),
+        DataType::Uint32 => encode(name, dtype, c.uint_contents, Some, u32::to_le_bytes),
+        DataType::Uint64 => encode(name, dtype, c.uint64_contents, Some, u64::to_le_bytes),
+        DataType::Fp32 => encode(name, dtype, c.fp32_contents, Some, f32::to_le_bytes),
+        DataType::Fp64 => encode(name, dtype, c.fp64_contents, Some, f64::to_le_bytes),
+        DataType::Bytes => Ok(engine::dnn::tensor::encode_bytes(
+            c.bytes_contents.iter().map(Vec::as_slice),
+        )),
+        DataType::Fp16 | DataType::Bf16 => Err(DnnError::invalid(format!(
+            "input '{name}': {} data must be sent in raw_input_contents",
+            dtype.wire()
+        ))),
+    }
+}
+
+/// `v` as the narrower type `T`, if it fits.
+fn narrow<S, T: TryFrom<S>>(v: S) -> Option<T> {
+    T::try_from(v).ok()
+}
 
 /// A remote node's answer as ours: raw contents, or typed ones.
 fn remote_response(r: ModelInferResponse) -> Result<InferResponse, DnnError> {

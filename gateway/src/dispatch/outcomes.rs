@@ -1,0 +1,62 @@
+//! Outcomes per route version, recorded by the dispatch layer for every
+//! front and judged by the rollout policies.
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// How one routed request ended, for the version that served it.
+#[derive(Clone, Copy)]
+struct Sample {
+    at_ms: i64,
+    ok: bool,
+    latency_ms: f64,
+}
+
+/// A route and one of its versions.
+type RouteVersion = (String, u32);
+
+/// Recent outcomes per (route, version), for the rollout policies.
+#[derive(Clone, Default)]
+pub struct VersionOutcomes {
+    inner: Arc<Mutex<HashMap<RouteVersion, VecDeque<Sample>>>>,
+}
+
+/// Samples kept per version.
+const KEEP: usize = 50_000;
+
+impl VersionOutcomes {
+    pub fn record(&self, route: &str, version: u32, ok: bool, latency_s: f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let q = g.entry((route.into(), version)).or_default();
+        if q.len() == KEEP {
+            q.pop_front();
+        }
+        q.push_back(Sample {
+            at_ms: crate::registry::now_ms(),
+            ok,
+            latency_ms: latency_s * 1e3,
+        });
+    }
+
+    /// Requests, errors and p99 latency (ms) since `since_ms`.
+    pub(crate) fn window(
+        &self,
+        route: &str,
+        version: u32,
+        since_ms: i64,
+    ) -> (u64, u64, Option<f64>) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(q) = g.get(&(route.to_string(), version)) else {
+            return (0, 0, None);
+        };
+        let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= since_ms).collect();
+        let errors = recent.iter().filter(|s| !s.ok).count() as u64;
+        let mut lat: Vec<f64> = recent
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency_ms)
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let p99 = (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * 0.99).round() as usize]);
+        (recent.len() as u64, errors, p99)
+    }
+}
