@@ -12,6 +12,7 @@ pub struct ChatMessage {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -29,9 +30,15 @@ impl ChatTemplate {
             .map_err(|e| LlmError::Template(format!("cannot parse the template: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
+    }
+
+    /// The template's Jinja text, as the model ships it.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Reads `chat_template` from a `tokenizer_config.json`; `None` when it has none.

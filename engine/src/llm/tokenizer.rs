@@ -189,6 +189,18 @@ impl Tokenizer {
     }
 
     /// The token's own text as the vocabulary spells it, decoded to bytes-as-text.
+    /// Every token (added ones included), in id order.
+    pub fn vocabulary(&self) -> Vec<String> {
+        let mut v: Vec<(u32, String)> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(t, id)| (id, t))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, t)| t).collect()
+    }
+
     pub fn token_text(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()
     }

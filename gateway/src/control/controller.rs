@@ -10,7 +10,7 @@ use crate::dispatch::routing::{
 };
 use crate::plane::Plane;
 use crate::registry::lifecycle::State;
-use crate::registry::records::ModelClass;
+use crate::registry::records::{Contract, ModelClass};
 use crate::registry::{Registry, Version};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
@@ -211,7 +211,9 @@ impl Controller {
         if let Some(n) = v.spec.requirements.context_length {
             config.max_model_len = n;
         }
-        Ok(LlmEngine::start(&v.reference(), loaded, config))
+        let engine = LlmEngine::start(&v.reference(), loaded, config);
+        check_llm_contract(&v.spec.contract, &engine).map_err(anyhow::Error::msg)?;
+        Ok(engine)
     }
 
     /// Lays out and loads a tree or DNN version in the repository plane.
@@ -299,6 +301,45 @@ fn versions_in_use<D>(
             v.into_iter().flatten().map(move |n| (name.clone(), n))
         })
         .collect()
+}
+
+/// The fingerprints an LLM contract names: `sha256:` of the vocabulary
+/// (tokens in id order, one per line) and of the chat template's text
+/// (`none` when the model has no template).
+pub fn llm_fingerprints(engine: &LlmEngine) -> (String, String) {
+    use sha2::{Digest, Sha256};
+    let vocab = engine.tokenizer().vocabulary().join("\n");
+    let tokenizer = format!("sha256:{}", hex::encode(Sha256::digest(vocab.as_bytes())));
+    let template = engine.template().map_or_else(
+        || "none".to_string(),
+        |t| {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(t.source().as_bytes()))
+            )
+        },
+    );
+    (tokenizer, template)
+}
+
+/// Compares an LLM version's declared tokenizer and chat template with the
+/// artifact's; a mismatch names the field and what the artifact has.
+fn check_llm_contract(contract: &Contract, engine: &LlmEngine) -> Result<(), String> {
+    let (tokenizer, template) = llm_fingerprints(engine);
+    for (field, declared, found) in [
+        ("contract.tokenizer", &contract.tokenizer, tokenizer),
+        ("contract.chat_template", &contract.chat_template, template),
+    ] {
+        if let Some(d) = declared
+            .as_deref()
+            .filter(|d| !d.eq_ignore_ascii_case(&found))
+        {
+            return Err(format!(
+                "{field}: the version declares `{d}`; the artifact's is `{found}`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What serves a version: an engine, or a model in the repository plane.
@@ -418,5 +459,46 @@ mod tests {
             Some(1),
             "the route still serves version 1"
         );
+    }
+
+    #[test]
+    fn an_llm_contract_names_the_tokenizer_and_template_it_was_built_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, mut ctl) = setup(dir.path());
+        let path = dir.path().join("m.gguf");
+        let sha = tiny_gguf(&path);
+        let engine = crate::registry::testing::tiny_engine("probe");
+        let (tokenizer, template) = llm_fingerprints(&engine);
+        assert!(tokenizer.starts_with("sha256:"), "{tokenizer}");
+        let with = |tokenizer: &str, template: &str| {
+            let mut spec = version(format!("file://{}", path.display()), sha.clone());
+            spec.contract.tokenizer = Some(tokenizer.into());
+            spec.contract.chat_template = Some(template.into());
+            spec
+        };
+        r.register_version(&admin(), "m", with(&tokenizer, &template))
+            .unwrap();
+        promote(&r, 1);
+        ctl.pass().unwrap();
+        assert_eq!(phase(&r, 1).0, "serving", "{}", phase(&r, 1).1);
+        // Another vocabulary than the artifact's: refused, v1 keeps serving.
+        let other = format!("sha256:{}", "0".repeat(64));
+        r.register_version(&admin(), "m", with(&other, &template))
+            .unwrap();
+        for to in [State::OfflinePassed, State::Shadow] {
+            let req = TransitionRequest {
+                to: Some(to),
+                ..Default::default()
+            };
+            assert!(r.transition(&admin(), "m", 2, req).unwrap().applied);
+        }
+        ctl.pass().unwrap();
+        let (p, message) = phase(&r, 2);
+        assert_eq!(p, "failed");
+        assert!(
+            message.contains("contract.tokenizer") && message.contains(&tokenizer),
+            "{message}"
+        );
+        assert_eq!(served_version(&ctl), Some(1));
     }
 }
