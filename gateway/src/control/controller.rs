@@ -11,7 +11,7 @@ use crate::dispatch::routing::{
 use crate::plane::Plane;
 use crate::registry::lifecycle::State;
 use crate::registry::records::{Contract, ModelClass};
-use crate::registry::{Registry, Version};
+use crate::registry::{Phase, Registry, Version};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
 use std::collections::{HashMap, HashSet};
@@ -106,7 +106,7 @@ impl Controller {
                 for v in &live {
                     self.status(
                         v,
-                        "failed",
+                        Phase::Failed,
                         "this server has no repository plane (it needs a registry data directory)",
                     );
                 }
@@ -149,7 +149,7 @@ impl Controller {
         Ok(())
     }
 
-    fn status(&self, v: &Version, phase: &str, message: &str) {
+    fn status(&self, v: &Version, phase: Phase, message: &str) {
         if let Err(e) = self.registry.set_status(&v.model, v.number, phase, message) {
             tracing::warn!(version = %v.reference(), "writing status: {e}");
         }
@@ -159,7 +159,7 @@ impl Controller {
     fn ensure_loaded(&mut self, v: &Version, tensor: bool) -> bool {
         let key = (v.model.clone(), v.number);
         if self.loaded.contains_key(&key) {
-            self.status(v, "serving", &format!("serving as {}", v.state));
+            self.status(v, Phase::Serving, &format!("serving as {}", v.state));
             return true;
         }
         if self
@@ -169,7 +169,11 @@ impl Controller {
         {
             return false;
         }
-        self.status(v, "loading", "fetching, verifying and loading the artifact");
+        self.status(
+            v,
+            Phase::Loading,
+            "fetching, verifying and loading the artifact",
+        );
         tracing::info!(version = %v.reference(), uri = %v.spec.artifact.uri, "loading");
         let loaded = match tensor {
             true => self.load_tensor(v).map(Loaded::Tensor),
@@ -185,7 +189,7 @@ impl Controller {
                 self.failed.remove(&key);
                 self.loaded.insert(key, loaded);
                 tracing::info!(version = %v.reference(), "ready");
-                self.status(v, "serving", &format!("serving as {}", v.state));
+                self.status(v, Phase::Serving, &format!("serving as {}", v.state));
                 true
             }
             Err(e) => {
@@ -193,7 +197,7 @@ impl Controller {
                 self.failed.insert(key, Instant::now());
                 self.status(
                     v,
-                    "failed",
+                    Phase::Failed,
                     &format!("{e:#}; the previous routes keep serving"),
                 );
                 false
@@ -281,7 +285,10 @@ impl Controller {
             }
             tracing::info!(model = %key.0, version = key.1, "unloaded");
             let why = "unloaded: the version is no longer live";
-            if let Err(e) = self.registry.set_status(&key.0, key.1, "unloaded", why) {
+            if let Err(e) = self
+                .registry
+                .set_status(&key.0, key.1, Phase::Unloaded, why)
+            {
                 tracing::warn!("writing status: {e}");
             }
         }
@@ -384,7 +391,7 @@ mod tests {
 
     fn phase(r: &Registry, v: u32) -> (String, String) {
         let s = r.status("m", v).unwrap().expect("a status");
-        (s.phase, s.message)
+        (s.phase.as_str().to_string(), s.message)
     }
 
     fn served_version(ctl: &Controller) -> Option<u32> {

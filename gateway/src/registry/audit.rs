@@ -135,3 +135,34 @@ pub fn verify(entries: impl IntoIterator<Item = AuditEntry>) -> Verification {
         first_bad: None,
     }
 }
+
+/// What an audit entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    RegisterModel,
+    RegisterVersion,
+    Approve,
+    Transition,
+    TransitionRefused,
+    Ramp,
+    Rollback,
+    RollbackRestore,
+    MarkNeedsRetrain,
+}
+
+impl Action {
+    /// The name entries carry (and the hash chain covers).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::RegisterModel => "register_model",
+            Action::RegisterVersion => "register_version",
+            Action::Approve => "approve",
+            Action::Transition => "transition",
+            Action::TransitionRefused => "transition_refused",
+            Action::Ramp => "ramp",
+            Action::Rollback => "rollback",
+            Action::RollbackRestore => "rollback_restore",
+            Action::MarkNeedsRetrain => "mark_needs_retrain",
+        }
+    }
+}

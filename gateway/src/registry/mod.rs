@@ -12,7 +12,7 @@ pub mod testing;
 mod tests;
 pub mod tls;
 
-use audit::{AuditEntry, Verification, GENESIS};
+use audit::{Action, AuditEntry, Verification, GENESIS};
 use lifecycle::{GateResult, State, TransitionCheck};
 use records::{parse_ref, ModelSpec, RollbackClass, VersionSpec};
 use serde::{Deserialize, Serialize};
@@ -92,11 +92,31 @@ impl Version {
     }
 }
 
+/// Where the controller found a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Loading,
+    Serving,
+    Unloaded,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Loading => "loading",
+            Phase::Serving => "serving",
+            Phase::Unloaded => "unloaded",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
 /// The controller's last word on a version (observed, not desired, state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    /// `loading`, `serving`, `unloaded` or `failed`.
-    pub phase: String,
+    pub phase: Phase,
     pub message: String,
     pub at_ms: i64,
 }
@@ -207,7 +227,7 @@ impl Tx<'_> {
     fn append(
         &mut self,
         actor: &str,
-        action: &str,
+        action: Action,
         model: &str,
         version: Option<u32>,
         body: Value,
@@ -226,7 +246,7 @@ impl Tx<'_> {
             seq,
             at_ms: self.now,
             actor: actor.into(),
-            action: action.into(),
+            action: action.as_str().into(),
             model: model.into(),
             version: version.map(i64::from),
             body: body.to_string(),
@@ -368,7 +388,7 @@ impl Registry {
             )?;
             tx.append(
                 &actor.name,
-                "register_model",
+                Action::RegisterModel,
                 &spec.name,
                 None,
                 json!({"before": null, "after": spec}),
@@ -438,7 +458,7 @@ impl Registry {
             tx.put_version(&v)?;
             tx.append(
                 &actor.name,
-                "register_version",
+                Action::RegisterVersion,
                 model,
                 Some(v.number),
                 json!({"before": null, "after": {"state": v.state, "spec": spec}}),
@@ -481,7 +501,7 @@ impl Registry {
             tx.put_version(&v)?;
             tx.append(
                 &actor.name,
-                "approve",
+                Action::Approve,
                 model,
                 Some(number),
                 json!({"target": target, "comment": comment}),
@@ -553,7 +573,7 @@ impl Registry {
             if !applied {
                 let seq = tx.append(
                     &actor.name,
-                    "transition_refused",
+                    Action::TransitionRefused,
                     model,
                     Some(number),
                     json!({"from": from, "to": to, "gates": gates, "reason": req.reason}),
@@ -586,7 +606,7 @@ impl Registry {
             tx.put_version(&vs[i])?;
             let seq = tx.append(
                 &actor.name,
-                "transition",
+                Action::Transition,
                 model,
                 Some(number),
                 json!({"before": before, "after": vs[i].snapshot(), "gates": gates,
@@ -599,7 +619,7 @@ impl Registry {
                 tx.put_version(&vs[p])?;
                 tx.append(
                     &actor.name,
-                    "transition",
+                    Action::Transition,
                     model,
                     Some(vs[p].number),
                     json!({"before": before, "after": vs[p].snapshot(),
@@ -649,7 +669,7 @@ impl Registry {
             tx.put_version(&v)?;
             tx.append(
                 &actor.name,
-                "ramp",
+                Action::Ramp,
                 model,
                 Some(number),
                 json!({"before": before, "after": v.snapshot(), "reason": reason}),
@@ -715,7 +735,7 @@ impl Registry {
                 tx.put_version(&vs[i])?;
                 tx.append(
                     &actor.name,
-                    "rollback",
+                    Action::Rollback,
                     model,
                     Some(vs[i].number),
                     json!({"before": before, "after": vs[i].snapshot(), "reason": reason, "serving": serving}),
@@ -728,7 +748,7 @@ impl Registry {
                 tx.put_version(&vs[r])?;
                 tx.append(
                     &actor.name,
-                    "rollback_restore",
+                    Action::RollbackRestore,
                     model,
                     Some(vs[r].number),
                     json!({"before": before, "after": vs[r].snapshot(), "reason": reason}),
@@ -892,14 +912,14 @@ impl Registry {
 
     /// The controller's report; written only when it changes. Observed state
     /// is not a registry change, so it is not audited.
-    pub fn set_status(&self, model: &str, number: u32, phase: &str, message: &str) -> Result<()> {
+    pub fn set_status(&self, model: &str, number: u32, phase: Phase, message: &str) -> Result<()> {
         if let Some(s) = self.status(model, number)? {
             if s.phase == phase && s.message == message {
                 return Ok(());
             }
         }
         let doc = Status {
-            phase: phase.into(),
+            phase,
             message: message.into(),
             at_ms: now_ms(),
         };
@@ -947,7 +967,7 @@ fn mark_dependents(
         tx.put_version(&v)?;
         tx.append(
             actor,
-            "mark_needs_retrain",
+            Action::MarkNeedsRetrain,
             &m,
             Some(n),
             json!({"before": before, "after": v.snapshot(),
