@@ -12,14 +12,16 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod types;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
-pub use engine::{
-    EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvCacheSize,
-    LlmEngine, TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
-};
+pub use engine::LlmEngine;
 pub use error::LlmError;
 pub use loader::{load_model, LoadedWeights};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;
+pub use types::{
+    EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvCacheSize,
+    TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
+};
