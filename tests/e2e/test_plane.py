@@ -168,6 +168,12 @@ def test_tree_and_onnx_versions_walk_to_production_and_back(node):
         assert seen == {u: 2 if bucket(f"{model}/rollout", u) < 5000 else 1 for u in units}
         meta = http.get_model_metadata(model)
         assert meta["name"] == model and sorted(meta["versions"]) == ["1", "2"]
+        # Triton's statistics name the model and each serving version.
+        for stats in [http.get_inference_statistics(model)["model_stats"],
+                      grpc.get_inference_statistics(model, as_json=True)["model_stats"]]:
+            counts = {st["version"]: int(st.get("inference_count", 0)) for st in stats}
+            assert {st["name"] for st in stats} == {model} and counts.keys() == {"1", "2"}, stats
+            assert counts["1"] > 0 and counts["2"] > 0, stats
         cli(node, "transition", model, "2", "promoted")
         wait_for(f"{model} v2 promoted", lambda: set(answers(model, units[:6], steady=False).values()) == {2})
         cli(node, "rollback", model, "--reason", "e2e")

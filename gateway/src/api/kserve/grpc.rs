@@ -357,7 +357,7 @@ impl GrpcInferenceService for KserveGrpc {
         let r = r.into_inner();
         let version = parse_version(&r.version).map_err(status)?;
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
-        statistics(self.repo()?, name, version)
+        statistics(&self.state, name, version)
             .map(Response::new)
             .map_err(status)
     }

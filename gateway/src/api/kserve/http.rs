@@ -191,7 +191,7 @@ async fn stats(
     Path(p): Path<HashMap<String, String>>,
 ) -> KsResult<Json<Value>> {
     let (m, v) = target(&p)?;
-    let st = statistics(repository(&s.dnn)?, Some(&m), v)?;
+    let st = statistics(&s, Some(&m), v)?;
     Ok(Json(proto::json::to_json(
         &st,
         "inference.ModelStatisticsResponse",
@@ -199,7 +199,7 @@ async fn stats(
 }
 
 async fn all_stats(State(s): State<AppState>) -> KsResult<Json<Value>> {
-    let st = statistics(repository(&s.dnn)?, None, None)?;
+    let st = statistics(&s, None, None)?;
     Ok(Json(proto::json::to_json(
         &st,
         "inference.ModelStatisticsResponse",

@@ -379,18 +379,59 @@ fn statistics_of(name: String, version: i64, s: StatsSnapshot) -> ModelStatistic
     }
 }
 
+/// Statistics of a configured repository model, of a registry tree or DNN
+/// model (each of its serving versions, under its public name), or of all.
 pub fn statistics(
-    repo: &ModelRepository,
+    state: &AppState,
     name: Option<&str>,
     version: Option<i64>,
 ) -> Result<ModelStatisticsResponse, DnnError> {
-    Ok(ModelStatisticsResponse {
-        model_stats: repo
-            .stats(name, version)?
-            .into_iter()
-            .map(|(n, v, s)| statistics_of(n, v, s))
-            .collect(),
-    })
+    let public = |plane_name: String| match plane_name.rsplit_once('@') {
+        Some((model, _)) => model.to_string(),
+        None => plane_name,
+    };
+    let mut out = Vec::new();
+    match (name, state.plane.as_deref()) {
+        (Some(n), Some(plane)) if tensor_model(state, n).is_some() => {
+            let (_, versions) = tensor_model(state, n).expect("checked");
+            let route = n.rsplit_once('@').map_or(n, |(m, _)| m);
+            for v in versions
+                .iter()
+                .filter(|v| version.is_none_or(|want| want.to_string() == **v))
+            {
+                for (m, ver, st) in plane.stats(Some(&format!("{route}@{v}")), None)? {
+                    out.push(statistics_of(public(m), ver, st));
+                }
+            }
+        }
+        (Some(n), _) => {
+            for (m, ver, st) in repository(&state.dnn)?.stats(Some(n), version)? {
+                out.push(statistics_of(m, ver, st));
+            }
+        }
+        (None, plane) => {
+            if state.dnn.is_none() && plane.is_none() {
+                repository(&state.dnn)?;
+            }
+            for (m, ver, st) in state
+                .dnn
+                .as_deref()
+                .map(|r| r.stats(None, None))
+                .transpose()?
+                .unwrap_or_default()
+            {
+                out.push(statistics_of(m, ver, st));
+            }
+            for (m, ver, st) in plane
+                .map(|r| r.stats(None, None))
+                .transpose()?
+                .unwrap_or_default()
+            {
+                out.push(statistics_of(public(m), ver, st));
+            }
+        }
+    }
+    Ok(ModelStatisticsResponse { model_stats: out })
 }
 
 pub fn index(repo: &ModelRepository, ready: bool) -> RepositoryIndexResponse {
