@@ -62,13 +62,13 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def register(s, model, klass, version_doc):
+def register(s, model, klass, version_doc, **record):
     """Creates `model` (tier L0: no approvals) once, and registers a version."""
     spec = s.artifacts / f"{model}.model.json"
     if not spec.exists():
         spec.write_text(json.dumps({
             "name": model, "class": klass, "tier": "L0", "rollback_class": "stateless",
-            "owner": "ml-platform", "gates": {"thresholds": {"accuracy": {"min": 0.5}}}}))
+            "owner": "ml-platform", "gates": {"thresholds": {"accuracy": {"min": 0.5}}}, **record}))
         cli(s, "models", "create", str(spec))
     doc = s.artifacts / f"{model}.version.json"
     doc.write_text(json.dumps({"metrics": {"overall": {"accuracy": 0.9}}, **version_doc}))
@@ -90,11 +90,14 @@ def xgb_archive(s, name, booster_json, features, outputs, params):
     return {"artifact": {"uri": f"file://{path}", "sha256": sha256(path), "format": "triton"}}
 
 
+UNIT_HEADERS = {"mlp": "x-tenant"}
+
+
 def infer(client, mod, model, x, unit, name="input__0", out="output__0"):
     """One request with `unit` as the rollout unit: (served version, output)."""
     t = mod.InferInput(name, list(x.shape), "FP32")
     t.set_data_from_numpy(x)
-    r = client.infer(model, [t], headers={"x-switchyard-unit": unit})
+    r = client.infer(model, [t], headers={UNIT_HEADERS.get(model, "x-switchyard-unit"): unit})
     resp = r.get_response(as_json=True) if mod is grpcclient else r.get_response()
     return int(resp["model_version"]), r.as_numpy(out)
 
@@ -128,7 +131,8 @@ def test_tree_and_onnx_versions_walk_to_production_and_back(node):
                     "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, 1]}]}
         doc = {"artifact": {"uri": f"file://{path}", "sha256": sha256(path), "format": "onnx"},
                "contract": contract, "requirements": {"max_batch_size": 16}}
-        assert register(node, "mlp", "dnn", doc) == v
+        # The record names its own rollout unit: a tenant header.
+        assert register(node, "mlp", "dnn", doc, rollout_unit="header:x-tenant") == v
         import onnxruntime as ort
         sess = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
         expect[("mlp", v)] = sess.run(None, {"X": rows})[0].astype(np.float32)

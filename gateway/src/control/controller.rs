@@ -10,7 +10,7 @@ use crate::dispatch::routing::{
 };
 use crate::plane::Plane;
 use crate::registry::lifecycle::State;
-use crate::registry::records::{Contract, ModelClass};
+use crate::registry::records::{Contract, ModelClass, ModelSpec};
 use crate::registry::{Phase, Registry, Version};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, EngineConfig, LlmEngine};
@@ -121,7 +121,7 @@ impl Controller {
             if tensor {
                 let route = match failed {
                     true => self.published_tensors.get(&name).cloned(),
-                    false => self.route_of(&name, &live, |l| match l {
+                    false => self.route_of(&model, &live, |l| match l {
                         Loaded::Tensor(d) => Some(d.clone()),
                         Loaded::Llm(_) => None,
                     }),
@@ -130,7 +130,7 @@ impl Controller {
             } else {
                 let route = match failed {
                     true => self.published.get(&name).cloned(),
-                    false => self.route_of(&name, &live, |l| match l {
+                    false => self.route_of(&model, &live, |l| match l {
                         Loaded::Llm(d) => Some(d.clone()),
                         Loaded::Tensor(_) => None,
                     }),
@@ -236,13 +236,15 @@ impl Controller {
     /// The route of `model`'s live versions, of the plane `of` picks.
     fn route_of<D>(
         &self,
-        model: &str,
+        spec: &ModelSpec,
         live: &[&Version],
         of: impl Fn(&Loaded) -> Option<D>,
     ) -> Option<Route<D>> {
+        let model = spec.name.as_str();
         let deployment = |v: &Version| of(&self.loaded[&(model.to_string(), v.number)]);
         let primary = deployment(live.iter().find(|v| v.state == State::Promoted)?)?;
         Some(Route {
+            unit_header: spec.unit_header(),
             primary,
             candidate: live
                 .iter()

@@ -154,6 +154,35 @@ pub fn resolve_llm(
 /// The header that carries a rollout unit on fronts without a `user` field.
 pub const UNIT_HEADER: &str = "x-switchyard-unit";
 
+/// The rollout unit of a request to `name`: the header its model's record
+/// names (`rollout_unit: header:NAME`), else `fallback` (the front's own:
+/// OpenAI's `user`), else [`UNIT_HEADER`].
+pub fn unit(
+    table: &RouteTable,
+    name: &str,
+    headers: &axum::http::HeaderMap,
+    fallback: Option<String>,
+) -> Option<String> {
+    let route = model_of(name);
+    let named = table
+        .routes
+        .get(route)
+        .and_then(|r| r.unit_header.as_deref())
+        .or_else(|| {
+            table
+                .tensor_routes
+                .get(route)
+                .and_then(|r| r.unit_header.as_deref())
+        });
+    named
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .or(fallback)
+        .or_else(|| header_unit(headers))
+}
+
 /// The rollout unit a request names in [`UNIT_HEADER`], if any.
 pub fn header_unit(headers: &axum::http::HeaderMap) -> Option<String> {
     headers

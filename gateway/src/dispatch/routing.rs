@@ -78,6 +78,8 @@ pub struct Shadow<D = Deployment> {
 /// versions in the repository plane.
 #[derive(Clone)]
 pub struct Route<D = Deployment> {
+    /// The header the model's record names as its rollout unit.
+    pub unit_header: Option<String>,
     pub primary: D,
     pub candidate: Option<Candidate<D>>,
     pub shadows: Vec<Shadow<D>>,
@@ -98,6 +100,7 @@ impl<D> Route<D> {
 impl Route {
     pub fn single(engine: LlmEngine) -> Self {
         Self {
+            unit_header: None,
             primary: Deployment {
                 version: None,
                 engine,

@@ -28,6 +28,7 @@ fn table(shadow_percent: f64) -> RouteTable {
     t.routes.insert(
         "m".into(),
         Route {
+            unit_header: None,
             primary: deployment(1),
             candidate: Some(Candidate {
                 deployment: deployment(2),
@@ -249,4 +250,30 @@ async fn outcomes_reach_the_version_and_sampled_shadows() {
     assert_eq!(c.errors, 0);
     // The same engine shadows itself, so greedy answers agree exactly.
     assert_eq!(c.similarity, Some(1.0));
+}
+
+#[test]
+fn the_model_record_can_name_the_rollout_unit_header() {
+    use axum::http::HeaderMap;
+    let mut t = table(100.0);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-tenant", "acme".parse().unwrap());
+    headers.insert(UNIT_HEADER, "other".parse().unwrap());
+    // Without a named header: the front's own unit, else x-switchyard-unit.
+    assert_eq!(
+        unit(&t, "m", &headers, Some("u".into())).as_deref(),
+        Some("u")
+    );
+    assert_eq!(unit(&t, "m", &headers, None).as_deref(), Some("other"));
+    t.routes.get_mut("m").unwrap().unit_header = Some("x-tenant".into());
+    assert_eq!(
+        unit(&t, "m", &headers, Some("u".into())).as_deref(),
+        Some("acme")
+    );
+    assert_eq!(unit(&t, "m@2", &headers, None).as_deref(), Some("acme"));
+    headers.remove("x-tenant");
+    assert_eq!(
+        unit(&t, "m", &headers, Some("u".into())).as_deref(),
+        Some("u")
+    );
 }

@@ -68,10 +68,35 @@ pub struct ModelSpec {
     pub owner: String,
     #[serde(default)]
     pub gates: Gates,
+    /// `header:NAME`: the request header whose value keeps a client on one
+    /// version during a canary or A/B test, on every front (default: the
+    /// OpenAI `user`, else `x-switchyard-unit`, else the request id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_unit: Option<String>,
 }
 
 impl ModelSpec {
+    /// The header named by `rollout_unit`, lower-cased.
+    pub fn unit_header(&self) -> Option<String> {
+        self.rollout_unit
+            .as_deref()
+            .and_then(|u| u.strip_prefix("header:"))
+            .map(str::to_ascii_lowercase)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(u) = &self.rollout_unit {
+            let ok = u.strip_prefix("header:").is_some_and(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+            if !ok {
+                return Err(format!(
+                    "rollout_unit: `{u}` must be `header:NAME` (letters, digits, `-`, `_`)"
+                ));
+            }
+        }
         if self.name.is_empty()
             || !self
                 .name

@@ -27,6 +27,7 @@ pub fn with_model(name: &str) -> Registry {
             rollback_class: RollbackClass::Stateless,
             owner: "o".into(),
             gates: Gates::default(),
+            rollout_unit: None,
         },
     )
     .unwrap();

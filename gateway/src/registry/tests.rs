@@ -96,6 +96,7 @@ fn model(name: &str, tier: Tier, rollback: RollbackClass) -> ModelSpec {
             .into(),
             slice_tolerance: 0.02,
         },
+        rollout_unit: None,
     }
 }
 

@@ -221,7 +221,8 @@ pub fn route(
         return Ok(None);
     }
     let table = state.routes().snapshot();
-    let unit = dispatch::header_unit(headers).unwrap_or_else(|| request_id.to_string());
+    let unit =
+        dispatch::unit(&table, name, headers, None).unwrap_or_else(|| request_id.to_string());
     dispatch::resolve_llm(&table, name, Some(&unit), |e| e.unit(headers, None, &[]))
         .map_err(|Unavailable(m)| DnnError::unavailable(m))
 }

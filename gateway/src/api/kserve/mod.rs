@@ -255,8 +255,10 @@ fn tensor_target(
     if state.plane.is_none() || state.dnn.as_ref().is_some_and(|r| r.model(name).is_ok()) {
         return None;
     }
-    let unit = crate::dispatch::header_unit(headers).unwrap_or_else(|| request_id.to_string());
-    resolve_tensor(&state.routes().snapshot(), name, &unit)
+    let table = state.routes().snapshot();
+    let unit = crate::dispatch::unit(&table, name, headers, None)
+        .unwrap_or_else(|| request_id.to_string());
+    resolve_tensor(&table, name, &unit)
 }
 
 /// Names, datatypes and shapes of tensors, as the request log keeps them.

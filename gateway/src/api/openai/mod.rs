@@ -55,7 +55,7 @@ fn route(
     // One snapshot answers both: experiments and routes as of one publish.
     let table = state.routes().snapshot();
     let user = common.user.clone();
-    let unit = user.clone().or_else(|| dispatch::header_unit(headers));
+    let unit = dispatch::unit(&table, &common.model, headers, user.clone());
     let target = dispatch::resolve_llm(&table, &common.model, unit.as_deref(), |e| {
         e.unit(headers, user.as_deref(), body)
     })
