@@ -304,10 +304,8 @@ fn versions_in_use<D>(
     routes
         .iter()
         .flat_map(|(name, r)| {
-            let mut v: Vec<Option<u32>> = vec![version(&r.primary)];
-            v.extend(r.candidate.iter().map(|c| version(&c.deployment)));
-            v.extend(r.shadows.iter().map(|s| version(&s.deployment)));
-            v.into_iter().flatten().map(move |n| (name.clone(), n))
+            let versions: Vec<u32> = r.deployments().filter_map(&version).collect();
+            versions.into_iter().map(move |n| (name.clone(), n))
         })
         .collect()
 }

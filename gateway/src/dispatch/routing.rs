@@ -86,6 +86,13 @@ pub struct Route<D = Deployment> {
 }
 
 impl<D> Route<D> {
+    /// Every deployment of the route: primary, candidate, shadows.
+    pub fn deployments(&self) -> impl Iterator<Item = &D> {
+        std::iter::once(&self.primary)
+            .chain(self.candidate.iter().map(|c| &c.deployment))
+            .chain(self.shadows.iter().map(|s| &s.deployment))
+    }
+
     /// The deployment serving a request whose unit hashes to `bucket`
     /// (`sticky_hash`, seed `{route}/rollout`); the candidate owns the lowest
     /// buckets, so ramping it from 10% to 20% only moves users into it.
@@ -134,9 +141,8 @@ impl RouteTable {
         let Some(v) = version else {
             return Some((route.primary.engine.clone(), route.primary.version));
         };
-        std::iter::once(&route.primary)
-            .chain(route.candidate.iter().map(|c| &c.deployment))
-            .chain(route.shadows.iter().map(|s| &s.deployment))
+        route
+            .deployments()
             .find(|d| d.version == Some(v))
             .map(|d| (d.engine.clone(), d.version))
     }

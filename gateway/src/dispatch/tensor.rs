@@ -37,10 +37,7 @@ pub fn resolve_tensor(table: &RouteTable, name: &str, unit: &str) -> Option<Tens
     let route: &Route<TensorDeployment> = table.tensor_routes.get(route_name)?;
     let (deployment, arm, shadows) = if let Some((_, v)) = name.rsplit_once('@') {
         let v: u32 = v.parse().ok()?;
-        let all = std::iter::once(&route.primary)
-            .chain(route.candidate.iter().map(|c| &c.deployment))
-            .chain(route.shadows.iter().map(|s| &s.deployment));
-        let d = all.into_iter().find(|d| d.version == v)?;
+        let d = route.deployments().find(|d| d.version == v)?;
         (d.clone(), Arm::Pinned, vec![])
     } else {
         let (d, arm) = route.pick(sticky_hash::bucket(&format!("{name}/rollout"), unit));

@@ -71,11 +71,8 @@ pub fn tensor_model(state: &AppState, name: &str) -> Option<(String, Vec<String>
         None => (name, None),
     };
     let route = table.tensor_routes.get(route_name)?;
-    let mut all = std::iter::once(&route.primary)
-        .chain(route.candidate.iter().map(|c| &c.deployment))
-        .chain(route.shadows.iter().map(|s| &s.deployment));
     let model = match pinned {
-        Some(v) => all.find(|d| d.version == v)?.model.clone(),
+        Some(v) => route.deployments().find(|d| d.version == v)?.model.clone(),
         None => route.primary.model.clone(),
     };
     let mut versions: Vec<u32> = std::iter::once(route.primary.version)
@@ -393,9 +390,9 @@ pub fn statistics(
         None => plane_name,
     };
     let mut out = Vec::new();
-    match (name, state.plane.as_deref()) {
-        (Some(n), Some(plane)) if tensor_model(state, n).is_some() => {
-            let (_, versions) = tensor_model(state, n).expect("checked");
+    let registry_model = name.and_then(|n| tensor_model(state, n));
+    match (name, state.plane.as_deref(), registry_model) {
+        (Some(n), Some(plane), Some((_, versions))) => {
             let route = n.rsplit_once('@').map_or(n, |(m, _)| m);
             for v in versions
                 .iter()
@@ -406,12 +403,12 @@ pub fn statistics(
                 }
             }
         }
-        (Some(n), _) => {
+        (Some(n), _, _) => {
             for (m, ver, st) in repository(&state.dnn)?.stats(Some(n), version)? {
                 out.push(statistics_of(m, ver, st));
             }
         }
-        (None, plane) => {
+        (None, plane, _) => {
             if state.dnn.is_none() && plane.is_none() {
                 repository(&state.dnn)?;
             }
