@@ -425,6 +425,7 @@ async fn audit(State(s): State<AppState>, h: HeaderMap, Query(q): Query<AuditQue
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RequestsQuery {
     route: Option<String>,
     arm: Option<String>,
