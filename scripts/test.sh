@@ -58,6 +58,10 @@ export SWITCHYARD_TEST_POSTGRES_URL="$pg_url" SWITCHYARD_TEST_POSTGRES_CA="$pg_c
 echo "== rust tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
+  # The kernels again with the AVX2 path forced (SWITCHYARD_ISA), as on a
+  # machine without AVX-512 VNNI: the paths below it must agree with it.
+  SWITCHYARD_ISA=avx2 cargo nextest run --workspace --locked --no-fail-fast \
+    -E 'test(/quant::tests/) | test(/paged_attention/) | binary(quantization)'
 else
   cargo test --workspace --locked --no-fail-fast
 fi

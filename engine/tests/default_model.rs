@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor, D};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use engine::llm::kv_cache::{KvDtype, SeqId};
 use engine::llm::model::ForwardBatch;
+use engine::llm::quant::Quantization;
 use engine::llm::{load_model, ChatMessage, LoadedWeights};
 use std::path::{Path, PathBuf};
 
@@ -22,7 +23,7 @@ fn model_path() -> PathBuf {
 }
 
 fn load() -> LoadedWeights {
-    load_model(&model_path(), &Device::Cpu).unwrap()
+    load_model(&model_path(), &Device::Cpu, Quantization::None).unwrap()
 }
 
 /// The user turn rendered with the model's own chat template, tokenized.
@@ -133,7 +134,7 @@ fn follow_the_reference(
     dtype: KvDtype,
     b: &Bounds,
 ) {
-    let ours = load_model(path, &Device::Cpu).unwrap();
+    let ours = load_model(path, &Device::Cpu, Quantization::None).unwrap();
     let (mut worst_step, mut worst_full, mut steps, mut ties) = (0f32, 0f32, 0, 0);
     let (mut kl_sum, mut widest_tie) = (0f64, 0f32);
     let full_pass = |tokens: &[u32]| {

@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::Device;
 use engine::llm::kv_cache::KvDtype;
+use engine::llm::quant::Quantization;
 use engine::llm::{
     load_model, ChatMessage, EngineConfig, FinishReason, GenerationEvent, GenerationRequest,
     KvCacheSize, LlmEngine, LlmError, SamplingParams,
@@ -19,7 +20,7 @@ fn engine(config: EngineConfig) -> (LlmEngine, tempfile::TempDir) {
 
 /// An engine over the checkpoint in `dir`.
 fn start(dir: &tempfile::TempDir, config: EngineConfig) -> LlmEngine {
-    let loaded = load_model(dir.path(), &Device::Cpu).unwrap();
+    let loaded = load_model(dir.path(), &Device::Cpu, Quantization::None).unwrap();
     LlmEngine::start("tiny", loaded, config)
 }
 

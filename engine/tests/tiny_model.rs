@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use engine::llm::kv_cache::SeqId;
-use engine::llm::loader::weights_from_varbuilder;
+use engine::llm::loader::{weights_from_varbuilder, Projections};
 use engine::llm::model::{ForwardBatch, LlamaModel};
 use engine::llm::LlamaConfig;
 mod common;
@@ -22,7 +22,7 @@ fn ours(dir: &std::path::Path) -> LlamaModel {
     .unwrap();
     LlamaModel::new(
         c.clone(),
-        weights_from_varbuilder(&c, vb).unwrap(),
+        weights_from_varbuilder(&c, vb, Projections::Dense).unwrap(),
         &Device::Cpu,
     )
     .unwrap()

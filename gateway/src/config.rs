@@ -7,6 +7,7 @@ use crate::limits::Limits;
 use crate::registry::records::Tier;
 use crate::upstream::UpstreamConfig;
 use engine::llm::kv_cache::KvDtype;
+use engine::llm::quant::Quantization;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -405,6 +406,9 @@ pub struct EngineSettings {
     /// `f16` (the default: half the memory and attention traffic) or `f32`.
     pub kv_cache_dtype: KvCacheDtype,
     pub enable_prefix_caching: bool,
+    /// `int8`: quantize a Hugging Face folder's dense projections to INT8
+    /// at load; `none` (the default) serves weights as stored.
+    pub quantization: Quantization,
 }
 
 /// How the KV pool stores keys and values.
@@ -430,6 +434,7 @@ impl Default for EngineSettings {
             kv_cache_memory_fraction: DEFAULT_KV_CACHE_FRACTION,
             kv_cache_dtype: KvCacheDtype::default(),
             enable_prefix_caching: d.enable_prefix_caching,
+            quantization: Quantization::None,
         }
     }
 }

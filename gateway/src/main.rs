@@ -1,5 +1,6 @@
 //! `switchyard`: one server for ML models in production. This file holds the
 //! command line; the `gateway` library holds everything it runs.
+mod model_cli;
 mod registry_cli;
 
 use anyhow::{Context, Result};
@@ -60,6 +61,30 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Write a GGUF model or an AWQ checkpoint out as a dense Hugging Face folder.
+    Export {
+        /// A GGUF file, an AWQ folder, or a model name from the config.
+        model: String,
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: model_cli::Dtype,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Quantize a dense Hugging Face folder to 4 bits (AWQ or round-to-nearest),
+    /// written as an AutoAWQ checkpoint.
+    Quantize {
+        /// A folder of f32, f16 or bf16 safetensors (see `switchyard export`).
+        model: PathBuf,
+        #[command(flatten)]
+        args: model_cli::QuantizeArgs,
+    },
+    /// Measure a model (perplexity).
+    Eval {
+        #[command(subcommand)]
+        command: model_cli::EvalCommand,
     },
     /// Use a running server's model registry (versions, transitions, rollback, audit).
     Registry {
@@ -161,6 +186,17 @@ fn main() -> Result<()> {
             cfg.validate().map_err(anyhow::Error::msg)?;
             tokio::runtime::Runtime::new()?.block_on(gateway::server::serve(cfg))
         }
+        Command::Export {
+            model,
+            dtype,
+            out,
+            config,
+        } => {
+            let path = model_cli::model_path(&model, &load_config(config.as_ref())?)?;
+            model_cli::export(&path, &out, dtype)
+        }
+        Command::Quantize { model, args } => model_cli::quantize(&model, args),
+        Command::Eval { command } => model_cli::eval(command, load_config),
         Command::Registry { url, key, command } => registry_cli::run(&url, key.as_deref(), command),
         Command::Requests { url, key, command } => {
             registry_cli::requests(&url, key.as_deref(), command)

@@ -50,7 +50,11 @@ impl Plane {
         let folder = if artifact.is_dir() {
             Some(artifact.to_path_buf())
         } else if v.spec.artifact.format == "triton" {
-            Some(unpack(artifact, &self.root.join(".unpacked").join(&name))?)
+            Some(unpack(
+                artifact,
+                &self.root.join(".unpacked").join(&name),
+                "config.pbtxt",
+            )?)
         } else {
             None
         };
@@ -90,10 +94,11 @@ impl Plane {
 /// Most bytes a model archive may unpack to.
 const MAX_UNPACKED_BYTES: u64 = 16 << 30;
 
-/// Unpacks a `.tar.gz` Triton model folder into `to` (files and folders
-/// only, nothing outside `to`, at most `MAX_UNPACKED_BYTES`); returns the
-/// folder that holds config.pbtxt (`to`, or its one top-level folder).
-fn unpack(archive: &Path, to: &Path) -> Result<PathBuf, String> {
+/// Unpacks a `.tar.gz` model folder (Triton's, or a Hugging Face folder)
+/// into `to` (files and folders only, nothing outside `to`, at most
+/// `MAX_UNPACKED_BYTES`); returns the folder that holds `marker`
+/// (`to`, or its one top-level folder).
+pub fn unpack(archive: &Path, to: &Path, marker: &str) -> Result<PathBuf, String> {
     let at = |e: std::io::Error| format!("unpacking {}: {e}", archive.display());
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).map_err(at)?;
@@ -124,7 +129,7 @@ fn unpack(archive: &Path, to: &Path) -> Result<PathBuf, String> {
             ));
         }
     }
-    if to.join("config.pbtxt").is_file() {
+    if to.join(marker).is_file() {
         return Ok(to.to_path_buf());
     }
     let top: Vec<PathBuf> = std::fs::read_dir(to)
@@ -133,9 +138,9 @@ fn unpack(archive: &Path, to: &Path) -> Result<PathBuf, String> {
         .map(|e| e.path())
         .collect();
     match top.as_slice() {
-        [one] if one.join("config.pbtxt").is_file() => Ok(one.clone()),
+        [one] if one.join(marker).is_file() => Ok(one.clone()),
         _ => Err(format!(
-            "{}: the archive holds no config.pbtxt at its top or in its one top-level folder",
+            "{}: the archive holds no {marker} at its top or in its one top-level folder",
             archive.display()
         )),
     }
@@ -464,7 +469,7 @@ mod tests {
                 ("m/1/xgboost.json", Ok("{}")),
             ],
         );
-        let folder = unpack(&good, &dir.path().join("out")).unwrap();
+        let folder = unpack(&good, &dir.path().join("out"), "config.pbtxt").unwrap();
         assert!(folder.join("1/xgboost.json").is_file());
         let linked = dir.path().join("linked.tar.gz");
         archive(
@@ -474,14 +479,14 @@ mod tests {
                 ("m/1/model.onnx", Err("/etc/passwd")),
             ],
         );
-        let e = unpack(&linked, &dir.path().join("out2")).unwrap_err();
+        let e = unpack(&linked, &dir.path().join("out2"), "config.pbtxt").unwrap_err();
         assert!(e.contains("neither a file nor a folder"), "{e}");
         let bare = dir.path().join("bare.tar.gz");
         archive(
             &bare,
             &[("a/1/model.onnx", Ok("x")), ("b/config.pbtxt", Ok(""))],
         );
-        let e = unpack(&bare, &dir.path().join("out3")).unwrap_err();
+        let e = unpack(&bare, &dir.path().join("out3"), "config.pbtxt").unwrap_err();
         assert!(e.contains("no config.pbtxt"), "{e}");
     }
 }

@@ -275,8 +275,8 @@ fn load_models(state: &AppState, models: &[crate::config::ModelConfig]) -> Resul
         let path =
             models::resolve(&m.source).with_context(|| format!("fetching model `{}`", m.name))?;
         tracing::info!(model = %m.name, path = %path.display(), "loading");
-        let loaded =
-            load_model(&path, &device).with_context(|| format!("loading model `{}`", m.name))?;
+        let loaded = load_model(&path, &device, m.engine.quantization)
+            .with_context(|| format!("loading model `{}`", m.name))?;
         state.add(LlmEngine::start(&m.name, loaded, (&m.engine).into()));
         tracing::info!(model = %m.name, "ready");
     }

@@ -27,7 +27,7 @@ KEYS = {"deployer": "deployer-key-0123456789", "approver": "approver-key-0123456
         "admin": "admin-key-0123456789", "viewer": "viewer-key-0123456789"}
 
 
-def write_config(tmp_path, database=None, interval=2, extra="") -> str:
+def write_config(tmp_path, database=None, interval=2, extra="", roots=None) -> str:
     keys = "".join(
         f"    - {{ name: {role}-user, role: {role}, key: {key} }}\n" for role, key in KEYS.items()
     )
@@ -40,7 +40,7 @@ def write_config(tmp_path, database=None, interval=2, extra="") -> str:
         f"  reconcile_interval_secs: {interval}\n"
         # Deployers create the low-tier models these tests walk; the floor has its own test.
         "  min_tier_without_admin: L0\n"
-        f"  artifact_roots: [{Path(os.environ['SWITCHYARD_MODEL_GGUF']).parent}]\n"
+        f"  artifact_roots: [{roots or Path(os.environ['SWITCHYARD_MODEL_GGUF']).parent}]\n"
         "  engine: { max_num_seqs: 8, kv_cache_bytes: 60000000 }\n"
         "  api_keys:\n" + keys + extra
     )

@@ -9,6 +9,7 @@ use clap::Parser;
 use engine::llm::kv_cache::{KvCache, KvDtype, SeqId};
 use engine::llm::load_model;
 use engine::llm::model::ForwardBatch;
+use engine::llm::quant::Quantization;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -108,7 +109,7 @@ fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) ->
 
 fn main() {
     let a = Args::parse();
-    let loaded = load_model(&a.model, &Device::Cpu).expect("loading the model");
+    let loaded = load_model(&a.model, &Device::Cpu, Quantization::None).expect("loading the model");
     let text = "The history of the city begins with a small settlement by the river. ".repeat(64);
     let prompt: Vec<u32> = loaded
         .tokenizer

@@ -5,11 +5,13 @@ use super::chat_template::ChatTemplate;
 use super::config::LlamaConfig;
 use super::error::{LlmError, Result};
 use super::model::{Layer, Linear, LlamaModel, RmsNorm, Weights};
+use super::quant::awq_format::AwqConfig;
+use super::quant::{int8_matrix, Int4, Quantization};
 use super::tokenizer::Tokenizer;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use kernels::quant::{QuantMatrix, QuantType};
+use kernels::quant::{QuantMatrix, QuantType, QK};
 use std::path::{Path, PathBuf};
 
 /// Everything the engine needs to serve one model.
@@ -19,10 +21,22 @@ pub struct LoadedWeights {
     pub template: Option<ChatTemplate>,
 }
 
-/// Loads a `.gguf` file or a folder with `config.json` and safetensors.
-pub fn load_model(path: &Path, device: &Device) -> Result<LoadedWeights> {
+/// Loads a `.gguf` file or a folder with `config.json` and safetensors
+/// (dense, or AutoAWQ's 4-bit groups), quantizing dense projections at load
+/// when `quantization` asks for it.
+pub fn load_model(
+    path: &Path,
+    device: &Device,
+    quantization: Quantization,
+) -> Result<LoadedWeights> {
     if path.is_dir() {
-        load_hf_dir(path, device)
+        load_hf_dir(path, device, quantization)
+    } else if quantization != Quantization::None {
+        Err(LlmError::Unsupported(format!(
+            "quantization {quantization:?} applies to Hugging Face folders of f32, f16 or bf16 \
+             safetensors; {} is a GGUF file, whose weights are quantized already",
+            path.display()
+        )))
     } else {
         load_gguf(path, device)
     }
@@ -95,10 +109,16 @@ fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Resu
     }
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
+/// Opens a GGUF file and reads its metadata.
+pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
     let mut file = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| load_err(path, format!("not a GGUF file: {e}")))?;
+    Ok((file, content))
+}
+
+/// The architecture name and hyper-parameters a GGUF file's metadata gives.
+pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String, LlamaConfig)> {
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -141,6 +161,14 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
         rope_interleaved: arch != "qwen2",
     };
     config.validate()?;
+    Ok((arch, config))
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
+    let (file, content) = open_gguf(path)?;
+    let (_, config) = gguf_config(path, &content)?;
+    let n_layers = config.num_hidden_layers;
+    let md = &content.metadata;
     let tokenizer = Tokenizer::from_gguf(md).map_err(|e| load_err(path, e))?;
     let template = md
         .get("tokenizer.chat_template")
@@ -198,21 +226,27 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
     })
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
+fn load_hf_dir(dir: &Path, device: &Device, quantization: Quantization) -> Result<LoadedWeights> {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| load_err(&dir.join(name), e))
     };
-    let config = LlamaConfig::from_hf_json(&read("config.json")?)?;
+    let text = read("config.json")?;
+    let config = LlamaConfig::from_hf_json(&text)?;
     config.validate()?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| load_err(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(load_err(dir, "no *.safetensors file in the folder"));
-    }
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| load_err(&dir.join("config.json"), e))?;
+    let projections = match (AwqConfig::from_config_json(&json)?, quantization) {
+        (None, Quantization::None) => Projections::Dense,
+        (None, Quantization::Int8) => Projections::Int8,
+        (Some(awq), Quantization::None) => Projections::Awq(awq.group_size),
+        (Some(_), q) => {
+            return Err(LlmError::Unsupported(format!(
+                "quantization {q:?}: {} is an AWQ checkpoint, quantized already",
+                dir.display()
+            )))
+        }
+    };
+    let files = safetensors_files(dir)?;
     tracing::info!(
         files = files.len(),
         "loading safetensors from {}",
@@ -220,7 +254,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     );
     // Safety: the files are memory-mapped read-only and not modified while loaded.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
-    let weights = weights_from_varbuilder(&config, vb)?;
+    let weights = weights_from_varbuilder(&config, vb, projections)?;
     let tokenizer = Tokenizer::from_file(
         &dir.join("tokenizer.json"),
         &dir.join("tokenizer_config.json"),
@@ -240,18 +274,97 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedWeights> {
     })
 }
 
-/// Builds [`Weights`] from tensors named as Hugging Face's llama layout names them.
-pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weights> {
-    let (h, kvd) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
-    let device = vb.device().clone();
-    let linear = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> Result<Linear> {
-        let bias = if bias {
-            Some(vb.get(o, "bias")?.to_vec1()?)
-        } else {
-            None
+/// How the projections of a Hugging Face checkpoint are stored and served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projections {
+    /// Dense weights, multiplied in f32.
+    Dense,
+    /// Dense weights quantized at load to INT8 per output channel (the LM
+    /// head included).
+    Int8,
+    /// AutoAWQ's 4-bit groups of this size; the LM head stays dense.
+    Awq(usize),
+}
+
+impl Projections {
+    fn load(self, vb: &VarBuilder, i: usize, o: usize) -> Result<Linear> {
+        let device = vb.device();
+        let dense = |vb: &VarBuilder| vb.get((o, i), "weight");
+        let int8 = |w: Tensor| -> Result<Linear> {
+            if !i.is_multiple_of(QK) {
+                return Err(LlmError::Unsupported(format!(
+                    "quantization int8: {} has {i} inputs, not a multiple of {QK}",
+                    vb.prefix()
+                )));
+            }
+            let w: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            Ok(Linear::quant(int8_matrix(&w, o, i), None))
         };
-        let w = QMatMul::Tensor(vb.get((o, i), "weight")?);
-        Ok(Linear::candle(w, o, bias, &device))
+        match self {
+            Self::Dense => Ok(Linear::candle(QMatMul::Tensor(dense(vb)?), o, None, device)),
+            Self::Int8 => int8(dense(vb)?),
+            Self::Awq(group) => {
+                let prefix = vb.prefix();
+                // `vb` prefixes names with the projection's path already.
+                let get = |name: &str, dtype| {
+                    let short = name.strip_prefix(&prefix).unwrap_or(name);
+                    vb.get_unchecked_dtype(short.trim_start_matches('.'), dtype)
+                };
+                let q = Int4::from_awq(&get, &prefix, o, i, group)?;
+                Ok(Linear::quant(q.matrix(), None))
+            }
+        }
+    }
+
+    /// The LM head: its own tensor (dense for AWQ checkpoints, which keep
+    /// it unquantized), or the embedding `[vocab, h]` when tied.
+    fn head(self, c: &LlamaConfig, embed: &Tensor, vb: &VarBuilder) -> Result<Linear> {
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        match self {
+            Self::Int8 if c.tie_word_embeddings => {
+                let w: Vec<f32> = embed.flatten_all()?.to_vec1()?;
+                Ok(Linear::quant(int8_matrix(&w, vocab, h), None))
+            }
+            _ if c.tie_word_embeddings => Ok(Linear::candle(
+                QMatMul::Tensor(embed.clone()),
+                vocab,
+                None,
+                vb.device(),
+            )),
+            Self::Awq(_) => Self::Dense.load(&vb.pp("lm_head"), h, vocab),
+            other => other.load(&vb.pp("lm_head"), h, vocab),
+        }
+    }
+}
+
+/// The `*.safetensors` files of a folder, sorted; none is an error.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| load_err(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(load_err(dir, "no *.safetensors file in the folder"));
+    }
+    Ok(files)
+}
+
+/// Builds [`Weights`] from tensors named as Hugging Face's llama layout names
+/// them, with projections stored as `projections` says.
+pub fn weights_from_varbuilder(
+    c: &LlamaConfig,
+    vb: VarBuilder,
+    projections: Projections,
+) -> Result<Weights> {
+    let (h, kvd) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
+    let linear = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> Result<Linear> {
+        let mut l = projections.load(&vb, i, o)?;
+        if bias {
+            l.set_bias(vb.get(o, "bias")?.to_vec1()?);
+        }
+        Ok(l)
     };
     let norm = |vb: VarBuilder| -> Result<RmsNorm> {
         Ok(RmsNorm::new(
@@ -262,6 +375,13 @@ pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weight
     let m = vb.pp("model");
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
+        if projections == Projections::Int8 && ((i + 1) % 10 == 0 || i + 1 == c.num_hidden_layers) {
+            tracing::info!(
+                layers = i + 1,
+                of = c.num_hidden_layers,
+                "quantizing to int8"
+            );
+        }
         let l = m.pp(format!("layers.{i}"));
         let (a, mlp) = (l.pp("self_attn"), l.pp("mlp"));
         let qd = c.num_attention_heads * c.head_dim;
@@ -282,11 +402,7 @@ pub fn weights_from_varbuilder(c: &LlamaConfig, vb: VarBuilder) -> Result<Weight
         });
     }
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
-    let lm_head = if c.tie_word_embeddings {
-        Linear::candle(QMatMul::Tensor(embed.clone()), c.vocab_size, None, &device)
-    } else {
-        linear(vb.pp("lm_head"), h, c.vocab_size, false)?
-    };
+    let lm_head = projections.head(c, &embed, &vb)?;
     Ok(Weights {
         embed: embed.flatten_all()?.to_vec1()?,
         layers,

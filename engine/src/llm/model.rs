@@ -43,6 +43,10 @@ impl Linear {
         }
     }
 
+    pub fn set_bias(&mut self, bias: Vec<f32>) {
+        self.bias = Some(bias);
+    }
+
     /// Projections of the same input whose outputs are concatenated per row.
     /// Blocks of one type merge into a single matrix, so that one pass over
     /// the input and one parallel section serve all of them.
@@ -169,6 +173,22 @@ fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
+/// Where a layer's projections take their input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// The attention norm's output, into q, k and v.
+    Qkv,
+    /// Attention's output, into o.
+    O,
+    /// The MLP norm's output, into gate and up.
+    GateUp,
+    /// `silu(gate)·up`, into down.
+    Down,
+}
+
+/// Sees `[tokens, width]` inputs of a layer's projections during a pass.
+pub type Tap<'a> = dyn FnMut(usize, Site, &[f32]) + Send + 'a;
+
 /// One sequence's slice of a flattened batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
@@ -241,7 +261,7 @@ impl LlamaModel {
     /// token, `[segments, vocab]`, in segment order. Every segment's sequence
     /// must hold blocks for its tokens ([`KvCache::prepare`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
-        let x = on_pool(|| self.hidden(batch, cache))?;
+        let x = on_pool(|| self.hidden(batch, cache, &mut |_, _, _| ()))?;
         let h = self.config.hidden_size;
         let last: Vec<f32> = batch
             .segments
@@ -275,15 +295,7 @@ impl LlamaModel {
                 tokens.len()
             )
         }
-        let layout = self.kv_layout(16);
-        let blocks = tokens.len().div_ceil(layout.block_size);
-        let mut cache = KvCache::new(self.config.num_hidden_layers, layout, dtype, blocks, false);
-        cache
-            .allocate(SeqId(0), tokens.len())
-            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
-        let mut batch = ForwardBatch::default();
-        batch.push(SeqId(0), tokens, 0);
-        let x = on_pool(|| self.hidden(&batch, &mut cache))?;
+        let x = self.observe(tokens, dtype, &mut |_, _, _| ())?;
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut out = Vec::with_capacity(tokens.len() - from);
         // Row i predicts token i + 1; the vocabulary-wide logits are made a
@@ -300,8 +312,23 @@ impl LlamaModel {
         Ok(out)
     }
 
+    /// Runs `tokens` as one sequence through a private cache of `dtype` and
+    /// returns the final hidden state of every token, `[tokens, hidden]`;
+    /// `tap` sees each projection's input on the way.
+    pub fn observe(&self, tokens: &[u32], dtype: KvDtype, tap: &mut Tap) -> Result<Vec<f32>> {
+        let layout = self.kv_layout(16);
+        let blocks = tokens.len().div_ceil(layout.block_size);
+        let mut cache = KvCache::new(self.config.num_hidden_layers, layout, dtype, blocks, false);
+        cache
+            .allocate(SeqId(0), tokens.len())
+            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+        let mut batch = ForwardBatch::default();
+        batch.push(SeqId(0), tokens, 0);
+        on_pool(|| self.hidden(&batch, &mut cache, tap))
+    }
+
     /// The final hidden state of every token in the batch, `[tokens, hidden]`.
-    fn hidden(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn hidden(&self, batch: &ForwardBatch, cache: &mut KvCache, tap: &mut Tap) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = batch.tokens.len();
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -351,7 +378,9 @@ impl LlamaModel {
         let (qd, kvd) = (heads * d, kv_heads * d);
         let inter = c.intermediate_size;
         for (li, layer) in self.weights.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&layer.attn_norm.forward(&x), n)?;
+            let normed = layer.attn_norm.forward(&x);
+            tap(li, Site::Qkv, &normed);
+            let qkv = layer.qkv.forward(&normed, n)?;
             let column = |from: usize, width: usize| -> Vec<f32> {
                 qkv.chunks_exact(qd + 2 * kvd)
                     .flat_map(|r| &r[from..from + width])
@@ -375,9 +404,13 @@ impl LlamaModel {
                 layout,
             };
             paged_attention(Isa::detect(), &q, heads, &seqs, kv, scale, &mut attn);
+            tap(li, Site::O, &attn);
             add(&mut x, &layer.o.forward(&attn, n)?);
-            let gate_up = layer.gate_up.forward(&layer.ffn_norm.forward(&x), n)?;
+            let normed = layer.ffn_norm.forward(&x);
+            tap(li, Site::GateUp, &normed);
+            let gate_up = layer.gate_up.forward(&normed, n)?;
             let gated = kernels::activation::silu_mul(&gate_up, inter);
+            tap(li, Site::Down, &gated);
             add(&mut x, &layer.down.forward(&gated, n)?);
         }
         Ok(x)

@@ -166,6 +166,24 @@ impl Tokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens,
+    /// `add_bos_token`, the chat template when given) into `dir`: what
+    /// [`Tokenizer::from_file`] and Transformers read back.
+    pub fn save_hf(&self, dir: &Path, chat_template: Option<&str>) -> Result<()> {
+        self.inner
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(tok_err)?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos,
+            "eos_token": self.eos,
+            "add_bos_token": self.add_bos,
+            "chat_template": chat_template,
+        });
+        let text = serde_json::to_string_pretty(&config).map_err(tok_err)?;
+        std::fs::write(dir.join("tokenizer_config.json"), text).map_err(tok_err)
+    }
+
     /// Encodes text; special-token strings in it (e.g. `<|im_start|>`) map to their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
@@ -203,6 +221,11 @@ impl Tokenizer {
 
     pub fn token_text(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The id of a token spelled as the vocabulary spells it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     pub fn is_eos(&self, id: u32) -> bool {

@@ -207,9 +207,16 @@ impl Controller {
 
     fn load(&self, v: &Version) -> Result<LlmEngine> {
         let artifact = &v.spec.artifact;
-        let path =
+        let mut path =
             crate::models::resolve_artifact(&artifact.uri, &artifact.sha256, &self.artifact_roots)?;
-        let loaded = load_model(&path, &candle_core::Device::Cpu)
+        if path.is_file() && artifact.format == "awq" {
+            // An AWQ folder as .tar.gz, unpacked under the cache by its sha256.
+            let to = crate::models::cache_dir()
+                .join("unpacked")
+                .join(artifact.sha256.to_ascii_lowercase());
+            path = crate::plane::unpack(&path, &to, "config.json").map_err(anyhow::Error::msg)?;
+        }
+        let loaded = load_model(&path, &candle_core::Device::Cpu, self.engine.quantization)
             .with_context(|| format!("loading {}", path.display()))?;
         let mut config: EngineConfig = (&self.engine).into();
         if let Some(n) = v.spec.requirements.context_length {

@@ -112,7 +112,7 @@ pub fn tiny_engine(name: &str) -> engine::llm::LlmEngine {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     tiny_gguf(&path);
-    let loaded = engine::llm::load_model(&path, &Device::Cpu).unwrap();
+    let loaded = engine::llm::load_model(&path, &Device::Cpu, Default::default()).unwrap();
     let config = engine::llm::EngineConfig {
         kv_cache: engine::llm::KvCacheSize::Bytes(1 << 20),
         max_num_seqs: 2,

@@ -15,24 +15,59 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU has.
+    /// The best this CPU has, or the lower path `SWITCHYARD_ISA` names
+    /// (`avx512vnni`, `avx2` or `portable`), so that one machine can measure
+    /// and test the paths of machines with fewer instructions.
     pub fn detect() -> Isa {
+        use std::sync::OnceLock;
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let hardware = Isa::hardware();
+            match std::env::var("SWITCHYARD_ISA").ok().as_deref() {
+                None | Some("") => hardware,
+                Some(name) => match Isa::parse(name) {
+                    // A path can only be lowered: the CPU must have it.
+                    Some(forced) if forced.rank() >= hardware.rank() => forced,
+                    Some(_) => {
+                        eprintln!("SWITCHYARD_ISA={name}: this CPU lacks it; using {hardware:?}");
+                        hardware
+                    }
+                    None => {
+                        eprintln!("SWITCHYARD_ISA={name}: expected avx512vnni, avx2 or portable; using {hardware:?}");
+                        hardware
+                    }
+                },
+            }
+        })
+    }
+
+    fn parse(name: &str) -> Option<Isa> {
+        match name.to_ascii_lowercase().as_str() {
+            "avx512vnni" | "vnni" => Some(Isa::Vnni),
+            "avx2" => Some(Isa::Avx2),
+            "portable" => Some(Isa::Portable),
+            _ => None,
+        }
+    }
+
+    /// 0 for the best path.
+    fn rank(self) -> u8 {
+        self as u8
+    }
+
+    fn hardware() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::sync::OnceLock;
-            static ISA: OnceLock<Isa> = OnceLock::new();
-            *ISA.get_or_init(|| {
-                let avx2 = is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c");
-                let vnni =
-                    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
-                match (avx2, vnni) {
-                    (true, true) => Isa::Vnni,
-                    (true, false) => Isa::Avx2,
-                    _ => Isa::Portable,
-                }
-            })
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni =
+                is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+            match (avx2, vnni) {
+                (true, true) => Isa::Vnni,
+                (true, false) => Isa::Avx2,
+                _ => Isa::Portable,
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Portable

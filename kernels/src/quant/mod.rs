@@ -18,6 +18,7 @@ mod unpack;
 pub use act::Activations;
 pub use dot::Isa;
 use rayon::prelude::*;
+pub use unpack::Unpacked;
 
 /// Values per block of Q4_0, Q4_1, Q8_0 and of ggml's Q8_0/Q8_1 activations.
 pub const QK: usize = 32;
@@ -222,6 +223,22 @@ impl QuantMatrix {
         );
         let row_bytes = k / ty.block_values() * ty.block_bytes();
         assert_eq!(blocks.len(), n * row_bytes, "{ty:?} weights [{n}, {k}]");
+        Self::from_rows(ty, n, k, |r, row| {
+            unpack::unpack(ty, &blocks[r * row_bytes..][..row_bytes], row)
+        })
+    }
+
+    /// Packs `n` rows of `k` values that `fill` writes as codes with a
+    /// scale and an offset per block of 32 (`w = d·code + m`), for weights
+    /// quantized here rather than read from GGUF blocks: `ty` is `Q4_1`
+    /// (codes 0..16) or `Q8_0` (codes 0..256) and picks the kernel and the
+    /// activations' scheme.
+    pub fn from_rows(
+        ty: QuantType,
+        n: usize,
+        k: usize,
+        fill: impl Fn(usize, &mut Unpacked) + Sync,
+    ) -> Self {
         let layout = Layout::new(ty, k);
         let lanes = layout.lanes();
         let mut codes = vec![0u8; n * layout.code_bytes];
@@ -229,11 +246,11 @@ impl QuantMatrix {
         let rows = codes
             .par_chunks_mut(layout.code_bytes)
             .zip(scales.par_chunks_mut(2 * lanes))
-            .zip(blocks.par_chunks(row_bytes));
+            .enumerate();
         rows.for_each_init(
-            || unpack::Unpacked::new(k),
-            |row, ((codes, scales), src)| {
-                unpack::unpack(ty, src, row);
+            || Unpacked::new(k),
+            |row, (r, (codes, scales))| {
+                fill(r, row);
                 for (gi, g) in layout.groups.iter().enumerate() {
                     for s in 0..g.steps() {
                         for b in 0..STEP {

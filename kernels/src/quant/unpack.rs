@@ -33,11 +33,13 @@ impl Unpacked {
     }
 }
 
-/// Sets both half-blocks of 32-value block `blk` of `row`.
-fn block_scale(row: &mut Unpacked, blk: usize, d: f32, m: f32) {
-    for h in 2 * blk..2 * blk + 2 {
-        row.d[h] = d;
-        row.m[h] = m;
+impl Unpacked {
+    /// Sets the scale and offset of 32-value block `blk`.
+    pub fn set_block(&mut self, blk: usize, d: f32, m: f32) {
+        for h in 2 * blk..2 * blk + 2 {
+            self.d[h] = d;
+            self.m[h] = m;
+        }
     }
 }
 
@@ -62,13 +64,13 @@ pub fn unpack(ty: QuantType, src: &[u8], row: &mut Unpacked) {
             for (i, b) in blocks {
                 let d = f16_at(b, 0);
                 nibbles(&b[2..18], &mut row.codes[i * QK..][..QK]);
-                block_scale(row, i, d, -8.0 * d);
+                row.set_block(i, d, -8.0 * d);
             }
         }
         QuantType::Q4_1 => {
             for (i, b) in blocks {
                 nibbles(&b[4..20], &mut row.codes[i * QK..][..QK]);
-                block_scale(row, i, f16_at(b, 0), f16_at(b, 2));
+                row.set_block(i, f16_at(b, 0), f16_at(b, 2));
             }
         }
         QuantType::Q8_0 => {
@@ -78,7 +80,7 @@ pub fn unpack(ty: QuantType, src: &[u8], row: &mut Unpacked) {
                 for (c, &q) in row.codes[i * QK..][..QK].iter_mut().zip(&b[2..34]) {
                     *c = q ^ 0x80;
                 }
-                block_scale(row, i, d, -128.0 * d);
+                row.set_block(i, d, -128.0 * d);
             }
         }
         QuantType::Q4K | QuantType::Q5K => {
@@ -100,7 +102,7 @@ pub fn unpack(ty: QuantType, src: &[u8], row: &mut Unpacked) {
                             out[l] = nib | high;
                         }
                         let (sc, mn) = scale_min_k4(2 * c + s, scales);
-                        block_scale(row, blk, d * sc, -(dmin * mn));
+                        row.set_block(blk, d * sc, -(dmin * mn));
                     }
                 }
             }
