@@ -208,12 +208,20 @@ fn a_broken_awq_checkpoint_names_what_is_wrong() {
     .unwrap();
     let e = err(&bits);
     assert!(e.contains("bits (w_bit)"), "{e}");
-    // And INT8 on top of AWQ is refused too.
-    let e = load_model(&awq, &Device::Cpu, Quantization::Int8)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("AWQ checkpoint"), "{e}");
+}
+
+#[test]
+fn int8_on_an_awq_checkpoint_quantizes_its_dense_head() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let awq = dir.path().join("awq");
+    quantize(dir.path(), &awq, None, &opts(Method::Rtn), &|_, _, _| ()).unwrap();
+    let (dense_head, int8_head) = (
+        scores(&awq, Quantization::None),
+        scores(&awq, Quantization::Int8),
+    );
+    let d = mean_abs_diff(&dense_head, &int8_head);
+    assert!(d > 0.0 && d < 0.05, "mean |Δ log p| {d}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

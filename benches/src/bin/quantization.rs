@@ -7,7 +7,8 @@
 //!   --model f16=DIR --model int8=DIR --model awq=DIR --model rtn=DIR \
 //!   --model q4_1=FILE.gguf --text data/text/eval-hacker-folklore.txt
 //!
-//! A model named `int8` is loaded with `quantization: int8`.
+//! A model named `int8` or `…+int8` is loaded with `quantization: int8` (on an
+//! AWQ checkpoint: its dense LM head in INT8).
 use benches::{median, print_table};
 use candle_core::{Device, Tensor, D};
 use clap::Parser;
@@ -32,6 +33,10 @@ struct Args {
     decode_tokens: usize,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Decode speed alone: perplexity is the same on every kernel path (they
+    /// give the same bits), so a run with `SWITCHYARD_ISA` may skip it.
+    #[arg(long)]
+    skip_perplexity: bool,
 }
 
 fn greedy(logits: &Tensor) -> u32 {
@@ -79,7 +84,7 @@ fn main() {
     let mut anchor = None;
     for spec in &a.model {
         let (name, path) = spec.split_once('=').expect("--model NAME=PATH");
-        let q = if name == "int8" {
+        let q = if name == "int8" || name.ends_with("+int8") {
             Quantization::Int8
         } else {
             Quantization::None
@@ -88,21 +93,33 @@ fn main() {
         let loaded = load_model(path.as_ref(), &Device::Cpu, q).expect("loading the model");
         let load_s = t.elapsed().as_secs_f64();
         let tokens = loaded.tokenizer.encode(&text).unwrap();
-        let p = perplexity(
-            &loaded.model,
-            &tokens,
-            DEFAULT_CONTEXT,
-            DEFAULT_STRIDE,
-            &|_, _| (),
-        )
-        .unwrap();
+        let ppl = if a.skip_perplexity {
+            f64::NAN
+        } else {
+            perplexity(
+                &loaded.model,
+                &tokens,
+                DEFAULT_CONTEXT,
+                DEFAULT_STRIDE,
+                &|_, _| (),
+            )
+            .unwrap()
+            .perplexity()
+        };
         let rate = decode_rate(&loaded.model, &tokens[..32], a.decode_tokens, a.repeats);
-        let (base, base_ppl) = *anchor.get_or_insert((rate, p.perplexity()));
+        let (base, base_ppl) = *anchor.get_or_insert((rate, ppl));
+        let shown = |v: String| {
+            if a.skip_perplexity {
+                "–".to_string()
+            } else {
+                v
+            }
+        };
         rows.push(vec![
             name.to_string(),
             format!("{:.1}", load_s),
-            format!("{:.3}", p.perplexity()),
-            format!("{:+.1}%", (p.perplexity() / base_ppl - 1.0) * 100.0),
+            shown(format!("{ppl:.3}")),
+            shown(format!("{:+.1}%", (ppl / base_ppl - 1.0) * 100.0)),
             format!("{rate:.1}"),
             format!("{:.2}", rate / base),
         ]);

@@ -238,13 +238,10 @@ fn load_hf_dir(dir: &Path, device: &Device, quantization: Quantization) -> Resul
     let projections = match (AwqConfig::from_config_json(&json)?, quantization) {
         (None, Quantization::None) => Projections::Dense,
         (None, Quantization::Int8) => Projections::Int8,
-        (Some(awq), Quantization::None) => Projections::Awq(awq.group_size),
-        (Some(_), q) => {
-            return Err(LlmError::Unsupported(format!(
-                "quantization {q:?}: {} is an AWQ checkpoint, quantized already",
-                dir.display()
-            )))
-        }
+        (Some(awq), q) => Projections::Awq {
+            group: awq.group_size,
+            int8_head: q == Quantization::Int8,
+        },
     };
     let files = safetensors_files(dir)?;
     tracing::info!(
@@ -282,8 +279,9 @@ pub enum Projections {
     /// Dense weights quantized at load to INT8 per output channel (the LM
     /// head included).
     Int8,
-    /// AutoAWQ's 4-bit groups of this size; the LM head stays dense.
-    Awq(usize),
+    /// AutoAWQ's 4-bit groups of this size; the LM head, which AWQ leaves
+    /// dense, stays so or is quantized to INT8 at load.
+    Awq { group: usize, int8_head: bool },
 }
 
 impl Projections {
@@ -303,7 +301,7 @@ impl Projections {
         match self {
             Self::Dense => Ok(Linear::candle(QMatMul::Tensor(dense(vb)?), o, None, device)),
             Self::Int8 => int8(dense(vb)?),
-            Self::Awq(group) => {
+            Self::Awq { group, .. } => {
                 let prefix = vb.prefix();
                 // `vb` prefixes names with the projection's path already.
                 let get = |name: &str, dtype| {
@@ -316,11 +314,16 @@ impl Projections {
         }
     }
 
-    /// The LM head: its own tensor (dense for AWQ checkpoints, which keep
-    /// it unquantized), or the embedding `[vocab, h]` when tied.
+    /// The LM head: its own tensor, or the embedding `[vocab, h]` when tied;
+    /// dense for AWQ checkpoints unless INT8 was asked for.
     fn head(self, c: &LlamaConfig, embed: &Tensor, vb: &VarBuilder) -> Result<Linear> {
         let (h, vocab) = (c.hidden_size, c.vocab_size);
-        match self {
+        let head = match self {
+            Self::Awq { int8_head, .. } if int8_head => Self::Int8,
+            Self::Awq { .. } => Self::Dense,
+            other => other,
+        };
+        match head {
             Self::Int8 if c.tie_word_embeddings => {
                 let w: Vec<f32> = embed.flatten_all()?.to_vec1()?;
                 Ok(Linear::quant(int8_matrix(&w, vocab, h), None))
@@ -331,7 +334,6 @@ impl Projections {
                 None,
                 vb.device(),
             )),
-            Self::Awq(_) => Self::Dense.load(&vb.pp("lm_head"), h, vocab),
             other => other.load(&vb.pp("lm_head"), h, vocab),
         }
     }

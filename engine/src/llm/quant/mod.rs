@@ -20,7 +20,8 @@ pub enum Quantization {
     /// 4-bit groups for AWQ folders.
     #[default]
     None,
-    /// INT8 weight-only, symmetric per output channel, done at load.
+    /// INT8 weight-only, symmetric per output channel, done at load; on
+    /// an AWQ checkpoint, for the LM head that AWQ leaves dense.
     Int8,
 }
 
