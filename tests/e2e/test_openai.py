@@ -59,6 +59,28 @@ def test_bad_parameters_raise_bad_request(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "auto"),
+    ("logit_bias", {"42": 100}),
+    ("parallel_tool_calls", False),
+    ("skip_special_tokens", False),
+])
+def test_a_field_not_honoured_is_refused_by_name(server, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(server), "hi", max_tokens=2, extra_body={field: value})
+    assert e.value.body["param"] == field and field in e.value.body["message"]
+    # Completions refuse the same way, and name completions' own unsupported fields.
+    for extra in [{field: value}, {"suffix": "x"}, {"best_of": 2}]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client(server).completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == next(iter(extra))
+    # Fields documented as ignored are accepted.
+    r = ask(client(server), "hi", max_tokens=2, metadata={"team": "a"}, store=False)
+    assert r.choices[0].message.content is not None
+
+
 def test_unknown_model_raises_not_found(server):
     with pytest.raises(openai.NotFoundError) as e:
         client(server).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

@@ -73,12 +73,17 @@ async fn one(
     messages: Value,
     max_tokens: usize,
 ) -> anyhow::Result<Sample> {
-    let body = json!({
+    let mut body = json!({
         "model": a.model, "stream": true, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": a.ignore_eos, "min_tokens": if a.ignore_eos { max_tokens } else { 0 },
-        "stream_options": {"include_usage": true}, "cache_prompt": false,
+        "stream_options": {"include_usage": true},
         "messages": messages,
     });
+    if a.anchor.as_deref() == Some(url) {
+        // llama-server's own field: its prompt cache off. Switchyard refuses
+        // fields it does not honour, so only the anchor gets it.
+        body["cache_prompt"] = json!(false);
+    }
     let start = Instant::now();
     let send = || {
         client

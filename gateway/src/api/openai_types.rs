@@ -1,5 +1,8 @@
 //! Request bodies of the OpenAI API, and their validation into the engine's
-//! request type. Unknown fields are ignored, as OpenAI's own server does.
+//! request type. A field Switchyard does not honour is refused with a 400
+//! naming it ([`refuse_unknown_fields`]), never silently ignored: a client
+//! that asks for `response_format` or `tools` must not get free text while
+//! believing otherwise.
 use super::error::ApiError;
 use crate::params::{GenerateParams, ParamError, SamplingFields};
 use engine::llm::ChatMessage;
@@ -72,6 +75,65 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: bool,
+}
+
+/// Fields both endpoints honour: [`CommonParams`] and [`SamplingFields`].
+pub const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "user",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "seed",
+    "n",
+    "stop",
+    "ignore_eos",
+    "min_tokens",
+];
+/// [`ChatRequest`]'s own fields.
+pub const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+];
+/// [`CompletionRequest`]'s own fields (`echo` is read to be refused by name).
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo"];
+/// Accepted and ignored, as documented: they change nothing in the answer
+/// (OpenAI's stored-completion tags).
+pub const IGNORED_FIELDS: &[&str] = &["metadata", "store"];
+
+/// Refuses the first top-level field of `body` (a JSON object) that is
+/// neither common, nor in `own`, nor in [`IGNORED_FIELDS`].
+pub fn refuse_unknown_fields(body: &[u8], own: &[&str]) -> Result<(), ApiError> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+        // Not an object: the typed parse names what is wrong.
+        return Ok(());
+    };
+    let known = |k: &str| {
+        [COMMON_FIELDS, own, IGNORED_FIELDS]
+            .iter()
+            .any(|l| l.contains(&k))
+    };
+    match map.keys().find(|k| !known(k)) {
+        None => Ok(()),
+        Some(field) => Err(ApiError::invalid(
+            field.clone(),
+            format!(
+                "`{field}` is not supported by this server; it refuses fields it does not honour \
+                 rather than ignoring them (honoured: {}, {})",
+                own.join(", "),
+                COMMON_FIELDS.join(", ")
+            ),
+        )),
+    }
 }
 
 /// The validated, endpoint-independent part of a request.
@@ -200,6 +262,42 @@ mod tests {
         serde_json::from_str(body).unwrap()
     }
 
+    /// Every honoured field is read by the request types (a value of the
+    /// wrong shape there fails the parse), so the lists cannot name a field
+    /// that is in fact dropped; any other field is refused by name.
+    #[test]
+    fn honoured_fields_are_read_and_others_refused() {
+        type Parses = fn(&str) -> bool;
+        let chat: Parses = |b| serde_json::from_str::<ChatRequest>(b).is_ok();
+        let completion: Parses = |b| serde_json::from_str::<CompletionRequest>(b).is_ok();
+        let chat_input = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for (own, input, parse) in [
+            (CHAT_FIELDS, chat_input, chat),
+            (COMPLETION_FIELDS, r#""prompt":"p""#, completion),
+        ] {
+            let valid = |extra: &str| format!(r#"{{"model":"m",{input}{extra}}}"#);
+            assert!(parse(&valid("")));
+            for field in COMMON_FIELDS.iter().chain(own) {
+                let mut v: serde_json::Value = serde_json::from_str(&valid("")).unwrap();
+                v[field] = serde_json::json!([[[]]]);
+                assert!(!parse(&v.to_string()), "`{field}` is listed but not read");
+            }
+            for field in [
+                "response_format",
+                "tools",
+                "logit_bias",
+                "suffix",
+                "best_of",
+            ] {
+                let body = valid(&format!(r#","{field}":1"#));
+                let e = refuse_unknown_fields(body.as_bytes(), own).unwrap_err();
+                assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
+            }
+            let body = valid(r#","metadata":{"a":"b"},"store":false"#);
+            assert!(refuse_unknown_fields(body.as_bytes(), own).is_ok());
+        }
+    }
+
     #[test]
     fn defaults_and_extensions_parse() {
         let r = chat(
@@ -232,7 +330,7 @@ mod tests {
                 r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{body}}}"#
             ));
             let e = r.common.validate(None, None).unwrap_err();
-            assert_eq!(e.param, Some(param), "{body}: {}", e.message);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         }
     }

@@ -4,7 +4,10 @@ mod proxy;
 mod render;
 
 use super::error::{ApiError, OpenAiBody};
-use super::openai_types::{ChatRequest, CommonParams, CompletionRequest, Validated};
+use super::openai_types::{
+    refuse_unknown_fields, ChatRequest, CommonParams, CompletionRequest, Validated, CHAT_FIELDS,
+    COMPLETION_FIELDS,
+};
 use super::AppState;
 use crate::dispatch::llm::{Generation, LlmTarget};
 use crate::dispatch::{self, Unavailable};
@@ -158,6 +161,7 @@ pub async fn chat_completions(
 /// runs on the blocking pool for a large body.
 fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Prepared, ApiError> {
     let mut req: ChatRequest = parse(body)?;
+    refuse_unknown_fields(body, CHAT_FIELDS)?;
     let target = route(state, &mut req.common, headers, body)?;
     let messages = req.chat_messages()?;
     let logprobs = req.logprobs()?;
@@ -230,6 +234,7 @@ fn prepare_completion(
     body: &Bytes,
 ) -> Result<Prepared, ApiError> {
     let mut req: CompletionRequest = parse(body)?;
+    refuse_unknown_fields(body, COMPLETION_FIELDS)?;
     let target = route(state, &mut req.common, headers, body)?;
     let text = req.prompt_text()?;
     if req.echo {
