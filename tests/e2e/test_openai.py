@@ -81,6 +81,25 @@ def test_a_field_not_honoured_is_refused_by_name(server, field, value):
     assert r.choices[0].message.content is not None
 
 
+def test_models_retrieve_and_unknown_routes_answer_in_the_protocols_shape(server):
+    c = client(server)
+    m = c.models.retrieve(MODEL)
+    assert (m.id, m.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+    r = httpx.get(f"{server.url}/v1/no-such-route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = httpx.get(f"{server.url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.get(f"{server.url}/v2/no-such-route")
+    assert r.status_code == 404 and "Unknown request URL" in r.json()["error"]
+    # A token-id prompt is refused naming the prompt, not a parser's type.
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "token-id" in e.value.body["message"]
+
+
 def test_unknown_model_raises_not_found(server):
     with pytest.raises(openai.NotFoundError) as e:
         client(server).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

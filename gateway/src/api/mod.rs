@@ -17,11 +17,12 @@ use crate::offload::Offload;
 use crate::upstream::{Protocol, Upstream};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use engine::dnn::ModelRepository;
 use engine::llm::LlmEngine;
+use error::ApiError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use registry::RegistryApi;
 use std::collections::HashMap;
@@ -241,13 +242,56 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(retrieve_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
         .merge(experiments::routes())
         .merge(kserve::http::routes())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+/// A path no route serves: 404 in the shape of the protocol the path
+/// belongs to (KServe's `{"error": "..."}` under `/v2`, OpenAI's elsewhere).
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    no_route(
+        StatusCode::NOT_FOUND,
+        "unknown_url",
+        format!("Unknown request URL: {method} {}", uri.path()),
+        &uri,
+    )
+}
+
+/// A route that exists for other methods: 405, shaped as [`unknown_route`].
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    no_route(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("Method {method} is not allowed on {}", uri.path()),
+        &uri,
+    )
+}
+
+fn no_route(
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    uri: &axum::http::Uri,
+) -> Response {
+    if uri.path().starts_with("/v2") {
+        return (status, Json(serde_json::json!({ "error": message }))).into_response();
+    }
+    ApiError {
+        status,
+        message,
+        kind: "invalid_request_error",
+        param: None,
+        code: Some(code),
+    }
+    .into_response()
 }
 
 async fn health(State(s): State<AppState>) -> impl IntoResponse {
@@ -267,13 +311,29 @@ async fn health(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// A model as OpenAI's `/v1/models` describes one (with vLLM's `max_model_len`).
+fn model_object(id: &str, max_model_len: usize) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard", "max_model_len": max_model_len})
+}
+
 async fn list_models(State(s): State<AppState>) -> impl IntoResponse {
     let data: Vec<_> = s
         .names()
         .into_iter()
-        .map(|(id, max)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard", "max_model_len": max}))
+        .map(|(id, max)| model_object(&id, max))
         .collect();
     Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}` (`client.models.retrieve`): the model, or OpenAI's 404.
+async fn retrieve_model(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match s.names().into_iter().find(|(name, _)| *name == id) {
+        Some((id, max)) => Json(model_object(&id, max)).into_response(),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
 }
 
 /// How far each shadow of a route diverges from its primary.

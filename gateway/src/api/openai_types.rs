@@ -61,17 +61,13 @@ pub struct ChatRequest {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum PromptIn {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     #[serde(flatten)]
     pub common: CommonParams,
-    pub prompt: PromptIn,
+    /// A string, a list of strings, a list of token ids or a list of
+    /// lists: read as JSON and checked by [`CompletionRequest::prompt_text`],
+    /// so that a form not served is refused with `param: prompt`.
+    pub prompt: serde_json::Value,
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: bool,
@@ -232,13 +228,21 @@ impl ChatRequest {
 
 impl CompletionRequest {
     pub fn prompt_text(&self) -> Result<String, ApiError> {
+        use serde_json::Value;
+        let invalid = |m: &str| Err(ApiError::invalid("prompt", m.to_string()));
         match &self.prompt {
-            PromptIn::One(p) => Ok(p.clone()),
-            PromptIn::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            PromptIn::Many(_) => Err(ApiError::invalid(
-                "prompt",
-                "batched prompts are not supported yet; send one prompt",
-            )),
+            Value::String(p) => Ok(p.clone()),
+            Value::Array(v) => match v.as_slice() {
+                [Value::String(p)] => Ok(p.clone()),
+                v if v.iter().all(Value::is_string) && !v.is_empty() => {
+                    invalid("batched prompts (a list of several strings) are not supported yet; send one prompt")
+                }
+                v if !v.is_empty() && v.iter().all(|t| t.is_u64() || t.is_array()) => invalid(
+                    "token-id prompts (a list of ids, or a list of lists) are not supported yet; send the text",
+                ),
+                _ => invalid("`prompt` must be a string or a list of strings, not an empty or mixed list"),
+            },
+            _ => invalid("`prompt` must be a string or a list of strings"),
         }
     }
 
@@ -277,7 +281,8 @@ mod tests {
         ] {
             let valid = |extra: &str| format!(r#"{{"model":"m",{input}{extra}}}"#);
             assert!(parse(&valid("")));
-            for field in COMMON_FIELDS.iter().chain(own) {
+            // `prompt` is read as JSON and checked by `prompt_text` (below).
+            for field in COMMON_FIELDS.iter().chain(own).filter(|f| **f != "prompt") {
                 let mut v: serde_json::Value = serde_json::from_str(&valid("")).unwrap();
                 v[field] = serde_json::json!([[[]]]);
                 assert!(!parse(&v.to_string()), "`{field}` is listed but not read");
@@ -295,6 +300,33 @@ mod tests {
             }
             let body = valid(r#","metadata":{"a":"b"},"store":false"#);
             assert!(refuse_unknown_fields(body.as_bytes(), own).is_ok());
+        }
+    }
+
+    #[test]
+    fn prompt_forms_not_served_name_the_prompt() {
+        let text = |p: &str| {
+            serde_json::from_str::<CompletionRequest>(&format!(r#"{{"model":"m","prompt":{p}}}"#))
+                .unwrap()
+                .prompt_text()
+        };
+        assert_eq!(text(r#""hi""#).unwrap(), "hi");
+        assert_eq!(text(r#"["hi"]"#).unwrap(), "hi");
+        for (p, word) in [
+            (r#"["a","b"]"#, "batched"),
+            ("[1,2,3]", "token-id"),
+            ("[[1],[2]]", "token-id"),
+            ("[[[]]]", "token-id"),
+            ("[]", "empty"),
+            ("5", "string"),
+        ] {
+            let e = text(p).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"));
+            assert!(
+                e.message.contains(word) && !e.message.contains("PromptIn"),
+                "{p}: {}",
+                e.message
+            );
         }
     }
 
