@@ -5,6 +5,7 @@
 use engine::llm::SamplingParams;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 /// A parameter the request got wrong, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,8 @@ pub struct SamplingFields {
     pub stop: Option<OneOrMany>,
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
+    /// Token id (as a string) → bias added to its logit, in [−100, 100].
+    pub logit_bias: Option<HashMap<String, f64>>,
 }
 
 /// A checked generation request's parameters, the same for every front.
@@ -274,6 +277,7 @@ impl SamplingFields {
                 ),
             ));
         }
+        let logit_bias = logit_bias(self.logit_bias)?;
         Ok(GenerateParams {
             sampling: SamplingParams {
                 temperature,
@@ -285,6 +289,7 @@ impl SamplingFields {
                 repetition_penalty,
                 seed: self.seed.map(|s| s as u64),
                 logprobs,
+                logit_bias,
             },
             max_tokens,
             min_tokens,
@@ -293,6 +298,41 @@ impl SamplingFields {
             n,
         })
     }
+}
+
+/// The most tokens one `logit_bias` may name.
+const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `logit_bias` checked: token ids as keys, biases in [−100, 100], sorted by id.
+fn logit_bias(map: Option<HashMap<String, f64>>) -> Result<Vec<(u32, f32)>, ParamError> {
+    let map = map.unwrap_or_default();
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ParamError::new(
+            "logit_bias",
+            format!(
+                "`logit_bias` names at most {MAX_LOGIT_BIAS} tokens, got {}",
+                map.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let id: u32 = k.trim().parse().map_err(|_| {
+            ParamError::new(
+                "logit_bias",
+                format!("`logit_bias` keys are token ids, got `{k}`"),
+            )
+        })?;
+        if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+            return Err(ParamError::new(
+                "logit_bias",
+                format!("`logit_bias` values must be between -100 and 100, got {v} for token {id}"),
+            ));
+        }
+        out.push((id, v as f32));
+    }
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
 }
 
 /// A decimal integer; one beyond i64 becomes the nearest i64 (it fails the

@@ -63,7 +63,7 @@ def test_bad_parameters_raise_bad_request(server):
     ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "auto"),
-    ("logit_bias", {"42": 100}),
+    ("prediction", {"type": "content", "content": "x"}),
     ("parallel_tool_calls", False),
     ("skip_special_tokens", False),
 ])
@@ -98,6 +98,19 @@ def test_models_retrieve_and_unknown_routes_answer_in_the_protocols_shape(server
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2)
     assert e.value.body["param"] == "prompt" and "token-id" in e.value.body["message"]
+
+
+def test_logit_bias_forces_bans_and_is_checked(server):
+    c = client(server)
+    tokens = lambda r: [t.token for t in r.choices[0].logprobs.content]
+    plain = ask(c, QUESTION, temperature=0, max_tokens=4, logprobs=True)
+    # +100 on one token id makes it every token of the answer.
+    forced = ask(c, QUESTION, temperature=0, max_tokens=4, logprobs=True, logit_bias={"330": 100})
+    assert len(set(tokens(forced))) == 1 and tokens(forced) != tokens(plain)
+    for bias, word in [({"99999999": 5}, "vocabulary"), ({"x": 5}, "token ids"), ({"330": 101}, "between")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, "hi", max_tokens=2, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias" and word in e.value.body["message"]
 
 
 def test_unknown_model_raises_not_found(server):

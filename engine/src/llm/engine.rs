@@ -159,6 +159,11 @@ impl LlmEngine {
         self.inner.template.as_ref()
     }
 
+    /// Tokens in the model's vocabulary (the LM head's rows).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.vocab_size
+    }
+
     pub fn max_model_len(&self) -> usize {
         self.inner.config.max_model_len
     }

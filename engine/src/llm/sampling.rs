@@ -20,6 +20,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Alternatives to report per token; `None` reports no logprobs at all.
     pub logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`:
+    /// ±100 bans or forces a token); ids beyond the vocabulary are skipped.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +37,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: None,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -72,6 +76,11 @@ impl Sampler {
         let p = &self.params;
         let report = p.logprobs.map(|_| log_softmax(logits));
         apply_penalties(logits, prompt, output, p);
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         for &b in banned {
             if let Some(l) = logits.get_mut(b as usize) {
                 *l = f32::NEG_INFINITY;
@@ -217,6 +226,27 @@ mod tests {
         let mut p = logits.to_vec();
         softmax_in_place(&mut p);
         p
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans_before_sampling() {
+        let logits = vec![3.0, 1.0, 0.5, 2.0];
+        let pick = |bias: Vec<(u32, f32)>, temperature: f32| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                seed: Some(7),
+                logit_bias: bias,
+                ..SamplingParams::default()
+            });
+            s.sample(&mut logits.clone(), &[], &[], &[]).token
+        };
+        assert_eq!(pick(vec![], 0.0), 0);
+        // +100 forces token 2, greedy or sampled; −100 bans the argmax.
+        assert_eq!(pick(vec![(2, 100.0)], 0.0), 2);
+        assert!((0..20).all(|_| pick(vec![(2, 100.0)], 1.0) == 2));
+        assert_eq!(pick(vec![(0, -100.0)], 0.0), 3);
+        // An id beyond the vocabulary changes nothing.
+        assert_eq!(pick(vec![(99, 100.0)], 0.0), 0);
     }
 
     #[test]

@@ -92,6 +92,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "stop",
     "ignore_eos",
     "min_tokens",
+    "logit_bias",
 ];
 /// [`ChatRequest`]'s own fields.
 pub const CHAT_FIELDS: &[&str] = &[
@@ -290,7 +291,7 @@ mod tests {
             for field in [
                 "response_format",
                 "tools",
-                "logit_bias",
+                "prediction",
                 "suffix",
                 "best_of",
             ] {

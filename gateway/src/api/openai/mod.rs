@@ -27,6 +27,24 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_body(format!("invalid request body: {e}")))
 }
 
+/// The tokens `logit_bias` names must be in the served model's vocabulary.
+fn check_logit_bias(v: &Validated, engine: &LlmEngine) -> Result<(), ApiError> {
+    let vocab = engine.vocab_size();
+    match v
+        .params
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t as usize >= vocab)
+    {
+        Some((t, _)) => Err(ApiError::invalid(
+            "logit_bias",
+            format!("`logit_bias` names token {t}, outside this model's vocabulary of {vocab}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -179,6 +197,7 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
         .collect::<Result<_, _>>()?;
     let model = req.common.model.clone();
     let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+    check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
         request_id: dispatch::request_id(headers, "chatcmpl"),
         target,
@@ -253,6 +272,7 @@ fn prepare_completion(
     // OpenAI's default for completions is 16 tokens.
     let max_tokens = req.common.fields.max_tokens.or(Some(16));
     let v = req.common.validate(max_tokens, logprobs)?;
+    check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
         request_id: dispatch::request_id(headers, "cmpl"),
         // A shadow arm's system prompt is for chat; completions copy the prompt.
