@@ -113,6 +113,25 @@ def test_logit_bias_forces_bans_and_is_checked(server):
         assert e.value.body["param"] == "logit_bias" and word in e.value.body["message"]
 
 
+def test_tokenize_and_detokenize_agree_with_the_engine(server):
+    c, url = client(server), server.url
+    text = "The quick brown fox jumps over 13 lazy dogs."
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text}).json()
+    done = c.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert r["count"] == len(r["tokens"]) == done.usage.prompt_tokens and r["max_model_len"] == 8192
+    assert httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()["prompt"] == text
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    assert chat["count"] == ask(c, QUESTION, max_tokens=1).usage.prompt_tokens
+    for path, body, status, param in [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/tokenize", {"model": MODEL, "prompt": "x", "messages": messages}, 400, "prompt"),
+        ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
+    ]:
+        r = httpx.post(f"{url}{path}", json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
 def test_unknown_model_raises_not_found(server):
     with pytest.raises(openai.NotFoundError) as e:
         client(server).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

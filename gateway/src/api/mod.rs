@@ -243,6 +243,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(retrieve_model))
+        .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))

@@ -164,53 +164,61 @@ impl CommonParams {
 
 impl ChatRequest {
     pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
-        if self.messages.is_empty() {
-            return Err(ApiError::invalid(
-                "messages",
-                "`messages` must hold at least one message",
-            ));
-        }
-        self.messages
-            .iter()
-            .map(|m| {
-                if !matches!(
-                    m.role.as_str(),
-                    "system" | "developer" | "user" | "assistant" | "tool"
-                ) {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        format!("unknown message role `{}`", m.role),
-                    ));
-                }
-                let content = match &m.content {
-                    None => String::new(),
-                    Some(MessageContent::Text(t)) => t.clone(),
-                    Some(MessageContent::Parts(parts)) => {
-                        let mut out = String::new();
-                        for p in parts {
-                            match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => out.push_str(t),
-                                (k, _) => {
-                                    return Err(ApiError::invalid(
-                                        "messages",
-                                        format!("content part `{k}` is not supported"),
-                                    ))
-                                }
+        chat_messages(&self.messages)
+    }
+}
+
+/// The conversation for the chat template: text only, `developer` read as
+/// `system`; an unknown role or content part is refused.
+pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool"
+            ) {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("unknown message role `{}`", m.role),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut out = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => out.push_str(t),
+                            (k, _) => {
+                                return Err(ApiError::invalid(
+                                    "messages",
+                                    format!("content part `{k}` is not supported"),
+                                ))
                             }
                         }
-                        out
                     }
-                };
-                let role = if m.role == "developer" {
-                    "system".into()
-                } else {
-                    m.role.clone()
-                };
-                Ok(ChatMessage { role, content })
-            })
-            .collect()
-    }
+                    out
+                }
+            };
+            let role = if m.role == "developer" {
+                "system".into()
+            } else {
+                m.role.clone()
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
 
+impl ChatRequest {
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         match (self.logprobs, self.top_logprobs) {
             (_, Some(k)) if !(0..=20).contains(&k) => Err(ApiError::invalid(

@@ -2,6 +2,7 @@
 //! the engine, and answer as one JSON body or as server-sent events.
 mod proxy;
 mod render;
+mod tokenize;
 
 use super::error::{ApiError, OpenAiBody};
 use super::openai_types::{
@@ -22,7 +23,9 @@ use render::{collect_response, shutting_down, stream_response, Kind, Shape};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub use tokenize::{detokenize, tokenize};
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_body(format!("invalid request body: {e}")))
 }
