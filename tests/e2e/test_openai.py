@@ -190,13 +190,20 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(server):
     c = client(server)
     system = {"role": "system", "content": "You answer questions about the Rust language. " * 20}
     ask_twice = [[system, {"role": "user", "content": q}] for q in ["What is a trait?", "What is a crate?"]]
-    c.chat.completions.create(model=MODEL, messages=ask_twice[0], max_tokens=1)
+    first = c.chat.completions.create(model=MODEL, messages=ask_twice[0], max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
     queries, hits = metric(server, "switchyard:prefix_cache_queries"), metric(server, "switchyard:prefix_cache_hits")
     r = c.chat.completions.create(model=MODEL, messages=ask_twice[1], max_tokens=1)
     prompt = r.usage.prompt_tokens
     assert metric(server, "switchyard:prefix_cache_queries") - queries == prompt
-    # Everything up to the user turn was cached, in 16-token blocks.
-    assert metric(server, "switchyard:prefix_cache_hits") - hits >= prompt - 40
+    # Everything up to the user turn was cached, in 16-token blocks, and the
+    # answer's usage says how much.
+    hit = metric(server, "switchyard:prefix_cache_hits") - hits
+    assert hit >= prompt - 40 and r.usage.prompt_tokens_details.cached_tokens == hit
+    # Streamed usage carries it too.
+    chunks = list(c.chat.completions.create(model=MODEL, messages=ask_twice[1], max_tokens=1, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= hit
 
 
 def test_n_choices_share_one_prompt(server):

@@ -289,6 +289,8 @@ struct Sequence {
     scheduled: bool,
     last_token_at: Option<Instant>,
     finished: bool,
+    /// Prompt tokens the prefix cache held at its first admission.
+    cached_prompt: Option<usize>,
 }
 
 impl Schedulable for Sequence {
@@ -303,6 +305,10 @@ impl Schedulable for Sequence {
     }
     fn set_computed(&mut self, n: usize) {
         self.computed = n;
+    }
+    fn admitted(&mut self, cached: usize) {
+        self.cached_prompt
+            .get_or_insert(cached.min(self.prompt_len));
     }
     fn width(&self) -> usize {
         1 + self.forks
@@ -344,6 +350,7 @@ impl Sequence {
             scheduled: false,
             last_token_at: None,
             finished: false,
+            cached_prompt: None,
         }
     }
 
@@ -358,6 +365,7 @@ impl Sequence {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.output().len(),
+            cached_tokens: self.cached_prompt.unwrap_or(0),
         });
     }
 }
@@ -506,6 +514,7 @@ impl Worker {
                 p.arrived,
             );
             child.computed = p.computed;
+            child.cached_prompt = p.cached_prompt;
             child.scheduled = true;
             self.cache.blocks.fork(p.id, child.id);
             added.push(running.len());

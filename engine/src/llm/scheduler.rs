@@ -13,6 +13,8 @@ pub trait Schedulable {
     /// Tokens already in the KV cache.
     fn computed(&self) -> usize;
     fn set_computed(&mut self, n: usize);
+    /// Called when it is admitted with `cached` tokens found in the prefix cache.
+    fn admitted(&mut self, _cached: usize) {}
     /// Sequences it occupies under `max_num_seqs` (more than one while it waits
     /// to fork into parallel samples).
     fn width(&self) -> usize {
@@ -174,6 +176,7 @@ impl<S: Schedulable> Scheduler<S> {
             }
             budget -= len;
             occupied += s.width();
+            s.admitted(cached);
             out.add(self.running.len(), &s, cached, len);
             self.running.push(s);
             if !from_preempted {

@@ -121,6 +121,9 @@ pub enum GenerationEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens found in the prefix cache when it was first
+        /// scheduled (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: usize,
     },
     Failed(String),
 }

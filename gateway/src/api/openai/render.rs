@@ -29,8 +29,10 @@ pub struct Shape {
     pub n: usize,
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's `usage`, with the prompt tokens the prefix cache served.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// Chat's `logprobs.content` entries.
@@ -119,7 +121,7 @@ pub async fn collect_response(
     let mut texts = vec![String::new(); shape.n];
     let mut lps = vec![Vec::new(); shape.n];
     let mut finished = vec![None; shape.n];
-    let mut completion = 0;
+    let (mut completion, mut cached) = (0, 0);
     while let Some(ev) = rx.recv().await {
         match ev {
             GenerationEvent::Delta {
@@ -134,16 +136,18 @@ pub async fn collect_response(
                 index,
                 reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 finished[index] = Some(reason);
                 completion += completion_tokens;
+                cached = cached.max(cached_tokens);
                 if finished.iter().all(Option::is_some) {
                     let choices = (0..shape.n)
                         .map(|i| shape.choice(i, Some(&texts[i]), &lps[i], 0, finished[i], false))
                         .collect();
                     let mut body = shape.body(choices, false);
-                    body["usage"] = usage(prompt_tokens, completion);
+                    body["usage"] = usage(prompt_tokens, completion, cached);
                     return Json(body).into_response();
                 }
             }
@@ -230,6 +234,7 @@ pub fn stream_response(
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 }) => {
                     let text = (shape.kind == Kind::Completion).then_some("");
                     let offset = pr.offsets[index];
@@ -242,7 +247,7 @@ pub fn stream_response(
                     if pr.finished == shape.n {
                         if include_usage {
                             let mut u = shape.body(vec![], true);
-                            u["usage"] = usage(prompt_tokens, pr.completion);
+                            u["usage"] = usage(prompt_tokens, pr.completion, cached_tokens);
                             out.push(sse(&u));
                         }
                         out.push(Event::default().data("[DONE]"));
