@@ -325,6 +325,11 @@ impl Projections {
         };
         match head {
             Self::Int8 if c.tie_word_embeddings => {
+                if !h.is_multiple_of(QK) {
+                    return Err(LlmError::Unsupported(format!(
+                        "quantization int8: the LM head has {h} inputs, not a multiple of {QK}"
+                    )));
+                }
                 let w: Vec<f32> = embed.flatten_all()?.to_vec1()?;
                 Ok(Linear::quant(int8_matrix(&w, vocab, h), None))
             }
