@@ -10,7 +10,7 @@ use engine::llm::load_model;
 use engine::llm::quant::awq::{quantize, Method, Options};
 use engine::llm::quant::Quantization;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn tiny(dir: &Path) {
     common::tiny_checkpoint(dir);
@@ -155,6 +155,16 @@ fn awq_and_rtn_checkpoints_load_and_export_to_what_they_hold() {
     assert!(e.contains("switchyard export"), "{e}");
 }
 
+/// The tiny model in a temporary folder, with its round-to-nearest AWQ
+/// checkpoint written beside it (`awq`).
+fn rtn_checkpoint() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let awq = dir.path().join("awq");
+    quantize(dir.path(), &awq, None, &opts(Method::Rtn), &|_, _, _| ()).unwrap();
+    (dir, awq)
+}
+
 /// Rewrites the checkpoint at `dir` with `edit` applied to its tensors.
 fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     let path = dir.join("model.safetensors");
@@ -165,10 +175,7 @@ fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
 
 #[test]
 fn a_broken_awq_checkpoint_names_what_is_wrong() {
-    let dir = tempfile::tempdir().unwrap();
-    tiny(dir.path());
-    let awq = dir.path().join("awq");
-    quantize(dir.path(), &awq, None, &opts(Method::Rtn), &|_, _, _| ()).unwrap();
+    let (dir, awq) = rtn_checkpoint();
     let err = |dir: &Path| {
         load_model(dir, &Device::Cpu, Quantization::None)
             .err()
@@ -212,10 +219,7 @@ fn a_broken_awq_checkpoint_names_what_is_wrong() {
 
 #[test]
 fn int8_on_an_awq_checkpoint_quantizes_its_dense_head() {
-    let dir = tempfile::tempdir().unwrap();
-    tiny(dir.path());
-    let awq = dir.path().join("awq");
-    quantize(dir.path(), &awq, None, &opts(Method::Rtn), &|_, _, _| ()).unwrap();
+    let (_dir, awq) = rtn_checkpoint();
     let (dense_head, int8_head) = (
         scores(&awq, Quantization::None),
         scores(&awq, Quantization::Int8),

@@ -7,7 +7,7 @@
 //! Transformers expects.
 use super::config::LlamaConfig;
 use super::error::{LlmError, Result};
-use super::loader::{gguf_config, open_gguf, safetensors_files};
+use super::loader::{gguf_config, load_err, open_gguf, safetensors_files};
 use super::quant::awq_format::AwqConfig;
 use super::quant::Int4;
 use super::tokenizer::Tokenizer;
@@ -126,19 +126,19 @@ fn export_gguf(
         tensors.insert(hf, t.to_dtype(dtype)?);
         progress(done + 1, names.len());
     }
-    std::fs::create_dir_all(out).map_err(|e| load_io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| load_err(out, e))?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
     let config_json = hf_config(&arch, &config, dtype, &tokenizer);
     let text = serde_json::to_string_pretty(&config_json).expect("a JSON value");
-    std::fs::write(out.join("config.json"), text).map_err(|e| load_io(out, e))?;
+    std::fs::write(out.join("config.json"), text).map_err(|e| load_err(out, e))?;
     tokenizer.save_hf(out, template.as_deref())
 }
 
 fn export_awq(dir: &Path, out: &Path, dtype: DType, progress: &dyn Fn(usize, usize)) -> Result<()> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| load_io(&config_path, e))?;
+    let text = std::fs::read_to_string(&config_path).map_err(|e| load_err(&config_path, e))?;
     let mut json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| load_io(&config_path, std::io::Error::other(e)))?;
+        serde_json::from_str(&text).map_err(|e| load_err(&config_path, e))?;
     let group = AwqConfig::from_config_json(&json)?
         .ok_or_else(|| {
             LlmError::Unsupported(format!(
@@ -182,14 +182,14 @@ fn export_awq(dir: &Path, out: &Path, dtype: DType, progress: &dyn Fn(usize, usi
             tensors.insert(name.clone(), t.to_dtype(dtype)?);
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| load_io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| load_err(out, e))?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
     if let Some(o) = json.as_object_mut() {
         o.remove("quantization_config");
         o.insert("torch_dtype".into(), dtype_name(dtype).into());
     }
     let text = serde_json::to_string_pretty(&json).expect("a JSON value");
-    std::fs::write(out.join("config.json"), text).map_err(|e| load_io(out, e))?;
+    std::fs::write(out.join("config.json"), text).map_err(|e| load_err(out, e))?;
     copy_side_files(dir, out)
 }
 
@@ -211,17 +211,10 @@ pub(crate) fn copy_side_files(src: &Path, out: &Path) -> Result<()> {
     ] {
         if src.join(name).exists() {
             std::fs::copy(src.join(name), out.join(name))
-                .map_err(|e| load_io(&src.join(name), e))?;
+                .map_err(|e| load_err(&src.join(name), e))?;
         }
     }
     Ok(())
-}
-
-fn load_io(path: &Path, e: std::io::Error) -> LlmError {
-    LlmError::Load {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
 }
 
 /// The Hugging Face name of GGUF tensor `name`, and for q and k (whose rows

@@ -42,7 +42,7 @@ pub fn load_model(
     }
 }
 
-fn load_err(path: &Path, reason: impl std::fmt::Display) -> LlmError {
+pub(crate) fn load_err(path: &Path, reason: impl std::fmt::Display) -> LlmError {
     LlmError::Load {
         path: path.display().to_string(),
         reason: reason.to_string(),
@@ -288,19 +288,9 @@ impl Projections {
     fn load(self, vb: &VarBuilder, i: usize, o: usize) -> Result<Linear> {
         let device = vb.device();
         let dense = |vb: &VarBuilder| vb.get((o, i), "weight");
-        let int8 = |w: Tensor| -> Result<Linear> {
-            if !i.is_multiple_of(QK) {
-                return Err(LlmError::Unsupported(format!(
-                    "quantization int8: {} has {i} inputs, not a multiple of {QK}",
-                    vb.prefix()
-                )));
-            }
-            let w: Vec<f32> = w.flatten_all()?.to_vec1()?;
-            Ok(Linear::quant(int8_matrix(&w, o, i), None))
-        };
         match self {
             Self::Dense => Ok(Linear::candle(QMatMul::Tensor(dense(vb)?), o, None, device)),
-            Self::Int8 => int8(dense(vb)?),
+            Self::Int8 => int8_linear(&dense(vb)?, &vb.prefix()),
             Self::Awq { group, .. } => {
                 let prefix = vb.prefix();
                 // `vb` prefixes names with the projection's path already.
@@ -324,15 +314,7 @@ impl Projections {
             other => other,
         };
         match head {
-            Self::Int8 if c.tie_word_embeddings => {
-                if !h.is_multiple_of(QK) {
-                    return Err(LlmError::Unsupported(format!(
-                        "quantization int8: the LM head has {h} inputs, not a multiple of {QK}"
-                    )));
-                }
-                let w: Vec<f32> = embed.flatten_all()?.to_vec1()?;
-                Ok(Linear::quant(int8_matrix(&w, vocab, h), None))
-            }
+            Self::Int8 if c.tie_word_embeddings => int8_linear(embed, "the tied LM head"),
             _ if c.tie_word_embeddings => Ok(Linear::candle(
                 QMatMul::Tensor(embed.clone()),
                 vocab,
@@ -342,6 +324,19 @@ impl Projections {
             other => other.load(&vb.pp("lm_head"), h, vocab),
         }
     }
+}
+
+/// A dense `[out, in]` weight quantized to INT8 at load; `what` names it
+/// when its rows are not whole 32-value blocks.
+fn int8_linear(w: &Tensor, what: &str) -> Result<Linear> {
+    let (o, i) = w.dims2()?;
+    if !i.is_multiple_of(QK) {
+        return Err(LlmError::Unsupported(format!(
+            "quantization int8: {what} has {i} inputs, not a multiple of {QK}"
+        )));
+    }
+    let w: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    Ok(Linear::quant(int8_matrix(&w, o, i), None))
 }
 
 /// The `*.safetensors` files of a folder, sorted; none is an error.

@@ -173,7 +173,8 @@ fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
-/// Where a layer's projections take their input.
+/// Where a layer's projections take their input, in layer order (`as usize`
+/// indexes the four).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Site {
     /// The attention norm's output, into q, k and v.

@@ -259,31 +259,28 @@ pub fn router(state: AppState) -> Router {
 /// A path no route serves: 404 in the shape of the protocol the path
 /// belongs to (KServe's `{"error": "..."}` under `/v2`, OpenAI's elsewhere).
 async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    no_route(
-        StatusCode::NOT_FOUND,
-        "unknown_url",
-        format!("Unknown request URL: {method} {}", uri.path()),
-        &uri,
-    )
+    no_route(StatusCode::NOT_FOUND, method, uri)
 }
 
 /// A route that exists for other methods: 405, shaped as [`unknown_route`].
 async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    no_route(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("Method {method} is not allowed on {}", uri.path()),
-        &uri,
-    )
+    no_route(StatusCode::METHOD_NOT_ALLOWED, method, uri)
 }
 
-fn no_route(
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    uri: &axum::http::Uri,
-) -> Response {
-    if uri.path().starts_with("/v2") {
+fn no_route(status: StatusCode, method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let (code, message) = if status == StatusCode::NOT_FOUND {
+        (
+            "unknown_url",
+            format!("Unknown request URL: {method} {path}"),
+        )
+    } else {
+        (
+            "method_not_allowed",
+            format!("Method {method} is not allowed on {path}"),
+        )
+    };
+    if path.starts_with("/v2") {
         return (status, Json(serde_json::json!({ "error": message }))).into_response();
     }
     ApiError {

@@ -7,6 +7,7 @@ use super::error::ApiError;
 use crate::params::{GenerateParams, ParamError, SamplingFields};
 use engine::llm::ChatMessage;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -110,7 +111,8 @@ pub const IGNORED_FIELDS: &[&str] = &["metadata", "store"];
 /// Refuses the first top-level field of `body` (a JSON object) that is
 /// neither common, nor in `own`, nor in [`IGNORED_FIELDS`].
 pub fn refuse_unknown_fields(body: &[u8], own: &[&str]) -> Result<(), ApiError> {
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+    // Only the keys: the values were read by the typed parse already.
+    let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde::de::IgnoredAny>>(body) else {
         // Not an object: the typed parse names what is wrong.
         return Ok(());
     };

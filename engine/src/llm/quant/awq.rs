@@ -20,7 +20,7 @@ use super::Int4;
 use crate::llm::config::LlamaConfig;
 use crate::llm::error::{LlmError, Result};
 use crate::llm::kv_cache::KvDtype;
-use crate::llm::loader::{load_model, safetensors_files};
+use crate::llm::loader::{load_err, load_model, safetensors_files};
 use crate::llm::model::Site;
 use crate::llm::quant::Quantization;
 use candle_core::{DType, Device, Tensor};
@@ -133,13 +133,6 @@ impl Checkpoint {
     }
 }
 
-fn io(path: &Path, e: std::io::Error) -> LlmError {
-    LlmError::Load {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
-}
-
 fn not_dense(path: &Path, why: &str) -> LlmError {
     LlmError::Unsupported(format!(
         "quantize reads a Hugging Face folder of f32, f16 or bf16 safetensors; {}: {why} \
@@ -183,7 +176,7 @@ fn calibrate(
     for (i, seq) in seqs.iter().enumerate() {
         let base = i * opts.seq_len;
         let mut tap = |layer: usize, site: Site, x: &[f32]| {
-            let o = &mut observed[layer * 4 + site_index(site)];
+            let o = &mut observed[layer * 4 + site as usize];
             let width = x.len() / seq.len();
             o.abs_sum.resize(width, 0.0);
             for (t, row) in x.chunks_exact(width).enumerate() {
@@ -201,15 +194,6 @@ fn calibrate(
         progress("calibrating", i + 1, seqs.len());
     }
     Ok(observed)
-}
-
-fn site_index(site: Site) -> usize {
-    match site {
-        Site::Qkv => 0,
-        Site::O => 1,
-        Site::GateUp => 2,
-        Site::Down => 3,
-    }
 }
 
 /// `x · wᵀ` for `x` `[rows, k]` and `w` `[n, k]`.
@@ -364,9 +348,8 @@ pub fn quantize(
         return Err(not_dense(src, "it is a file, not a folder"));
     }
     let text = std::fs::read_to_string(src.join("config.json"))
-        .map_err(|e| io(&src.join("config.json"), e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| io(src, std::io::Error::other(e)))?;
+        .map_err(|e| load_err(&src.join("config.json"), e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| load_err(src, e))?;
     if let Some(method) = json["quantization_config"]["quant_method"].as_str() {
         return Err(not_dense(
             src,
@@ -410,7 +393,6 @@ pub fn quantize(
         let p = format!("model.layers.{layer}");
         if let Some(observed) = &observed {
             // Search every group on the unscaled weights, then fold.
-            let mut chosen = Vec::new();
             scales = Default::default();
             for (site, names, prev) in groups(&config) {
                 if matches!(prev, Prev::None) {
@@ -425,7 +407,7 @@ pub fn quantize(
                     w.extend_from_slice(v);
                 }
                 let n = w.len() / k;
-                let o = &observed[layer * 4 + site_index(site)];
+                let o = &observed[layer * 4 + site as usize];
                 let (s, alpha, error, rtn_error) = search(o, &w, n, k, g)?;
                 report.push(GroupReport {
                     layer,
@@ -434,30 +416,32 @@ pub fn quantize(
                     error,
                     rtn_error,
                 });
-                scales[site_index(site)] = Some(s.clone());
-                chosen.push((names, prev, s));
+                scales[site as usize] = Some(s);
             }
-            for (names, prev, s) in chosen {
+            for (site, names, prev) in groups(&config) {
+                let Some(s) = scales[site as usize].as_deref() else {
+                    continue;
+                };
                 for name in names {
                     let w = ckpt.weight_mut(&format!("{p}.{name}.weight"))?;
                     let k = s.len();
                     for row in w.chunks_exact_mut(k) {
-                        row.iter_mut().zip(&s).for_each(|(w, s)| *w *= s);
+                        row.iter_mut().zip(s).for_each(|(w, s)| *w *= s);
                     }
                 }
                 match prev {
                     Prev::Norm(norm) => {
                         let w = ckpt.weight_mut(&format!("{p}.{norm}.weight"))?;
-                        w.iter_mut().zip(&s).for_each(|(w, s)| *w /= s);
+                        w.iter_mut().zip(s).for_each(|(w, s)| *w /= s);
                     }
                     Prev::Rows(proj) => {
                         let w = ckpt.weight_mut(&format!("{p}.{proj}.weight"))?;
                         let k = w.len() / s.len();
-                        for (row, s) in w.chunks_exact_mut(k).zip(&s) {
+                        for (row, s) in w.chunks_exact_mut(k).zip(s) {
                             row.iter_mut().for_each(|w| *w /= s);
                         }
                         if let Ok(b) = ckpt.weight_mut(&format!("{p}.{proj}.bias")) {
-                            b.iter_mut().zip(&s).for_each(|(b, s)| *b /= s);
+                            b.iter_mut().zip(s).for_each(|(b, s)| *b /= s);
                         }
                     }
                     Prev::None => unreachable!("not searched"),
@@ -468,9 +452,9 @@ pub fn quantize(
             // The sampled inputs as the scaled weights see them.
             let inputs = match (&observed, opts.clip) {
                 (Some(observed), true) => {
-                    let o = &observed[layer * 4 + site_index(site)];
+                    let o = &observed[layer * 4 + site as usize];
                     let mut rows = o.rows.clone();
-                    if let Some(s) = &scales[site_index(site)] {
+                    if let Some(s) = &scales[site as usize] {
                         for row in rows.chunks_exact_mut(s.len()) {
                             row.iter_mut().zip(s).for_each(|(x, s)| *x /= s);
                         }
@@ -513,14 +497,14 @@ fn write(
     group_size: usize,
     tensors: HashMap<String, Tensor>,
 ) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| load_err(out, e))?;
     super::awq_format::save(tensors, &out.join("model.safetensors"))?;
     let awq = AwqConfig { group_size };
     json["quantization_config"] = awq.to_json();
     json["torch_dtype"] = "float16".into();
     let write_json = |name: &str, v: &serde_json::Value| {
         let text = serde_json::to_string_pretty(v).expect("a JSON value");
-        std::fs::write(out.join(name), text).map_err(|e| io(&out.join(name), e))
+        std::fs::write(out.join(name), text).map_err(|e| load_err(&out.join(name), e))
     };
     write_json("config.json", &json)?;
     write_json(
