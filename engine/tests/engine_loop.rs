@@ -68,6 +68,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop: vec![],
         ignore_eos: true,
         n: 1,
+        constraint: None,
     }
 }
 

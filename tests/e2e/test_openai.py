@@ -60,7 +60,6 @@ def test_bad_parameters_raise_bad_request(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "auto"),
     ("prediction", {"type": "content", "content": "x"}),

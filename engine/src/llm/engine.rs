@@ -3,6 +3,7 @@
 use super::chat_template::ChatTemplate;
 use super::detokenize::{IncrementalDecoder, StopMatcher};
 use super::error::{LlmError, Result};
+use super::guided::{Constraint, Guidance, Guide};
 use super::kv_cache::{KvCache, SeqId};
 use super::loader::LoadedWeights;
 use super::model::LlamaModel;
@@ -11,7 +12,7 @@ use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use super::tokenizer::Tokenizer;
 use super::types::*;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -26,7 +27,7 @@ struct SharedStats {
 
 /// What the engine thread is asked to do.
 enum Job {
-    Generate(Submission),
+    Generate(Box<Submission>),
     Score(ScoreJob),
 }
 
@@ -43,6 +44,7 @@ struct ScoreJob {
 struct Submission {
     id: SeqId,
     req: GenerationRequest,
+    guide: Option<Box<Guide>>,
     events: UnboundedSender<GenerationEvent>,
     arrived: Instant,
 }
@@ -64,9 +66,25 @@ struct Inner {
     stats: Arc<SharedStats>,
     total_blocks: usize,
     vocab_size: usize,
+    /// Structured outputs' compiler, built on the first constrained request.
+    guidance: OnceLock<std::result::Result<Guidance, String>>,
 }
 
 impl Inner {
+    /// Compiles a request's constraint for this model.
+    fn guide(&self, c: &Constraint) -> Result<Guide> {
+        let guidance = self.guidance.get_or_init(|| {
+            let started = Instant::now();
+            let g = Guidance::new(self.tokenizer.clone(), self.vocab_size).map_err(|e| e.to_string());
+            tracing::info!(model = %self.name, ms = started.elapsed().as_millis() as u64, ok = g.is_ok(), "structured outputs ready");
+            g
+        });
+        match guidance {
+            Ok(g) => g.compile(c),
+            Err(e) => Err(LlmError::Constraint(e.clone())),
+        }
+    }
+
     fn check_vocab(&self, tokens: &[u32]) -> Result<()> {
         match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             Some(t) => Err(LlmError::InvalidRequest(format!(
@@ -143,6 +161,7 @@ impl LlmEngine {
                 stats,
                 total_blocks: num_blocks,
                 vocab_size,
+                guidance: OnceLock::new(),
             }),
         }
     }
@@ -212,6 +231,11 @@ impl LlmEngine {
                 max_tokens: req.max_tokens,
             });
         }
+        let guide = req
+            .constraint
+            .as_ref()
+            .map(|c| inner.guide(c).map(Box::new))
+            .transpose()?;
         let capacity = inner.config.max_waiting;
         if inner.waiting.fetch_add(1, Ordering::SeqCst) >= capacity {
             inner.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -222,12 +246,13 @@ impl LlmEngine {
         let id = SeqId(inner.next_id.fetch_add(req.n as u64, Ordering::Relaxed));
         inner
             .tx
-            .send(Job::Generate(Submission {
+            .send(Job::Generate(Box::new(Submission {
                 id,
                 req,
+                guide,
                 events,
                 arrived: Instant::now(),
-            }))
+            })))
             .map_err(|_| LlmError::EngineStopped)?;
         Ok(rx)
     }
@@ -291,6 +316,8 @@ struct Sequence {
     finished: bool,
     /// Prompt tokens the prefix cache held at its first admission.
     cached_prompt: Option<usize>,
+    /// Where a structured output stands in its grammar.
+    guide: Option<Box<Guide>>,
 }
 
 impl Schedulable for Sequence {
@@ -320,6 +347,7 @@ impl Sequence {
         let req = Arc::new(s.req);
         let mut seq = Self::sample(&req, s.id, 0, s.events, s.arrived);
         seq.forks = req.n - 1;
+        seq.guide = s.guide;
         seq
     }
 
@@ -351,6 +379,7 @@ impl Sequence {
             last_token_at: None,
             finished: false,
             cached_prompt: None,
+            guide: None,
         }
     }
 
@@ -403,7 +432,7 @@ impl Worker {
     /// Queues a generation; runs a scoring pass at once.
     fn take(&mut self, job: Job) {
         match job {
-            Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(s)),
+            Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(*s)),
             Job::Score(j) => {
                 let dtype = self.cache.dtype;
                 let out = self.model.score(&j.tokens, j.from, dtype).map_err(|e| {
@@ -457,10 +486,34 @@ impl Worker {
         if sched.batch.is_empty() {
             return;
         }
-        let rows = self
-            .model
-            .forward(&sched.batch, &mut self.cache)
-            .and_then(|l| l.to_vec2::<f32>());
+        // Structured outputs' masks for this step are computed on another
+        // thread while the forward pass runs; the guides go back after.
+        let mut guides: Vec<(usize, Box<Guide>)> = sched
+            .plan
+            .iter()
+            .filter(|p| p.samples)
+            .filter_map(|p| {
+                let g = self.scheduler.running[p.index].guide.take()?;
+                Some((p.index, g))
+            })
+            .collect();
+        let (model, cache) = (&self.model, &mut self.cache);
+        let rows = std::thread::scope(|scope| {
+            let masks = (!guides.is_empty())
+                .then(|| scope.spawn(|| guides.iter_mut().for_each(|(_, g)| g.prepare())));
+            let rows = model
+                .forward(&sched.batch, cache)
+                .and_then(|l| l.to_vec2::<f32>());
+            // A mask that failed here is computed again, and its error
+            // reported, when the token is sampled.
+            if let Some(Err(_)) = masks.map(|h| h.join()) {
+                tracing::warn!(model = %self.name, "computing structured-output masks failed");
+            }
+            rows
+        });
+        for (index, g) in guides {
+            self.scheduler.running[index].guide = Some(g);
+        }
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -515,6 +568,7 @@ impl Worker {
             );
             child.computed = p.computed;
             child.cached_prompt = p.cached_prompt;
+            child.guide = p.guide.clone();
             child.scheduled = true;
             self.cache.blocks.fork(p.id, child.id);
             added.push(running.len());
@@ -552,11 +606,22 @@ impl Worker {
         } else {
             &[]
         };
+        let mask = match s.guide.as_mut().map(|g| g.take_mask()).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = s.events.send(GenerationEvent::Failed(format!(
+                    "structured output: the grammar failed: {e}"
+                )));
+                s.finished = true;
+                return;
+            }
+        };
         let picked = s.sampler.sample(
             logits,
             &s.tokens[..s.prompt_len],
             &s.tokens[s.prompt_len..],
             banned,
+            mask.as_ref(),
         );
         s.tokens.push(picked.token);
         let now = Instant::now();
@@ -576,6 +641,21 @@ impl Worker {
         metrics::counter!("switchyard:generation_tokens", labels).increment(1);
         let n = s.output().len();
         let is_eos = tok.is_eos(picked.token) && !s.req.ignore_eos;
+        // The grammar is complete once it admits nothing more.
+        let complete = match s.guide.as_mut().filter(|_| !is_eos) {
+            None => false,
+            Some(g) => match g.advance(picked.token) {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = s.events.send(GenerationEvent::Failed(format!(
+                        "structured output: the grammar refused token {}: {e}",
+                        picked.token
+                    )));
+                    s.finished = true;
+                    return;
+                }
+            },
+        };
         let delta = if is_eos {
             String::new()
         } else {
@@ -593,7 +673,7 @@ impl Worker {
                 .collect(),
         });
         let mut text = released.text;
-        let reason = if released.stopped || is_eos {
+        let reason = if released.stopped || is_eos || complete {
             Some(FinishReason::Stop)
         } else if n >= s.req.max_tokens {
             Some(FinishReason::Length)

@@ -13,6 +13,9 @@ pub enum LlmError {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The request's structured-output constraint does not compile.
+    #[error("{0}")]
+    Constraint(String),
     #[error(
         "prompt ({prompt}) + max_tokens ({max_tokens}) exceeds the model's context of {max} tokens"
     )]

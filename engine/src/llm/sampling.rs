@@ -1,9 +1,11 @@
 //! Picks the next token from one row of logits: penalties, temperature, top-k,
 //! top-p and min-p, with a per-request seeded generator, and reports logprobs.
+use super::guided::apply_mask;
 use kernels::sampling::{argmax, log_softmax, softmax_in_place, top_k_indices};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use toktrie::SimpleVob;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -65,16 +67,22 @@ impl Sampler {
     }
 
     /// Samples from `logits` (modified in place). `banned` tokens (EOS before
-    /// `min_tokens`) can never be picked.
+    /// `min_tokens`) can never be picked, nor can any token outside
+    /// `allowed` (a structured output's grammar). Logprobs are the model's,
+    /// before any of these.
     pub fn sample(
         &mut self,
         logits: &mut [f32],
         prompt: &[u32],
         output: &[u32],
         banned: &[u32],
+        allowed: Option<&SimpleVob>,
     ) -> Sampled {
         let p = &self.params;
         let report = p.logprobs.map(|_| log_softmax(logits));
+        if let Some(mask) = allowed {
+            apply_mask(logits, mask);
+        }
         apply_penalties(logits, prompt, output, p);
         for &(t, bias) in &p.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -228,6 +236,36 @@ mod tests {
         p
     }
 
+    /// A grammar's mask leaves only its tokens to sample, greedy or not,
+    /// while the logprobs reported stay the model's own.
+    #[test]
+    fn a_mask_keeps_sampling_inside_it() {
+        let logits = vec![5.0, 1.0, 0.5, 2.0, 4.0];
+        let mask = SimpleVob::from_slice(&[false, true, false, true, false]);
+        let mut greedy = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(1),
+            ..SamplingParams::default()
+        });
+        let s = greedy.sample(&mut logits.clone(), &[], &[], &[], Some(&mask));
+        assert_eq!(s.token, 3);
+        let model = log_softmax(&logits);
+        assert_eq!((s.logprob, s.top.clone()), (model[3], vec![(0, model[0])]));
+        let mut hot = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            seed: Some(1),
+            ..SamplingParams::default()
+        });
+        let picks: Vec<u32> = (0..200)
+            .map(|_| {
+                hot.sample(&mut logits.clone(), &[], &[], &[], Some(&mask))
+                    .token
+            })
+            .collect();
+        assert!(picks.iter().all(|t| *t == 1 || *t == 3));
+        assert!(picks.contains(&1) && picks.contains(&3));
+    }
+
     #[test]
     fn logit_bias_forces_and_bans_before_sampling() {
         let logits = vec![3.0, 1.0, 0.5, 2.0];
@@ -238,7 +276,7 @@ mod tests {
                 logit_bias: bias,
                 ..SamplingParams::default()
             });
-            s.sample(&mut logits.clone(), &[], &[], &[]).token
+            s.sample(&mut logits.clone(), &[], &[], &[], None).token
         };
         assert_eq!(pick(vec![], 0.0), 0);
         // +100 forces token 2, greedy or sampled; −100 bans the argmax.
@@ -303,7 +341,7 @@ mod tests {
                 ..Default::default()
             });
             (0..32)
-                .map(|_| s.sample(&mut logits.clone(), &[], &[], &[]).token)
+                .map(|_| s.sample(&mut logits.clone(), &[], &[], &[], None).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -313,7 +351,7 @@ mod tests {
             logprobs: Some(2),
             ..Default::default()
         });
-        let s = g.sample(&mut logits.clone(), &[], &[], &[]);
+        let s = g.sample(&mut logits.clone(), &[], &[], &[], None);
         assert_eq!(s.token as usize, argmax(&logits));
         assert_eq!(s.top.len(), 2);
         assert_eq!(s.top[0].0, s.token);
@@ -326,7 +364,10 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         });
-        assert_eq!(s.sample(&mut [0.0, 9.0, 1.0], &[], &[], &[1]).token, 2);
+        assert_eq!(
+            s.sample(&mut [0.0, 9.0, 1.0], &[], &[], &[1], None).token,
+            2
+        );
     }
 
     #[test]
@@ -338,7 +379,7 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..200 {
-            let t = s.sample(&mut logits.clone(), &[], &[], &[]).token;
+            let t = s.sample(&mut logits.clone(), &[], &[], &[], None).token;
             assert!(t == 3 || t == 4, "{t}");
         }
     }
@@ -423,7 +464,7 @@ mod tests {
             });
             let mut counts = vec![0u64; logits.len()];
             for _ in 0..n {
-                let picked = sampler.sample(&mut logits.clone(), &[], &[], &[]);
+                let picked = sampler.sample(&mut logits.clone(), &[], &[], &[], None);
                 counts[picked.token as usize] += 1;
             }
             let want = expected(&logits, t, top_k, top_p, min_p);

@@ -201,6 +201,17 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes text as it stands: no BOS added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The tokenizer as `tokenizer.json` spells it.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+
     /// Decodes ids to text, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)

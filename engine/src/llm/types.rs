@@ -1,5 +1,6 @@
 //! The engine's configuration and the shapes of what goes in and comes out:
 //! requests, their events, and the engine's counters.
+use super::guided::Constraint;
 use super::kv_cache::KvDtype;
 use super::sampling::SamplingParams;
 
@@ -80,6 +81,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Parallel samples of the prompt; they share its KV blocks.
     pub n: usize,
+    /// Structured output: every sample stays inside this grammar.
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,9 @@
 use super::error::ApiError;
 use crate::params::{GenerateParams, ParamError, SamplingFields};
 use engine::llm::ChatMessage;
+use engine::llm::Constraint;
 use serde::Deserialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
@@ -28,6 +30,34 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     /// The end user; keeps one user on one arm of a rollout.
     pub user: Option<String>,
+    /// Structured output, OpenAI's way: `{"type": "text" | "json_object" |
+    /// "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    pub response_format: Option<serde_json::Map<String, Value>>,
+    /// vLLM's structured-output extensions: a JSON schema (an object, or
+    /// a string holding one), a regular expression, a list of choices, a
+    /// Lark grammar.
+    pub guided_json: Option<SchemaIn>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+}
+
+/// A JSON schema as given: the object, or text holding it (vLLM takes both).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SchemaIn {
+    Object(serde_json::Map<String, Value>),
+    Text(String),
+}
+
+impl SchemaIn {
+    fn into_value(self, param: &'static str) -> Result<Value, ApiError> {
+        match self {
+            Self::Object(o) => Ok(Value::Object(o)),
+            Self::Text(t) => serde_json::from_str(&t)
+                .map_err(|e| ApiError::invalid(param, format!("`{param}` is not valid JSON: {e}"))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +124,11 @@ pub const COMMON_FIELDS: &[&str] = &[
     "ignore_eos",
     "min_tokens",
     "logit_bias",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
 /// [`ChatRequest`]'s own fields.
 pub const CHAT_FIELDS: &[&str] = &[
@@ -141,6 +176,9 @@ pub struct Validated {
     pub params: GenerateParams,
     pub stream: bool,
     pub include_usage: bool,
+    /// The structured-output constraint, and the field that gave it (a
+    /// grammar that does not compile is refused naming that field).
+    pub constraint: Option<(&'static str, Constraint)>,
 }
 
 impl From<ParamError> for ApiError {
@@ -152,15 +190,108 @@ impl From<ParamError> for ApiError {
 impl CommonParams {
     /// Checks every parameter; `logprobs` is the number of alternatives per token.
     pub fn validate(
-        self,
+        mut self,
         max_tokens: Option<i64>,
         logprobs: Option<usize>,
     ) -> Result<Validated, ApiError> {
+        let constraint = self.constraint()?;
         Ok(Validated {
             params: self.fields.validate(max_tokens, logprobs)?,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             stream: self.stream,
+            constraint,
         })
+    }
+
+    /// The one structured-output constraint the request gives, if any.
+    fn constraint(&mut self) -> Result<Option<(&'static str, Constraint)>, ApiError> {
+        let mut given: Vec<(&'static str, Constraint)> = Vec::new();
+        if let Some(f) = self.response_format.take() {
+            if let Some(c) = response_format(f)? {
+                given.push(("response_format", c));
+            }
+        }
+        if let Some(s) = self.guided_json.take() {
+            let schema = s.into_value("guided_json")?;
+            given.push(("guided_json", Constraint::JsonSchema(schema)));
+        }
+        if let Some(r) = self.guided_regex.take() {
+            given.push(("guided_regex", Constraint::Regex(r)));
+        }
+        if let Some(c) = self.guided_choice.take() {
+            given.push(("guided_choice", Constraint::Choice(c)));
+        }
+        if let Some(g) = self.guided_grammar.take() {
+            given.push(("guided_grammar", Constraint::Lark(g)));
+        }
+        match given.len() {
+            0 | 1 => Ok(given.pop()),
+            _ => Err(ApiError::invalid(
+                given[1].0,
+                format!(
+                    "`{}` and `{}` both constrain the output; give one",
+                    given[0].0, given[1].0
+                ),
+            )),
+        }
+    }
+}
+
+/// OpenAI's `response_format`: `text` (no constraint), `json_object`, or
+/// `json_schema` with its `schema`.
+fn response_format(f: serde_json::Map<String, Value>) -> Result<Option<Constraint>, ApiError> {
+    let invalid = |m: String| Err(ApiError::invalid("response_format", m));
+    let kind = f.get("type").and_then(Value::as_str).unwrap_or_default();
+    let allowed: &[&str] = match kind {
+        "text" | "json_object" => &["type"],
+        "json_schema" => &["type", "json_schema"],
+        other => {
+            return invalid(format!(
+            "`response_format.type` must be `text`, `json_object` or `json_schema`, got `{other}`"
+        ))
+        }
+    };
+    if let Some(k) = f.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return invalid(format!(
+            "`response_format.{k}` is not a field of a `{kind}` response format"
+        ));
+    }
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Constraint::JsonObject)),
+        _ => {
+            let Some(Value::Object(spec)) = f.get("json_schema") else {
+                return invalid(
+                    "`response_format.json_schema` must be an object with `name` and `schema`"
+                        .into(),
+                );
+            };
+            const SPEC: &[&str] = &["name", "schema", "strict", "description"];
+            if let Some(k) = spec.keys().find(|k| !SPEC.contains(&k.as_str())) {
+                return invalid(format!(
+                    "`response_format.json_schema.{k}` is not supported (it takes {})",
+                    SPEC.join(", ")
+                ));
+            }
+            if !spec.get("name").is_some_and(Value::is_string) {
+                return invalid("`response_format.json_schema.name` must be a string".into());
+            }
+            if spec
+                .get("strict")
+                .is_some_and(|s| !s.is_boolean() && !s.is_null())
+            {
+                return invalid(
+                    "`response_format.json_schema.strict` must be true or false".into(),
+                );
+            }
+            // The output is held to the schema whether `strict` is set or not.
+            match spec.get("schema") {
+                Some(s @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(s.clone()))),
+                _ => invalid(
+                    "`response_format.json_schema.schema` must be a JSON schema object".into(),
+                ),
+            }
+        }
     }
 }
 
@@ -298,13 +429,7 @@ mod tests {
                 v[field] = serde_json::json!([[[]]]);
                 assert!(!parse(&v.to_string()), "`{field}` is listed but not read");
             }
-            for field in [
-                "response_format",
-                "tools",
-                "prediction",
-                "suffix",
-                "best_of",
-            ] {
+            for field in ["tools", "tool_choice", "prediction", "suffix", "best_of"] {
                 let body = valid(&format!(r#","{field}":1"#));
                 let e = refuse_unknown_fields(body.as_bytes(), own).unwrap_err();
                 assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);

@@ -204,6 +204,7 @@ fn generation(request_id: &str) -> Generation {
             stop: vec![],
             ignore_eos: true,
             n: 1,
+            constraint: None,
         },
         request_id: request_id.into(),
         shadow_prompts: vec![],

@@ -162,9 +162,10 @@ fn llm_error(e: LlmError) -> DnnError {
         LlmError::QueueFull { .. } | LlmError::EngineStopped => {
             DnnError::unavailable(e.to_string())
         }
-        LlmError::InvalidRequest(_) | LlmError::ContextLength { .. } | LlmError::Tokenizer(_) => {
-            DnnError::invalid(e.to_string())
-        }
+        LlmError::InvalidRequest(_)
+        | LlmError::Constraint(_)
+        | LlmError::ContextLength { .. }
+        | LlmError::Tokenizer(_) => DnnError::invalid(e.to_string()),
         other => DnnError::internal(other.to_string()),
     }
 }
@@ -204,6 +205,7 @@ pub async fn request(
         stop: p.stop,
         ignore_eos: p.ignore_eos,
         n: 1,
+        constraint: None,
     })
 }
 

@@ -140,6 +140,7 @@ fn submit(
         min_tokens: p.v.params.min_tokens,
         stop: p.v.params.stop.clone(),
         ignore_eos: p.v.params.ignore_eos,
+        constraint: p.v.constraint.as_ref().map(|(_, c)| c.clone()),
     };
     let generation = Generation {
         request,
@@ -157,6 +158,10 @@ fn submit(
                 max_tokens,
             } => ApiError::context_length(max, prompt, max_tokens),
             LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
+            LlmError::Constraint(m) => {
+                let field = p.v.constraint.as_ref().map_or("response_format", |c| c.0);
+                ApiError::invalid(field, format!("`{field}`: {m}"))
+            }
             other => ApiError::internal(other.to_string()),
         })?;
     Ok((rx, p.prompt.len()))
