@@ -60,10 +60,10 @@ def test_bad_parameters_raise_bad_request(server):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "auto"),
+    ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+    ("function_call", "auto"),
     ("prediction", {"type": "content", "content": "x"}),
-    ("parallel_tool_calls", False),
+    ("modalities", ["text", "audio"]),
     ("skip_special_tokens", False),
 ])
 def test_a_field_not_honoured_is_refused_by_name(server, field, value):

@@ -111,3 +111,76 @@ def test_a_constraint_that_does_not_compile_is_a_400_naming_it(server, extra, pa
         chat(server, "hi", max_tokens=5, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
     assert says in e.value.body["message"], e.value.body
+
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"type": "string", "maxLength": 40},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a time zone",
+                                      "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 40}},
+                                                     "required": ["tz"]}}},
+]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def tool_chat(server, **kw):
+    return client(server).chat.completions.create(model=MODEL, messages=kw.pop("messages", ASK), tools=TOOLS, **kw)
+
+
+def test_a_forced_tool_call_validates_streamed_and_not(server):
+    for seed in range(3):
+        r = tool_chat(server, tool_choice=NAMED, temperature=1.0, seed=seed, max_tokens=100)
+        (call,) = r.choices[0].message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+        assert r.choices[0].message.content is None and r.choices[0].finish_reason == "stop"
+    chunks = list(tool_chat(server, tool_choice=NAMED, temperature=0, max_tokens=100, stream=True))
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 for d in deltas) and len(deltas) > 2, "arguments stream as they are generated"
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), WEATHER)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_required_gives_calls_to_known_tools(server):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    r = tool_chat(server, tool_choice="required", temperature=0, max_tokens=200, parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    assert r.choices[0].finish_reason == "tool_calls"
+    chunks = list(tool_chat(server, tool_choice="required", temperature=0, max_tokens=200, stream=True))
+    calls = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    assert calls and [c.index for c in calls] == list(range(len(calls)))
+    for c in calls:
+        jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_answers_in_text_and_a_tool_result_is_taken_back(server):
+    r = tool_chat(server, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                  temperature=0, max_tokens=40)
+    m = r.choices[0].message
+    assert m.tool_calls is None and "Paris" in m.content and r.choices[0].finish_reason == "stop"
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo", "unit": "celsius"})}}
+    back = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp_c": 3, "sky": "snow"})}]
+    r = tool_chat(server, messages=back, temperature=0, max_tokens=60)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_tool_requests_that_cannot_be_served_are_refused(server, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        tool_chat(server, max_tokens=5, **kw)
+    assert e.value.body["param"] == param, e.value.body

@@ -64,6 +64,22 @@ impl ChatTemplate {
     /// Renders the conversation, ending with the assistant's turn opened when
     /// `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// Whether the template renders a `tools` variable of its own.
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`ChatTemplate::render`], with the function definitions a template
+    /// that [`renders_tools`](Self::renders_tools) reads as `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -73,6 +89,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| LlmError::Template(e.to_string()))
     }
@@ -119,6 +136,20 @@ mod tests {
         );
         let e = t.render(&[msg("tool", "x")], false).unwrap_err();
         assert!(e.to_string().contains("roles must alternate"), "{e}");
+    }
+
+    #[test]
+    fn a_template_that_renders_tools_gets_them() {
+        let src = "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}{{ messages[0].content }}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        assert!(t.renders_tools());
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let m = [msg("user", "hi")];
+        assert_eq!(
+            t.render_with_tools(&m, true, Some(&tools)).unwrap(),
+            "[f]hi"
+        );
+        assert_eq!(t.render(&m, true).unwrap(), "hi");
     }
 
     #[test]

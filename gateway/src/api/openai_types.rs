@@ -42,6 +42,14 @@ pub struct CommonParams {
     pub guided_grammar: Option<String>,
 }
 
+/// `tool_choice`: a mode, or `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceIn {
+    Mode(String),
+    Function(serde_json::Map<String, Value>),
+}
+
 /// A JSON schema as given: the object, or text holding it (vLLM takes both).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -78,6 +86,12 @@ pub struct ContentPart {
 pub struct MessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant turn's calls, as an earlier answer gave them.
+    #[serde(default)]
+    pub tool_calls: Vec<Value>,
+    /// A tool turn's answer to this call (and the function's name).
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +103,10 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Function calling ([`super::openai::tools`]).
+    pub tools: Option<Vec<serde_json::Map<String, Value>>>,
+    pub tool_choice: Option<ToolChoiceIn>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +154,9 @@ pub const CHAT_FIELDS: &[&str] = &[
     "max_completion_tokens",
     "logprobs",
     "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 /// [`CompletionRequest`]'s own fields (`echo` is read to be refused by name).
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo"];
@@ -342,11 +363,21 @@ pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiErro
                 }
             };
             let role = if m.role == "developer" {
-                "system".into()
+                "system"
             } else {
-                m.role.clone()
+                &m.role
             };
-            Ok(ChatMessage { role, content })
+            if !m.tool_calls.is_empty() && role != "assistant" {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("a `{role}` message cannot carry `tool_calls`"),
+                ));
+            }
+            Ok(super::openai::tools::render_turn(
+                role,
+                content,
+                &m.tool_calls,
+            ))
         })
         .collect()
 }
@@ -429,7 +460,13 @@ mod tests {
                 v[field] = serde_json::json!([[[]]]);
                 assert!(!parse(&v.to_string()), "`{field}` is listed but not read");
             }
-            for field in ["tools", "tool_choice", "prediction", "suffix", "best_of"] {
+            for field in [
+                "functions",
+                "function_call",
+                "prediction",
+                "suffix",
+                "best_of",
+            ] {
                 let body = valid(&format!(r#","{field}":1"#));
                 let e = refuse_unknown_fields(body.as_bytes(), own).unwrap_err();
                 assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);

@@ -3,6 +3,7 @@
 mod proxy;
 mod render;
 mod tokenize;
+pub mod tools;
 
 use super::error::{ApiError, OpenAiBody};
 use super::openai_types::{
@@ -24,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use tokenize::{detokenize, tokenize};
+use tools::Tools;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
@@ -64,6 +66,8 @@ struct Prepared {
     /// An experiment shadow arm's own prompt, by shadow.
     shadow_prompts: Vec<Option<Vec<u32>>>,
     request_id: String,
+    /// Function calling (chat).
+    tools: Option<Tools>,
 }
 
 /// Resolves the request's model through the dispatch layer. The rollout
@@ -105,6 +109,20 @@ fn apply_system(messages: &mut Vec<ChatMessage>, system: Option<String>) {
             ChatMessage {
                 role: "system".into(),
                 content,
+            },
+        ),
+    }
+}
+
+/// Appends `block` to the system message, or opens the conversation with it.
+fn add_to_system(messages: &mut Vec<ChatMessage>, block: String) {
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = format!("{}\n\n{block}", m.content),
+        _ => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".into(),
+                content: block,
             },
         ),
     }
@@ -191,22 +209,43 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
     let target = route(state, &mut req.common, headers, body)?;
     let messages = req.chat_messages()?;
     let logprobs = req.logprobs()?;
+    let tools = Tools::from_request(
+        req.tools.take(),
+        req.tool_choice.take(),
+        req.parallel_tool_calls,
+    )?;
+    if tools.is_some() && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`logprobs` together with `tools` is not supported; send one or the other",
+        ));
+    }
     let system = target.experiment.as_ref().and_then(|a| a.prompt().system);
-    let prompt = render_chat(&target.engine, messages.clone(), system)?;
+    let prompt = render_chat(&target.engine, messages.clone(), system, tools.as_ref())?;
     let shadow_prompts = target
         .shadows
         .iter()
         .map(|s| {
             s.system
                 .clone()
-                .map(|sys| render_chat(&s.engine, messages.clone(), Some(sys)))
+                .map(|sys| render_chat(&s.engine, messages.clone(), Some(sys), tools.as_ref()))
                 .transpose()
         })
         .collect::<Result<_, _>>()?;
     let model = req.common.model.clone();
-    let v = req.common.validate(req.max_completion_tokens, logprobs)?;
+    let mut v = req.common.validate(req.max_completion_tokens, logprobs)?;
     check_logit_bias(&v, &target.engine)?;
+    if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
+        if let Some((field, _)) = &v.constraint {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                format!("`tool_choice` and `{field}` both constrain the output; give one"),
+            ));
+        }
+        v.constraint = Some(("tool_choice", c));
+    }
     Ok(Prepared {
+        tools,
         request_id: dispatch::request_id(headers, "chatcmpl"),
         target,
         model,
@@ -217,11 +256,12 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
 }
 
 /// The chat prompt as `engine`'s template renders it (with `system` in place
-/// of the first system message), tokenized.
+/// of the first system message, and the tools offered), tokenized.
 fn render_chat(
     engine: &LlmEngine,
     mut messages: Vec<ChatMessage>,
     system: Option<String>,
+    tools: Option<&Tools>,
 ) -> Result<Vec<u32>, ApiError> {
     apply_system(&mut messages, system);
     let template = engine.template().ok_or_else(|| {
@@ -230,8 +270,14 @@ fn render_chat(
             "this model has no chat template; use /v1/completions",
         )
     })?;
+    let definitions = tools.and_then(Tools::definitions);
+    if !template.renders_tools() {
+        if let Some(block) = tools.and_then(Tools::system_block) {
+            add_to_system(&mut messages, block);
+        }
+    }
     let text = template
-        .render(&messages, true)
+        .render_with_tools(&messages, true, definitions.as_ref())
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     engine
         .tokenizer()
@@ -282,6 +328,7 @@ fn prepare_completion(
     let v = req.common.validate(max_tokens, logprobs)?;
     check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
+        tools: None,
         request_id: dispatch::request_id(headers, "cmpl"),
         // A shadow arm's system prompt is for chat; completions copy the prompt.
         shadow_prompts: vec![],
@@ -317,6 +364,7 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         created: now(),
         logprobs: p.v.params.sampling.logprobs.is_some(),
         n: p.v.params.n,
+        tools: p.tools.clone(),
     };
     let mut resp = if p.v.stream {
         stream_response(shape, rx, p.v.include_usage, state.shutdown.clone()).into_response()

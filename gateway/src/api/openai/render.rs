@@ -1,6 +1,7 @@
 //! OpenAI's response shapes: one JSON body, or server-sent events (role,
 //! content deltas, finish reason, usage, `[DONE]`), with chat's and
 //! completions' logprobs.
+use super::tools::{ToolStream, Tools};
 use crate::api::error::ApiError;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +28,8 @@ pub struct Shape {
     pub logprobs: bool,
     /// Choices in the response.
     pub n: usize,
+    /// Function calling: how answers become tool calls (chat only).
+    pub tools: Option<Tools>,
 }
 
 /// OpenAI's `usage`, with the prompt tokens the prefix cache served.
@@ -91,15 +94,23 @@ impl Shape {
         finish: Option<FinishReason>,
         chunk: bool,
     ) -> Value {
-        let finish_reason = finish.map(FinishReason::as_str);
+        let mut finish_reason = finish.map(FinishReason::as_str);
         let logprobs = self.logprobs(lps, offset);
         match (self.kind, chunk) {
             (Kind::Completion, _) => {
                 json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_reason})
             }
             (Kind::Chat, false) => {
-                json!({"index": index, "message": {"role": "assistant", "content": text.unwrap_or("")},
-                                          "logprobs": logprobs, "finish_reason": finish_reason})
+                let text = text.unwrap_or("");
+                let message = match (&self.tools, finish) {
+                    (Some(t), Some(f)) => {
+                        let (message, reason) = t.message(text, f);
+                        finish_reason = Some(reason);
+                        message
+                    }
+                    _ => json!({"role": "assistant", "content": text}),
+                };
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
             }
             (Kind::Chat, true) => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
@@ -196,12 +207,24 @@ pub fn stream_response(
         finished: usize,
         completion: usize,
         done: bool,
+        /// Per choice, where its tool calls stand (chat with tools).
+        tool_streams: Vec<ToolStream>,
     }
     let progress = Progress {
         offsets: vec![0; shape.n],
         finished: 0,
         completion: 0,
         done: false,
+        tool_streams: (0..shape.n).map(|_| ToolStream::default()).collect(),
+    };
+    // A chat chunk of choice `index` carrying `delta`.
+    let delta_chunk = move |shape: &Shape, index: usize, delta: Value, finish: Option<&str>| {
+        sse(&with_usage(shape.body(
+            vec![
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            ],
+            true,
+        )))
     };
     let body = stream::unfold(
         (rx, shape, progress),
@@ -217,7 +240,13 @@ pub fn stream_response(
                     logprob,
                 }) => {
                     let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
-                    if text.is_empty() && lps.is_empty() {
+                    if let Some(t) = &shape.tools {
+                        pr.tool_streams[index]
+                            .push(t, &text)
+                            .into_iter()
+                            .map(|d| delta_chunk(&shape, index, d, None))
+                            .collect()
+                    } else if text.is_empty() && lps.is_empty() {
                         vec![]
                     } else {
                         let offset = pr.offsets[index];
@@ -236,12 +265,25 @@ pub fn stream_response(
                     completion_tokens,
                     cached_tokens,
                 }) => {
-                    let text = (shape.kind == Kind::Completion).then_some("");
-                    let offset = pr.offsets[index];
-                    let mut out = vec![sse(&with_usage(shape.body(
-                        vec![shape.choice(index, text, &[], offset, Some(reason), true)],
-                        true,
-                    )))];
+                    let mut out = match &shape.tools {
+                        Some(t) => {
+                            let (deltas, finish) = pr.tool_streams[index].finish(t, reason);
+                            let mut out: Vec<Event> = deltas
+                                .into_iter()
+                                .map(|d| delta_chunk(&shape, index, d, None))
+                                .collect();
+                            out.push(delta_chunk(&shape, index, json!({}), Some(finish)));
+                            out
+                        }
+                        None => {
+                            let text = (shape.kind == Kind::Completion).then_some("");
+                            let offset = pr.offsets[index];
+                            vec![sse(&with_usage(shape.body(
+                                vec![shape.choice(index, text, &[], offset, Some(reason), true)],
+                                true,
+                            )))]
+                        }
+                    };
                     pr.finished += 1;
                     pr.completion += completion_tokens;
                     if pr.finished == shape.n {

@@ -47,7 +47,7 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<serde_json::Value, Api
             .tokenizer()
             .encode(text)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
-        (None, Some(messages)) => render_chat(&engine, chat_messages(messages)?, None)?,
+        (None, Some(messages)) => render_chat(&engine, chat_messages(messages)?, None, None)?,
         _ => {
             return Err(ApiError::invalid(
                 "prompt",
