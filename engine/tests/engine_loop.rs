@@ -347,32 +347,38 @@ fn teacher_forced_scores_equal_the_logprobs_of_generation() {
     assert_eq!(ids.len(), 12);
     let tokens: Vec<u32> = prompt.iter().chain(&ids).copied().collect();
     let scored = e
-        .score(tokens.clone(), prompt.len())
+        .score(tokens.clone(), prompt.len(), 3)
         .unwrap()
         .blocking_recv()
         .unwrap()
         .unwrap();
     assert_eq!(scored.len(), ids.len());
-    for (i, (a, b)) in scored.iter().zip(&lps).enumerate() {
+    for (i, (s, b)) in scored.iter().zip(&lps).enumerate() {
+        let a = s.logprob;
         assert!((a - b).abs() < 1e-3, "token {i}: scored {a}, generated {b}");
+        // Greedy generation took the most likely token, first in `top`.
+        assert_eq!(s.top.len(), 3);
+        assert_eq!(s.top[0], (ids[i], a), "token {i}");
+        assert!(s.top.windows(2).all(|w| w[0].1 >= w[1].1));
     }
     // A token the model did not pick scores lower than the greedy one.
     let mut other = tokens.clone();
     let first = prompt.len();
     other[first] = (other[first] + 1) % 64;
     let worse = e
-        .score(other, first)
+        .score(other, first, 0)
         .unwrap()
         .blocking_recv()
         .unwrap()
         .unwrap();
-    assert!(worse[0] < scored[0], "{} vs {}", worse[0], scored[0]);
+    let (w, s) = (worse[0].logprob, scored[0].logprob);
+    assert!(w < s, "{w} vs {s}");
     assert!(matches!(
-        e.score(tokens.clone(), 0),
+        e.score(tokens.clone(), 0, 0),
         Err(LlmError::InvalidRequest(_))
     ));
     assert!(matches!(
-        e.score(vec![1, 100_000], 1),
+        e.score(vec![1, 100_000], 1, 0),
         Err(LlmError::InvalidRequest(_))
     ));
 }

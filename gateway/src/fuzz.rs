@@ -194,7 +194,7 @@ pub fn openai_request(data: &[u8]) {
         let _ = r.common.validate(r.max_completion_tokens, logprobs);
     }
     if let Ok(r) = serde_json::from_slice::<CompletionRequest>(data) {
-        let _ = r.prompt_text();
+        let _ = r.prompts();
         let _ = r.logprobs();
         let _ = r.common.validate(None, None);
     }

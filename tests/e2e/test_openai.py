@@ -95,8 +95,11 @@ def test_models_retrieve_and_unknown_routes_answer_in_the_protocols_shape(server
     assert r.status_code == 404 and "Unknown request URL" in r.json()["error"]
     # A token-id prompt is refused naming the prompt, not a parser's type.
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2)
-    assert e.value.body["param"] == "prompt" and "token-id" in e.value.body["message"]
+        c.completions.create(model=MODEL, prompt=[1, 2, 99999999], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "vocabulary" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt=[1, "a"], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "PromptIn" not in e.value.body["message"]
 
 
 def test_logit_bias_forces_bans_and_is_checked(server):
@@ -315,3 +318,33 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     p = subprocess.run([binary(), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert p.returncode != 0
     assert "models[0].engine.max_num_seqs" in p.stderr
+
+
+def test_completions_batch_token_id_prompts_and_echo(server):
+    c = client(server)
+    tok = lambda text: httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+    prompts = ["The capital of France is", "One, two, three,"]
+    batch = c.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0, n=2)
+    assert sorted(ch.index for ch in batch.choices) == [0, 1, 2, 3]
+    singles = [c.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text for p in prompts]
+    by_index = {ch.index: ch.text for ch in batch.choices}
+    assert [by_index[0], by_index[1], by_index[2], by_index[3]] == [singles[0], singles[0], singles[1], singles[1]]
+    assert batch.usage.prompt_tokens == sum(len(tok(p)) for p in prompts)
+    ids = c.completions.create(model=MODEL, prompt=tok(prompts[0]), max_tokens=4, temperature=0)
+    assert ids.choices[0].text == singles[0]
+    lists = c.completions.create(model=MODEL, prompt=[tok(p) for p in prompts], max_tokens=4, temperature=0)
+    assert [ch.text for ch in sorted(lists.choices, key=lambda ch: ch.index)] == singles
+    # echo with prompt logprobs and no generation: what log-likelihood harnesses send.
+    e = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text == prompts[0] and e.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(tok(prompts[0])) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == prompts[0] and lp.text_offset[0] == 0
+    g = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, echo=True, logprobs=2, temperature=0)
+    assert g.choices[0].text == prompts[0] + singles[0]
+    assert g.choices[0].logprobs.token_logprobs[:len(lp.tokens)][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert len(g.choices[0].logprobs.tokens) == len(lp.tokens) + g.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"

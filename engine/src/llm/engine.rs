@@ -6,7 +6,7 @@ use super::error::{LlmError, Result};
 use super::guided::{Constraint, Guidance, Guide};
 use super::kv_cache::{KvCache, SeqId};
 use super::loader::LoadedWeights;
-use super::model::LlamaModel;
+use super::model::{LlamaModel, Scored};
 use super::sampling::Sampler;
 use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
 use super::tokenizer::Tokenizer;
@@ -31,13 +31,14 @@ enum Job {
     Score(ScoreJob),
 }
 
-/// The log-probabilities of a scoring pass, or why it failed.
-pub type Scores = std::result::Result<Vec<f32>, String>;
+/// The scored tokens of a scoring pass, or why it failed.
+pub type Scores = std::result::Result<Vec<Scored>, String>;
 
 /// A teacher-forced pass ([`LlmEngine::score`]).
 struct ScoreJob {
     tokens: Vec<u32>,
     from: usize,
+    top: usize,
     reply: tokio::sync::oneshot::Sender<Scores>,
 }
 
@@ -259,12 +260,14 @@ impl LlmEngine {
 
     /// Teacher forcing: the log-probability this model gives each of
     /// `tokens[from..]` after the tokens before it (temperature 1, no
-    /// penalties). It runs on the engine thread between two iterations, as
-    /// one forward pass over the whole sequence in a private cache.
+    /// penalties), with the `top` most likely tokens at each. It runs on
+    /// the engine thread between two iterations, as one forward pass over
+    /// the whole sequence in a private cache.
     pub fn score(
         &self,
         tokens: Vec<u32>,
         from: usize,
+        top: usize,
     ) -> Result<tokio::sync::oneshot::Receiver<Scores>> {
         let inner = &self.inner;
         if from == 0 || from >= tokens.len() {
@@ -288,6 +291,7 @@ impl LlmEngine {
             .send(Job::Score(ScoreJob {
                 tokens,
                 from,
+                top,
                 reply,
             }))
             .map_err(|_| LlmError::EngineStopped)?;
@@ -435,10 +439,13 @@ impl Worker {
             Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(*s)),
             Job::Score(j) => {
                 let dtype = self.cache.dtype;
-                let out = self.model.score(&j.tokens, j.from, dtype).map_err(|e| {
-                    tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
-                    e.to_string()
-                });
+                let out = self
+                    .model
+                    .score_top(&j.tokens, j.from, dtype, j.top)
+                    .map_err(|e| {
+                        tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
+                        e.to_string()
+                    });
                 let _ = j.reply.send(out);
             }
         }

@@ -235,6 +235,14 @@ pub struct LlamaModel {
     device: Device,
 }
 
+/// One scored token: its log-probability after the tokens before it, and
+/// the most likely tokens there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 impl LlamaModel {
     pub fn new(config: LlamaConfig, weights: Weights, device: &Device) -> Result<Self> {
         Ok(Self {
@@ -290,6 +298,19 @@ impl LlamaModel {
     /// a private cache of `dtype` (the engine's pool is not touched; with its
     /// dtype, the scores equal generation's log-probabilities).
     pub fn score(&self, tokens: &[u32], from: usize, dtype: KvDtype) -> Result<Vec<f32>> {
+        let scored = self.score_top(tokens, from, dtype, 0)?;
+        Ok(scored.into_iter().map(|s| s.logprob).collect())
+    }
+
+    /// [`LlamaModel::score`], with the `top` most likely tokens (and their
+    /// log-probabilities) at each scored position.
+    pub fn score_top(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        dtype: KvDtype,
+        top: usize,
+    ) -> Result<Vec<Scored>> {
         if from == 0 || from > tokens.len() {
             candle_core::bail!(
                 "scoring starts after the first token and within the {} given",
@@ -306,7 +327,14 @@ impl LlamaModel {
             let rows = (tokens.len() - 1 - row).min(32);
             let logits = self.head(&x[row * h..(row + rows) * h], rows)?;
             for (i, l) in logits.chunks_exact(vocab).enumerate() {
-                out.push(kernels::sampling::log_softmax(l)[tokens[row + i + 1] as usize]);
+                let lp = kernels::sampling::log_softmax(l);
+                out.push(Scored {
+                    logprob: lp[tokens[row + i + 1] as usize],
+                    top: kernels::sampling::top_k_indices(&lp, top)
+                        .into_iter()
+                        .map(|t| (t as u32, lp[t]))
+                        .collect(),
+                });
             }
             row += rows;
         }

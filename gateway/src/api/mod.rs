@@ -245,6 +245,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(retrieve_model))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
+        .route("/tokenizer_info", get(openai::tokenizer_info))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))

@@ -399,24 +399,64 @@ impl ChatRequest {
     }
 }
 
+/// One prompt of a completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptIn {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// The most prompts one completions request may batch.
+pub const MAX_PROMPTS: usize = 64;
+
+/// A list of token ids, or `None` when `v` is not one.
+fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
+    v.iter()
+        .map(|t| t.as_u64().and_then(|i| u32::try_from(i).ok()))
+        .collect()
+}
+
 impl CompletionRequest {
-    pub fn prompt_text(&self) -> Result<String, ApiError> {
-        use serde_json::Value;
+    /// The prompts, in OpenAI's forms: a string, a list of strings, a list
+    /// of token ids, or a list of such lists.
+    pub fn prompts(&self) -> Result<Vec<PromptIn>, ApiError> {
         let invalid = |m: &str| Err(ApiError::invalid("prompt", m.to_string()));
-        match &self.prompt {
-            Value::String(p) => Ok(p.clone()),
-            Value::Array(v) => match v.as_slice() {
-                [Value::String(p)] => Ok(p.clone()),
-                v if v.iter().all(Value::is_string) && !v.is_empty() => {
-                    invalid("batched prompts (a list of several strings) are not supported yet; send one prompt")
-                }
-                v if !v.is_empty() && v.iter().all(|t| t.is_u64() || t.is_array()) => invalid(
-                    "token-id prompts (a list of ids, or a list of lists) are not supported yet; send the text",
-                ),
-                _ => invalid("`prompt` must be a string or a list of strings, not an empty or mixed list"),
+        let prompts = match &self.prompt {
+            Value::String(p) => vec![PromptIn::Text(p.clone())],
+            Value::Array(v) if v.is_empty() => return invalid("`prompt` must not be an empty list"),
+            Value::Array(v) if v.iter().all(Value::is_string) => v
+                .iter()
+                .map(|p| PromptIn::Text(p.as_str().unwrap_or_default().to_string()))
+                .collect(),
+            Value::Array(v) if v.iter().all(Value::is_number) => match token_ids(v) {
+                Some(ids) => vec![PromptIn::Ids(ids)],
+                None => return invalid("token ids in `prompt` must be integers from 0 to 2^32 - 1"),
             },
-            _ => invalid("`prompt` must be a string or a list of strings"),
+            Value::Array(v) if v.iter().all(Value::is_array) => {
+                let lists: Option<Vec<_>> = v
+                    .iter()
+                    .map(|l| l.as_array().and_then(|l| token_ids(l)).filter(|l| !l.is_empty()))
+                    .collect();
+                match lists {
+                    Some(l) => l.into_iter().map(PromptIn::Ids).collect(),
+                    None => return invalid("each list in `prompt` must be non-empty token ids"),
+                }
+            }
+            Value::Array(_) => {
+                return invalid("`prompt` must be a string, a list of strings, a list of token ids or a list of such lists, not a mixed list")
+            }
+            _ => return invalid("`prompt` must be a string, a list of strings, a list of token ids or a list of such lists"),
+        };
+        if prompts.len() > MAX_PROMPTS {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "`prompt` batches at most {MAX_PROMPTS} prompts, got {}",
+                    prompts.len()
+                ),
+            ));
         }
+        Ok(prompts)
     }
 
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
@@ -477,23 +517,35 @@ mod tests {
     }
 
     #[test]
-    fn prompt_forms_not_served_name_the_prompt() {
-        let text = |p: &str| {
+    fn every_prompt_form_is_read_and_bad_ones_name_the_prompt() {
+        let prompts = |p: &str| {
             serde_json::from_str::<CompletionRequest>(&format!(r#"{{"model":"m","prompt":{p}}}"#))
                 .unwrap()
-                .prompt_text()
+                .prompts()
         };
-        assert_eq!(text(r#""hi""#).unwrap(), "hi");
-        assert_eq!(text(r#"["hi"]"#).unwrap(), "hi");
+        let text = |s: &str| PromptIn::Text(s.into());
+        assert_eq!(prompts(r#""hi""#).unwrap(), vec![text("hi")]);
+        assert_eq!(prompts(r#"["a","b"]"#).unwrap(), vec![text("a"), text("b")]);
+        assert_eq!(
+            prompts("[1,2,3]").unwrap(),
+            vec![PromptIn::Ids(vec![1, 2, 3])]
+        );
+        assert_eq!(
+            prompts("[[1],[2,3]]").unwrap(),
+            vec![PromptIn::Ids(vec![1]), PromptIn::Ids(vec![2, 3])]
+        );
+        let many = format!("[{}]", vec!["\"x\""; MAX_PROMPTS + 1].join(","));
         for (p, word) in [
-            (r#"["a","b"]"#, "batched"),
-            ("[1,2,3]", "token-id"),
-            ("[[1],[2]]", "token-id"),
-            ("[[[]]]", "token-id"),
+            ("[[[]]]", "token ids"),
+            ("[[]]", "token ids"),
+            ("[-1]", "integers"),
+            ("[1.5]", "integers"),
+            (r#"["a",1]"#, "mixed"),
             ("[]", "empty"),
             ("5", "string"),
+            (many.as_str(), "at most"),
         ] {
-            let e = text(p).unwrap_err();
+            let e = prompts(p).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("prompt"));
             assert!(
                 e.message.contains(word) && !e.message.contains("PromptIn"),

@@ -256,9 +256,12 @@ async fn forced(
     if tokens.len() == from {
         return;
     }
-    match engine.score(tokens, from) {
+    match engine.score(tokens, from, 0) {
         Ok(rx) => match rx.await {
-            Ok(Ok(shadow_lps)) => stats.record_forced(route, label, &answer.logprobs, &shadow_lps),
+            Ok(Ok(scored)) => {
+                let shadow_lps: Vec<f32> = scored.iter().map(|s| s.logprob).collect();
+                stats.record_forced(route, label, &answer.logprobs, &shadow_lps)
+            }
             _ => stats.error(route, label),
         },
         Err(e) => {

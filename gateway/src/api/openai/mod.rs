@@ -1,5 +1,6 @@
 //! `/v1/chat/completions` and `/v1/completions`: validate, tokenize, submit to
 //! the engine, and answer as one JSON body or as server-sent events.
+mod echo;
 mod proxy;
 mod render;
 mod tokenize;
@@ -7,8 +8,8 @@ pub mod tools;
 
 use super::error::{ApiError, OpenAiBody};
 use super::openai_types::{
-    refuse_unknown_fields, ChatRequest, CommonParams, CompletionRequest, Validated, CHAT_FIELDS,
-    COMPLETION_FIELDS,
+    refuse_unknown_fields, ChatRequest, CommonParams, CompletionRequest, PromptIn, Validated,
+    CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use super::AppState;
 use crate::dispatch::llm::{Generation, LlmTarget};
@@ -17,14 +18,16 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
+use echo::Echo;
 use engine::llm::ChatMessage;
 use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
 use proxy::{proxy, upstream_for};
-use render::{collect_response, shutting_down, stream_response, Kind, Shape};
+use render::{collect_body, shutting_down, stream_response, Kind, Shape};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use tokenize::{detokenize, tokenize};
+pub use tokenize::{detokenize, tokenize, tokenizer_info};
 use tools::Tools;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -62,7 +65,10 @@ struct Prepared {
     /// The name the client sent, as the response repeats it.
     model: String,
     v: Validated,
-    prompt: Vec<u32>,
+    /// One for chat; completions may batch several.
+    prompts: Vec<Vec<u32>>,
+    /// Completions' `echo`.
+    echo: Option<Echo>,
     /// An experiment shadow arm's own prompt, by shadow.
     shadow_prompts: Vec<Option<Vec<u32>>>,
     request_id: String,
@@ -128,18 +134,14 @@ fn add_to_system(messages: &mut Vec<ChatMessage>, block: String) {
     }
 }
 
-/// The engine request for `p`, started through the dispatch layer.
+/// The engine requests for `p` (one per prompt), started through the
+/// dispatch layer; their events arrive on one receiver, with the prompt
+/// tokens of all of them.
 fn submit(
     p: &Prepared,
     state: &AppState,
 ) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
     let engine = &p.target.engine;
-    // Without max_tokens, the rest of the context (at least one token, so an
-    // over-long prompt gets the engine's context error).
-    let max_tokens =
-        p.v.params
-            .max_tokens
-            .unwrap_or_else(|| engine.max_model_len().saturating_sub(p.prompt.len()).max(1));
     let most = engine.max_num_seqs();
     if p.v.params.n > most {
         return Err(ApiError::invalid(
@@ -150,39 +152,59 @@ fn submit(
             ),
         ));
     }
-    let request = GenerationRequest {
-        n: p.v.params.n,
-        prompt: p.prompt.clone(),
-        sampling: p.v.params.sampling.clone(),
-        max_tokens,
-        min_tokens: p.v.params.min_tokens,
-        stop: p.v.params.stop.clone(),
-        ignore_eos: p.v.params.ignore_eos,
-        constraint: p.v.constraint.as_ref().map(|(_, c)| c.clone()),
+    let mut receivers = Vec::with_capacity(p.prompts.len());
+    for prompt in &p.prompts {
+        // Without max_tokens, the rest of the context (at least one token,
+        // so an over-long prompt gets the engine's context error).
+        let max_tokens =
+            p.v.params
+                .max_tokens
+                .unwrap_or_else(|| engine.max_model_len().saturating_sub(prompt.len()).max(1));
+        let request = GenerationRequest {
+            n: p.v.params.n,
+            prompt: prompt.clone(),
+            sampling: p.v.params.sampling.clone(),
+            max_tokens,
+            min_tokens: p.v.params.min_tokens,
+            stop: p.v.params.stop.clone(),
+            ignore_eos: p.v.params.ignore_eos,
+            constraint: p.v.constraint.as_ref().map(|(_, c)| c.clone()),
+        };
+        let generation = Generation {
+            request,
+            request_id: p.request_id.clone(),
+            shadow_prompts: p.shadow_prompts.clone(),
+        };
+        let rx = p
+            .target
+            .start(&state.recorders(), generation)
+            .map_err(|e| llm_error(e, p))?;
+        receivers.push(rx);
+    }
+    let prompt_tokens = p.prompts.iter().map(Vec::len).sum();
+    let rx = match receivers.len() {
+        1 => receivers.pop().expect("one receiver"),
+        _ => echo::merge(receivers, p.v.params.n, prompt_tokens),
     };
-    let generation = Generation {
-        request,
-        request_id: p.request_id.clone(),
-        shadow_prompts: p.shadow_prompts.clone(),
-    };
-    let rx = p
-        .target
-        .start(&state.recorders(), generation)
-        .map_err(|e| match e {
-            LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
-            LlmError::ContextLength {
-                max,
-                prompt,
-                max_tokens,
-            } => ApiError::context_length(max, prompt, max_tokens),
-            LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
-            LlmError::Constraint(m) => {
-                let field = p.v.constraint.as_ref().map_or("response_format", |c| c.0);
-                ApiError::invalid(field, format!("`{field}`: {m}"))
-            }
-            other => ApiError::internal(other.to_string()),
-        })?;
-    Ok((rx, p.prompt.len()))
+    Ok((rx, prompt_tokens))
+}
+
+/// An engine's refusal in OpenAI's shape, naming the field at fault.
+fn llm_error(e: LlmError, p: &Prepared) -> ApiError {
+    match e {
+        LlmError::QueueFull { .. } => ApiError::overloaded(format!("{e}; retry shortly")),
+        LlmError::ContextLength {
+            max,
+            prompt,
+            max_tokens,
+        } => ApiError::context_length(max, prompt, max_tokens),
+        LlmError::InvalidRequest(m) => ApiError::invalid("prompt", m),
+        LlmError::Constraint(m) => {
+            let field = p.v.constraint.as_ref().map_or("response_format", |c| c.0);
+            ApiError::invalid(field, format!("`{field}`: {m}"))
+        }
+        other => ApiError::internal(other.to_string()),
+    }
 }
 
 pub async fn chat_completions(
@@ -246,11 +268,12 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
     }
     Ok(Prepared {
         tools,
+        echo: None,
         request_id: dispatch::request_id(headers, "chatcmpl"),
         target,
         model,
         v,
-        prompt,
+        prompts: vec![prompt],
         shadow_prompts,
     })
 }
@@ -309,33 +332,71 @@ fn prepare_completion(
     let mut req: CompletionRequest = parse(body)?;
     refuse_unknown_fields(body, COMPLETION_FIELDS)?;
     let target = route(state, &mut req.common, headers, body)?;
-    let text = req.prompt_text()?;
-    if req.echo {
-        return Err(ApiError::invalid("echo", "`echo` is not supported yet"));
-    }
     let logprobs = req.logprobs()?;
-    let prompt = target
-        .engine
-        .tokenizer()
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    let tokenizer = target.engine.tokenizer();
+    let mut prompts = Vec::new();
+    let mut texts = Vec::new();
+    for p in req.prompts()? {
+        let (ids, text) = match p {
+            PromptIn::Text(t) => (
+                tokenizer
+                    .encode(&t)
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+                t,
+            ),
+            PromptIn::Ids(ids) => {
+                let text = match req.echo {
+                    true => tokenizer.decode(&ids).unwrap_or_default(),
+                    false => String::new(),
+                };
+                (ids, text)
+            }
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+        }
+        prompts.push(ids);
+        texts.push(text);
     }
     let model = req.common.model.clone();
-    // OpenAI's default for completions is 16 tokens.
-    let max_tokens = req.common.fields.max_tokens.or(Some(16));
-    let v = req.common.validate(max_tokens, logprobs)?;
+    // OpenAI's default for completions is 16 tokens; `echo` may ask for
+    // none, and then only scores the prompt.
+    let asked = req.common.fields.max_tokens;
+    let echo = match (req.echo, asked) {
+        (false, _) => None,
+        (true, _) if req.common.stream => {
+            return Err(ApiError::invalid(
+                "echo",
+                "`echo` with `stream` is not supported; send the request without streaming",
+            ))
+        }
+        (true, Some(0)) => {
+            req.common.fields.max_tokens = None;
+            Some(Echo {
+                texts,
+                generate: false,
+            })
+        }
+        (true, _) => Some(Echo {
+            texts,
+            generate: true,
+        }),
+    };
+    let v = req.common.validate(
+        asked.filter(|&m| m != 0 || echo.is_none()).or(Some(16)),
+        logprobs,
+    )?;
     check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
         tools: None,
+        echo,
         request_id: dispatch::request_id(headers, "cmpl"),
         // A shadow arm's system prompt is for chat; completions copy the prompt.
         shadow_prompts: vec![],
         target,
         model,
         v,
-        prompt,
+        prompts,
     })
 }
 
@@ -353,27 +414,64 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         true => p.request_id.clone(),
         false => format!("{prefix}{}", p.request_id),
     };
-    let (rx, prompt_tokens) = match submit(&p, state) {
-        Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
     let shape = Shape {
         kind,
         id,
-        model: p.model,
+        model: p.model.clone(),
         created: now(),
         logprobs: p.v.params.sampling.logprobs.is_some(),
-        n: p.v.params.n,
+        n: p.v.params.n * p.prompts.len(),
         tools: p.tools.clone(),
+    };
+    if let Some(echo) = &p.echo {
+        let mut resp = tokio::select! {
+            r = answer_echo(&p, echo, shape, state) => r.unwrap_or_else(|e| e.into_response()),
+            _ = state.shutdown.ended() => shutting_down().into_response(),
+        };
+        dispatch::headers(resp.headers_mut(), &p.target.served(), &p.request_id);
+        return resp;
+    }
+    let (rx, prompt_tokens) = match submit(&p, state) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
     let mut resp = if p.v.stream {
         stream_response(shape, rx, p.v.include_usage, state.shutdown.clone()).into_response()
     } else {
         tokio::select! {
-            r = collect_response(shape, rx, prompt_tokens) => r,
+            r = collect_body(shape, rx, prompt_tokens) => match r {
+                Ok(body) => Json(body).into_response(),
+                Err(e) => e.into_response(),
+            },
             _ = state.shutdown.ended() => shutting_down().into_response(),
         }
     };
     dispatch::headers(resp.headers_mut(), &p.target.served(), &p.request_id);
     resp
+}
+
+/// A completions answer with `echo`: the prompts scored when `logprobs` is
+/// set, then generated after (unless `max_tokens` is 0), each choice
+/// opening with its prompt.
+async fn answer_echo(
+    p: &Prepared,
+    echo: &Echo,
+    shape: Shape,
+    state: &AppState,
+) -> Result<Response, ApiError> {
+    let top = p.v.params.sampling.logprobs;
+    let echoes = echo::score_prompts(&p.target.engine, &p.prompts, &echo.texts, top).await?;
+    let n = p.v.params.n;
+    let prompt_tokens: usize = p.prompts.iter().map(Vec::len).sum();
+    let body = if echo.generate {
+        let (rx, _) = submit(p, state)?;
+        let mut body = collect_body(shape, rx, prompt_tokens).await?;
+        echo::apply(&mut body, &echoes, n);
+        body
+    } else {
+        let mut body = shape.body(echo::score_only(&echoes, n, top.is_some()), false);
+        body["usage"] = render::usage(prompt_tokens, 0, 0);
+        body
+    };
+    Ok(Json(body).into_response())
 }

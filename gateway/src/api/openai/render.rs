@@ -4,8 +4,6 @@
 use super::tools::{ToolStream, Tools};
 use crate::api::error::ApiError;
 use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use engine::llm::{FinishReason, GenerationEvent, TokenLogprob};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
@@ -33,7 +31,7 @@ pub struct Shape {
 }
 
 /// OpenAI's `usage`, with the prompt tokens the prefix cache served.
-fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+pub fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
            "prompt_tokens_details": {"cached_tokens": cached}})
 }
@@ -119,16 +117,17 @@ impl Shape {
         }
     }
 
-    fn body(&self, choices: Vec<Value>, chunk: bool) -> Value {
+    pub fn body(&self, choices: Vec<Value>, chunk: bool) -> Value {
         json!({"id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices})
     }
 }
 
-pub async fn collect_response(
+/// The whole answer as one body, once every choice has finished.
+pub async fn collect_body(
     shape: Shape,
     mut rx: UnboundedReceiver<GenerationEvent>,
     prompt_tokens: usize,
-) -> Response {
+) -> Result<Value, ApiError> {
     let mut texts = vec![String::new(); shape.n];
     let mut lps = vec![Vec::new(); shape.n];
     let mut finished = vec![None; shape.n];
@@ -159,16 +158,15 @@ pub async fn collect_response(
                         .collect();
                     let mut body = shape.body(choices, false);
                     body["usage"] = usage(prompt_tokens, completion, cached);
-                    return Json(body).into_response();
+                    return Ok(body);
                 }
             }
-            GenerationEvent::Failed(m) => return ApiError::internal(m).into_response(),
+            GenerationEvent::Failed(m) => return Err(ApiError::internal(m)),
         }
     }
-    ApiError::internal(format!(
+    Err(ApiError::internal(format!(
         "the engine stopped before finishing (prompt of {prompt_tokens} tokens)"
-    ))
-    .into_response()
+    )))
 }
 
 fn sse(v: &Value) -> Event {
