@@ -348,3 +348,9 @@ def test_completions_batch_token_id_prompts_and_echo(server):
     with pytest.raises(openai.BadRequestError) as err:
         c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0)
     assert err.value.body["param"] == "max_tokens"
+
+
+def test_embeddings_of_a_generative_model_are_refused_by_name(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).embeddings.create(model=MODEL, input="hello")
+    assert e.value.body["param"] == "model" and "generative" in e.value.body["message"]

@@ -483,3 +483,32 @@ def test_llm_over_kserve(repo):
         assert "".join(r.as_numpy("text_output")[0].decode() for r, _ in got) == text
     finally:
         s.stop()
+
+
+def test_openai_embeddings_equal_the_kserve_encoder(triton, http):
+    import base64
+
+    import openai
+    from tokenizers import Tokenizer
+
+    texts = ["A man is playing a guitar.", "Someone plays an acoustic guitar.", "The stock market fell sharply today."]
+    c = openai.OpenAI(base_url=f"{triton.url}/v1", api_key="unused", max_retries=0)
+    # The client asks for base64 by default and decodes it; float is asked by name.
+    for fmt in [openai.NOT_GIVEN, "float"]:
+        r = c.embeddings.create(model="minilm", input=texts, encoding_format=fmt)
+        kserve = run(http, "minilm", {"text": np.array([[t.encode()] for t in texts], dtype=object)}).as_numpy("embedding")
+        got = np.array([d.embedding for d in sorted(r.data, key=lambda d: d.index)])
+        np.testing.assert_allclose(got, kserve, atol=1e-6)
+    tok = Tokenizer.from_file(str(CACHE / "minilm" / "tokenizer.json"))
+    tok.no_padding()
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in texts) == r.usage.total_tokens
+    one = c.embeddings.create(model="minilm", input=texts[2], encoding_format="base64")
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(one.data[0].embedding), dtype="<f4"), kserve[2], atol=1e-6)
+    for kw, param in [({"dimensions": 64}, "dimensions"), ({"input": [[101, 2023]]}, "input"),
+                      ({"model": "iris_onnx"}, "model"), ({"user": "u", "extra_body": {"truncate": 5}}, "truncate")]:
+        args = {"model": "minilm", "input": texts[0], **kw}
+        with pytest.raises(openai.BadRequestError) as e:
+            c.embeddings.create(**args)
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.NotFoundError):
+        c.embeddings.create(model="no-such-encoder", input="x")

@@ -143,7 +143,8 @@ output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
     write_model(repo, "minilm", """backend: "candle"
 max_batch_size: 16
 input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]
-output [ { name: "embedding" data_type: TYPE_FP32 dims: [ 384 ] } ]
+output [ { name: "embedding" data_type: TYPE_FP32 dims: [ 384 ] },
+          { name: "token_count" data_type: TYPE_INT64 dims: [ 1 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 5000 }
 parameters [ { key: "model_type" value: { string_value: "sentence_encoder" } } ]
 """, minilm_files(cache))

@@ -1,5 +1,7 @@
 //! Sentence encoder on candle (BERT family, e.g. all-MiniLM-L6-v2): BYTES
-//! text in, mean-pooled and L2-normalized embeddings out.
+//! text in, mean-pooled and L2-normalized embeddings out; and, when the
+//! config declares it, each text's token count (`token_count`, TYPE_INT64
+//! dims [ 1 ]), which `/v1/embeddings` reports as usage.
 use super::backend::{output_shape, Backend};
 use super::error::{DnnError, Result};
 use super::model::ModelDefinition;
@@ -18,8 +20,13 @@ pub struct SentenceEncoder {
     tokenizer: Tokenizer,
     hidden: usize,
     output_name: String,
+    /// The token-count output, when the config declares one.
+    counts_name: Option<String>,
     spec: ModelDefinition,
 }
+
+/// The name of the optional token-count output.
+pub const TOKEN_COUNT: &str = "token_count";
 
 impl SentenceEncoder {
     /// Reads the weights (`weights`, checked to lie in `dir`), `config.json`
@@ -53,12 +60,18 @@ impl SentenceEncoder {
         if spec.inputs.len() != 1 || spec.inputs[0].dtype != DataType::Bytes {
             return Err("a sentence encoder has one TYPE_STRING input".into());
         }
-        if spec.outputs.len() != 1
-            || spec.outputs[0].dtype != DataType::Fp32
-            || spec.outputs[0].dims != [config.hidden_size as i64]
-        {
+        let (embedding, counts): (Vec<_>, Vec<_>) =
+            spec.outputs.iter().partition(|o| o.name != TOKEN_COUNT);
+        let shape_ok = embedding.len() == 1
+            && embedding[0].dtype == DataType::Fp32
+            && embedding[0].dims == [config.hidden_size as i64]
+            && counts
+                .iter()
+                .all(|c| c.dtype == DataType::Int64 && c.dims == [1]);
+        if !shape_ok {
             return Err(format!(
-                "a sentence encoder has one TYPE_FP32 output with dims [ {} ]",
+                "a sentence encoder has one TYPE_FP32 output with dims [ {} ], and optionally \
+                 `{TOKEN_COUNT}` of TYPE_INT64 with dims [ 1 ]",
                 config.hidden_size
             ));
         }
@@ -66,16 +79,22 @@ impl SentenceEncoder {
             model,
             tokenizer,
             hidden: config.hidden_size,
-            output_name: spec.outputs[0].name.clone(),
+            output_name: embedding[0].name.clone(),
+            counts_name: counts.first().map(|c| c.name.clone()),
             spec: spec.clone(),
         })
     }
 
-    fn embed(&self, texts: Vec<String>) -> candle_core::Result<Vec<f32>> {
+    /// The embeddings of `texts`, and how many tokens each read.
+    fn embed(&self, texts: Vec<String>) -> candle_core::Result<(Vec<f32>, Vec<i64>)> {
         let encodings = self
             .tokenizer
             .encode_batch(texts, true)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let tokens: Vec<i64> = encodings
+            .iter()
+            .map(|e| e.get_attention_mask().iter().map(|&m| m as i64).sum())
+            .collect();
         let rows = encodings.len();
         let len = encodings.first().map_or(0, |e| e.get_ids().len());
         let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
@@ -93,7 +112,7 @@ impl SentenceEncoder {
         let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
         let mean = summed.broadcast_div(&counts)?;
         let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norm)?.flatten_all()?.to_vec1()
+        Ok((mean.broadcast_div(&norm)?.flatten_all()?.to_vec1()?, tokens))
     }
 }
 
@@ -108,18 +127,28 @@ impl Backend for SentenceEncoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = texts.len();
-        let values = if rows == 0 {
-            Vec::new()
+        let (values, tokens) = if rows == 0 {
+            (Vec::new(), Vec::new())
         } else {
             self.embed(texts)
                 .map_err(|e| DnnError::internal(format!("encoder: {e}")))?
         };
         debug_assert_eq!(values.len(), rows * self.hidden);
-        Ok(vec![Tensor::from_f32(
+        let mut out = vec![Tensor::from_f32(
             self.output_name.clone(),
             output_shape(&self.spec, &[self.hidden as i64], rows),
             &values,
-        )])
+        )];
+        if let Some(name) = &self.counts_name {
+            let data = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+            out.push(Tensor::new(
+                name.clone(),
+                DataType::Int64,
+                output_shape(&self.spec, &[1], rows),
+                data,
+            ));
+        }
+        Ok(out)
     }
 }
 

@@ -246,6 +246,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
         .route("/tokenizer_info", get(openai::tokenizer_info))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))

@@ -167,25 +167,26 @@ pub const IGNORED_FIELDS: &[&str] = &["metadata", "store"];
 /// Refuses the first top-level field of `body` (a JSON object) that is
 /// neither common, nor in `own`, nor in [`IGNORED_FIELDS`].
 pub fn refuse_unknown_fields(body: &[u8], own: &[&str]) -> Result<(), ApiError> {
+    refuse_fields_outside(body, &[own, COMMON_FIELDS, IGNORED_FIELDS])
+}
+
+/// Refuses the first top-level field of `body` (a JSON object) that none
+/// of `lists` names.
+pub fn refuse_fields_outside(body: &[u8], lists: &[&[&str]]) -> Result<(), ApiError> {
     // Only the keys: the values were read by the typed parse already.
     let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde::de::IgnoredAny>>(body) else {
         // Not an object: the typed parse names what is wrong.
         return Ok(());
     };
-    let known = |k: &str| {
-        [COMMON_FIELDS, own, IGNORED_FIELDS]
-            .iter()
-            .any(|l| l.contains(&k))
-    };
+    let known = |k: &str| lists.iter().any(|l| l.contains(&k));
     match map.keys().find(|k| !known(k)) {
         None => Ok(()),
         Some(field) => Err(ApiError::invalid(
             field.clone(),
             format!(
                 "`{field}` is not supported by this server; it refuses fields it does not honour \
-                 rather than ignoring them (honoured: {}, {})",
-                own.join(", "),
-                COMMON_FIELDS.join(", ")
+                 rather than ignoring them (honoured: {})",
+                lists.concat().join(", ")
             ),
         )),
     }

@@ -1,6 +1,7 @@
 //! `/v1/chat/completions` and `/v1/completions`: validate, tokenize, submit to
 //! the engine, and answer as one JSON body or as server-sent events.
 mod echo;
+mod embeddings;
 mod proxy;
 mod render;
 mod tokenize;
@@ -27,6 +28,7 @@ use render::{collect_body, shutting_down, stream_response, Kind, Shape};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+pub use embeddings::embeddings;
 pub use tokenize::{detokenize, tokenize, tokenizer_info};
 use tools::Tools;
 
