@@ -92,6 +92,10 @@ pub struct MessageIn {
     /// A tool turn's answer to this call (and the function's name).
     pub tool_call_id: Option<String>,
     pub name: Option<String>,
+    /// Any other key: refused unless null (clients that send an answer's
+    /// message back include `refusal: null` and the like).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,6 +372,15 @@ pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiErro
             } else {
                 &m.role
             };
+            if let Some((k, _)) = m.other.iter().find(|(_, v)| !v.is_null()) {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "`{k}` in a message is not supported (a message takes role, content, name, \
+                         tool_calls and tool_call_id)"
+                    ),
+                ));
+            }
             if !m.tool_calls.is_empty() && role != "assistant" {
                 return Err(ApiError::invalid(
                     "messages",
@@ -591,6 +604,20 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn message_keys_not_honoured_are_refused_unless_null() {
+        let with = |extra: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"assistant","content":"x"{extra}}}]}}"#
+            ))
+            .chat_messages()
+        };
+        assert!(with(r#","refusal":null,"annotations":null"#).is_ok());
+        let e = with(r#","audio":{"id":"a"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(e.message.contains("`audio`"), "{}", e.message);
     }
 
     #[test]
