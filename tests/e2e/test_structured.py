@@ -184,3 +184,36 @@ def test_tool_requests_that_cannot_be_served_are_refused(server, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         tool_chat(server, max_tokens=5, **kw)
     assert e.value.body["param"] == param, e.value.body
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+def test_langchain_structured_output_returns_a_validated_object(server, method):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=30)
+        age: int
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model=MODEL, temperature=0,
+                     max_tokens=200, max_retries=0)
+    out = llm.with_structured_output(Person, method=method).invoke(
+        "Describe a fictional baker named Anna, age 34, as JSON with name and age.")
+    assert isinstance(out, Person) and out.name and out.age >= 0
+
+
+def test_langchain_bind_tools_returns_tool_calls(server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model=MODEL, temperature=0,
+                     max_tokens=100, max_retries=0)
+    for choice in ["get_weather", "any"]:
+        msg = llm.bind_tools([get_weather], tool_choice=choice).invoke("What is the weather in Oslo?")
+        assert msg.tool_calls and all(c["name"] == "get_weather" and isinstance(c["args"]["city"], str)
+                                      for c in msg.tool_calls), msg
