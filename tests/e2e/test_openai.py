@@ -71,7 +71,7 @@ def test_a_field_not_honoured_is_refused_by_name(server, field, value):
         ask(client(server), "hi", max_tokens=2, extra_body={field: value})
     assert e.value.body["param"] == field and field in e.value.body["message"]
     # Completions refuse the same way, and name completions' own unsupported fields.
-    for extra in [{field: value}, {"suffix": "x"}, {"best_of": 2}]:
+    for extra in [{field: value}, {"suffix": "x"}]:
         with pytest.raises(openai.BadRequestError) as e:
             client(server).completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=extra)
         assert e.value.body["param"] == next(iter(extra))
@@ -354,3 +354,21 @@ def test_embeddings_of_a_generative_model_are_refused_by_name(server):
     with pytest.raises(openai.BadRequestError) as e:
         client(server).embeddings.create(model=MODEL, input="hello")
     assert e.value.body["param"] == "model" and "generative" in e.value.body["message"]
+
+
+def test_best_of_returns_the_most_likely_of_its_samples(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=4)
+    r = c.completions.create(n=2, best_of=5, logprobs=0, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    # Seeded samples repeat: the five candidates are the five of n=5.
+    five = c.completions.create(n=5, logprobs=0, **kw)
+    best = sorted((sum(ch.logprobs.token_logprobs) for ch in five.choices), reverse=True)[:2]
+    assert [sum(ch.logprobs.token_logprobs) for ch in r.choices] == pytest.approx(best, abs=1e-4)
+    assert r.usage.completion_tokens == five.usage.completion_tokens
+    quiet = c.completions.create(best_of=3, **kw)
+    assert len(quiet.choices) == 1 and quiet.choices[0].logprobs is None
+    for extra in [dict(n=2, best_of=1), dict(best_of=3, stream=True)]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(**kw, **extra)
+        assert e.value.body["param"] == "best_of"

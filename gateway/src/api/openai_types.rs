@@ -124,6 +124,9 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: bool,
+    /// Samples generated per prompt, of which the `n` most likely are
+    /// returned.
+    pub best_of: Option<i64>,
 }
 
 /// Fields both endpoints honour: [`CommonParams`] and [`SamplingFields`].
@@ -163,7 +166,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "parallel_tool_calls",
 ];
 /// [`CompletionRequest`]'s own fields (`echo` is read to be refused by name).
-pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of"];
 /// Accepted and ignored, as documented: they change nothing in the answer
 /// (OpenAI's stored-completion tags).
 pub const IGNORED_FIELDS: &[&str] = &["metadata", "store"];
@@ -519,7 +522,7 @@ mod tests {
                 "function_call",
                 "prediction",
                 "suffix",
-                "best_of",
+                "seed_list",
             ] {
                 let body = valid(&format!(r#","{field}":1"#));
                 let e = refuse_unknown_fields(body.as_bytes(), own).unwrap_err();

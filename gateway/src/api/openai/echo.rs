@@ -139,6 +139,32 @@ pub fn score_only(echoes: &[Echoed], n: usize, logprobs: bool) -> Vec<Value> {
     choices
 }
 
+/// `best_of`: of each prompt's `best_of` samples (choices `p * best_of`
+/// onwards), keeps the `keep` with the highest cumulative log-probability,
+/// renumbered `p * keep + j`; their logprobs stay only when asked for.
+pub fn keep_best(body: &mut Value, best_of: usize, keep: usize, report: bool) {
+    let Some(choices) = body["choices"].as_array_mut() else {
+        return;
+    };
+    let total = |c: &Value| -> f64 {
+        c["logprobs"]["token_logprobs"]
+            .as_array()
+            .map_or(0.0, |l| l.iter().filter_map(Value::as_f64).sum())
+    };
+    let mut all: Vec<Value> = std::mem::take(choices);
+    all.sort_by_key(|c| c["index"].as_u64().unwrap_or(0));
+    for (p, group) in all.chunks_mut(best_of).enumerate() {
+        group.sort_by(|a, b| total(b).total_cmp(&total(a)));
+        for (j, c) in group.iter_mut().take(keep).enumerate() {
+            c["index"] = json!(p * keep + j);
+            if !report {
+                c["logprobs"] = Value::Null;
+            }
+            choices.push(c.take());
+        }
+    }
+}
+
 /// One receiver for several prompts' requests: sample `j` of prompt `p`
 /// becomes choice `p * n + j`, and every `Finished` counts the prompt
 /// tokens of the whole batch. Dropping it cancels them all.

@@ -62,6 +62,27 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How many of each prompt's samples are returned, and whether their
+/// logprobs were asked for (they are computed to rank the samples).
+struct BestOf {
+    keep: usize,
+    report: bool,
+}
+
+impl Prepared {
+    /// Drops what `best_of` does not keep from a collected body.
+    fn keep_best(&self, body: &mut serde_json::Value) {
+        if let Some(b) = &self.best_of {
+            echo::keep_best(body, self.v.params.n, b.keep, b.report);
+        }
+    }
+
+    /// Choices returned per prompt.
+    fn returned_n(&self) -> usize {
+        self.best_of.as_ref().map_or(self.v.params.n, |b| b.keep)
+    }
+}
+
 struct Prepared {
     target: LlmTarget,
     /// The name the client sent, as the response repeats it.
@@ -71,6 +92,8 @@ struct Prepared {
     prompts: Vec<Vec<u32>>,
     /// Completions' `echo`.
     echo: Option<Echo>,
+    /// Completions' `best_of`, when it exceeds `n`.
+    best_of: Option<BestOf>,
     /// An experiment shadow arm's own prompt, by shadow.
     shadow_prompts: Vec<Option<Vec<u32>>>,
     request_id: String,
@@ -270,6 +293,7 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<P
     }
     Ok(Prepared {
         tools,
+        best_of: None,
         echo: None,
         request_id: dispatch::request_id(headers, "chatcmpl"),
         target,
@@ -334,7 +358,35 @@ fn prepare_completion(
     let mut req: CompletionRequest = parse(body)?;
     refuse_unknown_fields(body, COMPLETION_FIELDS)?;
     let target = route(state, &mut req.common, headers, body)?;
-    let logprobs = req.logprobs()?;
+    let mut logprobs = req.logprobs()?;
+    let best_of = match req.best_of {
+        None => None,
+        Some(b) => {
+            let n = req.common.fields.n.unwrap_or(1).max(1);
+            if b < n {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    format!("`best_of` ({b}) must be at least `n` ({n})"),
+                ));
+            }
+            if b > n && req.common.stream {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    "`best_of` greater than `n` cannot stream: the best are known at the end",
+                ));
+            }
+            // The samples are ranked by their log-probabilities.
+            (b > n).then(|| {
+                req.common.fields.n = Some(b);
+                let keep = BestOf {
+                    keep: n as usize,
+                    report: logprobs.is_some(),
+                };
+                logprobs = logprobs.or(Some(0));
+                keep
+            })
+        }
+    };
     let tokenizer = target.engine.tokenizer();
     let mut prompts = Vec::new();
     let mut texts = Vec::new();
@@ -391,6 +443,7 @@ fn prepare_completion(
     check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
         tools: None,
+        best_of,
         echo,
         request_id: dispatch::request_id(headers, "cmpl"),
         // A shadow arm's system prompt is for chat; completions copy the prompt.
@@ -442,7 +495,10 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
     } else {
         tokio::select! {
             r = collect_body(shape, rx, prompt_tokens) => match r {
-                Ok(body) => Json(body).into_response(),
+                Ok(mut body) => {
+                    p.keep_best(&mut body);
+                    Json(body).into_response()
+                }
                 Err(e) => e.into_response(),
             },
             _ = state.shutdown.ended() => shutting_down().into_response(),
@@ -461,13 +517,15 @@ async fn answer_echo(
     shape: Shape,
     state: &AppState,
 ) -> Result<Response, ApiError> {
-    let top = p.v.params.sampling.logprobs;
+    let top =
+        (p.v.params.sampling.logprobs).filter(|_| p.best_of.as_ref().is_none_or(|b| b.report));
     let echoes = echo::score_prompts(&p.target.engine, &p.prompts, &echo.texts, top).await?;
-    let n = p.v.params.n;
+    let n = p.returned_n();
     let prompt_tokens: usize = p.prompts.iter().map(Vec::len).sum();
     let body = if echo.generate {
         let (rx, _) = submit(p, state)?;
         let mut body = collect_body(shape, rx, prompt_tokens).await?;
+        p.keep_best(&mut body);
         echo::apply(&mut body, &echoes, n);
         body
     } else {
