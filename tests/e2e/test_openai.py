@@ -372,3 +372,40 @@ def test_best_of_returns_the_most_likely_of_its_samples(server):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(**kw, **extra)
         assert e.value.body["param"] == "best_of"
+
+
+def test_every_field_of_the_clients_request_types_is_honoured_or_refused_by_name(server):
+    """Walks the `openai` client's own request types: a field with a value
+    we honour gets an answer, any other a 400 naming it."""
+    import typing
+
+    from openai.types import completion_create_params as completion_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    honoured = {
+        "frequency_penalty": 0.1, "presence_penalty": 0.1, "logit_bias": {"330": 1}, "logprobs": True,
+        "max_completion_tokens": 2, "max_tokens": 2, "metadata": {"a": "b"}, "n": 1, "seed": 1, "stop": "\n",
+        "store": False, "stream": False, "stream_options": {"include_usage": True}, "temperature": 0,
+        "top_p": 0.9, "user": "u", "response_format": {"type": "text"}, "tools": [weather],
+        "tool_choice": "none", "parallel_tool_calls": False, "top_logprobs": 1, "best_of": 1, "echo": False,
+    }
+    for url, params, base in [
+        ("/v1/chat/completions", chat_params.CompletionCreateParamsBase,
+         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ("/v1/completions", completion_params.CompletionCreateParamsBase,
+         {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+    ]:
+        fields = set(typing.get_type_hints(params)) | {"stream"}
+        for field in sorted(fields - set(base)):
+            body = dict(base)
+            body[field] = honoured.get(field, "x")
+            if field == "top_logprobs":
+                body["logprobs"] = True
+            if field == "logprobs" and url == "/v1/completions":
+                body["logprobs"] = 1
+            r = httpx.post(f"{server.url}{url}", json=body, timeout=60)
+            if field in honoured:
+                assert r.status_code == 200, (url, field, r.text)
+            else:
+                assert r.status_code == 400 and r.json()["error"]["param"] == field, (url, field, r.text)
