@@ -34,6 +34,7 @@ fn config() -> EngineConfig {
         kv_cache: KvCacheSize::Bytes(1 << 20),
         kv_cache_dtype: KvDtype::F16,
         enable_prefix_caching: true,
+        embeddings: true,
     }
 }
 
@@ -381,4 +382,33 @@ fn teacher_forced_scores_equal_the_logprobs_of_generation() {
         e.score(vec![1, 100_000], 1, 0),
         Err(LlmError::InvalidRequest(_))
     ));
+}
+
+/// Embeddings: unit vectors of the hidden width, the same for the same
+/// tokens however often and whatever runs beside them; refused where the
+/// model is not configured for them.
+#[test]
+fn embeddings_are_unit_vectors_of_the_tokens() {
+    let (e, dir) = engine(config());
+    let embed = |e: &LlmEngine, t: Vec<u32>| e.embed(t).unwrap().blocking_recv().unwrap().unwrap();
+    let a = embed(&e, vec![5, 9, 2, 31]);
+    assert_eq!(a.len(), 64);
+    assert!((a.iter().map(|v| v * v).sum::<f32>().sqrt() - 1.0).abs() < 1e-4);
+    let _busy = e.submit(request(vec![1, 2, 3], 20)).unwrap();
+    assert_eq!(embed(&e, vec![5, 9, 2, 31]), a);
+    assert_ne!(embed(&e, vec![5, 9, 2, 30]), a);
+    assert!(matches!(e.embed(vec![]), Err(LlmError::InvalidRequest(_))));
+    assert!(matches!(
+        e.embed(vec![1, 100_000]),
+        Err(LlmError::InvalidRequest(_))
+    ));
+    let plain = start(
+        &dir,
+        EngineConfig {
+            embeddings: false,
+            ..config()
+        },
+    );
+    let err = plain.embed(vec![5, 9]).unwrap_err();
+    assert!(err.to_string().contains("embeddings: true"), "{err}");
 }

@@ -409,6 +409,8 @@ pub struct EngineSettings {
     /// `int8`: quantize a Hugging Face folder's dense projections to INT8
     /// at load; `none` (the default) serves weights as stored.
     pub quantization: Quantization,
+    /// Serve `/v1/embeddings` from this model's mean-pooled hidden states.
+    pub embeddings: bool,
 }
 
 /// How the KV pool stores keys and values.
@@ -435,6 +437,7 @@ impl Default for EngineSettings {
             kv_cache_dtype: KvCacheDtype::default(),
             enable_prefix_caching: d.enable_prefix_caching,
             quantization: Quantization::None,
+            embeddings: d.embeddings,
         }
     }
 }
@@ -456,6 +459,7 @@ impl From<&EngineSettings> for EngineConfig {
                 KvCacheDtype::F32 => KvDtype::F32,
             },
             enable_prefix_caching: s.enable_prefix_caching,
+            embeddings: s.embeddings,
         }
     }
 }

@@ -409,3 +409,26 @@ def test_every_field_of_the_clients_request_types_is_honoured_or_refused_by_name
                 assert r.status_code == 200, (url, field, r.text)
             else:
                 assert r.status_code == 400 and r.json()["error"]["param"] == field, (url, field, r.text)
+
+
+def test_an_llm_configured_for_embeddings_serves_them(tmp_config):
+    import base64
+    import struct
+
+    s = Server(tmp_config(embeddings="true"))
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        texts = ["The cat sat on the mat.", "Stock prices fell sharply."]
+        r = c.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+        vectors = [d.embedding for d in sorted(r.data, key=lambda d: d.index)]
+        assert [len(v) for v in vectors] == [576, 576] and vectors[0] != vectors[1]
+        assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
+        ids = [httpx.post(f"{s.url}/tokenize", json={"prompt": t}).json()["tokens"] for t in texts]
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+        by_ids = c.embeddings.create(model=MODEL, input=ids, encoding_format="float")
+        for d, v in zip(by_ids.data, vectors):
+            assert d.embedding == pytest.approx(v, abs=1e-6)
+        raw = c.embeddings.create(model=MODEL, input=texts[0], encoding_format="base64").data[0].embedding
+        assert list(struct.unpack(f"<{576}f", base64.b64decode(raw))) == pytest.approx(vectors[0], abs=1e-6)
+    finally:
+        s.stop()

@@ -29,6 +29,13 @@ struct SharedStats {
 enum Job {
     Generate(Box<Submission>),
     Score(ScoreJob),
+    Embed(EmbedJob),
+}
+
+/// An embedding pass ([`LlmEngine::embed`]).
+struct EmbedJob {
+    tokens: Vec<u32>,
+    reply: tokio::sync::oneshot::Sender<std::result::Result<Vec<f32>, String>>,
 }
 
 /// The scored tokens of a scoring pass, or why it failed.
@@ -258,6 +265,44 @@ impl LlmEngine {
         Ok(rx)
     }
 
+    /// Whether this model serves embeddings (`EngineConfig::embeddings`).
+    pub fn serves_embeddings(&self) -> bool {
+        self.inner.config.embeddings
+    }
+
+    /// The embedding of `tokens` ([`LlamaModel::embed`]), computed on the
+    /// engine thread between two iterations.
+    pub fn embed(
+        &self,
+        tokens: Vec<u32>,
+    ) -> Result<tokio::sync::oneshot::Receiver<std::result::Result<Vec<f32>, String>>> {
+        let inner = &self.inner;
+        if !inner.config.embeddings {
+            return Err(LlmError::Unsupported(format!(
+                "`{}` is not configured for embeddings (engine: {{ embeddings: true }})",
+                inner.name
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(LlmError::InvalidRequest("the input is empty".into()));
+        }
+        inner.check_vocab(&tokens)?;
+        let max = inner.config.max_model_len;
+        if tokens.len() > max {
+            return Err(LlmError::ContextLength {
+                max,
+                prompt: tokens.len(),
+                max_tokens: 0,
+            });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        inner
+            .tx
+            .send(Job::Embed(EmbedJob { tokens, reply }))
+            .map_err(|_| LlmError::EngineStopped)?;
+        Ok(rx)
+    }
+
     /// Teacher forcing: the log-probability this model gives each of
     /// `tokens[from..]` after the tokens before it (temperature 1, no
     /// penalties), with the `top` most likely tokens at each. It runs on
@@ -446,6 +491,13 @@ impl Worker {
                         tracing::warn!(model = %self.name, error = %e, "scoring pass failed");
                         e.to_string()
                     });
+                let _ = j.reply.send(out);
+            }
+            Job::Embed(j) => {
+                let out = self
+                    .model
+                    .embed(&j.tokens, self.cache.dtype)
+                    .map_err(|e| e.to_string());
                 let _ = j.reply.send(out);
             }
         }

@@ -341,6 +341,23 @@ impl LlamaModel {
         Ok(out)
     }
 
+    /// A text embedding: the final (normed) hidden states of `tokens`,
+    /// mean-pooled over the tokens and L2-normalized.
+    pub fn embed(&self, tokens: &[u32], dtype: KvDtype) -> Result<Vec<f32>> {
+        let x = self
+            .weights
+            .norm
+            .forward(&self.observe(tokens, dtype, &mut |_, _, _| ())?);
+        let h = self.config.hidden_size;
+        let mut mean = vec![0f32; h];
+        for row in x.chunks_exact(h) {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+        }
+        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        mean.iter_mut().for_each(|v| *v /= norm);
+        Ok(mean)
+    }
+
     /// Runs `tokens` as one sequence through a private cache of `dtype` and
     /// returns the final hidden state of every token, `[tokens, hidden]`;
     /// `tap` sees each projection's input on the way.

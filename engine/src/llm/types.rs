@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub kv_cache_dtype: KvDtype,
     /// Reuse the KV blocks of a prompt prefix seen before.
     pub enable_prefix_caching: bool,
+    /// Serve `/v1/embeddings` from this model (mean-pooled final hidden
+    /// states); off unless configured.
+    pub embeddings: bool,
 }
 
 /// The KV pool's default share of the memory available at start.
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSize::FractionOfFree(DEFAULT_KV_CACHE_FRACTION),
             kv_cache_dtype: KvDtype::default(),
             enable_prefix_caching: true,
+            embeddings: false,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! plane (a repository model, or a registry DNN route with its canary and
 //! shadows): the request becomes a KServe `infer` call through the same
 //! dispatch as `/v2/models/{name}/infer`, so both fronts give the same
-//! vectors.
+//! vectors. An LLM configured with `engine: { embeddings: true }` serves
+//! them too, as its mean-pooled final hidden states, and takes token ids.
 use super::parse;
 use crate::api::error::{ApiError, OpenAiBody};
 use crate::api::kserve;
@@ -17,6 +18,7 @@ use base64::Engine as _;
 use engine::dnn::encoder::TOKEN_COUNT;
 use engine::dnn::tensor::{encode_bytes, DataType, Tensor};
 use engine::dnn::{DnnError, ErrorKind, InferRequest};
+use engine::llm::LlmEngine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -33,35 +35,118 @@ struct EmbeddingsRequest {
     dimensions: Option<Value>,
 }
 
-/// The texts of `input`: a string or a list of strings.
-fn texts(input: &Value) -> Result<Vec<String>, ApiError> {
-    let invalid = |m: &str| Err(ApiError::invalid("input", m.to_string()));
-    let texts: Vec<String> = match input {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_string) => v
-            .iter()
-            .map(|s| s.as_str().unwrap_or_default().to_string())
-            .collect(),
-        Value::Array(v) if !v.is_empty() && v.iter().all(|t| t.is_number() || t.is_array()) => {
-            return invalid(
-                "token-id input is not supported: the encoder models take text with their own tokenizer; send strings",
-            )
+/// `input`: texts, or token ids (one list, or a list of lists).
+enum Inputs {
+    Texts(Vec<String>),
+    Ids(Vec<Vec<u32>>),
+}
+
+impl Inputs {
+    fn len(&self) -> usize {
+        match self {
+            Self::Texts(t) => t.len(),
+            Self::Ids(i) => i.len(),
         }
-        _ => return invalid("`input` must be a string or a non-empty list of strings"),
+    }
+}
+
+/// A non-empty list of token ids, or `None`.
+fn token_ids(v: &Value) -> Option<Vec<u32>> {
+    let list = v.as_array().filter(|l| !l.is_empty())?;
+    list.iter()
+        .map(|t| t.as_u64().and_then(|i| u32::try_from(i).ok()))
+        .collect()
+}
+
+fn inputs(input: &Value) -> Result<Inputs, ApiError> {
+    let invalid = |m: &str| Err(ApiError::invalid("input", m.to_string()));
+    let inputs = match input {
+        Value::String(s) => Inputs::Texts(vec![s.clone()]),
+        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_string) => Inputs::Texts(
+            v.iter()
+                .map(|s| s.as_str().unwrap_or_default().to_string())
+                .collect(),
+        ),
+        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_number) => {
+            match token_ids(input) {
+                Some(one) => Inputs::Ids(vec![one]),
+                None => return invalid("token ids in `input` must be integers from 0 to 2^32 - 1"),
+            }
+        }
+        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_array) => {
+            match v.iter().map(token_ids).collect::<Option<Vec<_>>>() {
+                Some(lists) => Inputs::Ids(lists),
+                None => return invalid("each list in `input` must be non-empty token ids"),
+            }
+        }
+        _ => return invalid(
+            "`input` must be a string, a list of strings, token ids or a list of token-id lists",
+        ),
     };
-    if texts.iter().any(String::is_empty) {
+    if matches!(&inputs, Inputs::Texts(t) if t.iter().any(String::is_empty)) {
         return invalid("`input` strings must not be empty");
     }
-    if texts.len() > MAX_INPUTS {
+    if inputs.len() > MAX_INPUTS {
         return Err(ApiError::invalid(
             "input",
             format!(
-                "`input` takes at most {MAX_INPUTS} strings, got {}",
-                texts.len()
+                "`input` takes at most {MAX_INPUTS} inputs, got {}",
+                inputs.len()
             ),
         ));
     }
-    Ok(texts)
+    Ok(inputs)
+}
+
+/// One vector as the response carries it: a list of floats, or base64 of
+/// their little-endian bytes.
+fn encode(values: &[f32], base64: bool) -> Value {
+    match base64 {
+        true => {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        false => json!(values),
+    }
+}
+
+/// Embeddings from an LLM configured for them: each input's tokens (text
+/// through the model's tokenizer), one pass each on the engine thread.
+async fn llm_embeddings(
+    engine: &LlmEngine,
+    model: &str,
+    inputs: Inputs,
+    base64: bool,
+) -> Result<(Vec<Value>, i64), ApiError> {
+    if !engine.serves_embeddings() {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "`{model}` is a generative model not configured for embeddings: set \
+                 `engine: {{ embeddings: true }}` on it, or name a sentence encoder of the model repository"
+            ),
+        ));
+    }
+    let token_lists = match inputs {
+        Inputs::Ids(ids) => ids,
+        Inputs::Texts(texts) => texts
+            .iter()
+            .map(|t| engine.tokenizer().encode(t))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::invalid("input", e.to_string()))?,
+    };
+    let (mut data, mut tokens) = (Vec::with_capacity(token_lists.len()), 0i64);
+    for (i, ids) in token_lists.into_iter().enumerate() {
+        tokens += ids.len() as i64;
+        let vector = engine
+            .embed(ids)
+            .map_err(|e| ApiError::invalid("input", e.to_string()))?
+            .await
+            .map_err(|_| ApiError::internal("the engine stopped"))?
+            .map_err(ApiError::internal)?;
+        data.push(json!({"object": "embedding", "index": i, "embedding": encode(&vector, base64)}));
+    }
+    Ok((data, tokens))
 }
 
 /// A KServe error in OpenAI's shape.
@@ -86,15 +171,6 @@ struct Encoder {
 }
 
 async fn encoder(state: &AppState, model: &str) -> Result<Encoder, ApiError> {
-    if state.routes().snapshot().deployment(model).is_some() {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "`{model}` is a generative model; /v1/embeddings is served by the sentence encoders \
-                 of the model repository"
-            ),
-        ));
-    }
     let config = kserve::model_config(state, model, None)
         .await
         .map_err(|e| api_error(e, model))?;
@@ -143,7 +219,7 @@ async fn embed(
 ) -> Result<(Value, Option<dispatch::Served>), ApiError> {
     let req: EmbeddingsRequest = parse(body)?;
     refuse_fields_outside(body, &[FIELDS])?;
-    let texts = texts(&req.input)?;
+    let inputs = inputs(&req.input)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -154,16 +230,46 @@ async fn embed(
             ))
         }
     };
-    let enc = encoder(state, &req.model).await?;
     if req.dimensions.is_some() {
         return Err(ApiError::invalid(
             "dimensions",
             format!(
-                "`{}` gives vectors of {} values and cannot shorten them; leave `dimensions` out",
-                req.model, enc.width
+                "`{}` gives vectors of one fixed size and cannot shorten them; leave `dimensions` out",
+                req.model
             ),
         ));
     }
+    let llm = state.routes().snapshot().deployment(&req.model);
+    let (data, tokens, served) =
+        match (llm, inputs) {
+            (Some((engine, _)), inputs) => {
+                let (data, tokens) = llm_embeddings(&engine, &req.model, inputs, base64).await?;
+                (data, tokens, None)
+            }
+            (None, Inputs::Ids(_)) => return Err(ApiError::invalid(
+                "input",
+                "token-id input is not supported by sentence encoders: they take text with their \
+                 own tokenizer; send strings",
+            )),
+            (None, Inputs::Texts(texts)) => {
+                encoder_embeddings(state, headers, &req.model, &texts, base64).await?
+            }
+        };
+    let body = json!({"object": "list", "data": data, "model": req.model,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+    Ok((body, served))
+}
+
+/// Embeddings from a sentence encoder of the plane, through KServe `infer`
+/// in batches the model takes.
+async fn encoder_embeddings(
+    state: &AppState,
+    headers: &HeaderMap,
+    model: &str,
+    texts: &[String],
+    base64: bool,
+) -> Result<(Vec<Value>, i64, Option<dispatch::Served>), ApiError> {
+    let enc = encoder(state, model).await?;
     let chunk = if enc.max_batch == 0 { 1 } else { enc.max_batch };
     let (mut data, mut tokens, mut served) = (Vec::with_capacity(texts.len()), 0i64, None);
     for (c, batch) in texts.chunks(chunk).enumerate() {
@@ -178,7 +284,7 @@ async fn embed(
             encode_bytes(batch.iter().map(|t| t.as_bytes())),
         );
         let call = InferRequest {
-            model: req.model.clone(),
+            model: model.to_string(),
             version: None,
             id: String::new(),
             inputs: vec![input],
@@ -187,25 +293,20 @@ async fn embed(
         };
         let (resp, s) = kserve::infer(state, call, headers)
             .await
-            .map_err(|e| api_error(e, &req.model))?;
+            .map_err(|e| api_error(e, model))?;
         served = served.or(s);
         let vectors = resp
             .outputs
             .iter()
             .find(|t| t.name == enc.output)
             .ok_or_else(|| ApiError::internal(format!("the encoder gave no `{}`", enc.output)))?;
-        let values = vectors.data.chunks_exact(4 * enc.width);
-        for (i, row) in values.enumerate() {
-            let embedding = match base64 {
-                true => json!(base64::engine::general_purpose::STANDARD.encode(row)),
-                false => json!(row
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect::<Vec<_>>()),
-            };
-            data.push(
-                json!({"object": "embedding", "index": c * chunk + i, "embedding": embedding}),
-            );
+        for (i, row) in vectors.data.chunks_exact(4 * enc.width).enumerate() {
+            let values: Vec<f32> = row
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            data.push(json!({"object": "embedding", "index": c * chunk + i,
+                             "embedding": encode(&values, base64)}));
         }
         if let Some(t) = resp
             .outputs
@@ -226,9 +327,7 @@ async fn embed(
             texts.len()
         )));
     }
-    let body = json!({"object": "list", "data": data, "model": req.model,
-                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
-    Ok((body, served))
+    Ok((data, tokens, served))
 }
 
 pub async fn embeddings(
