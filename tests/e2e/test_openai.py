@@ -348,6 +348,17 @@ def test_completions_batch_token_id_prompts_and_echo(server):
     with pytest.raises(openai.BadRequestError) as err:
         c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0)
     assert err.value.body["param"] == "max_tokens"
+    # A streamed echo opens with the prompt, then the tokens as they come.
+    chunks = list(c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, echo=True, logprobs=2,
+                                       temperature=0, stream=True))
+    assert chunks[0].choices[0].text == prompts[0]
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert "".join(ch.choices[0].text for ch in chunks) == g.choices[0].text
+    offsets = [o for ch in chunks for o in (ch.choices[0].logprobs.text_offset if ch.choices[0].logprobs else [])]
+    assert offsets == g.choices[0].logprobs.text_offset
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True, stream=True)
+    assert err.value.body["param"] == "echo"
 
 
 def test_embeddings_of_a_generative_model_are_refused_by_name(server):

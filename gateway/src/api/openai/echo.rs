@@ -123,9 +123,15 @@ fn prepend(tokens: &[PromptToken], shift: usize, generated: &Value) -> Value {
     })
 }
 
-/// The body of an echo without generation (`max_tokens: 0`): each prompt,
-/// `n` times, ended by length.
-pub fn score_only(echoes: &[Echoed], n: usize, logprobs: bool) -> Vec<Value> {
+/// Each prompt's echo, `n` times, as completions choices: the whole answer
+/// without generation (`max_tokens: 0`, ended by `length`), or a stream's
+/// first chunk of each choice (`finish` none).
+pub fn echo_choices(
+    echoes: &[Echoed],
+    n: usize,
+    logprobs: bool,
+    finish: Option<&str>,
+) -> Vec<Value> {
     let mut choices = Vec::new();
     for (p, e) in echoes.iter().enumerate() {
         for j in 0..n {
@@ -133,7 +139,7 @@ pub fn score_only(echoes: &[Echoed], n: usize, logprobs: bool) -> Vec<Value> {
                 true => prepend(&e.tokens, 0, &json!({})),
                 false => Value::Null,
             };
-            choices.push(json!({"index": p * n + j, "text": e.text, "logprobs": lps, "finish_reason": "length"}));
+            choices.push(json!({"index": p * n + j, "text": e.text, "logprobs": lps, "finish_reason": finish}));
         }
     }
     choices

@@ -418,10 +418,10 @@ fn prepare_completion(
     let asked = req.common.fields.max_tokens;
     let echo = match (req.echo, asked) {
         (false, _) => None,
-        (true, _) if req.common.stream => {
+        (true, Some(0)) if req.common.stream => {
             return Err(ApiError::invalid(
                 "echo",
-                "`echo` with `stream` is not supported; send the request without streaming",
+                "`echo` with `max_tokens: 0` answers at once; send it without `stream`",
             ))
         }
         (true, Some(0)) => {
@@ -478,7 +478,7 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         n: p.v.params.n * p.prompts.len(),
         tools: p.tools.clone(),
     };
-    if let Some(echo) = &p.echo {
+    if let Some(echo) = p.echo.as_ref().filter(|_| !p.v.stream) {
         let mut resp = tokio::select! {
             r = answer_echo(&p, echo, shape, state) => r.unwrap_or_else(|e| e.into_response()),
             _ = state.shutdown.ended() => shutting_down().into_response(),
@@ -491,7 +491,19 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         Err(e) => return e.into_response(),
     };
     let mut resp = if p.v.stream {
-        stream_response(shape, rx, p.v.include_usage, state.shutdown.clone()).into_response()
+        // A streamed echo opens each choice with its prompt.
+        let echoed = match &p.echo {
+            None => vec![],
+            Some(e) => {
+                let top = p.v.params.sampling.logprobs;
+                match echo::score_prompts(&p.target.engine, &p.prompts, &e.texts, top).await {
+                    Ok(echoes) => echo::echo_choices(&echoes, p.v.params.n, top.is_some(), None),
+                    Err(e) => return e.into_response(),
+                }
+            }
+        };
+        stream_response(shape, rx, p.v.include_usage, state.shutdown.clone(), echoed)
+            .into_response()
     } else {
         tokio::select! {
             r = collect_body(shape, rx, prompt_tokens) => match r {
@@ -529,7 +541,8 @@ async fn answer_echo(
         echo::apply(&mut body, &echoes, n);
         body
     } else {
-        let mut body = shape.body(echo::score_only(&echoes, n, top.is_some()), false);
+        let choices = echo::echo_choices(&echoes, n, top.is_some(), Some("length"));
+        let mut body = shape.body(choices, false);
         body["usage"] = render::usage(prompt_tokens, 0, 0);
         body
     };

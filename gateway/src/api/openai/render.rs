@@ -175,11 +175,14 @@ fn sse(v: &Value) -> Event {
 
 /// Server-sent events: the role first (chat), then content deltas, the finish
 /// reason, optional usage, and `[DONE]`. Dropping the stream cancels the request.
+/// `echoed`: completions choices sent first (a streamed `echo`), whose
+/// text the generated tokens' offsets follow.
 pub fn stream_response(
     shape: Shape,
     rx: UnboundedReceiver<GenerationEvent>,
     include_usage: bool,
     shutdown: crate::server::Shutdown,
+    echoed: Vec<Value>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let with_usage = move |mut v: Value| {
         if include_usage {
@@ -196,8 +199,20 @@ pub fn stream_response(
                 ))
             })
             .collect(),
-        Kind::Completion => vec![],
+        Kind::Completion => echoed
+            .iter()
+            .map(|c| with_usage(shape.body(vec![c.clone()], true)))
+            .collect(),
     };
+    let mut offsets = vec![0; shape.n];
+    for c in &echoed {
+        if let Some(o) = c["index"]
+            .as_u64()
+            .and_then(|i| offsets.get_mut(i as usize))
+        {
+            *o = c["text"].as_str().map_or(0, str::len);
+        }
+    }
     let head = stream::iter(first.iter().map(sse).map(Ok).collect::<Vec<_>>());
     /// Per choice: text offset so far; and choices finished, completion tokens.
     struct Progress {
@@ -209,7 +224,7 @@ pub fn stream_response(
         tool_streams: Vec<ToolStream>,
     }
     let progress = Progress {
-        offsets: vec![0; shape.n],
+        offsets,
         finished: 0,
         completion: 0,
         done: false,
