@@ -124,6 +124,20 @@ fn hf_cache() -> Cache {
     }
 }
 
+/// The hub client as the Hugging Face tools configure it: `HF_ENDPOINT`
+/// (a mirror) and `HF_TOKEN` (else the token file in the cache) honoured.
+fn hf_api(cache: Cache) -> hf_hub::api::sync::ApiBuilder {
+    let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+    if let Some(endpoint) = nonempty("HF_ENDPOINT") {
+        api = api.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    if let Some(token) = nonempty("HF_TOKEN") {
+        api = api.with_token(Some(token));
+    }
+    api
+}
+
 /// Resolves through the hub's cache layout (`models--org--name/refs`, `snapshots`);
 /// downloads what is missing unless `HF_HUB_OFFLINE` is set.
 fn resolve_hf(repo_id: &str, revision: &str, file: Option<&str>) -> Result<PathBuf> {
@@ -138,9 +152,7 @@ fn resolve_hf(repo_id: &str, revision: &str, file: Option<&str>) -> Result<PathB
                 )
             })
         } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                .with_progress(true)
-                .build()?;
+            let api = hf_api(cache.clone()).build()?;
             api.repo(repo.clone())
                 .get(name)
                 .with_context(|| format!("downloading {repo_id}@{revision}/{name}"))
@@ -366,6 +378,44 @@ mod tests {
         assert!(
             format!("{absent:#}").contains("HF_HUB_OFFLINE"),
             "{absent:#}"
+        );
+    }
+
+    /// A mirror (`HF_ENDPOINT`) gets the download, with `HF_TOKEN` as the
+    /// bearer token, as the Hugging Face tools send them.
+    #[test]
+    fn the_hub_client_takes_hf_endpoint_and_hf_token() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            s.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        let root = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_HUB_CACHE", root.path());
+        std::env::remove_var("HF_HUB_OFFLINE");
+        std::env::set_var("HF_ENDPOINT", format!("http://{addr}/"));
+        std::env::set_var("HF_TOKEN", "hf_test_token");
+        assert!(resolve_hf("org/tiny", "main", Some("tiny.gguf")).is_err());
+        let head = seen.join().unwrap();
+        assert!(head.contains("/org/tiny/resolve/main/tiny.gguf"), "{head}");
+        assert!(
+            head.contains("authorization: bearer hf_test_token"),
+            "{head}"
         );
     }
 

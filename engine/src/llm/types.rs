@@ -46,16 +46,71 @@ impl KvCacheSize {
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, or 4 GiB where there is none.
+/// `MemAvailable` from `/proc/meminfo` (4 GiB where there is none), or
+/// less when the process's cgroup allows less: a container's limit counts,
+/// not the host's memory.
 fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+    let host = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
                 .find_map(|l| l.strip_prefix("MemAvailable:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map_or(4 << 30, |kb| kb * 1024)
+        .map_or(4 << 30, |kb| kb * 1024);
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    match cgroup_headroom(std::path::Path::new("/sys/fs/cgroup"), &own) {
+        Some(room) => host.min(room),
+        None => host,
+    }
+}
+
+/// What the memory cgroup of a process still allows (its limit less its
+/// usage), from `/proc/self/cgroup` (`own`) and the cgroup file system at
+/// `root`: cgroup v2 (`memory.max`, `memory.current`) or v1
+/// (`memory/…/memory.limit_in_bytes`, `memory.usage_in_bytes`). `None`
+/// when there is no limit or no memory controller.
+pub fn cgroup_headroom(root: &std::path::Path, own: &str) -> Option<u64> {
+    let read = |dir: &std::path::Path, file: &str| -> Option<String> {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    // The process's own group, else the root of the hierarchy (a container
+    // sees its own group as "/").
+    let dirs = |base: std::path::PathBuf, path: &str| {
+        let own = base.join(path.trim_start_matches('/'));
+        [own, base]
+    };
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if id == "0" && controllers.is_empty() {
+            for dir in dirs(root.to_path_buf(), path) {
+                if let (Some(max), Some(current)) =
+                    (read(&dir, "memory.max"), read(&dir, "memory.current"))
+                {
+                    let limit: u64 = max.parse().ok()?; // "max": no limit
+                    return Some(limit.saturating_sub(current.parse().ok()?));
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            for dir in dirs(root.join("memory"), path) {
+                if let (Some(limit), Some(usage)) = (
+                    read(&dir, "memory.limit_in_bytes"),
+                    read(&dir, "memory.usage_in_bytes"),
+                ) {
+                    let limit: u64 = limit.parse().ok()?;
+                    // v1 writes a page-rounded i64::MAX for "no limit".
+                    if limit >= 1 << 60 {
+                        return None;
+                    }
+                    return Some(limit.saturating_sub(usage.parse().ok()?));
+                }
+            }
+        }
+    }
+    None
 }
 
 impl Default for EngineConfig {
@@ -144,4 +199,33 @@ pub struct EngineStats {
     /// Prompt tokens looked up in the prefix cache, and found there.
     pub prefix_queried: u64,
     pub prefix_hit: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_headroom;
+    use std::fs;
+
+    #[test]
+    fn cgroup_limits_are_read_for_v2_and_v1() {
+        let root = tempfile::tempdir().unwrap();
+        let v2 = root.path().join("system.slice/app.service");
+        fs::create_dir_all(&v2).unwrap();
+        fs::write(v2.join("memory.max"), "1073741824\n").unwrap();
+        fs::write(v2.join("memory.current"), "268435456\n").unwrap();
+        let own = "0::/system.slice/app.service\n";
+        assert_eq!(cgroup_headroom(root.path(), own), Some(805306368));
+        fs::write(v2.join("memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_headroom(root.path(), own), None);
+        // A container sees its group as "/": the root's files count.
+        let v1 = root.path().join("memory");
+        fs::create_dir_all(&v1).unwrap();
+        fs::write(v1.join("memory.limit_in_bytes"), "536870912").unwrap();
+        fs::write(v1.join("memory.usage_in_bytes"), "36870912").unwrap();
+        let own = "12:cpu,cpuacct:/\n4:memory:/docker/abc\n";
+        assert_eq!(cgroup_headroom(root.path(), own), Some(500000000));
+        fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712").unwrap();
+        assert_eq!(cgroup_headroom(root.path(), own), None);
+        assert_eq!(cgroup_headroom(root.path(), "1:name=systemd:/\n"), None);
+    }
 }
