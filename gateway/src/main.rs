@@ -2,6 +2,7 @@
 //! command line; the `gateway` library holds everything it runs.
 mod model_cli;
 mod registry_cli;
+mod serve_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -56,6 +57,8 @@ enum Command {
         /// let anyone who reaches the ports load and unload models.
         #[arg(long)]
         allow_unauthenticated_control: bool,
+        #[command(flatten)]
+        flags: serve_cli::ServeFlags,
     },
     /// Manage model files.
     Models {
@@ -147,14 +150,13 @@ fn main() -> Result<()> {
             load_model,
             grpc,
             allow_unauthenticated_control,
+            flags,
         } => {
             let mut cfg = match (&config, &model_repository) {
                 (None, Some(_)) => Config::default(),
                 _ => load_config(config.as_ref())?,
             };
-            if let Some(addr) = http {
-                cfg.server.http = addr;
-            }
+            flags.apply(&mut cfg, http)?;
             if let Some(addr) = grpc {
                 cfg.server.grpc = Some(addr);
             }

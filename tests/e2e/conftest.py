@@ -32,8 +32,10 @@ class Server:
     """The server on ports it binds itself (port 0 unless `port` is given),
     read back from its log; ready once `/health` answers 200."""
 
-    def __init__(self, config: str | None = None, port: int | None = None, args: list[str] | None = None):
-        cmd = [binary(), "serve", "--http", f"127.0.0.1:{port or 0}"]
+    def __init__(self, config: str | None = None, port: int | None = None, args: list[str] | None = None,
+                 http: bool = True):
+        # http=False: the address comes from `args` (e.g. `--port`).
+        cmd = [binary(), "serve"] + (["--http", f"127.0.0.1:{port or 0}"] if http else [])
         if config:
             cmd += ["--config", config]
         cmd += args or []

