@@ -635,6 +635,69 @@ fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// Every section of the config, and a YAML that puts an unknown key in
+    /// it: the parser's refusal lists the keys the section takes.
+    const SECTIONS: &[(&str, &str)] = &[
+        ("", "zz: 1\n"),
+        ("server", "server:\n  zz: 1\n"),
+        ("server.limits", "server:\n  limits:\n    zz: 1\n"),
+        ("auth", "auth:\n  zz: 1\n"),
+        ("auth.api_keys[]", "auth:\n  api_keys:\n    - zz: 1\n"),
+        ("models[]", "models:\n  - zz: 1\n"),
+        (
+            "engine",
+            "models:\n  - name: a\n    source: { path: /x }\n    engine: { zz: 1 }\n",
+        ),
+        ("models[].source", "models:\n  - name: a\n    source: { zz: 1 }\n"),
+        (
+            "models[].source.hugging_face",
+            "models:\n  - name: a\n    source: { hugging_face: { zz: 1 } }\n",
+        ),
+        (
+            "models[].source.pypi",
+            "models:\n  - name: a\n    source: { pypi: { zz: 1 } }\n",
+        ),
+        ("registry", "registry:\n  zz: 1\n"),
+        ("registry.rollouts[]", "registry:\n  rollouts:\n    - zz: 1\n"),
+        ("registry.shadows[]", "registry:\n  shadows:\n    - zz: 1\n"),
+        ("registry.request_log", "registry:\n  request_log: { zz: 1 }\n"),
+        (
+            "registry.request_log.routes[]",
+            "registry:\n  request_log: { routes: [ { zz: 1 } ] }\n",
+        ),
+        ("upstreams[]", "upstreams:\n  - zz: 1\n"),
+        ("model_repository", "model_repository:\n  zz: 1\n"),
+        (
+            "model_repository.shadows[]",
+            "model_repository:\n  path: /x\n  shadows:\n    - zz: 1\n",
+        ),
+    ];
+
+    /// docs/CONFIG.md names every key the config types take: a key added
+    /// without its line there fails here.
+    #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../../docs/CONFIG.md");
+        for (section, yaml) in SECTIONS {
+            let e = Config::parse(yaml).unwrap_err();
+            let (_, expected) = e
+                .split_once("expected")
+                .unwrap_or_else(|| panic!("{section}: {e}"));
+            let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(!keys.is_empty(), "{section}: {e}");
+            for key in keys {
+                let path = match *section {
+                    "" => key.to_string(),
+                    s => format!("{s}.{key}"),
+                };
+                assert!(
+                    doc.contains(&format!("`{path}`")),
+                    "docs/CONFIG.md does not document `{path}`"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_shipped_default_config_is_valid() {
         let cfg = Config::parse(include_str!("../../configs/default.yaml")).unwrap();
