@@ -648,7 +648,10 @@ mod tests {
             "engine",
             "models:\n  - name: a\n    source: { path: /x }\n    engine: { zz: 1 }\n",
         ),
-        ("models[].source", "models:\n  - name: a\n    source: { zz: 1 }\n"),
+        (
+            "models[].source",
+            "models:\n  - name: a\n    source: { zz: 1 }\n",
+        ),
         (
             "models[].source.hugging_face",
             "models:\n  - name: a\n    source: { hugging_face: { zz: 1 } }\n",
@@ -658,9 +661,15 @@ mod tests {
             "models:\n  - name: a\n    source: { pypi: { zz: 1 } }\n",
         ),
         ("registry", "registry:\n  zz: 1\n"),
-        ("registry.rollouts[]", "registry:\n  rollouts:\n    - zz: 1\n"),
+        (
+            "registry.rollouts[]",
+            "registry:\n  rollouts:\n    - zz: 1\n",
+        ),
         ("registry.shadows[]", "registry:\n  shadows:\n    - zz: 1\n"),
-        ("registry.request_log", "registry:\n  request_log: { zz: 1 }\n"),
+        (
+            "registry.request_log",
+            "registry:\n  request_log: { zz: 1 }\n",
+        ),
         (
             "registry.request_log.routes[]",
             "registry:\n  request_log: { routes: [ { zz: 1 } ] }\n",
