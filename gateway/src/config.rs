@@ -487,11 +487,17 @@ impl Config {
         })
     }
 
-    /// Parses and validates; the message names the key and, for syntax and type
-    /// errors, the line.
+    /// Parses and validates; the message names the key and its line.
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: Config = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| {
+            // A check's message starts with the key's path (`a.b[0].c: ...`).
+            let path = e.split_once(": ").map_or("", |(p, _)| p);
+            match line_of(text, path) {
+                Some(line) => format!("{e} (line {line})"),
+                None => e,
+            }
+        })?;
         Ok(cfg)
     }
 
@@ -631,9 +637,99 @@ fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The line (from 1) where `path` (`models[1].engine.max_num_seqs`) is
+/// written in block-style YAML `text`; a key inside a flow map (`{ a: 1 }`)
+/// gives the line the map is on. `None` when the path is not found.
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    if path.is_empty()
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.[]".contains(&b))
+    {
+        return None;
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| (l.len() - l.trim_start().len()) as i64;
+    let meaningful = |l: &str| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    // The line the search starts on, and the indent a line must exceed to
+    // stay inside the current block (the start line itself may sit on it).
+    let (mut from, mut parent) = (0usize, -1i64);
+    let mut found = None;
+    for part in path.split('.') {
+        let (key, indices) = part
+            .split_once('[')
+            .map_or((part, ""), |(k, rest)| (k, rest));
+        let mut hit = None;
+        for (n, l) in lines.iter().enumerate().skip(from) {
+            if !meaningful(l) {
+                continue;
+            }
+            if n > from && indent(l) <= parent {
+                break;
+            }
+            let t = l.trim_start();
+            let item = t.strip_prefix("- ").unwrap_or(t);
+            if item.starts_with(&format!("{key}:")) {
+                hit = Some((n, indent(l) + (t.len() - item.len()) as i64));
+                break;
+            }
+        }
+        let (n, key_indent) = hit?;
+        let after = lines[n].split_once(':').map_or("", |(_, v)| v.trim());
+        if after.starts_with('{') || after.starts_with('[') {
+            // Flow style: the rest of the path is on this line.
+            return Some(n + 1);
+        }
+        found = Some(n);
+        (from, parent) = (n + 1, key_indent);
+        let indices = indices.split('[').filter(|i| !i.is_empty());
+        for index in indices.map(|i| i.trim_end_matches(']')) {
+            let i: usize = index.parse().ok()?;
+            // The list's items: "- " lines inside the key's block (or at its
+            // indent, which YAML allows for a list).
+            let is_item = |m: usize| lines[m].trim_start().starts_with("- ");
+            let items: Vec<usize> = (from..lines.len())
+                .take_while(|&m| {
+                    !meaningful(lines[m])
+                        || indent(lines[m]) > parent
+                        || (is_item(m) && indent(lines[m]) == parent)
+                })
+                .filter(|&m| meaningful(lines[m]) && is_item(m))
+                .collect();
+            let first = *items.first()?;
+            let same: Vec<usize> = items
+                .into_iter()
+                .filter(|&m| indent(lines[m]) == indent(lines[first]))
+                .collect();
+            let m = *same.get(i)?;
+            found = Some(m);
+            (from, parent) = (m, indent(lines[m]));
+        }
+    }
+    found.map(|n| n + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_name_the_line_of_their_key() {
+        let text =
+            "server:\n  http: 127.0.0.1:0\nmodels:\n  - name: a\n    source: { path: /x.gguf }\n\
+                    # a comment\n  - name: b\n    source: { path: /y.gguf }\n    engine:\n      \
+                    block_size: 16\n      max_num_seqs: 0\n";
+        assert_eq!(line_of(text, "models[1].engine.max_num_seqs"), Some(11));
+        assert_eq!(line_of(text, "models[0].name"), Some(4));
+        assert_eq!(line_of(text, "models[1].source.path"), Some(8));
+        assert_eq!(line_of(text, "models[2].name"), None);
+        assert_eq!(line_of(text, "server.grpc"), None);
+        let e = Config::parse(text).unwrap_err();
+        assert!(e.ends_with("(line 11)"), "{e}");
+    }
 
     /// Every section of the config, and a YAML that puts an unknown key in
     /// it: the parser's refusal lists the keys the section takes.
