@@ -66,10 +66,80 @@ pub trait Db: Send {
 }
 
 /// Opens `sqlite:PATH`, `postgres://...` / `postgresql://...`, or a plain
-/// file path (SQLite), and creates the tables when they are missing.
+/// file path (SQLite), creates the tables when they are missing and brings
+/// the schema to this binary's version ([`migrate`]).
 /// PostgreSQL URLs with `sslmode=require` connect over TLS, verified against
 /// `ca` (a PEM file) or the webpki roots.
 pub fn open(url: &str, ca: Option<&Path>) -> Result<Box<dyn Db>, StoreError> {
+    let mut db = connect(url, ca)?;
+    migrate(db.as_mut())?;
+    Ok(db)
+}
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Forward migrations, by the version they bring the schema to. Version 1
+/// is [`TABLES`] as every database had them before the schema was
+/// versioned (a database without `schema_version` is at 1); each later
+/// version's statements run once, in order, in one write transaction.
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (1, &[]),
+    (
+        2,
+        &[
+            // The audit log by model (`/audit?model=`), the request log by route.
+            "CREATE INDEX IF NOT EXISTS audit_by_model ON audit (model, seq)",
+            "CREATE INDEX IF NOT EXISTS request_log_by_route ON request_log (route, id)",
+        ],
+    ),
+];
+
+/// Brings the schema to [`SCHEMA_VERSION`], recording each step in
+/// `schema_version`; a database written by a newer binary is refused
+/// rather than written in a shape that binary does not expect.
+pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
+    db.begin_write()?;
+    let steps = |db: &mut dyn Db| -> Result<(), StoreError> {
+        db.exec(
+            "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL, at_ms BIGINT NOT NULL)",
+            &[],
+        )?;
+        let rows = db.query("SELECT MAX(version) FROM schema_version", &[])?;
+        let current = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(Sql::int)
+            .unwrap_or(1);
+        if current > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "the registry database is at schema version {current}, newer than this \
+                 switchyard's {SCHEMA_VERSION}: run a switchyard at least as new as the one that \
+                 wrote it"
+            )));
+        }
+        for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            for sql in *statements {
+                db.exec(sql, &[])?;
+            }
+            db.exec(
+                "INSERT INTO schema_version (version, at_ms) VALUES ($1, $2)",
+                &[Sql::Int(*version), Sql::Int(super::now_ms())],
+            )?;
+            tracing::info!(version, "registry schema migrated");
+        }
+        Ok(())
+    };
+    match steps(db) {
+        Ok(()) => db.commit(),
+        Err(e) => {
+            db.rollback();
+            Err(e)
+        }
+    }
+}
+
+fn connect(url: &str, ca: Option<&Path>) -> Result<Box<dyn Db>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let tls = match (super::tls::required(url), ca) {
             (true, ca) => Some(super::tls::Tls::new(ca).map_err(StoreError)?),

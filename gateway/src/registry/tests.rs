@@ -751,3 +751,62 @@ fn postgres_over_tls_verifies_the_server() {
     let e = Registry::open_with_ca(&url, None).err().unwrap();
     assert!(format!("{e}").to_lowercase().contains("certificate"), "{e}");
 }
+
+/// Runs `sql` on the database behind the registry's back.
+fn raw(db: &str, url: &str, sql: &str) {
+    if db == "sqlite" {
+        rusqlite::Connection::open(url)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    } else {
+        postgres::Client::connect(url, postgres::NoTls)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap();
+    }
+}
+
+/// A database as the binaries before schema versioning left it (no
+/// `schema_version`) opens, is migrated, and keeps its audit chain
+/// verifiable; one written by a newer binary is refused.
+#[test]
+fn an_older_database_is_migrated_and_a_newer_one_refused() {
+    for (db, url, _dir) in backends() {
+        let r = open(&url);
+        with_promoted_v1(&r, model("m", Tier::L1, RollbackClass::Stateless), None);
+        drop(r);
+        raw(
+            db,
+            &url,
+            "DROP TABLE schema_version; DROP INDEX audit_by_model; DROP INDEX request_log_by_route",
+        );
+        let r = open(&url);
+        assert_eq!(r.audit(None, 0, 100).unwrap().len(), 4, "{db}");
+        assert!(r.verify().unwrap().ok, "{db}");
+        let version = r
+            .lock()
+            .query("SELECT MAX(version) FROM schema_version", &[])
+            .unwrap();
+        assert_eq!(
+            version[0][0],
+            store::Sql::Int(store::SCHEMA_VERSION),
+            "{db}"
+        );
+        drop(r);
+        // Opening again changes nothing.
+        assert!(open(&url).verify().unwrap().ok, "{db}");
+        raw(
+            db,
+            &url,
+            "INSERT INTO schema_version (version, at_ms) VALUES (99, 0)",
+        );
+        let refused = Registry::open(&url)
+            .err()
+            .expect("a newer schema is refused");
+        assert!(
+            refused.to_string().contains("schema version 99"),
+            "{db}: {refused}"
+        );
+    }
+}
