@@ -429,23 +429,35 @@ fn served_at_replays_the_log() {
     }
 }
 
+/// Runs `sql` on the database behind the registry's back.
+fn raw(db: &str, url: &str, sql: &str) {
+    if db == "sqlite" {
+        rusqlite::Connection::open(url)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    } else {
+        postgres::Client::connect(url, postgres::NoTls)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap();
+    }
+}
+
 /// Edits one row behind the registry's back, the way an attacker with the
 /// database file would (first disabling the append-only trigger).
 fn tamper(db: &str, url: &str, seq: i64) {
-    let sql = format!(
-        r#"UPDATE audit SET body = replace(body, '"registered"', '"promoted"') WHERE seq = {seq}"#
+    let unlock = match db {
+        "sqlite" => "DROP TRIGGER audit_no_update",
+        _ => "ALTER TABLE audit DISABLE TRIGGER audit_append_only",
+    };
+    raw(
+        db,
+        url,
+        &format!(
+            r#"{unlock}; UPDATE audit SET body = replace(body, '"registered"', '"promoted"') WHERE seq = {seq}"#
+        ),
     );
-    if db == "sqlite" {
-        let c = rusqlite::Connection::open(url).unwrap();
-        c.execute_batch(&format!("DROP TRIGGER audit_no_update; {sql}"))
-            .unwrap();
-    } else {
-        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
-        c.batch_execute(&format!(
-            "ALTER TABLE audit DISABLE TRIGGER audit_append_only; {sql}"
-        ))
-        .unwrap();
-    }
 }
 
 #[test]
@@ -750,21 +762,6 @@ fn postgres_over_tls_verifies_the_server() {
     assert!(row.get::<_, bool>(0), "the session is encrypted");
     let e = Registry::open_with_ca(&url, None).err().unwrap();
     assert!(format!("{e}").to_lowercase().contains("certificate"), "{e}");
-}
-
-/// Runs `sql` on the database behind the registry's back.
-fn raw(db: &str, url: &str, sql: &str) {
-    if db == "sqlite" {
-        rusqlite::Connection::open(url)
-            .unwrap()
-            .execute_batch(sql)
-            .unwrap();
-    } else {
-        postgres::Client::connect(url, postgres::NoTls)
-            .unwrap()
-            .batch_execute(sql)
-            .unwrap();
-    }
 }
 
 /// A database as the binaries before schema versioning left it (no
