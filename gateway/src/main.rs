@@ -156,6 +156,9 @@ fn main() -> Result<()> {
                 (None, Some(_)) => Config::default(),
                 _ => load_config(config.as_ref())?,
             };
+            if grpc.is_some() && flags.grpc_port.is_some() {
+                anyhow::bail!("give --grpc ADDR or --grpc-port, not both");
+            }
             flags.apply(&mut cfg, http)?;
             if let Some(addr) = grpc {
                 cfg.server.grpc = Some(addr);

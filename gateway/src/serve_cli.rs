@@ -15,9 +15,13 @@ pub struct ServeFlags {
     /// repository name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// The HTTP port (with `--host`), in place of `--http` / `server.http`.
-    #[arg(long)]
+    /// The HTTP port (with `--host`), in place of `--http` / `server.http`
+    /// (`--http-port` as Triton names it).
+    #[arg(long, alias = "http-port")]
     pub port: Option<u16>,
+    /// The KServe gRPC port (on `--host`), as Triton's `--grpc-port`.
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
     /// The address to listen on with `--port` (default: the configured one).
     #[arg(long)]
     pub host: Option<String>,
@@ -95,8 +99,14 @@ impl ServeFlags {
                 let host = host.clone().or(configured).unwrap_or("127.0.0.1".into());
                 cfg.server.http = format!("{host}:{port}");
             }
-            (None, None, Some(_)) => bail!("--host needs --port"),
-            (None, None, None) => {}
+            (None, None, Some(_)) if self.grpc_port.is_none() => {
+                bail!("--host needs --port or --grpc-port")
+            }
+            (None, None, _) => {}
+        }
+        if let Some(port) = self.grpc_port {
+            let host = self.host.clone().unwrap_or("127.0.0.1".into());
+            cfg.server.grpc = Some(format!("{host}:{port}"));
         }
         if let Some(model) = &self.model {
             let (source, served) = source(model)?;
@@ -154,12 +164,14 @@ mod tests {
         let flags = ServeFlags {
             model: Some(gguf.display().to_string()),
             port: Some(9000),
+            grpc_port: Some(9001),
             max_model_len: Some(512),
             kv_cache_dtype: Some("f32".into()),
             ..Default::default()
         };
         flags.apply(&mut cfg, None).unwrap();
         assert_eq!(cfg.server.http, "127.0.0.1:9000");
+        assert_eq!(cfg.server.grpc.as_deref(), Some("127.0.0.1:9001"));
         let [m] = cfg.models.as_slice() else { panic!() };
         assert_eq!(
             (m.name.as_str(), &m.source),
