@@ -36,12 +36,13 @@ pub fn softmax_in_place(xs: &mut [f32]) {
 /// Indices of the `k` largest values, largest first (ties by lower index).
 pub fn top_k_indices(xs: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(xs.len());
+    if k == 0 {
+        return Vec::new();
+    }
     let mut idx: Vec<usize> = (0..xs.len()).collect();
     let cmp = |a: &usize, b: &usize| xs[*b].total_cmp(&xs[*a]).then(a.cmp(b));
-    if k < idx.len() && k > 0 {
+    if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
-        idx.truncate(k);
-    } else {
         idx.truncate(k);
     }
     idx.sort_by(cmp);

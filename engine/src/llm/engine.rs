@@ -93,6 +93,31 @@ impl Inner {
         }
     }
 
+    /// Queues a pass over the whole of `tokens` outside the batch (scoring,
+    /// embedding) once they are in the vocabulary and the context; `from`
+    /// is where the prompt ends, for the context error.
+    fn one_pass<T>(
+        &self,
+        tokens: Vec<u32>,
+        from: usize,
+        job: impl FnOnce(Vec<u32>, tokio::sync::oneshot::Sender<T>) -> Job,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>> {
+        self.check_vocab(&tokens)?;
+        let max = self.config.max_model_len;
+        if tokens.len() > max {
+            return Err(LlmError::ContextLength {
+                max,
+                prompt: from,
+                max_tokens: tokens.len() - from,
+            });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(job(tokens, reply))
+            .map_err(|_| LlmError::EngineStopped)?;
+        Ok(rx)
+    }
+
     fn check_vocab(&self, tokens: &[u32]) -> Result<()> {
         match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             Some(t) => Err(LlmError::InvalidRequest(format!(
@@ -286,21 +311,10 @@ impl LlmEngine {
         if tokens.is_empty() {
             return Err(LlmError::InvalidRequest("the input is empty".into()));
         }
-        inner.check_vocab(&tokens)?;
-        let max = inner.config.max_model_len;
-        if tokens.len() > max {
-            return Err(LlmError::ContextLength {
-                max,
-                prompt: tokens.len(),
-                max_tokens: 0,
-            });
-        }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        inner
-            .tx
-            .send(Job::Embed(EmbedJob { tokens, reply }))
-            .map_err(|_| LlmError::EngineStopped)?;
-        Ok(rx)
+        let from = tokens.len();
+        inner.one_pass(tokens, from, |tokens, reply| {
+            Job::Embed(EmbedJob { tokens, reply })
+        })
     }
 
     /// Teacher forcing: the log-probability this model gives each of
@@ -321,26 +335,14 @@ impl LlmEngine {
                 tokens.len()
             )));
         }
-        inner.check_vocab(&tokens)?;
-        let max = inner.config.max_model_len;
-        if tokens.len() > max {
-            return Err(LlmError::ContextLength {
-                max,
-                prompt: from,
-                max_tokens: tokens.len() - from,
-            });
-        }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        inner
-            .tx
-            .send(Job::Score(ScoreJob {
+        inner.one_pass(tokens, from, |tokens, reply| {
+            Job::Score(ScoreJob {
                 tokens,
                 from,
                 top,
                 reply,
-            }))
-            .map_err(|_| LlmError::EngineStopped)?;
-        Ok(rx)
+            })
+        })
     }
 }
 
@@ -436,6 +438,12 @@ impl Sequence {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Ends the sequence with an error the client sees.
+    fn fail(&mut self, message: String) {
+        self.finished = true;
+        let _ = self.events.send(GenerationEvent::Failed(message));
+    }
+
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
         let _ = self.events.send(GenerationEvent::Finished {
@@ -519,12 +527,11 @@ impl Worker {
         for mut s in self.scheduler.unfit.drain(..) {
             let blocks = self.cache.blocks.num_blocks();
             tracing::warn!(model = %self.name, seq = s.id.0, tokens = s.tokens.len(), blocks, "a sequence cannot fit the KV pool alone; ended");
-            let _ = s.events.send(GenerationEvent::Failed(format!(
+            s.fail(format!(
                 "the sequence needs more KV cache than the whole pool holds ({blocks} blocks of {} tokens); \
                  send a shorter prompt or a smaller max_tokens",
                 self.cache.blocks.block_size()
-            )));
-            s.finished = true;
+            ));
         }
         let labels = self.labels.clone();
         if sched.preempted > 0 {
@@ -579,10 +586,7 @@ impl Worker {
                 tracing::error!(model = %self.name, error = %e, "forward pass failed");
                 for p in &sched.plan {
                     let s = &mut self.scheduler.running[p.index];
-                    let _ = s
-                        .events
-                        .send(GenerationEvent::Failed(format!("forward pass failed: {e}")));
-                    s.finished = true;
+                    s.fail(format!("forward pass failed: {e}"));
                 }
                 self.scheduler.retire(&mut self.cache, |s| s.finished);
                 return;
@@ -667,13 +671,7 @@ impl Worker {
         };
         let mask = match s.guide.as_mut().map(|g| g.take_mask()).transpose() {
             Ok(m) => m,
-            Err(e) => {
-                let _ = s.events.send(GenerationEvent::Failed(format!(
-                    "structured output: the grammar failed: {e}"
-                )));
-                s.finished = true;
-                return;
-            }
+            Err(e) => return s.fail(format!("structured output: the grammar failed: {e}")),
         };
         let picked = s.sampler.sample(
             logits,
@@ -706,12 +704,10 @@ impl Worker {
             Some(g) => match g.advance(picked.token) {
                 Ok(done) => done,
                 Err(e) => {
-                    let _ = s.events.send(GenerationEvent::Failed(format!(
+                    return s.fail(format!(
                         "structured output: the grammar refused token {}: {e}",
                         picked.token
-                    )));
-                    s.finished = true;
-                    return;
+                    ))
                 }
             },
         };

@@ -416,7 +416,8 @@ impl ChatRequest {
     }
 }
 
-/// One prompt of a completions request.
+/// One prompt of a completions request, or one input of an embeddings
+/// request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptIn {
     Text(String),
@@ -433,47 +434,68 @@ fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
         .collect()
 }
 
-impl CompletionRequest {
-    /// The prompts, in OpenAI's forms: a string, a list of strings, a list
-    /// of token ids, or a list of such lists.
-    pub fn prompts(&self) -> Result<Vec<PromptIn>, ApiError> {
-        let invalid = |m: &str| Err(ApiError::invalid("prompt", m.to_string()));
-        let prompts = match &self.prompt {
-            Value::String(p) => vec![PromptIn::Text(p.clone())],
-            Value::Array(v) if v.is_empty() => return invalid("`prompt` must not be an empty list"),
-            Value::Array(v) if v.iter().all(Value::is_string) => v
+/// Texts or token ids in OpenAI's forms, as completions' `prompt` and
+/// embeddings' `input` take them: a string, a list of strings, a list of
+/// token ids, or a list of such lists; at most `max` of them. A bad form is
+/// refused naming `param`.
+pub fn prompt_forms(
+    value: &Value,
+    param: &'static str,
+    max: usize,
+) -> Result<Vec<PromptIn>, ApiError> {
+    let invalid = |m: String| Err(ApiError::invalid(param, m));
+    let forms = "a string, a list of strings, a list of token ids or a list of such lists";
+    let prompts = match value {
+        Value::String(p) => vec![PromptIn::Text(p.clone())],
+        Value::Array(v) if v.is_empty() => {
+            return invalid(format!("`{param}` must not be an empty list"))
+        }
+        Value::Array(v) if v.iter().all(Value::is_string) => v
+            .iter()
+            .map(|p| PromptIn::Text(p.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        Value::Array(v) if v.iter().all(Value::is_number) => match token_ids(v) {
+            Some(ids) => vec![PromptIn::Ids(ids)],
+            None => {
+                return invalid(format!(
+                    "token ids in `{param}` must be integers from 0 to 2^32 - 1"
+                ))
+            }
+        },
+        Value::Array(v) if v.iter().all(Value::is_array) => {
+            let lists: Option<Vec<_>> = v
                 .iter()
-                .map(|p| PromptIn::Text(p.as_str().unwrap_or_default().to_string()))
-                .collect(),
-            Value::Array(v) if v.iter().all(Value::is_number) => match token_ids(v) {
-                Some(ids) => vec![PromptIn::Ids(ids)],
-                None => return invalid("token ids in `prompt` must be integers from 0 to 2^32 - 1"),
-            },
-            Value::Array(v) if v.iter().all(Value::is_array) => {
-                let lists: Option<Vec<_>> = v
-                    .iter()
-                    .map(|l| l.as_array().and_then(|l| token_ids(l)).filter(|l| !l.is_empty()))
-                    .collect();
-                match lists {
-                    Some(l) => l.into_iter().map(PromptIn::Ids).collect(),
-                    None => return invalid("each list in `prompt` must be non-empty token ids"),
+                .map(|l| {
+                    l.as_array()
+                        .and_then(|l| token_ids(l))
+                        .filter(|l| !l.is_empty())
+                })
+                .collect();
+            match lists {
+                Some(l) => l.into_iter().map(PromptIn::Ids).collect(),
+                None => {
+                    return invalid(format!(
+                        "each list in `{param}` must be non-empty token ids"
+                    ))
                 }
             }
-            Value::Array(_) => {
-                return invalid("`prompt` must be a string, a list of strings, a list of token ids or a list of such lists, not a mixed list")
-            }
-            _ => return invalid("`prompt` must be a string, a list of strings, a list of token ids or a list of such lists"),
-        };
-        if prompts.len() > MAX_PROMPTS {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "`prompt` batches at most {MAX_PROMPTS} prompts, got {}",
-                    prompts.len()
-                ),
-            ));
         }
-        Ok(prompts)
+        Value::Array(_) => return invalid(format!("`{param}` must be {forms}, not a mixed list")),
+        _ => return invalid(format!("`{param}` must be {forms}")),
+    };
+    if prompts.len() > max {
+        return invalid(format!(
+            "`{param}` takes at most {max} entries, got {}",
+            prompts.len()
+        ));
+    }
+    Ok(prompts)
+}
+
+impl CompletionRequest {
+    /// The prompts ([`prompt_forms`]).
+    pub fn prompts(&self) -> Result<Vec<PromptIn>, ApiError> {
+        prompt_forms(&self.prompt, "prompt", MAX_PROMPTS)
     }
 
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {

@@ -7,7 +7,7 @@
 use super::parse;
 use crate::api::error::{ApiError, OpenAiBody};
 use crate::api::kserve;
-use crate::api::openai_types::refuse_fields_outside;
+use crate::api::openai_types::{prompt_forms, refuse_fields_outside, PromptIn};
 use crate::api::AppState;
 use crate::dispatch;
 use axum::extract::State;
@@ -35,64 +35,13 @@ struct EmbeddingsRequest {
     dimensions: Option<Value>,
 }
 
-/// `input`: texts, or token ids (one list, or a list of lists).
-enum Inputs {
-    Texts(Vec<String>),
-    Ids(Vec<Vec<u32>>),
-}
-
-impl Inputs {
-    fn len(&self) -> usize {
-        match self {
-            Self::Texts(t) => t.len(),
-            Self::Ids(i) => i.len(),
-        }
-    }
-}
-
-/// A non-empty list of token ids, or `None`.
-fn token_ids(v: &Value) -> Option<Vec<u32>> {
-    let list = v.as_array().filter(|l| !l.is_empty())?;
-    list.iter()
-        .map(|t| t.as_u64().and_then(|i| u32::try_from(i).ok()))
-        .collect()
-}
-
-fn inputs(input: &Value) -> Result<Inputs, ApiError> {
-    let invalid = |m: &str| Err(ApiError::invalid("input", m.to_string()));
-    let inputs = match input {
-        Value::String(s) => Inputs::Texts(vec![s.clone()]),
-        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_string) => Inputs::Texts(
-            v.iter()
-                .map(|s| s.as_str().unwrap_or_default().to_string())
-                .collect(),
-        ),
-        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_number) => {
-            match token_ids(input) {
-                Some(one) => Inputs::Ids(vec![one]),
-                None => return invalid("token ids in `input` must be integers from 0 to 2^32 - 1"),
-            }
-        }
-        Value::Array(v) if !v.is_empty() && v.iter().all(Value::is_array) => {
-            match v.iter().map(token_ids).collect::<Option<Vec<_>>>() {
-                Some(lists) => Inputs::Ids(lists),
-                None => return invalid("each list in `input` must be non-empty token ids"),
-            }
-        }
-        _ => return invalid(
-            "`input` must be a string, a list of strings, token ids or a list of token-id lists",
-        ),
-    };
-    if matches!(&inputs, Inputs::Texts(t) if t.iter().any(String::is_empty)) {
-        return invalid("`input` strings must not be empty");
-    }
-    if inputs.len() > MAX_INPUTS {
+/// `input` ([`prompt_forms`]), its strings not empty.
+fn inputs(input: &Value) -> Result<Vec<PromptIn>, ApiError> {
+    let inputs = prompt_forms(input, "input", MAX_INPUTS)?;
+    if inputs.contains(&PromptIn::Text(String::new())) {
         return Err(ApiError::invalid(
             "input",
-            format!(
-                "`input` takes at most {MAX_INPUTS} inputs, got {}",
-                inputs.len()
-            ),
+            "`input` strings must not be empty",
         ));
     }
     Ok(inputs)
@@ -115,7 +64,7 @@ fn encode(values: &[f32], base64: bool) -> Value {
 async fn llm_embeddings(
     engine: &LlmEngine,
     model: &str,
-    inputs: Inputs,
+    inputs: Vec<PromptIn>,
     base64: bool,
 ) -> Result<(Vec<Value>, i64), ApiError> {
     if !engine.serves_embeddings() {
@@ -127,14 +76,14 @@ async fn llm_embeddings(
             ),
         ));
     }
-    let token_lists = match inputs {
-        Inputs::Ids(ids) => ids,
-        Inputs::Texts(texts) => texts
-            .iter()
-            .map(|t| engine.tokenizer().encode(t))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::invalid("input", e.to_string()))?,
-    };
+    let token_lists: Vec<Vec<u32>> = inputs
+        .into_iter()
+        .map(|i| match i {
+            PromptIn::Ids(ids) => Ok(ids),
+            PromptIn::Text(t) => engine.tokenizer().encode(&t),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::invalid("input", e.to_string()))?;
     let (mut data, mut tokens) = (Vec::with_capacity(token_lists.len()), 0i64);
     for (i, ids) in token_lists.into_iter().enumerate() {
         tokens += ids.len() as i64;
@@ -240,21 +189,29 @@ async fn embed(
         ));
     }
     let llm = state.routes().snapshot().deployment(&req.model);
-    let (data, tokens, served) =
-        match (llm, inputs) {
-            (Some((engine, _)), inputs) => {
-                let (data, tokens) = llm_embeddings(&engine, &req.model, inputs, base64).await?;
-                (data, tokens, None)
-            }
-            (None, Inputs::Ids(_)) => return Err(ApiError::invalid(
-                "input",
-                "token-id input is not supported by sentence encoders: they take text with their \
-                 own tokenizer; send strings",
-            )),
-            (None, Inputs::Texts(texts)) => {
-                encoder_embeddings(state, headers, &req.model, &texts, base64).await?
-            }
-        };
+    let (data, tokens, served) = match llm {
+        Some((engine, _)) => {
+            let (data, tokens) = llm_embeddings(&engine, &req.model, inputs, base64).await?;
+            (data, tokens, None)
+        }
+        None => {
+            let texts: Option<Vec<String>> = inputs
+                .into_iter()
+                .map(|i| match i {
+                    PromptIn::Text(t) => Some(t),
+                    PromptIn::Ids(_) => None,
+                })
+                .collect();
+            let texts = texts.ok_or_else(|| {
+                ApiError::invalid(
+                    "input",
+                    "token-id input is not supported by sentence encoders: they take text with \
+                     their own tokenizer; send strings",
+                )
+            })?;
+            encoder_embeddings(state, headers, &req.model, &texts, base64).await?
+        }
+    };
     let body = json!({"object": "list", "data": data, "model": req.model,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
     Ok((body, served))

@@ -81,6 +81,22 @@ impl Prepared {
     fn returned_n(&self) -> usize {
         self.best_of.as_ref().map_or(self.v.params.n, |b| b.keep)
     }
+
+    /// The logprobs the client asked for (not those `best_of` ranks by).
+    fn reported_logprobs(&self) -> Option<usize> {
+        let asked = self.best_of.as_ref().is_none_or(|b| b.report);
+        self.v.params.sampling.logprobs.filter(|_| asked)
+    }
+
+    fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(Vec::len).sum()
+    }
+
+    /// The prompts' echoes, scored when the client asked for logprobs.
+    async fn echoes(&self, echo: &Echo) -> Result<Vec<echo::Echoed>, ApiError> {
+        let top = self.reported_logprobs();
+        echo::score_prompts(&self.target.engine, &self.prompts, &echo.texts, top).await
+    }
 }
 
 struct Prepared {
@@ -206,7 +222,7 @@ fn submit(
             .map_err(|e| llm_error(e, p))?;
         receivers.push(rx);
     }
-    let prompt_tokens = p.prompts.iter().map(Vec::len).sum();
+    let prompt_tokens = p.prompt_tokens();
     let rx = match receivers.len() {
         1 => receivers.pop().expect("one receiver"),
         _ => echo::merge(receivers, p.v.params.n, prompt_tokens),
@@ -424,22 +440,16 @@ fn prepare_completion(
                 "`echo` with `max_tokens: 0` answers at once; send it without `stream`",
             ))
         }
-        (true, Some(0)) => {
-            req.common.fields.max_tokens = None;
-            Some(Echo {
-                texts,
-                generate: false,
-            })
-        }
-        (true, _) => Some(Echo {
+        (true, asked) => Some(Echo {
             texts,
-            generate: true,
+            generate: asked != Some(0),
         }),
     };
-    let v = req.common.validate(
-        asked.filter(|&m| m != 0 || echo.is_none()).or(Some(16)),
-        logprobs,
-    )?;
+    // A score-only echo generates nothing: OpenAI's default stands in.
+    let generates = echo.as_ref().is_none_or(|e| e.generate);
+    let v = req
+        .common
+        .validate(asked.filter(|_| generates).or(Some(16)), logprobs)?;
     check_logit_bias(&v, &target.engine)?;
     Ok(Prepared {
         tools: None,
@@ -494,13 +504,13 @@ async fn respond(prepared: Result<Prepared, ApiError>, kind: Kind, state: &AppSt
         // A streamed echo opens each choice with its prompt.
         let echoed = match &p.echo {
             None => vec![],
-            Some(e) => {
-                let top = p.v.params.sampling.logprobs;
-                match echo::score_prompts(&p.target.engine, &p.prompts, &e.texts, top).await {
-                    Ok(echoes) => echo::echo_choices(&echoes, p.v.params.n, top.is_some(), None),
-                    Err(e) => return e.into_response(),
+            Some(e) => match p.echoes(e).await {
+                Ok(echoes) => {
+                    let logprobs = p.reported_logprobs().is_some();
+                    echo::echo_choices(&echoes, p.v.params.n, logprobs, None)
                 }
-            }
+                Err(e) => return e.into_response(),
+            },
         };
         stream_response(shape, rx, p.v.include_usage, state.shutdown.clone(), echoed)
             .into_response()
@@ -529,11 +539,9 @@ async fn answer_echo(
     shape: Shape,
     state: &AppState,
 ) -> Result<Response, ApiError> {
-    let top =
-        (p.v.params.sampling.logprobs).filter(|_| p.best_of.as_ref().is_none_or(|b| b.report));
-    let echoes = echo::score_prompts(&p.target.engine, &p.prompts, &echo.texts, top).await?;
+    let echoes = p.echoes(echo).await?;
     let n = p.returned_n();
-    let prompt_tokens: usize = p.prompts.iter().map(Vec::len).sum();
+    let prompt_tokens = p.prompt_tokens();
     let body = if echo.generate {
         let (rx, _) = submit(p, state)?;
         let mut body = collect_body(shape, rx, prompt_tokens).await?;
@@ -541,7 +549,8 @@ async fn answer_echo(
         echo::apply(&mut body, &echoes, n);
         body
     } else {
-        let choices = echo::echo_choices(&echoes, n, top.is_some(), Some("length"));
+        let logprobs = p.reported_logprobs().is_some();
+        let choices = echo::echo_choices(&echoes, n, logprobs, Some("length"));
         let mut body = shape.body(choices, false);
         body["usage"] = render::usage(prompt_tokens, 0, 0);
         body

@@ -37,24 +37,25 @@ struct DetokenizeRequest {
 /// without a name, the one LLM route the server has.
 fn engine(state: &AppState, model: Option<&str>) -> Result<LlmEngine, ApiError> {
     let table = state.routes().snapshot();
-    let Some(model) = model else {
-        let mut names: Vec<&String> = table.routes.keys().collect();
-        names.sort();
-        return match names.as_slice() {
-            [one] => engine(state, Some(one)),
-            _ => Err(ApiError::invalid(
-                "model",
-                format!(
-                    "name the `model`: this server serves {} LLMs ({})",
-                    names.len(),
-                    names
-                        .iter()
-                        .map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        };
+    let model = match model {
+        Some(m) => m,
+        None => {
+            let mut names: Vec<&str> = table.routes.keys().map(String::as_str).collect();
+            names.sort();
+            match names.as_slice() {
+                [one] => *one,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "model",
+                        format!(
+                            "name the `model`: this server serves {} LLMs ({})",
+                            names.len(),
+                            names.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
     };
     table
         .deployment(model)

@@ -40,11 +40,12 @@ pub struct Tools {
     pub parallel: bool,
 }
 
-/// How an answer's text becomes tool calls.
+/// How an answer's text becomes tool calls (a view of `tool_choice`,
+/// read for every streamed piece, so it borrows).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Reading {
+pub enum Reading<'a> {
     /// The whole output is the arguments of this function.
-    Arguments(String),
+    Arguments(&'a str),
     /// `<tool_call>` blocks are parsed out of the output.
     Blocks,
 }
@@ -201,40 +202,37 @@ impl Tools {
     /// `tool_calls` when the model chose to call (a named `tool_choice`
     /// answers `stop`, as OpenAI does).
     pub fn message(&self, text: &str, finish: FinishReason) -> (Value, &'static str) {
-        match self.reading() {
+        let (content, calls) = match self.reading() {
             Some(Reading::Arguments(name)) => {
                 let call = Call {
-                    name,
+                    name: name.to_string(),
                     arguments: text.to_string(),
                 };
-                let calls = tool_calls_json(&[call]);
-                (
-                    json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                return (
+                    json!({"role": "assistant", "content": null, "tool_calls": tool_calls_json(&[call])}),
                     finish.as_str(),
-                )
+                );
             }
-            Some(Reading::Blocks) => match parse_blocks(text, &self.tools) {
-                (_, calls) if calls.is_empty() => (
-                    json!({"role": "assistant", "content": text}),
-                    finish.as_str(),
-                ),
-                (content, calls) => (
-                    json!({"role": "assistant", "content": (!content.is_empty()).then_some(content),
-                           "tool_calls": tool_calls_json(&calls)}),
-                    called(finish),
-                ),
-            },
-            None => (
+            Some(Reading::Blocks) => parse_blocks(text, &self.tools),
+            None => (String::new(), vec![]),
+        };
+        if calls.is_empty() {
+            return (
                 json!({"role": "assistant", "content": text}),
                 finish.as_str(),
-            ),
+            );
         }
+        (
+            json!({"role": "assistant", "content": (!content.is_empty()).then_some(content),
+                   "tool_calls": tool_calls_json(&calls)}),
+            called(finish),
+        )
     }
 
-    pub fn reading(&self) -> Option<Reading> {
+    pub fn reading(&self) -> Option<Reading<'_>> {
         match &self.choice {
             Choice::None => None,
-            Choice::Named(n) => Some(Reading::Arguments(n.clone())),
+            Choice::Named(n) => Some(Reading::Arguments(n)),
             Choice::Auto | Choice::Required => Some(Reading::Blocks),
         }
     }
@@ -502,10 +500,7 @@ mod tests {
         let named = tools(json!({"type": "function", "function": {"name": "get_weather"}}))
             .unwrap()
             .unwrap();
-        assert_eq!(
-            named.reading(),
-            Some(Reading::Arguments("get_weather".into()))
-        );
+        assert_eq!(named.reading(), Some(Reading::Arguments("get_weather")));
         assert!(matches!(
             named.constraint(),
             Some(Constraint::JsonSchema(_))
