@@ -85,7 +85,12 @@ impl Tools {
                 }
             },
             Some(ToolChoiceIn::Function(v)) => match v.get("function").and_then(|f| f["name"].as_str()) {
-                Some(name) if v.get("type").is_some_and(|t| t == "function") => {
+                // Exactly `type` and `function: {name}`: nothing else is read.
+                Some(name)
+                    if v.get("type").is_some_and(|t| t == "function")
+                        && v.len() == 2
+                        && v["function"].as_object().is_some_and(|f| f.len() == 1) =>
+                {
                     Choice::Named(name.to_string())
                 }
                 _ => {
@@ -244,6 +249,15 @@ fn tool(v: Value) -> Result<Tool, ApiError> {
     if v["type"] != "function" {
         return Err(bad(
             "each tool must be {\"type\": \"function\", \"function\": {...}}",
+        ));
+    }
+    if let Some(k) = v.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["type", "function"].contains(&k.as_str()))
+    }) {
+        return Err(invalid(
+            "tools",
+            format!("`{k}` is not supported in a tool (it takes type and function)"),
         ));
     }
     let f = v["function"]
@@ -506,6 +520,7 @@ mod tests {
             Some(Constraint::JsonSchema(_))
         ));
         for bad in [
+            json!({"type": "function", "function": {"name": "get_weather", "strict": true}}),
             json!("sometimes"),
             json!({"type": "function", "function": {"name": "nope"}}),
             json!(3),
@@ -518,6 +533,10 @@ mod tests {
         let required = Some(ToolChoiceIn::Mode("required".into()));
         let e = Tools::from_request(None, required, None).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
+        let extra = json!({"type": "function", "function": {"name": "f"}, "cache_control": {}});
+        let e = Tools::from_request(Some(vec![extra.as_object().unwrap().clone()]), None, None)
+            .unwrap_err();
+        assert!(e.message.contains("`cache_control`"), "{}", e.message);
         let code = json!({"type": "code"}).as_object().unwrap().clone();
         let e = Tools::from_request(Some(vec![code]), None, None).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tools"));
