@@ -23,6 +23,21 @@ pub fn silu_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
     out
 }
 
+/// `gelu(gate) · up` with GELU's tanh approximation (Gemma's GeGLU, as
+/// PyTorch's `gelu(approximate="tanh")`), for rows laid out as in [`silu_mul`].
+pub fn gelu_tanh_mul(gate_up: &[f32], width: usize) -> Vec<f32> {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    gate_up
+        .chunks_exact(2 * width)
+        .flat_map(|r| {
+            let (g, u) = r.split_at(width);
+            g.iter()
+                .zip(u)
+                .map(|(&g, &u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u)
+        })
+        .collect()
+}
+
 fn silu_mul_portable(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
         *o = g / (1.0 + (-g).exp()) * u;

@@ -141,8 +141,32 @@ pub struct SeqQueries<'a> {
     pub block_table: &'a [u32],
 }
 
+/// How scores are formed from `q · k`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Multiplies `q · k` (usually `1/√head_dim`).
+    pub scale: f32,
+    /// A query sees only the last `window` positions, itself included
+    /// (sliding-window attention, as Mistral and Gemma's local layers have).
+    pub window: Option<usize>,
+    /// Scores become `cap · tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+impl Scoring {
+    /// Plain causal attention scaled by `scale`.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            window: None,
+            softcap: None,
+        }
+    }
+}
+
 /// `out[t, h] = softmax(scale · q[t, h] · Kᵀ) · V` over the keys each query may
-/// see, with query head `h` reading KV head `h / (heads / kv_heads)`. `q` and
+/// see (all before it, or the last `window` of them), with query head `h`
+/// reading KV head `h / (heads / kv_heads)`. `q` and
 /// `out` are `[tokens, heads, head_dim]`; the sequences' rows must cover `q`.
 /// `isa` (which the CPU must have) picks the SIMD path unless it is
 /// [`Isa::Portable`] or the head size is not a whole number of vectors.
@@ -152,7 +176,7 @@ pub fn paged_attention(
     heads: usize,
     seqs: &[SeqQueries],
     kv: LayerKv,
-    scale: f32,
+    scoring: Scoring,
     out: &mut [f32],
 ) {
     let layout = kv.layout;
@@ -195,18 +219,26 @@ pub fn paged_attention(
             let q = &q[(row * heads + kvh * group) * d..][..group * d];
             let keys = Keys {
                 table: s.block_table,
+                first: scoring.window.map_or(0, |w| ctx.saturating_sub(w)),
                 ctx,
                 head: kvh,
             };
-            attend(isa, Work { q, keys, kv, scale }, scratch, out);
+            let work = Work {
+                q,
+                keys,
+                kv,
+                scoring,
+            };
+            attend(isa, work, scratch, out);
         },
     );
 }
 
-/// The keys one query sees: positions `0..ctx` of KV head `head`.
+/// The keys one query sees: positions `first..ctx` of KV head `head`.
 #[derive(Clone, Copy)]
 struct Keys<'a> {
     table: &'a [u32],
+    first: usize,
     ctx: usize,
     head: usize,
 }
@@ -218,10 +250,31 @@ struct Work<'a> {
     q: &'a [f32],
     keys: Keys<'a>,
     kv: LayerKv<'a>,
-    scale: f32,
+    scoring: Scoring,
 }
 
 impl Work<'_> {
+    /// The blocks holding visible keys.
+    fn blocks(&self) -> std::ops::Range<usize> {
+        let bs = self.kv.layout.block_size;
+        self.keys.first / bs..self.keys.ctx.div_ceil(bs)
+    }
+
+    /// Soft-caps each row's visible scores and hides the positions of its
+    /// first block that lie before the window; rows are `stride` apart.
+    fn finish_scores(&self, scores: &mut [f32], stride: usize) {
+        let (first, ctx) = (self.keys.first, self.keys.ctx);
+        let start = first / self.kv.layout.block_size * self.kv.layout.block_size;
+        for row in scores.chunks_exact_mut(stride) {
+            if let Some(cap) = self.scoring.softcap {
+                row[first..ctx]
+                    .iter_mut()
+                    .for_each(|s| *s = cap * (*s / cap).tanh());
+            }
+            row[start..first].fill(f32::NEG_INFINITY);
+        }
+    }
+
     /// Where block `b`'s rows of this head begin in a pool, and how many
     /// positions it holds.
     fn rows(&self, b: usize) -> (usize, usize) {
@@ -252,12 +305,17 @@ fn attend(isa: Isa, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     attend_portable(w, scratch, out)
 }
 
-/// Softmax in place of the first `ctx` scores of each row of `stride`;
+/// Softmax in place of the scores `cols` of each row of `stride`;
 /// `exp(row, max)` sets `row[i] = e^(row[i] - max)` and returns their sum.
 #[inline(always)]
-fn softmax(scores: &mut [f32], stride: usize, ctx: usize, exp: impl Fn(&mut [f32], f32) -> f32) {
+fn softmax(
+    scores: &mut [f32],
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    exp: impl Fn(&mut [f32], f32) -> f32,
+) {
     for row in scores.chunks_exact_mut(stride) {
-        let row = &mut row[..ctx];
+        let row = &mut row[cols.clone()];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inv = 1.0 / exp(row, max);
         row.iter_mut().for_each(|p| *p *= inv);
@@ -265,25 +323,26 @@ fn softmax(scores: &mut [f32], stride: usize, ctx: usize, exp: impl Fn(&mut [f32
 }
 
 fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
-    let (d, ctx) = (w.kv.layout.head_dim, w.keys.ctx);
+    let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
     let group = w.q.len() / d;
-    let blocks = ctx.div_ceil(w.kv.layout.block_size);
+    let blocks = w.blocks();
     let Scratch { scores, rows } = scratch;
     scores.clear();
     scores.resize(group * ctx, 0.0);
-    rows.resize(w.kv.layout.block_size * d, 0.0);
-    for b in 0..blocks {
+    rows.resize(bs * d, 0.0);
+    for b in blocks.clone() {
         let (at, n) = w.rows(b);
         w.kv.k.widen_portable(at, &mut rows[..n * d]);
         let pos = b * w.kv.layout.block_size;
         for (g, q) in w.q.chunks_exact(d).enumerate() {
             for (j, k) in rows[..n * d].chunks_exact(d).enumerate() {
                 let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-                scores[g * ctx + pos + j] = dot * w.scale;
+                scores[g * ctx + pos + j] = dot * w.scoring.scale;
             }
         }
     }
-    softmax(scores, ctx, ctx, |row, max| {
+    w.finish_scores(scores, ctx);
+    softmax(scores, ctx, blocks.start * bs..ctx, |row, max| {
         let mut sum = 0.0;
         for p in row.iter_mut() {
             *p = (*p - max).exp();
@@ -292,7 +351,7 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
         sum
     });
     out.fill(0.0);
-    for b in 0..blocks {
+    for b in blocks {
         let (at, n) = w.rows(b);
         w.kv.v.widen_portable(at, &mut rows[..n * d]);
         let pos = b * w.kv.layout.block_size;
@@ -391,15 +450,15 @@ mod x86 {
     pub unsafe fn attend(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
         let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
         let group = w.q.len() / d;
-        let blocks = ctx.div_ceil(bs);
+        let blocks = w.blocks();
         let Scratch { scores, rows } = scratch;
         // Rows of scores have room for a last group of eight past `ctx`.
         let stride = ctx + 8;
         scores.clear();
         scores.resize(group * stride, 0.0);
         rows.resize((bs + 8) * d, 0.0);
-        let scale = _mm256_set1_ps(w.scale);
-        for b in 0..blocks {
+        let scale = _mm256_set1_ps(w.scoring.scale);
+        for b in blocks.clone() {
             let n = block(&w, w.kv.k, b, rows);
             let pos = b * bs;
             for (g, q) in w.q.chunks_exact(d).enumerate() {
@@ -419,9 +478,12 @@ mod x86 {
                 }
             }
         }
-        softmax(scores, stride, ctx, |row, max| exp_row(row, max));
+        w.finish_scores(scores, stride);
+        softmax(scores, stride, blocks.start * bs..ctx, |row, max| {
+            exp_row(row, max)
+        });
         out.fill(0.0);
-        for b in 0..blocks {
+        for b in blocks {
             let n = block(&w, w.kv.v, b, rows);
             let pos = b * bs;
             for (g, o) in out.chunks_exact_mut(d).enumerate() {
@@ -445,7 +507,7 @@ mod tests {
     use crate::test_util::pseudo_random;
 
     /// Textbook dense causal attention over one sequence's contiguous K and V
-    /// (`[ctx, kv_heads, d]`), in f64.
+    /// (`[ctx, kv_heads, d]`), in f64, with a mask for the window.
     #[allow(clippy::too_many_arguments)]
     fn dense(
         q: &[f32],
@@ -455,23 +517,33 @@ mod tests {
         kv_heads: usize,
         d: usize,
         start_pos: usize,
-        scale: f32,
+        scoring: Scoring,
     ) -> Vec<f32> {
         let len = q.len() / (heads * d);
         let mut out = vec![0f32; q.len()];
         for i in 0..len {
             let ctx = start_pos + i + 1;
+            let visible = |j: usize| scoring.window.is_none_or(|w| ctx - j <= w);
             for h in 0..heads {
                 let kvh = h / (heads / kv_heads);
                 let qh = &q[(i * heads + h) * d..][..d];
                 let s: Vec<f64> = (0..ctx)
                     .map(|j| {
                         let kj = &k[(j * kv_heads + kvh) * d..][..d];
-                        qh.iter()
+                        let s = qh
+                            .iter()
                             .zip(kj)
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum::<f64>()
-                            * scale as f64
+                            * scoring.scale as f64;
+                        let s = scoring
+                            .softcap
+                            .map_or(s, |c| c as f64 * (s / c as f64).tanh());
+                        if visible(j) {
+                            s
+                        } else {
+                            f64::NEG_INFINITY
+                        }
                     })
                     .collect();
                 let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -493,6 +565,23 @@ mod tests {
     /// on every instruction set the CPU has (SIMD where the head size allows it).
     #[test]
     fn equals_dense_attention() {
+        equals_dense(|d| Scoring::scaled(1.0 / (d as f32).sqrt()));
+    }
+
+    /// A window shorter than, equal to, or across block edges of the
+    /// context, with soft-capped scores: masked positions carry no weight.
+    #[test]
+    fn windowed_and_softcapped_equal_dense_attention() {
+        for window in [1, 3, 6, 11] {
+            equals_dense(|d| Scoring {
+                scale: 1.0 / (d as f32).sqrt(),
+                window: Some(window),
+                softcap: Some(1.5),
+            });
+        }
+    }
+
+    fn equals_dense(scoring_for: impl Fn(usize) -> Scoring) {
         for (case, &(heads, kv_heads, d, block_size)) in
             [(4, 2, 16, 4), (9, 3, 64, 16), (2, 2, 8, 1), (6, 1, 12, 5)]
                 .iter()
@@ -544,8 +633,8 @@ mod tests {
                     layout.write(kp, &table, 0, &k);
                     layout.write(vp, &table, 0, &v);
                 }
-                let scale = 1.0 / (d as f32).sqrt();
-                expected.extend(dense(&q, heads, &k, &v, kv_heads, d, cached, scale));
+                let scoring = scoring_for(d);
+                expected.extend(dense(&q, heads, &k, &v, kv_heads, d, cached, scoring));
                 q_all.extend(q);
                 tables.push(table);
             }
@@ -565,11 +654,11 @@ mod tests {
                 })
                 .collect();
             let mut out = vec![0f32; q_all.len()];
-            let scale = 1.0 / (d as f32).sqrt();
+            let scoring = scoring_for(d);
             for (k, v) in k_pools.iter().zip(&v_pools) {
                 let kv = LayerKv { k, v, layout };
                 for isa in Isa::available() {
-                    paged_attention(isa, &q_all, heads, &seqs, kv, scale, &mut out);
+                    paged_attention(isa, &q_all, heads, &seqs, kv, scoring, &mut out);
                     let diff = out
                         .iter()
                         .zip(&expected)
@@ -577,7 +666,7 @@ mod tests {
                         .fold(0f32, f32::max);
                     assert!(
                         diff < 1e-5,
-                        "case {case}, {:?}, {isa:?}: max |Δ| = {diff}",
+                        "case {case}, {scoring:?}, {:?}, {isa:?}: max |Δ| = {diff}",
                         k.dtype()
                     );
                 }

@@ -1,7 +1,7 @@
 //! Rotary position embedding applied in place to `[tokens, heads, head_dim]`
 //! rows, each token at its own position (a flattened batch has many sequences).
 
-/// `cos`/`sin` tables, `[positions, head_dim / 2]`, for `theta`.
+/// `cos`/`sin` tables, `[positions, head_dim / 2]`.
 pub struct RopeTables {
     half: usize,
     cos: Vec<f32>,
@@ -9,23 +9,21 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, theta: f32, positions: usize) -> Self {
-        let half = head_dim / 2;
+    /// Tables for the given inverse frequencies (one per rotated pair), with
+    /// cos and sin multiplied by `factor` (YaRN's attention factor; 1
+    /// otherwise).
+    pub fn from_frequencies(freqs: &[f32], factor: f32, positions: usize) -> Self {
+        let half = freqs.len();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
-            for i in 0..half {
-                let freq = 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32);
+            for &freq in freqs {
                 let angle = p as f32 * freq;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * factor);
+                sin.push(angle.sin() * factor);
             }
         }
         Self { half, cos, sin }
-    }
-
-    pub fn positions(&self) -> usize {
-        self.cos.len() / self.half.max(1)
     }
 
     /// Rotates every head of token `t` by the angle of `positions[t]`. With
