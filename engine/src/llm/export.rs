@@ -97,6 +97,11 @@ fn export_gguf(
 ) -> Result<()> {
     let (mut file, content) = open_gguf(gguf)?;
     let (arch, config) = gguf_config(gguf, &content)?;
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+        return Err(LlmError::Unsupported(format!(
+            "export of `{arch}` GGUF files is not supported yet: llama, mistral and qwen2 are"
+        )));
+    }
     let tokenizer = Tokenizer::from_gguf(&content.metadata)?;
     let template = content
         .metadata

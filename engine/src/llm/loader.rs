@@ -1,8 +1,8 @@
 //! Loads a model from disk into our runtime: a GGUF file (candle's quantized
 //! tensors, tokenizer and template from its metadata) or a Hugging Face folder
 //! (`config.json`, `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`).
-use super::chat_template::ChatTemplate;
-use super::config::LlamaConfig;
+use super::chat_template::{self, ChatTemplate};
+use super::config::{Activation, LlamaConfig, RopeScaling};
 use super::error::{LlmError, Result};
 use super::model::{Layer, Linear, LlamaModel, RmsNorm, Weights};
 use super::quant::awq_format::AwqConfig;
@@ -117,6 +117,9 @@ pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
     Ok((file, content))
 }
 
+/// The GGUF architectures that load, as `general.architecture` names them.
+pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3";
+
 /// The architecture name and hyper-parameters a GGUF file's metadata gives.
 pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String, LlamaConfig)> {
     let md = &content.metadata;
@@ -125,18 +128,31 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| load_err(path, "no general.architecture in metadata"))?;
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+    let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
+    if !gemma
+        && !matches!(
+            arch.as_str(),
+            "llama" | "qwen2" | "qwen3" | "mistral" | "phi3"
+        )
+    {
         return Err(LlmError::Unsupported(format!(
-            "GGUF architecture `{arch}`: supported are llama, qwen2, mistral"
+            "GGUF architecture `{arch}`: supported are {GGUF_ARCHITECTURES}"
         )));
     }
-    let get_u = |k: &str| -> Result<usize> {
+    let opt_u = |k: &str| {
         md.get(&format!("{arch}.{k}"))
             .and_then(|v| v.to_u32().ok())
             .map(|v| v as usize)
-            .ok_or_else(|| load_err(path, format!("metadata {arch}.{k} is missing")))
+    };
+    let get_u = |k: &str| -> Result<usize> {
+        opt_u(k).ok_or_else(|| load_err(path, format!("metadata {arch}.{k} is missing")))
     };
     let get_f = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok());
+    let get_s = |k: &str| {
+        md.get(&format!("{arch}.{k}"))
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    };
     let hidden = get_u("embedding_length")?;
     let heads = get_u("attention.head_count")?;
     let n_layers = get_u("block_count")?;
@@ -145,20 +161,71 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
         .ok_or_else(|| load_err(path, "tensor token_embd.weight is missing"))?;
+    let head_dim = opt_u("attention.key_length")
+        .or_else(|| opt_u("rope.dimension_count"))
+        .unwrap_or(hidden / heads);
+    let max_positions = get_u("context_length").unwrap_or(4096);
+    let rope_scaling = match get_s("rope.scaling.type").as_deref() {
+        None | Some("none") => None,
+        Some(kind) => {
+            let mut v = serde_json::json!({ "rope_type": kind });
+            if let Some(f) = get_f("rope.scaling.factor") {
+                v["factor"] = f.into();
+            }
+            if let Some(o) = opt_u("rope.scaling.original_context_length") {
+                v["original_max_position_embeddings"] = o.into();
+            }
+            RopeScaling::from_hf(&v, max_positions)?
+        }
+    };
+    // llama.cpp's scale for the 27B Gemmas (46 and 62 layers) is over
+    // hidden / heads; the others use the key length.
+    let query_scalar = match (arch.as_str(), n_layers) {
+        ("gemma2", 46) | ("gemma3", 62) => hidden / heads,
+        _ => head_dim,
+    };
+    let sliding_window = opt_u("attention.sliding_window");
     let config = LlamaConfig {
         hidden_size: hidden,
         intermediate_size: get_u("feed_forward_length")?,
         num_hidden_layers: n_layers,
         num_attention_heads: heads,
         num_key_value_heads: get_u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: get_u("rope.dimension_count").unwrap_or(hidden / heads),
+        head_dim,
         vocab_size: vocab,
         rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
         rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
-        max_position_embeddings: get_u("context_length").unwrap_or(4096),
+        max_position_embeddings: rope_scaling
+            .as_ref()
+            .map_or(max_positions, |s| s.positions(max_positions)),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: arch == "qwen2",
-        rope_interleaved: arch != "qwen2",
+        // llama.cpp permutes q and k of llama and mistral files only.
+        rope_interleaved: matches!(arch.as_str(), "llama" | "mistral"),
+        qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+        sandwich_norms: gemma,
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+        scale_embeddings: gemma,
+        attn_scale: 1.0 / (query_scalar as f32).sqrt(),
+        attn_softcap: get_f("attn_logit_softcapping"),
+        final_softcap: get_f("final_logit_softcapping"),
+        sliding_window,
+        sliding_layers: match arch.as_str() {
+            "gemma2" => LlamaConfig::periodic(n_layers, 2),
+            "gemma3" => LlamaConfig::periodic(
+                n_layers,
+                opt_u("attention.sliding_window_type").unwrap_or(6),
+            ),
+            _ => Vec::new(),
+        },
+        rope_local_theta: (arch == "gemma3")
+            .then(|| get_f("rope.local_freq_base").unwrap_or(10_000.0)),
+        rope_scaling,
+        norm_weight_offset: 0.0,
     };
     config.validate()?;
     Ok((arch, config))
@@ -166,13 +233,22 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
 
 fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
     let (file, content) = open_gguf(path)?;
-    let (_, config) = gguf_config(path, &content)?;
+    let (arch, mut config) = gguf_config(path, &content)?;
     let n_layers = config.num_hidden_layers;
     let md = &content.metadata;
     let tokenizer = Tokenizer::from_gguf(md).map_err(|e| load_err(path, e))?;
-    let template = md
+    let source = match md
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok())
+    {
+        Some(t) => Some(t.as_str()),
+        None if arch.starts_with("gemma") => {
+            tracing::info!("{} has no chat template; using Gemma's", path.display());
+            Some(chat_template::GEMMA)
+        }
+        None => None,
+    };
+    let template = source
         .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
         .transpose()?;
     let mut r = GgufReader {
@@ -182,21 +258,58 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
         device,
     };
     let eps = config.rms_norm_eps;
+    if r.content.tensor_infos.contains_key("rope_freqs.weight") {
+        let divisors = r.dense("rope_freqs.weight")?;
+        config.rope_scaling = Some(RopeScaling::Divisors(divisors));
+        config.validate()?;
+    }
     let mut layers = Vec::with_capacity(n_layers);
     for i in 0..n_layers {
         let p = format!("blk.{i}");
         let b = config.attention_bias;
-        layers.push(Layer {
-            qkv: Linear::concat(vec![
+        let has = |r: &GgufReader, name: &str| {
+            r.content
+                .tensor_infos
+                .contains_key(&format!("{p}.{name}.weight"))
+        };
+        // Phi-3 stores q, k and v as one tensor, and gate and up as one.
+        let qkv = if has(&r, "attn_qkv") {
+            r.linear(&format!("{p}.attn_qkv"), b)?
+        } else {
+            Linear::concat(vec![
                 r.linear(&format!("{p}.attn_q"), b)?,
                 r.linear(&format!("{p}.attn_k"), b)?,
                 r.linear(&format!("{p}.attn_v"), b)?,
-            ]),
-            o: r.linear(&format!("{p}.attn_output"), false)?,
-            gate_up: Linear::concat(vec![
+            ])
+        };
+        let gate_up = if has(&r, "ffn_gate") {
+            Linear::concat(vec![
                 r.linear(&format!("{p}.ffn_gate"), false)?,
                 r.linear(&format!("{p}.ffn_up"), false)?,
-            ]),
+            ])
+        } else {
+            r.linear(&format!("{p}.ffn_up"), false)?
+        };
+        let mut pair = |a: &str, b: &str| -> Result<_> {
+            Ok((
+                r.norm(&format!("{p}.{a}.weight"), eps)?,
+                r.norm(&format!("{p}.{b}.weight"), eps)?,
+            ))
+        };
+        let qk_norm = config
+            .qk_norm
+            .then(|| pair("attn_q_norm", "attn_k_norm"))
+            .transpose()?;
+        let post_norms = config
+            .sandwich_norms
+            .then(|| pair("post_attention_norm", "post_ffw_norm"))
+            .transpose()?;
+        layers.push(Layer {
+            qkv,
+            qk_norm,
+            o: r.linear(&format!("{p}.attn_output"), false)?,
+            post_norms,
+            gate_up,
             down: r.linear(&format!("{p}.ffn_down"), false)?,
             attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
             ffn_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
@@ -368,12 +481,12 @@ pub fn weights_from_varbuilder(
         }
         Ok(l)
     };
-    let norm = |vb: VarBuilder| -> Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            vb.get(h, "weight")?.to_vec1()?,
-            c.rms_norm_eps,
-        ))
+    let sized_norm = |vb: VarBuilder, dim: usize| -> Result<RmsNorm> {
+        let w: Vec<f32> = vb.get(dim, "weight")?.to_vec1()?;
+        let w = w.into_iter().map(|w| w + c.norm_weight_offset).collect();
+        Ok(RmsNorm::new(w, c.rms_norm_eps))
     };
+    let norm = |vb: VarBuilder| sized_norm(vb, h);
     let m = vb.pp("model");
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
@@ -386,21 +499,57 @@ pub fn weights_from_varbuilder(
         }
         let l = m.pp(format!("layers.{i}"));
         let (a, mlp) = (l.pp("self_attn"), l.pp("mlp"));
-        let qd = c.num_attention_heads * c.head_dim;
-        layers.push(Layer {
-            attn_norm: norm(l.pp("input_layernorm"))?,
-            qkv: Linear::concat(vec![
+        let (qd, inter) = (c.num_attention_heads * c.head_dim, c.intermediate_size);
+        // Phi-3 stores q, k and v as one projection, and gate and up as one.
+        let qkv = if a.contains_tensor("qkv_proj.weight") {
+            linear(a.pp("qkv_proj"), h, qd + 2 * kvd, c.attention_bias)?
+        } else {
+            Linear::concat(vec![
                 linear(a.pp("q_proj"), h, qd, c.attention_bias)?,
                 linear(a.pp("k_proj"), h, kvd, c.attention_bias)?,
                 linear(a.pp("v_proj"), h, kvd, c.attention_bias)?,
-            ]),
+            ])
+        };
+        let gate_up = if mlp.contains_tensor("gate_up_proj.weight") {
+            linear(mlp.pp("gate_up_proj"), h, 2 * inter, false)?
+        } else {
+            Linear::concat(vec![
+                linear(mlp.pp("gate_proj"), h, inter, false)?,
+                linear(mlp.pp("up_proj"), h, inter, false)?,
+            ])
+        };
+        let qk_norm = c
+            .qk_norm
+            .then(|| -> Result<_> {
+                Ok((
+                    sized_norm(a.pp("q_norm"), c.head_dim)?,
+                    sized_norm(a.pp("k_norm"), c.head_dim)?,
+                ))
+            })
+            .transpose()?;
+        // Gemma's post_attention_layernorm normalizes attention's output and
+        // pre_feedforward_layernorm the MLP's input; Llama's
+        // post_attention_layernorm is the MLP's input norm.
+        let (ffn_norm, post_norms) = if c.sandwich_norms {
+            (
+                norm(l.pp("pre_feedforward_layernorm"))?,
+                Some((
+                    norm(l.pp("post_attention_layernorm"))?,
+                    norm(l.pp("post_feedforward_layernorm"))?,
+                )),
+            )
+        } else {
+            (norm(l.pp("post_attention_layernorm"))?, None)
+        };
+        layers.push(Layer {
+            attn_norm: norm(l.pp("input_layernorm"))?,
+            qkv,
+            qk_norm,
             o: linear(a.pp("o_proj"), qd, h, false)?,
-            ffn_norm: norm(l.pp("post_attention_layernorm"))?,
-            gate_up: Linear::concat(vec![
-                linear(mlp.pp("gate_proj"), h, c.intermediate_size, false)?,
-                linear(mlp.pp("up_proj"), h, c.intermediate_size, false)?,
-            ]),
-            down: linear(mlp.pp("down_proj"), c.intermediate_size, h, false)?,
+            post_norms,
+            ffn_norm,
+            gate_up,
+            down: linear(mlp.pp("down_proj"), inter, h, false)?,
         });
     }
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;

@@ -1,11 +1,11 @@
 //! Our llama-family forward pass over a flattened batch: the tokens of many
 //! sequences in one row, each with its own position, attending through the
 //! paged KV cache.
-use super::config::LlamaConfig;
+use super::config::{Activation, LlamaConfig};
 use super::kv_cache::{KvCache, KvDtype, KvLayout, SeqId};
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Result, Tensor};
-use kernels::paged_attention::{paged_attention, LayerKv, SeqQueries};
+use kernels::paged_attention::{paged_attention, LayerKv, Scoring, SeqQueries};
 use kernels::quant::{Isa, QuantMatrix};
 use kernels::rope::RopeTables;
 
@@ -146,7 +146,11 @@ pub struct Layer {
     pub attn_norm: RmsNorm,
     /// q, k and v side by side.
     pub qkv: Linear,
+    /// Per-head norms of q and k (`[head_dim]` each), where the model has them.
+    pub qk_norm: Option<(RmsNorm, RmsNorm)>,
     pub o: Linear,
+    /// Norms of attention's and the MLP's outputs, where the model has them.
+    pub post_norms: Option<(RmsNorm, RmsNorm)>,
     pub ffn_norm: RmsNorm,
     /// gate and up side by side.
     pub gate_up: Linear,
@@ -231,7 +235,11 @@ impl ForwardBatch {
 pub struct LlamaModel {
     pub config: LlamaConfig,
     weights: Weights,
-    rope: RopeTables,
+    /// The rotary tables, one per distinct base (Gemma 3's local and global
+    /// layers differ).
+    ropes: Vec<RopeTables>,
+    /// Per layer: its rotary table and how it scores.
+    plans: Vec<(usize, Scoring)>,
     device: Device,
 }
 
@@ -245,12 +253,30 @@ pub struct Scored {
 
 impl LlamaModel {
     pub fn new(config: LlamaConfig, weights: Weights, device: &Device) -> Result<Self> {
+        let mut freqs: Vec<(Vec<f32>, f32)> = Vec::new();
+        let mut plans = Vec::with_capacity(config.num_hidden_layers);
+        for layer in 0..config.num_hidden_layers {
+            let rope = config.layer_rope(layer);
+            let table = freqs.iter().position(|f| *f == rope).unwrap_or_else(|| {
+                freqs.push(rope);
+                freqs.len() - 1
+            });
+            let scoring = Scoring {
+                scale: config.attn_scale,
+                window: config.sliding_window.filter(|_| config.slides(layer)),
+                softcap: config.attn_softcap,
+            };
+            plans.push((table, scoring));
+        }
+        let ropes = freqs
+            .iter()
+            .map(|(f, factor)| {
+                RopeTables::from_frequencies(f, *factor, config.max_position_embeddings)
+            })
+            .collect();
         Ok(Self {
-            rope: RopeTables::new(
-                config.head_dim,
-                config.rope_theta,
-                config.max_position_embeddings,
-            ),
+            ropes,
+            plans,
             config,
             weights,
             device: device.clone(),
@@ -288,9 +314,14 @@ impl LlamaModel {
 
     /// The logits of hidden states `[rows, hidden]`.
     fn head(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.weights
+        let mut logits = self
+            .weights
             .lm_head
-            .forward(&self.weights.norm.forward(x), rows)
+            .forward(&self.weights.norm.forward(x), rows)?;
+        if let Some(cap) = self.config.final_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
+        Ok(logits)
     }
 
     /// Teacher forcing: the log-probability of each of `tokens[from..]` given
@@ -379,10 +410,10 @@ impl LlamaModel {
         let n = batch.tokens.len();
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         if let Some(&p) = batch.positions.iter().max() {
-            if p as usize >= self.rope.positions() {
+            if p as usize >= c.max_position_embeddings {
                 candle_core::bail!(
                     "position {p} is beyond the model's {} positions",
-                    self.rope.positions()
+                    c.max_position_embeddings
                 )
             }
         }
@@ -420,7 +451,11 @@ impl LlamaModel {
             }
             x.extend_from_slice(&self.weights.embed[t as usize * hidden..][..hidden]);
         }
-        let scale = 1.0 / (d as f32).sqrt();
+        if c.scale_embeddings {
+            // Gemma rounds √hidden to its activations' dtype; in f32, exact.
+            let s = (hidden as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
+        }
         let (qd, kvd) = (heads * d, kv_heads * d);
         let inter = c.intermediate_size;
         for (li, layer) in self.weights.layers.iter().enumerate() {
@@ -434,10 +469,14 @@ impl LlamaModel {
                     .collect()
             };
             let (mut q, mut k, v) = (column(0, qd), column(qd, kvd), column(qd + kvd, kvd));
-            self.rope
-                .apply(&mut q, heads, &batch.positions, c.rope_interleaved);
-            self.rope
-                .apply(&mut k, kv_heads, &batch.positions, c.rope_interleaved);
+            if let Some((qn, kn)) = &layer.qk_norm {
+                q = qn.forward(&q);
+                k = kn.forward(&k);
+            }
+            let (table, scoring) = self.plans[li];
+            let rope = &self.ropes[table];
+            rope.apply(&mut q, heads, &batch.positions, c.rope_interleaved);
+            rope.apply(&mut k, kv_heads, &batch.positions, c.rope_interleaved);
             for (s, t) in batch.segments.iter().zip(&tables) {
                 let rows = s.offset * kvd..(s.offset + s.len) * kvd;
                 layout.write(&mut cache.k[li], t, s.start_pos, &k[rows.clone()]);
@@ -449,15 +488,26 @@ impl LlamaModel {
                 v: &cache.v[li],
                 layout,
             };
-            paged_attention(Isa::detect(), &q, heads, &seqs, kv, scale, &mut attn);
+            paged_attention(Isa::detect(), &q, heads, &seqs, kv, scoring, &mut attn);
             tap(li, Site::O, &attn);
-            add(&mut x, &layer.o.forward(&attn, n)?);
+            let mut out = layer.o.forward(&attn, n)?;
+            if let Some((post_attn, _)) = &layer.post_norms {
+                out = post_attn.forward(&out);
+            }
+            add(&mut x, &out);
             let normed = layer.ffn_norm.forward(&x);
             tap(li, Site::GateUp, &normed);
             let gate_up = layer.gate_up.forward(&normed, n)?;
-            let gated = kernels::activation::silu_mul(&gate_up, inter);
+            let gated = match c.activation {
+                Activation::Silu => kernels::activation::silu_mul(&gate_up, inter),
+                Activation::GeluTanh => kernels::activation::gelu_tanh_mul(&gate_up, inter),
+            };
             tap(li, Site::Down, &gated);
-            add(&mut x, &layer.down.forward(&gated, n)?);
+            let mut out = layer.down.forward(&gated, n)?;
+            if let Some((_, post_ffn)) = &layer.post_norms {
+                out = post_ffn.forward(&out);
+            }
+            add(&mut x, &out);
         }
         Ok(x)
     }

@@ -356,6 +356,13 @@ pub fn quantize(
             &format!("it is quantized already (quant_method {method})"),
         ));
     }
+    let model_type = json["model_type"].as_str().unwrap_or("llama");
+    if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+        return Err(LlmError::Unsupported(format!(
+            "4-bit quantization of `{model_type}` checkpoints is not supported yet: \
+             llama, mistral and qwen2 are (int8 at load works for every family)"
+        )));
+    }
     let config = LlamaConfig::from_hf_json(&text)?;
     let g = opts.group_size;
     if g == 0 || !g.is_multiple_of(32) {

@@ -10,10 +10,10 @@ pub mod awq;
 pub mod awq_format;
 
 use kernels::quant::{QuantMatrix, QuantType, QK};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What the loader does to a checkpoint's dense projections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {
     /// As stored: dense f32 for safetensors, the file's blocks for GGUF,
