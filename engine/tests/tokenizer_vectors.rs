@@ -5,13 +5,21 @@
 //! `test-tokenizer-0.py` beside each `ggml-vocab-*.gguf`. One vocabulary per
 //! pre-tokenizer we rebuild: GPT-2's byte-level default, StarCoder's and
 //! Refact's digit splitting (SmolLM's too), Llama 3's and Qwen2's split
-//! patterns. `scripts/test.sh` fetches them from the llama-cpp-python sdist
+//! patterns, and Llama 2's SentencePiece vocabulary (byte fallback, a space
+//! put in front). `scripts/test.sh` fetches them from the llama-cpp-python sdist
 //! (sha256-pinned) into `SWITCHYARD_LLAMA_VOCABS`.
 use candle_core::quantized::gguf_file;
 use engine::llm::Tokenizer;
 use std::path::PathBuf;
 
-const VOCABS: [&str; 5] = ["gpt-2", "starcoder", "refact", "llama-bpe", "qwen2"];
+const VOCABS: [&str; 6] = [
+    "gpt-2",
+    "starcoder",
+    "refact",
+    "llama-bpe",
+    "qwen2",
+    "llama-spm",
+];
 
 fn vocab_dir() -> Option<PathBuf> {
     match std::env::var_os("SWITCHYARD_LLAMA_VOCABS") {
