@@ -68,22 +68,27 @@ pub struct Actor {
     pub role: Role,
 }
 
+/// A secret's sha256 in hex, as `key_sha256` takes it.
+pub fn digest_hex(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
 /// The shortest secret accepted by default.
 pub const DEFAULT_MIN_KEY_LENGTH: usize = 16;
 
 /// An API key as configured: the secret inline, from the environment, or as
 /// the hex sha256 of the secret (no secret in the file).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// The identity recorded in the audit log.
     pub name: String,
     pub role: Role,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_env: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_sha256: Option<String>,
 }
 

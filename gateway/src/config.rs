@@ -9,10 +9,10 @@ use crate::upstream::UpstreamConfig;
 use engine::llm::kv_cache::KvDtype;
 use engine::llm::quant::Quantization;
 use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -39,10 +39,13 @@ pub struct Config {
 
 /// API keys with roles: they authorize repository control, feedback and the
 /// registry. `registry.api_keys` adds to this list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Inference on every front (OpenAI, KServe HTTP and gRPC) needs a key
+    /// whose role allows it (invoke or admin); off, inference is open.
+    pub inference_requires_key: bool,
     /// Secrets shorter than this stop the server at start.
     pub min_key_length: usize,
 }
@@ -51,6 +54,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             api_keys: Vec::new(),
+            inference_requires_key: false,
             min_key_length: DEFAULT_MIN_KEY_LENGTH,
         }
     }
@@ -75,7 +79,7 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
     /// `<path>/<model>/config.pbtxt` with numeric version folders.
@@ -145,7 +149,7 @@ fn default_poll_secs() -> u64 {
     15
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// `sqlite:PATH` or `postgres://...` (`?sslmode=require` for TLS);
@@ -188,7 +192,7 @@ pub struct RegistryConfig {
 }
 
 /// The shadow policy of one registry model's shadow versions.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryShadow {
     pub model: String,
@@ -248,7 +252,7 @@ impl RegistryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     #[serde(default = "default_http")]
@@ -305,7 +309,7 @@ fn default_http() -> String {
     "127.0.0.1:8080".into()
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients put in `model`.
@@ -316,8 +320,8 @@ pub struct ModelConfig {
 }
 
 /// Where a model's files come from.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(try_from = "SourceSpec")]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "SourceSpec", into = "SourceSpec")]
 pub enum ModelSource {
     /// A `.gguf` file or a folder with `config.json` and safetensors.
     Path(PathBuf),
@@ -338,15 +342,55 @@ pub enum ModelSource {
 }
 
 /// `source:` as written in YAML: exactly one of its keys.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hugging_face: Option<HfSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pypi: Option<PypiSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+impl From<ModelSource> for SourceSpec {
+    fn from(s: ModelSource) -> Self {
+        match s {
+            ModelSource::Path(p) => Self {
+                path: Some(p),
+                ..Self::default()
+            },
+            ModelSource::HuggingFace {
+                repo,
+                revision,
+                file,
+            } => Self {
+                hugging_face: Some(HfSpec {
+                    repo,
+                    revision,
+                    file,
+                }),
+                ..Self::default()
+            },
+            ModelSource::Pypi {
+                package,
+                version,
+                file,
+                sha256,
+            } => Self {
+                pypi: Some(PypiSpec {
+                    package,
+                    version,
+                    file,
+                    sha256,
+                }),
+                ..Self::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HfSpec {
     repo: String,
@@ -355,7 +399,7 @@ struct HfSpec {
     file: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PypiSpec {
     package: String,
@@ -390,7 +434,7 @@ fn default_revision() -> String {
     "main".into()
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
     pub max_num_seqs: usize,
@@ -414,7 +458,7 @@ pub struct EngineSettings {
 }
 
 /// How the KV pool stores keys and values.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheDtype {
     #[default]
@@ -549,6 +593,17 @@ impl Config {
         }
         for (at, k) in self.api_keys() {
             k.validate(&at)?;
+        }
+        let invokers = self
+            .api_keys()
+            .iter()
+            .any(|(_, k)| k.role.allows(crate::auth::Permission::Invoke));
+        if self.auth.inference_requires_key && !invokers {
+            return Err(
+                "auth.inference_requires_key: no API key has role invoke or admin, \
+                 so no one could call a model; add one to auth.api_keys (or pass --api-key)"
+                    .into(),
+            );
         }
         let grpc = self.server.grpc_addr();
         grpc.parse::<std::net::SocketAddr>().map_err(|e| {
@@ -780,6 +835,22 @@ mod tests {
 
     /// docs/CONFIG.md names every key the config types take: a key added
     /// without its line there fails here.
+    const MODEL: &str = "models:\n  - { name: m, source: { path: /m.gguf } }\n";
+
+    #[test]
+    fn keyed_inference_needs_a_key_that_may_invoke() {
+        let e = Config::parse(
+            &format!("{MODEL}auth:\n  inference_requires_key: true\n  api_keys:\n    - {{ name: v, role: viewer, key: a-viewer-secret-123 }}\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("auth.inference_requires_key: no API key has role invoke"),
+            "{e}"
+        );
+        let ok = format!("{MODEL}auth:\n  inference_requires_key: true\n  api_keys:\n    - {{ name: app, role: invoke, key: an-app-secret-12345 }}\n");
+        assert!(Config::parse(&ok).unwrap().auth.inference_requires_key);
+    }
+
     #[test]
     fn every_key_is_documented() {
         let doc = include_str!("../../docs/CONFIG.md");

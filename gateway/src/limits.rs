@@ -4,12 +4,12 @@
 //! read timeout, connection and stream caps, and the blocking pool's size.
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::io::Read;
 
 const MIB: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// JSON bodies: the OpenAI API, `generate`, the registry, feedback,

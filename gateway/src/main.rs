@@ -58,7 +58,7 @@ enum Command {
         #[arg(long)]
         allow_unauthenticated_control: bool,
         #[command(flatten)]
-        flags: serve_cli::ServeFlags,
+        flags: Box<serve_cli::ServeFlags>,
     },
     /// Manage model files.
     Models {
@@ -159,6 +159,7 @@ fn main() -> Result<()> {
             if grpc.is_some() && flags.grpc_port.is_some() {
                 anyhow::bail!("give --grpc ADDR or --grpc-port, not both");
             }
+            let print_config = flags.print_config;
             flags.apply(&mut cfg, http)?;
             if let Some(addr) = grpc {
                 cfg.server.grpc = Some(addr);
@@ -189,6 +190,10 @@ fn main() -> Result<()> {
                 anyhow::bail!("--model-control-mode, --load-model and --allow-unauthenticated-control need --model-repository (or `model_repository:` in the config)");
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
+            if print_config {
+                print!("{}", serve_cli::effective_yaml(&cfg)?);
+                return Ok(());
+            }
             tokio::runtime::Runtime::new()?.block_on(gateway::server::serve(cfg))
         }
         Command::Export {

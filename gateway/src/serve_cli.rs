@@ -2,6 +2,7 @@
 //! command line a vLLM user brings, applied over the YAML configuration
 //! (flags win).
 use anyhow::{bail, Context, Result};
+use gateway::auth::{ApiKeyConfig, Role};
 use gateway::config::{Config, ModelConfig, ModelSource};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,35 @@ pub struct ServeFlags {
     /// `none` or `int8` (weight-only, at load; Hugging Face folders).
     #[arg(long)]
     pub quantization: Option<String>,
+    /// Every inference call (OpenAI, KServe HTTP and gRPC) must present this
+    /// key (`Authorization: Bearer KEY`), as vLLM's `--api-key`: a key with
+    /// role invoke, and `auth.inference_requires_key`.
+    #[arg(long, env = "SWITCHYARD_INFERENCE_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Prompt experiments (YAML) to run, as `experiments_file`.
+    #[arg(long)]
+    pub experiments_file: Option<PathBuf>,
+    /// Print the configuration in effect (YAML, the flags applied, inline
+    /// secrets as their sha256) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The configuration as YAML that `--config` reads back, with every inline
+/// secret replaced by its sha256 (`key_sha256`).
+pub fn effective_yaml(cfg: &Config) -> Result<String> {
+    let mut cfg = cfg.clone();
+    let keys = cfg
+        .auth
+        .api_keys
+        .iter_mut()
+        .chain(cfg.registry.iter_mut().flat_map(|r| r.api_keys.iter_mut()));
+    for k in keys {
+        if let Some(secret) = k.key.take() {
+            k.key_sha256 = Some(gateway::auth::digest_hex(&secret));
+        }
+    }
+    Ok(serde_yaml::to_string(&cfg)?)
 }
 
 /// A config value written on the command line, read as the YAML key reads it.
@@ -128,6 +158,19 @@ impl ServeFlags {
                 ),
             }
         }
+        if let Some(path) = self.experiments_file {
+            cfg.experiments_file = Some(path);
+        }
+        if let Some(key) = self.api_key {
+            cfg.auth.api_keys.push(ApiKeyConfig {
+                name: "api-key".into(),
+                role: Role::Invoke,
+                key: Some(key),
+                key_env: None,
+                key_sha256: None,
+            });
+            cfg.auth.inference_requires_key = true;
+        }
         for m in &mut cfg.models {
             let e = &mut m.engine;
             if let Some(n) = self.max_model_len {
@@ -198,6 +241,37 @@ mod tests {
             }
         );
         assert_eq!(cfg.server.http, "0.0.0.0:80");
+    }
+
+    /// `--print-config` shows what `--config` reads back, the flags applied
+    /// and no secret: every shipped config and a keyed one round-trip.
+    #[test]
+    fn printed_config_reads_back_without_its_secrets() {
+        for text in [
+            include_str!("../../configs/default.yaml"),
+            include_str!("../../configs/registry.yaml"),
+            include_str!("../../configs/triton.yaml"),
+        ] {
+            let cfg = Config::parse(text).unwrap();
+            let back = Config::parse(&effective_yaml(&cfg).unwrap()).unwrap();
+            assert_eq!(back, cfg);
+        }
+        let mut cfg = config();
+        let flags = ServeFlags {
+            api_key: Some("a-key-of-some-length".into()),
+            ..Default::default()
+        };
+        flags.apply(&mut cfg, None).unwrap();
+        let yaml = effective_yaml(&cfg).unwrap();
+        assert!(!yaml.contains("a-key-of-some-length"), "{yaml}");
+        let back = Config::parse(&yaml).unwrap();
+        assert!(back.auth.inference_requires_key);
+        let k = &back.auth.api_keys[0];
+        assert_eq!(k.role, Role::Invoke);
+        assert_eq!(
+            k.key_sha256.as_deref(),
+            Some(gateway::auth::digest_hex("a-key-of-some-length").as_str())
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let limits = cfg.server.limits;
     let (end_grace, shutdown) = Shutdown::new();
     let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?))
-        .with_security(keys, open_control, limits)
+        .with_security(keys, open_control, cfg.auth.inference_requires_key, limits)
         .with_shutdown(shutdown);
     if !cfg.upstreams.is_empty() {
         let ups: Vec<_> = cfg

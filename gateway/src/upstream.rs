@@ -8,7 +8,7 @@
 use crate::kserve_client::Remote;
 use axum::body::Bytes;
 use engine::dnn::{DnnError, InferRequest, InferResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 /// What an upstream's replicas speak.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     /// The OpenAI API over HTTP; `/v1/chat/completions` and `/v1/completions`
@@ -30,7 +30,7 @@ pub enum Protocol {
     Kserve,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The model name clients send.

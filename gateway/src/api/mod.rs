@@ -7,7 +7,7 @@ pub mod openai;
 pub mod openai_types;
 pub mod registry;
 
-use crate::auth::{Actor, AuthError, Keys, Permission};
+use crate::auth::{self, Actor, AuthError, Keys, Permission};
 use crate::dispatch::outcomes::VersionOutcomes;
 use crate::dispatch::routing::Routes;
 use crate::divergence::ShadowStats;
@@ -58,6 +58,9 @@ pub struct AppState {
     /// With no keys, repository control without one (explicit mode,
     /// `--allow-unauthenticated-control`).
     pub open_control: bool,
+    /// Inference on every front needs a key allowing it
+    /// (`auth.inference_requires_key`, `--api-key`).
+    pub keyed_inference: bool,
     pub limits: Limits,
     /// The bounded pool for heavy request work.
     pub offload: Offload,
@@ -84,6 +87,7 @@ impl AppState {
             request_log: None,
             keys: Arc::default(),
             open_control: false,
+            keyed_inference: false,
             limits: Limits::default(),
             offload: Offload::default(),
             shutdown: Default::default(),
@@ -96,9 +100,16 @@ impl AppState {
     }
 
     /// Keys and bounds for every front.
-    pub fn with_security(mut self, keys: Keys, open_control: bool, limits: Limits) -> Self {
+    pub fn with_security(
+        mut self,
+        keys: Keys,
+        open_control: bool,
+        keyed_inference: bool,
+        limits: Limits,
+    ) -> Self {
         self.keys = Arc::new(keys);
         self.open_control = open_control;
+        self.keyed_inference = keyed_inference;
         self.offload = Offload::new(limits.blocking_threads, limits.offload_bytes);
         self.limits = limits;
         self
@@ -128,6 +139,15 @@ impl AppState {
                 "no API keys are configured (auth.api_keys)".into(),
             )),
         }
+    }
+
+    /// Lets an inference call through when inference is open, or when the
+    /// presented key allows it.
+    pub fn authorize_inference(&self, presented: Option<&str>) -> Result<(), AuthError> {
+        if self.keyed_inference {
+            self.keys.authorize(presented, Permission::Invoke)?;
+        }
+        Ok(())
     }
 
     pub fn with_model_repository(
@@ -238,7 +258,9 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // The OpenAI front: with `auth.inference_requires_key`, every route of
+    // it needs a key, as vLLM's `--api-key` has it.
+    let openai = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(list_models))
@@ -247,6 +269,12 @@ pub fn router(state: AppState) -> Router {
         .route("/detokenize", post(openai::detokenize))
         .route("/tokenizer_info", get(openai::tokenizer_info))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inference_key,
+        ));
+    Router::new()
+        .merge(openai)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
@@ -256,6 +284,17 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+async fn inference_key(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match s.authorize_inference(auth::from_headers(req.headers())) {
+        Ok(()) => next.run(req).await,
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// A path no route serves: 404 in the shape of the protocol the path

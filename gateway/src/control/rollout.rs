@@ -8,11 +8,11 @@ use crate::dispatch::outcomes::VersionOutcomes;
 use crate::divergence::ShadowStats;
 use crate::registry::lifecycle::State;
 use crate::registry::{Actor, Registry, Role, TransitionRequest, Version};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutPolicy {
     pub model: String,

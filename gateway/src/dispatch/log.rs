@@ -6,14 +6,14 @@
 use super::sticky_hash::bucket;
 use crate::registry::request_log::Entry;
 use crate::registry::Registry;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 /// `registry.request_log` in the config.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RequestLogConfig {
     /// Rows kept; the oldest go first.
@@ -24,7 +24,7 @@ pub struct RequestLogConfig {
     pub routes: Vec<LoggedRoute>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoggedRoute {
     pub route: String,

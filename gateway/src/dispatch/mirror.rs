@@ -5,13 +5,13 @@
 //! primary's once both are known, and never reaches the client.
 use crate::dispatch::sticky_hash::bucket;
 use crate::divergence::ShadowStats;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How much of a route's traffic a shadow sees, and how long it may take.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ShadowPolicy {
     /// Share of requests copied, by the hash of the request id.
@@ -71,7 +71,7 @@ impl ShadowPolicy {
 }
 
 /// A configured shadow of a repository model (`model_repository.shadows`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ShadowConfig {
     /// The repository model whose requests are copied.

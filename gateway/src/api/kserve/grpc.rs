@@ -44,6 +44,13 @@ impl KserveGrpc {
             .map_err(|e| e.grpc_status())
     }
 
+    /// Inference needs a key when `auth.inference_requires_key` is set.
+    fn invoke(&self, m: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        self.state
+            .authorize_inference(crate::auth::from_metadata(m))
+            .map_err(|e| e.grpc_status())
+    }
+
     fn repo(&self) -> Result<&ModelRepository, Status> {
         repository(&self.state.dnn)
             .map(std::sync::Arc::as_ref)
@@ -308,6 +315,7 @@ impl GrpcInferenceService for KserveGrpc {
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
+        self.invoke(r.metadata())?;
         let headers = r.metadata().clone().into_headers();
         run_infer(&self.state, r.into_inner(), &headers)
             .await
@@ -321,6 +329,7 @@ impl GrpcInferenceService for KserveGrpc {
         &self,
         r: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
+        self.invoke(r.metadata())?;
         let state = self.state.clone();
         let headers = r.metadata().clone().into_headers();
         let mut inbound = r.into_inner();

@@ -272,6 +272,7 @@ async fn infer(
     Path(p): Path<HashMap<String, String>>,
     TensorBody(headers, body): TensorBody,
 ) -> KsResult<Response> {
+    s.authorize_inference(auth::from_headers(&headers))?;
     let (model, version) = target(&p)?;
     // A remote upstream's model is checked there.
     let remote = kserve_upstream(&s, &model).is_some();
@@ -434,6 +435,7 @@ impl FromRequest<AppState> for Generate {
         let req = Request::from_parts(parts, body);
         let streaming = req.uri().path().ends_with("/generate_stream");
         let JsonBody(headers, body) = JsonBody::from_request(req, state).await?;
+        state.authorize_inference(auth::from_headers(&headers))?;
         let (model, call) = generate_call(&p, &body, streaming)?;
         let request_id = llm::request_id("", &headers);
         let target = llm::route(state, &model, &headers, &request_id)?.ok_or_else(|| {
