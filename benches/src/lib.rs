@@ -1,4 +1,43 @@
-//! Shared helpers of the benchmark programs: timing statistics and tables.
+//! Shared helpers of the benchmark programs: timing statistics, tables, and
+//! the engine's throughput over a set of requests.
+use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What every engine benchmark takes: the model and the run's size.
+#[derive(clap::Args)]
+pub struct EngineRun {
+    /// The GGUF file (`switchyard models fetch` prints the default model's path).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tokens per request (at most).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// Output tokens per second of `requests`, submitted to `e` at once.
+pub fn engine_throughput(e: &LlmEngine, requests: Vec<GenerationRequest>) -> f64 {
+    let start = Instant::now();
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| e.submit(r).expect("submitting"))
+        .collect();
+    let mut total = 0;
+    for mut rx in receivers {
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                GenerationEvent::Finished {
+                    completion_tokens, ..
+                } => total += completion_tokens,
+                GenerationEvent::Failed(m) => panic!("{m}"),
+                GenerationEvent::Delta { .. } => {}
+            }
+        }
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
 
 /// The `p`-th percentile (0–100) of `xs`, by nearest rank; 0 for no samples.
 pub fn percentile(xs: &[f64], p: f64) -> f64 {

@@ -8,7 +8,7 @@ use crate::registry::records::Tier;
 use crate::upstream::UpstreamConfig;
 use engine::llm::kv_cache::KvDtype;
 use engine::llm::quant::Quantization;
-use engine::llm::{EngineConfig, KvCacheSize, DEFAULT_KV_CACHE_FRACTION};
+use engine::llm::{EngineConfig, KvCacheSize, SpeculativeConfig, DEFAULT_KV_CACHE_FRACTION};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -455,6 +455,37 @@ pub struct EngineSettings {
     pub quantization: Quantization,
     /// Serve `/v1/embeddings` from this model's mean-pooled hidden states.
     pub embeddings: bool,
+    /// Speculative decoding (absent: off).
+    pub speculative: Option<SpeculativeSettings>,
+}
+
+/// `engine.speculative`: proposed tokens verified in the forward pass.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeSettings {
+    /// `ngram`: prompt lookup. (`draft`, a second model, is refused.)
+    pub method: String,
+    pub num_speculative_tokens: usize,
+    #[serde(default = "default_lookup_min")]
+    pub prompt_lookup_min: usize,
+    #[serde(default = "default_lookup_max")]
+    pub prompt_lookup_max: usize,
+    /// No proposals while more sequences than this run (default 2: where
+    /// verification stops paying on a 2-core machine, docs/BENCHMARKS.md).
+    #[serde(default = "default_disable_by_batch_size")]
+    pub disable_by_batch_size: Option<usize>,
+}
+
+fn default_disable_by_batch_size() -> Option<usize> {
+    Some(2)
+}
+
+fn default_lookup_min() -> usize {
+    1
+}
+
+fn default_lookup_max() -> usize {
+    4
 }
 
 /// How the KV pool stores keys and values.
@@ -482,6 +513,7 @@ impl Default for EngineSettings {
             enable_prefix_caching: d.enable_prefix_caching,
             quantization: Quantization::None,
             embeddings: d.embeddings,
+            speculative: None,
         }
     }
 }
@@ -504,6 +536,12 @@ impl From<&EngineSettings> for EngineConfig {
             },
             enable_prefix_caching: s.enable_prefix_caching,
             embeddings: s.embeddings,
+            speculative: s.speculative.as_ref().map(|p| SpeculativeConfig {
+                num_speculative_tokens: p.num_speculative_tokens,
+                prompt_lookup_min: p.prompt_lookup_min,
+                prompt_lookup_max: p.prompt_lookup_max,
+                disable_by_batch_size: p.disable_by_batch_size,
+            }),
         }
     }
 }
@@ -689,6 +727,30 @@ fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
             e.kv_cache_memory_fraction
         ));
     }
+    if let Some(p) = &e.speculative {
+        let at = format!("{at}.speculative");
+        match p.method.as_str() {
+            "ngram" => {}
+            "draft" => {
+                return Err(format!(
+                    "{at}.method: draft models are not supported yet; use `ngram` (prompt lookup)"
+                ))
+            }
+            other => return Err(format!("{at}.method: `{other}` is not one of ngram, draft")),
+        }
+        if p.num_speculative_tokens == 0 {
+            return Err(format!("{at}.num_speculative_tokens: must be at least 1"));
+        }
+        if p.prompt_lookup_min == 0 || p.prompt_lookup_min > p.prompt_lookup_max {
+            return Err(format!(
+                "{at}.prompt_lookup_min: must be at least 1 and at most prompt_lookup_max ({})",
+                p.prompt_lookup_max
+            ));
+        }
+        if p.disable_by_batch_size == Some(0) {
+            return Err(format!("{at}.disable_by_batch_size: must be at least 1"));
+        }
+    }
     Ok(())
 }
 
@@ -849,6 +911,52 @@ mod tests {
         );
         let ok = format!("{MODEL}auth:\n  inference_requires_key: true\n  api_keys:\n    - {{ name: app, role: invoke, key: an-app-secret-12345 }}\n");
         assert!(Config::parse(&ok).unwrap().auth.inference_requires_key);
+    }
+
+    #[test]
+    fn speculation_settings_are_checked_at_start_by_name() {
+        let with = |spec: &str| {
+            Config::parse(&format!(
+                "models:\n  - name: m\n    source: {{ path: /m.gguf }}\n    engine:\n      speculative: {spec}\n"
+            ))
+        };
+        let cfg = with("{ method: ngram, num_speculative_tokens: 4 }").unwrap();
+        let spec = EngineConfig::from(&cfg.models[0].engine)
+            .speculative
+            .unwrap();
+        assert_eq!(
+            (
+                spec.prompt_lookup_min,
+                spec.prompt_lookup_max,
+                spec.disable_by_batch_size
+            ),
+            (1, 4, Some(2))
+        );
+        for (spec, named) in [
+            (
+                "{ method: ngram, num_speculative_tokens: 0 }",
+                "models[0].engine.speculative.num_speculative_tokens",
+            ),
+            (
+                "{ method: draft, num_speculative_tokens: 4 }",
+                "models[0].engine.speculative.method: draft models are not supported yet",
+            ),
+            (
+                "{ method: eagle, num_speculative_tokens: 4 }",
+                "models[0].engine.speculative.method: `eagle`",
+            ),
+            (
+                "{ method: ngram, num_speculative_tokens: 4, prompt_lookup_min: 5 }",
+                "models[0].engine.speculative.prompt_lookup_min",
+            ),
+            (
+                "{ method: ngram, num_speculative_tokens: 4, draft: x }",
+                "unknown field `draft`",
+            ),
+        ] {
+            let e = with(spec).unwrap_err();
+            assert!(e.contains(named), "{spec}: {e}");
+        }
     }
 
     #[test]

@@ -5,27 +5,20 @@
 //! sides decode the same number of tokens after the same prompts.
 //!
 //! cargo run --release -p benches --bin structured -- --model PATH.gguf
-use benches::{median, print_table};
+use benches::{engine_throughput, median, print_table, EngineRun};
 use candle_core::Device;
 use clap::Parser;
 use engine::llm::quant::Quantization;
 use engine::llm::{
-    load_model, ChatMessage, Constraint, EngineConfig, GenerationEvent, GenerationRequest,
-    KvCacheSize, LlmEngine, SamplingParams,
+    load_model, ChatMessage, Constraint, EngineConfig, GenerationRequest, KvCacheSize, LlmEngine,
+    SamplingParams,
 };
 use kernels::quant::Isa;
-use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Parser)]
 struct Args {
-    /// The GGUF file (`switchyard models fetch` prints the default model's path).
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    tokens: usize,
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    #[command(flatten)]
+    run: EngineRun,
 }
 
 const PROMPTS: [&str; 4] = [
@@ -43,44 +36,28 @@ fn throughput(
     streams: usize,
     tokens: usize,
 ) -> f64 {
-    let start = Instant::now();
-    let receivers: Vec<_> = (0..streams)
-        .map(|i| {
-            e.submit(GenerationRequest {
-                prompt: prompts[i % prompts.len()].clone(),
-                sampling: SamplingParams {
-                    temperature: 1.0,
-                    seed: Some(i as u64),
-                    ..Default::default()
-                },
-                max_tokens: tokens,
-                min_tokens: 0,
-                stop: vec![],
-                ignore_eos: true,
-                n: 1,
-                constraint: constraint.clone(),
-            })
-            .expect("submitting")
+    let requests = (0..streams)
+        .map(|i| GenerationRequest {
+            prompt: prompts[i % prompts.len()].clone(),
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: Some(i as u64),
+                ..Default::default()
+            },
+            max_tokens: tokens,
+            min_tokens: 0,
+            stop: vec![],
+            ignore_eos: true,
+            n: 1,
+            constraint: constraint.clone(),
         })
         .collect();
-    let mut total = 0;
-    for mut rx in receivers {
-        while let Some(ev) = rx.blocking_recv() {
-            match ev {
-                GenerationEvent::Finished {
-                    completion_tokens, ..
-                } => total += completion_tokens,
-                GenerationEvent::Failed(m) => panic!("{m}"),
-                GenerationEvent::Delta { .. } => {}
-            }
-        }
-    }
-    total as f64 / start.elapsed().as_secs_f64()
+    engine_throughput(e, requests)
 }
 
 fn main() {
     let a = Args::parse();
-    let loaded = load_model(&a.model, &Device::Cpu, Quantization::None).expect("loading");
+    let loaded = load_model(&a.run.model, &Device::Cpu, Quantization::None).expect("loading");
     let template = loaded.template.as_ref().expect("a chat template");
     let prompts: Vec<Vec<u32>> = PROMPTS
         .iter()
@@ -145,8 +122,8 @@ fn main() {
     for streams in [1, 16] {
         let mut anchor = None;
         for (name, c) in &modes {
-            let rates: Vec<f64> = (0..a.repeats)
-                .map(|_| throughput(&e, &prompts, c, streams, a.tokens))
+            let rates: Vec<f64> = (0..a.run.repeats)
+                .map(|_| throughput(&e, &prompts, c, streams, a.run.tokens))
                 .collect();
             let rate = median(&rates);
             let base = *anchor.get_or_insert(rate);
@@ -163,8 +140,8 @@ fn main() {
         "kernel path: {:?}; threads: {}; {} sampled tokens per request, median of {}",
         Isa::detect(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        a.tokens,
-        a.repeats
+        a.run.tokens,
+        a.run.repeats
     );
     print_table(&["constraint", "streams", "tokens/s", "÷ off"], &rows);
 }

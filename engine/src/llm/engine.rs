@@ -6,9 +6,10 @@ use super::error::{LlmError, Result};
 use super::guided::{Constraint, Guidance, Guide};
 use super::kv_cache::{KvCache, SeqId};
 use super::loader::LoadedWeights;
-use super::model::{LlamaModel, Scored};
+use super::model::{ForwardBatch, LlamaModel, Scored};
 use super::sampling::Sampler;
-use super::scheduler::{Schedulable, Scheduler, SchedulerConfig};
+use super::scheduler::{Schedulable, Schedule, Scheduler, SchedulerConfig};
+use super::speculative;
 use super::tokenizer::Tokenizer;
 use super::types::*;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +24,11 @@ struct SharedStats {
     preemptions: AtomicU64,
     prefix_queried: AtomicU64,
     prefix_hit: AtomicU64,
+    drafts: AtomicU64,
+    draft_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
+    /// Proposed tokens accepted, by their position in the proposal.
+    accepted_at: std::sync::Mutex<Vec<u64>>,
 }
 
 /// What the engine thread is asked to do.
@@ -177,6 +183,8 @@ impl LlmEngine {
                 max_num_batched_tokens: config.max_num_batched_tokens,
             }),
             waiting: waiting.clone(),
+            speculative: config.speculative,
+            max_model_len: config.max_model_len,
         };
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
@@ -233,6 +241,10 @@ impl LlmEngine {
             preemptions: s.preemptions.load(Ordering::Relaxed),
             prefix_queried: s.prefix_queried.load(Ordering::Relaxed),
             prefix_hit: s.prefix_hit.load(Ordering::Relaxed),
+            drafts: s.drafts.load(Ordering::Relaxed),
+            draft_tokens: s.draft_tokens.load(Ordering::Relaxed),
+            accepted_tokens: s.accepted_tokens.load(Ordering::Relaxed),
+            accepted_at: s.accepted_at.lock().map(|v| v.clone()).unwrap_or_default(),
         }
     }
 
@@ -369,6 +381,9 @@ struct Sequence {
     cached_prompt: Option<usize>,
     /// Where a structured output stands in its grammar.
     guide: Option<Box<Guide>>,
+    /// Tokens proposed for this step, verified after its forward pass.
+    draft: Vec<u32>,
+    speculation: speculative::Record,
 }
 
 impl Schedulable for Sequence {
@@ -431,6 +446,8 @@ impl Sequence {
             finished: false,
             cached_prompt: None,
             guide: None,
+            draft: Vec::new(),
+            speculation: speculative::Record::default(),
         }
     }
 
@@ -465,6 +482,8 @@ struct Worker {
     stats: Arc<SharedStats>,
     scheduler: Scheduler<Sequence>,
     waiting: Arc<AtomicUsize>,
+    speculative: Option<SpeculativeConfig>,
+    max_model_len: usize,
 }
 
 impl Worker {
@@ -522,7 +541,7 @@ impl Worker {
         for s in self.scheduler.retire(&mut self.cache, cancelled) {
             tracing::debug!(seq = s.id.0, "client went away; sequence cancelled");
         }
-        let sched = self.scheduler.schedule(&mut self.cache);
+        let mut sched = self.scheduler.schedule(&mut self.cache);
         self.waiting.fetch_sub(sched.admitted, Ordering::SeqCst);
         for mut s in self.scheduler.unfit.drain(..) {
             let blocks = self.cache.blocks.num_blocks();
@@ -552,6 +571,7 @@ impl Worker {
         if sched.batch.is_empty() {
             return;
         }
+        let tails = self.propose(&mut sched);
         // Structured outputs' masks for this step are computed on another
         // thread while the forward pass runs; the guides go back after.
         let mut guides: Vec<(usize, Box<Guide>)> = sched
@@ -568,7 +588,7 @@ impl Worker {
             let masks = (!guides.is_empty())
                 .then(|| scope.spawn(|| guides.iter_mut().for_each(|(_, g)| g.prepare())));
             let rows = model
-                .forward(&sched.batch, cache)
+                .forward_tails(&sched.batch, cache, &tails)
                 .and_then(|l| l.to_vec2::<f32>());
             // A mask that failed here is computed again, and its error
             // reported, when the token is sampled.
@@ -592,11 +612,17 @@ impl Worker {
                 return;
             }
         };
-        for (p, logits) in sched.plan.iter().zip(rows) {
+        let mut rows = rows.into_iter();
+        for (p, &tail) in sched.plan.iter().zip(&tails) {
+            let logits: Vec<Vec<f32>> = rows.by_ref().take(tail).collect();
             let s = &mut self.scheduler.running[p.index];
             s.computed += p.len;
             self.cache.blocks.computed(s.id, &s.tokens, s.computed);
             if !p.samples {
+                continue;
+            }
+            if !s.draft.is_empty() {
+                self.verify(p.index, logits);
                 continue;
             }
             let mut family = vec![p.index];
@@ -604,7 +630,7 @@ impl Worker {
                 family.extend(self.fork(p.index));
             }
             for index in family {
-                self.sample_next(index, &mut logits.clone());
+                self.sample_next(index, &mut logits[0].clone(), None);
             }
         }
         for s in self.scheduler.retire(&mut self.cache, |s| s.finished) {
@@ -612,6 +638,114 @@ impl Worker {
                 .record(s.arrived.elapsed().as_secs_f64());
         }
         self.report();
+    }
+
+    /// Proposes tokens for the decoding sequences that speculate, puts them
+    /// in the batch after their decode token, and returns how many rows of
+    /// logits each planned segment needs. A proposal is dropped rather than
+    /// exceed the token budget or take a block another sequence would need.
+    fn propose(&mut self, sched: &mut Schedule) -> Vec<usize> {
+        let mut tails = vec![1; sched.plan.len()];
+        let Some(spec) = self.speculative else {
+            return tails;
+        };
+        let running = &mut self.scheduler.running;
+        if spec
+            .disable_by_batch_size
+            .is_some_and(|max| running.len() > max)
+        {
+            return tails;
+        }
+        let k = spec.num_speculative_tokens;
+        let mut budget = self
+            .scheduler
+            .config
+            .max_num_batched_tokens
+            .saturating_sub(sched.batch.tokens.len());
+        for (p, tail) in sched.plan.iter().zip(&mut tails) {
+            let s = &mut running[p.index];
+            let decoding = p.samples && p.len == 1 && s.computed + 1 == s.tokens.len();
+            if !decoding || s.guide.is_some() || s.forks > 0 || !s.speculation.ready() {
+                continue;
+            }
+            // The bonus token needs room too.
+            let room = (s.req.max_tokens.saturating_sub(s.output().len() + 1))
+                .min(self.max_model_len.saturating_sub(s.tokens.len() + 1))
+                .min(k)
+                .min(budget);
+            if room == 0 {
+                continue;
+            }
+            let draft = speculative::ngram(
+                &s.tokens,
+                spec.prompt_lookup_min,
+                spec.prompt_lookup_max,
+                room,
+            );
+            let total = s.tokens.len() + draft.len();
+            if draft.is_empty() || self.cache.prepare(s.id, s.computed, total).is_err() {
+                continue;
+            }
+            budget -= draft.len();
+            *tail += draft.len();
+            s.draft = draft;
+        }
+        if tails.iter().any(|&t| t > 1) {
+            let mut batch = ForwardBatch::default();
+            for p in &sched.plan {
+                let s = &running[p.index];
+                let mut tokens = s.tokens[s.computed..s.computed + p.len].to_vec();
+                tokens.extend_from_slice(&s.draft);
+                batch.push(s.id, &tokens, s.computed);
+            }
+            sched.batch = batch;
+        }
+        tails
+    }
+
+    /// Samples the tokens of a speculating sequence from its rows of logits,
+    /// one per proposed token and one past them: each proposed token is
+    /// judged by the sampler's rule, and the first refused one is replaced
+    /// by the token drawn in its place, which ends the step (as does a
+    /// finished sequence). The accepted tokens' keys and values were
+    /// computed in this pass; the rest of the pass is left to be
+    /// overwritten.
+    fn verify(&mut self, index: usize, logits: Vec<Vec<f32>>) {
+        let draft = std::mem::take(&mut self.scheduler.running[index].draft);
+        let mut accepted = 0;
+        for (j, mut row) in logits.into_iter().enumerate() {
+            let proposed = draft.get(j).copied();
+            let picked = self.sample_next(index, &mut row, proposed);
+            let s = &mut self.scheduler.running[index];
+            if s.finished || picked.is_none() || picked != proposed {
+                break;
+            }
+            accepted += 1;
+            s.computed += 1;
+            self.cache.blocks.computed(s.id, &s.tokens, s.computed);
+            metrics::counter!("switchyard:spec_decode_num_accepted_tokens_per_pos", "model_name" => self.name.clone(), "position" => j.to_string())
+                .increment(1);
+        }
+        self.scheduler.running[index].speculation.judged(accepted);
+        let labels = &self.labels;
+        metrics::counter!("switchyard:spec_decode_num_drafts", labels).increment(1);
+        metrics::counter!("switchyard:spec_decode_num_draft_tokens", labels)
+            .increment(draft.len() as u64);
+        metrics::counter!("switchyard:spec_decode_num_accepted_tokens", labels)
+            .increment(accepted as u64);
+        self.stats.drafts.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .draft_tokens
+            .fetch_add(draft.len() as u64, Ordering::Relaxed);
+        self.stats
+            .accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        if let Ok(mut at) = self.stats.accepted_at.lock() {
+            if at.len() < accepted {
+                at.resize(accepted, 0);
+            }
+            at.iter_mut().take(accepted).for_each(|n| *n += 1);
+        }
     }
 
     /// Splits the request at `index` into its parallel samples, which share
@@ -660,7 +794,15 @@ impl Worker {
             .store(self.cache.blocks.num_free(), Ordering::Relaxed);
     }
 
-    fn sample_next(&mut self, index: usize, logits: &mut [f32]) {
+    /// Samples the next token of the sequence at `index` (judging `proposed`
+    /// first, when speculating) and sends it on; returns the token, or
+    /// `None` when the sequence failed.
+    fn sample_next(
+        &mut self,
+        index: usize,
+        logits: &mut [f32],
+        proposed: Option<u32>,
+    ) -> Option<u32> {
         let tok = &self.tokenizer;
         let labels = &self.labels;
         let s = &mut self.scheduler.running[index];
@@ -671,7 +813,10 @@ impl Worker {
         };
         let mask = match s.guide.as_mut().map(|g| g.take_mask()).transpose() {
             Ok(m) => m,
-            Err(e) => return s.fail(format!("structured output: the grammar failed: {e}")),
+            Err(e) => {
+                s.fail(format!("structured output: the grammar failed: {e}"));
+                return None;
+            }
         };
         let picked = s.sampler.sample(
             logits,
@@ -679,6 +824,7 @@ impl Worker {
             &s.tokens[s.prompt_len..],
             banned,
             mask.as_ref(),
+            proposed,
         );
         s.tokens.push(picked.token);
         let now = Instant::now();
@@ -704,10 +850,11 @@ impl Worker {
             Some(g) => match g.advance(picked.token) {
                 Ok(done) => done,
                 Err(e) => {
-                    return s.fail(format!(
+                    s.fail(format!(
                         "structured output: the grammar refused token {}: {e}",
                         picked.token
-                    ))
+                    ));
+                    return None;
                 }
             },
         };
@@ -746,5 +893,6 @@ impl Worker {
         if let Some(r) = reason {
             s.finish(r);
         }
+        Some(picked.token)
     }
 }

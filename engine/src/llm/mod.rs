@@ -15,6 +15,7 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculative;
 pub mod tokenizer;
 pub mod types;
 
@@ -28,5 +29,5 @@ pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;
 pub use types::{
     EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvCacheSize,
-    TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
+    SpeculativeConfig, TokenLogprob, DEFAULT_KV_CACHE_FRACTION,
 };

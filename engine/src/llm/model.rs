@@ -296,15 +296,37 @@ impl LlamaModel {
     /// token, `[segments, vocab]`, in segment order. Every segment's sequence
     /// must hold blocks for its tokens ([`KvCache::prepare`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_tails(batch, cache, &vec![1; batch.segments.len()])
+    }
+
+    /// [`LlamaModel::forward`], with the logits of each segment's last
+    /// `tails[i]` tokens (speculative decoding verifies proposed tokens so):
+    /// `[Σ tails, vocab]`, in segment then token order.
+    pub fn forward_tails(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut KvCache,
+        tails: &[usize],
+    ) -> Result<Tensor> {
+        if tails.len() != batch.segments.len()
+            || batch
+                .segments
+                .iter()
+                .zip(tails)
+                .any(|(s, &t)| t == 0 || t > s.len)
+        {
+            candle_core::bail!("each segment needs between 1 and its length of rows")
+        }
         let x = on_pool(|| self.hidden(batch, cache, &mut |_, _, _| ()))?;
         let h = self.config.hidden_size;
         let last: Vec<f32> = batch
             .segments
             .iter()
-            .flat_map(|s| &x[(s.offset + s.len - 1) * h..][..h])
+            .zip(tails)
+            .flat_map(|(s, &t)| &x[(s.offset + s.len - t) * h..(s.offset + s.len) * h])
             .copied()
             .collect();
-        let rows = batch.segments.len();
+        let rows = tails.iter().sum::<usize>();
         Tensor::from_vec(
             self.head(&last, rows)?,
             (rows, self.config.vocab_size),

@@ -70,6 +70,14 @@ impl Sampler {
     /// `min_tokens`) can never be picked, nor can any token outside
     /// `allowed` (a structured output's grammar). Logprobs are the model's,
     /// before any of these.
+    ///
+    /// A `draft` (speculative decoding's proposal, from a proposer certain
+    /// of its token) is judged first: under greedy it is accepted when it is
+    /// the argmax; otherwise with probability p(draft) under the final
+    /// distribution (every parameter applied), and when refused the token is
+    /// drawn from p with the draft removed. So each token has exactly
+    /// probability p, as without a proposal (Leviathan et al.'s rule with q
+    /// a point mass).
     pub fn sample(
         &mut self,
         logits: &mut [f32],
@@ -77,6 +85,7 @@ impl Sampler {
         output: &[u32],
         banned: &[u32],
         allowed: Option<&SimpleVob>,
+        draft: Option<u32>,
     ) -> Sampled {
         let p = &self.params;
         let report = p.logprobs.map(|_| log_softmax(logits));
@@ -103,7 +112,15 @@ impl Sampler {
             softmax_in_place(&mut probs);
             mask_top_p(&mut probs, p.top_p);
             mask_min_p(&mut probs, p.min_p);
-            draw(&probs, self.rng.gen::<f32>())
+            match draft.map(|d| d as usize).filter(|&d| d < probs.len()) {
+                Some(d) if self.rng.gen::<f32>() < probs[d] => d,
+                Some(d) => {
+                    probs[d] = 0.0;
+                    renormalize(&mut probs);
+                    draw(&probs, self.rng.gen::<f32>())
+                }
+                None => draw(&probs, self.rng.gen::<f32>()),
+            }
         };
         match (report, p.logprobs) {
             (Some(lp), Some(n)) => Sampled {
@@ -247,7 +264,7 @@ mod tests {
             logprobs: Some(1),
             ..SamplingParams::default()
         });
-        let s = greedy.sample(&mut logits.clone(), &[], &[], &[], Some(&mask));
+        let s = greedy.sample(&mut logits.clone(), &[], &[], &[], Some(&mask), None);
         assert_eq!(s.token, 3);
         let model = log_softmax(&logits);
         assert_eq!((s.logprob, s.top.clone()), (model[3], vec![(0, model[0])]));
@@ -258,7 +275,7 @@ mod tests {
         });
         let picks: Vec<u32> = (0..200)
             .map(|_| {
-                hot.sample(&mut logits.clone(), &[], &[], &[], Some(&mask))
+                hot.sample(&mut logits.clone(), &[], &[], &[], Some(&mask), None)
                     .token
             })
             .collect();
@@ -276,7 +293,8 @@ mod tests {
                 logit_bias: bias,
                 ..SamplingParams::default()
             });
-            s.sample(&mut logits.clone(), &[], &[], &[], None).token
+            s.sample(&mut logits.clone(), &[], &[], &[], None, None)
+                .token
         };
         assert_eq!(pick(vec![], 0.0), 0);
         // +100 forces token 2, greedy or sampled; −100 bans the argmax.
@@ -341,7 +359,10 @@ mod tests {
                 ..Default::default()
             });
             (0..32)
-                .map(|_| s.sample(&mut logits.clone(), &[], &[], &[], None).token)
+                .map(|_| {
+                    s.sample(&mut logits.clone(), &[], &[], &[], None, None)
+                        .token
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -351,7 +372,7 @@ mod tests {
             logprobs: Some(2),
             ..Default::default()
         });
-        let s = g.sample(&mut logits.clone(), &[], &[], &[], None);
+        let s = g.sample(&mut logits.clone(), &[], &[], &[], None, None);
         assert_eq!(s.token as usize, argmax(&logits));
         assert_eq!(s.top.len(), 2);
         assert_eq!(s.top[0].0, s.token);
@@ -365,7 +386,8 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            s.sample(&mut [0.0, 9.0, 1.0], &[], &[], &[1], None).token,
+            s.sample(&mut [0.0, 9.0, 1.0], &[], &[], &[1], None, None)
+                .token,
             2
         );
     }
@@ -379,7 +401,9 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..200 {
-            let t = s.sample(&mut logits.clone(), &[], &[], &[], None).token;
+            let t = s
+                .sample(&mut logits.clone(), &[], &[], &[], None, None)
+                .token;
             assert!(t == 3 || t == 4, "{t}");
         }
     }
@@ -442,11 +466,40 @@ mod tests {
         10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88,
     ];
 
-    #[test]
-    fn sampling_follows_the_renormalized_softmax() {
+    /// Counts of 40,000 draws (each judging `draft` when there is one) fit
+    /// the renormalized softmax: χ² below its 0.1% critical value. Returns
+    /// the χ² counts of a sampler that always takes the draft would score.
+    fn fits_softmax((t, top_k, top_p, min_p): (f64, usize, f64, f64), draft: Option<u32>) -> f64 {
         let logits = [2.0f32, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 1.1];
         let n = 40_000u64;
-        for (t, top_k, top_p, min_p) in [
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: t as f32,
+            top_k,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            seed: Some(1234),
+            ..Default::default()
+        });
+        let mut counts = vec![0u64; logits.len()];
+        for _ in 0..n {
+            let picked = sampler.sample(&mut logits.clone(), &[], &[], &[], None, draft);
+            counts[picked.token as usize] += 1;
+        }
+        let want = expected(&logits, t, top_k, top_p, min_p);
+        let (stat, df) = chi_square(&counts, &want, n);
+        assert!(
+            stat < CHI2_999[df - 1],
+            "T={t} top_k={top_k} top_p={top_p} min_p={min_p} draft {draft:?}: χ² = {stat:.1} \
+             with {df} d.f.; counts {counts:?}, expected {want:?}"
+        );
+        let mut always = vec![0u64; logits.len()];
+        always[draft.unwrap_or(0) as usize] = n;
+        chi_square(&always, &want, n).0 / CHI2_999[df - 1]
+    }
+
+    #[test]
+    fn sampling_follows_the_renormalized_softmax() {
+        for params in [
             (1.0, 0, 1.0, 0.0),
             (0.7, 0, 1.0, 0.0),
             (1.3, 5, 1.0, 0.0),
@@ -454,26 +507,32 @@ mod tests {
             (0.8, 6, 0.9, 0.0),
             (1.0, 0, 1.0, 0.2),
         ] {
-            let mut sampler = Sampler::new(SamplingParams {
-                temperature: t as f32,
-                top_k,
-                top_p: top_p as f32,
-                min_p: min_p as f32,
-                seed: Some(1234),
-                ..Default::default()
-            });
-            let mut counts = vec![0u64; logits.len()];
-            for _ in 0..n {
-                let picked = sampler.sample(&mut logits.clone(), &[], &[], &[], None);
-                counts[picked.token as usize] += 1;
-            }
-            let want = expected(&logits, t, top_k, top_p, min_p);
-            let (stat, df) = chi_square(&counts, &want, n);
-            assert!(
-                stat < CHI2_999[df - 1],
-                "T={t} top_k={top_k} top_p={top_p} min_p={min_p}: χ² = {stat:.1} with {df} d.f.; \
-                 counts {counts:?}, expected {want:?}"
-            );
+            fits_softmax(params, None);
+        }
+    }
+
+    /// Judging a proposed token keeps every token's probability under
+    /// temperature, top-k, top-p and min-p; accepting every proposal would
+    /// miss the distribution by far; greedy gives the argmax whatever is
+    /// proposed.
+    #[test]
+    fn judging_a_proposal_keeps_the_distribution() {
+        for (params, draft) in [
+            ((1.0, 0, 1.0, 0.0), 0),
+            ((1.0, 0, 1.0, 0.0), 6),
+            ((0.8, 6, 0.9, 0.0), 2),
+            ((1.0, 0, 1.0, 0.2), 9),
+        ] {
+            assert!(fits_softmax(params, Some(draft)) > 10.0);
+        }
+        let logits = [0.5f32, 2.0, 1.0];
+        let mut greedy = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        });
+        for draft in [Some(1), Some(2), None] {
+            let picked = greedy.sample(&mut logits.to_vec(), &[], &[], &[], None, draft);
+            assert_eq!(picked.token, 1);
         }
     }
 }

@@ -24,6 +24,23 @@ pub struct EngineConfig {
     /// Serve `/v1/embeddings` from this model (mean-pooled final hidden
     /// states); off unless configured.
     pub embeddings: bool,
+    /// Speculative decoding; off unless configured.
+    pub speculative: Option<SpeculativeConfig>,
+}
+
+/// Speculative decoding by n-gram prompt lookup: tokens that followed an
+/// earlier occurrence of the sequence's last n tokens are proposed and
+/// verified in the next forward pass, beside everyone else's tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpeculativeConfig {
+    /// Tokens proposed per step (at least 1).
+    pub num_speculative_tokens: usize,
+    /// The shortest and longest suffix looked up (`1 ≤ min ≤ max`).
+    pub prompt_lookup_min: usize,
+    pub prompt_lookup_max: usize,
+    /// No proposals while more sequences than this run (the batch is
+    /// compute-bound there, and verification would cost more than it saves).
+    pub disable_by_batch_size: Option<usize>,
 }
 
 /// The KV pool's default share of the memory available at start.
@@ -125,6 +142,7 @@ impl Default for EngineConfig {
             kv_cache_dtype: KvDtype::default(),
             enable_prefix_caching: true,
             embeddings: false,
+            speculative: None,
         }
     }
 }
@@ -191,7 +209,7 @@ pub enum GenerationEvent {
 }
 
 /// A snapshot of an engine's KV pool and scheduler counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub total_blocks: usize,
     pub free_blocks: usize,
@@ -199,6 +217,12 @@ pub struct EngineStats {
     /// Prompt tokens looked up in the prefix cache, and found there.
     pub prefix_queried: u64,
     pub prefix_hit: u64,
+    /// Proposals made by speculation, the tokens they held, and those accepted.
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
+    /// Proposals whose token at each position was accepted.
+    pub accepted_at: Vec<u64>,
 }
 
 #[cfg(test)]
