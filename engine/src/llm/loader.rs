@@ -97,15 +97,80 @@ fn quantized_linear(q: QTensor, bias: Option<Vec<f32>>, device: &Device) -> Resu
     let ty = match q.dtype() {
         GgmlDType::Q4_0 => Some(QuantType::Q4_0),
         GgmlDType::Q4_1 => Some(QuantType::Q4_1),
-        GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(QuantType::Q8_0),
         _ => None,
     };
     match ty {
         Some(ty) if device.is_cpu() => {
             let blocks = q.data()?;
+            let blocks = match q.dtype() {
+                GgmlDType::Q5_0 => q5_0_as_q8_0(&blocks),
+                _ => blocks.into_owned(),
+            };
             Ok(Linear::quant(QuantMatrix::new(ty, &blocks, out, inp), bias))
         }
         _ => Ok(Linear::candle(QMatMul::from_qtensor(q)?, out, bias, device)),
+    }
+}
+
+/// Q5_0 blocks (an f16 scale `d`, 32 five-bit values `q − 16`) as Q8_0
+/// blocks holding the same values exactly: `4·(q − 16)` in [−64, 60] over
+/// the scale `d / 4` (a power of two, so exact in f16). Our Q8_0 kernel then
+/// serves them; candle multiplies Q5_0 on a scalar path (docs/BENCHMARKS.md,
+/// Gemma 3 270M).
+fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
+    const Q5: usize = 2 + 4 + 16;
+    let mut out = Vec::with_capacity(src.len() / Q5 * (2 + QK));
+    for b in src.chunks_exact(Q5) {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() / 4.0;
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..];
+        let value = |nibble: u8, high: u32| (((nibble as u32) | (high & 1) << 4) as i32 - 16) * 4;
+        let low = (0..16).map(|j| value(qs[j] & 0x0f, qh >> j));
+        let high = (0..16).map(|j| value(qs[j] >> 4, qh >> (j + 16)));
+        out.extend(low.chain(high).map(|v| v as i8 as u8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Converted Q5_0 blocks dequantize to exactly what candle dequantizes
+    /// the originals to.
+    #[test]
+    fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
+        let cpu = Device::Cpu;
+        let w: Vec<f32> = (0..4 * 96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let t = Tensor::from_vec(w, (4, 96), &cpu).unwrap();
+        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let want: Vec<f32> = q5
+            .dequantize(&cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let blocks = q5_0_as_q8_0(&q5.data().unwrap());
+        let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &blocks,
+            vec![4, 96],
+            &cpu,
+        )
+        .unwrap();
+        let got: Vec<f32> = q8
+            .dequantize(&cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, want);
     }
 }
 
