@@ -133,6 +133,14 @@ fn sixteen_prompts() -> Vec<Vec<u32>> {
 /// Runs every prompt alone, then all at once under `config`; the greedy
 /// outputs must be the same. Returns the engine used for the concurrent run.
 fn concurrent_equals_alone(concurrent: EngineConfig) -> LlmEngine {
+    concurrent_equals_alone_on(concurrent, start)
+}
+
+/// [`concurrent_equals_alone`], the concurrent engine started by `starter`.
+fn concurrent_equals_alone_on(
+    concurrent: EngineConfig,
+    starter: impl Fn(&tempfile::TempDir, EngineConfig) -> LlmEngine,
+) -> LlmEngine {
     let (alone_engine, dir) = engine(EngineConfig {
         enable_prefix_caching: false,
         ..config()
@@ -142,7 +150,7 @@ fn concurrent_equals_alone(concurrent: EngineConfig) -> LlmEngine {
         .iter()
         .map(|p| collect(alone_engine.submit(request(p.clone(), 12)).unwrap()))
         .collect();
-    let e = start(&dir, concurrent);
+    let e = starter(&dir, concurrent);
     let receivers: Vec<_> = prompts
         .iter()
         .map(|p| e.submit(request(p.clone(), 12)).unwrap())
@@ -423,28 +431,34 @@ fn speculative() -> Option<SpeculativeConfig> {
     })
 }
 
+/// Speculating engines: 16 sequences with prefix caching, then in a pool
+/// small enough to preempt.
+fn speculating_configs() -> [EngineConfig; 2] {
+    let sixteen = EngineConfig {
+        max_num_seqs: 16,
+        max_waiting: 16,
+        speculative: speculative(),
+        ..config()
+    };
+    [
+        EngineConfig {
+            max_num_batched_tokens: 64,
+            ..sixteen.clone()
+        },
+        EngineConfig {
+            max_num_batched_tokens: 32,
+            kv_cache: blocks(40),
+            ..sixteen
+        },
+    ]
+}
+
 /// With n-gram speculation, greedy outputs equal plain one-at-a-time
 /// decoding: 16 at once with prefix caching, and again under a pool small
 /// enough to preempt; proposals were made and some accepted.
 #[test]
 fn speculative_greedy_outputs_equal_plain_decoding() {
-    for concurrent in [
-        EngineConfig {
-            max_num_seqs: 16,
-            max_waiting: 16,
-            max_num_batched_tokens: 64,
-            speculative: speculative(),
-            ..config()
-        },
-        EngineConfig {
-            max_num_seqs: 16,
-            max_waiting: 16,
-            max_num_batched_tokens: 32,
-            kv_cache: blocks(40),
-            speculative: speculative(),
-            ..config()
-        },
-    ] {
+    for concurrent in speculating_configs() {
         let e = concurrent_equals_alone(concurrent);
         let s = e.stats();
         assert!(s.accepted_tokens > 0, "{s:?}");
@@ -543,5 +557,50 @@ fn speculative_sampling_keeps_the_distribution() {
     assert!(
         s.accepted_tokens > 300 && s.draft_tokens > s.accepted_tokens + 100,
         "{s:?}"
+    );
+}
+
+/// The tiny model drafting for itself: every proposal is the target's own
+/// greedy choice, so every proposed token is accepted, and the outputs are
+/// plain decoding's, 16 at once and under preemption.
+#[test]
+fn a_draft_model_proposes_and_outputs_stay_the_same() {
+    let with_draft = |dir: &tempfile::TempDir, config: EngineConfig| {
+        let load = || load_model(dir.path(), &Device::Cpu, Quantization::None).unwrap();
+        LlmEngine::start_with_draft("tiny", load(), load(), config).unwrap()
+    };
+    for concurrent in speculating_configs() {
+        let e = concurrent_equals_alone_on(concurrent, with_draft);
+        let s = e.stats();
+        assert!(s.draft_tokens > 50, "{s:?}");
+        assert_eq!(s.accepted_tokens, s.draft_tokens, "{s:?}");
+    }
+}
+
+/// A draft with another vocabulary is refused, naming what differs.
+#[test]
+fn a_draft_with_another_vocabulary_is_refused() {
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&dir, &other] {
+        common::tiny_checkpoint(d.path());
+        common::tiny_tokenizer(d.path());
+    }
+    let json = other.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&json)
+        .unwrap()
+        .replace("\"w50\"", "\"x50\"");
+    std::fs::write(&json, text).unwrap();
+    let load =
+        |d: &tempfile::TempDir| load_model(d.path(), &Device::Cpu, Quantization::None).unwrap();
+    let config = EngineConfig {
+        speculative: speculative(),
+        ..config()
+    };
+    let err = LlmEngine::start_with_draft("tiny", load(&dir), load(&other), config)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("first difference at id 50"),
+        "{err}"
     );
 }

@@ -463,7 +463,7 @@ pub struct EngineSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeSettings {
-    /// `ngram`: prompt lookup. (`draft`, a second model, is refused.)
+    /// `ngram` (prompt lookup) or `draft` (a second model proposes).
     pub method: String,
     pub num_speculative_tokens: usize,
     #[serde(default = "default_lookup_min")]
@@ -474,6 +474,10 @@ pub struct SpeculativeSettings {
     /// verification stops paying on a 2-core machine, docs/BENCHMARKS.md).
     #[serde(default = "default_disable_by_batch_size")]
     pub disable_by_batch_size: Option<usize>,
+    /// With `method: draft`, the draft model's source (a registry version
+    /// names its draft in `requirements.draft_model` instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<ModelSource>,
 }
 
 fn default_disable_by_batch_size() -> Option<usize> {
@@ -680,7 +684,7 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(format!("{}: `{}` is configured twice", key("name"), m.name));
             }
-            validate_engine(&m.engine, &key("engine"))?;
+            validate_engine(&m.engine, &key("engine"), true)?;
             if let ModelSource::Pypi { sha256, .. } = &m.source {
                 if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(format!(
@@ -691,7 +695,7 @@ impl Config {
             }
         }
         if let Some(r) = &self.registry {
-            validate_engine(&r.engine, "registry.engine")?;
+            validate_engine(&r.engine, "registry.engine", false)?;
             if r.reconcile_interval_secs == 0 {
                 return Err("registry.reconcile_interval_secs: must be at least 1".into());
             }
@@ -709,7 +713,9 @@ impl Config {
     }
 }
 
-fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
+/// `sourced`: a configured model, which names its draft here (registry
+/// versions name theirs in `requirements.draft_model`).
+fn validate_engine(e: &EngineSettings, at: &str, sourced: bool) -> Result<(), String> {
     for (k, v) in [
         ("max_num_seqs", e.max_num_seqs),
         ("max_num_batched_tokens", e.max_num_batched_tokens),
@@ -729,14 +735,28 @@ fn validate_engine(e: &EngineSettings, at: &str) -> Result<(), String> {
     }
     if let Some(p) = &e.speculative {
         let at = format!("{at}.speculative");
-        match p.method.as_str() {
-            "ngram" => {}
-            "draft" => {
+        match (p.method.as_str(), &p.draft, sourced) {
+            ("ngram", None, _) | ("draft", Some(_), true) | ("draft", None, false) => {}
+            ("ngram", Some(_), _) => {
                 return Err(format!(
-                    "{at}.method: draft models are not supported yet; use `ngram` (prompt lookup)"
+                    "{at}.draft: a draft model goes with `method: draft`"
                 ))
             }
-            other => return Err(format!("{at}.method: `{other}` is not one of ngram, draft")),
+            ("draft", None, true) => {
+                return Err(format!(
+                    "{at}.draft: `method: draft` needs the draft model's source \
+                     (`draft: {{ path: … }}`, as `source:`)"
+                ))
+            }
+            ("draft", Some(_), false) => {
+                return Err(format!(
+                    "{at}.draft: registry versions name their draft in `requirements.draft_model` \
+                     (MODEL@VERSION); leave it out here"
+                ))
+            }
+            (other, _, _) => {
+                return Err(format!("{at}.method: `{other}` is not one of ngram, draft"))
+            }
         }
         if p.num_speculative_tokens == 0 {
             return Err(format!("{at}.num_speculative_tokens: must be at least 1"));
@@ -939,7 +959,11 @@ mod tests {
             ),
             (
                 "{ method: draft, num_speculative_tokens: 4 }",
-                "models[0].engine.speculative.method: draft models are not supported yet",
+                "models[0].engine.speculative.draft: `method: draft` needs",
+            ),
+            (
+                "{ method: ngram, num_speculative_tokens: 4, draft: { path: /d.gguf } }",
+                "models[0].engine.speculative.draft: a draft model goes with",
             ),
             (
                 "{ method: eagle, num_speculative_tokens: 4 }",
@@ -950,8 +974,8 @@ mod tests {
                 "models[0].engine.speculative.prompt_lookup_min",
             ),
             (
-                "{ method: ngram, num_speculative_tokens: 4, draft: x }",
-                "unknown field `draft`",
+                "{ method: ngram, num_speculative_tokens: 4, drafts: x }",
+                "unknown field `drafts`",
             ),
         ] {
             let e = with(spec).unwrap_err();

@@ -277,7 +277,20 @@ fn load_models(state: &AppState, models: &[crate::config::ModelConfig]) -> Resul
         tracing::info!(model = %m.name, path = %path.display(), "loading");
         let loaded = load_model(&path, &device, m.engine.quantization)
             .with_context(|| format!("loading model `{}`", m.name))?;
-        state.add(LlmEngine::start(&m.name, loaded, (&m.engine).into()));
+        let draft = m.engine.speculative.as_ref().and_then(|s| s.draft.as_ref());
+        let engine = match draft {
+            None => LlmEngine::start(&m.name, loaded, (&m.engine).into()),
+            Some(source) => {
+                let path = models::resolve(source)
+                    .with_context(|| format!("fetching the draft model of `{}`", m.name))?;
+                tracing::info!(model = %m.name, path = %path.display(), "loading its draft model");
+                let draft = load_model(&path, &device, engine::llm::quant::Quantization::None)
+                    .with_context(|| format!("loading the draft model of `{}`", m.name))?;
+                LlmEngine::start_with_draft(&m.name, loaded, draft, (&m.engine).into())
+                    .with_context(|| format!("models `{}`.engine.speculative", m.name))?
+            }
+        };
+        state.add(engine);
         tracing::info!(model = %m.name, "ready");
     }
     Ok(())

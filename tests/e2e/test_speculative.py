@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import MODEL, ROOT, Server, metric
+import subprocess
+
+from conftest import MODEL, ROOT, Server, binary, metric, require_env
 
 TEXT = ("Alice Smith (alice@example.com) met Bob Jones (bob.jones@example.org) in Paris on 3 March 2021. "
         "They discussed the Q3 budget of 45,000 euros with Carol White (carol@white.net).")
@@ -19,16 +21,33 @@ TASKS = ["List every email address in this text, one per line.",
 PROMPTS = [f"{t}\n\n{TEXT}" for t in TASKS] * 4
 
 
-@pytest.fixture(scope="module")
-def speculating(tmp_path_factory):
+def spec_config(tmp_path, speculative: str) -> str:
+    """The default model in a pool of about 65 blocks of 16 tokens (16
+    requests of ~150 tokens each preempt), speculating as `speculative` says."""
     default = (ROOT / "configs" / "default.yaml").read_text()
     head, _, _ = default.partition("    engine:\n")
-    # About 65 blocks of 16 tokens: 16 requests of ~150 tokens each preempt.
-    config = tmp_path_factory.mktemp("spec") / "config.yaml"
+    config = tmp_path / "config.yaml"
     config.write_text(head + "    engine:\n      kv_cache_bytes: 24000000\n      speculative:\n"
-                      "        method: ngram\n        num_speculative_tokens: 4\n"
-                      "        disable_by_batch_size: null\n")
-    s = Server(str(config))
+                      "        num_speculative_tokens: 4\n        disable_by_batch_size: null\n" + speculative)
+    return str(config)
+
+
+def source_block() -> str:
+    """The default model's `source:` mapping, as the draft's."""
+    default = (ROOT / "configs" / "default.yaml").read_text()
+    body = default.split("    source:\n", 1)[1].split("    engine:\n", 1)[0]
+    return "".join("    " + line + "\n" for line in body.splitlines())
+
+
+@pytest.fixture(scope="module", params=["ngram", "draft"])
+def speculating(request, tmp_path_factory):
+    method = f"        method: {request.param}\n"
+    if request.param == "draft":
+        # The default model drafting for itself: every proposal is the
+        # target's own greedy choice.
+        method += "        draft:\n" + source_block()
+    s = Server(spec_config(tmp_path_factory.mktemp("spec"), method))
+    s.method = request.param
     yield s
     s.stop()
 
@@ -50,7 +69,18 @@ def test_greedy_outputs_equal_plain_decoding_alone_and_sixteen_at_once(server, s
     name = {"model_name": MODEL}
     accepted = metric(speculating, "switchyard:spec_decode_num_accepted_tokens", **name)
     drafted = metric(speculating, "switchyard:spec_decode_num_draft_tokens", **name)
-    assert 0 < accepted < drafted
+    assert 0 < accepted <= drafted
     assert metric(speculating, "switchyard:spec_decode_num_drafts", **name) > 0
     assert metric(speculating, "switchyard:spec_decode_num_accepted_tokens_per_pos", position="0", **name) > 0
     assert metric(speculating, "switchyard:num_preemptions", **name) > 0
+    if speculating.method == "draft":
+        assert accepted == drafted, "a model drafting for itself is always right"
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_start(tmp_path):
+    gemma = require_env("SWITCHYARD_GEMMA_GGUF", "scripts/test.sh assembles Gemma 3 270M")
+    config = spec_config(tmp_path, f"        method: draft\n        draft: {{ path: {gemma} }}\n")
+    out = subprocess.run([binary(), "serve", "--config", config, "--port", "0"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "speculative.draft: its vocabulary differs" in out.stderr, out.stderr[-2000:]

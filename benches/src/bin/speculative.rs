@@ -15,6 +15,7 @@ use engine::llm::{
     SamplingParams, SpeculativeConfig,
 };
 use kernels::quant::Isa;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 struct Args {
@@ -27,6 +28,9 @@ struct Args {
     /// No proposals while more sequences than this run.
     #[arg(long)]
     disable_by_batch_size: Option<usize>,
+    /// A draft model (same vocabulary) to compare as a third mode.
+    #[arg(long)]
+    draft: Option<PathBuf>,
 }
 
 const PASSAGE: &str = "Alice Smith (alice@example.com) met Bob Jones (bob.jones@example.org) \
@@ -67,7 +71,7 @@ fn throughput(e: &LlmEngine, prompts: &[Vec<u32>], streams: usize, tokens: usize
 
 fn main() {
     let a = Args::parse();
-    let engine = |speculative| {
+    let engine = |speculative, draft: Option<&PathBuf>| {
         let loaded = load_model(&a.run.model, &Device::Cpu, Quantization::None).expect("loading");
         let template = loaded.template.as_ref().expect("a chat template");
         let prompts: Vec<Vec<u32>> = tasks()
@@ -87,21 +91,27 @@ fn main() {
             speculative,
             ..Default::default()
         };
-        (LlmEngine::start("bench", loaded, config), prompts)
+        let e = match draft {
+            None => LlmEngine::start("bench", loaded, config),
+            Some(path) => {
+                let d =
+                    load_model(path, &Device::Cpu, Quantization::None).expect("loading the draft");
+                LlmEngine::start_with_draft("bench", loaded, d, config).expect("a usable draft")
+            }
+        };
+        (e, prompts)
     };
-    let modes = [
-        ("off", None),
-        (
-            "ngram",
-            Some(SpeculativeConfig {
-                num_speculative_tokens: a.num_speculative_tokens,
-                prompt_lookup_min: 1,
-                prompt_lookup_max: a.prompt_lookup_max,
-                disable_by_batch_size: a.disable_by_batch_size,
-            }),
-        ),
-    ];
-    let engines: Vec<_> = modes.iter().map(|(_, s)| engine(*s)).collect();
+    let spec = SpeculativeConfig {
+        num_speculative_tokens: a.num_speculative_tokens,
+        prompt_lookup_min: 1,
+        prompt_lookup_max: a.prompt_lookup_max,
+        disable_by_batch_size: a.disable_by_batch_size,
+    };
+    let mut modes = vec![("off", None, None), ("ngram", Some(spec), None)];
+    if let Some(d) = &a.draft {
+        modes.push(("draft model", Some(spec), Some(d)));
+    }
+    let engines: Vec<_> = modes.iter().map(|(_, s, d)| engine(*s, *d)).collect();
     let mut rows = Vec::new();
     for streams in [1, 2, 4, 16] {
         // The modes take turns within each repeat, so that the machine's
@@ -114,7 +124,7 @@ fn main() {
             }
         }
         let base = median(&rates[0]);
-        for (((name, _), (e, _)), (r, before)) in
+        for (((name, _, _), (e, _)), (r, before)) in
             modes.iter().zip(&engines).zip(rates.iter().zip(&before))
         {
             let (rate, after) = (median(r), e.stats());
@@ -154,17 +164,19 @@ fn main() {
         ],
         &rows,
     );
-    let s = engines[1].0.stats();
-    println!(
-        "\n{} proposals of {:.2} tokens on average; share of proposals whose token at each \
-         position was accepted:",
-        s.drafts,
-        s.draft_tokens as f64 / s.drafts.max(1) as f64
-    );
-    for (pos, n) in s.accepted_at.iter().enumerate() {
+    for ((name, _, _), (e, _)) in modes.iter().zip(&engines).skip(1) {
+        let s = e.stats();
         println!(
-            "  position {pos}: {:.2}",
-            *n as f64 / s.drafts.max(1) as f64
+            "\n{name}: {} proposals of {:.2} tokens on average; share of proposals whose token \
+             at each position was accepted:",
+            s.drafts,
+            s.draft_tokens as f64 / s.drafts.max(1) as f64
         );
+        for (pos, n) in s.accepted_at.iter().enumerate() {
+            println!(
+                "  position {pos}: {:.2}",
+                *n as f64 / s.drafts.max(1) as f64
+            );
+        }
     }
 }

@@ -137,7 +137,47 @@ impl Inner {
 
 impl LlmEngine {
     /// Starts the engine thread for `model`, served under `name`.
-    pub fn start(name: &str, loaded: LoadedWeights, mut config: EngineConfig) -> Self {
+    pub fn start(name: &str, loaded: LoadedWeights, config: EngineConfig) -> Self {
+        Self::launch(name, loaded, None, config)
+    }
+
+    /// [`LlmEngine::start`] with a draft model proposing tokens for
+    /// speculative decoding (`config.speculative` says how many). The draft
+    /// must have the target's vocabulary and cover its context; it gets a
+    /// KV pool of as many tokens as the target's.
+    pub fn start_with_draft(
+        name: &str,
+        loaded: LoadedWeights,
+        draft: LoadedWeights,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        if config.speculative.is_none() {
+            return Err(LlmError::Unsupported(
+                "a draft model needs speculative settings (num_speculative_tokens)".into(),
+            ));
+        }
+        let (ours, theirs) = (loaded.tokenizer.vocabulary(), draft.tokenizer.vocabulary());
+        if ours != theirs || loaded.model.config.vocab_size != draft.model.config.vocab_size {
+            let at = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+            return Err(LlmError::Unsupported(format!(
+                "speculative.draft: its vocabulary differs from the model's ({} tokens and {} rows \
+                 vs {} and {}{})",
+                theirs.len(),
+                draft.model.config.vocab_size,
+                ours.len(),
+                loaded.model.config.vocab_size,
+                at.map_or(String::new(), |i| format!("; first difference at id {i}"))
+            )));
+        }
+        Ok(Self::launch(name, loaded, Some(draft.model), config))
+    }
+
+    fn launch(
+        name: &str,
+        loaded: LoadedWeights,
+        draft: Option<LlamaModel>,
+        mut config: EngineConfig,
+    ) -> Self {
         let model = &loaded.model;
         let layers = model.config.num_hidden_layers;
         let vocab_size = model.config.vocab_size;
@@ -148,6 +188,18 @@ impl LlmEngine {
             .max_model_len
             .min(model.config.max_position_embeddings)
             .min(num_blocks * layout.block_size);
+        if let Some(d) = &draft {
+            // The draft decodes every position the target serves.
+            config.max_model_len = config.max_model_len.min(d.config.max_position_embeddings);
+        }
+        let drafter = draft.map(|d| {
+            let layout = d.kv_layout(layout.block_size);
+            let blocks = num_blocks + config.max_num_seqs;
+            let dtype = config.kv_cache_dtype;
+            let cache = KvCache::new(d.config.num_hidden_layers, layout, dtype, blocks, false);
+            tracing::info!(model = %name, blocks, "draft model's KV cache pool");
+            speculative::Drafter::new(d, cache)
+        });
         tracing::info!(
             model = %name,
             blocks = num_blocks,
@@ -185,6 +237,7 @@ impl LlmEngine {
             waiting: waiting.clone(),
             speculative: config.speculative,
             max_model_len: config.max_model_len,
+            drafter,
         };
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
@@ -484,6 +537,8 @@ struct Worker {
     waiting: Arc<AtomicUsize>,
     speculative: Option<SpeculativeConfig>,
     max_model_len: usize,
+    /// Proposes tokens by a draft model; without one, by n-gram lookup.
+    drafter: Option<speculative::Drafter>,
 }
 
 impl Worker {
@@ -650,6 +705,9 @@ impl Worker {
             return tails;
         };
         let running = &mut self.scheduler.running;
+        if let Some(d) = &mut self.drafter {
+            d.retain(|id| running.iter().any(|s| s.id == id));
+        }
         if spec
             .disable_by_batch_size
             .is_some_and(|max| running.len() > max)
@@ -662,7 +720,9 @@ impl Worker {
             .config
             .max_num_batched_tokens
             .saturating_sub(sched.batch.tokens.len());
-        for (p, tail) in sched.plan.iter().zip(&mut tails) {
+        // Who may speculate this step, and how many tokens each may take.
+        let mut wanted = Vec::new();
+        for (i, p) in sched.plan.iter().enumerate() {
             let s = &mut running[p.index];
             let decoding = p.samples && p.len == 1 && s.computed + 1 == s.tokens.len();
             if !decoding || s.guide.is_some() || s.forks > 0 || !s.speculation.ready() {
@@ -671,23 +731,53 @@ impl Worker {
             // The bonus token needs room too.
             let room = (s.req.max_tokens.saturating_sub(s.output().len() + 1))
                 .min(self.max_model_len.saturating_sub(s.tokens.len() + 1))
-                .min(k)
-                .min(budget);
-            if room == 0 {
-                continue;
+                .min(k);
+            if room > 0 {
+                wanted.push((i, room));
             }
-            let draft = speculative::ngram(
-                &s.tokens,
-                spec.prompt_lookup_min,
-                spec.prompt_lookup_max,
-                room,
-            );
+        }
+        let drafts: Vec<Vec<u32>> = match &mut self.drafter {
+            Some(d) => {
+                let wants: Vec<_> = wanted
+                    .iter()
+                    .map(|&(i, room)| {
+                        let s = &running[sched.plan[i].index];
+                        (s.id, s.tokens.as_slice(), room)
+                    })
+                    .collect();
+                match d.propose(&wants) {
+                    Ok(drafts) => drafts,
+                    Err(e) => {
+                        tracing::warn!(model = %self.name, error = %e, "the draft model's pass failed; no proposals this step");
+                        vec![Vec::new(); wanted.len()]
+                    }
+                }
+            }
+            None => wanted
+                .iter()
+                .map(|&(i, room)| {
+                    let s = &running[sched.plan[i].index];
+                    speculative::ngram(
+                        &s.tokens,
+                        spec.prompt_lookup_min,
+                        spec.prompt_lookup_max,
+                        room,
+                    )
+                })
+                .collect(),
+        };
+        for ((i, _), mut draft) in wanted.into_iter().zip(drafts) {
+            let s = &mut running[sched.plan[i].index];
+            draft.truncate(budget);
             let total = s.tokens.len() + draft.len();
             if draft.is_empty() || self.cache.prepare(s.id, s.computed, total).is_err() {
+                if let Some(d) = &mut self.drafter {
+                    d.keep(s.id, s.tokens.len());
+                }
                 continue;
             }
             budget -= draft.len();
-            *tail += draft.len();
+            tails[i] += draft.len();
             s.draft = draft;
         }
         if tails.iter().any(|&t| t > 1) {
@@ -711,22 +801,32 @@ impl Worker {
     /// computed in this pass; the rest of the pass is left to be
     /// overwritten.
     fn verify(&mut self, index: usize, logits: Vec<Vec<f32>>) {
-        let draft = std::mem::take(&mut self.scheduler.running[index].draft);
+        let s = &mut self.scheduler.running[index];
+        let draft = std::mem::take(&mut s.draft);
+        let (seq, before) = (s.id, s.tokens.len());
         let mut accepted = 0;
         for (j, mut row) in logits.into_iter().enumerate() {
             let proposed = draft.get(j).copied();
             let picked = self.sample_next(index, &mut row, proposed);
-            let s = &mut self.scheduler.running[index];
-            if s.finished || picked.is_none() || picked != proposed {
+            if picked.is_none() || picked != proposed {
                 break;
             }
             accepted += 1;
-            s.computed += 1;
-            self.cache.blocks.computed(s.id, &s.tokens, s.computed);
             metrics::counter!("switchyard:spec_decode_num_accepted_tokens_per_pos", "model_name" => self.name.clone(), "position" => j.to_string())
                 .increment(1);
+            // An accepted token can end the sequence (EOS, a stop string,
+            // max_tokens); the rest of the proposal goes unjudged.
+            let s = &mut self.scheduler.running[index];
+            if s.finished {
+                break;
+            }
+            s.computed += 1;
+            self.cache.blocks.computed(s.id, &s.tokens, s.computed);
         }
         self.scheduler.running[index].speculation.judged(accepted);
+        if let Some(d) = &mut self.drafter {
+            d.keep(seq, before + accepted);
+        }
         let labels = &self.labels;
         metrics::counter!("switchyard:spec_decode_num_drafts", labels).increment(1);
         metrics::counter!("switchyard:spec_decode_num_draft_tokens", labels)

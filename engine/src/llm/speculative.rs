@@ -1,9 +1,19 @@
-//! Speculative decoding's proposer: n-gram prompt lookup (vLLM's `ngram`).
-//! The sequence's last n tokens, for n from `prompt_lookup_max` down to
-//! `prompt_lookup_min`, are looked up in the sequence before them; the
-//! tokens that followed their latest earlier occurrence are proposed. Text
-//! that rewrites, quotes or extracts from its prompt repeats it, and there
-//! the proposals hold.
+//! Speculative decoding's proposers.
+//!
+//! n-gram prompt lookup (vLLM's `ngram`): the sequence's last n tokens, for
+//! n from `prompt_lookup_max` down to `prompt_lookup_min`, are looked up in
+//! the sequence before them; the tokens that followed their latest earlier
+//! occurrence are proposed. Text that rewrites, quotes or extracts from its
+//! prompt repeats it, and there the proposals hold.
+//!
+//! A draft model: a smaller (or more quantized) model with the target's
+//! vocabulary decodes greedily ahead of the target, in its own paged KV
+//! cache, every proposing sequence in one batch per position. Its greedy
+//! token is a point mass, so the target's acceptance rule is the same as
+//! for n-gram proposals.
+use super::kv_cache::{KvCache, SeqId};
+use super::model::{ForwardBatch, LlamaModel};
+use std::collections::HashMap;
 
 /// Up to `k` tokens proposed to follow `tokens`; none when no suffix of
 /// `min..=max` tokens occurred before.
@@ -53,6 +63,92 @@ impl Record {
             self.misses = (self.misses + 1).min(5);
             self.wait = (1 << self.misses) - 1;
         }
+    }
+}
+
+/// A draft model and its own KV cache, and how much of each sequence the
+/// cache holds.
+pub struct Drafter {
+    model: LlamaModel,
+    cache: KvCache,
+    held: HashMap<SeqId, usize>,
+}
+
+impl Drafter {
+    pub fn new(model: LlamaModel, cache: KvCache) -> Self {
+        Self {
+            model,
+            cache,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Frees the cache of sequences that are gone (finished or preempted:
+    /// a resumed one is fed again from its start).
+    pub fn retain(&mut self, alive: impl Fn(SeqId) -> bool) {
+        let gone: Vec<SeqId> = self.held.keys().copied().filter(|&s| !alive(s)).collect();
+        for s in gone {
+            self.held.remove(&s);
+            self.cache.blocks.free(s);
+        }
+    }
+
+    /// After the target judged a proposal, the draft's cache is right for
+    /// the sequence's first `valid` tokens only.
+    pub fn keep(&mut self, seq: SeqId, valid: usize) {
+        if let Some(h) = self.held.get_mut(&seq) {
+            *h = (*h).min(valid);
+        }
+    }
+
+    /// Up to `k` greedy tokens for each `(sequence, tokens, k)`: one pass
+    /// feeds each sequence what its cache lacks and proposes the first
+    /// token, then one pass per further token, all sequences in each. A
+    /// sequence the draft's pool has no room for proposes nothing. Fails
+    /// only when a forward pass fails.
+    pub fn propose(
+        &mut self,
+        wants: &[(SeqId, &[u32], usize)],
+    ) -> candle_core::Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); wants.len()];
+        let mut batch = ForwardBatch::default();
+        let mut members = Vec::new();
+        for (i, &(seq, tokens, k)) in wants.iter().enumerate() {
+            let held = match self.held.get(&seq) {
+                Some(&h) => h.min(tokens.len() - 1),
+                None => {
+                    self.cache.blocks.start(seq, &[]);
+                    0
+                }
+            };
+            if k == 0 || self.cache.prepare(seq, held, tokens.len() + k - 1).is_err() {
+                self.held.remove(&seq);
+                self.cache.blocks.free(seq);
+                continue;
+            }
+            batch.push(seq, &tokens[held..], held);
+            self.held.insert(seq, tokens.len());
+            members.push(i);
+        }
+        while !batch.is_empty() {
+            let logits = self.model.forward(&batch, &mut self.cache)?;
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let mut again = ForwardBatch::default();
+            let mut still = Vec::new();
+            for (&i, token) in members.iter().zip(next) {
+                let (seq, tokens, k) = wants[i];
+                out[i].push(token);
+                if out[i].len() < k {
+                    let pos = tokens.len() + out[i].len() - 1;
+                    again.push(seq, &[token], pos);
+                    self.held.insert(seq, pos + 1);
+                    still.push(i);
+                }
+            }
+            batch = again;
+            members = still;
+        }
+        Ok(out)
     }
 }
 

@@ -222,9 +222,53 @@ impl Controller {
         if let Some(n) = v.spec.requirements.context_length {
             config.max_model_len = n;
         }
-        let engine = LlmEngine::start(&v.reference(), loaded, config);
+        let engine = match &v.spec.requirements.draft_model {
+            None => {
+                // `method: draft` speculates only for versions naming a draft.
+                if self
+                    .engine
+                    .speculative
+                    .as_ref()
+                    .is_some_and(|s| s.method == "draft")
+                {
+                    config.speculative = None;
+                }
+                LlmEngine::start(&v.reference(), loaded, config)
+            }
+            Some(reference) => {
+                let draft = self.load_draft(reference)?;
+                LlmEngine::start_with_draft(&v.reference(), loaded, draft, config)
+                    .context("requirements.draft_model")?
+            }
+        };
         check_llm_contract(&v.spec.contract, &engine).map_err(anyhow::Error::msg)?;
         Ok(engine)
+    }
+
+    /// The draft a version names as `MODEL@VERSION`: another registered
+    /// version, its artifact fetched and checked as any version's.
+    fn load_draft(&self, reference: &str) -> Result<engine::llm::LoadedWeights> {
+        let bad = || {
+            anyhow::anyhow!(
+                "requirements.draft_model `{reference}`: name a registered version as MODEL@VERSION"
+            )
+        };
+        let (model, number) = reference.rsplit_once('@').ok_or_else(bad)?;
+        let number: u32 = number.parse().map_err(|_| bad())?;
+        let d = self
+            .registry
+            .version(model, number)
+            .with_context(|| format!("requirements.draft_model `{reference}`"))?;
+        if self.engine.speculative.is_none() {
+            anyhow::bail!(
+                "requirements.draft_model `{reference}`: set registry.engine.speculative \
+                 (method: draft, num_speculative_tokens) to say how it proposes"
+            );
+        }
+        let a = &d.spec.artifact;
+        let path = crate::models::resolve_artifact(&a.uri, &a.sha256, &self.artifact_roots)?;
+        load_model(&path, &candle_core::Device::Cpu, Default::default())
+            .with_context(|| format!("loading the draft {}", path.display()))
     }
 
     /// Lays out and loads a tree or DNN version in the repository plane.
