@@ -592,15 +592,23 @@ fn a_draft_with_another_vocabulary_is_refused() {
     std::fs::write(&json, text).unwrap();
     let load =
         |d: &tempfile::TempDir| load_model(d.path(), &Device::Cpu, Quantization::None).unwrap();
-    let config = EngineConfig {
+    let speculating = || EngineConfig {
         speculative: speculative(),
         ..config()
     };
-    let err = LlmEngine::start_with_draft("tiny", load(&dir), load(&other), config)
+    let err = LlmEngine::start_with_draft("tiny", load(&dir), load(&other), speculating())
         .err()
         .expect("refused");
     assert!(
         err.to_string().contains("first difference at id 50"),
         "{err}"
     );
+    // A draft that cannot reach the positions the model serves.
+    let mut short = load(&dir);
+    short.model.config.max_position_embeddings = 64;
+    let err = LlmEngine::start_with_draft("tiny", load(&dir), short, speculating())
+        .err()
+        .expect("refused");
+    let want = "context (64 positions) is shorter than the 128";
+    assert!(err.to_string().contains(want), "{err}");
 }

@@ -27,7 +27,8 @@ KEYS = {"deployer": "deployer-key-0123456789", "approver": "approver-key-0123456
         "admin": "admin-key-0123456789", "viewer": "viewer-key-0123456789"}
 
 
-def write_config(tmp_path, database=None, interval=2, extra="", roots=None) -> str:
+def write_config(tmp_path, database=None, interval=2, extra="", roots=None,
+                 engine="{ max_num_seqs: 8, kv_cache_bytes: 60000000 }") -> str:
     keys = "".join(
         f"    - {{ name: {role}-user, role: {role}, key: {key} }}\n" for role, key in KEYS.items()
     )
@@ -41,7 +42,7 @@ def write_config(tmp_path, database=None, interval=2, extra="", roots=None) -> s
         # Deployers create the low-tier models these tests walk; the floor has its own test.
         "  min_tier_without_admin: L0\n"
         f"  artifact_roots: [{roots or Path(os.environ['SWITCHYARD_MODEL_GGUF']).parent}]\n"
-        "  engine: { max_num_seqs: 8, kv_cache_bytes: 60000000 }\n"
+        f"  engine: {engine}\n"
         "  api_keys:\n" + keys + extra
     )
     return str(path)
@@ -426,3 +427,42 @@ def test_acknowledged_transitions_survive_kill_9_on_postgres(tmp_path):
     url = re.sub(r"/[^/]*$", f"/{name}", base)
     n = durability_run(tmp_path, url)
     print(f"postgres: {n} acknowledged before kill -9, all present after restart")
+
+
+def test_a_version_drafted_by_another_registered_version(tmp_path):
+    """`requirements.draft_model` names another registered version; the
+    controller loads it as the draft (the same weights: every proposal is
+    accepted), and the route answers as without one."""
+    engine = ("{ max_num_seqs: 8, kv_cache_bytes: 60000000, "
+              "speculative: { method: draft, num_speculative_tokens: 4, disable_by_batch_size: null } }")
+    s = Server(write_config(tmp_path, engine=engine))
+    try:
+        api = Api(s)
+        for name in ["smol-draft", "smol"]:
+            assert api.post("/models", json=model_spec(name, tier="L0")).status_code == 201
+        assert api.post("/models/smol-draft/versions", json=GOOD).status_code == 201
+        drafted = {**GOOD, "requirements": {"draft_model": "smol-draft@1"}}
+        assert api.post("/models/smol/versions", json=drafted).status_code == 201
+        api.move("smol", 1, "offline_passed")
+        api.move("smol", 1, "promoted")
+        wait_for("the drafted version to serve", lambda: status(api, "smol", 1) == "serving")
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        text = "Repeat this exactly: the quick brown fox jumps over the lazy dog."
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": text}],
+                                           max_tokens=32, temperature=0)
+        assert r.choices[0].message.content
+        name = {"model_name": "smol@1"}
+        proposed = metric(s, "switchyard:spec_decode_num_draft_tokens", **name)
+        assert proposed > 0
+        assert metric(s, "switchyard:spec_decode_num_accepted_tokens", **name) == proposed
+        # A draft that is not a registered version fails the load, saying so.
+        bad = {**GOOD, "requirements": {"draft_model": "no-such-model@3"}}
+        assert api.post("/models/smol/versions", json=bad).status_code == 201
+        api.move("smol", 2, "offline_passed")
+        api.move("smol", 2, "shadow")
+        wait_for("the bad draft to fail", lambda: status(api, "smol", 2) == "failed")
+        detail = api.get("/models/smol/versions/2").json()["status"]["message"]
+        assert "requirements.draft_model `no-such-model@3`" in detail, detail
+    finally:
+        s.stop()
+

@@ -169,6 +169,17 @@ impl LlmEngine {
                 at.map_or(String::new(), |i| format!("; first difference at id {i}"))
             )));
         }
+        let serves = config
+            .max_model_len
+            .min(loaded.model.config.max_position_embeddings);
+        let reach = draft.model.config.max_position_embeddings;
+        if reach < serves {
+            return Err(LlmError::Unsupported(format!(
+                "speculative.draft: its context ({reach} positions) is shorter than the \
+                 {serves} tokens the model serves; lower max_model_len to {reach} or pick \
+                 another draft"
+            )));
+        }
         Ok(Self::launch(name, loaded, Some(draft.model), config))
     }
 
@@ -188,10 +199,6 @@ impl LlmEngine {
             .max_model_len
             .min(model.config.max_position_embeddings)
             .min(num_blocks * layout.block_size);
-        if let Some(d) = &draft {
-            // The draft decodes every position the target serves.
-            config.max_model_len = config.max_model_len.min(d.config.max_position_embeddings);
-        }
         let drafter = draft.map(|d| {
             let layout = d.kv_layout(layout.block_size);
             let blocks = num_blocks + config.max_num_seqs;
