@@ -372,7 +372,17 @@ impl LlamaConfig {
             _ => c.sliding_window,
         };
         let sliding_layers = match (&c.layer_types, model_type.as_str()) {
-            (Some(types), _) => types.iter().map(|t| t == "sliding_attention").collect(),
+            (Some(types), _) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(LlmError::Unsupported(format!(
+                        "config.json layer_types: `{other}` is not one of \
+                         sliding_attention, full_attention"
+                    ))),
+                })
+                .collect::<Result<_>>()?,
             (None, "gemma2") => Self::periodic(c.num_hidden_layers, 2),
             (None, "gemma3" | "gemma3_text") => {
                 Self::periodic(c.num_hidden_layers, c.sliding_window_pattern.unwrap_or(6))
@@ -535,6 +545,10 @@ mod tests {
             (r#","hidden_act":"relu""#, "relu"),
             (r#","partial_rotary_factor":0.5"#, "partial_rotary_factor"),
             (r#","sliding_window":0"#, "sliding_window"),
+            (
+                r#","layer_types":["full_attention","chunked_attention"]"#,
+                "chunked_attention",
+            ),
         ] {
             let e = tiny(extra).unwrap_err().to_string();
             assert!(e.contains(named), "{extra}: {e}");
