@@ -107,6 +107,12 @@ pub struct RepositoryConfig {
     /// key (explicit mode only).
     #[serde(default)]
     pub allow_unauthenticated_control: bool,
+    /// The `libonnxruntime` ONNX models run on when tract cannot run them
+    /// (or their config asks for onnxruntime): a `path`, or a `pypi` file
+    /// with its sha256 (the `onnxruntime` wheel ships one). Without it,
+    /// `SWITCHYARD_ONNXRUNTIME_LIB` or `ORT_DYLIB_PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnxruntime_library: Option<ModelSource>,
 }
 
 fn default_max_instances() -> usize {
@@ -129,6 +135,7 @@ impl RepositoryConfig {
             max_instances: default_max_instances(),
             default_max_queue_size: default_queue_size(),
             allow_unauthenticated_control: false,
+            onnxruntime_library: None,
         }
     }
 

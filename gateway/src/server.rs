@@ -4,7 +4,7 @@
 //! or Ctrl-C, when requests in flight get a grace period to finish.
 use crate::api::{self, AppState};
 use crate::auth::Keys;
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::control::{controller, experiments_file, rollout};
 use crate::limits::Limits;
 use crate::{models, plane, registry, upstream};
@@ -184,12 +184,25 @@ pub async fn serve(cfg: Config) -> Result<()> {
     if let Some(rc) = &cfg.model_repository {
         let mode: engine::dnn::ControlMode = rc.control_mode.parse().map_err(anyhow::Error::msg)?;
         let (path, load, bounds) = (rc.path.clone(), rc.load_models.clone(), rc.bounds());
+        let ort = rc.onnxruntime_library.clone();
         tracing::info!(path = %path.display(), mode = %rc.control_mode, "loading the model repository");
         let repo = tokio::task::spawn_blocking(move || {
+            const SETTING: &str = "model_repository.onnxruntime_library";
+            match ort {
+                // A missing file fails the models that need it, not the server.
+                Some(config::ModelSource::Path(lib)) => {
+                    engine::dnn::onnxrt::set_library(lib, SETTING)
+                }
+                Some(source) => engine::dnn::onnxrt::set_library(
+                    models::resolve(&source).context(SETTING)?,
+                    SETTING,
+                ),
+                None => {}
+            }
             engine::dnn::ModelRepository::open(&path, mode, &load, bounds)
+                .map_err(anyhow::Error::msg)
         })
-        .await?
-        .map_err(anyhow::Error::msg)?;
+        .await??;
         if mode == engine::dnn::ControlMode::Poll {
             let (repo, every) = (repo.clone(), Duration::from_secs(rc.poll_secs));
             tokio::spawn(async move {

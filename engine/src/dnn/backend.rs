@@ -1,7 +1,7 @@
 //! The executor interface every backend implements, and loading one from a
 //! model version directory as the config's backend names it.
 use super::error::Result;
-use super::model::{BackendKind, ModelDefinition};
+use super::model::{BackendKind, ModelDefinition, OnnxExecutor};
 use super::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,19 +14,58 @@ pub trait Backend: Send + Sync {
 }
 
 /// Loads the backend for `spec` from `dir` (`<repo>/<model>/<version>`);
-/// the model file must lie inside `dir`.
-pub fn load(spec: &ModelDefinition, dir: &Path) -> std::result::Result<Arc<dyn Backend>, String> {
+/// the model file must lie inside `dir`. Returns it with the name of the
+/// executor that runs it.
+pub fn load(
+    spec: &ModelDefinition,
+    dir: &Path,
+) -> std::result::Result<(Arc<dyn Backend>, &'static str), String> {
     let file = confined(dir, &spec.model_filename, "default_model_filename")?;
     if !file.exists() {
         return Err(format!("{} does not exist", file.display()));
     }
     Ok(match &spec.backend {
-        BackendKind::Fil(params) => Arc::new(super::fil::FilBackend::load(spec, params, &file)?),
-        BackendKind::Onnx => Arc::new(super::onnx::OnnxBackend::load(spec, &file)?),
-        BackendKind::SentenceEncoder => {
-            Arc::new(super::encoder::SentenceEncoder::load(spec, dir, &file)?)
-        }
+        BackendKind::Fil(params) => (
+            Arc::new(super::fil::FilBackend::load(spec, params, &file)?),
+            "fil",
+        ),
+        BackendKind::Onnx(executor) => load_onnx(spec, *executor, &file)?,
+        BackendKind::SentenceEncoder => (
+            Arc::new(super::encoder::SentenceEncoder::load(spec, dir, &file)?),
+            "candle",
+        ),
     })
+}
+
+/// An ONNX model on tract, on onnxruntime, or (auto) on tract unless tract
+/// refuses the graph; the refusal is logged with the fallback.
+fn load_onnx(
+    spec: &ModelDefinition,
+    executor: OnnxExecutor,
+    file: &Path,
+) -> std::result::Result<(Arc<dyn Backend>, &'static str), String> {
+    let ort = || -> std::result::Result<(Arc<dyn Backend>, &'static str), String> {
+        Ok((
+            Arc::new(super::onnxrt::OrtBackend::load(spec, file)?),
+            "onnxruntime",
+        ))
+    };
+    match executor {
+        OnnxExecutor::OnnxRuntime => ort(),
+        OnnxExecutor::Tract => Ok((
+            Arc::new(super::onnx::OnnxBackend::load(spec, file)?),
+            "tract",
+        )),
+        OnnxExecutor::Auto => match super::onnx::OnnxBackend::load(spec, file) {
+            Ok(b) => Ok((Arc::new(b), "tract")),
+            Err(tract) => {
+                tracing::info!(model = %spec.name, "tract cannot run the graph ({tract}); trying onnxruntime");
+                ort().map_err(|e| {
+                    format!("tract cannot run the graph ({tract}), and onnxruntime: {e}")
+                })
+            }
+        },
+    }
 }
 
 /// `name`, a file a config names, as a path inside `dir`: relative, without

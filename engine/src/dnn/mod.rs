@@ -9,6 +9,7 @@ pub mod forest;
 pub mod lightgbm;
 pub mod model;
 pub mod onnx;
+pub mod onnxrt;
 pub mod repository;
 pub mod stats;
 pub mod tensor;

@@ -13,18 +13,85 @@ pub struct TensorDefinition {
     pub name: String,
     pub dtype: DataType,
     pub dims: Vec<i64>,
+    /// `reshape.shape`: the shape the model itself takes or gives (without
+    /// the batch dimension) where it differs from what clients see.
+    pub reshape: Option<Vec<i64>>,
     pub label_filename: Option<String>,
+}
+
+impl TensorDefinition {
+    /// The shape the model sees, without the batch dimension.
+    pub fn model_dims(&self) -> &[i64] {
+        self.reshape.as_deref().unwrap_or(&self.dims)
+    }
+}
+
+/// `target` with its one variable dimension (if any) resolved so that it
+/// holds `elements` elements; `None` when it cannot.
+pub fn resolve_shape(target: &[i64], elements: usize) -> Option<Vec<i64>> {
+    let known: i64 = target.iter().filter(|&&d| d >= 0).product();
+    match target.iter().filter(|&&d| d < 0).count() {
+        0 => (known as usize == elements).then(|| target.to_vec()),
+        1 if known > 0 && elements.is_multiple_of(known as usize) => Some(
+            target
+                .iter()
+                .map(|&d| if d < 0 { elements as i64 / known } else { d })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Checks `reshape.shape` against `dims` as Triton does: the same element
+/// count, or a variable dimension on both sides (one, in the reshape).
+fn reshape_spec(
+    field: &str,
+    name: &str,
+    dims: &[i64],
+    reshape: Option<&proto::inference::ModelTensorReshape>,
+) -> Result<Option<Vec<i64>>, String> {
+    let Some(r) = reshape else { return Ok(None) };
+    let shape = &r.shape;
+    if let Some(d) = shape.iter().find(|&&d| d < -1 || d == 0) {
+        return Err(format!(
+            "{field} ('{name}').reshape.shape: {d} is not a size (use -1 for a variable dimension)"
+        ));
+    }
+    let variable = |s: &[i64]| s.iter().filter(|&&d| d < 0).count();
+    let count = |s: &[i64]| s.iter().product::<i64>();
+    let ok = match (variable(dims), variable(shape)) {
+        (0, 0) => count(dims) == count(shape),
+        (v, 1) if v > 0 => true,
+        _ => false,
+    };
+    if !ok {
+        return Err(format!(
+            "{field} ('{name}').reshape.shape {shape:?} must hold as many elements as dims              {dims:?} (a variable dimension in dims needs exactly one in the reshape)"
+        ));
+    }
+    Ok(Some(shape.clone()))
 }
 
 /// Which executor runs the model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendKind {
-    /// ONNX through tract.
-    Onnx,
+    /// An ONNX graph, on the executor `parameters["executor"]` names.
+    Onnx(OnnxExecutor),
     /// A tree ensemble, declared as Triton's FIL backend declares it.
     Fil(FilParams),
     /// A candle sentence encoder (BERT family, mean pooling, L2 normalized).
     SentenceEncoder,
+}
+
+/// Which runtime runs an ONNX model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnnxExecutor {
+    /// tract where it can run the graph, onnxruntime where it refuses it.
+    Auto,
+    /// tract, a pure-Rust runtime in the binary.
+    Tract,
+    /// onnxruntime, loaded from the library the server names.
+    OnnxRuntime,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +153,7 @@ fn tensor_spec(
         name: name.to_string(),
         dtype,
         dims: dims.to_vec(),
+        reshape: None,
         label_filename: None,
     })
 }
@@ -110,7 +178,17 @@ fn bool_parameter(config: &ModelConfig, key: &str, default: bool) -> Result<bool
 fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), String> {
     match (config.platform.as_str(), config.backend.as_str()) {
         ("onnxruntime_onnx", "" | "onnxruntime") | ("", "onnxruntime") => {
-            Ok((BackendKind::Onnx, "model.onnx"))
+            let executor = match parameter(config, "executor").unwrap_or("auto") {
+                "auto" => OnnxExecutor::Auto,
+                "tract" => OnnxExecutor::Tract,
+                "onnxruntime" => OnnxExecutor::OnnxRuntime,
+                other => {
+                    return Err(format!(
+                        "parameters[\"executor\"]: '{other}' is not one of auto, tract, onnxruntime"
+                    ))
+                }
+            };
+            Ok((BackendKind::Onnx(executor), "model.onnx"))
         }
         ("", "fil") => {
             let model_type = parameter(config, "model_type").unwrap_or("xgboost_json");
@@ -177,7 +255,7 @@ impl ModelDefinition {
         let max_batch_size = config.max_batch_size as usize;
         let batching = max_batch_size > 0;
         let (backend, default_file) = backend_kind(&config)?;
-        if matches!(backend, BackendKind::Onnx) {
+        if matches!(backend, BackendKind::Onnx(_)) {
             config.platform = "onnxruntime_onnx".into();
             config.backend = "onnxruntime".into();
         }
@@ -192,24 +270,17 @@ impl ModelDefinition {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                tensor_spec(
-                    &format!("input[{i}]"),
-                    &t.name,
-                    t.data_type,
-                    &t.dims,
-                    batching,
-                )
+                let field = format!("input[{i}]");
+                let mut spec = tensor_spec(&field, &t.name, t.data_type, &t.dims, batching)?;
+                spec.reshape = reshape_spec(&field, &t.name, &t.dims, t.reshape.as_ref())?;
+                Ok(spec)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         let mut outputs = Vec::new();
         for (i, t) in config.output.iter().enumerate() {
-            let mut spec = tensor_spec(
-                &format!("output[{i}]"),
-                &t.name,
-                t.data_type,
-                &t.dims,
-                batching,
-            )?;
+            let field = format!("output[{i}]");
+            let mut spec = tensor_spec(&field, &t.name, t.data_type, &t.dims, batching)?;
+            spec.reshape = reshape_spec(&field, &t.name, &t.dims, t.reshape.as_ref())?;
             spec.label_filename = (!t.label_filename.is_empty()).then(|| t.label_filename.clone());
             outputs.push(spec);
         }
@@ -219,11 +290,6 @@ impl ModelDefinition {
                     return Err(format!("{what}: '{}' is declared twice", t.name));
                 }
             }
-        }
-        if config.input.iter().any(|t| t.reshape.is_some())
-            || config.output.iter().any(|t| t.reshape.is_some())
-        {
-            return Err("reshape: not supported; declare the model's own shapes in dims".into());
         }
         let dynamic_batching = match &config.scheduling_choice {
             None => None,
@@ -337,6 +403,25 @@ impl ModelDefinition {
         }
     }
 
+    /// The definition as the model itself sees it: every `reshape.shape` in
+    /// place of `dims`. Backends are loaded and run with this view.
+    pub fn model_view(&self) -> Self {
+        let view = |ts: &[TensorDefinition]| -> Vec<TensorDefinition> {
+            ts.iter()
+                .map(|t| TensorDefinition {
+                    dims: t.model_dims().to_vec(),
+                    reshape: None,
+                    ..t.clone()
+                })
+                .collect()
+        };
+        Self {
+            inputs: view(&self.inputs),
+            outputs: view(&self.outputs),
+            ..self.clone()
+        }
+    }
+
     /// Which of `available` versions the version policy serves.
     pub fn served_versions(&self, available: &[i64]) -> Vec<i64> {
         let mut sorted = available.to_vec();
@@ -405,6 +490,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.starts_with("name:"), "{e}");
+    }
+
+    #[test]
+    fn reshape_is_checked_and_is_what_the_model_sees() {
+        let s = spec(&ONNX.replace(
+            "dims: [ 3 ] }",
+            "dims: [ 3, 1 ] reshape: { shape: [ 3 ] } }",
+        ))
+        .unwrap();
+        assert_eq!(s.metadata_shape(&s.outputs[0]), vec![-1, 3, 1]);
+        let view = s.model_view();
+        assert_eq!(view.outputs[0].dims, vec![3]);
+        assert!(view.outputs[0].reshape.is_none());
+        let e = spec(&ONNX.replace("dims: [ 4 ] }", "dims: [ 4 ] reshape: { shape: [ 3 ] } }"))
+            .unwrap_err();
+        assert!(e.starts_with("input[0] ('x').reshape.shape [3]"), "{e}");
+        let e = spec(&ONNX.replace("dims: [ 4 ] }", "dims: [ -1 ] reshape: { shape: [ 2 ] } }"))
+            .unwrap_err();
+        assert!(e.contains("variable dimension"), "{e}");
+        assert!(spec(&ONNX.replace(
+            "dims: [ 4 ] }",
+            "dims: [ -1 ] reshape: { shape: [ -1, 2 ] } }"
+        ))
+        .is_ok());
+        assert_eq!(resolve_shape(&[-1, 2], 8), Some(vec![4, 2]));
+        assert_eq!(resolve_shape(&[-1, 3], 8), None);
+        assert_eq!(resolve_shape(&[], 1), Some(vec![]));
+        assert_eq!(resolve_shape(&[2, 2], 5), None);
     }
 
     #[test]

@@ -276,7 +276,7 @@ impl ModelRepository {
             None => self.read_config(name)?,
         };
         let config_file = dir.join("config.pbtxt");
-        let spec = ModelDefinition::from_config(name, config)
+        let mut spec = ModelDefinition::from_config(name, config)
             .map_err(|e| format!("{}: {e}", config_file.display()))?;
         if spec.instances > self.bounds.max_instances {
             return Err(format!(
@@ -324,7 +324,15 @@ impl ModelRepository {
         for v in served {
             let vdir = dir.join(v.to_string());
             tracing::info!(model = %name, version = v, "loading {}", vdir.join(&spec.model_filename).display());
-            let backend = backend::load(&spec, &vdir).map_err(|e| format!("version {v}: {e}"))?;
+            let (backend, executor) = backend::load(&spec.model_view(), &vdir)
+                .map_err(|e| format!("version {v}: {e}"))?;
+            tracing::info!(model = %name, version = v, executor, "loaded");
+            spec.config.parameters.insert(
+                "executor".into(),
+                proto::inference::ModelParameter {
+                    string_value: executor.into(),
+                },
+            );
             let stats = Arc::new(VersionStats::new(name, v));
             let scheduler = Batcher::start(
                 &spec,
@@ -524,10 +532,21 @@ impl ModelRepository {
                 )));
             }
         }
+        let batching = spec.max_batch_size > 0;
+        let inputs = inputs
+            .into_iter()
+            .zip(&spec.inputs)
+            .map(|(t, s)| reshaped(t, s.reshape.as_deref(), batching))
+            .collect::<Result<_>>()?;
         let rx = version.scheduler.submit(inputs, rows, req.timeout)?;
-        let outputs = rx
+        let outputs: Vec<Tensor> = rx
             .await
             .map_err(|_| DnnError::internal("the model was unloaded before answering"))??;
+        let outputs = outputs
+            .into_iter()
+            .zip(&spec.outputs)
+            .map(|(t, s)| reshaped(t, s.reshape.is_some().then_some(&s.dims[..]), batching))
+            .collect::<Result<Vec<_>>>()?;
         let outputs = if req.outputs.is_empty() {
             outputs
         } else {
@@ -639,6 +658,31 @@ fn check_inputs(spec: &ModelDefinition, mut given: Vec<Tensor>) -> Result<(Vec<T
         ordered.push(t);
     }
     Ok((ordered, rows.unwrap_or(1) as usize))
+}
+
+/// `t` with `target` (without the batch dimension) as its shape, its
+/// variable dimension resolved from the element count: `reshape` applied to
+/// an input, or undone on an output. `None` leaves it as it is.
+fn reshaped(mut t: Tensor, target: Option<&[i64]>, batching: bool) -> Result<Tensor> {
+    let Some(target) = target else { return Ok(t) };
+    let rows = if batching {
+        t.shape.first().copied()
+    } else {
+        None
+    };
+    let elements = t.element_count()?;
+    let per_row = match rows {
+        Some(r) if r > 0 => elements / r as usize,
+        _ => elements,
+    };
+    let shape = super::model::resolve_shape(target, per_row).ok_or_else(|| {
+        DnnError::invalid(format!(
+            "'{}' has shape {:?}, which cannot be reshaped to {target:?}",
+            t.name, t.shape
+        ))
+    })?;
+    t.shape = rows.into_iter().chain(shape).collect();
+    Ok(t)
 }
 
 /// Triton's classification extension: the top `k` entries of each row as

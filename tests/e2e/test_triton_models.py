@@ -1,0 +1,162 @@
+"""Model repositories of the kind people already run on Triton: scikit-learn
+pipelines exported with skl2onnx (ai.onnx.ml operators, `reshape` on the
+label), served by onnxruntime (its library fetched from the onnxruntime wheel
+and pinned by sha256) or tract, judged by tritonclient against scikit-learn."""
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from google.protobuf.json_format import MessageToJson
+
+from conftest import Triton
+from triton_repo import write_model
+
+ORT_VERSION = "1.32.0"
+ORT_FILE = f"onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}"
+ORT_SHA256 = "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f"
+
+PIPELINE_CONFIG = """platform: "onnxruntime_onnx"
+max_batch_size: 256
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [
+  { name: "label" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },
+  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 1000 }
+"""
+
+
+def executor(name: str) -> str:
+    return f'parameters [ {{ key: "executor" value: {{ string_value: "{name}" }} }} ]\n'
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    root = tmp_path_factory.mktemp("models")
+    repo = root / "repo"
+    X, y = load_iris(return_X_y=True)
+    X = X.astype(np.float32)
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=500))]).fit(X, y)
+    onx = to_onnx(pipe, X[:1], options={id(pipe.steps[-1][1]): {"zipmap": False}}, target_opset=17)
+    assert [o.name for o in onx.graph.output] == ["label", "probabilities"]
+    pipeline = onx.SerializeToString()
+    # Served as the config asks: auto (tract refuses ai.onnx.ml, onnxruntime runs it).
+    write_model(repo, "pipeline", PIPELINE_CONFIG, {"model.onnx": pipeline})
+    write_model(repo, "pipeline_tract", PIPELINE_CONFIG + executor("tract"), {"model.onnx": pipeline})
+    # A graph tract runs too: the same model on either executor.
+    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=0).fit(X, y)
+    mlp_onx = to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
+    for name in ["tract", "onnxruntime"]:
+        write_model(repo, f"mlp_{name}", PIPELINE_CONFIG + executor(name), {"model.onnx": mlp_onx})
+    # A reshape whose element count differs from dims.
+    write_model(repo, "bad_reshape", PIPELINE_CONFIG.replace("reshape: { shape: [ ] }", "reshape: { shape: [ 2 ] }"),
+                {"model.onnx": pipeline})
+    expected = {
+        "X": X,
+        "label": pipe.predict(X),
+        "proba": pipe.predict_proba(X).astype(np.float32),
+        "mlp_proba": mlp.predict_proba(X).astype(np.float32),
+    }
+    cfg = root / "config.yaml"
+    cfg.write_text(
+        f"model_repository:\n  path: {repo}\n  onnxruntime_library:\n    pypi:\n"
+        f"      package: onnxruntime\n      version: '{ORT_VERSION}'\n"
+        f"      file: {ORT_FILE}\n      sha256: {ORT_SHA256}\n")
+    return repo, cfg, expected, pipeline
+
+
+@pytest.fixture(scope="module")
+def triton(models):
+    s = Triton(None, config=str(models[1]))
+    yield s
+    s.stop()
+
+
+def infer(client, model, X, outputs):
+    mod = httpclient if isinstance(client, httpclient.InferenceServerClient) else grpcclient
+    i = mod.InferInput("X", list(X.shape), "FP32")
+    i.set_data_from_numpy(X)
+    res = client.infer(model, [i], outputs=[mod.InferRequestedOutput(o) for o in outputs])
+    return [res.as_numpy(o) for o in outputs]
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_pipeline_with_reshape_equals_scikit_learn(triton, models, proto):
+    _, _, expected, _ = models
+    client = (httpclient.InferenceServerClient(triton.http_url) if proto == "http"
+              else grpcclient.InferenceServerClient(triton.grpc_url))
+    X = expected["X"]
+    label, proba = infer(client, "pipeline", X, ["label", "probabilities"])
+    # Clients see the declared dims, [N, 1]; the graph gives [N].
+    assert label.shape == (len(X), 1)
+    np.testing.assert_array_equal(label[:, 0], expected["label"])
+    np.testing.assert_allclose(proba, expected["proba"], rtol=1e-5, atol=1e-6)
+    meta = client.get_model_metadata("pipeline")
+    if proto == "http":
+        assert meta["outputs"][0]["shape"] == [-1, 1]
+        config = client.get_model_config("pipeline")
+    else:
+        assert list(meta.outputs[0].shape) == [-1, 1]
+        config = json.loads(MessageToJson(client.get_model_config("pipeline").config,
+                                          preserving_proto_field_name=True))
+    assert "reshape" in config["output"][0] and "reshape" not in config["output"][1]
+    # Which executor serves it is in the completed config.
+    assert config["parameters"]["executor"]["string_value"] == "onnxruntime"
+
+
+def test_the_same_graph_on_tract_and_onnxruntime(triton, models):
+    _, _, expected, _ = models
+    client = httpclient.InferenceServerClient(triton.http_url)
+    X = expected["X"]
+    (tract,) = infer(client, "mlp_tract", X, ["probabilities"])
+    (ort,) = infer(client, "mlp_onnxruntime", X, ["probabilities"])
+    np.testing.assert_allclose(tract, expected["mlp_proba"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ort, expected["mlp_proba"], rtol=1e-5, atol=1e-6)
+    for name, want in [("mlp_tract", "tract"), ("mlp_onnxruntime", "onnxruntime")]:
+        assert client.get_model_config(name)["parameters"]["executor"]["string_value"] == want
+
+
+def test_bad_models_fail_with_the_field_named(triton, models):
+    repo = models[0]
+    index = {m["name"]: m for m in httpx.post(f"{triton.url}/v2/repository/index", json={}).json()}
+    # tract asked for explicitly names what it cannot run.
+    reason = index["pipeline_tract"]["reason"]
+    assert index["pipeline_tract"]["state"] == "UNAVAILABLE"
+    assert str(repo / "pipeline_tract" / "1" / "model.onnx") in reason and "Scaler" in reason, reason
+    reason = index["bad_reshape"]["reason"]
+    assert str(repo / "bad_reshape" / "config.pbtxt") in reason and "output[0] ('label').reshape.shape" in reason, reason
+    # The others serve.
+    assert index["pipeline"]["state"] == "READY"
+
+
+def test_a_missing_onnxruntime_library_fails_only_those_models(models, tmp_path):
+    repo, _, expected, pipeline = models
+    other = tmp_path / "repo"
+    write_model(other, "pipeline", PIPELINE_CONFIG, {"model.onnx": pipeline})
+    write_model(other, "mlp", PIPELINE_CONFIG, {"model.onnx": (repo / "mlp_tract" / "1" / "model.onnx").read_bytes()})
+    missing = tmp_path / "nowhere" / "libonnxruntime.so"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model_repository:\n  path: {other}\n  onnxruntime_library:\n    path: {missing}\n")
+    s = Triton(None, config=str(cfg))
+    try:
+        index = {m["name"]: m for m in httpx.post(f"{s.url}/v2/repository/index", json={}).json()}
+        assert index["pipeline"]["state"] == "UNAVAILABLE"
+        assert str(missing) in index["pipeline"]["reason"], index["pipeline"]["reason"]
+        # tract runs the MLP without onnxruntime.
+        client = httpclient.InferenceServerClient(s.http_url)
+        (proba,) = infer(client, "mlp", expected["X"], ["probabilities"])
+        np.testing.assert_allclose(proba, expected["mlp_proba"], rtol=1e-4, atol=1e-5)
+        assert client.get_model_config("mlp")["parameters"]["executor"]["string_value"] == "tract"
+    finally:
+        s.stop()
