@@ -113,6 +113,31 @@ pub struct RepositoryConfig {
     /// `SWITCHYARD_ONNXRUNTIME_LIB` or `ORT_DYLIB_PATH`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onnxruntime_library: Option<ModelSource>,
+    /// The response cache's size in bytes (`--cache-config local,size=N`);
+    /// 0 = none. Models opt in with `response_cache { enable: true }`.
+    #[serde(default)]
+    pub cache_size: usize,
+}
+
+/// Triton's `--cache-config local,size=BYTES` as the cache's size.
+pub fn parse_cache_config(spec: &str) -> Result<usize, String> {
+    let shape = "--cache-config takes local,size=BYTES";
+    let (cache, setting) = spec
+        .split_once(',')
+        .ok_or_else(|| format!("'{spec}': {shape}"))?;
+    if cache != "local" {
+        return Err(format!(
+            "'{spec}': the '{cache}' cache is not available; {shape}"
+        ));
+    }
+    match setting.split_once('=') {
+        Some(("size", n)) => n
+            .parse()
+            .map_err(|_| format!("'{spec}': size '{n}' is not a number of bytes")),
+        _ => Err(format!(
+            "'{spec}': '{setting}' is not a setting of the local cache; {shape}"
+        )),
+    }
 }
 
 fn default_max_instances() -> usize {
@@ -136,6 +161,7 @@ impl RepositoryConfig {
             default_max_queue_size: default_queue_size(),
             allow_unauthenticated_control: false,
             onnxruntime_library: None,
+            cache_size: 0,
         }
     }
 
@@ -144,6 +170,7 @@ impl RepositoryConfig {
         engine::dnn::RepositoryBounds {
             max_instances: self.max_instances,
             default_max_queue_size: self.default_max_queue_size,
+            cache_bytes: self.cache_size,
         }
     }
 }

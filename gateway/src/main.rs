@@ -57,6 +57,10 @@ enum Command {
         /// let anyone who reaches the ports load and unload models.
         #[arg(long)]
         allow_unauthenticated_control: bool,
+        /// Triton's response cache: `local,size=BYTES` (models opt in with
+        /// `response_cache { enable: true }`).
+        #[arg(long)]
+        cache_config: Option<String>,
         #[command(flatten)]
         flags: Box<serve_cli::ServeFlags>,
     },
@@ -150,6 +154,7 @@ fn main() -> Result<()> {
             load_model,
             grpc,
             allow_unauthenticated_control,
+            cache_config,
             flags,
         } => {
             let mut cfg = match (&config, &model_repository) {
@@ -183,11 +188,15 @@ fn main() -> Result<()> {
                 if allow_unauthenticated_control {
                     r.allow_unauthenticated_control = true;
                 }
+                if let Some(c) = &cache_config {
+                    r.cache_size = config::parse_cache_config(c).map_err(anyhow::Error::msg)?;
+                }
             } else if model_control_mode.is_some()
                 || !load_model.is_empty()
                 || allow_unauthenticated_control
+                || cache_config.is_some()
             {
-                anyhow::bail!("--model-control-mode, --load-model and --allow-unauthenticated-control need --model-repository (or `model_repository:` in the config)");
+                anyhow::bail!("--model-control-mode, --load-model, --allow-unauthenticated-control and --cache-config need --model-repository (or `model_repository:` in the config)");
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
             if print_config {

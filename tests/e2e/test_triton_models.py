@@ -3,6 +3,7 @@ pipelines exported with skl2onnx (ai.onnx.ml operators, `reshape` on the
 label), served by onnxruntime (its library fetched from the onnxruntime wheel
 and pinned by sha256) or tract, judged by tritonclient against scikit-learn."""
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -59,6 +60,19 @@ def models(tmp_path_factory):
     mlp_onx = to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
     for name in ["tract", "onnxruntime"]:
         write_model(repo, f"mlp_{name}", PIPELINE_CONFIG + executor(name), {"model.onnx": mlp_onx})
+    # Warmed up from zeros, random values and a file, 2 + 3 + 1 runs.
+    warm = PIPELINE_CONFIG + """model_warmup [
+  { name: "zeros" batch_size: 8 count: 2 inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } },
+  { name: "random" batch_size: 1 count: 3 inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ] random_data: true } } },
+  { name: "file" batch_size: 2 inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "row.bin" } } }
+]
+"""
+    write_model(repo, "pipeline_warm", warm, {"model.onnx": pipeline})
+    (repo / "pipeline_warm" / "warmup").mkdir()
+    (repo / "pipeline_warm" / "warmup" / "row.bin").write_bytes(X[0].tobytes())
+    write_model(repo, "bad_warmup", warm.replace('"row.bin"', '"missing.bin"'), {"model.onnx": pipeline})
+    # The response cache.
+    write_model(repo, "pipeline_cached", PIPELINE_CONFIG + "response_cache { enable: true }\n", {"model.onnx": pipeline})
     # A reshape whose element count differs from dims.
     write_model(repo, "bad_reshape", PIPELINE_CONFIG.replace("reshape: { shape: [ ] }", "reshape: { shape: [ 2 ] }"),
                 {"model.onnx": pipeline})
@@ -78,7 +92,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(models):
-    s = Triton(None, config=str(models[1]))
+    s = Triton(None, "--cache-config", "local,size=1048576", config=str(models[1]))
     yield s
     s.stop()
 
@@ -160,3 +174,78 @@ def test_a_missing_onnxruntime_library_fails_only_those_models(models, tmp_path)
         assert client.get_model_config("mlp")["parameters"]["executor"]["string_value"] == "tract"
     finally:
         s.stop()
+
+
+def stats(client, model):
+    return client.get_inference_statistics(model)["model_stats"][0]
+
+
+def test_warmup_runs_before_the_model_is_ready(triton, models):
+    client = httpclient.InferenceServerClient(triton.http_url)
+    # Ready as soon as the server is: warmup ran during the load.
+    assert client.is_model_ready("pipeline_warm")
+    s = stats(client, "pipeline_warm")
+    assert s["execution_count"] == 6, s
+    assert s["inference_count"] == 2 * 8 + 3 * 1 + 1 * 2, s
+    X = models[2]["X"]
+    label, _ = infer(client, "pipeline_warm", X[:5], ["label", "probabilities"])
+    np.testing.assert_array_equal(label[:, 0], models[2]["label"][:5])
+    assert stats(client, "pipeline_warm")["execution_count"] == 7
+
+
+def test_a_warmup_file_that_is_missing_fails_the_load(triton, models):
+    index = {m["name"]: m for m in httpx.post(f"{triton.url}/v2/repository/index", json={}).json()}
+    reason = index["bad_warmup"]["reason"]
+    assert index["bad_warmup"]["state"] == "UNAVAILABLE"
+    assert 'model_warmup[2] (\'file\').inputs["X"].input_data_file' in reason and "missing.bin" in reason, reason
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_a_repeated_request_is_a_cache_hit(triton, models, proto):
+    client = (httpclient.InferenceServerClient(triton.http_url) if proto == "http"
+              else grpcclient.InferenceServerClient(triton.grpc_url))
+    X = models[2]["X"][10:13] + (0.5 if proto == "grpc" else 0.25)
+
+    def counts():
+        s = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics("pipeline_cached")["model_stats"][0]
+        inf = s["inference_stats"]
+        return s["execution_count"], inf["cache_hit"]["count"], inf["cache_miss"]["count"]
+
+    ex0, hit0, miss0 = counts()
+    first = infer(client, "pipeline_cached", X, ["label", "probabilities"])
+    second = infer(client, "pipeline_cached", X, ["label", "probabilities"])
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    ex1, hit1, miss1 = counts()
+    assert (ex1 - ex0, hit1 - hit0, miss1 - miss0) == (1, 1, 1)
+    # Another input is a miss.
+    infer(client, "pipeline_cached", X + 1, ["label"])
+    assert counts()[2] == miss1 + 1
+    metrics = httpx.get(f"{triton.url}/metrics").text
+    assert 'nv_cache_num_hits_per_model{model="pipeline_cached",version="1"}' in metrics
+
+
+def test_a_cache_the_server_lacks_is_refused_by_name(models, tmp_path):
+    repo, _, _, pipeline = models
+    other = tmp_path / "repo"
+    write_model(other, "cached", PIPELINE_CONFIG + "response_cache { enable: true }\n", {"model.onnx": pipeline})
+    s = Triton(other)
+    try:
+        index = {m["name"]: m for m in httpx.post(f"{s.url}/v2/repository/index", json={}).json()}
+        assert "response_cache.enable" in index["cached"]["reason"] and "--cache-config" in index["cached"]["reason"]
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_perf_analyzer_on_the_cached_model(triton, proto):
+    from test_triton import perf_analyzer, perf_env
+    url = triton.http_url if proto == "http" else triton.grpc_url
+    cmd = perf_analyzer() + ["-m", "pipeline_cached", "-i", proto, "-u", url, "--concurrency-range", "1:4:3",
+                             "-p", "500", "-s", "50", "--max-trials", "4", "-b", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
+    # perf_analyzer sends the same data each time: all but the first are hits.
+    s = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics("pipeline_cached")["model_stats"][0]
+    assert s["inference_stats"]["cache_hit"]["count"] > 10, s

@@ -2,6 +2,7 @@
 //! modes), ONNX / tree / candle backends, and a dynamic batcher per version.
 pub mod backend;
 pub mod batcher;
+pub mod cache;
 pub mod encoder;
 pub mod error;
 pub mod fil;
@@ -13,6 +14,7 @@ pub mod onnxrt;
 pub mod repository;
 pub mod stats;
 pub mod tensor;
+pub mod warmup;
 pub mod xgboost;
 
 pub use error::{DnnError, ErrorKind};

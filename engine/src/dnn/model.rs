@@ -125,6 +125,8 @@ pub struct ModelDefinition {
     pub instances: usize,
     pub backend: BackendKind,
     pub model_filename: String,
+    /// `response_cache.enable`.
+    pub response_cache: bool,
 }
 
 fn tensor_spec(
@@ -381,6 +383,7 @@ impl ModelDefinition {
         } else {
             config.default_model_filename.clone()
         };
+        let response_cache = config.response_cache.is_some_and(|c| c.enable);
         Ok(Self {
             name: config.name.clone(),
             config,
@@ -391,6 +394,7 @@ impl ModelDefinition {
             instances,
             backend,
             model_filename,
+            response_cache,
         })
     }
 

@@ -3,6 +3,7 @@
 //! dynamic batcher per version, and the index, statistics and load/unload.
 use super::backend;
 use super::batcher::Batcher;
+use super::cache::ResponseCache;
 use super::error::{DnnError, Result};
 use super::model::ModelDefinition;
 use super::stats::{StatsSnapshot, VersionStats};
@@ -115,6 +116,9 @@ pub struct RepositoryBounds {
     pub max_instances: usize,
     /// The dynamic batcher's queue when the config sets no `max_queue_size`.
     pub default_max_queue_size: usize,
+    /// The response cache's size in bytes (Triton's `--cache-config
+    /// local,size=N`); 0 = no cache, and models that ask for one are refused.
+    pub cache_bytes: usize,
 }
 
 impl Default for RepositoryBounds {
@@ -122,6 +126,7 @@ impl Default for RepositoryBounds {
         Self {
             max_instances: DEFAULT_MAX_INSTANCES,
             default_max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+            cache_bytes: 0,
         }
     }
 }
@@ -135,6 +140,7 @@ pub struct ModelRepository {
     failed: RwLock<BTreeMap<String, String>>,
     /// Serializes loads and unloads.
     loading: Mutex<()>,
+    cache: Option<ResponseCache>,
 }
 
 fn is_version_dir(name: &str) -> Option<i64> {
@@ -191,6 +197,7 @@ impl ModelRepository {
             models: RwLock::new(BTreeMap::new()),
             failed: RwLock::new(BTreeMap::new()),
             loading: Mutex::new(()),
+            cache: (bounds.cache_bytes > 0).then(|| ResponseCache::new(bounds.cache_bytes)),
         });
         let names = if mode != ControlMode::Explicit || startup.iter().any(|s| s == "*") {
             repo.model_dirs()
@@ -287,6 +294,15 @@ impl ModelRepository {
                 self.bounds.max_instances
             ));
         }
+        if spec.response_cache && self.cache.is_none() {
+            return Err(format!(
+                "{}: response_cache.enable: the server has no response cache; start it with \
+                 --cache-config local,size=BYTES (model_repository.cache_size)",
+                config_file.display()
+            ));
+        }
+        let warmup = super::warmup::samples(&spec, &dir)
+            .map_err(|e| format!("{}: {e}", config_file.display()))?;
         let mut available: Vec<i64> = std::fs::read_dir(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
             .flatten()
@@ -334,6 +350,10 @@ impl ModelRepository {
                 },
             );
             let stats = Arc::new(VersionStats::new(name, v));
+            for sample in &warmup {
+                run_warmup(&spec, backend.as_ref(), &stats, sample)
+                    .map_err(|e| format!("version {v}: model_warmup '{}': {e}", sample.name))?;
+            }
             let scheduler = Batcher::start(
                 &spec,
                 backend,
@@ -532,21 +552,37 @@ impl ModelRepository {
                 )));
             }
         }
-        let batching = spec.max_batch_size > 0;
-        let inputs = inputs
-            .into_iter()
-            .zip(&spec.inputs)
-            .map(|(t, s)| reshaped(t, s.reshape.as_deref(), batching))
-            .collect::<Result<_>>()?;
-        let rx = version.scheduler.submit(inputs, rows, req.timeout)?;
-        let outputs: Vec<Tensor> = rx
-            .await
-            .map_err(|_| DnnError::internal("the model was unloaded before answering"))??;
-        let outputs = outputs
-            .into_iter()
-            .zip(&spec.outputs)
-            .map(|(t, s)| reshaped(t, s.reshape.is_some().then_some(&s.dims[..]), batching))
-            .collect::<Result<Vec<_>>>()?;
+        let cache = self.cache.as_ref().filter(|_| spec.response_cache);
+        let lookup = std::time::Instant::now();
+        let key = cache.map(|_| super::cache::key(&spec.name, version.version, &inputs));
+        let cached = cache.zip(key.as_ref()).and_then(|(c, k)| c.get(k));
+        let outputs = match cached {
+            Some(outputs) => {
+                version.stats.cache_hit(lookup.elapsed());
+                outputs
+            }
+            None => {
+                let looked_up = lookup.elapsed();
+                let rx = version
+                    .scheduler
+                    .submit(to_model(spec, inputs)?, rows, req.timeout)?;
+                let outputs: Vec<Tensor> = rx
+                    .await
+                    .map_err(|_| DnnError::internal("the model was unloaded before answering"))??;
+                let batching = spec.max_batch_size > 0;
+                let outputs = outputs
+                    .into_iter()
+                    .zip(&spec.outputs)
+                    .map(|(t, s)| reshaped(t, s.reshape.is_some().then_some(&s.dims[..]), batching))
+                    .collect::<Result<Vec<_>>>()?;
+                if let (Some(c), Some(k)) = (cache, key) {
+                    let insert = std::time::Instant::now();
+                    c.insert(k, outputs.clone());
+                    version.stats.cache_miss(looked_up + insert.elapsed());
+                }
+                outputs
+            }
+        };
         let outputs = if req.outputs.is_empty() {
             outputs
         } else {
@@ -572,6 +608,44 @@ impl ModelRepository {
             outputs,
         })
     }
+}
+
+/// Runs a warmup sample `count` times on the backend directly (the model is
+/// not serving yet), as the request path would: checked, reshaped, and
+/// counted in the version's statistics.
+fn run_warmup(
+    spec: &ModelDefinition,
+    backend: &dyn backend::Backend,
+    stats: &VersionStats,
+    sample: &super::warmup::Sample,
+) -> std::result::Result<(), String> {
+    let (inputs, rows) = check_inputs(spec, sample.inputs.clone()).map_err(|e| e.message)?;
+    let inputs = to_model(spec, inputs).map_err(|e| e.message)?;
+    for _ in 0..sample.count {
+        let start = std::time::Instant::now();
+        backend.execute(&inputs).map_err(|e| e.message)?;
+        let took = start.elapsed();
+        stats.execution(&super::stats::Execution {
+            requests: 1,
+            rows: rows as u64,
+            compute_input: Duration::ZERO,
+            compute_infer: took,
+            compute_output: Duration::ZERO,
+        });
+        stats.success(Duration::ZERO, took);
+    }
+    tracing::info!(model = %spec.name, sample = %sample.name, runs = sample.count, "warmup ran");
+    Ok(())
+}
+
+/// Inputs as the model takes them: each `reshape.shape` applied.
+fn to_model(spec: &ModelDefinition, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let batching = spec.max_batch_size > 0;
+    inputs
+        .into_iter()
+        .zip(&spec.inputs)
+        .map(|(t, s)| reshaped(t, s.reshape.as_deref(), batching))
+        .collect()
 }
 
 /// Puts inputs in config order after checking names, datatypes, shapes,

@@ -41,6 +41,10 @@ pub struct StatsSnapshot {
     pub compute_input: Timed,
     pub compute_infer: Timed,
     pub compute_output: Timed,
+    /// Response-cache lookups that answered, and those that did not (with
+    /// the time the lookup and the insertion took).
+    pub cache_hit: Timed,
+    pub cache_miss: Timed,
     /// Per formed batch size: executions and their times.
     pub batches: BTreeMap<u64, BatchTimes>,
 }
@@ -74,6 +78,10 @@ struct Series {
     pending: Gauge,
     rejected: Counter,
     backend_failed: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_hit_us: Counter,
+    cache_miss_us: Counter,
 }
 
 /// One executed batch, as the scheduler measured it.
@@ -122,6 +130,10 @@ impl VersionStats {
                 pending: metrics::gauge!("nv_inference_pending_request_count", l),
                 rejected: failed("REJECTED"),
                 backend_failed: failed("BACKEND"),
+                cache_hits: metrics::counter!("nv_cache_num_hits_per_model", l),
+                cache_misses: metrics::counter!("nv_cache_num_misses_per_model", l),
+                cache_hit_us: metrics::counter!("nv_cache_hit_duration_per_model", l),
+                cache_miss_us: metrics::counter!("nv_cache_miss_duration_per_model", l),
             },
         }
     }
@@ -169,6 +181,29 @@ impl VersionStats {
         m.queue_us.increment(queue.as_micros() as u64);
         m.request_seconds.record(total.as_secs_f64());
         m.queue_seconds.record(queue.as_secs_f64());
+    }
+
+    /// A request answered from the response cache: a success that ran nothing.
+    pub fn cache_hit(&self, lookup: Duration) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.cache_hit.add(lookup, 1);
+        drop(s);
+        self.series.cache_hits.increment(1);
+        self.series
+            .cache_hit_us
+            .increment(lookup.as_micros() as u64);
+        self.success(Duration::ZERO, lookup);
+    }
+
+    /// A request the cache did not hold; `lookup` is the lookup and insertion.
+    pub fn cache_miss(&self, lookup: Duration) {
+        let mut s = self.inner.lock().expect("stats lock");
+        s.cache_miss.add(lookup, 1);
+        drop(s);
+        self.series.cache_misses.increment(1);
+        self.series
+            .cache_miss_us
+            .increment(lookup.as_micros() as u64);
     }
 
     pub fn failure(&self, total: Duration, reason: FailReason) {

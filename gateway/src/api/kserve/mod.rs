@@ -360,8 +360,8 @@ fn statistics_of(name: String, version: i64, s: StatsSnapshot) -> ModelStatistic
             compute_input: duration(s.compute_input),
             compute_infer: duration(s.compute_infer),
             compute_output: duration(s.compute_output),
-            cache_hit: duration(Default::default()),
-            cache_miss: duration(Default::default()),
+            cache_hit: duration(s.cache_hit),
+            cache_miss: duration(s.cache_miss),
         }),
         batch_stats: s
             .batches
