@@ -31,6 +31,23 @@ dynamic_batching { max_queue_delay_microseconds: 1000 }
 """
 
 
+ENSEMBLE = """platform: "ensemble"
+max_batch_size: 256
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [
+  { name: "label" data_type: TYPE_INT64 dims: [ 1 ] },
+  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }
+]
+ensemble_scheduling { step [
+  { model_name: "scaler" model_version: -1
+    input_map { key: "X" value: "X" } output_map { key: "variable" value: "scaled" } },
+  { model_name: "classifier" model_version: -1
+    input_map { key: "X" value: "scaled" }
+    output_map [ { key: "label" value: "label" }, { key: "probabilities" value: "probabilities" } ] }
+] }
+"""
+
+
 def executor(name: str) -> str:
     return f'parameters [ {{ key: "executor" value: {{ string_value: "{name}" }} }} ]\n'
 
@@ -73,6 +90,22 @@ def models(tmp_path_factory):
     write_model(repo, "bad_warmup", warm.replace('"row.bin"', '"missing.bin"'), {"model.onnx": pipeline})
     # The response cache.
     write_model(repo, "pipeline_cached", PIPELINE_CONFIG + "response_cache { enable: true }\n", {"model.onnx": pipeline})
+    # The same pipeline as an ensemble: a scaler model feeding a classifier.
+    scaler, clf = pipe.steps[0][1], pipe.steps[1][1]
+    write_model(repo, "scaler", """platform: "onnxruntime_onnx"
+max_batch_size: 256
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "variable" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 500 }
+""", {"model.onnx": to_onnx(scaler, X[:1], target_opset=17).SerializeToString()})
+    Xs = scaler.transform(X).astype(np.float32)
+    write_model(repo, "classifier", PIPELINE_CONFIG,
+                {"model.onnx": to_onnx(clf, Xs[:1], options={id(clf): {"zipmap": False}}, target_opset=17).SerializeToString()})
+    write_model(repo, "pipeline_ensemble", ENSEMBLE, {})
+    write_model(repo, "ensemble_cycle", ENSEMBLE.replace('value: "X" } output_map { key: "variable" value: "scaled"',
+                                                         'value: "label" } output_map { key: "variable" value: "scaled"'), {})
+    write_model(repo, "ensemble_missing", ENSEMBLE.replace('model_name: "scaler"', 'model_name: "nope"'), {})
+    write_model(repo, "ensemble_ghost", ENSEMBLE.replace('input_map { key: "X" value: "scaled" }', 'input_map { key: "X" value: "ghost" }'), {})
     # A reshape whose element count differs from dims.
     write_model(repo, "bad_reshape", PIPELINE_CONFIG.replace("reshape: { shape: [ ] }", "reshape: { shape: [ 2 ] }"),
                 {"model.onnx": pipeline})
@@ -249,3 +282,46 @@ def test_perf_analyzer_on_the_cached_model(triton, proto):
     # perf_analyzer sends the same data each time: all but the first are hits.
     s = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics("pipeline_cached")["model_stats"][0]
     assert s["inference_stats"]["cache_hit"]["count"] > 10, s
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_an_ensemble_equals_the_pipeline(triton, models, proto):
+    expected = models[2]
+    client = (httpclient.InferenceServerClient(triton.http_url) if proto == "http"
+              else grpcclient.InferenceServerClient(triton.grpc_url))
+    http = httpclient.InferenceServerClient(triton.http_url)
+    before = {m: stats(http, m)["execution_count"] for m in ["scaler", "classifier"]}
+    label, proba = infer(client, "pipeline_ensemble", expected["X"], ["label", "probabilities"])
+    np.testing.assert_array_equal(label[:, 0], expected["label"])
+    np.testing.assert_allclose(proba, expected["proba"], rtol=1e-5, atol=1e-6)
+    # Each composing model ran, and is counted under its own name.
+    for m in ["scaler", "classifier"]:
+        assert stats(http, m)["execution_count"] > before[m]
+    ens = stats(http, "pipeline_ensemble")
+    assert ens["inference_stats"]["success"]["count"] >= 1 and ens["inference_count"] >= len(expected["X"])
+    assert http.get_model_metadata("pipeline_ensemble")["platform"] == "ensemble"
+
+
+def test_bad_ensembles_fail_with_the_field_named(triton, models):
+    index = {m["name"]: m for m in httpx.post(f"{triton.url}/v2/repository/index", json={}).json()}
+    for name, words in [("ensemble_cycle", ["ensemble_scheduling", "cycle"]),
+                        ("ensemble_missing", ["ensemble_scheduling.step[0].model_name", "'nope'"]),
+                        ("ensemble_ghost", ["ensemble_scheduling.step[1].input_map", "'ghost'"])]:
+        m = index[name]
+        assert m["state"] == "UNAVAILABLE", m
+        assert str(models[0] / name / "config.pbtxt") in m["reason"], m
+        for w in words:
+            assert w in m["reason"], m
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_perf_analyzer_on_the_ensemble(triton, proto):
+    from test_triton import perf_analyzer, perf_env
+    url = triton.http_url if proto == "http" else triton.grpc_url
+    cmd = perf_analyzer() + ["-m", "pipeline_ensemble", "-i", proto, "-u", url, "--concurrency-range", "1:4:3",
+                             "-p", "500", "-s", "50", "--max-trials", "4", "-b", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
+    # perf_analyzer reports the composing models' own statistics.
+    assert "Composing models" in r.stdout and "scaler" in r.stdout, r.stdout[-3000:]

@@ -20,6 +20,9 @@ pub fn load(
     spec: &ModelDefinition,
     dir: &Path,
 ) -> std::result::Result<(Arc<dyn Backend>, &'static str), String> {
+    if matches!(spec.backend, BackendKind::Ensemble(_)) {
+        return Err("an ensemble has no backend: its steps run on their own models".into());
+    }
     let file = confined(dir, &spec.model_filename, "default_model_filename")?;
     if !file.exists() {
         return Err(format!("{} does not exist", file.display()));
@@ -30,6 +33,7 @@ pub fn load(
             "fil",
         ),
         BackendKind::Onnx(executor) => load_onnx(spec, *executor, &file)?,
+        BackendKind::Ensemble(_) => unreachable!("refused above"),
         BackendKind::SentenceEncoder => (
             Arc::new(super::encoder::SentenceEncoder::load(spec, dir, &file)?),
             "candle",

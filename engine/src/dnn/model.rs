@@ -81,6 +81,122 @@ pub enum BackendKind {
     Fil(FilParams),
     /// A candle sentence encoder (BERT family, mean pooling, L2 normalized).
     SentenceEncoder,
+    /// A graph of other models (`platform: ensemble`), its steps in an order
+    /// that runs every producer before its consumers.
+    Ensemble(Vec<EnsembleStep>),
+}
+
+/// One step of an ensemble: a model, and which ensemble tensors feed its
+/// inputs (`input_map`: its input → tensor) and take its outputs
+/// (`output_map`: its output → tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnsembleStep {
+    /// Its index in `ensemble_scheduling.step`, for errors.
+    pub index: usize,
+    pub model_name: String,
+    /// `None` = the model's latest (`model_version: -1`).
+    pub model_version: Option<i64>,
+    pub input_map: Vec<(String, String)>,
+    pub output_map: Vec<(String, String)>,
+}
+
+/// Checks an ensemble's tensor graph and orders its steps: every tensor a
+/// step reads is an ensemble input or another step's output, each tensor
+/// has one producer, every output is produced, and the steps form no cycle.
+fn ensemble_steps(
+    e: &proto::inference::ModelEnsembling,
+    inputs: &[TensorDefinition],
+    outputs: &[TensorDefinition],
+) -> Result<Vec<EnsembleStep>, String> {
+    if e.step.is_empty() {
+        return Err("ensemble_scheduling.step: an ensemble needs at least one step".into());
+    }
+    let sorted = |m: &std::collections::HashMap<String, String>| {
+        let mut v: Vec<(String, String)> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort();
+        v
+    };
+    let mut steps = Vec::new();
+    let mut producer: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for t in inputs {
+        producer.insert(&t.name, usize::MAX);
+    }
+    for (i, s) in e.step.iter().enumerate() {
+        let at = format!("ensemble_scheduling.step[{i}]");
+        if s.model_name.is_empty() {
+            return Err(format!("{at}.model_name must be set"));
+        }
+        if s.model_version < -1 {
+            return Err(format!(
+                "{at}.model_version: {} is not a version (-1 = latest)",
+                s.model_version
+            ));
+        }
+        if s.input_map.is_empty() || s.output_map.is_empty() {
+            return Err(format!(
+                "{at}: input_map and output_map must each map at least one tensor"
+            ));
+        }
+        for tensor in s.output_map.values() {
+            if let Some(&other) = producer.get(tensor.as_str()) {
+                let by = if other == usize::MAX {
+                    "an ensemble input".to_string()
+                } else {
+                    format!("step[{other}]")
+                };
+                return Err(format!(
+                    "{at}.output_map: tensor '{tensor}' is already produced by {by}"
+                ));
+            }
+            producer.insert(tensor, i);
+        }
+        steps.push(EnsembleStep {
+            index: i,
+            model_name: s.model_name.clone(),
+            model_version: (s.model_version >= 0).then_some(s.model_version),
+            input_map: sorted(&s.input_map),
+            output_map: sorted(&s.output_map),
+        });
+    }
+    for s in &steps {
+        for (_, tensor) in &s.input_map {
+            if !producer.contains_key(tensor.as_str()) {
+                return Err(format!(
+                    "ensemble_scheduling.step[{}].input_map: tensor '{tensor}' is neither an \
+                     ensemble input nor any step's output",
+                    s.index
+                ));
+            }
+        }
+    }
+    for t in outputs {
+        if !producer.contains_key(t.name.as_str()) {
+            return Err(format!(
+                "output '{}': no step of ensemble_scheduling produces it",
+                t.name
+            ));
+        }
+    }
+    // Kahn's order over steps; what is left over lies on a cycle.
+    let mut ready: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+    let mut ordered = Vec::new();
+    let mut left: Vec<&EnsembleStep> = steps.iter().collect();
+    while !left.is_empty() {
+        let Some(pos) = left
+            .iter()
+            .position(|s| s.input_map.iter().all(|(_, t)| ready.contains(&t.as_str())))
+        else {
+            let names: Vec<String> = left.iter().map(|s| format!("step[{}]", s.index)).collect();
+            return Err(format!(
+                "ensemble_scheduling: {} read each other's outputs in a cycle",
+                names.join(", ")
+            ));
+        };
+        let s = left.remove(pos);
+        ready.extend(s.output_map.iter().map(|(_, t)| t.as_str()));
+        ordered.push(s.clone());
+    }
+    Ok(ordered)
 }
 
 /// Which runtime runs an ONNX model.
@@ -222,6 +338,13 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
                 file,
             ))
         }
+        ("ensemble", "") => match &config.scheduling_choice {
+            // The steps are checked against the declared tensors by the caller.
+            Some(SchedulingChoice::EnsembleScheduling(_)) => {
+                Ok((BackendKind::Ensemble(Vec::new()), ""))
+            }
+            _ => Err("ensemble_scheduling: platform ensemble needs its steps".into()),
+        },
         ("", "candle") => match parameter(config, "model_type") {
             Some("sentence_encoder") => Ok((BackendKind::SentenceEncoder, "model.safetensors")),
             other => Err(format!(
@@ -231,7 +354,8 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
         },
         (platform, backend) => Err(format!(
             "platform '{platform}' / backend '{backend}' is not supported \
-             (supported: platform onnxruntime_onnx or backend onnxruntime, backend fil, backend candle)"
+             (supported: platform onnxruntime_onnx or backend onnxruntime, platform ensemble, \
+             backend fil, backend candle)"
         )),
     }
 }
@@ -256,7 +380,7 @@ impl ModelDefinition {
         }
         let max_batch_size = config.max_batch_size as usize;
         let batching = max_batch_size > 0;
-        let (backend, default_file) = backend_kind(&config)?;
+        let (mut backend, default_file) = backend_kind(&config)?;
         if matches!(backend, BackendKind::Onnx(_)) {
             config.platform = "onnxruntime_onnx".into();
             config.backend = "onnxruntime".into();
@@ -298,8 +422,24 @@ impl ModelDefinition {
             Some(SchedulingChoice::SequenceBatching(_)) => {
                 return Err("sequence_batching: not supported (stateless models only)".into())
             }
-            Some(SchedulingChoice::EnsembleScheduling(_)) => {
-                return Err("ensemble_scheduling: ensembles are not supported".into())
+            Some(SchedulingChoice::EnsembleScheduling(e)) => {
+                if !matches!(backend, BackendKind::Ensemble(_)) {
+                    return Err(
+                        "ensemble_scheduling: only a model with platform \"ensemble\" has steps"
+                            .into(),
+                    );
+                }
+                backend = BackendKind::Ensemble(ensemble_steps(e, &inputs, &outputs)?);
+                None
+            }
+            Some(SchedulingChoice::DynamicBatching(_))
+                if matches!(backend, BackendKind::Ensemble(_)) =>
+            {
+                return Err(
+                    "dynamic_batching: an ensemble has no scheduler of its own; each step's \
+                     model batches by its own config"
+                        .into(),
+                )
             }
             Some(SchedulingChoice::DynamicBatching(db)) => {
                 if !batching {
@@ -522,6 +662,65 @@ mod tests {
         assert_eq!(resolve_shape(&[-1, 3], 8), None);
         assert_eq!(resolve_shape(&[], 1), Some(vec![]));
         assert_eq!(resolve_shape(&[2, 2], 5), None);
+    }
+
+    #[test]
+    fn ensemble_steps_are_ordered_and_their_graph_checked() {
+        let ens = |steps: &str| {
+            spec(&format!(
+                r#"platform: "ensemble" max_batch_size: 8
+                input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+                output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 3 ] }} ]
+                ensemble_scheduling {{ step [ {steps} ] }}"#
+            ))
+        };
+        let step = |m: &str, i: &str, o: &str| {
+            format!(
+                r#"{{ model_name: "{m}" model_version: -1 input_map {{ key: "in" value: "{i}" }}
+                   output_map {{ key: "out" value: "{o}" }} }}"#
+            )
+        };
+        // Listed consumer first: run producer first.
+        let s = ens(&format!("{}, {}", step("b", "t", "y"), step("a", "x", "t"))).unwrap();
+        let BackendKind::Ensemble(steps) = &s.backend else {
+            panic!("{:?}", s.backend)
+        };
+        let order: Vec<(&str, usize)> = steps
+            .iter()
+            .map(|s| (s.model_name.as_str(), s.index))
+            .collect();
+        assert_eq!(order, vec![("a", 1), ("b", 0)]);
+        assert_eq!(steps[0].model_version, None);
+        let e = ens(&format!(
+            "{}, {}, {}",
+            step("a", "x", "y"),
+            step("b", "u", "v"),
+            step("c", "v", "u")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("cycle") && e.contains("step[1]") && e.contains("step[2]"),
+            "{e}"
+        );
+        let e = ens(&format!(
+            "{}, {}",
+            step("a", "x", "t"),
+            step("b", "ghost", "y")
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("ensemble_scheduling.step[1].input_map: tensor 'ghost'"),
+            "{e}"
+        );
+        let e = ens(&format!("{}, {}", step("a", "x", "y"), step("b", "x", "y"))).unwrap_err();
+        assert!(
+            e.starts_with(
+                "ensemble_scheduling.step[1].output_map: tensor 'y' is already produced by step[0]"
+            ),
+            "{e}"
+        );
+        let e = ens(&step("a", "x", "t")).unwrap_err();
+        assert!(e.starts_with("output 'y': no step"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use super::backend;
 use super::batcher::Batcher;
 use super::cache::ResponseCache;
 use super::error::{DnnError, Result};
-use super::model::ModelDefinition;
+use super::model::{BackendKind, EnsembleStep, ModelDefinition};
 use super::stats::{StatsSnapshot, VersionStats};
 use super::tensor::{bytes_elements, encode_bytes, Tensor};
 use proto::inference::ModelConfig;
@@ -39,10 +39,11 @@ impl std::str::FromStr for ControlMode {
     }
 }
 
-/// A loaded version: its scheduler and statistics.
+/// A loaded version: its scheduler (none for an ensemble, whose steps run
+/// on their own models' schedulers) and statistics.
 pub struct LoadedVersion {
     pub version: i64,
-    scheduler: Batcher,
+    scheduler: Option<Batcher>,
     pub stats: Arc<VersionStats>,
 }
 
@@ -205,6 +206,12 @@ impl ModelRepository {
             startup.to_vec()
         };
         for name in names {
+            // An ensemble loads the models its steps name first.
+            if repo.models.read().expect("models lock").contains_key(&name)
+                || repo.failed.read().expect("failed lock").contains_key(&name)
+            {
+                continue;
+            }
             if let Err(e) = repo.load_inner(&name, None) {
                 tracing::error!(model = %name, "failed to load: {e}");
             }
@@ -234,12 +241,61 @@ impl ModelRepository {
         proto::model_config::parse_text(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Loads (or reloads) a model; on failure the previous load keeps serving.
+    /// Loads (or reloads) a model, and first the models an ensemble's steps
+    /// name that are not loaded yet; on failure the previous load keeps serving.
     fn load_inner(
         &self,
         name: &str,
         config: Option<ModelConfig>,
     ) -> std::result::Result<(), String> {
+        self.load_visiting(name, config, &mut Vec::new())
+    }
+
+    fn load_visiting(
+        &self,
+        name: &str,
+        config: Option<ModelConfig>,
+        visiting: &mut Vec<String>,
+    ) -> std::result::Result<(), String> {
+        let steps = config
+            .clone()
+            .or_else(|| self.read_config(name).ok())
+            .and_then(|c| match c.scheduling_choice {
+                Some(proto::inference::model_config::SchedulingChoice::EnsembleScheduling(e)) => {
+                    Some(e.step)
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        visiting.push(name.to_string());
+        for (i, step) in steps.iter().enumerate() {
+            let composing = &step.model_name;
+            if visiting.contains(composing) {
+                let e = format!(
+                    "{}: ensemble_scheduling.step[{i}].model_name: '{composing}' leads back to \
+                     '{name}' (ensembles in a cycle: {} -> {composing})",
+                    self.root.join(name).join("config.pbtxt").display(),
+                    visiting.join(" -> ")
+                );
+                self.failed
+                    .write()
+                    .expect("failed lock")
+                    .insert(name.to_string(), e.clone());
+                visiting.pop();
+                return Err(e);
+            }
+            let loaded = self
+                .models
+                .read()
+                .expect("models lock")
+                .contains_key(composing);
+            if !loaded {
+                // Its own failure is recorded under its name; the ensemble's
+                // load then says the step's model is not loaded, and why.
+                let _ = self.load_visiting(composing, None, visiting);
+            }
+        }
+        visiting.pop();
         let _guard = self.loading.lock().expect("load lock");
         let result = self.build(name, config);
         match result {
@@ -337,6 +393,27 @@ impl ModelRepository {
             }
         }
         let mut versions = BTreeMap::new();
+        if let BackendKind::Ensemble(steps) = &spec.backend {
+            self.check_steps(&spec, steps)
+                .map_err(|e| format!("{}: {e}", config_file.display()))?;
+            for v in served {
+                let stats = Arc::new(VersionStats::new(name, v));
+                versions.insert(
+                    v,
+                    Arc::new(LoadedVersion {
+                        version: v,
+                        scheduler: None,
+                        stats,
+                    }),
+                );
+            }
+            return Ok(LoadedModel {
+                spec,
+                versions,
+                labels,
+                stamp,
+            });
+        }
         for v in served {
             let vdir = dir.join(v.to_string());
             tracing::info!(model = %name, version = v, "loading {}", vdir.join(&spec.model_filename).display());
@@ -365,7 +442,7 @@ impl ModelRepository {
                 v,
                 Arc::new(LoadedVersion {
                     version: v,
-                    scheduler,
+                    scheduler: Some(scheduler),
                     stats,
                 }),
             );
@@ -376,6 +453,160 @@ impl ModelRepository {
             labels,
             stamp,
         })
+    }
+
+    /// An ensemble's steps against the models they name: loaded (in the
+    /// version asked for), every input of the step's model fed, only its own
+    /// tensor names mapped, datatypes agreeing with the ensemble's tensors.
+    fn check_steps(
+        &self,
+        spec: &ModelDefinition,
+        steps: &[EnsembleStep],
+    ) -> std::result::Result<(), String> {
+        for step in steps {
+            let at = format!("ensemble_scheduling.step[{}]", step.index);
+            let model = match self.model(&step.model_name) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Err(format!(
+                        "{at}.model_name: '{}' cannot serve: {}",
+                        step.model_name, e.message
+                    ))
+                }
+            };
+            if let Some(v) = step.model_version {
+                model
+                    .version(v)
+                    .map_err(|e| format!("{at}.model_version: {}", e.message))?;
+            }
+            let m = &model.spec;
+            for (input, tensor) in &step.input_map {
+                let t = m.inputs.iter().find(|t| &t.name == input).ok_or_else(|| {
+                    format!(
+                        "{at}.input_map: '{input}' is not an input of '{}'",
+                        step.model_name
+                    )
+                })?;
+                if let Some(outer) = spec.inputs.iter().find(|o| &o.name == tensor) {
+                    if outer.dtype != t.dtype {
+                        return Err(format!(
+                            "{at}.input_map: ensemble input '{tensor}' is {}, but '{}' takes \
+                             '{input}' as {}",
+                            outer.dtype.wire(),
+                            step.model_name,
+                            t.dtype.wire()
+                        ));
+                    }
+                }
+            }
+            if let Some(t) = m
+                .inputs
+                .iter()
+                .find(|t| !step.input_map.iter().any(|(i, _)| i == &t.name))
+            {
+                return Err(format!(
+                    "{at}.input_map: '{}' needs its input '{}' mapped",
+                    step.model_name, t.name
+                ));
+            }
+            for (output, tensor) in &step.output_map {
+                let t = m
+                    .outputs
+                    .iter()
+                    .find(|t| &t.name == output)
+                    .ok_or_else(|| {
+                        format!(
+                            "{at}.output_map: '{output}' is not an output of '{}'",
+                            step.model_name
+                        )
+                    })?;
+                if let Some(outer) = spec.outputs.iter().find(|o| &o.name == tensor) {
+                    if outer.dtype != t.dtype {
+                        return Err(format!(
+                            "{at}.output_map: ensemble output '{tensor}' is {}, but '{}' gives \
+                             '{output}' as {}",
+                            outer.dtype.wire(),
+                            step.model_name,
+                            t.dtype.wire()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs an ensemble's steps in order, each on its own model (and that
+    /// model's batcher), tensors handed from step to step in memory.
+    async fn run_ensemble(
+        &self,
+        spec: &ModelDefinition,
+        steps: &[EnsembleStep],
+        id: &str,
+        inputs: Vec<Tensor>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Tensor>> {
+        let mut tensors: HashMap<String, Tensor> =
+            inputs.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for step in steps {
+            let inputs = step
+                .input_map
+                .iter()
+                .map(|(input, tensor)| {
+                    let mut t = tensors[tensor].clone();
+                    t.name = input.clone();
+                    t
+                })
+                .collect();
+            let response = self
+                .infer_boxed(InferRequest {
+                    model: step.model_name.clone(),
+                    version: step.model_version,
+                    id: id.to_string(),
+                    inputs,
+                    outputs: Vec::new(),
+                    timeout,
+                })
+                .await
+                .map_err(|e| DnnError {
+                    message: format!(
+                        "ensemble '{}' step {} ('{}'): {}",
+                        spec.name, step.index, step.model_name, e.message
+                    ),
+                    ..e
+                })?;
+            for (output, tensor) in &step.output_map {
+                let mut t = response
+                    .outputs
+                    .iter()
+                    .find(|t| &t.name == output)
+                    .cloned()
+                    .ok_or_else(|| {
+                        DnnError::internal(format!(
+                            "'{}' gave no output '{output}'",
+                            step.model_name
+                        ))
+                    })?;
+                t.name = tensor.clone();
+                tensors.insert(tensor.clone(), t);
+            }
+        }
+        spec.outputs
+            .iter()
+            .map(|o| {
+                tensors.remove(&o.name).ok_or_else(|| {
+                    DnnError::internal(format!("no step produced output '{}'", o.name))
+                })
+            })
+            .collect()
+    }
+
+    fn infer_boxed(
+        &self,
+        req: InferRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<InferResponse>> + Send + '_>>
+    {
+        Box::pin(self.infer(req))
     }
 
     /// Load and unload belong to `explicit` mode, as in Triton.
@@ -563,18 +794,31 @@ impl ModelRepository {
             }
             None => {
                 let looked_up = lookup.elapsed();
-                let rx = version
-                    .scheduler
-                    .submit(to_model(spec, inputs)?, rows, req.timeout)?;
-                let outputs: Vec<Tensor> = rx
-                    .await
-                    .map_err(|_| DnnError::internal("the model was unloaded before answering"))??;
-                let batching = spec.max_batch_size > 0;
-                let outputs = outputs
-                    .into_iter()
-                    .zip(&spec.outputs)
-                    .map(|(t, s)| reshaped(t, s.reshape.is_some().then_some(&s.dims[..]), batching))
-                    .collect::<Result<Vec<_>>>()?;
+                let outputs = match (&version.scheduler, &spec.backend) {
+                    (Some(scheduler), _) => {
+                        let rx = scheduler.submit(to_model(spec, inputs)?, rows, req.timeout)?;
+                        let outputs: Vec<Tensor> = rx.await.map_err(|_| {
+                            DnnError::internal("the model was unloaded before answering")
+                        })??;
+                        let batching = spec.max_batch_size > 0;
+                        outputs
+                            .into_iter()
+                            .zip(&spec.outputs)
+                            .map(|(t, s)| {
+                                reshaped(t, s.reshape.is_some().then_some(&s.dims[..]), batching)
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    (None, BackendKind::Ensemble(steps)) => {
+                        let start = std::time::Instant::now();
+                        let run = self
+                            .run_ensemble(spec, steps, &req.id, inputs, req.timeout)
+                            .await;
+                        version.stats.ensemble(rows, start.elapsed(), run.is_ok());
+                        run?
+                    }
+                    (None, _) => unreachable!("only ensembles load without a scheduler"),
+                };
                 if let (Some(c), Some(k)) = (cache, key) {
                     let insert = std::time::Instant::now();
                     c.insert(k, outputs.clone());

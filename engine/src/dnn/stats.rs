@@ -183,6 +183,18 @@ impl VersionStats {
         m.queue_seconds.record(queue.as_secs_f64());
     }
 
+    /// An ensemble request: its steps ran on their own models, so it counts
+    /// as inferences and a success or failure, with no execution of its own.
+    pub fn ensemble(&self, rows: usize, total: Duration, ok: bool) {
+        self.inner.lock().expect("stats lock").inference_count += rows as u64;
+        self.series.inference_count.increment(rows as u64);
+        if ok {
+            self.success(Duration::ZERO, total);
+        } else {
+            self.failure(total, FailReason::Backend);
+        }
+    }
+
     /// A request answered from the response cache: a success that ran nothing.
     pub fn cache_hit(&self, lookup: Duration) {
         let mut s = self.inner.lock().expect("stats lock");
