@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from google.protobuf.json_format import MessageToJson
 
 from conftest import Triton
-from triton_repo import write_model
+from triton_repo import fil_config, write_model
 
 ORT_VERSION = "1.32.0"
 ORT_FILE = f"onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}"
@@ -109,7 +109,9 @@ dynamic_batching { max_queue_delay_microseconds: 500 }
     # A reshape whose element count differs from dims.
     write_model(repo, "bad_reshape", PIPELINE_CONFIG.replace("reshape: { shape: [ ] }", "reshape: { shape: [ 2 ] }"),
                 {"model.onnx": pipeline})
+    trees = tree_models(repo, root)
     expected = {
+        "trees": trees,
         "X": X,
         "label": pipe.predict(X),
         "proba": pipe.predict_proba(X).astype(np.float32),
@@ -121,6 +123,62 @@ dynamic_batching { max_queue_delay_microseconds: 500 }
         f"      package: onnxruntime\n      version: '{ORT_VERSION}'\n"
         f"      file: {ORT_FILE}\n      sha256: {ORT_SHA256}\n")
     return repo, cfg, expected, pipeline
+
+
+def tree_models(repo: Path, root: Path) -> dict:
+    """XGBoost (JSON and UBJSON) and LightGBM models with categorical
+    features and missing values, and a multi-target XGBoost regressor; each
+    with the rows to send and the library's own predictions."""
+    import lightgbm as lgb
+    import pandas as pd
+    import xgboost as xgb
+
+    rng = np.random.default_rng(1)
+    n = 400
+    cat = rng.integers(0, 12, n).astype(np.float32)
+    cat2 = rng.integers(0, 40, n).astype(np.float32)
+    num = rng.normal(size=n).astype(np.float32)
+    y = np.isin(cat, [1, 3, 7]) * 2.0 + (cat2 % 5 == 0) * 1.5 + num + rng.normal(scale=0.1, size=n)
+    X = np.stack([cat, num, cat2], axis=1)
+    X[rng.random(X.shape) < 0.1] = np.nan
+    def categorical(col, k):
+        return pd.Series(col).astype("Int64").astype(pd.CategoricalDtype(categories=range(k)))
+
+    frame = pd.DataFrame({"c": categorical(X[:, 0], 12), "x": X[:, 1], "c2": categorical(X[:, 2], 40)})
+    out = {}
+    reg = xgb.XGBRegressor(n_estimators=30, max_depth=4, enable_categorical=True, tree_method="hist",
+                           max_cat_to_onehot=1, random_state=0).fit(frame, y)
+    want = reg.predict(frame).astype(np.float32).reshape(-1, 1)
+    for fmt, ext in [("xgboost_json", "json"), ("xgboost_ubj", "ubj")]:
+        path = root / f"cat_xgb.{ext}"
+        reg.save_model(path)
+        name = f"cat_{fmt}"
+        write_model(repo, name, fil_config(name, 3, 1, {"model_type": fmt}), {f"xgboost.{ext}": path})
+        out[name] = (X, want)
+    trees_json = json.loads((root / "cat_xgb.json").read_text())["learner"]["gradient_booster"]["model"]["trees"]
+    assert any(1 in t["split_type"] for t in trees_json), "the XGBoost model has no categorical split"
+    clf = xgb.XGBClassifier(n_estimators=20, max_depth=3, enable_categorical=True, tree_method="hist",
+                            max_cat_to_onehot=1, random_state=0).fit(frame, (y > 1.5).astype(int))
+    clf.save_model(root / "cat_xgb_clf.json")
+    write_model(repo, "cat_xgb_clf", fil_config("cat_xgb_clf", 3, 1, {"model_type": "xgboost_json"}),
+                {"xgboost.json": root / "cat_xgb_clf.json"})
+    out["cat_xgb_clf"] = (X, clf.predict_proba(frame)[:, 1:].astype(np.float32))
+    g = lgb.LGBMRegressor(n_estimators=40, num_leaves=15, min_data_per_group=5, cat_smooth=1, verbose=-1,
+                          random_state=0).fit(X, y, categorical_feature=[0, 2])
+    g.booster_.save_model(str(root / "cat_lgbm.txt"))
+    assert "cat_threshold=" in (root / "cat_lgbm.txt").read_text(), "the LightGBM model has no categorical split"
+    write_model(repo, "cat_lgbm", fil_config("cat_lgbm", 3, 1, {"model_type": "lightgbm"}),
+                {"model.txt": root / "cat_lgbm.txt"})
+    out["cat_lgbm"] = (X, g.predict(X).astype(np.float32).reshape(-1, 1))
+    # Multi-target regression, one tree per target per round.
+    Y = np.stack([y, -2 * y + num], axis=1)
+    multi = xgb.XGBRegressor(n_estimators=20, max_depth=3, tree_method="hist", multi_strategy="one_output_per_tree",
+                             random_state=0).fit(X[:, 1:2], Y)
+    multi.save_model(root / "multi.json")
+    write_model(repo, "multi_xgb", fil_config("multi_xgb", 1, 2, {"model_type": "xgboost_json"}),
+                {"xgboost.json": root / "multi.json"})
+    out["multi_xgb"] = (np.ascontiguousarray(X[:, 1:2]), multi.predict(X[:, 1:2]).astype(np.float32))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +383,17 @@ def test_perf_analyzer_on_the_ensemble(triton, proto):
     assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
     # perf_analyzer reports the composing models' own statistics.
     assert "Composing models" in r.stdout and "scaler" in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+@pytest.mark.parametrize("model", ["cat_xgboost_json", "cat_xgboost_ubj", "cat_xgb_clf", "cat_lgbm", "multi_xgb"])
+def test_trees_with_categories_equal_the_library(triton, models, proto, model):
+    X, want = models[2]["trees"][model]
+    client = (httpclient.InferenceServerClient(triton.http_url) if proto == "http"
+              else grpcclient.InferenceServerClient(triton.grpc_url))
+    mod = httpclient if proto == "http" else grpcclient
+    i = mod.InferInput("input__0", list(X.shape), "FP32")
+    i.set_data_from_numpy(X)
+    got = client.infer(model, [i]).as_numpy("output__0")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -21,10 +21,13 @@ impl FilBackend {
         params: &FilParams,
         file: &Path,
     ) -> std::result::Result<Self, String> {
-        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let text =
+            || std::str::from_utf8(&bytes).map_err(|_| "the model is not text (UTF-8)".to_string());
         let forest = match params.model_type.as_str() {
-            "xgboost_json" => super::xgboost::parse(&text),
-            _ => super::lightgbm::parse(&text),
+            "xgboost_json" => text().and_then(super::xgboost::parse),
+            "xgboost_ubj" => super::xgboost::parse_ubjson(&bytes),
+            _ => text().and_then(super::lightgbm::parse),
         }
         .map_err(|e| format!("{}: {e}", file.display()))?;
         if spec.inputs.len() != 1 || spec.outputs.len() != 1 {

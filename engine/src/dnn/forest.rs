@@ -14,8 +14,21 @@ pub enum Missing {
     Nan,
 }
 
+/// Which values a categorical split sends down the not-in-set branch before
+/// looking at the set: each library's rule for negative categories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negative {
+    /// Any value below 0.0 (XGBoost: -0.5 is not category 0).
+    BelowZero,
+    /// Values that truncate below 0, i.e. at or below -1.0 (LightGBM casts
+    /// to int first, so -0.5 is category 0).
+    TruncatedBelowZero,
+}
+
 /// One node: a split (`feature`, go left when `value <= threshold`) or, when
-/// `feature == LEAF`, a leaf whose value is `threshold`.
+/// `feature == LEAF`, a leaf whose value is `threshold`. A categorical split
+/// (`categories` = an index into `Trees::category_sets`) goes left when the
+/// value's category is in the set; NaN follows `default_left`.
 #[derive(Debug, Clone, Copy)]
 pub struct Node {
     pub threshold: f64,
@@ -24,6 +37,7 @@ pub struct Node {
     pub right: u32,
     pub default_left: bool,
     pub missing: Missing,
+    pub categories: Option<(u32, Negative)>,
 }
 
 pub const LEAF: u32 = u32::MAX;
@@ -37,8 +51,22 @@ impl Node {
             right: 0,
             default_left: false,
             missing: Missing::None,
+            categories: None,
         }
     }
+}
+
+/// A set of categories as a bitset (bit `c % 32` of word `c / 32`).
+pub fn category_bitset(categories: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    let mut words = Vec::new();
+    for c in categories {
+        let w = c as usize / 32;
+        if words.len() <= w {
+            words.resize(w + 1, 0);
+        }
+        words[w] |= 1 << (c % 32);
+    }
+    words
 }
 
 /// What turns summed margins into predictions.
@@ -69,6 +97,8 @@ pub struct Trees {
     pub transform: Transform,
     /// Divide the sums by the trees per group (LightGBM random forests).
     pub average: bool,
+    /// The categorical splits' sets, as `category_bitset` makes them.
+    pub category_sets: Vec<Vec<u32>>,
 }
 
 /// A checked ensemble, every tree's nodes in one array, 16 bytes each: an
@@ -85,6 +115,9 @@ pub struct Forest {
     values: Vec<f64>,
     /// Whether any split uses LightGBM's zero rule.
     zero_rule: bool,
+    /// Categorical splits' sets, each `[words, bits...]`; a categorical
+    /// node's threshold holds its offset here (as f32 bits).
+    bitsets: Vec<u32>,
     tree_group: Vec<usize>,
     pub num_groups: usize,
     base_margin: Vec<f64>,
@@ -106,7 +139,10 @@ const NAN_LEFT: u32 = 1 << 30;
 /// LightGBM's zero rule: (near) 0.0 takes the default branch.
 const ZERO_RULE: u32 = 1 << 29;
 const DEFAULT_LEFT: u32 = 1 << 28;
-const FEATURE: u32 = (1 << 28) - 1;
+/// A categorical split; with `CAT_TRUNCATE`, LightGBM's negative rule.
+const CATEGORICAL: u32 = 1 << 31;
+const CAT_TRUNCATE: u32 = 1 << 27;
+const FEATURE: u32 = (1 << 27) - 1;
 
 /// The largest f32 at or below `t`: for any f32 `x`, `x as f64 <= t` exactly
 /// when `x <= f32_floor(t)`.
@@ -125,7 +161,7 @@ const ZERO_THRESHOLD: f64 = 1e-35f32 as f64;
 /// One step down the tree from node `i` for `row` (a leaf stays put).
 /// `ZERO` is whether any split of the forest has LightGBM's zero rule.
 #[inline(always)]
-fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
+fn step<const ZERO: bool>(nodes: &[PackedNode], bitsets: &[u32], i: u32, row: &[f32]) -> u32 {
     debug_assert!((i as usize) < nodes.len());
     // SAFETY: `compile` checked that every child index lies inside `nodes`, and
     // roots are node indices, so `i` is always in bounds.
@@ -136,6 +172,19 @@ fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
     // leaves read feature 0 of a forest with splits, and rows hold
     // `num_features` values.
     let v = unsafe { *row.get_unchecked(f) };
+    if n.flags & CATEGORICAL != 0 {
+        let left = if v.is_nan() {
+            n.flags & NAN_LEFT != 0
+        } else {
+            in_set(
+                bitsets,
+                n.threshold.to_bits(),
+                v,
+                n.flags & CAT_TRUNCATE != 0,
+            )
+        };
+        return if left { n.left } else { n.right };
+    }
     // NaN compares false, so `v <= t` alone sends it right.
     let mut left = if n.flags & NAN_LEFT != 0 {
         (v <= n.threshold) | v.is_nan()
@@ -150,6 +199,21 @@ fn step<const ZERO: bool>(nodes: &[PackedNode], i: u32, row: &[f32]) -> u32 {
     } else {
         n.right
     }
+}
+
+/// Whether the category of `v` (not NaN) is in the set at `offset`.
+#[inline(always)]
+fn in_set(bitsets: &[u32], offset: u32, v: f32, truncate: bool) -> bool {
+    let negative = if truncate { v <= -1.0 } else { v < 0.0 };
+    if negative {
+        return false;
+    }
+    // Saturates for huge values, which then lie past the set.
+    let c = v as u32;
+    let at = offset as usize;
+    let words = bitsets[at] as usize;
+    let w = (c / 32) as usize;
+    w < words && bitsets[at + 1 + w] & (1 << (c % 32)) != 0
 }
 
 /// Rows per task: small enough to spread a batch over the cores, large
@@ -173,6 +237,7 @@ impl Trees {
             depths: Vec::new(),
             values: Vec::new(),
             zero_rule: false,
+            bitsets: Vec::new(),
             tree_group: self.tree_group,
             num_groups: self.num_groups,
             base_margin: self.base_margin,
@@ -205,6 +270,26 @@ impl Trees {
                     continue;
                 }
                 f.values.push(0.0);
+                if let Some((set, negative)) = n.categories {
+                    let words = &self.category_sets[set as usize];
+                    let offset = f.bitsets.len() as u32;
+                    f.bitsets.push(words.len() as u32);
+                    f.bitsets.extend(words);
+                    let mut flags = n.feature | CATEGORICAL;
+                    if n.default_left {
+                        flags |= NAN_LEFT;
+                    }
+                    if negative == Negative::TruncatedBelowZero {
+                        flags |= CAT_TRUNCATE;
+                    }
+                    f.nodes.push(PackedNode {
+                        threshold: f32::from_bits(offset),
+                        flags,
+                        left: base + n.left,
+                        right: base + n.right,
+                    });
+                    continue;
+                }
                 let nan_left = match n.missing {
                     Missing::Nan | Missing::Zero => n.default_left,
                     Missing::None => 0.0 <= n.threshold,
@@ -248,6 +333,11 @@ impl Trees {
             for (i, n) in nodes.iter().enumerate() {
                 if n.feature == LEAF {
                     continue;
+                }
+                if let Some((set, _)) = n.categories {
+                    if set as usize >= self.category_sets.len() {
+                        return Err(format!("tree {t} node {i} names category set {set}"));
+                    }
                 }
                 if n.feature as usize >= self.num_features {
                     return Err(format!(
@@ -295,9 +385,9 @@ impl Forest {
                 for _ in 0..depth {
                     for (i, row) in at.iter_mut().zip(rows.chunks_exact(nf)) {
                         *i = if self.zero_rule {
-                            step::<true>(&self.nodes, *i, row)
+                            step::<true>(&self.nodes, &self.bitsets, *i, row)
                         } else {
-                            step::<false>(&self.nodes, *i, row)
+                            step::<false>(&self.nodes, &self.bitsets, *i, row)
                         };
                     }
                 }
@@ -357,6 +447,7 @@ mod tests {
             right: 2,
             default_left,
             missing,
+            categories: None,
         }
     }
 
@@ -369,7 +460,34 @@ mod tests {
             num_features: 1,
             transform: Transform::Identity,
             average: false,
+            category_sets: Vec::new(),
         }
+    }
+
+    #[test]
+    fn categorical_splits_follow_each_librarys_rules() {
+        let mut node = split(0, 0.0, Missing::Nan, true);
+        node.categories = Some((0, Negative::BelowZero));
+        let mut t = stump(node);
+        t.category_sets = vec![category_bitset([1, 40])];
+        let xgb = t.clone().compile().unwrap();
+        let rows = [1.0, 1.7, 40.0, 2.0, 0.0, -0.5, f32::NAN, 1e12, 39.0];
+        // In the set: left (-1 + 0.5); NaN: default (left); the rest right.
+        assert_eq!(
+            xgb.predict(&rows, rows.len()),
+            vec![-0.5, -0.5, -0.5, 1.5, 1.5, 1.5, -0.5, 1.5, 1.5]
+        );
+        t.trees[0][0].categories = Some((0, Negative::TruncatedBelowZero));
+        t.trees[0][0].default_left = false;
+        t.category_sets = vec![category_bitset([0])];
+        let lgbm = t.clone().compile().unwrap();
+        // -0.5 truncates to category 0; -1.0 is negative; NaN goes right.
+        assert_eq!(
+            lgbm.predict(&[-0.5, -1.0, 0.0, f32::NAN, 3.0], 5),
+            vec![-0.5, 1.5, -0.5, 1.5, 1.5]
+        );
+        t.trees[0][0].categories = Some((1, Negative::BelowZero));
+        assert!(t.compile().unwrap_err().contains("category set 1"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Reads LightGBM's text model format (`Booster.save_model`) into a `Forest`:
 //! `value <= threshold` goes left, with the missing-value rule and default
 //! direction packed into each split's `decision_type`.
-use super::forest::{Forest, Missing, Node, Transform, Trees};
+use super::forest::{Forest, Missing, Negative, Node, Transform, Trees};
 use std::collections::HashMap;
 
 fn values<T: std::str::FromStr>(
@@ -20,7 +20,12 @@ fn values<T: std::str::FromStr>(
         .collect()
 }
 
-fn tree(map: &HashMap<&str, &str>, t: usize) -> Result<Vec<Node>, String> {
+/// A tree's nodes, its categorical splits' sets added to `sets`.
+fn tree(
+    map: &HashMap<&str, &str>,
+    t: usize,
+    sets: &mut Vec<Vec<u32>>,
+) -> Result<Vec<Node>, String> {
     let num_leaves: usize = values(map, "num_leaves", t)?.first().copied().unwrap_or(0);
     let leaf_value: Vec<f64> = values(map, "leaf_value", t)?;
     if leaf_value.len() != num_leaves || num_leaves == 0 {
@@ -32,13 +37,27 @@ fn tree(map: &HashMap<&str, &str>, t: usize) -> Result<Vec<Node>, String> {
     if num_leaves == 1 {
         return Ok(vec![Node::leaf(leaf_value[0])]);
     }
-    if values::<usize>(map, "num_cat", t)?
+    let num_cat = values::<usize>(map, "num_cat", t)?
         .first()
         .copied()
-        .unwrap_or(0)
-        > 0
-    {
-        return Err(format!("Tree={t}: categorical splits are not supported"));
+        .unwrap_or(0);
+    // Categorical split k's set: cat_threshold[cat_boundaries[k]..cat_boundaries[k + 1]].
+    let first_set = sets.len() as u32;
+    if num_cat > 0 {
+        let bounds: Vec<usize> = values(map, "cat_boundaries", t)?;
+        let words: Vec<u32> = values(map, "cat_threshold", t)?;
+        if bounds.len() != num_cat + 1 {
+            return Err(format!(
+                "Tree={t}: cat_boundaries has {} entries for num_cat={num_cat}",
+                bounds.len()
+            ));
+        }
+        for k in 0..num_cat {
+            let set = words
+                .get(bounds[k]..bounds[k + 1])
+                .ok_or_else(|| format!("Tree={t}: cat_boundaries points past cat_threshold"))?;
+            sets.push(set.to_vec());
+        }
     }
     let inner = num_leaves - 1;
     let feature: Vec<u32> = values(map, "split_feature", t)?;
@@ -69,19 +88,35 @@ fn tree(map: &HashMap<&str, &str>, t: usize) -> Result<Vec<Node>, String> {
         }
     };
     let mut nodes: Vec<Node> = (0..inner)
-        .map(|i| Node {
-            threshold: threshold[i],
-            feature: feature[i],
-            left: child(left[i]),
-            right: child(right[i]),
-            default_left: decision[i] & 2 != 0,
-            missing: match (decision[i] >> 2) & 3 {
-                1 => Missing::Zero,
-                2 => Missing::Nan,
-                _ => Missing::None,
-            },
+        .map(|i| {
+            // decision_type bit 0: categorical; `threshold` is then its set's index.
+            let categories = if decision[i] & 1 != 0 {
+                let k = threshold[i] as usize;
+                if k >= num_cat {
+                    return Err(format!(
+                        "Tree={t}: split {i} names category set {k} of {num_cat}"
+                    ));
+                }
+                Some((first_set + k as u32, Negative::TruncatedBelowZero))
+            } else {
+                None
+            };
+            Ok(Node {
+                threshold: threshold[i],
+                feature: feature[i],
+                left: child(left[i]),
+                right: child(right[i]),
+                // A categorical split sends NaN right.
+                default_left: categories.is_none() && decision[i] & 2 != 0,
+                missing: match (decision[i] >> 2) & 3 {
+                    1 => Missing::Zero,
+                    2 => Missing::Nan,
+                    _ => Missing::None,
+                },
+                categories,
+            })
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     nodes.extend(leaf_value.iter().map(|&v| Node::leaf(v)));
     Ok(nodes)
 }
@@ -144,10 +179,11 @@ pub fn parse(text: &str) -> Result<Forest, String> {
         "poisson" | "gamma" | "tweedie" => Transform::Exp,
         other => return Err(format!("objective '{other}' is not supported")),
     };
+    let mut category_sets = Vec::new();
     let trees = sections
         .iter()
         .enumerate()
-        .map(|(t, s)| tree(s, t))
+        .map(|(t, s)| tree(s, t, &mut category_sets))
         .collect::<Result<Vec<_>, _>>()?;
     if trees.is_empty() {
         return Err("the model has no trees".into());
@@ -160,6 +196,7 @@ pub fn parse(text: &str) -> Result<Forest, String> {
         num_features,
         transform,
         average: flags.contains(&"average_output"),
+        category_sets,
     }
     .compile()
 }
@@ -229,7 +266,7 @@ end of trees
         assert!(e.contains("Tree=0") && e.contains("leaf values"), "{e}");
         let e = parse(&MODEL.replace("num_cat=0\nsplit_feature=1", "num_cat=1\nsplit_feature=1"))
             .unwrap_err();
-        assert!(e.contains("Tree=1") && e.contains("categorical"), "{e}");
+        assert!(e.contains("Tree=1") && e.contains("cat_boundaries"), "{e}");
         let e = parse(&MODEL.replace("threshold=1.5", "threshold=abc")).unwrap_err();
         assert!(e.contains("threshold") && e.contains("abc"), "{e}");
         let e = parse(&MODEL.replace("binary sigmoid:1", "lambdarank")).unwrap_err();

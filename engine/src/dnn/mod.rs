@@ -14,6 +14,7 @@ pub mod onnxrt;
 pub mod repository;
 pub mod stats;
 pub mod tensor;
+pub mod ubjson;
 pub mod warmup;
 pub mod xgboost;
 

@@ -312,11 +312,12 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
             let model_type = parameter(config, "model_type").unwrap_or("xgboost_json");
             let file = match model_type {
                 "xgboost_json" => "xgboost.json",
+                "xgboost_ubj" => "xgboost.ubj",
                 "lightgbm" => "model.txt",
                 other => {
                     return Err(format!(
                         "parameters[\"model_type\"]: '{other}' is not supported \
-                         (supported: xgboost_json, lightgbm)"
+                         (supported: xgboost_json, xgboost_ubj, lightgbm)"
                     ))
                 }
             };

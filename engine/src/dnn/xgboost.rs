@@ -1,7 +1,7 @@
 //! Reads XGBoost's JSON model format (1.0 and later) into a `Forest`:
 //! `fvalue < split_condition` goes left, NaN takes `default_left`, and the
 //! base score enters as a margin through the objective's link function.
-use super::forest::{Forest, Missing, Node, Transform, Trees, LEAF};
+use super::forest::{category_bitset, Forest, Missing, Negative, Node, Transform, Trees, LEAF};
 use serde_json::Value;
 
 fn num(v: &Value) -> Option<f64> {
@@ -31,7 +31,10 @@ fn array<'a>(tree: &'a Value, key: &str, t: usize) -> Result<&'a Vec<Value>, Str
         .ok_or_else(|| format!("trees[{t}].{key} is missing"))
 }
 
-fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
+/// A tree's nodes, its categorical splits' sets added to `sets`. XGBoost
+/// sends the categories it lists right; the children of such a split are
+/// swapped so that the set goes left, as the evaluator reads it.
+fn tree_nodes(tree: &Value, t: usize, sets: &mut Vec<Vec<u32>>) -> Result<Vec<Node>, String> {
     let left = array(tree, "left_children", t)?;
     let right = array(tree, "right_children", t)?;
     let cond = array(tree, "split_conditions", t)?;
@@ -44,9 +47,52 @@ fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
     {
         return Err(format!("trees[{t}]: node arrays differ in length"));
     }
-    if let Some(types) = tree["split_type"].as_array() {
-        if types.iter().any(|s| s.as_i64().unwrap_or(0) != 0) {
-            return Err(format!("trees[{t}]: categorical splits are not supported"));
+    let leaf_vector = num(&tree["tree_param"]["size_leaf_vector"]).unwrap_or(1.0);
+    if leaf_vector > 1.0 {
+        return Err(format!(
+            "trees[{t}]: vector leaves (multi_strategy multi_output_tree) are not supported; \
+             train with multi_strategy one_output_per_tree"
+        ));
+    }
+    let categorical: Vec<bool> = match tree["split_type"].as_array() {
+        Some(types) => types.iter().map(|s| s.as_i64().unwrap_or(0) == 1).collect(),
+        None => vec![false; n],
+    };
+    if categorical.len() != n {
+        return Err(format!("trees[{t}]: split_type differs in length"));
+    }
+    // Node → its categories: categories[segment .. segment + size].
+    let mut node_sets: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+    if categorical.iter().any(|&c| c) {
+        let ints = |key: &str| -> Result<Vec<u64>, String> {
+            array(tree, key, t)?
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .ok_or_else(|| format!("trees[{t}].{key}: {v} is not a count"))
+                })
+                .collect()
+        };
+        let (cats, nodes, segments, sizes) = (
+            ints("categories")?,
+            ints("categories_nodes")?,
+            ints("categories_segments")?,
+            ints("categories_sizes")?,
+        );
+        if nodes.len() != segments.len() || nodes.len() != sizes.len() {
+            return Err(format!("trees[{t}]: categories_* arrays differ in length"));
+        }
+        for ((&node, &start), &size) in nodes.iter().zip(&segments).zip(&sizes) {
+            let set = cats
+                .get(start as usize..(start + size) as usize)
+                .ok_or_else(|| format!("trees[{t}]: categories_segments points past categories"))?;
+            if set.iter().any(|&c| c >= 1 << 24) {
+                return Err(format!(
+                    "trees[{t}]: a category of node {node} is past 2^24"
+                ));
+            }
+            node_sets.insert(node as usize, sets.len() as u32);
+            sets.push(category_bitset(set.iter().map(|&c| c as u32)));
         }
     }
     (0..n)
@@ -69,6 +115,25 @@ fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
                 Value::Bool(b) => *b,
                 v => v.as_i64().unwrap_or(0) != 0,
             };
+            if categorical[i] {
+                // Not listed (nor a node without a list): every category goes left.
+                let set = match node_sets.get(&i) {
+                    Some(&s) => s,
+                    None => {
+                        sets.push(Vec::new());
+                        sets.len() as u32 - 1
+                    }
+                };
+                return Ok(Node {
+                    threshold: 0.0,
+                    feature: u32::try_from(feature).unwrap_or(LEAF - 1),
+                    left: r as u32,
+                    right: l as u32,
+                    default_left: !dl,
+                    missing: Missing::Nan,
+                    categories: Some((set, Negative::BelowZero)),
+                });
+            }
             Ok(Node {
                 // For f32 inputs, `x < t` is exactly `x <= the float just below t`.
                 threshold: value.next_down() as f64,
@@ -77,6 +142,7 @@ fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
                 right: r as u32,
                 default_left: dl,
                 missing: Missing::Nan,
+                categories: None,
             })
         })
         .collect()
@@ -85,6 +151,16 @@ fn tree_nodes(tree: &Value, t: usize) -> Result<Vec<Node>, String> {
 /// Parses an XGBoost JSON model (`Booster.save_model("x.json")`).
 pub fn parse(json: &str) -> Result<Forest, String> {
     let root: Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    from_value(&root)
+}
+
+/// Parses an XGBoost UBJSON model (`Booster.save_model("x.ubj")`, the
+/// default format since XGBoost 2.1).
+pub fn parse_ubjson(bytes: &[u8]) -> Result<Forest, String> {
+    from_value(&super::ubjson::parse(bytes).map_err(|e| format!("not UBJSON: {e}"))?)
+}
+
+fn from_value(root: &Value) -> Result<Forest, String> {
     let learner = &root["learner"];
     let booster = &learner["gradient_booster"];
     let name = booster["name"].as_str().unwrap_or("");
@@ -97,10 +173,10 @@ pub fn parse(json: &str) -> Result<Forest, String> {
     let num_feature =
         num(&params["num_feature"]).ok_or("learner_model_param.num_feature is missing")? as usize;
     let num_class = num(&params["num_class"]).unwrap_or(0.0) as usize;
-    if num(&params["num_target"]).unwrap_or(1.0) as usize > 1 {
-        return Err("multi-target models are not supported".into());
-    }
-    let num_groups = num_class.max(1);
+    // Multi-target regression: one output per target, each tree adding to
+    // the target its tree_info names.
+    let num_target = num(&params["num_target"]).unwrap_or(1.0) as usize;
+    let num_groups = num_class.max(num_target).max(1);
     let objective = learner["objective"]["name"].as_str().unwrap_or("");
     let base = base_scores(&params["base_score"])?;
     let (link, transform): (fn(f64) -> f64, Transform) = match objective {
@@ -131,10 +207,11 @@ pub fn parse(json: &str) -> Result<Forest, String> {
     let trees_json = model["trees"]
         .as_array()
         .ok_or("gradient_booster model has no trees")?;
+    let mut category_sets = Vec::new();
     let trees = trees_json
         .iter()
         .enumerate()
-        .map(|(t, tree)| tree_nodes(tree, t))
+        .map(|(t, tree)| tree_nodes(tree, t, &mut category_sets))
         .collect::<Result<Vec<_>, _>>()?;
     let tree_group = match model["tree_info"].as_array() {
         Some(info) => info
@@ -163,6 +240,7 @@ pub fn parse(json: &str) -> Result<Forest, String> {
         num_features: num_feature,
         transform,
         average: false,
+        category_sets,
     }
     .compile()
 }
@@ -224,7 +302,7 @@ mod tests {
         let e = bad(&|v| tree(v)["right_children"] = json!([2, -1]));
         assert!(e.contains("trees[0]") && e.contains("length"), "{e}");
         let e = bad(&|v| tree(v)["split_type"] = json!([1, 0, 0]));
-        assert!(e.contains("categorical"), "{e}");
+        assert!(e.contains("trees[0].categories"), "{e}");
         let e = bad(&|v| v["learner"]["objective"]["name"] = json!("rank:ndcg"));
         assert!(e.contains("rank:ndcg"), "{e}");
         let e = bad(&|v| v["learner"]["learner_model_param"]["base_score"] = json!("[1E0,2E0]"));
