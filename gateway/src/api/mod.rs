@@ -43,6 +43,8 @@ pub struct AppState {
     pub shadows: ShadowStats,
     /// Outcomes per route version, for rollout policies.
     pub versions: VersionOutcomes,
+    /// Triton's statistics of LLM routes.
+    pub llm_stats: crate::dispatch::outcomes::LlmStatistics,
     /// Model names served by remote nodes.
     pub upstreams: Arc<HashMap<String, Upstream>>,
     /// The Triton model repository served over KServe v2, when configured.
@@ -80,6 +82,7 @@ impl AppState {
             stats: ExperimentStats::default(),
             shadows: ShadowStats::default(),
             versions: VersionOutcomes::default(),
+            llm_stats: Default::default(),
             upstreams: Arc::default(),
             dnn: None,
             kserve_shadows: Default::default(),
@@ -218,6 +221,7 @@ impl AppState {
         crate::dispatch::Recorders {
             experiments: self.stats.clone(),
             versions: self.versions.clone(),
+            llm: self.llm_stats.clone(),
             shadows: self.shadows.clone(),
             log: self.request_log.clone(),
         }

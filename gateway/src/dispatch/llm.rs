@@ -122,7 +122,13 @@ impl LlmTarget {
     /// Where the outcome is recorded: its experiment arm, and the version
     /// that served it (for rollout policies).
     fn outcome_sink(&self, rec: &Recorders) -> impl FnOnce(Outcome) + Send + 'static {
-        let (stats, versions) = (rec.experiments.clone(), rec.versions.clone());
+        let (stats, versions, llm) = (
+            rec.experiments.clone(),
+            rec.versions.clone(),
+            rec.llm.clone(),
+        );
+        let route = self.route.clone();
+        let served = self.version.unwrap_or(1) as i64;
         let arm = self.experiment.as_ref().map(|a| {
             (
                 a.experiment.spec.name.clone(),
@@ -139,6 +145,7 @@ impl LlmTarget {
             if let Some((model, v)) = version {
                 versions.record(&model, v, o.ok, o.latency_s);
             }
+            llm.record(&route, served, &o);
         }
     }
 

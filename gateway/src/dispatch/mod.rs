@@ -28,6 +28,8 @@ use std::time::Instant;
 pub struct Recorders {
     pub experiments: ExperimentStats,
     pub versions: VersionOutcomes,
+    /// Triton's statistics of LLM routes (the KServe statistics extension).
+    pub llm: outcomes::LlmStatistics,
     pub shadows: ShadowStats,
     /// The request log, when the registry keeps one.
     pub log: Option<log::RequestLog>,

@@ -60,3 +60,64 @@ impl VersionOutcomes {
         (recent.len() as u64, errors, p99)
     }
 }
+
+/// Each LLM route version's statistics.
+type LlmRoutes = std::collections::BTreeMap<(String, i64), Arc<engine::dnn::stats::VersionStats>>;
+
+/// Triton's statistics for LLM routes, per (route, version), as the
+/// statistics extension reports a vLLM backend model's: each request one
+/// execution, its time to the first token (queue and prefill) as
+/// `compute_input`, the rest of the generation as `compute_infer`.
+#[derive(Clone, Default)]
+pub struct LlmStatistics {
+    inner: Arc<Mutex<LlmRoutes>>,
+}
+
+impl LlmStatistics {
+    fn of(&self, route: &str, version: i64) -> Arc<engine::dnn::stats::VersionStats> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.entry((route.to_string(), version))
+            .or_insert_with(|| Arc::new(engine::dnn::stats::VersionStats::new(route, version)))
+            .clone()
+    }
+
+    pub fn record(&self, route: &str, version: i64, o: &crate::experiment_stats::Outcome) {
+        use std::time::Duration;
+        let stats = self.of(route, version);
+        let total = Duration::from_secs_f64(o.latency_s.max(0.0));
+        if !o.ok {
+            stats.failure(total, engine::dnn::stats::FailReason::Backend);
+            return;
+        }
+        let first =
+            Duration::from_secs_f64(o.ttft_s.unwrap_or(o.latency_s).clamp(0.0, o.latency_s));
+        stats.execution(&engine::dnn::stats::Execution {
+            requests: 1,
+            rows: 1,
+            compute_input: first,
+            compute_infer: total - first,
+            compute_output: Duration::ZERO,
+        });
+        stats.success(Duration::ZERO, total);
+    }
+
+    /// A route's statistics (zeros before its first request), per version asked for.
+    pub fn snapshot(
+        &self,
+        route: &str,
+        versions: &[i64],
+    ) -> Vec<(String, i64, engine::dnn::StatsSnapshot)> {
+        versions
+            .iter()
+            .map(|&v| (route.to_string(), v, self.of(route, v).snapshot()))
+            .collect()
+    }
+
+    /// Every route that served a request.
+    pub fn all(&self) -> Vec<(String, i64, engine::dnn::StatsSnapshot)> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter()
+            .map(|((r, v), s)| (r.clone(), *v, s.snapshot()))
+            .collect()
+    }
+}

@@ -228,6 +228,14 @@ async fn stream_llm(
     request_id: String,
     tx: &StreamSender,
 ) -> Result<Option<ModelInferResponse>, DnnError> {
+    // Triton ends a decoupled stream with an empty response flagged final
+    // only for clients that ask (perf_analyzer and genai-perf do).
+    let empty_final = matches!(
+        r.parameters
+            .get("triton_enable_empty_final_response")
+            .and_then(|p| p.parameter_choice.as_ref()),
+        Some(ParameterChoice::BoolParam(true))
+    );
     let req = infer_request(r)?;
     let (call, stream) = llm::call_from_tensors(&req.inputs)?;
     let served = |mut out: ModelInferResponse| {
@@ -241,6 +249,24 @@ async fn stream_llm(
     let version = llm::version_of(target);
     let events = llm::start(state, target, &call, request_id).await?;
     let mut pieces = Box::pin(llm::pieces(events));
+    let response = |outputs: Vec<Tensor>, last: bool| {
+        let mut out = served(infer_response(InferResponse {
+            model_name: req.model.clone(),
+            model_version: version.clone(),
+            id: req.id.clone(),
+            outputs,
+        }));
+        out.parameters.insert(
+            "triton_final_response".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::BoolParam(last)),
+            },
+        );
+        ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(out),
+        }
+    };
     loop {
         let piece = tokio::select! {
             p = pieces.next() => match p {
@@ -253,19 +279,13 @@ async fn stream_llm(
                 ))
             }
         };
-        let resp = InferResponse {
-            model_name: req.model.clone(),
-            model_version: version.clone(),
-            id: req.id.clone(),
-            outputs: vec![llm::text_tensor(&piece?)],
-        };
-        let msg = ModelStreamInferResponse {
-            error_message: String::new(),
-            infer_response: Some(served(infer_response(resp))),
-        };
+        let msg = response(vec![llm::text_tensor(&piece?)], false);
         if tx.send(Ok(msg)).await.is_err() {
-            break;
+            return Ok(None);
         }
+    }
+    if empty_final {
+        let _ = tx.send(Ok(response(Vec::new(), true))).await;
     }
     Ok(None)
 }

@@ -333,11 +333,11 @@ async fn infer(
 /// an object or its JSON text, `exclude_input_in_output`, `stream`) plus
 /// `parameters`; sampling keys (`max_tokens`, `temperature`, ...) are taken
 /// at the top level too, as for Triton's LLM backends. Any other key is refused.
+/// Also returns whether the body asks to stream (`"stream": true`).
 fn generate_call(
     p: &HashMap<String, String>,
     body: &[u8],
-    streaming: bool,
-) -> Result<(String, llm::LlmCall), DnnError> {
+) -> Result<(String, llm::LlmCall, bool), DnnError> {
     let (model, _) = target(p)?;
     let req = optional_json(body)?;
     let obj = req
@@ -346,6 +346,7 @@ fn generate_call(
     let mut prompt = None;
     let mut sampling = Map::new();
     let mut exclude_input = false;
+    let mut stream = false;
     for (key, value) in obj {
         match key.as_str() {
             "text_input" => {
@@ -386,15 +387,12 @@ fn generate_call(
                     DnnError::invalid("'exclude_input_in_output' must be true or false")
                 })?
             }
+            // Over `generate` too, as genai-perf sends it: the answer is then
+            // the server-sent events `generate_stream` gives.
             "stream" => {
-                let on = value
+                stream = value
                     .as_bool()
                     .ok_or_else(|| DnnError::invalid("'stream' must be true or false"))?;
-                if on && !streaming {
-                    return Err(DnnError::invalid(
-                        "'stream': true needs the generate_stream endpoint",
-                    ));
-                }
             }
             k if crate::params::is_sampling_key(k) => {
                 sampling.insert(key.clone(), value.clone());
@@ -416,6 +414,7 @@ fn generate_call(
             fields: SamplingFields::from_json(&sampling)?,
             exclude_input,
         },
+        stream,
     ))
 }
 
@@ -427,6 +426,8 @@ struct Generate {
     request_id: String,
     /// The engine's events.
     events: tokio::sync::mpsc::UnboundedReceiver<engine::llm::GenerationEvent>,
+    /// Answer with server-sent events (`generate_stream`, or `"stream": true`).
+    stream: bool,
 }
 
 impl FromRequest<AppState> for Generate {
@@ -441,7 +442,7 @@ impl FromRequest<AppState> for Generate {
         let req = Request::from_parts(parts, body);
         let streaming = req.uri().path().ends_with("/generate_stream");
         let JsonBody(headers, body) = JsonBody::from_request(req, state).await?;
-        let (model, call) = generate_call(&p, &body, streaming)?;
+        let (model, call, stream) = generate_call(&p, &body)?;
         let request_id = llm::request_id("", &headers);
         let target = llm::route(state, &model, &headers, &request_id)?.ok_or_else(|| {
             DnnError::not_found(format!(
@@ -455,17 +456,22 @@ impl FromRequest<AppState> for Generate {
             target,
             request_id,
             events,
+            stream: streaming || stream,
         })
     }
 }
 
 async fn generate(State(s): State<AppState>, g: Generate) -> KsResult<Response> {
+    if g.stream {
+        return generate_stream(State(s), g).await;
+    }
     let Generate {
         model,
         call,
         target,
         request_id,
         events,
+        ..
     } = g;
     let text = tokio::select! {
         t = llm::complete(&call, events) => t?,

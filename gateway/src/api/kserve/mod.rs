@@ -390,6 +390,19 @@ pub fn statistics(
         None => plane_name,
     };
     let mut out = Vec::new();
+    if let Some((n, (_, served))) = name.and_then(|n| Some((n, llm_target(state, n)?))) {
+        let served: i64 = served.parse().unwrap_or(1);
+        let v = version.unwrap_or(served);
+        if v != served {
+            return Err(DnnError::not_found(format!(
+                "Request for unknown model: '{n}' version {v} is not found (it serves version {served})"
+            )));
+        }
+        for (m, ver, st) in state.llm_stats.snapshot(n, &[v]) {
+            out.push(statistics_of(m, ver, st));
+        }
+        return Ok(ModelStatisticsResponse { model_stats: out });
+    }
     let registry_model = name.and_then(|n| tensor_model(state, n));
     match (name, state.plane.as_deref(), registry_model) {
         (Some(n), Some(plane), Some((_, versions))) => {
@@ -409,8 +422,8 @@ pub fn statistics(
             }
         }
         (None, plane, _) => {
-            if state.dnn.is_none() && plane.is_none() {
-                repository(&state.dnn)?;
+            for (m, ver, st) in state.llm_stats.all() {
+                out.push(statistics_of(m, ver, st));
             }
             for (m, ver, st) in state
                 .dnn

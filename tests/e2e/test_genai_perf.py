@@ -1,0 +1,110 @@
+"""The default LLM as NVIDIA's LLM benchmarks drive a Triton vLLM model:
+genai-perf (pinned, its own venv) over KServe gRPC with the vLLM backend's
+inputs and streaming, and over the HTTP generate extension; plain
+perf_analyzer on the decoupled model; Triton's statistics of the LLM route
+over HTTP and gRPC."""
+import json
+import os
+import subprocess
+
+import httpx
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import Triton, binary, require_env
+from test_triton import perf_analyzer, perf_env
+
+
+@pytest.fixture(scope="module")
+def llm():
+    gguf = require_env("SWITCHYARD_MODEL_GGUF", "scripts/test.sh fetches the default model")
+    s = Triton(None, gguf)
+    yield s, os.path.basename(gguf).removesuffix(".gguf")
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The model's tokenizer as a Hugging Face folder, for genai-perf's token counts."""
+    out = tmp_path_factory.mktemp("tokenizer") / "smollm2"
+    gguf = require_env("SWITCHYARD_MODEL_GGUF", "scripts/test.sh fetches the default model")
+    subprocess.run([binary(), "export", gguf, "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def genai_perf(args: list[str], cwd) -> subprocess.CompletedProcess:
+    exe = require_env("SWITCHYARD_GENAI_PERF", "scripts/test.sh installs genai-perf into .venv-genai-perf")
+    env = perf_env()
+    # genai-perf runs the perf_analyzer that tritonclient's wheel carries.
+    env["PATH"] = f"{os.path.dirname(perf_analyzer()[0])}:{env['PATH']}"
+    return subprocess.run([exe, "profile", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def exported(cwd) -> dict:
+    [path] = list(cwd.glob("artifacts/*/profile_export_genai_perf.json"))
+    return json.loads(path.read_text())
+
+
+COMMON = ["--num-dataset-entries", "6", "--request-count", "6", "--synthetic-input-tokens-mean", "24",
+          "--output-tokens-mean", "8", "--concurrency", "2"]
+
+
+def test_genai_perf_kserve_vllm_streaming_over_grpc(llm, tokenizer, tmp_path):
+    server, model = llm
+    r = genai_perf(["-m", model, "--endpoint-type", "kserve", "--backend", "vllm", "--streaming",
+                    "-u", server.grpc_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stats = exported(tmp_path)
+    assert stats["request_count"]["avg"] == 6
+    # Streamed: a first token before the last; max_tokens (sent as the string "8") honoured.
+    assert 0 < stats["time_to_first_token"]["avg"] < stats["request_latency"]["avg"]
+    assert stats["output_sequence_length"]["max"] <= 9
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_genai_perf_generate(llm, tokenizer, tmp_path, streaming):
+    server, model = llm
+    r = genai_perf(["-m", model, "--endpoint-type", "generate", *(["--streaming"] if streaming else []),
+                    "-u", server.http_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stats = exported(tmp_path)
+    assert stats["request_count"]["avg"] == 6
+    if streaming:
+        assert 0 < stats["time_to_first_token"]["avg"] < stats["request_latency"]["avg"]
+        assert stats["output_sequence_length"]["max"] <= 9
+    else:
+        # Without `exclude_input_in_output`, the output repeats the prompt, as Triton's vLLM backend's does.
+        assert stats["output_sequence_length"]["min"] >= 24
+
+
+def test_plain_perf_analyzer_on_the_llm(llm):
+    server, model = llm
+    # A decoupled model takes --async --streaming over gRPC; every string
+    # input (the prompt and sampling_parameters) gets the same JSON text.
+    cmd = perf_analyzer() + ["-m", model, "-i", "grpc", "--streaming", "--async", "-u", server.grpc_url,
+                             "--string-data", '{"max_tokens": "4"}', "--concurrency-range", "1:2",
+                             "-p", "2000", "--max-trials", "4", "--stability-percentage", "999"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Concurrency: 2, throughput:" in r.stdout, r.stdout[-3000:]
+
+
+def test_statistics_of_the_llm_route(llm):
+    server, model = llm
+    before = httpx.get(f"{server.url}/v2/models/{model}/stats").json()["model_stats"][0]["inference_count"]
+    r = httpx.post(f"{server.url}/v2/models/{model}/generate",
+                   json={"text_input": ["Hello"], "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    s = httpx.get(f"{server.url}/v2/models/{model}/stats").json()["model_stats"][0]
+    assert s["name"] == model and s["version"] == "1"
+    assert s["inference_count"] == before + 1
+    inf = s["inference_stats"]
+    assert inf["success"]["count"] == s["inference_count"] and inf["success"]["ns"] > 0
+    g = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
+    assert int(g["model_stats"][0]["inference_count"]) == s["inference_count"]
+    # Every model's statistics include the LLM's.
+    all_stats = httpx.get(f"{server.url}/v2/models/stats").json()["model_stats"]
+    assert any(m["name"] == model for m in all_stats)
+    # A version it does not serve is not found, in KServe's error shape.
+    r = httpx.get(f"{server.url}/v2/models/{model}/versions/7/stats")
+    assert r.status_code == 404 and "version 7" in r.json()["error"]
