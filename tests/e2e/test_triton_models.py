@@ -14,6 +14,7 @@ import tritonclient.http as httpclient
 from google.protobuf.json_format import MessageToJson
 
 from conftest import Triton
+from test_triton import perf_analyzer_run
 from triton_repo import fil_config, write_model
 
 ORT_VERSION = "1.32.0"
@@ -330,13 +331,7 @@ def test_a_cache_the_server_lacks_is_refused_by_name(models, tmp_path):
 
 @pytest.mark.parametrize("proto", ["http", "grpc"])
 def test_perf_analyzer_on_the_cached_model(triton, proto):
-    from test_triton import perf_analyzer, perf_env
-    url = triton.http_url if proto == "http" else triton.grpc_url
-    cmd = perf_analyzer() + ["-m", "pipeline_cached", "-i", proto, "-u", url, "--concurrency-range", "1:4:3",
-                             "-p", "500", "-s", "50", "--max-trials", "4", "-b", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
+    perf_analyzer_run(triton, proto, "pipeline_cached")
     # perf_analyzer sends the same data each time: all but the first are hits.
     s = httpclient.InferenceServerClient(triton.http_url).get_inference_statistics("pipeline_cached")["model_stats"][0]
     assert s["inference_stats"]["cache_hit"]["count"] > 10, s
@@ -374,15 +369,9 @@ def test_bad_ensembles_fail_with_the_field_named(triton, models):
 
 @pytest.mark.parametrize("proto", ["http", "grpc"])
 def test_perf_analyzer_on_the_ensemble(triton, proto):
-    from test_triton import perf_analyzer, perf_env
-    url = triton.http_url if proto == "http" else triton.grpc_url
-    cmd = perf_analyzer() + ["-m", "pipeline_ensemble", "-i", proto, "-u", url, "--concurrency-range", "1:4:3",
-                             "-p", "500", "-s", "50", "--max-trials", "4", "-b", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=perf_env(), timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Concurrency: 4, throughput:" in r.stdout, r.stdout[-3000:]
+    out = perf_analyzer_run(triton, proto, "pipeline_ensemble")
     # perf_analyzer reports the composing models' own statistics.
-    assert "Composing models" in r.stdout and "scaler" in r.stdout, r.stdout[-3000:]
+    assert "Composing models" in out and "scaler" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("proto", ["http", "grpc"])

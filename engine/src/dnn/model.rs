@@ -361,6 +361,101 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
     }
 }
 
+/// Settings of Triton's config that this plane does not apply, each refused
+/// by name rather than ignored.
+fn refuse_unapplied(config: &ModelConfig, backend: &BackendKind) -> Result<(), String> {
+    for (i, t) in config.input.iter().enumerate() {
+        let at = format!("input[{i}] ('{}')", t.name);
+        if t.optional {
+            return Err(format!(
+                "{at}.optional: optional inputs are not supported; every input is required"
+            ));
+        }
+        if t.is_shape_tensor || t.allow_ragged_batch || t.is_non_linear_format_io {
+            return Err(format!(
+                "{at}: shape tensors, ragged batches and non-linear formats are not supported"
+            ));
+        }
+    }
+    let o = config.optimization.clone().unwrap_or_default();
+    let accelerators = o.execution_accelerators.unwrap_or_default();
+    let cuda = o.cuda.unwrap_or_default();
+    let checks = [
+        (
+            config
+                .output
+                .iter()
+                .any(|t| t.is_shape_tensor || t.is_non_linear_format_io),
+            "output",
+            "shape tensors and non-linear formats are not supported",
+        ),
+        (
+            !config.batch_input.is_empty() || !config.batch_output.is_empty(),
+            "batch_input / batch_output",
+            "not supported",
+        ),
+        (
+            !config.runtime.is_empty(),
+            "runtime",
+            "backends run in the server; no other runtime is loaded",
+        ),
+        (
+            !config.cc_model_filenames.is_empty(),
+            "cc_model_filenames",
+            "there is no GPU to pick a file for; use default_model_filename",
+        ),
+        (
+            config
+                .model_operations
+                .as_ref()
+                .is_some_and(|o| !o.op_library_filename.is_empty()),
+            "model_operations.op_library_filename",
+            "custom operator libraries are not loaded",
+        ),
+        (
+            config
+                .model_repository_agents
+                .as_ref()
+                .is_some_and(|a| !a.agents.is_empty()),
+            "model_repository_agents",
+            "repository agents are not supported",
+        ),
+        (
+            config
+                .model_transaction_policy
+                .as_ref()
+                .is_some_and(|p| p.decoupled),
+            "model_transaction_policy.decoupled",
+            "repository models answer each request once",
+        ),
+        (
+            o.graph.is_some_and(|g| g.level != 0) && !matches!(backend, BackendKind::Onnx(_)),
+            "optimization.graph.level",
+            "applies to ONNX models (on onnxruntime) only",
+        ),
+        (
+            !accelerators.gpu_execution_accelerator.is_empty()
+                || !accelerators.cpu_execution_accelerator.is_empty(),
+            "optimization.execution_accelerators",
+            "no execution accelerator is available",
+        ),
+        (
+            cuda.graphs || cuda.busy_wait_events || cuda.output_copy_stream,
+            "optimization.cuda",
+            "there is no GPU",
+        ),
+        (
+            o.priority != 0 || o.eager_batching,
+            "optimization.priority / eager_batching",
+            "not supported",
+        ),
+    ];
+    match checks.iter().find(|(refused, _, _)| *refused) {
+        Some((_, field, why)) => Err(format!("{field}: {why}")),
+        None => Ok(()),
+    }
+}
+
 impl ModelDefinition {
     /// Validates and completes `config` for the model in directory `dir_name`.
     /// Errors name the field; the caller prefixes the file.
@@ -382,6 +477,7 @@ impl ModelDefinition {
         let max_batch_size = config.max_batch_size as usize;
         let batching = max_batch_size > 0;
         let (mut backend, default_file) = backend_kind(&config)?;
+        refuse_unapplied(&config, &backend)?;
         if matches!(backend, BackendKind::Onnx(_)) {
             config.platform = "onnxruntime_onnx".into();
             config.backend = "onnxruntime".into();
@@ -627,6 +723,16 @@ mod tests {
             e.starts_with("dynamic_batching.preferred_batch_size"),
             "{e}"
         );
+        for (extra, field) in [
+            ("optimization { execution_accelerators { cpu_execution_accelerator [ { name: \"openvino\" } ] } }", "optimization.execution_accelerators"),
+            ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+            ("batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: \"n\" data_type: TYPE_FP32 } ]", "batch_input"),
+        ] {
+            let e = spec(&format!("{ONNX} {extra}")).unwrap_err();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let e = spec(&ONNX.replace("dims: [ 4 ] }", "dims: [ 4 ] optional: true }")).unwrap_err();
+        assert!(e.starts_with("input[0] ('x').optional"), "{e}");
         let e = spec(&ONNX.replace("onnxruntime_onnx", "tensorrt_plan")).unwrap_err();
         assert!(e.contains("tensorrt_plan"), "{e}");
         let e = ModelDefinition::from_config(

@@ -480,25 +480,14 @@ impl ModelRepository {
                     .map_err(|e| format!("{at}.model_version: {}", e.message))?;
             }
             let m = &model.spec;
-            for (input, tensor) in &step.input_map {
-                let t = m.inputs.iter().find(|t| &t.name == input).ok_or_else(|| {
-                    format!(
-                        "{at}.input_map: '{input}' is not an input of '{}'",
-                        step.model_name
-                    )
-                })?;
-                if let Some(outer) = spec.inputs.iter().find(|o| &o.name == tensor) {
-                    if outer.dtype != t.dtype {
-                        return Err(format!(
-                            "{at}.input_map: ensemble input '{tensor}' is {}, but '{}' takes \
-                             '{input}' as {}",
-                            outer.dtype.wire(),
-                            step.model_name,
-                            t.dtype.wire()
-                        ));
-                    }
-                }
-            }
+            check_map(
+                &at,
+                "input_map",
+                step,
+                &step.input_map,
+                &m.inputs,
+                &spec.inputs,
+            )?;
             if let Some(t) = m
                 .inputs
                 .iter()
@@ -509,29 +498,14 @@ impl ModelRepository {
                     step.model_name, t.name
                 ));
             }
-            for (output, tensor) in &step.output_map {
-                let t = m
-                    .outputs
-                    .iter()
-                    .find(|t| &t.name == output)
-                    .ok_or_else(|| {
-                        format!(
-                            "{at}.output_map: '{output}' is not an output of '{}'",
-                            step.model_name
-                        )
-                    })?;
-                if let Some(outer) = spec.outputs.iter().find(|o| &o.name == tensor) {
-                    if outer.dtype != t.dtype {
-                        return Err(format!(
-                            "{at}.output_map: ensemble output '{tensor}' is {}, but '{}' gives \
-                             '{output}' as {}",
-                            outer.dtype.wire(),
-                            step.model_name,
-                            t.dtype.wire()
-                        ));
-                    }
-                }
-            }
+            check_map(
+                &at,
+                "output_map",
+                step,
+                &step.output_map,
+                &m.outputs,
+                &spec.outputs,
+            )?;
         }
         Ok(())
     }
@@ -789,7 +763,7 @@ impl ModelRepository {
         let cached = cache.zip(key.as_ref()).and_then(|(c, k)| c.get(k));
         let outputs = match cached {
             Some(outputs) => {
-                version.stats.cache_hit(lookup.elapsed());
+                version.stats.cache(true, lookup.elapsed());
                 outputs
             }
             None => {
@@ -822,7 +796,7 @@ impl ModelRepository {
                 if let (Some(c), Some(k)) = (cache, key) {
                     let insert = std::time::Instant::now();
                     c.insert(k, outputs.clone());
-                    version.stats.cache_miss(looked_up + insert.elapsed());
+                    version.stats.cache(false, looked_up + insert.elapsed());
                 }
                 outputs
             }
@@ -852,6 +826,39 @@ impl ModelRepository {
             outputs,
         })
     }
+}
+
+/// One of a step's maps (its model's tensor → an ensemble tensor): every
+/// name the step model's, and datatypes agreeing with the ensemble's own
+/// inputs or outputs of that name.
+fn check_map(
+    at: &str,
+    field: &str,
+    step: &EnsembleStep,
+    map: &[(String, String)],
+    model: &[super::model::TensorDefinition],
+    ensemble: &[super::model::TensorDefinition],
+) -> std::result::Result<(), String> {
+    let kind = &field[..field.len() - "_map".len()];
+    for (own, tensor) in map {
+        let t = model.iter().find(|t| &t.name == own).ok_or_else(|| {
+            format!(
+                "{at}.{field}: '{own}' is not an {kind} of '{}'",
+                step.model_name
+            )
+        })?;
+        if let Some(outer) = ensemble.iter().find(|o| &o.name == tensor) {
+            if outer.dtype != t.dtype {
+                return Err(format!(
+                    "{at}.{field}: ensemble {kind} '{tensor}' is {}, but '{}' has '{own}' as {}",
+                    outer.dtype.wire(),
+                    step.model_name,
+                    t.dtype.wire()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs a warmup sample `count` times on the backend directly (the model is

@@ -195,27 +195,23 @@ impl VersionStats {
         }
     }
 
-    /// A request answered from the response cache: a success that ran nothing.
-    pub fn cache_hit(&self, lookup: Duration) {
+    /// A response-cache lookup (and, for a miss, the insertion after the
+    /// model ran). A hit is also a success that ran nothing.
+    pub fn cache(&self, hit: bool, took: Duration) {
         let mut s = self.inner.lock().expect("stats lock");
-        s.cache_hit.add(lookup, 1);
+        let m = &self.series;
+        let (timed, count, us) = if hit {
+            (&mut s.cache_hit, &m.cache_hits, &m.cache_hit_us)
+        } else {
+            (&mut s.cache_miss, &m.cache_misses, &m.cache_miss_us)
+        };
+        timed.add(took, 1);
         drop(s);
-        self.series.cache_hits.increment(1);
-        self.series
-            .cache_hit_us
-            .increment(lookup.as_micros() as u64);
-        self.success(Duration::ZERO, lookup);
-    }
-
-    /// A request the cache did not hold; `lookup` is the lookup and insertion.
-    pub fn cache_miss(&self, lookup: Duration) {
-        let mut s = self.inner.lock().expect("stats lock");
-        s.cache_miss.add(lookup, 1);
-        drop(s);
-        self.series.cache_misses.increment(1);
-        self.series
-            .cache_miss_us
-            .increment(lookup.as_micros() as u64);
+        count.increment(1);
+        us.increment(took.as_micros() as u64);
+        if hit {
+            self.success(Duration::ZERO, took);
+        }
     }
 
     pub fn failure(&self, total: Duration, reason: FailReason) {
