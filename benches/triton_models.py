@@ -100,20 +100,29 @@ dynamic_batching { max_queue_delay_microseconds: 1000 }
                 rate, p99 = perf(m, url, c, args.window_ms)
                 rows.append((m, c, rate, p99))
                 print(f"{m} c={c}: {rate:.0f}/s p99 {p99:.2f} ms", flush=True)
+        # The executor's own time per batch, from the server's statistics.
+        compute = {}
+        for m in models:
+            st = client.get_inference_statistics(m, as_json=True)["model_stats"][0]
+            infer = st["inference_stats"]["compute_infer"]
+            executions = int(st.get("execution_count", 0))
+            compute[m] = int(infer.get("ns", 0)) / executions / 1e3 if executions else None
     finally:
         server.terminate()
         server.wait()
     sess = ort.InferenceSession(pipeline, providers=["CPUExecutionProvider"])
     anchor = library_rate(lambda: sess.run(None, {"X": X[:1]}))
 
-    print("\n| model (executor) | concurrency | infer/s | p99 ms | ours ÷ onnxruntime in-process (batch 1) |")
-    print("|---|---|---|---|---|")
+    print("\n| model (executor) | concurrency | infer/s | p99 ms | executor µs per batch (all runs) | ours ÷ onnxruntime in-process (batch 1) |")
+    print("|---|---|---|---|---|---|")
     what = {"pipeline": "pipeline (onnxruntime)", "pipeline_ensemble": "ensemble scaler → classifier (onnxruntime ×2)",
             "pipeline_cached": "pipeline, response cache hits", "mlp_tract": "MLP (tract)",
             "mlp_onnxruntime": "MLP (onnxruntime)"}
     for m, c, rate, p99 in rows:
-        print(f"| {what[m]} | {c} | {rate:.0f} | {p99:.2f} | {rate / anchor:.2f} |")
-    print(f"| anchor: pipeline in onnxruntime's own InferenceSession.run, batch 1 | — | {anchor:.0f} | — | 1.00 |")
+        us = f"{compute[m]:.1f}" if compute[m] else "—"
+        print(f"| {what[m]} | {c} | {rate:.0f} | {p99:.2f} | {us} | {rate / anchor:.3f} |")
+    print(f"| anchor: pipeline in onnxruntime's own InferenceSession.run, batch 1 | — | {anchor:.0f} | — "
+          f"| {1e6 / anchor:.1f} | 1.000 |")
 
     # The first request after a load against the tenth, with and without warmup.
     print("\n| model | first request ms | tenth request ms | first ÷ tenth |")

@@ -73,6 +73,12 @@ def models(tmp_path_factory):
     # Served as the config asks: auto (tract refuses ai.onnx.ml, onnxruntime runs it).
     write_model(repo, "pipeline", PIPELINE_CONFIG, {"model.onnx": pipeline})
     write_model(repo, "pipeline_tract", PIPELINE_CONFIG + executor("tract"), {"model.onnx": pipeline})
+    # String class labels: a BYTES output, and the same reshape.
+    names = load_iris().target_names[y]
+    spipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=500))]).fit(X, names)
+    sonx = to_onnx(spipe, X[:1], options={id(spipe.steps[-1][1]): {"zipmap": False}}, target_opset=17)
+    write_model(repo, "pipeline_strings", PIPELINE_CONFIG.replace("TYPE_INT64", "TYPE_STRING"),
+                {"model.onnx": sonx.SerializeToString()})
     # A graph tract runs too: the same model on either executor.
     mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=0).fit(X, y)
     mlp_onx = to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
@@ -117,6 +123,7 @@ dynamic_batching { max_queue_delay_microseconds: 500 }
         "label": pipe.predict(X),
         "proba": pipe.predict_proba(X).astype(np.float32),
         "mlp_proba": mlp.predict_proba(X).astype(np.float32),
+        "names": spipe.predict(X),
     }
     cfg = root / "config.yaml"
     cfg.write_text(
@@ -219,6 +226,17 @@ def test_pipeline_with_reshape_equals_scikit_learn(triton, models, proto):
     assert "reshape" in config["output"][0] and "reshape" not in config["output"][1]
     # Which executor serves it is in the completed config.
     assert config["parameters"]["executor"]["string_value"] == "onnxruntime"
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_string_labels_come_back_as_bytes(triton, models, proto):
+    expected = models[2]
+    client = (httpclient.InferenceServerClient(triton.http_url) if proto == "http"
+              else grpcclient.InferenceServerClient(triton.grpc_url))
+    label, proba = infer(client, "pipeline_strings", expected["X"], ["label", "probabilities"])
+    assert label.shape == (len(expected["X"]), 1)
+    assert [v.decode() for v in label[:, 0]] == list(expected["names"])
+    np.testing.assert_allclose(proba, expected["proba"], rtol=1e-5, atol=1e-6)
 
 
 def test_the_same_graph_on_tract_and_onnxruntime(triton, models):

@@ -7,7 +7,7 @@
 use super::backend::Backend;
 use super::error::{DnnError, Result};
 use super::model::ModelDefinition;
-use super::tensor::{DataType, Tensor};
+use super::tensor::{bytes_elements, encode_bytes, DataType, Tensor};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{DynValue, TensorElementType, ValueType};
@@ -81,7 +81,8 @@ fn element_type(d: DataType) -> Option<TensorElementType> {
         DataType::Int64 => TensorElementType::Int64,
         DataType::Fp32 => TensorElementType::Float32,
         DataType::Fp64 => TensorElementType::Float64,
-        DataType::Fp16 | DataType::Bf16 | DataType::Bytes => return None,
+        DataType::Bytes => TensorElementType::String,
+        DataType::Fp16 | DataType::Bf16 => return None,
     })
 }
 
@@ -283,6 +284,20 @@ macro_rules! typed {
 }
 
 fn to_ort(t: &Tensor) -> Result<DynValue> {
+    if t.dtype == DataType::Bytes {
+        // onnxruntime's strings are UTF-8 without NUL bytes.
+        let strings = bytes_elements(&t.data)?
+            .into_iter()
+            .map(|e| {
+                String::from_utf8(e.to_vec()).map_err(|_| {
+                    DnnError::invalid(format!("input '{}': a string is not UTF-8", t.name))
+                })
+            })
+            .collect::<Result<Vec<String>>>()?;
+        return ort::value::Tensor::from_string_array((t.shape.clone(), strings.as_slice()))
+            .map(|v| v.into_dyn())
+            .map_err(|e| DnnError::invalid(format!("input '{}': {e}", t.name)));
+    }
     let data = &t.data;
     typed!(t.dtype, data, T => ort::value::Tensor::<T>::from_array((t.shape.clone(), data))
         .map(|v| v.into_dyn())
@@ -299,6 +314,11 @@ fn from_ort(name: &str, dtype: DataType, v: &DynValue) -> Result<Tensor> {
         }};
     }
     let (shape, data) = match dtype {
+        DataType::Bytes => {
+            let (shape, strings) = v.try_extract_strings().map_err(fail)?;
+            let data = encode_bytes(strings.iter().map(|s| s.as_bytes()));
+            (shape.to_vec(), data)
+        }
         DataType::Bool => bytes!(bool, |&b| [u8::from(b)]),
         DataType::Uint8 => bytes!(u8, |x| x.to_le_bytes()),
         DataType::Uint16 => bytes!(u16, |x| x.to_le_bytes()),
