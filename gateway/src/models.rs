@@ -42,6 +42,18 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
     }
 }
 
+/// The onnxruntime build ONNX models fall back to when tract cannot run
+/// them and the configuration names no library: the `libonnxruntime` of
+/// the `onnxruntime` wheel, pinned by sha256 (Linux x86_64 only).
+pub fn onnxruntime_default() -> Option<ModelSource> {
+    (cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")).then(|| ModelSource::Pypi {
+        package: "onnxruntime".into(),
+        version: "1.32.0".into(),
+        file: "onnxruntime/capi/libonnxruntime.so.1.32.0".into(),
+        sha256: "6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f".into(),
+    })
+}
+
 /// `PACKAGE==VERSION/path/in/wheel` (a `pypi:` source after its prefix) as
 /// package, version and file.
 pub fn pypi_spec(rest: &str) -> Result<(&str, &str, &str)> {

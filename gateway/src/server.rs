@@ -94,6 +94,11 @@ fn beyond_loopback(addr: &str) -> bool {
 
 /// Serves `cfg` until SIGTERM or Ctrl-C.
 pub async fn serve(cfg: Config) -> Result<()> {
+    let ort = cfg
+        .model_repository
+        .as_ref()
+        .and_then(|r| r.onnxruntime_library.clone());
+    tokio::task::spawn_blocking(move || onnxruntime(ort)).await??;
     let keys =
         Keys::from_config(cfg.api_keys(), cfg.auth.min_key_length).map_err(anyhow::Error::msg)?;
     let open_control = cfg
@@ -184,21 +189,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     if let Some(rc) = &cfg.model_repository {
         let mode: engine::dnn::ControlMode = rc.control_mode.parse().map_err(anyhow::Error::msg)?;
         let (path, load, bounds) = (rc.path.clone(), rc.load_models.clone(), rc.bounds());
-        let ort = rc.onnxruntime_library.clone();
         tracing::info!(path = %path.display(), mode = %rc.control_mode, "loading the model repository");
         let repo = tokio::task::spawn_blocking(move || {
-            const SETTING: &str = "model_repository.onnxruntime_library";
-            match ort {
-                // A missing file fails the models that need it, not the server.
-                Some(config::ModelSource::Path(lib)) => {
-                    engine::dnn::onnxrt::set_library(lib, SETTING)
-                }
-                Some(source) => engine::dnn::onnxrt::set_library(
-                    models::resolve(&source).context(SETTING)?,
-                    SETTING,
-                ),
-                None => {}
-            }
             engine::dnn::ModelRepository::open(&path, mode, &load, bounds)
                 .map_err(anyhow::Error::msg)
         })
@@ -465,5 +457,30 @@ pub async fn serve_http(
     // Every connection holds a permit until it ends: all back means all done.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
+    Ok(())
+}
+
+/// Where ONNX models tract cannot run find onnxruntime (repository models
+/// and registry versions alike): the configured library, a `pypi` one
+/// fetched now, or, with none configured, the pinned wheel fetched the first
+/// time a model needs it.
+fn onnxruntime(configured: Option<config::ModelSource>) -> Result<()> {
+    const SETTING: &str = "model_repository.onnxruntime_library";
+    match configured {
+        // A missing file fails the models that need it, not the server.
+        Some(config::ModelSource::Path(lib)) => engine::dnn::onnxrt::set_library(lib, SETTING),
+        Some(source) => {
+            engine::dnn::onnxrt::set_library(models::resolve(&source).context(SETTING)?, SETTING)
+        }
+        None => engine::dnn::onnxrt::set_fallback(
+            || {
+                let source = models::onnxruntime_default().ok_or(
+                    "no pinned onnxruntime build for this platform; set model_repository.onnxruntime_library",
+                )?;
+                models::resolve(&source).map_err(|e| format!("{e:#}"))
+            },
+            "the pinned onnxruntime wheel (no model_repository.onnxruntime_library)",
+        ),
+    }
     Ok(())
 }

@@ -404,3 +404,17 @@ def test_trees_with_categories_equal_the_library(triton, models, proto, model):
     got = client.infer(model, [i]).as_numpy("output__0")
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_with_no_library_configured_the_pinned_wheel_serves(models, tmp_path):
+    _, _, expected, pipeline = models
+    other = tmp_path / "repo"
+    write_model(other, "pipeline", PIPELINE_CONFIG, {"model.onnx": pipeline})
+    s = Triton(other)
+    try:
+        client = httpclient.InferenceServerClient(s.http_url)
+        label, _ = infer(client, "pipeline", expected["X"], ["label", "probabilities"])
+        np.testing.assert_array_equal(label[:, 0], expected["label"])
+        assert client.get_model_config("pipeline")["parameters"]["executor"]["string_value"] == "onnxruntime"
+    finally:
+        s.stop()

@@ -18,6 +18,10 @@ use std::sync::{Mutex, OnceLock};
 /// Where the server's configuration says the library is; read once, at the
 /// first onnxruntime model, since a process holds one onnxruntime.
 static LIBRARY: OnceLock<(PathBuf, String)> = OnceLock::new();
+/// Where the library comes from when nothing names one (the server fetches
+/// a pinned build); run once, at the first model that needs it.
+type Fallback = Box<dyn Fn() -> std::result::Result<PathBuf, String> + Send + Sync>;
+static FALLBACK: OnceLock<(Fallback, String)> = OnceLock::new();
 static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, String>> =
     OnceLock::new();
 
@@ -30,6 +34,15 @@ pub fn set_library(path: PathBuf, setting: &str) {
     let _ = LIBRARY.set((path, setting.to_string()));
 }
 
+/// What provides the library when neither the configuration nor the
+/// environment names one, described for errors.
+pub fn set_fallback(
+    fetch: impl Fn() -> std::result::Result<PathBuf, String> + Send + Sync + 'static,
+    what: &str,
+) {
+    let _ = FALLBACK.set((Box::new(fetch), what.to_string()));
+}
+
 /// The library and the setting that names it.
 fn library() -> std::result::Result<(PathBuf, String), String> {
     if let Some(p) = LIBRARY.get() {
@@ -39,6 +52,11 @@ fn library() -> std::result::Result<(PathBuf, String), String> {
         if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
             return Ok((PathBuf::from(p), var.to_string()));
         }
+    }
+    if let Some((fetch, what)) = FALLBACK.get() {
+        return fetch()
+            .map(|p| (p, what.clone()))
+            .map_err(|e| format!("{what}: {e}"));
     }
     Err(format!(
         "no onnxruntime library: set model_repository.onnxruntime_library in the server \
