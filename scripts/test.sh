@@ -61,6 +61,12 @@ if ! ldconfig -p | grep -q libb64.so.0d; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d
 fi
 
+echo "== promtool (Debian's prometheus package), which judges /metrics and the alert rules"
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
+
 echo "== postgresql (Debian's packages), so the registry's tests run on it as on SQLite"
 read -r pg_dir pg_url pg_ca < <(scripts/postgres.sh start)
 trap 'scripts/postgres.sh stop "$pg_dir"' EXIT

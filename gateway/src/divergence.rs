@@ -244,7 +244,7 @@ impl ShadowStats {
             ("route", route.to_string()),
             ("version", version.to_string()),
         ];
-        metrics::counter!("switchyard:shadow_compared", &labels).increment(1);
+        metrics::counter!("switchyard:shadow_compared_total", &labels).increment(1);
         metrics::histogram!("switchyard:shadow_latency_delta_seconds", &labels)
             .record(shadow_s - primary_s);
         self.with(route, version, |t| {
@@ -258,7 +258,7 @@ impl ShadowStats {
     pub fn record(&self, route: &str, version: &str, c: Comparison, primary_s: f64, shadow_s: f64) {
         let labels = self.compared(route, version, primary_s, shadow_s);
         if c.exact {
-            metrics::counter!("switchyard:shadow_exact_matches", &labels).increment(1);
+            metrics::counter!("switchyard:shadow_exact_matches_total", &labels).increment(1);
         }
         metrics::histogram!("switchyard:shadow_similarity", &labels).record(c.similarity);
         self.with(route, version, |t| {
@@ -327,13 +327,13 @@ impl ShadowStats {
 
     /// The shadow failed, timed out or was refused.
     pub fn error(&self, route: &str, version: &str) {
-        metrics::counter!("switchyard:shadow_errors", "route" => route.to_string(), "version" => version.to_string()).increment(1);
+        metrics::counter!("switchyard:shadow_errors_total", "route" => route.to_string(), "version" => version.to_string()).increment(1);
         self.with(route, version, |t| t.errors += 1);
     }
 
     /// The shadow was at its concurrency bound; no copy was sent.
     pub fn skipped(&self, route: &str, version: &str) {
-        metrics::counter!("switchyard:shadow_skipped", "route" => route.to_string(), "version" => version.to_string()).increment(1);
+        metrics::counter!("switchyard:shadow_skipped_total", "route" => route.to_string(), "version" => version.to_string()).increment(1);
         self.with(route, version, |t| t.skipped += 1);
     }
 

@@ -88,18 +88,19 @@ impl ExperimentStats {
             ("experiment", experiment.to_string()),
             ("arm", arm.to_string()),
         ];
-        metrics::counter!("switchyard:experiment_requests", &labels).increment(1);
+        metrics::counter!("switchyard:experiment_requests_total", &labels).increment(1);
         metrics::histogram!("switchyard:experiment_latency_seconds", &labels).record(o.latency_s);
         if let Some(t) = o.ttft_s {
             metrics::histogram!("switchyard:experiment_ttft_seconds", &labels).record(t);
         }
-        metrics::counter!("switchyard:experiment_output_tokens", &labels)
+        metrics::counter!("switchyard:experiment_output_tokens_total", &labels)
             .increment(o.output_tokens as u64);
         if !o.ok {
-            metrics::counter!("switchyard:experiment_errors", &labels).increment(1);
+            metrics::counter!("switchyard:experiment_errors_total", &labels).increment(1);
         }
         if o.random {
-            metrics::counter!("switchyard:experiment_random_assignments", &labels).increment(1);
+            metrics::counter!("switchyard:experiment_random_assignments_total", &labels)
+                .increment(1);
         }
         let mut g = self.lock();
         let s = g
@@ -145,7 +146,7 @@ impl ExperimentStats {
                 .feedback,
             score,
         );
-        metrics::counter!("switchyard:experiment_feedback", "experiment" => exp.clone(), "arm" => arm.clone())
+        metrics::counter!("switchyard:experiment_feedback_total", "experiment" => exp.clone(), "arm" => arm.clone())
             .increment(1);
         Ok((exp, arm))
     }

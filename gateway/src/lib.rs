@@ -17,4 +17,5 @@ pub mod params;
 pub mod plane;
 pub mod registry;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;

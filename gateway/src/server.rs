@@ -75,7 +75,7 @@ fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     ];
     let batch_sizes: Vec<f64> = (0..=12).map(|p| f64::from(1u32 << p)).collect();
     use metrics_exporter_prometheus::Matcher;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
         .set_buckets_for_metric(Matcher::Prefix("nv_inference_".into()), &dnn_buckets)?
         .set_buckets_for_metric(
@@ -83,7 +83,9 @@ fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
             &batch_sizes,
         )?
         .install_recorder()
-        .context("installing the metrics recorder")
+        .context("installing the metrics recorder")?;
+    crate::telemetry::describe();
+    Ok(handle)
 }
 
 /// Whether `addr` (host:port) listens beyond this machine.

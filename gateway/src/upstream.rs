@@ -429,7 +429,7 @@ impl Upstream {
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, DnnError> {
         let name = self.config.name.clone();
         let answer = self.run(Call::Infer(Arc::new(req))).await;
-        metrics::counter!("switchyard:upstream_requests", "upstream" => name.clone(), "replica" => answer.as_ref().map_or_else(|_| "-".to_string(), |a| a.1.clone()), "status" => if matches!(answer, Ok((Answer::Infer(Ok(_)), _))) { "ok" } else { "error" })
+        metrics::counter!("switchyard:upstream_requests_total", "upstream" => name.clone(), "replica" => answer.as_ref().map_or_else(|_| "-".to_string(), |a| a.1.clone()), "status" => if matches!(answer, Ok((Answer::Infer(Ok(_)), _))) { "ok" } else { "error" })
             .increment(1);
         match answer {
             Ok((Answer::Infer(r), _)) => r.map(|mut r| {

@@ -188,7 +188,7 @@ def test_shadow_sampling_takes_the_request_ids_in_its_share(node):
     ids = [f"req-{i}" for i in range(24)]
     inside = [i for i in ids if bucket("sampled/shadow/2", i) < 2500]
     assert 0 < len(inside) < len(ids)
-    copies = lambda: metric(node, "switchyard:shadow_requests", missing=0.0, route="sampled", version="2")
+    copies = lambda: metric(node, "switchyard:shadow_requests_total", missing=0.0, route="sampled", version="2")
     for rid in ids:
         before = copies()
         body = {**infer_body("Hi"), "id": rid}

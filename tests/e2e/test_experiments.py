@@ -97,7 +97,7 @@ def test_two_arms_sticky_users_metrics_and_summary(experiment_server):
         assert arms[name]["errors"] == 0
         assert arms[name]["latency_ms"]["p50"] > 0
         assert arms[name]["output_tokens"]["total"] > 0
-        assert metric(s, "switchyard:experiment_requests", experiment="support-tone", arm=name) == n
+        assert metric(s, "switchyard:experiment_requests_total", experiment="support-tone", arm=name) == n
     assert sum(a["random_assignments"] for a in arms.values()) == 4
     assert arms["concise"]["feedback"] == {"count": 5, "mean": 1.0, "positive_rate": 1.0}
     assert arms["friendly"]["feedback"]["positive_rate"] == 0.0
@@ -155,10 +155,10 @@ def test_hot_reload_keeps_serving_and_refuses_a_bad_file(experiment_server):
         for i in range(5):
             assert ask(s, f"user-{i}")[0]["x-switchyard-arm"] == "concise"
         # A bad file is refused; the table in force stays.
-        rejected = metric(s, "switchyard:experiment_reloads", missing=0.0, outcome="rejected")
+        rejected = metric(s, "switchyard:experiment_reloads_total", missing=0.0, outcome="rejected")
         write_experiment(path, -1, 10)
         deadline = time.time() + 10
-        while metric(s, "switchyard:experiment_reloads", missing=0.0, outcome="rejected") == rejected:
+        while metric(s, "switchyard:experiment_reloads_total", missing=0.0, outcome="rejected") == rejected:
             assert time.time() < deadline, "the bad file was not looked at"
             time.sleep(0.1)
         assert weights(s) == [100.0, 0.0]

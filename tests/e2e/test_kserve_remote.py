@@ -159,8 +159,8 @@ def test_the_primary_is_untouched_and_divergence_tells_models_apart(repo, server
     assert hung["compared"] == 0 and hung["errors"] + hung["skipped"] == 30 and hung["skipped"] > 0, hung
     gone = report[f"grpc://127.0.0.1:{down}/iris"]
     assert gone["compared"] == 0 and gone["errors"] == 30, gone
-    assert metric(main, "switchyard:shadow_errors", route="iris", version="nowhere") == 30
-    assert metric(main, "switchyard:shadow_skipped", route="iris", version=hanging) == hung["skipped"]
+    assert metric(main, "switchyard:shadow_errors_total", route="iris", version="nowhere") == 30
+    assert metric(main, "switchyard:shadow_skipped_total", route="iris", version=hanging) == hung["skipped"]
 
 
 def test_a_sampled_shadow_gets_its_share_by_request_id(repo, servers):
@@ -175,7 +175,7 @@ def test_a_sampled_shadow_gets_its_share_by_request_id(repo, servers):
     # Exactly the ids whose hash falls in the sampled half, about 100 of 200.
     want = sum(bucket("iris_copy/shadow/iris_small", rid) < 5000 for rid in ids)
     assert 70 <= want <= 130, want
-    wait_for("copies", lambda: metric(main, "switchyard:shadow_requests", missing=0.0, route="iris_copy") == want)
+    wait_for("copies", lambda: metric(main, "switchyard:shadow_requests_total", missing=0.0, route="iris_copy") == want)
     wait_for("comparisons", lambda: shadows(main, "iris_copy")["iris_small"]["compared"] == want)
 
 

@@ -180,9 +180,9 @@ def test_preemption_under_a_small_kv_pool_keeps_outputs(tmp_config):
         kw = dict(max_tokens=40, extra_body={"ignore_eos": True})
         sequential = [client(s).chat.completions.create(model=MODEL, messages=m, temperature=0, **kw)
                       .choices[0].message.content for m in convs]
-        assert metric(s, "switchyard:num_preemptions") == 0
+        assert metric(s, "switchyard:num_preemptions_total") == 0
         assert concurrently(s, convs, **kw) == sequential
-        assert metric(s, "switchyard:num_preemptions") > 0
+        assert metric(s, "switchyard:num_preemptions_total") > 0
         assert metric(s, "switchyard:kv_cache_usage_perc") == 0
     finally:
         s.stop()
@@ -194,13 +194,13 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(server):
     ask_twice = [[system, {"role": "user", "content": q}] for q in ["What is a trait?", "What is a crate?"]]
     first = c.chat.completions.create(model=MODEL, messages=ask_twice[0], max_tokens=1)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    queries, hits = metric(server, "switchyard:prefix_cache_queries"), metric(server, "switchyard:prefix_cache_hits")
+    queries, hits = metric(server, "switchyard:prefix_cache_queries_total"), metric(server, "switchyard:prefix_cache_hits_total")
     r = c.chat.completions.create(model=MODEL, messages=ask_twice[1], max_tokens=1)
     prompt = r.usage.prompt_tokens
-    assert metric(server, "switchyard:prefix_cache_queries") - queries == prompt
+    assert metric(server, "switchyard:prefix_cache_queries_total") - queries == prompt
     # Everything up to the user turn was cached, in 16-token blocks, and the
     # answer's usage says how much.
-    hit = metric(server, "switchyard:prefix_cache_hits") - hits
+    hit = metric(server, "switchyard:prefix_cache_hits_total") - hits
     assert hit >= prompt - 40 and r.usage.prompt_tokens_details.cached_tokens == hit
     # Streamed usage carries it too.
     chunks = list(c.chat.completions.create(model=MODEL, messages=ask_twice[1], max_tokens=1, stream=True,
@@ -257,23 +257,23 @@ def test_models_health_and_metrics(server):
     # Each engine series moves by exactly what one request does (nothing else
     # runs on this server between the two reads).
     m = lambda name: metric(server, f"switchyard:{name}", model_name=MODEL)
-    names = ["prompt_tokens", "generation_tokens", "time_to_first_token_seconds_count",
+    names = ["prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
              "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
-             "request_queue_time_seconds_count", "prefix_cache_queries", "prefix_cache_hits",
-             "num_preemptions", "e2e_request_latency_seconds_sum"]
+             "request_queue_time_seconds_count", "prefix_cache_queries_total", "prefix_cache_hits_total",
+             "num_preemptions_total", "e2e_request_latency_seconds_sum"]
     before = {n: m(n) for n in names}
     r = client(server).completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=5,
                                           temperature=0, extra_body={"ignore_eos": True})
     grown = {n: m(n) - before[n] for n in names}
-    assert grown["prompt_tokens"] == r.usage.prompt_tokens, grown
-    assert grown["generation_tokens"] == r.usage.completion_tokens == 5, grown
+    assert grown["prompt_tokens_total"] == r.usage.prompt_tokens, grown
+    assert grown["generation_tokens_total"] == r.usage.completion_tokens == 5, grown
     assert grown["time_to_first_token_seconds_count"] == 1, grown
     assert grown["inter_token_latency_seconds_count"] == 4, grown
     assert grown["e2e_request_latency_seconds_count"] == 1, grown
     assert grown["e2e_request_latency_seconds_sum"] > 0, grown
     assert grown["request_queue_time_seconds_count"] == 1, grown
-    assert grown["prefix_cache_queries"] == r.usage.prompt_tokens, grown
-    assert grown["num_preemptions"] == 0, grown
+    assert grown["prefix_cache_queries_total"] == r.usage.prompt_tokens, grown
+    assert grown["num_preemptions_total"] == 0, grown
     # Gauges at rest: nothing running or waiting, no block held.
     for gauge in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]:
         assert m(gauge) == 0, gauge

@@ -197,7 +197,7 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     wait_for("v2 to load as a shadow", lambda: status(api, "smollm2", 2) == "serving")
     for _ in range(5):
         assert served_version(s) == (1, "primary")
-    wait_for("shadow copies", lambda: metric(s, "switchyard:shadow_requests", missing=0.0, version="2") >= 5)
+    wait_for("shadow copies", lambda: metric(s, "switchyard:shadow_requests_total", missing=0.0, version="2") >= 5)
     # The same weights, greedy: the shadow's answers are the primary's.
     def shadow():
         return httpx.get(f"{s.url}/v1/routes/smollm2/shadows").json()["shadows"][0]
@@ -224,7 +224,7 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     api.move("smollm2", 2, "canary", traffic_percent=10)
     t_canary = int(time.time() * 1000)
     users = [f"user-{i}" for i in range(80)]
-    before = metric(s, "switchyard:route_requests", missing=0.0, version="2", arm="canary")
+    before = metric(s, "switchyard:route_requests_total", missing=0.0, version="2", arm="canary")
     arms = wait_for("the canary route", lambda: (
         lambda a: a if any(arm == "canary" for _, arm in a.values()) else None
     )({u: served_version(s, u) for u in users}))
@@ -234,9 +234,9 @@ def test_a_rollout_of_the_real_model_and_its_rollback(registry_server):
     # Sticky: the same users land on the same arm again.
     assert all(served_version(s, u) == arms[u] for u in users[:20])
     # The metrics count at least these (the background traffic adds its own).
-    after = metric(s, "switchyard:route_requests", version="2", arm="canary")
+    after = metric(s, "switchyard:route_requests_total", version="2", arm="canary")
     assert after - before >= len(on_canary) + sum(arms[u][1] == "canary" for u in users[:20])
-    assert metric(s, "switchyard:generation_tokens", model_name="smollm2@2") > 0
+    assert metric(s, "switchyard:generation_tokens_total", model_name="smollm2@2") > 0
 
     api.move("smollm2", 2, "promoted")
     wait_for("v2 as primary", lambda: served_version(s) == (2, "primary"))
@@ -452,9 +452,9 @@ def test_a_version_drafted_by_another_registered_version(tmp_path):
                                            max_tokens=32, temperature=0)
         assert r.choices[0].message.content
         name = {"model_name": "smol@1"}
-        proposed = metric(s, "switchyard:spec_decode_num_draft_tokens", **name)
+        proposed = metric(s, "switchyard:spec_decode_num_draft_tokens_total", **name)
         assert proposed > 0
-        assert metric(s, "switchyard:spec_decode_num_accepted_tokens", **name) == proposed
+        assert metric(s, "switchyard:spec_decode_num_accepted_tokens_total", **name) == proposed
         # A draft that is not a registered version fails the load, saying so.
         bad = {**GOOD, "requirements": {"draft_model": "no-such-model@3"}}
         assert api.post("/models/smol/versions", json=bad).status_code == 201

@@ -67,12 +67,12 @@ def test_greedy_outputs_equal_plain_decoding_alone_and_sixteen_at_once(server, s
         together = list(pool.map(lambda p: ask(speculating, p), PROMPTS))
     assert together == plain * 4
     name = {"model_name": MODEL}
-    accepted = metric(speculating, "switchyard:spec_decode_num_accepted_tokens", **name)
-    drafted = metric(speculating, "switchyard:spec_decode_num_draft_tokens", **name)
+    accepted = metric(speculating, "switchyard:spec_decode_num_accepted_tokens_total", **name)
+    drafted = metric(speculating, "switchyard:spec_decode_num_draft_tokens_total", **name)
     assert 0 < accepted <= drafted
-    assert metric(speculating, "switchyard:spec_decode_num_drafts", **name) > 0
-    assert metric(speculating, "switchyard:spec_decode_num_accepted_tokens_per_pos", position="0", **name) > 0
-    assert metric(speculating, "switchyard:num_preemptions", **name) > 0
+    assert metric(speculating, "switchyard:spec_decode_num_drafts_total", **name) > 0
+    assert metric(speculating, "switchyard:spec_decode_num_accepted_tokens_per_pos_total", position="0", **name) > 0
+    assert metric(speculating, "switchyard:num_preemptions_total", **name) > 0
     if speculating.method == "draft":
         assert accepted == drafted, "a model drafting for itself is always right"
 

@@ -454,6 +454,27 @@ struct Sequence {
     /// Tokens proposed for this step, verified after its forward pass.
     draft: Vec<u32>,
     speculation: speculative::Record,
+    /// How the sample ended, as vLLM's `finished_reason` says it: `stop`,
+    /// `length`, `error`, or `abort` (the client left, or the server did).
+    outcome: &'static str,
+    /// The engine's metric labels.
+    labels: [(&'static str, String); 1],
+}
+
+/// The last sample of a request to go records the request once, whatever
+/// `n` and however it ended: its end-to-end latency and its outcome.
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.req) > 1 {
+            return;
+        }
+        let labels = &self.labels;
+        metrics::histogram!("switchyard:e2e_request_latency_seconds", labels)
+            .record(self.arrived.elapsed().as_secs_f64());
+        let [(k, v)] = labels;
+        metrics::counter!("switchyard:request_success_total", *k => v.clone(), "finished_reason" => self.outcome)
+            .increment(1);
+    }
 }
 
 impl Schedulable for Sequence {
@@ -479,9 +500,9 @@ impl Schedulable for Sequence {
 }
 
 impl Sequence {
-    fn new(s: Submission) -> Self {
+    fn new(s: Submission, labels: &[(&'static str, String); 1]) -> Self {
         let req = Arc::new(s.req);
-        let mut seq = Self::sample(&req, s.id, 0, s.events, s.arrived);
+        let mut seq = Self::sample(&req, s.id, 0, s.events, s.arrived, labels);
         seq.forks = req.n - 1;
         seq.guide = s.guide;
         seq
@@ -495,6 +516,7 @@ impl Sequence {
         index: usize,
         events: UnboundedSender<GenerationEvent>,
         arrived: Instant,
+        labels: &[(&'static str, String); 1],
     ) -> Self {
         let mut params = req.sampling.clone();
         params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
@@ -518,6 +540,8 @@ impl Sequence {
             guide: None,
             draft: Vec::new(),
             speculation: speculative::Record::default(),
+            outcome: "abort",
+            labels: labels.clone(),
         }
     }
 
@@ -528,11 +552,13 @@ impl Sequence {
     /// Ends the sequence with an error the client sees.
     fn fail(&mut self, message: String) {
         self.finished = true;
+        self.outcome = "error";
         let _ = self.events.send(GenerationEvent::Failed(message));
     }
 
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
+        self.outcome = reason.as_str();
         let _ = self.events.send(GenerationEvent::Finished {
             index: self.index,
             reason,
@@ -561,8 +587,32 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         tracing::info!(model = %self.name, "engine loop started");
-        // Registered at zero so that dashboards see them before the first event.
-        metrics::counter!("switchyard:num_preemptions", &self.labels).increment(0);
+        // Exported from the start, so that dashboards and alerts see every
+        // series before the first event.
+        let labels = &self.labels;
+        for counter in [
+            "switchyard:num_preemptions_total",
+            "switchyard:prompt_tokens_total",
+            "switchyard:generation_tokens_total",
+            "switchyard:prefix_cache_queries_total",
+            "switchyard:prefix_cache_hits_total",
+        ] {
+            metrics::counter!(counter, labels).increment(0);
+        }
+        for reason in ["stop", "length", "abort", "error"] {
+            let [(k, v)] = labels;
+            metrics::counter!("switchyard:request_success_total", *k => v.clone(), "finished_reason" => reason)
+                .increment(0);
+        }
+        for histogram in [
+            "switchyard:time_to_first_token_seconds",
+            "switchyard:inter_token_latency_seconds",
+            "switchyard:e2e_request_latency_seconds",
+            "switchyard:request_queue_time_seconds",
+        ] {
+            // A histogram handle registers the series with no observations.
+            let _ = metrics::histogram!(histogram, labels);
+        }
         loop {
             if self.scheduler.is_idle() {
                 match rx.recv() {
@@ -580,7 +630,10 @@ impl Worker {
     /// Queues a generation; runs a scoring pass at once.
     fn take(&mut self, job: Job) {
         match job {
-            Job::Generate(s) => self.scheduler.waiting.push_back(Sequence::new(*s)),
+            Job::Generate(s) => self
+                .scheduler
+                .waiting
+                .push_back(Sequence::new(*s, &self.labels)),
             Job::Score(j) => {
                 let dtype = self.cache.dtype;
                 let out = self
@@ -626,7 +679,7 @@ impl Worker {
         }
         let labels = self.labels.clone();
         if sched.preempted > 0 {
-            metrics::counter!("switchyard:num_preemptions", &labels)
+            metrics::counter!("switchyard:num_preemptions_total", &labels)
                 .increment(sched.preempted as u64);
             self.stats
                 .preemptions
@@ -710,10 +763,8 @@ impl Worker {
             }
             self.sample_next(last, logits, None);
         }
-        for s in self.scheduler.retire(&mut self.cache, |s| s.finished) {
-            metrics::histogram!("switchyard:e2e_request_latency_seconds", &labels)
-                .record(s.arrived.elapsed().as_secs_f64());
-        }
+        // Dropped here; the last sample of a request records it.
+        self.scheduler.retire(&mut self.cache, |s| s.finished);
         self.report();
     }
 
@@ -835,7 +886,7 @@ impl Worker {
                 break;
             }
             accepted += 1;
-            metrics::counter!("switchyard:spec_decode_num_accepted_tokens_per_pos", "model_name" => self.name.clone(), "position" => j.to_string())
+            metrics::counter!("switchyard:spec_decode_num_accepted_tokens_per_pos_total", "model_name" => self.name.clone(), "position" => j.to_string())
                 .increment(1);
             // An accepted token can end the sequence (EOS, a stop string,
             // max_tokens); the rest of the proposal goes unjudged.
@@ -851,10 +902,10 @@ impl Worker {
             d.keep(seq, before + accepted);
         }
         let labels = &self.labels;
-        metrics::counter!("switchyard:spec_decode_num_drafts", labels).increment(1);
-        metrics::counter!("switchyard:spec_decode_num_draft_tokens", labels)
+        metrics::counter!("switchyard:spec_decode_num_drafts_total", labels).increment(1);
+        metrics::counter!("switchyard:spec_decode_num_draft_tokens_total", labels)
             .increment(draft.len() as u64);
-        metrics::counter!("switchyard:spec_decode_num_accepted_tokens", labels)
+        metrics::counter!("switchyard:spec_decode_num_accepted_tokens_total", labels)
             .increment(accepted as u64);
         if let Ok(mut spec) = self.stats.speculation.lock() {
             spec.drafts += 1;
@@ -883,6 +934,7 @@ impl Worker {
                 i,
                 p.events.clone(),
                 p.arrived,
+                &p.labels,
             );
             child.computed = p.computed;
             child.cached_prompt = p.cached_prompt;
@@ -907,9 +959,9 @@ impl Worker {
         let stats = &self.stats;
         let queried = stats.prefix_queried.swap(now.queried, Ordering::Relaxed);
         let hit = stats.prefix_hit.swap(now.hit, Ordering::Relaxed);
-        metrics::counter!("switchyard:prefix_cache_queries", labels)
+        metrics::counter!("switchyard:prefix_cache_queries_total", labels)
             .increment(now.queried - queried);
-        metrics::counter!("switchyard:prefix_cache_hits", labels).increment(now.hit - hit);
+        metrics::counter!("switchyard:prefix_cache_hits_total", labels).increment(now.hit - hit);
         stats
             .free_blocks
             .store(self.cache.blocks.num_free(), Ordering::Relaxed);
@@ -950,19 +1002,19 @@ impl Worker {
         s.tokens.push(picked.token);
         let now = Instant::now();
         match s.last_token_at {
-            None => {
+            // Once per request, whatever `n`.
+            None if s.index == 0 => {
                 metrics::histogram!("switchyard:time_to_first_token_seconds", labels)
                     .record((now - s.arrived).as_secs_f64());
-                if s.index == 0 {
-                    metrics::counter!("switchyard:prompt_tokens", labels)
-                        .increment(s.prompt_len as u64);
-                }
+                metrics::counter!("switchyard:prompt_tokens_total", labels)
+                    .increment(s.prompt_len as u64);
             }
+            None => {}
             Some(t) => metrics::histogram!("switchyard:inter_token_latency_seconds", labels)
                 .record((now - t).as_secs_f64()),
         }
         s.last_token_at = Some(now);
-        metrics::counter!("switchyard:generation_tokens", labels).increment(1);
+        metrics::counter!("switchyard:generation_tokens_total", labels).increment(1);
         let n = s.output().len();
         let is_eos = tok.is_eos(picked.token) && !s.req.ignore_eos;
         // The grammar is complete once it admits nothing more.

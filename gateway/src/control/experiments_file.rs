@@ -75,14 +75,14 @@ impl Experiments {
             match self.reload() {
                 Ok(n) => {
                     tracing::info!(path = %path.display(), experiments = n, "experiments reloaded");
-                    metrics::counter!("switchyard:experiment_reloads", "outcome" => "ok")
+                    metrics::counter!("switchyard:experiment_reloads_total", "outcome" => "ok")
                         .increment(1);
                 }
                 Err(e) => {
                     tracing::warn!(
                         "experiments not reloaded, the previous ones stay in force: {e}"
                     );
-                    metrics::counter!("switchyard:experiment_reloads", "outcome" => "rejected")
+                    metrics::counter!("switchyard:experiment_reloads_total", "outcome" => "rejected")
                         .increment(1);
                 }
             }

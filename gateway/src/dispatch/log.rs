@@ -2,7 +2,7 @@
 //! of its requests (sticky by request id) is recorded, with each answer
 //! (the primary's and each shadow's), by a writer thread that batches
 //! entries into the registry's database. A full queue drops the entry and
-//! counts it (`switchyard:request_log_dropped`); serving never waits on it.
+//! counts it (`switchyard:request_log_dropped_total`); serving never waits on it.
 use super::sticky_hash::bucket;
 use crate::registry::request_log::Entry;
 use crate::registry::Registry;
@@ -101,7 +101,7 @@ impl RequestLog {
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(entry)
         {
-            metrics::counter!("switchyard:request_log_dropped", "route" => route.to_string())
+            metrics::counter!("switchyard:request_log_dropped_total", "route" => route.to_string())
                 .increment(1);
         }
     }
@@ -118,7 +118,7 @@ fn write_loop(registry: &Registry, rx: &Receiver<Entry>, max_rows: u64) {
         }
         if let Err(e) = registry.log_requests(&batch, max_rows) {
             tracing::warn!(entries = batch.len(), "writing the request log: {e}");
-            metrics::counter!("switchyard:request_log_dropped", "route" => "*")
+            metrics::counter!("switchyard:request_log_dropped_total", "route" => "*")
                 .increment(batch.len() as u64);
         }
     }

@@ -173,7 +173,7 @@ impl Copy<'_> {
             self.stats.skipped(&route, &label);
             return false;
         };
-        metrics::counter!("switchyard:shadow_requests", "route" => route.clone(), "version" => label.clone())
+        metrics::counter!("switchyard:shadow_requests_total", "route" => route.clone(), "version" => label.clone())
             .increment(1);
         let stats = self.stats.clone();
         let timeout = Duration::from_millis(self.policy.timeout_ms);

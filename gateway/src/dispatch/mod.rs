@@ -76,7 +76,7 @@ pub fn resolve_llm(
             .unwrap_or_default()
     };
     let target = |model: &str, d: (engine::llm::LlmEngine, Option<u32>), arm, shadows| {
-        metrics::counter!("switchyard:route_requests", "route" => route_name.to_string(),
+        metrics::counter!("switchyard:route_requests_total", "route" => route_name.to_string(),
             "version" => d.1.map_or_else(|| "static".to_string(), |v| v.to_string()), "arm" => Arm::as_str(&arm).to_string())
         .increment(1);
         LlmTarget {

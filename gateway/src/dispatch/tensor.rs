@@ -54,7 +54,7 @@ pub fn resolve_tensor(table: &RouteTable, name: &str, unit: &str) -> Option<Tens
             .collect();
         (d.clone(), arm, shadows)
     };
-    metrics::counter!("switchyard:route_requests", "route" => route_name.to_string(),
+    metrics::counter!("switchyard:route_requests_total", "route" => route_name.to_string(),
         "version" => deployment.version.to_string(), "arm" => arm.as_str().to_string())
     .increment(1);
     Some(TensorTarget {

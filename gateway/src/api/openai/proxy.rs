@@ -48,7 +48,7 @@ pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -
     let name = u.config.name.clone();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
-            metrics::counter!("switchyard:upstream_requests", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
+            metrics::counter!("switchyard:upstream_requests_total", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
                 .increment(1);
             let mut out = Response::builder()
                 .status(resp.status())
@@ -77,7 +77,8 @@ pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -
 }
 
 fn upstream_error(name: &str, e: UpstreamError) -> Response {
-    metrics::counter!("switchyard:upstream_errors", "upstream" => name.to_string()).increment(1);
+    metrics::counter!("switchyard:upstream_errors_total", "upstream" => name.to_string())
+        .increment(1);
     let status = match &e {
         UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
         UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
