@@ -190,6 +190,10 @@ pub struct RegistryConfig {
     /// default: `registry.db` in `server.data_dir`.
     #[serde(default)]
     pub database: Option<String>,
+    /// The name of an environment variable that holds `database`, so that
+    /// its password stays out of the file (a Kubernetes Secret, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_env: Option<String>,
     /// A PEM file of the CA that signed the PostgreSQL server's certificate
     /// (with `sslmode=require`); default: the webpki roots.
     #[serde(default)]
@@ -271,10 +275,15 @@ fn default_reconcile_secs() -> u64 {
 }
 
 impl RegistryConfig {
-    pub fn database_url(&self, server: &ServerConfig) -> String {
-        self.database.clone().unwrap_or_else(|| {
+    pub fn database_url(&self, server: &ServerConfig) -> Result<String, String> {
+        if let Some(var) = &self.database_env {
+            return std::env::var(var).map_err(|_| {
+                format!("registry.database_env: the environment variable {var} is not set")
+            });
+        }
+        Ok(self.database.clone().unwrap_or_else(|| {
             format!("sqlite:{}", server.data_dir().join("registry.db").display())
-        })
+        }))
     }
 
     /// Where `file://` artifacts may come from: the configured roots and the
@@ -730,6 +739,9 @@ impl Config {
         }
         if let Some(r) = &self.registry {
             validate_engine(&r.engine, "registry.engine", false)?;
+            if r.database.is_some() && r.database_env.is_some() {
+                return Err("registry.database / database_env: give one of them".into());
+            }
             if r.reconcile_interval_secs == 0 {
                 return Err("registry.reconcile_interval_secs: must be at least 1".into());
             }
@@ -886,6 +898,24 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_url_can_come_from_the_environment() {
+        let cfg =
+            Config::parse("registry:\n  database_env: SWITCHYARD_TEST_DB_URL_UNSET\n").unwrap();
+        let r = cfg.registry.as_ref().unwrap();
+        let e = r.database_url(&cfg.server).unwrap_err();
+        assert!(e.contains("SWITCHYARD_TEST_DB_URL_UNSET"), "{e}");
+        let cfg = Config::parse("registry:\n  database_env: PATH\n").unwrap();
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            cfg.registry.as_ref().unwrap().database_url(&cfg.server),
+            Ok(path)
+        );
+        let e = Config::parse("registry:\n  database: sqlite:x.db\n  database_env: PATH\n")
+            .unwrap_err();
+        assert!(e.starts_with("registry.database / database_env"), "{e}");
+    }
 
     #[test]
     fn checks_name_the_line_of_their_key() {

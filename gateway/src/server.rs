@@ -141,10 +141,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::spawn(exps.clone().watch());
     }
     if let Some(rc) = &cfg.registry {
-        let url = rc.database_url(&cfg.server);
+        let url = rc.database_url(&cfg.server).map_err(anyhow::Error::msg)?;
         let ca = rc.database_ca.as_deref();
+        // Named without its credentials.
+        let at = url.split('@').next_back().unwrap_or_default().to_string();
         let registry = tokio::task::block_in_place(|| registry::Registry::open_with_ca(&url, ca))
-            .with_context(|| format!("opening the registry at {url}"))?
+            .with_context(|| format!("opening the registry at {at}"))?
             .with_tier_floor(rc.min_tier_without_admin);
         tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
         state = state.with_registry(api::registry::RegistryApi::new(registry.clone()));
