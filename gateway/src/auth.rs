@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Who may do what. Roles are granted to API keys in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +92,10 @@ pub struct ApiKeyConfig {
     pub key_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_sha256: Option<String>,
+    /// Inference calls per second this key may make (a token bucket that
+    /// holds a second's worth); beyond it, 429 with `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
 }
 
 impl ApiKeyConfig {
@@ -103,6 +109,12 @@ impl ApiKeyConfig {
             return Err(format!(
                 "{at}: give exactly one of `key`, `key_env` and `key_sha256`"
             ));
+        }
+        if let Some(r) = self
+            .requests_per_second
+            .filter(|r| !(r.is_finite() && *r > 0.0))
+        {
+            return Err(format!("{at}.requests_per_second: {r} must be above 0"));
         }
         if self.name.trim().is_empty() {
             return Err(format!("{at}.name: must not be empty"));
@@ -166,6 +178,8 @@ pub enum AuthError {
     Unknown,
     /// The key's role does not allow the call (403).
     Forbidden(String),
+    /// The key is over its rate (429, `Retry-After` seconds).
+    RateLimited { message: String, retry_after: u64 },
 }
 
 impl AuthError {
@@ -174,6 +188,15 @@ impl AuthError {
             AuthError::Missing(m) => m.clone(),
             AuthError::Unknown => "this API key is not configured".into(),
             AuthError::Forbidden(m) => m.clone(),
+            AuthError::RateLimited { message, .. } => message.clone(),
+        }
+    }
+
+    /// Seconds to wait before trying again, for a rate-limited key.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            AuthError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -181,6 +204,7 @@ impl AuthError {
     pub fn http_status(&self) -> axum::http::StatusCode {
         match self {
             AuthError::Forbidden(_) => axum::http::StatusCode::FORBIDDEN,
+            AuthError::RateLimited { .. } => axum::http::StatusCode::TOO_MANY_REQUESTS,
             _ => axum::http::StatusCode::UNAUTHORIZED,
         }
     }
@@ -188,6 +212,17 @@ impl AuthError {
     pub fn grpc_status(&self) -> tonic::Status {
         match self {
             AuthError::Forbidden(m) => tonic::Status::permission_denied(m.clone()),
+            AuthError::RateLimited {
+                message,
+                retry_after,
+            } => {
+                let mut s = tonic::Status::resource_exhausted(message.clone());
+                s.metadata_mut().insert(
+                    "retry-after",
+                    retry_after.to_string().parse().expect("digits are ASCII"),
+                );
+                s
+            }
             other => tonic::Status::unauthenticated(other.message()),
         }
     }
@@ -197,6 +232,41 @@ impl AuthError {
 #[derive(Debug, Clone, Default)]
 pub struct Keys {
     by_digest: HashMap<[u8; 32], Actor>,
+    /// Per key name, the rate its inference calls are held to.
+    limits: HashMap<String, Arc<RateLimit>>,
+}
+
+/// A token bucket: `rate` tokens a second, holding at most a second's
+/// worth (at least one).
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            state: Mutex::new((rate.max(1.0), Instant::now())),
+        }
+    }
+
+    /// Takes a token, or says in how many whole seconds one will be there.
+    pub fn take(&self) -> Result<(), u64> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = *g;
+        let now = Instant::now();
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        if tokens >= 1.0 {
+            *g = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *g = (tokens, now);
+            Err(((1.0 - tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
 }
 
 impl Keys {
@@ -207,6 +277,7 @@ impl Keys {
         min_len: usize,
     ) -> Result<Self, String> {
         let mut by_digest: HashMap<[u8; 32], Actor> = HashMap::new();
+        let mut limits = HashMap::new();
         let mut names: HashMap<String, String> = HashMap::new();
         for (at, k) in entries {
             k.validate(&at)?;
@@ -217,6 +288,9 @@ impl Keys {
                 ));
             }
             let digest = k.digest(&at, min_len)?;
+            if let Some(rate) = k.requests_per_second {
+                limits.insert(k.name.clone(), Arc::new(RateLimit::new(rate)));
+            }
             let actor = Actor {
                 name: k.name.clone(),
                 role: k.role,
@@ -228,7 +302,21 @@ impl Keys {
                 ));
             }
         }
-        Ok(Self { by_digest })
+        Ok(Self { by_digest, limits })
+    }
+
+    /// Holds an inference call by `actor` to its key's rate, if it has one.
+    pub fn admit(&self, actor: &Actor) -> Result<(), AuthError> {
+        match self.limits.get(&actor.name).map(|l| l.take()) {
+            Some(Err(retry_after)) => Err(AuthError::RateLimited {
+                message: format!(
+                    "`{}` is over its rate of {} requests per second; retry in {retry_after} s",
+                    actor.name, self.limits[&actor.name].rate
+                ),
+                retry_after,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Keys for tests and tools: `(secret, actor)` pairs, unchecked.
@@ -238,6 +326,7 @@ impl Keys {
                 .into_iter()
                 .map(|(s, a)| (Sha256::digest(s.as_bytes()).into(), a))
                 .collect(),
+            limits: HashMap::new(),
         }
     }
 
@@ -309,7 +398,34 @@ mod tests {
             key: Some(secret.into()),
             key_env: None,
             key_sha256: None,
+            requests_per_second: None,
         }
+    }
+
+    #[test]
+    fn a_rate_limited_key_waits_and_others_do_not() {
+        let limited = ApiKeyConfig {
+            requests_per_second: Some(2.0),
+            ..key("batch", Role::Invoke, "a-batch-job-secret-123")
+        };
+        let k = keys(&[limited, key("app", Role::Invoke, "an-app-secret-12345")]).unwrap();
+        let batch = k.authenticate(Some("a-batch-job-secret-123")).unwrap();
+        let app = k.authenticate(Some("an-app-secret-12345")).unwrap();
+        assert!(k.admit(&batch).is_ok() && k.admit(&batch).is_ok());
+        let e = k.admit(&batch).unwrap_err();
+        assert_eq!(e.retry_after(), Some(1));
+        assert_eq!(e.http_status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.grpc_status().code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("`batch`"), "{}", e.message());
+        for _ in 0..100 {
+            assert!(k.admit(&app).is_ok());
+        }
+        let bad = ApiKeyConfig {
+            requests_per_second: Some(0.0),
+            ..key("zero", Role::Invoke, "a-zero-rate-secret-1")
+        };
+        let e = keys(&[bad]).unwrap_err();
+        assert!(e.contains("requests_per_second"), "{e}");
     }
 
     fn keys(list: &[ApiKeyConfig]) -> Result<Keys, String> {

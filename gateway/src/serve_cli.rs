@@ -186,6 +186,7 @@ impl ServeFlags {
                 key: Some(key),
                 key_env: None,
                 key_sha256: None,
+                requests_per_second: None,
             });
             cfg.auth.inference_requires_key = true;
         }

@@ -146,11 +146,18 @@ impl AppState {
 
     /// Lets an inference call through when inference is open, or when the
     /// presented key allows it.
+    /// A key's `requests_per_second` holds its calls, whether or not
+    /// inference needs a key.
     pub fn authorize_inference(&self, presented: Option<&str>) -> Result<(), AuthError> {
-        if self.keyed_inference {
-            self.keys.authorize(presented, Permission::Invoke)?;
+        let actor = if self.keyed_inference {
+            Some(self.keys.authorize(presented, Permission::Invoke)?)
+        } else {
+            presented.and_then(|p| self.keys.authenticate(Some(p)).ok())
+        };
+        match actor {
+            Some(a) => self.keys.admit(&a),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn with_model_repository(
@@ -300,7 +307,15 @@ pub(crate) async fn inference_key<E: From<AuthError> + IntoResponse>(
 ) -> Response {
     match s.authorize_inference(auth::from_headers(req.headers())) {
         Ok(()) => next.run(req).await,
-        Err(e) => E::from(e).into_response(),
+        Err(e) => {
+            let retry_after = e.retry_after();
+            let mut resp = E::from(e).into_response();
+            if let Some(secs) = retry_after {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, secs.into());
+            }
+            resp
+        }
     }
 }
 

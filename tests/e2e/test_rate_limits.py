@@ -1,0 +1,80 @@
+"""Per-key rate limits on every inference front: a key over its
+`requests_per_second` gets 429 with `Retry-After` in the protocol's own
+shape (OpenAI error JSON, KServe `{"error"}`, gRPC RESOURCE_EXHAUSTED with
+`retry-after`), and other keys are unaffected."""
+import time
+
+import numpy as np
+import pytest
+import httpx
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import ROOT, Triton
+
+LIMITED = "a-limited-batch-job-key-0001"
+OTHER = "an-unlimited-application-key-01"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("limits") / "config.yaml"
+    cfg.write_text(f"""auth:
+  inference_requires_key: true
+  api_keys:
+    - {{ name: batch, role: invoke, key: {LIMITED}, requests_per_second: 1 }}
+    - {{ name: app, role: invoke, key: {OTHER} }}
+model_repository:
+  path: {ROOT / "configs" / "model_repository"}
+""")
+    s = Triton(None, config=str(cfg))
+    yield s
+    s.stop()
+
+
+def burst(call, n=6):
+    return [call() for _ in range(n)]
+
+
+INFER = {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+def call(url, headers):
+    if url.endswith("/infer"):
+        return httpx.post(url, json=INFER, headers=headers)
+    return httpx.get(url, headers=headers)
+
+
+def test_openai_and_kserve_http_answer_429_with_retry_after(server):
+    for url, shape in [(f"{server.url}/v1/models", "openai"), (f"{server.url}/v2/models/iris_xgb/infer", "kserve")]:
+        limited = burst(lambda: call(url, {"Authorization": f"Bearer {LIMITED}"}))
+        refused = [r for r in limited if r.status_code == 429]
+        assert limited[0].status_code == 200 and refused, [r.status_code for r in limited]
+        r = refused[0]
+        assert int(r.headers["retry-after"]) >= 1
+        body = r.json()
+        if shape == "openai":
+            assert "batch" in body["error"]["message"] and "requests per second" in body["error"]["message"]
+        else:
+            assert "batch" in body["error"]
+        # The other key is not held by the first one's rate.
+        assert all(r.status_code == 200 for r in burst(lambda: call(url, {"x-api-key": OTHER})))
+        # After the wait it names, the limited key is let through again.
+        time.sleep(int(r.headers["retry-after"]))
+        assert call(url, {"Authorization": f"Bearer {LIMITED}"}).status_code == 200
+        time.sleep(int(r.headers["retry-after"]))
+
+
+def test_kserve_grpc_answers_resource_exhausted(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = grpcclient.InferInput("input__0", [1, 4], "FP32")
+    x.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+    errors = []
+    for _ in range(6):
+        try:
+            client.infer("iris_xgb", [x], headers={"authorization": f"Bearer {LIMITED}"})
+        except InferenceServerException as e:
+            errors.append(e)
+    assert errors and "RESOURCE_EXHAUSTED" in str(errors[0].status()), [str(e) for e in errors]
+    for _ in range(6):
+        client.infer("iris_xgb", [x], headers={"authorization": f"Bearer {OTHER}"})
