@@ -526,6 +526,11 @@ impl ModelDefinition {
                             .into(),
                     );
                 }
+                if !config.model_warmup.is_empty() {
+                    return Err("model_warmup: an ensemble runs no model of its own; \
+                                warm its steps' models up in their configs"
+                        .into());
+                }
                 backend = BackendKind::Ensemble(ensemble_steps(e, &inputs, &outputs)?);
                 None
             }
@@ -828,6 +833,16 @@ mod tests {
         );
         let e = ens(&step("a", "x", "t")).unwrap_err();
         assert!(e.starts_with("output 'y': no step"), "{e}");
+        let e = spec(&format!(
+            r#"platform: "ensemble" max_batch_size: 8
+            input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+            output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 3 ] }} ]
+            model_warmup [ {{ name: "w" inputs {{ key: "x" value: {{ data_type: TYPE_FP32 dims: [ 4 ] zero_data: true }} }} }} ]
+            ensemble_scheduling {{ step [ {} ] }}"#,
+            step("a", "x", "y")
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("model_warmup: an ensemble"), "{e}");
     }
 
     #[test]
