@@ -257,16 +257,15 @@ impl ModelRepository {
         config: Option<ModelConfig>,
         visiting: &mut Vec<String>,
     ) -> std::result::Result<(), String> {
-        let steps = config
-            .clone()
-            .or_else(|| self.read_config(name).ok())
-            .and_then(|c| match c.scheduling_choice {
-                Some(proto::inference::model_config::SchedulingChoice::EnsembleScheduling(e)) => {
-                    Some(e.step)
-                }
-                _ => None,
-            })
-            .unwrap_or_default();
+        // Read once here; a config that does not read is left for `build`
+        // to report.
+        let config = config.or_else(|| self.read_config(name).ok());
+        let steps = match config.as_ref().and_then(|c| c.scheduling_choice.as_ref()) {
+            Some(proto::inference::model_config::SchedulingChoice::EnsembleScheduling(e)) => {
+                e.step.clone()
+            }
+            _ => Vec::new(),
+        };
         visiting.push(name.to_string());
         for (i, step) in steps.iter().enumerate() {
             let composing = &step.model_name;
