@@ -314,6 +314,9 @@ pub struct ServerConfig {
     /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// TLS on the HTTP and gRPC ports (both, then plaintext is refused).
+    #[serde(default)]
+    pub tls: Option<crate::tls::ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -324,6 +327,7 @@ impl Default for ServerConfig {
             grpc: None,
             limits: Limits::default(),
             shutdown_grace_secs: default_grace(),
+            tls: None,
         }
     }
 }
@@ -938,6 +942,7 @@ mod tests {
         ("", "zz: 1\n"),
         ("server", "server:\n  zz: 1\n"),
         ("server.limits", "server:\n  limits:\n    zz: 1\n"),
+        ("server.tls", "server:\n  tls:\n    zz: 1\n"),
         ("auth", "auth:\n  zz: 1\n"),
         ("auth.api_keys[]", "auth:\n  api_keys:\n    - zz: 1\n"),
         ("models[]", "models:\n  - zz: 1\n"),
@@ -972,6 +977,7 @@ mod tests {
             "registry:\n  request_log: { routes: [ { zz: 1 } ] }\n",
         ),
         ("upstreams[]", "upstreams:\n  - zz: 1\n"),
+        ("upstreams[].tls", "upstreams:\n  - tls: { zz: 1 }\n"),
         ("model_repository", "model_repository:\n  zz: 1\n"),
         (
             "model_repository.shadows[]",

@@ -138,9 +138,23 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects lazily to `endpoint` (`grpc://host:port` or `http://host:port`).
-    pub fn new(endpoint: &str, model: &str, timeout: Duration) -> Result<Self, String> {
-        let channel = Self::endpoint(endpoint)?
+    /// Connects lazily to `endpoint` (`grpc://host:port` or `http://host:port`;
+    /// `grpcs://` or `https://` for TLS, with `tls`'s CA and client
+    /// certificate, or the webpki roots).
+    pub fn new(
+        endpoint: &str,
+        model: &str,
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientTlsConfig>,
+    ) -> Result<Self, String> {
+        let mut channel = Self::endpoint(endpoint)?;
+        if channel.uri().scheme_str() == Some("https") {
+            let tls = tls.cloned().unwrap_or_default().tonic("tls")?;
+            channel = channel
+                .tls_config(tls)
+                .map_err(|e| format!("`{endpoint}`: {e}"))?;
+        }
+        let channel = channel
             .connect_timeout(Duration::from_secs(2).min(timeout))
             .timeout(timeout)
             .tcp_nodelay(true)
@@ -160,9 +174,12 @@ impl Remote {
     /// `grpc://host:port` (or `http://`) as tonic's endpoint; checks the
     /// address without connecting, so configs are validated before start.
     pub fn endpoint(endpoint: &str) -> Result<tonic::transport::Endpoint, String> {
-        let url = match endpoint.strip_prefix("grpc://") {
-            Some(rest) => format!("http://{rest}"),
-            None => endpoint.to_string(),
+        let url = if let Some(rest) = endpoint.strip_prefix("grpc://") {
+            format!("http://{rest}")
+        } else if let Some(rest) = endpoint.strip_prefix("grpcs://") {
+            format!("https://{rest}")
+        } else {
+            endpoint.to_string()
         };
         tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| format!("`{endpoint}` is not a gRPC endpoint: {e}"))

@@ -18,4 +18,5 @@ pub mod plane;
 pub mod registry;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

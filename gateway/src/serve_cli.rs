@@ -44,6 +44,16 @@ pub struct ServeFlags {
     /// role invoke, and `auth.inference_requires_key`.
     #[arg(long, env = "SWITCHYARD_INFERENCE_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// TLS on the HTTP and gRPC ports: the certificate chain (PEM), as
+    /// vLLM's flag; needs `--ssl-keyfile`.
+    #[arg(long)]
+    pub ssl_certfile: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// Clients must present a certificate signed by this CA (PEM).
+    #[arg(long)]
+    pub ssl_ca_certs: Option<PathBuf>,
     /// Prompt experiments (YAML) to run, as `experiments_file`.
     #[arg(long)]
     pub experiments_file: Option<PathBuf>,
@@ -152,6 +162,28 @@ impl ServeFlags {
             }
             (None, None, _) => {}
         }
+        match (self.ssl_certfile, self.ssl_keyfile) {
+            (Some(cert_file), Some(key_file)) => {
+                cfg.server.tls = Some(gateway::tls::ServerTlsConfig {
+                    cert_file,
+                    key_file,
+                    client_ca_file: self.ssl_ca_certs,
+                    reload_interval_ms: cfg
+                        .server
+                        .tls
+                        .as_ref()
+                        .map_or(gateway::tls::DEFAULT_RELOAD_MS, |t| t.reload_interval_ms),
+                })
+            }
+            (None, None) if self.ssl_ca_certs.is_none() => {}
+            (None, None) => match cfg.server.tls.as_mut() {
+                Some(t) => t.client_ca_file = self.ssl_ca_certs,
+                None => {
+                    bail!("--ssl-ca-certs needs --ssl-certfile and --ssl-keyfile (or server.tls)")
+                }
+            },
+            _ => bail!("--ssl-certfile and --ssl-keyfile go together"),
+        }
         if let Some(port) = self.grpc_port {
             let host = self.host.clone().unwrap_or("127.0.0.1".into());
             cfg.server.grpc = Some(format!("{host}:{port}"));
@@ -215,6 +247,36 @@ mod tests {
 
     fn config() -> Config {
         Config::parse(include_str!("../../configs/default.yaml")).unwrap()
+    }
+
+    #[test]
+    fn ssl_flags_turn_tls_on_and_go_together() {
+        let mut cfg = config();
+        let flags = ServeFlags {
+            ssl_certfile: Some("/c.pem".into()),
+            ssl_keyfile: Some("/k.pem".into()),
+            ssl_ca_certs: Some("/ca.pem".into()),
+            ..Default::default()
+        };
+        flags.apply(&mut cfg, None).unwrap();
+        let tls = cfg.server.tls.unwrap();
+        assert_eq!(
+            (tls.cert_file, tls.key_file, tls.client_ca_file),
+            ("/c.pem".into(), "/k.pem".into(), Some("/ca.pem".into()))
+        );
+        for flags in [
+            ServeFlags {
+                ssl_certfile: Some("/c.pem".into()),
+                ..Default::default()
+            },
+            ServeFlags {
+                ssl_ca_certs: Some("/ca.pem".into()),
+                ..Default::default()
+            },
+        ] {
+            let e = flags.apply(&mut config(), None).unwrap_err().to_string();
+            assert!(e.contains("--ssl-certfile"), "{e}");
+        }
     }
 
     #[test]

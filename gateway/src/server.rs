@@ -7,6 +7,7 @@ use crate::auth::Keys;
 use crate::config::{self, Config};
 use crate::control::{controller, experiments_file, rollout};
 use crate::limits::Limits;
+use crate::tls::{Port, ServerTls};
 use crate::{models, plane, registry, upstream};
 use anyhow::{Context, Result};
 use engine::llm::{load_model, LlmEngine};
@@ -117,6 +118,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracing::warn!("repository load/unload is open to anyone who reaches the ports (--allow-unauthenticated-control)");
     }
     let limits = cfg.server.limits;
+    let tls = match &cfg.server.tls {
+        Some(t) => {
+            let tls = ServerTls::load(t.clone()).map_err(anyhow::Error::msg)?;
+            tokio::spawn(tls.clone().watch());
+            Some(tls)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let (end_grace, shutdown) = Shutdown::new();
     let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?))
         .with_security(keys, open_control, cfg.auth.inference_requires_key, limits)
@@ -226,11 +236,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         // The bound address: with port 0 the system picked it.
         let bound = grpc.local_addr()?;
-        tracing::info!("KServe gRPC on {bound}");
-        let (grpc_state, mut stop) = (state.clone(), stop.clone());
+        tracing::info!(tls = tls.is_some(), "KServe gRPC on {bound}");
+        let (grpc_state, mut stop, tls) = (state.clone(), stop.clone(), tls.clone());
         grpc_done = Some(tokio::spawn(async move {
             let shutdown = async move { stopped(&mut stop).await };
-            if let Err(e) = api::kserve::grpc::serve(grpc, grpc_state, limits, shutdown).await {
+            let served = api::kserve::grpc::serve(grpc, tls, grpc_state, limits, shutdown);
+            if let Err(e) = served.await {
                 tracing::error!("KServe gRPC stopped: {e:#}");
             }
         }));
@@ -239,11 +250,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.server.http))?;
     tracing::info!(
-        "listening on http://{} (health: /health, API: /v1, KServe: /v2)",
+        "listening on {scheme}://{} (health: /health, API: /v1, KServe: /v2)",
         listener.local_addr()?
     );
     let app = api::router(state.clone());
-    let mut http = tokio::spawn(serve_http(listener, app, limits, stop.clone()));
+    let mut http = tokio::spawn(serve_http(listener, tls, app, limits, stop.clone()));
     let models = cfg.models.clone();
     let loading = tokio::task::spawn_blocking(move || load_models(&state, &models));
     tokio::select! {
@@ -342,6 +353,109 @@ pub async fn accept_capped(
     }
 }
 
+/// An accepted connection: as it came, or after a TLS handshake.
+pub enum Conn {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl Capped<tokio::net::TcpStream> {
+    /// With `tls`, completes the handshake (within `within`, so a client
+    /// that never finishes one holds its place no longer than a slow
+    /// request head would); a plaintext client on a TLS port fails here.
+    pub async fn secure(
+        self,
+        tls: Option<&ServerTls>,
+        port: Port,
+        within: Duration,
+    ) -> std::io::Result<Capped<Conn>> {
+        let io = match tls {
+            None => Conn::Plain(self.io),
+            Some(tls) => {
+                let handshake = tls.acceptor(port).accept(self.io);
+                match tokio::time::timeout(within, handshake).await {
+                    Ok(stream) => Conn::Tls(Box::new(stream?)),
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(Capped {
+            io,
+            _permit: self._permit,
+        })
+    }
+}
+
+/// Forwards each I/O call to whichever stream the connection is.
+macro_rules! either {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Plain($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Conn::Tls($s) => {
+                let $s = std::pin::Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        either!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        either!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
@@ -396,11 +510,14 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<T> {
     }
 }
 
-impl tonic::transport::server::Connected for Capped<tokio::net::TcpStream> {
+impl tonic::transport::server::Connected for Capped<Conn> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        match &self.io {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
     }
 }
 
@@ -409,7 +526,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves `app` over HTTP/1 and HTTP/2 (cleartext) on `listener`: at most
+/// Serves `app` over HTTP/1 and HTTP/2 (cleartext, or TLS with ALPN) on `listener`: at most
 /// `max_connections` open, request heads read within the header timeout
 /// (which also closes idle kept-alive connections), at most
 /// `max_concurrent_streams` HTTP/2 streams per connection. When `stop` turns
@@ -417,6 +534,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// returns when the last one has closed.
 pub async fn serve_http(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     app: axum::Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
@@ -441,8 +559,13 @@ pub async fn serve_http(
             _ = stopped(&mut stop) => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (builder, mut stop) = (builder.clone(), stop.clone());
+        let (builder, mut stop, tls) = (builder.clone(), stop.clone(), tls.clone());
+        let within = Duration::from_secs(limits.header_read_timeout_secs);
         tokio::spawn(async move {
+            let conn = match conn.secure(tls.as_ref(), Port::Http, within).await {
+                Ok(c) => c,
+                Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
+            };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
             tokio::pin!(conn);
             let result = tokio::select! {

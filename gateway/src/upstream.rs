@@ -6,6 +6,7 @@
 //! the fewest requests outstanding and opens a replica's circuit after
 //! consecutive failures. Active health checks run beside it.
 use crate::kserve_client::Remote;
+use crate::tls::ClientTlsConfig;
 use axum::body::Bytes;
 use engine::dnn::{DnnError, InferRequest, InferResponse};
 use serde::{Deserialize, Serialize};
@@ -58,9 +59,22 @@ pub struct UpstreamConfig {
     pub failure_threshold: u32,
     #[serde(default = "default_open_secs")]
     pub open_secs: u64,
+    /// The CA to trust and a client certificate to present (mTLS), for
+    /// `https://` and `grpcs://` endpoints.
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl UpstreamConfig {
+    /// An HTTP client with this upstream's TLS settings.
+    fn http_client(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+        let builder = match &self.tls {
+            Some(tls) => tls.reqwest(builder, "tls")?,
+            None => builder,
+        };
+        builder.build().map_err(|e| e.to_string())
+    }
+
     /// The model's name at the upstream.
     pub fn model(&self) -> &str {
         self.model.as_deref().unwrap_or(&self.name)
@@ -96,16 +110,20 @@ impl UpstreamConfig {
             let ok = match self.protocol {
                 Protocol::Openai => matches!(scheme.as_deref(), Ok("http" | "https")),
                 Protocol::Kserve => {
-                    matches!(scheme.as_deref(), Ok("grpc" | "http")) && Remote::endpoint(e).is_ok()
+                    matches!(scheme.as_deref(), Ok("grpc" | "grpcs" | "http" | "https"))
+                        && Remote::endpoint(e).is_ok()
                 }
             };
             if !ok {
                 let want = match self.protocol {
                     Protocol::Openai => "an http(s) URL",
-                    Protocol::Kserve => "a gRPC address like grpc://host:8001",
+                    Protocol::Kserve => "a gRPC address like grpc://host:8001 (grpcs:// for TLS)",
                 };
                 return Err(format!("{at}.endpoints[{i}]: `{e}` is not {want}"));
             }
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{at}.tls"))?;
         }
         if self.timeout_secs == 0 || self.health_interval_ms == 0 || self.failure_threshold == 0 {
             return Err(format!(
@@ -369,10 +387,11 @@ impl Upstream {
             next: Arc::default(),
             transport: match config.protocol {
                 Protocol::Openai => Transport::Http(
-                    reqwest::Client::builder()
-                        .connect_timeout(Duration::from_secs(2))
-                        .build()
-                        .expect("an HTTP client"),
+                    config
+                        .http_client(
+                            reqwest::Client::builder().connect_timeout(Duration::from_secs(2)),
+                        )
+                        .expect("validated TLS files"),
                 ),
                 Protocol::Kserve => Transport::Kserve(Arc::new(
                     config
@@ -380,7 +399,8 @@ impl Upstream {
                         .iter()
                         .map(|e| {
                             let timeout = Duration::from_secs(config.timeout_secs);
-                            Remote::new(e, config.model(), timeout).expect("validated endpoints")
+                            Remote::new(e, config.model(), timeout, config.tls.as_ref())
+                                .expect("validated endpoints")
                         })
                         .collect(),
                 )),
@@ -490,10 +510,10 @@ impl Upstream {
     /// Marks replicas up or down from `health_path`, forever.
     pub async fn check_health(self) {
         let every = Duration::from_millis(self.config.health_interval_ms);
-        let client = reqwest::Client::builder()
-            .timeout(every.min(Duration::from_secs(2)))
-            .build()
-            .expect("an HTTP client");
+        let client = self
+            .config
+            .http_client(reqwest::Client::builder().timeout(every.min(Duration::from_secs(2))))
+            .expect("validated TLS files");
         loop {
             for (i, r) in self.balancer.replicas.iter().enumerate() {
                 let up = match &self.balancer.transport {
@@ -568,6 +588,7 @@ mod tests {
             health_interval_ms: 1000,
             failure_threshold: threshold,
             open_secs: 60,
+            tls: None,
         })
     }
 

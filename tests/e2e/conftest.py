@@ -33,8 +33,9 @@ class Server:
     read back from its log; ready once `/health` answers 200."""
 
     def __init__(self, config: str | None = None, port: int | None = None, args: list[str] | None = None,
-                 http: bool = True):
+                 http: bool = True, client: dict | None = None):
         # http=False: the address comes from `args` (e.g. `--port`).
+        # client: httpx options for the health check (a CA for TLS ports).
         cmd = [binary(), "serve"] + (["--http", f"127.0.0.1:{port or 0}"] if http else [])
         if config:
             cmd += ["--config", config]
@@ -42,13 +43,14 @@ class Server:
         name = f"e2e-server-{os.getpid()}-{next(_servers)}.log"
         self.log = open(Path(binary()).parent / name, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.port = int(self.wait_for_log(r"listening on http://127\.0\.0\.1:(\d+)"))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = int(self.wait_for_log(r"listening on https?://127\.0\.0\.1:(\d+)"))
+        self.scheme = self.wait_for_log(r"listening on (https?)://")
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         deadline = time.time() + 180
         while time.time() < deadline:
             self.check_running()
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2, **(client or {})).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

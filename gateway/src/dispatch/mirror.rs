@@ -81,6 +81,9 @@ pub struct ShadowConfig {
     /// A remote KServe v2 gRPC node, e.g. `grpc://10.0.0.7:8001`.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The CA and client certificate for a `grpcs://` endpoint.
+    #[serde(default)]
+    pub tls: Option<crate::tls::ClientTlsConfig>,
     /// Share of requests copied, by the hash of the request id.
     #[serde(default = "default_tensor_sample")]
     pub sample_percent: f64,
@@ -122,6 +125,9 @@ impl ShadowConfig {
         }
         if let Some(e) = &self.endpoint {
             crate::kserve_client::Remote::endpoint(e).map_err(|e| format!("{at}.endpoint: {e}"))?;
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate(&format!("{at}.tls"))?;
         }
         Ok(())
     }

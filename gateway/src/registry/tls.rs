@@ -3,8 +3,7 @@
 //! webpki roots. Used when the URL says `sslmode=require`.
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use postgres::Socket;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::io;
 use std::path::Path;
@@ -25,20 +24,10 @@ impl Tls {
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(path) => {
-                for cert in CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("registry.database_ca {}: {e}", path.display()))?
-                {
-                    let cert =
-                        cert.map_err(|e| format!("registry.database_ca {}: {e}", path.display()))?;
+                for cert in crate::tls::read_certs(path, "registry.database_ca")? {
                     roots
                         .add(cert)
                         .map_err(|e| format!("registry.database_ca {}: {e}", path.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "registry.database_ca {}: no certificate in the file",
-                        path.display()
-                    ));
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

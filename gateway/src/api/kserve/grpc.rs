@@ -435,6 +435,7 @@ impl GrpcInferenceService for KserveGrpc {
 /// `max_connections` connections and `max_concurrent_streams` streams each.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<crate::tls::ServerTls>,
     state: AppState,
     limits: crate::limits::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -452,10 +453,39 @@ pub async fn serve(
         .send_compressed(Gzip)
         .send_compressed(Deflate);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let incoming = futures::stream::unfold((listener, permits), |(l, p)| async move {
-        let conn = crate::server::accept_capped(&l, &p).await;
-        Some((conn, (l, p)))
+    // Handshakes run on their own tasks, so one slow client holds up no
+    // other; accepting ends when the server drops the stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let within = Duration::from_secs(limits.header_read_timeout_secs);
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = crate::server::accept_capped(&listener, &permits) => c,
+                _ = tx.closed() => return,
+            };
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (tx, tls) = (tx.clone(), tls.clone());
+            tokio::spawn(async move {
+                match conn
+                    .secure(tls.as_ref(), crate::tls::Port::Grpc, within)
+                    .await
+                {
+                    Ok(c) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(c)).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "gRPC connection not accepted"),
+                }
+            });
+        }
     });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -54,6 +54,7 @@ impl Shadows {
                     e,
                     &c.target,
                     Duration::from_millis(c.timeout_ms),
+                    c.tls.as_ref(),
                 )?),
                 None => Target::Local(c.target.clone()),
             };
