@@ -96,6 +96,13 @@ pub struct ApiKeyConfig {
     /// holds a second's worth); beyond it, 429 with `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<f64>,
+    /// LLM tokens (prompt and generated) this key may spend per minute (a
+    /// budget that refills continuously and holds a minute's worth). A
+    /// call is let through while the budget is not overdrawn; its tokens
+    /// are charged as they are known, so one call may overdraw it, and the
+    /// key then waits (429 with `Retry-After`) until it has refilled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<f64>,
 }
 
 impl ApiKeyConfig {
@@ -110,11 +117,13 @@ impl ApiKeyConfig {
                 "{at}: give exactly one of `key`, `key_env` and `key_sha256`"
             ));
         }
-        if let Some(r) = self
-            .requests_per_second
-            .filter(|r| !(r.is_finite() && *r > 0.0))
-        {
-            return Err(format!("{at}.requests_per_second: {r} must be above 0"));
+        for (field, v) in [
+            ("requests_per_second", self.requests_per_second),
+            ("tokens_per_minute", self.tokens_per_minute),
+        ] {
+            if let Some(r) = v.filter(|r| !(r.is_finite() && *r > 0.0)) {
+                return Err(format!("{at}.{field}: {r} must be above 0"));
+            }
         }
         if self.name.trim().is_empty() {
             return Err(format!("{at}.name: must not be empty"));
@@ -232,40 +241,55 @@ impl AuthError {
 #[derive(Debug, Clone, Default)]
 pub struct Keys {
     by_digest: HashMap<[u8; 32], Actor>,
-    /// Per key name, the rate its inference calls are held to.
-    limits: HashMap<String, Arc<RateLimit>>,
+    /// Per key name, the rates its inference calls are held to.
+    limits: HashMap<String, KeyLimits>,
 }
 
-/// A token bucket: `rate` tokens a second, holding at most a second's
-/// worth (at least one).
+/// A key's requests-per-second bucket and tokens-per-minute budget.
+#[derive(Debug, Clone, Default)]
+struct KeyLimits {
+    requests: Option<Arc<Bucket>>,
+    tokens: Option<Arc<Bucket>>,
+}
+
+/// A bucket that refills at `rate` a second up to `capacity`; its level
+/// may go below zero when more is charged than it holds.
 #[derive(Debug)]
-pub struct RateLimit {
+pub struct Bucket {
     rate: f64,
+    capacity: f64,
     state: Mutex<(f64, Instant)>,
 }
 
-impl RateLimit {
-    pub fn new(rate: f64) -> Self {
+impl Bucket {
+    pub fn new(rate: f64, capacity: f64) -> Self {
         Self {
             rate,
-            state: Mutex::new((rate.max(1.0), Instant::now())),
+            capacity,
+            state: Mutex::new((capacity, Instant::now())),
         }
     }
 
-    /// Takes a token, or says in how many whole seconds one will be there.
-    pub fn take(&self) -> Result<(), u64> {
+    /// Takes `cost` when the bucket holds it, or says in how many whole
+    /// seconds it will (at least 1).
+    pub fn take(&self, cost: f64) -> Result<(), u64> {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, at) = *g;
+        let (level, at) = *g;
         let now = Instant::now();
-        let tokens =
-            (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate.max(1.0));
-        if tokens >= 1.0 {
-            *g = (tokens - 1.0, now);
+        let level = (level + now.duration_since(at).as_secs_f64() * self.rate).min(self.capacity);
+        if level >= cost {
+            *g = (level - cost, now);
             Ok(())
         } else {
-            *g = (tokens, now);
-            Err(((1.0 - tokens) / self.rate).ceil().max(1.0) as u64)
+            *g = (level, now);
+            Err(((cost - level) / self.rate).ceil().max(1.0) as u64)
         }
+    }
+
+    /// Charges `n` whether or not the bucket holds it.
+    pub fn charge(&self, n: f64) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 -= n;
     }
 }
 
@@ -288,9 +312,18 @@ impl Keys {
                 ));
             }
             let digest = k.digest(&at, min_len)?;
-            if let Some(rate) = k.requests_per_second {
-                limits.insert(k.name.clone(), Arc::new(RateLimit::new(rate)));
-            }
+            limits.insert(
+                k.name.clone(),
+                KeyLimits {
+                    // A second's worth of requests (at least one).
+                    requests: k
+                        .requests_per_second
+                        .map(|r| Arc::new(Bucket::new(r, r.max(1.0)))),
+                    tokens: k
+                        .tokens_per_minute
+                        .map(|t| Arc::new(Bucket::new(t / 60.0, t))),
+                },
+            );
             let actor = Actor {
                 name: k.name.clone(),
                 role: k.role,
@@ -305,18 +338,36 @@ impl Keys {
         Ok(Self { by_digest, limits })
     }
 
-    /// Holds an inference call by `actor` to its key's rate, if it has one.
+    /// Holds an inference call by `actor` to its key's rates, if it has any:
+    /// its token budget must not be overdrawn, and a request is taken from
+    /// its requests-per-second bucket.
     pub fn admit(&self, actor: &Actor) -> Result<(), AuthError> {
-        match self.limits.get(&actor.name).map(|l| l.take()) {
-            Some(Err(retry_after)) => Err(AuthError::RateLimited {
-                message: format!(
-                    "`{}` is over its rate of {} requests per second; retry in {retry_after} s",
-                    actor.name, self.limits[&actor.name].rate
-                ),
-                retry_after,
-            }),
-            _ => Ok(()),
+        let Some(limits) = self.limits.get(&actor.name) else {
+            return Ok(());
+        };
+        let over = |what: String, retry_after: u64| AuthError::RateLimited {
+            message: format!(
+                "`{}` is over its rate of {what}; retry in {retry_after} s",
+                actor.name
+            ),
+            retry_after,
+        };
+        if let Some(t) = &limits.tokens {
+            t.take(0.0)
+                .map_err(|s| over(format!("{} tokens per minute", t.capacity), s))?;
         }
+        if let Some(r) = &limits.requests {
+            r.take(1.0)
+                .map_err(|s| over(format!("{} requests per second", r.rate), s))?;
+        }
+        Ok(())
+    }
+
+    /// The token budget of the key `presented`, if it has one: the
+    /// dispatch layer charges the call's tokens to it.
+    pub fn token_budget(&self, presented: Option<&str>) -> Option<Arc<Bucket>> {
+        let actor = self.authenticate(presented).ok()?;
+        self.limits.get(&actor.name)?.tokens.clone()
     }
 
     /// Keys for tests and tools: `(secret, actor)` pairs, unchecked.
@@ -399,6 +450,7 @@ mod tests {
             key_env: None,
             key_sha256: None,
             requests_per_second: None,
+            tokens_per_minute: None,
         }
     }
 
@@ -426,6 +478,36 @@ mod tests {
         };
         let e = keys(&[bad]).unwrap_err();
         assert!(e.contains("requests_per_second"), "{e}");
+    }
+
+    #[test]
+    fn a_token_budget_admits_until_overdrawn() {
+        let limited = ApiKeyConfig {
+            tokens_per_minute: Some(600.0),
+            ..key("tokens", Role::Invoke, "a-token-budget-secret-1")
+        };
+        let k = keys(&[limited, key("app", Role::Invoke, "an-app-secret-12345")]).unwrap();
+        let who = k.authenticate(Some("a-token-budget-secret-1")).unwrap();
+        let budget = k.token_budget(Some("a-token-budget-secret-1")).unwrap();
+        assert!(k.token_budget(Some("an-app-secret-12345")).is_none());
+        assert!(k.token_budget(None).is_none());
+        // A call may overdraw the budget; the next waits for it to refill
+        // (10 tokens a second: 100 overdrawn is about 10 s).
+        assert!(k.admit(&who).is_ok());
+        budget.charge(700.0);
+        let e = k.admit(&who).unwrap_err();
+        assert!((9..=11).contains(&e.retry_after().unwrap()), "{e:?}");
+        assert!(
+            e.message().contains("600 tokens per minute"),
+            "{}",
+            e.message()
+        );
+        let e = keys(&[ApiKeyConfig {
+            tokens_per_minute: Some(-1.0),
+            ..key("neg", Role::Invoke, "a-negative-budget-secret")
+        }])
+        .unwrap_err();
+        assert!(e.contains("tokens_per_minute"), "{e}");
     }
 
     fn keys(list: &[ApiKeyConfig]) -> Result<Keys, String> {

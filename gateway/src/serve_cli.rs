@@ -219,6 +219,7 @@ impl ServeFlags {
                 key_env: None,
                 key_sha256: None,
                 requests_per_second: None,
+                tokens_per_minute: None,
             });
             cfg.auth.inference_requires_key = true;
         }

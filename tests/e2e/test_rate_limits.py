@@ -1,7 +1,7 @@
 """Per-key rate limits on every inference front: a key over its
-`requests_per_second` gets 429 with `Retry-After` in the protocol's own
-shape (OpenAI error JSON, KServe `{"error"}`, gRPC RESOURCE_EXHAUSTED with
-`retry-after`), and other keys are unaffected."""
+`requests_per_second` or its `tokens_per_minute` gets 429 with `Retry-After`
+in the protocol's own shape (OpenAI error JSON, KServe `{"error"}`, gRPC
+RESOURCE_EXHAUSTED with `retry-after`), and other keys are unaffected."""
 import time
 
 import numpy as np
@@ -10,7 +10,7 @@ import httpx
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Triton
+from conftest import MODEL, ROOT, Server, Triton, require_env
 
 LIMITED = "a-limited-batch-job-key-0001"
 OTHER = "an-unlimited-application-key-01"
@@ -78,3 +78,48 @@ def test_kserve_grpc_answers_resource_exhausted(server):
     assert errors and "RESOURCE_EXHAUSTED" in str(errors[0].status()), [str(e) for e in errors]
     for _ in range(6):
         client.infer("iris_xgb", [x], headers={"authorization": f"Bearer {OTHER}"})
+
+
+BUDGETED = "a-key-with-a-token-budget-01"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    gguf = require_env("SWITCHYARD_MODEL_GGUF", "scripts/test.sh fetches the default model")
+    cfg = tmp_path_factory.mktemp("tokens") / "config.yaml"
+    cfg.write_text(f"""auth:
+  inference_requires_key: true
+  api_keys:
+    - {{ name: budgeted, role: invoke, key: {BUDGETED}, tokens_per_minute: 60 }}
+    - {{ name: app, role: invoke, key: {OTHER} }}
+models:
+  - {{ name: {MODEL}, source: {{ path: {gguf} }} }}
+""")
+    s = Server(str(cfg))
+    yield s
+    s.stop()
+
+
+def complete(server, key):
+    return httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": MODEL, "prompt": "Count: one two three", "max_tokens": 32,
+                            "ignore_eos": True})
+
+
+def test_a_token_budget_is_charged_prompt_and_output(llm):
+    # 60 tokens a minute (one a second): the first call (~37 tokens) fits,
+    # the second overdraws the budget, the third waits for it to refill.
+    first, second = complete(llm, BUDGETED), complete(llm, BUDGETED)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    spent = sum(r.json()["usage"]["total_tokens"] for r in (first, second))
+    assert spent > 60
+    r = complete(llm, BUDGETED)
+    assert r.status_code == 429, r.text
+    assert "budgeted" in r.json()["error"]["message"] and "tokens per minute" in r.json()["error"]["message"]
+    # About one second per token overdrawn (time has passed since).
+    assert 1 <= int(r.headers["retry-after"]) <= spent - 60 + 1
+    # The same key on KServe generate is held too; another key is not.
+    g = httpx.post(f"{llm.url}/v2/models/{MODEL}/generate", headers={"x-api-key": BUDGETED},
+                   json={"text_input": "Hi", "parameters": {"max_tokens": 2}})
+    assert g.status_code == 429 and "tokens per minute" in g.json()["error"], g.text
+    assert complete(llm, OTHER).status_code == 200

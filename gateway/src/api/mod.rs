@@ -160,6 +160,11 @@ impl AppState {
         }
     }
 
+    /// The token budget of the key in `headers`, if it has one.
+    pub fn token_budget(&self, headers: &axum::http::HeaderMap) -> Option<Arc<auth::Bucket>> {
+        self.keys.token_budget(auth::from_headers(headers))
+    }
+
     pub fn with_model_repository(
         mut self,
         repo: Arc<ModelRepository>,

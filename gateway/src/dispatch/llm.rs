@@ -11,6 +11,7 @@ use crate::divergence;
 use crate::experiment_stats::Outcome;
 use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -29,6 +30,10 @@ pub struct LlmTarget {
     pub experiment: Option<Assignment>,
     pub shadows: Vec<TextShadow>,
     pub started: Instant,
+    /// The caller's key's token budget (`tokens_per_minute`), set by the
+    /// front: charged the prompt at submission and each generated token as
+    /// it passes (shadows' tokens are not the caller's).
+    pub budget: Option<Arc<crate::auth::Bucket>>,
 }
 
 /// A deployment that gets copies of the request.
@@ -63,6 +68,11 @@ pub struct Generation {
 }
 
 impl LlmTarget {
+    /// Charges the request's tokens to `budget`.
+    pub fn charging(self, budget: Option<Arc<crate::auth::Bucket>>) -> Self {
+        Self { budget, ..self }
+    }
+
     /// What served the request, as responses name it.
     pub fn served(&self) -> super::Served {
         super::Served {
@@ -116,7 +126,10 @@ impl LlmTarget {
             rec.experiments
                 .remember(&g.request_id, &a.experiment.spec.name, a.arm_name());
         }
-        Ok(observe(rx, self.started, sink))
+        if let Some(b) = &self.budget {
+            b.charge(g.request.prompt.len() as f64);
+        }
+        Ok(observe(rx, self.started, sink, self.budget.clone()))
     }
 
     /// Where the outcome is recorded: its experiment arm, and the version
@@ -306,11 +319,15 @@ fn observe(
     rx: UnboundedReceiver<GenerationEvent>,
     started: Instant,
     done: impl FnOnce(Outcome) + Send + 'static,
+    budget: Option<Arc<crate::auth::Bucket>>,
 ) -> UnboundedReceiver<GenerationEvent> {
     let inspect = move |o: &mut Outcome, ev: &GenerationEvent| match ev {
         GenerationEvent::Delta { .. } => {
             o.ttft_s
                 .get_or_insert_with(|| started.elapsed().as_secs_f64());
+            if let Some(b) = &budget {
+                b.charge(1.0);
+            }
         }
         GenerationEvent::Finished {
             completion_tokens, ..

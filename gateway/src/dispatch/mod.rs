@@ -88,6 +88,7 @@ pub fn resolve_llm(
             experiment: None,
             shadows,
             started,
+            budget: None,
         }
     };
     if name.contains('@') {

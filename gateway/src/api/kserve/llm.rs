@@ -225,8 +225,9 @@ pub fn route(
     let table = state.routes().snapshot();
     let unit =
         dispatch::unit(&table, name, headers, None).unwrap_or_else(|| request_id.to_string());
-    dispatch::resolve_llm(&table, name, Some(&unit), |e| e.unit(headers, None, &[]))
-        .map_err(|Unavailable(m)| DnnError::unavailable(m))
+    let target = dispatch::resolve_llm(&table, name, Some(&unit), |e| e.unit(headers, None, &[]))
+        .map_err(|Unavailable(m)| DnnError::unavailable(m))?;
+    Ok(target.map(|t| t.charging(state.token_budget(headers))))
 }
 
 /// The id a KServe request goes by: its own `id`, else `x-request-id`, else a new one.

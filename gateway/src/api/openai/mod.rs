@@ -143,7 +143,7 @@ fn route(
         f.top_p = f.top_p.or(variant.top_p.map(f64::from));
         f.max_tokens = f.max_tokens.or(variant.max_tokens);
     }
-    Ok(target)
+    Ok(target.charging(state.token_budget(headers)))
 }
 
 /// Replaces the system message (or adds one first) with the arm's.
