@@ -32,6 +32,15 @@ pub enum RegistryCommand {
         #[arg(long)]
         override_reason: Option<String>,
     },
+    /// Change a canary's or A/B candidate's share of traffic (a ramp).
+    Ramp {
+        model: String,
+        version: u32,
+        /// The new share, above 0 and below 100 (promote for 100).
+        percent: f64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Approve a version for a target state.
     Approve {
         model: String,
@@ -136,6 +145,16 @@ pub fn run(url: &str, key: Option<&str>, command: RegistryCommand) -> Result<()>
             Some(
                 json!({"to": state, "traffic_percent": percent, "reason": reason, "override_reason": override_reason}),
             ),
+        ),
+        RegistryCommand::Ramp {
+            model,
+            version,
+            percent,
+            reason,
+        } => (
+            Method::POST,
+            format!("/models/{model}/versions/{version}/traffic"),
+            Some(json!({"traffic_percent": percent, "reason": reason})),
         ),
         RegistryCommand::Approve {
             model,

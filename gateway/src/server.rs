@@ -159,6 +159,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .with_context(|| format!("opening the registry at {at}"))?
             .with_tier_floor(rc.min_tier_without_admin);
         tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
+        registry.listen_to_other_nodes(&url, ca);
         state = state.with_registry(api::registry::RegistryApi::new(registry.clone()));
         if let Some(log) = &rc.request_log {
             state.request_log = Some(crate::dispatch::log::RequestLog::start(
@@ -172,7 +173,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 rc.rollouts.clone(),
                 state.versions.clone(),
                 state.shadows.clone(),
-            );
+            )
+            .with_lease(registry::nodes::Lease::new(&url, ca));
             tokio::spawn(auto.run(Duration::from_millis(rc.rollout_interval_ms.max(100))));
         }
         let bounds = cfg

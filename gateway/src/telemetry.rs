@@ -59,6 +59,8 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("switchyard:upstream_requests_total", Counter, "Requests sent to remote upstreams, by replica and status."),
     ("switchyard:upstream_errors_total", Counter, "Requests no upstream replica answered."),
     ("switchyard:upstream_healthy", Gauge, "Whether an upstream replica passes its health checks (1) or not (0)."),
+    ("switchyard:registry_notifications_total", Counter, "Registry changes other nodes announced (PostgreSQL NOTIFY), each waking the controller."),
+    ("switchyard:rollout_lease_held", Gauge, "Whether this node holds the rollout lease and runs the rollout policies (1) or not (0)."),
     ("switchyard:tls_reloads_total", Counter, "Times changed TLS files were loaded (outcome ok) or kept out for not loading (outcome error)."),
     // The Triton plane, with Triton's names.
     ("nv_inference_request_success", Counter, "Number of successful inference requests, all batch sizes"),

@@ -293,6 +293,7 @@ pub fn router(state: AppState) -> Router {
         .merge(openai)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/routes", get(list_routes))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
         .merge(experiments::routes())
@@ -404,6 +405,43 @@ async fn retrieve_model(
 }
 
 /// How far each shadow of a route diverges from its primary.
+/// The routes this node serves, as its controller last published them:
+/// each public name's primary, candidate (arm and share) and shadows.
+async fn list_routes(State(s): State<AppState>) -> impl IntoResponse {
+    use crate::dispatch::routing::Route;
+    use serde_json::{json, Value};
+    fn describe<D>(
+        name: &str,
+        kind: &str,
+        r: &Route<D>,
+        version: impl Fn(&D) -> Option<u32>,
+    ) -> Value {
+        json!({
+            "name": name,
+            "kind": kind,
+            "primary": {"version": version(&r.primary)},
+            "candidate": r.candidate.as_ref().map(|c| json!({
+                "version": version(&c.deployment), "arm": c.arm.as_str(), "percent": c.percent,
+            })),
+            "shadows": r.shadows.iter().map(|sh| json!({"version": version(&sh.deployment)})).collect::<Vec<_>>(),
+        })
+    }
+    let table = s.routes().snapshot();
+    let mut routes: Vec<Value> = table
+        .routes
+        .iter()
+        .map(|(n, r)| describe(n, "llm", r, |d| d.version))
+        .chain(
+            table
+                .tensor_routes
+                .iter()
+                .map(|(n, r)| describe(n, "tensor", r, |d| Some(d.version))),
+        )
+        .collect();
+    routes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Json(json!({ "routes": routes }))
+}
+
 async fn shadow_summary(
     State(s): State<AppState>,
     axum::extract::Path(name): axum::extract::Path<String>,

@@ -70,6 +70,11 @@ fn table() -> Vec<(
             post(transition),
         ),
         (
+            "/v1/registry/models/{model}/versions/{version}/traffic",
+            &["post"],
+            post(ramp),
+        ),
+        (
             "/v1/registry/models/{model}/versions/{version}/approvals",
             &["post"],
             post(approve),
@@ -350,6 +355,28 @@ async fn lineage(
 struct RollbackRequest {
     #[serde(default)]
     reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RampRequest {
+    traffic_percent: f64,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Changes a canary's or A/B candidate's share (a ramp, audited).
+async fn ramp(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path((model, version)): Path<(String, u32)>,
+    JsonBody(req): JsonBody<RampRequest>,
+) -> Response {
+    call(&s, &h, StatusCode::OK, move |r, a| {
+        let v = r.set_traffic(&a, &model, version, req.traffic_percent, req.reason)?;
+        version_view(r, &r.model(&model)?, &v)
+    })
+    .await
 }
 
 async fn rollback(

@@ -7,6 +7,7 @@
 use crate::dispatch::outcomes::VersionOutcomes;
 use crate::divergence::ShadowStats;
 use crate::registry::lifecycle::State;
+use crate::registry::nodes::Lease;
 use crate::registry::{Actor, Registry, Role, TransitionRequest, Version};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,9 @@ pub struct RolloutController {
     /// Transitions the gates refused, not retried until the version's
     /// approvals change (so a missing approval does not flood the log).
     refused: Mutex<std::collections::HashSet<(String, u32, State, usize)>>,
+    /// Policies run only while this node holds the lease (nodes sharing a
+    /// PostgreSQL registry take turns; one on SQLite always holds it).
+    lease: Mutex<Lease>,
 }
 
 impl RolloutController {
@@ -110,6 +114,15 @@ impl RolloutController {
             versions,
             shadows,
             refused: Mutex::default(),
+            lease: Mutex::new(Lease::Local),
+        }
+    }
+
+    /// Runs the policies only while `lease` is held.
+    pub fn with_lease(self, lease: Lease) -> Self {
+        Self {
+            lease: Mutex::new(lease),
+            ..self
         }
     }
 
@@ -147,7 +160,15 @@ impl RolloutController {
         loop {
             tokio::time::sleep(interval).await;
             let c = me.clone();
-            let pass = tokio::task::spawn_blocking(move || c.pass()).await;
+            let pass = tokio::task::spawn_blocking(move || {
+                let held = c.lease.lock().unwrap_or_else(|p| p.into_inner()).hold();
+                if held {
+                    c.pass()
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
             if let Ok(Err(e)) = pass {
                 tracing::warn!("rollout pass failed: {e}");
             }

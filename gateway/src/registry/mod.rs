@@ -4,6 +4,7 @@
 pub mod audit;
 mod history;
 pub mod lifecycle;
+pub mod nodes;
 pub mod records;
 pub mod request_log;
 pub mod store;
@@ -336,6 +337,14 @@ impl Registry {
         self.changed.clone()
     }
 
+    /// Fires [`Registry::changes`] for changes other nodes commit too, when
+    /// the database is PostgreSQL (LISTEN/NOTIFY); see `nodes::listen`.
+    pub fn listen_to_other_nodes(&self, url: &str, ca: Option<&std::path::Path>) {
+        if store::is_postgres(url) {
+            nodes::listen(url, ca, self.changed.clone());
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Db>> {
         // A panic while holding the lock leaves no open transaction behind
         // (every path rolls back), so the connection is still usable.
@@ -349,7 +358,7 @@ impl Registry {
         let mut tx = Tx { db, now: now_ms() };
         match f(&mut tx) {
             Ok(v) => {
-                if let Err(e) = tx.db.commit() {
+                if let Err(e) = tx.db.announce().and_then(|()| tx.db.commit()) {
                     tx.db.rollback();
                     return Err(e.into());
                 }

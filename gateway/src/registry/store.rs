@@ -63,6 +63,11 @@ pub trait Db: Send {
     fn rollback(&mut self);
     fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError>;
     fn query(&mut self, sql: &str, params: &[Sql]) -> Result<Vec<Vec<Sql>>, StoreError>;
+    /// Within a write transaction: tells the other nodes sharing the
+    /// database, at commit, that the registry changed.
+    fn announce(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Opens `sqlite:PATH`, `postgres://...` / `postgresql://...`, or a plain
@@ -139,20 +144,32 @@ pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
     }
 }
 
+/// Whether `url` names a PostgreSQL database (shared by nodes).
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The TLS a PostgreSQL URL asks for (`sslmode=require`), verified against `ca`.
+fn pg_tls(url: &str, ca: Option<&Path>) -> Result<Option<super::tls::Tls>, StoreError> {
+    match (super::tls::required(url), ca) {
+        (true, ca) => Ok(Some(super::tls::Tls::new(ca).map_err(StoreError)?)),
+        (false, Some(_)) => Err(StoreError(
+            "registry.database_ca is set, but the database URL does not say \
+             sslmode=require"
+                .into(),
+        )),
+        (false, None) => Ok(None),
+    }
+}
+
+/// A plain PostgreSQL session of its own (notifications, the rollout lease).
+pub fn pg_session(url: &str, ca: Option<&Path>) -> Result<postgres::Client, StoreError> {
+    Postgres::connect(url, &pg_tls(url, ca)?)
+}
+
 fn connect(url: &str, ca: Option<&Path>) -> Result<Box<dyn Db>, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let tls = match (super::tls::required(url), ca) {
-            (true, ca) => Some(super::tls::Tls::new(ca).map_err(StoreError)?),
-            (false, Some(_)) => {
-                return Err(StoreError(
-                    "registry.database_ca is set, but the database URL does not say \
-                     sslmode=require"
-                        .into(),
-                ))
-            }
-            (false, None) => None,
-        };
-        Ok(Box::new(Postgres::open(url, tls)?))
+    if is_postgres(url) {
+        Ok(Box::new(Postgres::open(url, pg_tls(url, ca)?)?))
     } else {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
         Ok(Box::new(Sqlite::open(Path::new(path))?))
@@ -360,6 +377,13 @@ impl Db for Postgres {
         self.in_tx = false;
         let r = self.client.batch_execute("ROLLBACK");
         let _ = self.check(r);
+    }
+
+    fn announce(&mut self) -> Result<(), StoreError> {
+        let r = self
+            .client
+            .batch_execute(&format!("NOTIFY {}", super::nodes::CHANNEL));
+        self.check(r)
     }
 
     fn exec(&mut self, sql: &str, params: &[Sql]) -> Result<u64, StoreError> {
