@@ -201,6 +201,10 @@ pub struct RegistryConfig {
     /// How often the controller reconciles even without a change.
     #[serde(default = "default_reconcile_secs")]
     pub reconcile_interval_secs: u64,
+    /// How often the audit chain is verified in the background (at start,
+    /// then this often), for `switchyard:registry_audit_verified`.
+    #[serde(default = "default_verify_secs")]
+    pub audit_verify_interval_secs: u64,
     /// Engine limits for the LLM versions the controller loads.
     #[serde(default)]
     pub engine: EngineSettings,
@@ -268,6 +272,10 @@ fn default_tier_floor() -> Tier {
 
 fn default_rollout_ms() -> u64 {
     1000
+}
+
+fn default_verify_secs() -> u64 {
+    300
 }
 
 fn default_reconcile_secs() -> u64 {
@@ -748,6 +756,9 @@ impl Config {
             }
             if r.reconcile_interval_secs == 0 {
                 return Err("registry.reconcile_interval_secs: must be at least 1".into());
+            }
+            if r.audit_verify_interval_secs == 0 {
+                return Err("registry.audit_verify_interval_secs: must be at least 1".into());
             }
             for (i, s) in r.shadows.iter().enumerate() {
                 s.policy().validate(&format!("registry.shadows[{i}]"))?;

@@ -160,6 +160,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .with_tier_floor(rc.min_tier_without_admin);
         tracing::info!(database = %url.split('@').next_back().unwrap_or_default(), "registry open");
         registry.listen_to_other_nodes(&url, ca);
+        tokio::spawn(verify_audit(
+            registry.clone(),
+            Duration::from_secs(rc.audit_verify_interval_secs),
+        ));
         state = state.with_registry(api::registry::RegistryApi::new(registry.clone()));
         if let Some(log) = &rc.request_log {
             state.request_log = Some(crate::dispatch::log::RequestLog::start(
@@ -288,6 +292,23 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Verifies the audit chain now and every `every`, for the metrics and the
+/// log; a broken chain is an error in the log each time.
+async fn verify_audit(registry: registry::Registry, every: Duration) {
+    loop {
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.verify()).await {
+            Ok(Ok(v)) if v.ok => tracing::debug!(entries = v.entries, "audit chain verified"),
+            Ok(Ok(v)) => {
+                tracing::error!(entries = v.entries, first_bad = ?v.first_bad, "the audit chain does not verify")
+            }
+            Ok(Err(e)) => tracing::warn!("verifying the audit chain: {e}"),
+            Err(e) => tracing::warn!("verifying the audit chain: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Loads the configured (not registry-managed) models one after another.

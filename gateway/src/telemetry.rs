@@ -61,6 +61,9 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("switchyard:upstream_healthy", Gauge, "Whether an upstream replica passes its health checks (1) or not (0)."),
     ("switchyard:registry_notifications_total", Counter, "Registry changes other nodes announced (PostgreSQL NOTIFY), each waking the controller."),
     ("switchyard:rollout_lease_held", Gauge, "Whether this node holds the rollout lease and runs the rollout policies (1) or not (0)."),
+    ("switchyard:registry_load_failures_total", Counter, "Registry versions that failed to load (fetch, checksum, contract or load), by model."),
+    ("switchyard:registry_audit_verified", Gauge, "Whether the audit log's hash chain verified (1) or not (0) at its last check."),
+    ("switchyard:registry_audit_entries", Gauge, "Audit log entries at the last verification."),
     ("switchyard:tls_reloads_total", Counter, "Times changed TLS files were loaded (outcome ok) or kept out for not loading (outcome error)."),
     // The Triton plane, with Triton's names.
     ("nv_inference_request_success", Counter, "Number of successful inference requests, all batch sizes"),

@@ -136,6 +136,10 @@ def test_the_rollout_lease_moves_when_its_holder_dies(nodes):
     # Both steps came after the holder died: the new holder took them.
     assert all(e["at_ms"] > killed_ms for e in auto), (killed_ms, auto)
     assert api.get("/audit/verify").json()["ok"] is True
+    # Verified at start on every node, and again by the call above.
+    assert metric(survivors[0], "switchyard:registry_audit_verified") == 1
+    assert metric(survivors[0], "switchyard:registry_audit_entries") == len(
+        api.get("/audit", params={"limit": 10000}).json()["entries"])
     for n in survivors:
         wait_for(f"{n.url} to route fleet to v2 alone",
                  lambda: route(n, "fleet")["primary"]["version"] == 2 and route(n, "fleet")["candidate"] is None)

@@ -463,6 +463,7 @@ def test_a_version_drafted_by_another_registered_version(tmp_path):
         wait_for("the bad draft to fail", lambda: status(api, "smol", 2) == "failed")
         detail = api.get("/models/smol/versions/2").json()["status"]["message"]
         assert "requirements.draft_model `no-such-model@3`" in detail, detail
+        assert metric(s, "switchyard:registry_load_failures_total", model="smol") >= 1
     finally:
         s.stop()
 

@@ -194,6 +194,8 @@ impl Controller {
             }
             Err(e) => {
                 tracing::warn!(version = %v.reference(), "load failed: {e:#}");
+                metrics::counter!("switchyard:registry_load_failures_total", "model" => v.model.clone())
+                    .increment(1);
                 self.failed.insert(key, Instant::now());
                 self.status(
                     v,

@@ -40,8 +40,13 @@ impl Registry {
     }
 
     /// Recomputes the whole chain.
+    /// Recomputes the audit chain; the outcome is also exported
+    /// (`switchyard:registry_audit_verified`, `..._audit_entries`).
     pub fn verify(&self) -> Result<Verification> {
-        Ok(audit::verify(self.all_entries(None)?))
+        let v = audit::verify(self.all_entries(None)?);
+        metrics::gauge!("switchyard:registry_audit_verified").set(f64::from(u8::from(v.ok)));
+        metrics::gauge!("switchyard:registry_audit_entries").set(v.entries as f64);
+        Ok(v)
     }
 
     /// Which versions served `model` at `at_ms`, replayed from the audit log.
