@@ -67,6 +67,18 @@ if ! command -v promtool >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 fi
 
+echo "== openssl, which issues the TLS tests' certificates"
+if ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl
+fi
+
+echo "== chromium and chromedriver (Debian's packages), which drive the web console's tests"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+fi
+
 echo "== postgresql (Debian's packages), so the registry's tests run on it as on SQLite"
 read -r pg_dir pg_url pg_ca < <(scripts/postgres.sh start)
 trap 'scripts/postgres.sh stop "$pg_dir"' EXIT

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod dispatch;
 pub mod divergence;

@@ -296,6 +296,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/routes", get(list_routes))
         .route("/v1/routes/{name}/shadows", get(shadow_summary))
         .merge(registry::routes())
+        .merge(crate::console::routes())
         .merge(experiments::routes())
         .merge(kserve::http::routes(&state))
         .fallback(unknown_route)
@@ -404,44 +405,57 @@ async fn retrieve_model(
     }
 }
 
-/// How far each shadow of a route diverges from its primary.
+/// Seconds of outcomes `GET /v1/routes` reports per version.
+const ROUTE_WINDOW_SECS: i64 = 60;
+
 /// The routes this node serves, as its controller last published them:
-/// each public name's primary, candidate (arm and share) and shadows.
+/// each public name's primary, candidate (arm and share) and shadows, with
+/// what each registry version served here over the last minute.
 async fn list_routes(State(s): State<AppState>) -> impl IntoResponse {
+    use crate::dispatch::outcomes::VersionOutcomes;
     use crate::dispatch::routing::Route;
     use serde_json::{json, Value};
     fn describe<D>(
+        outcomes: &VersionOutcomes,
         name: &str,
         kind: &str,
         r: &Route<D>,
         version: impl Fn(&D) -> Option<u32>,
     ) -> Value {
+        let since = crate::registry::now_ms() - ROUTE_WINDOW_SECS * 1000;
+        let deployment = |d: &D| {
+            let v = version(d);
+            json!({"version": v, "served": v.map(|v| outcomes.recent(name, v, since))})
+        };
         json!({
             "name": name,
             "kind": kind,
-            "primary": {"version": version(&r.primary)},
-            "candidate": r.candidate.as_ref().map(|c| json!({
-                "version": version(&c.deployment), "arm": c.arm.as_str(), "percent": c.percent,
-            })),
-            "shadows": r.shadows.iter().map(|sh| json!({"version": version(&sh.deployment)})).collect::<Vec<_>>(),
+            "window_secs": ROUTE_WINDOW_SECS,
+            "primary": deployment(&r.primary),
+            "candidate": r.candidate.as_ref().map(|c| {
+                let mut d = deployment(&c.deployment);
+                d["arm"] = json!(c.arm.as_str());
+                d["percent"] = json!(c.percent);
+                d
+            }),
+            "shadows": r.shadows.iter().map(|sh| deployment(&sh.deployment)).collect::<Vec<_>>(),
         })
     }
     let table = s.routes().snapshot();
-    let mut routes: Vec<Value> = table
+    let llm = table
         .routes
         .iter()
-        .map(|(n, r)| describe(n, "llm", r, |d| d.version))
-        .chain(
-            table
-                .tensor_routes
-                .iter()
-                .map(|(n, r)| describe(n, "tensor", r, |d| Some(d.version))),
-        )
-        .collect();
+        .map(|(n, r)| describe(&s.versions, n, "llm", r, |d| d.version));
+    let tensor = table
+        .tensor_routes
+        .iter()
+        .map(|(n, r)| describe(&s.versions, n, "tensor", r, |d| Some(d.version)));
+    let mut routes: Vec<Value> = llm.chain(tensor).collect();
     routes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Json(json!({ "routes": routes }))
 }
 
+/// How far each shadow of a route diverges from its primary.
 async fn shadow_summary(
     State(s): State<AppState>,
     axum::extract::Path(name): axum::extract::Path<String>,

@@ -92,6 +92,7 @@ fn table() -> Vec<(
         ("/v1/registry/models/{model}/served", &["get"], get(served)),
         ("/v1/registry/audit", &["get"], get(audit)),
         ("/v1/registry/audit/verify", &["get"], get(verify)),
+        ("/v1/registry/whoami", &["get"], get(whoami)),
         ("/v1/requests", &["get"], get(requests)),
         ("/openapi.json", &["get"], get(openapi)),
     ]
@@ -355,6 +356,9 @@ async fn lineage(
 struct RollbackRequest {
     #[serde(default)]
     reason: Option<String>,
+    /// Answer with the plan without carrying it out.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Deserialize)]
@@ -385,8 +389,31 @@ async fn rollback(
     Path(model): Path<String>,
     JsonBody(req): JsonBody<RollbackRequest>,
 ) -> Response {
-    call(&s, &h, StatusCode::OK, move |r, a| {
-        r.rollback(&a, &model, req.reason)
+    call(&s, &h, StatusCode::OK, move |r, a| match req.dry_run {
+        true => r.preview_rollback(&a, &model),
+        false => r.rollback(&a, &model, req.reason),
+    })
+    .await
+}
+
+/// The caller's key: its name, role and what the role may do (the console
+/// shows only the actions the key may take; the API decides either way).
+async fn whoami(State(s): State<AppState>, h: HeaderMap) -> Response {
+    use crate::auth::Permission::*;
+    call(&s, &h, StatusCode::OK, |_, a| {
+        let may: Vec<&str> = [
+            (Read, "read"),
+            (Deploy, "deploy"),
+            (Approve, "approve"),
+            (Override, "override"),
+            (Control, "control"),
+            (Invoke, "invoke"),
+        ]
+        .into_iter()
+        .filter(|(p, _)| a.role.allows(*p))
+        .map(|(_, n)| n)
+        .collect();
+        Ok(json!({"name": a.name, "role": a.role, "may": may}))
     })
     .await
 }

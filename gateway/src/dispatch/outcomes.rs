@@ -44,21 +44,42 @@ impl VersionOutcomes {
         version: u32,
         since_ms: i64,
     ) -> (u64, u64, Option<f64>) {
+        let w = self.recent(route, version, since_ms);
+        (w.requests, w.errors, w.p99_ms)
+    }
+
+    /// What a version served since `since_ms`: requests, errors, and the
+    /// p50 and p99 latency (ms) of the successful ones.
+    pub fn recent(&self, route: &str, version: u32, since_ms: i64) -> Window {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(q) = g.get(&(route.to_string(), version)) else {
-            return (0, 0, None);
+            return Window::default();
         };
         let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= since_ms).collect();
-        let errors = recent.iter().filter(|s| !s.ok).count() as u64;
         let mut lat: Vec<f64> = recent
             .iter()
             .filter(|s| s.ok)
             .map(|s| s.latency_ms)
             .collect();
         lat.sort_by(f64::total_cmp);
-        let p99 = (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * 0.99).round() as usize]);
-        (recent.len() as u64, errors, p99)
+        let at =
+            |q: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * q).round() as usize]);
+        Window {
+            requests: recent.len() as u64,
+            errors: recent.iter().filter(|s| !s.ok).count() as u64,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+        }
     }
+}
+
+/// A version's outcomes over a recent window.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Window {
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 /// Each LLM route version's statistics.

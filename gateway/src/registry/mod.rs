@@ -352,11 +352,21 @@ impl Registry {
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut Tx) -> Result<T>) -> Result<T> {
+        self.transact(true, f)
+    }
+
+    /// Runs `f` in a write transaction, committed (and announced) when
+    /// `commit`, else rolled back whatever `f` did.
+    fn transact<T>(&self, commit: bool, f: impl FnOnce(&mut Tx) -> Result<T>) -> Result<T> {
         let mut guard = self.lock();
         let db: &mut dyn Db = &mut **guard;
         db.begin_write()?;
         let mut tx = Tx { db, now: now_ms() };
         match f(&mut tx) {
+            Ok(v) if !commit => {
+                tx.db.rollback();
+                Ok(v)
+            }
             Ok(v) => {
                 if let Err(e) = tx.db.announce().and_then(|()| tx.db.commit()) {
                     tx.db.rollback();

@@ -325,8 +325,22 @@ fn rollback_returns_traffic_and_marks_dependents() {
         for s in [State::OfflinePassed, State::Shadow, State::Canary] {
             assert!(go(&r, &d, "base", 2, s).applied);
         }
+        // The preview is the plan, and changes nothing.
+        let entries = r.verify().unwrap().entries;
+        let preview = r.preview_rollback(&d, "base").unwrap();
+        assert_eq!(r.version("base", 2).unwrap().state, State::Canary, "{db}");
+        assert!(!r.version("ranker", 1).unwrap().needs_retrain, "{db}");
+        assert_eq!(r.verify().unwrap().entries, entries, "{db}");
         // A canary is rolled back; v1 keeps serving.
         let plan = r.rollback(&d, "base", Some("p99 too high".into())).unwrap();
+        assert_eq!(
+            (
+                &preview.rolled_back,
+                preview.serving,
+                &preview.needs_retrain
+            ),
+            (&plan.rolled_back, plan.serving, &plan.needs_retrain)
+        );
         assert_eq!(
             (plan.rolled_back.as_slice(), plan.serving),
             (&[2][..], Some(1)),

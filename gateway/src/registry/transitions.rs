@@ -181,8 +181,24 @@ impl Registry {
         model: &str,
         reason: Option<String>,
     ) -> Result<RollbackPlan> {
+        self.rollback_as(actor, model, reason, true)
+    }
+
+    /// The plan `rollback` would carry out now, carried out in a transaction
+    /// that is then abandoned: nothing changes and nothing is audited.
+    pub fn preview_rollback(&self, actor: &Actor, model: &str) -> Result<RollbackPlan> {
+        self.rollback_as(actor, model, None, false)
+    }
+
+    fn rollback_as(
+        &self,
+        actor: &Actor,
+        model: &str,
+        reason: Option<String>,
+        commit: bool,
+    ) -> Result<RollbackPlan> {
         require(actor, Permission::Deploy)?;
-        self.write(|tx| {
+        self.transact(commit, |tx| {
             let spec = tx.model(model)?;
             let mut vs = tx.versions(model)?;
             let candidates: Vec<usize> = (0..vs.len())
