@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from conftest import Server, metric, require_env, wait_for
-from test_registry import GOOD, Api, model_spec, write_config
+from test_registry import GOOD, KEYS, Api, model_spec, write_config
 
 POLICY = """\
   rollout_interval_ms: 200
@@ -42,7 +42,8 @@ def nodes(tmp_path_factory):
 
 
 def route(node, name):
-    for r in httpx.get(f"{node.url}/v1/routes", timeout=5).json()["routes"]:
+    viewer = {"Authorization": f"Bearer {KEYS['viewer']}"}
+    for r in httpx.get(f"{node.url}/v1/routes", headers=viewer, timeout=5).json()["routes"]:
         if r["name"] == name:
             return r
     return None

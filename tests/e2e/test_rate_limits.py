@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import MODEL, ROOT, Server, Triton, require_env
 
 LIMITED = "a-limited-batch-job-key-0001"
+VIEWER = "a-viewer-key-for-dashboards-01"
 OTHER = "an-unlimited-application-key-01"
 
 
@@ -24,12 +25,50 @@ def server(tmp_path_factory):
   api_keys:
     - {{ name: batch, role: invoke, key: {LIMITED}, requests_per_second: 1 }}
     - {{ name: app, role: invoke, key: {OTHER} }}
+    - {{ name: viewer, role: viewer, key: {VIEWER} }}
+server: {{ data_dir: {cfg.parent / "data"} }}
+registry: {{}}
 model_repository:
   path: {ROOT / "configs" / "model_repository"}
 """)
     s = Triton(None, config=str(cfg))
     yield s
     s.stop()
+
+
+def test_every_front_answers_401_without_a_key_and_403_for_a_wrong_role(server):
+    """With `auth.inference_requires_key`: the OpenAI API, KServe over HTTP
+    and gRPC, repository control, the registry and the console's data."""
+    viewer, invoke = {"Authorization": f"Bearer {VIEWER}"}, {"Authorization": f"Bearer {OTHER}"}
+    calls = [
+        ("OpenAI", lambda h: httpx.get(f"{server.url}/v1/models", headers=h), invoke, viewer),
+        ("KServe HTTP", lambda h: httpx.post(f"{server.url}/v2/models/iris_xgb/infer", json=INFER, headers=h),
+         invoke, viewer),
+        ("repository control", lambda h: httpx.post(f"{server.url}/v2/repository/models/iris_xgb/unload", headers=h),
+         None, invoke),
+        ("registry", lambda h: httpx.get(f"{server.url}/v1/registry/models", headers=h), viewer, invoke),
+        ("console data", lambda h: httpx.get(f"{server.url}/v1/routes", headers=h), viewer, invoke),
+        ("console identity", lambda h: httpx.get(f"{server.url}/v1/registry/whoami", headers=h), viewer, invoke),
+    ]
+    for front, call, allowed, wrong in calls:
+        assert call({}).status_code == 401, front
+        assert call({"Authorization": "Bearer not-a-configured-key-000"}).status_code == 401, front
+        r = call(wrong)
+        assert r.status_code == 403, (front, r.text)
+        assert "error" in r.json(), front
+        if allowed:
+            assert call(allowed).status_code == 200, front
+    # The console's pages carry no data: they load, and sign-in is theirs.
+    assert httpx.get(f"{server.url}/ui/routes").status_code == 200
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = grpcclient.InferInput("input__0", [1, 4], "FP32")
+    x.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+    for headers, code in [({}, "StatusCode.UNAUTHENTICATED"),
+                          ({"authorization": f"Bearer {VIEWER}"}, "StatusCode.PERMISSION_DENIED")]:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("iris_xgb", [x], headers=headers)
+        assert e.value.status() == code, e.value
+    client.infer("iris_xgb", [x], headers={"authorization": f"Bearer {OTHER}"})
 
 
 def burst(call, n=6):

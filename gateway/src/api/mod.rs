@@ -410,8 +410,17 @@ const ROUTE_WINDOW_SECS: i64 = 60;
 
 /// The routes this node serves, as its controller last published them:
 /// each public name's primary, candidate (arm and share) and shadows, with
-/// what each registry version served here over the last minute.
-async fn list_routes(State(s): State<AppState>) -> impl IntoResponse {
+/// what each registry version served here over the last minute. With keys
+/// configured, a key that may read the registry is needed.
+async fn list_routes(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if !s.keys.is_empty() {
+        if let Err(e) = s
+            .keys
+            .authorize(auth::from_headers(&headers), auth::Permission::Read)
+        {
+            return ApiError::from(e).into_response();
+        }
+    }
     use crate::dispatch::outcomes::VersionOutcomes;
     use crate::dispatch::routing::Route;
     use serde_json::{json, Value};
@@ -452,7 +461,7 @@ async fn list_routes(State(s): State<AppState>) -> impl IntoResponse {
         .map(|(n, r)| describe(&s.versions, n, "tensor", r, |d| Some(d.version)));
     let mut routes: Vec<Value> = llm.chain(tensor).collect();
     routes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    Json(json!({ "routes": routes }))
+    Json(json!({ "routes": routes })).into_response()
 }
 
 /// How far each shadow of a route diverges from its primary.
