@@ -44,17 +44,31 @@ pub struct Config {
 pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// Inference on every front (OpenAI, KServe HTTP and gRPC) needs a key
-    /// whose role allows it (invoke or admin); off, inference is open.
-    pub inference_requires_key: bool,
+    /// whose role allows it (invoke or admin). Unset, it does once
+    /// `api_keys` holds such a key; `false` keeps inference open anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_requires_key: Option<bool>,
     /// Secrets shorter than this stop the server at start.
     pub min_key_length: usize,
+}
+
+impl AuthConfig {
+    /// Whether inference needs a key: as configured, else once `api_keys`
+    /// holds a key that may invoke (role invoke or admin).
+    pub fn inference_keyed(&self) -> bool {
+        self.inference_requires_key.unwrap_or_else(|| {
+            self.api_keys
+                .iter()
+                .any(|k| k.role.allows(crate::auth::Permission::Invoke))
+        })
+    }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             api_keys: Vec::new(),
-            inference_requires_key: false,
+            inference_requires_key: None,
             min_key_length: DEFAULT_MIN_KEY_LENGTH,
         }
     }
@@ -695,7 +709,7 @@ impl Config {
             .api_keys()
             .iter()
             .any(|(_, k)| k.role.allows(crate::auth::Permission::Invoke));
-        if self.auth.inference_requires_key && !invokers {
+        if self.auth.inference_requires_key == Some(true) && !invokers {
             return Err(
                 "auth.inference_requires_key: no API key has role invoke or admin, \
                  so no one could call a model; add one to auth.api_keys (or pass --api-key)"
@@ -1011,7 +1025,15 @@ mod tests {
             "{e}"
         );
         let ok = format!("{MODEL}auth:\n  inference_requires_key: true\n  api_keys:\n    - {{ name: app, role: invoke, key: an-app-secret-12345 }}\n");
-        assert!(Config::parse(&ok).unwrap().auth.inference_requires_key);
+        assert!(Config::parse(&ok).unwrap().auth.inference_keyed());
+        // Implied by a key that may invoke, unless turned off.
+        let implied = format!("{MODEL}auth:\n  api_keys:\n    - {{ name: app, role: invoke, key: an-app-secret-12345 }}\n");
+        assert!(Config::parse(&implied).unwrap().auth.inference_keyed());
+        let off = format!("{MODEL}auth:\n  inference_requires_key: false\n  api_keys:\n    - {{ name: app, role: invoke, key: an-app-secret-12345 }}\n");
+        assert!(!Config::parse(&off).unwrap().auth.inference_keyed());
+        let viewers = format!("{MODEL}auth:\n  api_keys:\n    - {{ name: v, role: viewer, key: a-viewer-secret-123 }}\n");
+        assert!(!Config::parse(&viewers).unwrap().auth.inference_keyed());
+        assert!(!Config::parse(MODEL).unwrap().auth.inference_keyed());
     }
 
     #[test]

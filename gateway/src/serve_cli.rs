@@ -221,7 +221,7 @@ impl ServeFlags {
                 requests_per_second: None,
                 tokens_per_minute: None,
             });
-            cfg.auth.inference_requires_key = true;
+            cfg.auth.inference_requires_key = Some(true);
         }
         for m in &mut cfg.models {
             let e = &mut m.engine;
@@ -367,7 +367,7 @@ mod tests {
         let yaml = effective_yaml(&cfg).unwrap();
         assert!(!yaml.contains("a-key-of-some-length"), "{yaml}");
         let back = Config::parse(&yaml).unwrap();
-        assert!(back.auth.inference_requires_key);
+        assert!(back.auth.inference_keyed());
         let k = &back.auth.api_keys[0];
         assert_eq!(k.role, Role::Invoke);
         assert_eq!(

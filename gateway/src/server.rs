@@ -108,10 +108,16 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .model_repository
         .as_ref()
         .is_some_and(|r| r.allow_unauthenticated_control);
+    if !keys.is_empty() && !cfg.auth.inference_keyed() && beyond_loopback(&cfg.server.http) {
+        tracing::warn!(
+            address = %cfg.server.http,
+            "listening beyond loopback with inference open (auth.inference_requires_key: false)"
+        );
+    }
     if keys.is_empty() && beyond_loopback(&cfg.server.http) {
         tracing::warn!(
             address = %cfg.server.http,
-            "listening beyond loopback with no API keys: feedback is open to anyone who reaches the port"
+            "listening beyond loopback with no API keys: inference and feedback are open to anyone who reaches the port"
         );
     }
     if open_control {
@@ -129,7 +135,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (end_grace, shutdown) = Shutdown::new();
     let mut state = api::AppState::new(cfg.models.len(), Some(install_metrics()?))
-        .with_security(keys, open_control, cfg.auth.inference_requires_key, limits)
+        .with_security(keys, open_control, cfg.auth.inference_keyed(), limits)
         .with_shutdown(shutdown);
     if !cfg.upstreams.is_empty() {
         let ups: Vec<_> = cfg

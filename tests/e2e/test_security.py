@@ -125,7 +125,9 @@ def secured(tmp_path_factory):
     config = root / "config.yaml"
     config.write_text(
         f"server:\n  data_dir: {root / 'data'}\n  limits: {{ {limits} }}\n"
-        f"auth:\n  api_keys:\n{keys}"
+        # Inference stays open here (the attacks below are on open fronts);
+        # keyed inference has its own tests (test_rate_limits.py).
+        f"auth:\n  inference_requires_key: false\n  api_keys:\n{keys}"
         f"registry:\n  reconcile_interval_secs: 1\n"
         "  engine: { max_num_seqs: 4, kv_cache_bytes: 20000000 }\n"
         f"models:\n  - name: {MODEL}\n{default_source()}"
