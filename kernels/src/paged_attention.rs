@@ -210,29 +210,124 @@ pub fn paged_attention(
             "block outside the pool"
         );
     }
-    out.par_chunks_mut(group * d).enumerate().for_each_init(
-        Scratch::default,
-        |scratch, (task, out)| {
-            let (row, kvh) = (task / kv_heads, task % kv_heads);
-            let s = &seqs[owner[row]];
-            let ctx = s.start_pos + (row - s.offset) + 1;
-            let q = &q[(row * heads + kvh * group) * d..][..group * d];
-            let keys = Keys {
+    // One task per (token, KV head): the group's queries and the keys they see.
+    let work = |task: usize| {
+        let (row, kvh) = (task / kv_heads, task % kv_heads);
+        let s = &seqs[owner[row]];
+        let ctx = s.start_pos + (row - s.offset) + 1;
+        Work {
+            q: &q[(row * heads + kvh * group) * d..][..group * d],
+            keys: Keys {
                 table: s.block_table,
                 first: scoring.window.map_or(0, |w| ctx.saturating_sub(w)),
                 ctx,
                 head: kvh,
-            };
-            let work = Work {
-                q,
-                keys,
-                kv,
-                scoring,
-            };
-            attend(isa, work, scratch, out);
-        },
-    );
+            },
+            kv,
+            scoring,
+        }
+    };
+    let width = group * d;
+    let per = (PIECE_POSITIONS / layout.block_size).max(1);
+    let pieces: Vec<usize> = (0..rows * kv_heads)
+        .map(|t| work(t).blocks().len().div_ceil(per))
+        .collect();
+    if pieces.iter().all(|&n| n == 1) {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each_init(Scratch::default, |scratch, (task, out)| {
+                attend(isa, work(task), scratch, out)
+            });
+        return;
+    }
+    // Long contexts: each task's keys in pieces of `per` blocks, attended
+    // in parallel, then merged by their softmax maxima and sums.
+    let at: Vec<(usize, usize)> = pieces
+        .iter()
+        .enumerate()
+        .flat_map(|(t, &n)| (0..n).map(move |i| (t, i)))
+        .collect();
+    // Reused across calls on this thread: every piece overwrites its part.
+    thread_local! {
+        static PIECES: std::cell::RefCell<Pieces> = Default::default();
+    }
+    PIECES.with_borrow_mut(|(partial, stats)| {
+        partial.resize(at.len() * width, 0.0);
+        stats.resize(at.len() * group, (0.0, 0.0));
+        merge_pieces(isa, &at, &pieces, per, group, d, &work, partial, stats, out)
+    });
 }
+
+/// Each piece's output rows and its softmax maxima and sums.
+type Pieces = (Vec<f32>, Vec<(f32, f32)>);
+
+/// Attends each piece `at[i]` (task, piece) into `partial` and `stats`,
+/// then merges each task's pieces into its `out` rows.
+#[allow(clippy::too_many_arguments)]
+fn merge_pieces<'a>(
+    isa: Isa,
+    at: &[(usize, usize)],
+    pieces: &[usize],
+    per: usize,
+    group: usize,
+    d: usize,
+    work: &(impl Fn(usize) -> Work<'a> + Sync),
+    partial: &mut [f32],
+    stats: &mut [(f32, f32)],
+    out: &mut [f32],
+) {
+    let width = group * d;
+    partial
+        .par_chunks_mut(width)
+        .zip(stats.par_chunks_mut(group))
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (i, (out, stats))| {
+            let (task, piece) = at[i];
+            attend(isa, work(task).piece(piece, per), scratch, out);
+            stats.copy_from_slice(&scratch.stats);
+        });
+    let first: Vec<usize> = pieces
+        .iter()
+        .scan(0, |next, &n| {
+            let at = *next;
+            *next += n;
+            Some(at)
+        })
+        .collect();
+    out.par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let range = first[task]..first[task] + pieces[task];
+            if range.len() == 1 {
+                return out.copy_from_slice(&partial[range.start * width..][..width]);
+            }
+            for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                let stat = |p: usize| stats[p * group + g];
+                let max = range
+                    .clone()
+                    .map(|p| stat(p).0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                o.fill(0.0);
+                let mut total = 0.0;
+                for p in range.clone() {
+                    let (m, sum) = stat(p);
+                    let weight = sum * (m - max).exp();
+                    total += weight;
+                    let part = &partial[p * width + g * d..][..d];
+                    o.iter_mut().zip(part).for_each(|(o, x)| *o += weight * x);
+                }
+                let inv = 1.0 / total;
+                o.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+}
+
+/// A query's visible keys beyond this many positions are attended in
+/// pieces of this many (rounded to whole blocks) that run in parallel: a
+/// decoding sequence is otherwise one task per KV head, fewer than the
+/// cores. The split depends on the context alone, so a row's result does
+/// not depend on what else is in its batch.
+const PIECE_POSITIONS: usize = 512;
 
 /// The keys one query sees: positions `first..ctx` of KV head `head`.
 #[derive(Clone, Copy)]
@@ -254,24 +349,51 @@ struct Work<'a> {
 }
 
 impl Work<'_> {
+    /// Piece `i` of this work's keys, in pieces of `per` blocks.
+    fn piece(self, i: usize, per: usize) -> Self {
+        let (bs, blocks) = (self.kv.layout.block_size, self.blocks());
+        let start = blocks.start + i * per;
+        let end = (start + per).min(blocks.end);
+        Self {
+            keys: Keys {
+                first: self.keys.first.max(start * bs),
+                ctx: self.keys.ctx.min(end * bs),
+                ..self.keys
+            },
+            ..self
+        }
+    }
+
     /// The blocks holding visible keys.
     fn blocks(&self) -> std::ops::Range<usize> {
         let bs = self.kv.layout.block_size;
         self.keys.first / bs..self.keys.ctx.div_ceil(bs)
     }
 
+    /// The position of the first visible block's first row: scores are
+    /// kept from there.
+    fn base(&self) -> usize {
+        self.blocks().start * self.kv.layout.block_size
+    }
+
+    /// Positions of scores kept per row (from [`Work::base`] to `ctx`).
+    fn span(&self) -> usize {
+        self.keys.ctx - self.base()
+    }
+
     /// Soft-caps each row's visible scores and hides the positions of its
-    /// first block that lie before the window; rows are `stride` apart.
+    /// first block that lie before the window; rows are `stride` apart and
+    /// begin at [`Work::base`].
     fn finish_scores(&self, scores: &mut [f32], stride: usize) {
-        let (first, ctx) = (self.keys.first, self.keys.ctx);
-        let start = first / self.kv.layout.block_size * self.kv.layout.block_size;
+        let base = self.base();
+        let (first, ctx) = (self.keys.first - base, self.keys.ctx - base);
         for row in scores.chunks_exact_mut(stride) {
             if let Some(cap) = self.scoring.softcap {
                 row[first..ctx]
                     .iter_mut()
                     .for_each(|s| *s = cap * (*s / cap).tanh());
             }
-            row[start..first].fill(f32::NEG_INFINITY);
+            row[..first].fill(f32::NEG_INFINITY);
         }
     }
 
@@ -285,11 +407,13 @@ impl Work<'_> {
     }
 }
 
-/// Per-thread buffers: scores `[group, ctx]`, one block's rows in f32.
+/// Per-thread buffers: scores `[group, span]`, one block's rows in f32,
+/// and each query head's softmax maximum and sum (for merging pieces).
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
     rows: Vec<f32>,
+    stats: Vec<(f32, f32)>,
 }
 
 /// Scores over the visible keys, softmax, weighted sum of values.
@@ -305,44 +429,53 @@ fn attend(isa: Isa, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     attend_portable(w, scratch, out)
 }
 
-/// Softmax in place of the scores `cols` of each row of `stride`;
+/// Softmax in place of the first `cols` scores of each row of `stride`;
 /// `exp(row, max)` sets `row[i] = e^(row[i] - max)` and returns their sum.
+/// Each row's maximum and sum go to `stats`.
 #[inline(always)]
 fn softmax(
     scores: &mut [f32],
     stride: usize,
-    cols: std::ops::Range<usize>,
+    cols: usize,
+    stats: &mut Vec<(f32, f32)>,
     exp: impl Fn(&mut [f32], f32) -> f32,
 ) {
+    stats.clear();
     for row in scores.chunks_exact_mut(stride) {
-        let row = &mut row[cols.clone()];
+        let row = &mut row[..cols];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let inv = 1.0 / exp(row, max);
+        let sum = exp(row, max);
+        let inv = 1.0 / sum;
         row.iter_mut().for_each(|p| *p *= inv);
+        stats.push((max, sum));
     }
 }
 
 fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
-    let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
-    let group = w.q.len() / d;
+    let (d, span, bs) = (w.kv.layout.head_dim, w.span(), w.kv.layout.block_size);
+    let (group, base) = (w.q.len() / d, w.base());
     let blocks = w.blocks();
-    let Scratch { scores, rows } = scratch;
+    let Scratch {
+        scores,
+        rows,
+        stats,
+    } = scratch;
     scores.clear();
-    scores.resize(group * ctx, 0.0);
+    scores.resize(group * span, 0.0);
     rows.resize(bs * d, 0.0);
     for b in blocks.clone() {
         let (at, n) = w.rows(b);
         w.kv.k.widen_portable(at, &mut rows[..n * d]);
-        let pos = b * w.kv.layout.block_size;
+        let pos = b * w.kv.layout.block_size - base;
         for (g, q) in w.q.chunks_exact(d).enumerate() {
             for (j, k) in rows[..n * d].chunks_exact(d).enumerate() {
                 let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-                scores[g * ctx + pos + j] = dot * w.scoring.scale;
+                scores[g * span + pos + j] = dot * w.scoring.scale;
             }
         }
     }
-    w.finish_scores(scores, ctx);
-    softmax(scores, ctx, blocks.start * bs..ctx, |row, max| {
+    w.finish_scores(scores, span);
+    softmax(scores, span, span, stats, |row, max| {
         let mut sum = 0.0;
         for p in row.iter_mut() {
             *p = (*p - max).exp();
@@ -354,10 +487,10 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     for b in blocks {
         let (at, n) = w.rows(b);
         w.kv.v.widen_portable(at, &mut rows[..n * d]);
-        let pos = b * w.kv.layout.block_size;
+        let pos = b * w.kv.layout.block_size - base;
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
             for (j, v) in rows[..n * d].chunks_exact(d).enumerate() {
-                let p = scores[g * ctx + pos + j];
+                let p = scores[g * span + pos + j];
                 o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
             }
         }
@@ -448,19 +581,23 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
-        let (d, ctx, bs) = (w.kv.layout.head_dim, w.keys.ctx, w.kv.layout.block_size);
-        let group = w.q.len() / d;
+        let (d, span, bs) = (w.kv.layout.head_dim, w.span(), w.kv.layout.block_size);
+        let (group, base) = (w.q.len() / d, w.base());
         let blocks = w.blocks();
-        let Scratch { scores, rows } = scratch;
+        let Scratch {
+            scores,
+            rows,
+            stats,
+        } = scratch;
         // Rows of scores have room for a last group of eight past `ctx`.
-        let stride = ctx + 8;
+        let stride = span + 8;
         scores.clear();
         scores.resize(group * stride, 0.0);
         rows.resize((bs + 8) * d, 0.0);
         let scale = _mm256_set1_ps(w.scoring.scale);
         for b in blocks.clone() {
             let n = block(&w, w.kv.k, b, rows);
-            let pos = b * bs;
+            let pos = b * bs - base;
             for (g, q) in w.q.chunks_exact(d).enumerate() {
                 // Eight positions at a time (past `n`, rows and scores are
                 // scratch that later positions overwrite).
@@ -479,13 +616,11 @@ mod x86 {
             }
         }
         w.finish_scores(scores, stride);
-        softmax(scores, stride, blocks.start * bs..ctx, |row, max| {
-            exp_row(row, max)
-        });
+        softmax(scores, stride, span, stats, |row, max| exp_row(row, max));
         out.fill(0.0);
         for b in blocks {
             let n = block(&w, w.kv.v, b, rows);
-            let pos = b * bs;
+            let pos = b * bs - base;
             for (g, o) in out.chunks_exact_mut(d).enumerate() {
                 let p = &scores[g * stride + pos..][..n];
                 for i in (0..d).step_by(8) {
@@ -593,12 +728,15 @@ mod tests {
                 head_dim: d,
             };
             // (cached tokens, new tokens)
+            // The last two run past PIECE_POSITIONS: attended in pieces.
             let shapes = [
                 (0, 7),
                 (13, 1),
                 (block_size * 2, block_size),
                 (3, 1),
                 (0, 1),
+                (1100, 1),
+                (PIECE_POSITIONS * 2 - 3, 5),
             ];
             let total_blocks: usize = shapes
                 .iter()

@@ -110,7 +110,10 @@ fn measure(r: &mut dyn Runner, prompt: &[u32], decode: usize, repeats: usize) ->
 fn main() {
     let a = Args::parse();
     let loaded = load_model(&a.model, &Device::Cpu, Quantization::None).expect("loading the model");
-    let text = "The history of the city begins with a small settlement by the river. ".repeat(64);
+    // About 14 tokens a sentence: enough sentences for the prompt asked for.
+    let sentences = (a.prompt_tokens / 8).max(64);
+    let text =
+        "The history of the city begins with a small settlement by the river. ".repeat(sentences);
     let prompt: Vec<u32> = loaded
         .tokenizer
         .encode(&text)
