@@ -247,7 +247,8 @@ impl RolloutController {
             };
             (d, numbers)
         } else {
-            let (n, errors, p99) = self.versions.window(&policy.model, v.number, since);
+            let w = self.versions.recent(&policy.model, v.number, since);
+            let (n, errors, p99) = (w.requests, w.errors, w.p99_ms);
             let success = if n > 0 {
                 1.0 - errors as f64 / n as f64
             } else {

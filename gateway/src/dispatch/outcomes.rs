@@ -37,17 +37,6 @@ impl VersionOutcomes {
         });
     }
 
-    /// Requests, errors and p99 latency (ms) since `since_ms`.
-    pub(crate) fn window(
-        &self,
-        route: &str,
-        version: u32,
-        since_ms: i64,
-    ) -> (u64, u64, Option<f64>) {
-        let w = self.recent(route, version, since_ms);
-        (w.requests, w.errors, w.p99_ms)
-    }
-
     /// What a version served since `since_ms`: requests, errors, and the
     /// p50 and p99 latency (ms) of the successful ones.
     pub fn recent(&self, route: &str, version: u32, since_ms: i64) -> Window {

@@ -241,7 +241,7 @@ async fn outcomes_reach_the_version_and_sampled_shadows() {
         let mut rx = target.start(&rec, generation(id)).unwrap();
         while rx.recv().await.is_some() {}
     }
-    let served = |v| rec.versions.window("m", v, 0).0;
+    let served = |v| rec.versions.recent("m", v, 0).requests;
     until("three outcomes", || served(1) + served(2) == 3).await;
     until("two shadow comparisons", || {
         rec.shadows.counts("m", "3").compared == 2
