@@ -5,16 +5,16 @@ models page change the registry (checked with the CLI), the rollback's plan
 shown before it is confirmed; a viewer key sees no action, and an action
 forged from the page with it is refused by the API. Each page is written to
 `target/<profile>/console-screenshots/`."""
+import functools
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT, Server, binary
+from conftest import ROOT, Server, binary, wait_for
+from test_plane import cli
 from test_registry import GOOD, KEYS, model_spec, write_config
 from webdriver import Browser, WebDriverError
 
@@ -54,25 +54,12 @@ def browser():
     b.quit()
 
 
-def cli(node, *args, role="deployer"):
-    env = {**os.environ, "SWITCHYARD_URL": node.url, "SWITCHYARD_API_KEY": KEYS[role]}
-    r = subprocess.run([binary(), "registry", *args], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
-
 def version(node, model, number):
     return json.loads(cli(node, "versions", "show", model, str(number), role="viewer"))
 
 
-def wait(what, check, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+# The page's own waits are short: it refreshes every two seconds.
+wait = functools.partial(wait_for, timeout=20)
 
 
 def sign_in(b, node, role, page):
