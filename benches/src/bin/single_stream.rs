@@ -1,5 +1,7 @@
 //! Single-stream prefill and decode speed of Switchyard's forward pass next to
-//! candle-transformers' `quantized_llama` on the same GGUF, measured in one run.
+//! candle-transformers' `quantized_llama` on the same GGUF, measured in one run;
+//! with `--batch N`, also N sequences decoding together, next to the prefill
+//! rate of the same run.
 //!
 //! cargo run --release -p benches --bin single_stream -- --model PATH.gguf
 use benches::{median, print_table};
@@ -27,6 +29,10 @@ struct Args {
     /// Runs Switchyard alone (for profiling), without the candle anchor.
     #[arg(long)]
     skip_reference: bool,
+    /// Also decodes this many sequences in one batch per step (each after
+    /// its own prompt) and compares the batch's tokens/s with prefill's.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
 }
 
 /// One implementation under test: runs `tokens` from position `pos`, returns last logits.
@@ -39,6 +45,36 @@ struct Ours {
     model: engine::llm::model::LlamaModel,
     cache: KvCache,
     capacity: usize,
+}
+
+impl Ours {
+    /// Decode tokens/s of `seqs` sequences stepping together, each after its
+    /// own copy of `prompt` (median of `repeats`).
+    fn batched(&mut self, prompt: &[u32], seqs: usize, decode: usize, repeats: usize) -> f64 {
+        let ids: Vec<SeqId> = (1..=seqs as u64).map(SeqId).collect();
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            let mut next = Vec::new();
+            for &id in &ids {
+                self.cache.blocks.free(id);
+                self.cache.allocate(id, self.capacity).unwrap();
+                let mut b = ForwardBatch::default();
+                b.push(id, prompt, 0);
+                next.push(greedy(&self.model.forward(&b, &mut self.cache).unwrap()));
+            }
+            let t = Instant::now();
+            for i in 0..decode {
+                let mut b = ForwardBatch::default();
+                for (&id, &tok) in ids.iter().zip(&next) {
+                    b.push(id, &[tok], prompt.len() + i);
+                }
+                let logits = self.model.forward(&b, &mut self.cache).unwrap();
+                next = (0..seqs).map(|r| greedy(&logits.get(r).unwrap())).collect();
+            }
+            rates.push((seqs * decode) as f64 / t.elapsed().as_secs_f64());
+        }
+        median(&rates)
+    }
 }
 
 impl Runner for Ours {
@@ -126,7 +162,7 @@ fn main() {
         loaded.model.config.num_hidden_layers,
         loaded.model.kv_layout(16),
         KvDtype::default(),
-        capacity.div_ceil(16),
+        (a.batch + 1) * capacity.div_ceil(16),
         false,
     );
     let mut ours = Ours {
@@ -142,8 +178,19 @@ fn main() {
         a.repeats
     );
     let (op, od) = measure(&mut ours, &prompt, a.decode_tokens, a.repeats);
+    println!(
+        "switchyard ({:?} kernels): prefill {op:.1} tok/s, decode {od:.1} tok/s",
+        kernels::quant::Isa::detect()
+    );
+    if a.batch > 1 {
+        let bd = ours.batched(&prompt, a.batch, a.decode_tokens, a.repeats);
+        println!(
+            "switchyard: decode of {} sequences together {bd:.1} tok/s, {:.2}× prefill",
+            a.batch,
+            bd / op
+        );
+    }
     if a.skip_reference {
-        println!("switchyard: prefill {op:.1} tok/s, decode {od:.1} tok/s");
         return;
     }
     let mut reference = Reference {

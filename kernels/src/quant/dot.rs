@@ -196,13 +196,16 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)))
     }
 
-    /// The shared loop; `madd(acc, codes, x)` adds the 4-byte products of 32
-    /// codes and 32 activations to eight integer lanes.
+    /// The shared loop; `madd(acc, codes, x)` adds the products of 32 codes
+    /// and 32 activations to an accumulator that `finish` turns into eight
+    /// integer lanes, each the sum of its 4-byte products. Each of a row's two
+    /// accumulators takes the even or the odd steps of one group.
     #[inline(always)]
     unsafe fn dot_with<const R: usize>(
         w: &WeightRow,
         a: &[ActRow; R],
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        finish: impl Fn(__m256i) -> __m256i,
     ) -> [f32; R] {
         let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
         let nibbles = w.layout.nibbles;
@@ -240,7 +243,8 @@ mod x86 {
             let d = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at));
             let m = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at + LANES));
             for r in 0..R {
-                let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[r][0], sum[r][1]));
+                let p = _mm256_add_epi32(finish(sum[r][0]), finish(sum[r][1]));
+                let p = _mm256_cvtepi32_ps(p);
                 let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
                 acc[r] = _mm256_fmadd_ps(p, s, acc[r]);
                 macc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s.as_ptr().add(at)), macc[r]);
@@ -282,6 +286,7 @@ mod x86 {
         acts: &[ActRow],
         mut out: impl FnMut(usize, usize, f32),
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
+        finish: impl Fn(__m256i) -> __m256i + Copy,
     ) {
         let mut wide = Vec::new();
         // Measured: widening pays from about five passes (prefill chunks),
@@ -301,16 +306,16 @@ mod x86 {
             let mut r = 0;
             for a in &mut chunks {
                 let a: &[ActRow; 4] = a.try_into().expect("four rows");
-                for (i, v) in dot_with(&w, a, madd).into_iter().enumerate() {
+                for (i, v) in dot_with(&w, a, madd, finish).into_iter().enumerate() {
                     out(r + i, c, v);
                 }
                 r += 4;
             }
             let rest = chunks.remainder();
             let vs: &[f32] = match rest.len() {
-                1 => &dot_with::<1>(&w, rest.try_into().expect("one row"), madd),
-                2 => &dot_with::<2>(&w, rest.try_into().expect("two rows"), madd),
-                3 => &dot_with::<3>(&w, rest.try_into().expect("three rows"), madd),
+                1 => &dot_with::<1>(&w, rest.try_into().expect("one row"), madd, finish),
+                2 => &dot_with::<2>(&w, rest.try_into().expect("two rows"), madd, finish),
+                3 => &dot_with::<3>(&w, rest.try_into().expect("three rows"), madd, finish),
                 _ => &[],
             };
             for (i, &v) in vs.iter().enumerate() {
@@ -326,9 +331,14 @@ mod x86 {
         acts: &[ActRow],
         out: impl FnMut(usize, usize, f32),
     ) {
-        columns_with(m, cols, acts, out, |acc, c, x| {
-            _mm256_dpbusd_epi32(acc, c, x)
-        })
+        columns_with(
+            m,
+            cols,
+            acts,
+            out,
+            |acc, c, x| _mm256_dpbusd_epi32(acc, c, x),
+            |acc| acc,
+        )
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -339,22 +349,40 @@ mod x86 {
         out: impl FnMut(usize, usize, f32),
     ) {
         let ones = _mm256_set1_epi16(1);
-        // `maddubs` saturates at i16: codes up to 63 never reach it, wider
-        // codes are split at bit 7 so that each half stays below it.
-        let pairs = move |c, x| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
+        let widen = move |v| _mm256_madd_epi16(v, ones);
         if m.ty.wide() {
+            // `maddubs` saturates at i16: codes above 127 are split at bit 7
+            // so that each half stays below it.
+            let pairs = move |c, x| widen(_mm256_maddubs_epi16(c, x));
             let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
-            columns_with(m, cols, acts, out, move |acc, c, x| {
-                let lo = pairs(_mm256_and_si256(c, low7), x);
-                _mm256_add_epi32(
-                    acc,
-                    _mm256_add_epi32(lo, pairs(_mm256_and_si256(c, high), x)),
-                )
-            })
+            columns_with(
+                m,
+                cols,
+                acts,
+                out,
+                move |acc, c, x| {
+                    let lo = pairs(_mm256_and_si256(c, low7), x);
+                    _mm256_add_epi32(
+                        acc,
+                        _mm256_add_epi32(lo, pairs(_mm256_and_si256(c, high), x)),
+                    )
+                },
+                |acc| acc,
+            )
         } else {
-            columns_with(m, cols, acts, out, move |acc, c, x| {
-                _mm256_add_epi32(acc, pairs(c, x))
-            })
+            // Narrow codes sum in 16 bits until the group ends: an
+            // accumulator takes at most four steps of two products each, and
+            // |code · x| ≤ 31 · 127 (or two steps with 6-bit codes in Q6_K's
+            // groups of four), so no sum passes 32,767 and the widening
+            // gives exactly the 32-bit sums.
+            columns_with(
+                m,
+                cols,
+                acts,
+                out,
+                |acc, c, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(c, x)),
+                widen,
+            )
         }
     }
 }

@@ -55,18 +55,22 @@ fn random_blocks(ty: QuantType, n: usize, k: usize, seed: u32) -> Vec<u8> {
             (s >> 24) as u8
         })
         .collect();
-    let f16_at: &[usize] = match ty {
-        QuantType::Q4_0 | QuantType::Q8_0 => &[0],
-        QuantType::Q4_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
-        QuantType::Q6K => &[208],
-    };
     for b in bytes.chunks_exact_mut(ty.block_bytes()) {
-        for &at in f16_at {
+        for &at in f16_offsets(ty) {
             let v = half::f16::from_f32((b[at] as f32 - 128.0) / 4096.0);
             b[at..at + 2].copy_from_slice(&v.to_le_bytes());
         }
     }
     bytes
+}
+
+/// Where a block of `ty` keeps its f16 scales.
+fn f16_offsets(ty: QuantType) -> &'static [usize] {
+    match ty {
+        QuantType::Q4_0 | QuantType::Q8_0 => &[0],
+        QuantType::Q4_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
+        QuantType::Q6K => &[208],
+    }
 }
 
 /// The quantized activations as values, row after row.
@@ -167,6 +171,29 @@ fn instruction_sets_agree_bit_for_bit() {
             let first = run(&m, paths[0], &x);
             for &isa in &paths[1..] {
                 assert_eq!(run(&m, isa, &x), first, "{ty:?} {isa:?} vs {:?}", paths[0]);
+            }
+        }
+    }
+}
+
+/// Every code at its largest against activations at ±127 in every lane:
+/// the sums that the AVX2 path keeps in 16 bits until a group ends are
+/// still exact (the portable path sums in 32 bits).
+#[test]
+fn largest_codes_sum_exactly_on_every_path() {
+    for ty in TYPES {
+        for (_, k, n) in shapes(ty) {
+            let mut blocks = vec![0xFF; n * k / ty.block_values() * ty.block_bytes()];
+            for b in blocks.chunks_exact_mut(ty.block_bytes()) {
+                for &at in f16_offsets(ty) {
+                    b[at..at + 2].copy_from_slice(&half::f16::from_f32(1.0 / 1024.0).to_le_bytes());
+                }
+            }
+            let m = QuantMatrix::new(ty, &blocks, n, k);
+            let x: Vec<f32> = [1.0f32, -1.0].iter().flat_map(|&v| vec![v; k]).collect();
+            let want = run(&m, Isa::Portable, &x);
+            for isa in Isa::available() {
+                assert_eq!(run(&m, isa, &x), want, "{ty:?} {isa:?} k {k}");
             }
         }
     }
