@@ -90,11 +90,7 @@ impl LlmTarget {
     /// has passed (a client that leaves records nothing). With shadows, the
     /// engine also computes each token's log-probability (for the
     /// teacher-forced comparison); a front shows them only if asked.
-    pub fn start(
-        &self,
-        rec: &Recorders,
-        g: Generation,
-    ) -> Result<UnboundedReceiver<GenerationEvent>, LlmError> {
+    pub fn start(&self, rec: &Recorders, g: Generation) -> Result<Events, LlmError> {
         let sink = self.outcome_sink(rec);
         let mut primary = g.request.clone();
         if !self.shadows.is_empty() {
@@ -129,7 +125,20 @@ impl LlmTarget {
         if let Some(b) = &self.budget {
             b.charge(g.request.prompt.len() as f64);
         }
-        Ok(observe(rx, self.started, sink, self.budget.clone()))
+        Ok(Events {
+            rx,
+            watch: Some(Watch {
+                outcome: Outcome {
+                    ok: true,
+                    ..Outcome::default()
+                },
+                started: self.started,
+                choices: g.request.n.max(1),
+                finished: 0,
+                budget: self.budget.clone(),
+                done: Box::new(sink),
+            }),
+        })
     }
 
     /// Where the outcome is recorded: its experiment arm, and the version
@@ -313,37 +322,80 @@ fn tap<S: Send + 'static>(
     out
 }
 
-/// Hands the request's outcome to `done` at the end (not when the client
-/// left: an abandoned request says nothing).
-fn observe(
+/// One request's engine events as a front reads them. The request's
+/// outcome is folded in as they pass, in the reader's own task (no task
+/// between the engine and the socket), and handed on once every choice has
+/// finished, one failed or the engine ended the stream. A reader that stops
+/// before (its client left) records nothing.
+pub struct Events {
     rx: UnboundedReceiver<GenerationEvent>,
+    watch: Option<Watch>,
+}
+
+/// The outcome of the request being read, and where it goes.
+struct Watch {
+    outcome: Outcome,
     started: Instant,
-    done: impl FnOnce(Outcome) + Send + 'static,
+    choices: usize,
+    finished: usize,
+    /// Charged each generated token as it passes.
     budget: Option<Arc<crate::auth::Bucket>>,
-) -> UnboundedReceiver<GenerationEvent> {
-    let inspect = move |o: &mut Outcome, ev: &GenerationEvent| match ev {
-        GenerationEvent::Delta { .. } => {
-            o.ttft_s
-                .get_or_insert_with(|| started.elapsed().as_secs_f64());
-            if let Some(b) = &budget {
-                b.charge(1.0);
+    done: Box<dyn FnOnce(Outcome) + Send>,
+}
+
+impl Watch {
+    /// Folds `ev` in; true once the outcome is known.
+    fn fold(&mut self, ev: &GenerationEvent) -> bool {
+        let o = &mut self.outcome;
+        match ev {
+            GenerationEvent::Delta { .. } => {
+                o.ttft_s
+                    .get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+                if let Some(b) = &self.budget {
+                    b.charge(1.0);
+                }
+                false
+            }
+            GenerationEvent::Finished {
+                completion_tokens, ..
+            } => {
+                o.output_tokens += completion_tokens;
+                self.finished += 1;
+                self.finished >= self.choices
+            }
+            GenerationEvent::Failed(_) => {
+                o.ok = false;
+                true
             }
         }
-        GenerationEvent::Finished {
-            completion_tokens, ..
-        } => o.output_tokens += completion_tokens,
-        GenerationEvent::Failed(_) => o.ok = false,
-    };
-    let first = Outcome {
-        ok: true,
-        ..Outcome::default()
-    };
-    tap(rx, first, inspect, move |o| {
-        if let Some(mut o) = o {
-            o.latency_s = started.elapsed().as_secs_f64();
-            done(o);
+    }
+
+    fn record(mut self) {
+        self.outcome.latency_s = self.started.elapsed().as_secs_f64();
+        (self.done)(self.outcome);
+    }
+}
+
+impl Events {
+    /// Events that record nothing (several requests' events merged into
+    /// one, each recorded as its own is read).
+    pub fn merged(rx: UnboundedReceiver<GenerationEvent>) -> Self {
+        Self { rx, watch: None }
+    }
+
+    /// The next event; `None` once the engine has sent the last one.
+    pub async fn recv(&mut self) -> Option<GenerationEvent> {
+        let ev = self.rx.recv().await;
+        let known = match (&mut self.watch, &ev) {
+            (Some(w), Some(ev)) => w.fold(ev),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if let Some(w) = self.watch.take_if(|_| known) {
+            w.record();
         }
-    })
+        ev
+    }
 }
 
 /// The primary's first choice as shadows compare against it.

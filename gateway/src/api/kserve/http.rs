@@ -425,7 +425,7 @@ struct Generate {
     target: crate::dispatch::llm::LlmTarget,
     request_id: String,
     /// The engine's events.
-    events: tokio::sync::mpsc::UnboundedReceiver<engine::llm::GenerationEvent>,
+    events: crate::dispatch::llm::Events,
     /// Answer with server-sent events (`generate_stream`, or `"stream": true`).
     stream: bool,
 }

@@ -2,7 +2,7 @@
 //! `text_input` in, `text_output` out, through `infer`, `generate` and
 //! `generate_stream`, with sampling settings as JSON (`sampling_parameters`).
 use crate::api::AppState;
-use crate::dispatch::llm::{Generation, LlmTarget};
+use crate::dispatch::llm::{Events, Generation, LlmTarget};
 use crate::dispatch::{self, Unavailable};
 use crate::offload::Offload;
 use crate::params::{ParamError, SamplingFields};
@@ -14,7 +14,6 @@ use futures::Stream;
 use proto::inference::model_metadata_response::TensorMetadata;
 use proto::inference::{ModelConfig, ModelInput, ModelMetadataResponse, ModelOutput};
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Tokens generated when the request names no `max_tokens` (vLLM's default).
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -246,7 +245,7 @@ pub async fn start(
     target: &LlmTarget,
     call: &LlmCall,
     request_id: String,
-) -> Result<UnboundedReceiver<GenerationEvent>, DnnError> {
+) -> Result<Events, DnnError> {
     let request = request(&state.offload, &target.engine, call).await?;
     let generation = Generation {
         request,
@@ -259,9 +258,7 @@ pub async fn start(
 }
 
 /// The completion's text pieces as the engine releases them.
-pub fn pieces(
-    rx: UnboundedReceiver<GenerationEvent>,
-) -> impl Stream<Item = Result<String, DnnError>> + Send + 'static {
+pub fn pieces(rx: Events) -> impl Stream<Item = Result<String, DnnError>> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await? {
@@ -275,10 +272,7 @@ pub fn pieces(
 }
 
 /// The whole output: the prompt (unless excluded) and the completion.
-pub async fn complete(
-    call: &LlmCall,
-    rx: UnboundedReceiver<GenerationEvent>,
-) -> Result<String, DnnError> {
+pub async fn complete(call: &LlmCall, rx: Events) -> Result<String, DnnError> {
     use futures::StreamExt;
     let mut out = if call.exclude_input {
         String::new()

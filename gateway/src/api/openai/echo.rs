@@ -4,9 +4,10 @@
 //! log-probabilities when `logprobs` is set (the first token has none), as
 //! log-likelihood harnesses read them.
 use crate::api::error::ApiError;
+use crate::dispatch::llm::Events;
 use engine::llm::{GenerationEvent, LlmEngine};
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 
 /// One prompt token as completions' logprobs report it: its text, its
 /// log-probability and the most likely tokens there (none for the first).
@@ -174,11 +175,7 @@ pub fn keep_best(body: &mut Value, best_of: usize, keep: usize, report: bool) {
 /// One receiver for several prompts' requests: sample `j` of prompt `p`
 /// becomes choice `p * n + j`, and every `Finished` counts the prompt
 /// tokens of the whole batch. Dropping it cancels them all.
-pub fn merge(
-    receivers: Vec<UnboundedReceiver<GenerationEvent>>,
-    n: usize,
-    prompt_tokens: usize,
-) -> UnboundedReceiver<GenerationEvent> {
+pub fn merge(receivers: Vec<Events>, n: usize, prompt_tokens: usize) -> Events {
     let (tx, out) = unbounded_channel();
     for (p, mut rx) in receivers.into_iter().enumerate() {
         let tx = tx.clone();
@@ -207,5 +204,5 @@ pub fn merge(
             }
         });
     }
-    out
+    Events::merged(out)
 }

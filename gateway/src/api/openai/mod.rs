@@ -13,7 +13,7 @@ use super::openai_types::{
     CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use super::AppState;
-use crate::dispatch::llm::{Generation, LlmTarget};
+use crate::dispatch::llm::{Events, Generation, LlmTarget};
 use crate::dispatch::{self, Unavailable};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,11 +22,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use echo::Echo;
 use engine::llm::ChatMessage;
-use engine::llm::{GenerationEvent, GenerationRequest, LlmEngine, LlmError};
+use engine::llm::{GenerationRequest, LlmEngine, LlmError};
 use proxy::{proxy, upstream_for};
 use render::{collect_body, shutting_down, stream_response, Kind, Shape};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use embeddings::embeddings;
 pub use tokenize::{detokenize, tokenize, tokenizer_info};
@@ -178,10 +177,7 @@ fn add_to_system(messages: &mut Vec<ChatMessage>, block: String) {
 /// The engine requests for `p` (one per prompt), started through the
 /// dispatch layer; their events arrive on one receiver, with the prompt
 /// tokens of all of them.
-fn submit(
-    p: &Prepared,
-    state: &AppState,
-) -> Result<(UnboundedReceiver<GenerationEvent>, usize), ApiError> {
+fn submit(p: &Prepared, state: &AppState) -> Result<(Events, usize), ApiError> {
     let engine = &p.target.engine;
     let most = engine.max_num_seqs();
     if p.v.params.n > most {

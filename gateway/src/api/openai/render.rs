@@ -3,12 +3,12 @@
 //! completions' logprobs.
 use super::tools::{ToolStream, Tools};
 use crate::api::error::ApiError;
+use crate::dispatch::llm::Events;
 use axum::response::sse::{Event, Sse};
 use engine::llm::{FinishReason, GenerationEvent, TokenLogprob};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The two endpoints differ only in prompt building and response shapes.
 #[derive(Clone, Copy, PartialEq)]
@@ -125,7 +125,7 @@ impl Shape {
 /// The whole answer as one body, once every choice has finished.
 pub async fn collect_body(
     shape: Shape,
-    mut rx: UnboundedReceiver<GenerationEvent>,
+    mut rx: Events,
     prompt_tokens: usize,
 ) -> Result<Value, ApiError> {
     let mut texts = vec![String::new(); shape.n];
@@ -179,7 +179,7 @@ fn sse(v: &Value) -> Event {
 /// text the generated tokens' offsets follow.
 pub fn stream_response(
     shape: Shape,
-    rx: UnboundedReceiver<GenerationEvent>,
+    rx: Events,
     include_usage: bool,
     shutdown: crate::server::Shutdown,
     echoed: Vec<Value>,
