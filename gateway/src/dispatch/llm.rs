@@ -86,8 +86,8 @@ impl LlmTarget {
     }
 
     /// Submits the request and returns the engine's events, after the
-    /// shadows got their copies; the outcome is recorded when the last event
-    /// has passed (a client that leaves records nothing). With shadows, the
+    /// shadows got their copies; the outcome is recorded as [`Events`] are
+    /// read (a client that leaves records nothing). With shadows, the
     /// engine also computes each token's log-probability (for the
     /// teacher-forced comparison); a front shows them only if asked.
     pub fn start(&self, rec: &Recorders, g: Generation) -> Result<Events, LlmError> {
@@ -299,29 +299,6 @@ async fn forced(
     }
 }
 
-/// Forwards the engine's events to a new receiver, folding each into
-/// `state` with `inspect`, and hands `state` to `done` once the engine has
-/// sent the last one. A client that leaves stops the forwarding, and `done`
-/// is not called.
-fn tap<S: Send + 'static>(
-    mut rx: UnboundedReceiver<GenerationEvent>,
-    mut state: S,
-    inspect: impl Fn(&mut S, &GenerationEvent) + Send + 'static,
-    done: impl FnOnce(Option<S>) + Send + 'static,
-) -> UnboundedReceiver<GenerationEvent> {
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            inspect(&mut state, &ev);
-            if tx.send(ev).is_err() {
-                return done(None);
-            }
-        }
-        done(Some(state));
-    });
-    out
-}
-
 /// One request's engine events as a front reads them. The request's
 /// outcome is folded in as they pass, in the reader's own task (no task
 /// between the engine and the socket), and handed on once every choice has
@@ -411,18 +388,20 @@ struct PrimaryAnswer {
     seconds: f64,
 }
 
-/// Passes the primary's events through and publishes its first choice
-/// (text, tokens, log-probabilities) and latency when it finishes, or that
-/// there is none when its client left.
+/// Passes the primary's events through (on a task of its own, since the
+/// answer is needed whether or not the client reads to the end) and
+/// publishes its first choice (text, tokens, log-probabilities) and latency
+/// when the engine has sent the last event, or that there is none when its
+/// client left.
 fn capture(
-    rx: UnboundedReceiver<GenerationEvent>,
+    mut rx: UnboundedReceiver<GenerationEvent>,
     started: Instant,
 ) -> (
     UnboundedReceiver<GenerationEvent>,
     watch::Receiver<Option<Option<PrimaryAnswer>>>,
 ) {
     let (done, primary) = watch::channel(None);
-    let inspect = |a: &mut PrimaryAnswer, ev: &GenerationEvent| match ev {
+    let fold = |a: &mut PrimaryAnswer, ev: &GenerationEvent| match ev {
         GenerationEvent::Delta {
             index: 0,
             text,
@@ -440,19 +419,25 @@ fn capture(
         } => a.tokens += completion_tokens,
         GenerationEvent::Failed(_) => a.ok = false,
     };
-    let first = PrimaryAnswer {
-        ok: true,
-        tokens: 0,
-        text: String::new(),
-        ids: vec![],
-        logprobs: vec![],
-        seconds: 0.0,
-    };
-    let out = tap(rx, first, inspect, move |a| {
-        let _ = done.send(Some(a.map(|mut a| {
-            a.seconds = started.elapsed().as_secs_f64();
-            a
-        })));
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut a = PrimaryAnswer {
+            ok: true,
+            tokens: 0,
+            text: String::new(),
+            ids: vec![],
+            logprobs: vec![],
+            seconds: 0.0,
+        };
+        while let Some(ev) = rx.recv().await {
+            fold(&mut a, &ev);
+            if tx.send(ev).is_err() {
+                let _ = done.send(Some(None));
+                return;
+            }
+        }
+        a.seconds = started.elapsed().as_secs_f64();
+        let _ = done.send(Some(Some(a)));
     });
     (out, primary)
 }
