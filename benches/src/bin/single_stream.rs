@@ -31,8 +31,8 @@ struct Args {
     skip_reference: bool,
     /// Also decodes this many sequences in one batch per step (each after
     /// its own prompt) and compares the batch's tokens/s with prefill's.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    batch: u64,
 }
 
 /// One implementation under test: runs `tokens` from position `pos`, returns last logits.
@@ -162,7 +162,7 @@ fn main() {
         loaded.model.config.num_hidden_layers,
         loaded.model.kv_layout(16),
         KvDtype::default(),
-        (a.batch + 1) * capacity.div_ceil(16),
+        (a.batch as usize + 1) * capacity.div_ceil(16),
         false,
     );
     let mut ours = Ours {
@@ -183,7 +183,7 @@ fn main() {
         kernels::quant::Isa::detect()
     );
     if a.batch > 1 {
-        let bd = ours.batched(&prompt, a.batch, a.decode_tokens, a.repeats);
+        let bd = ours.batched(&prompt, a.batch as usize, a.decode_tokens, a.repeats);
         println!(
             "switchyard: decode of {} sequences together {bd:.1} tok/s, {:.2}× prefill",
             a.batch,
