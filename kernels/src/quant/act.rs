@@ -6,13 +6,15 @@ use super::{dot::ActRow, Isa, Layout, Scheme, LANES, QK, STEP};
 /// group, each step's bytes at `start + 32·s`. Per lane, `d` is its block's
 /// scale and `s` the scaled sum of values that the lane's weight offset
 /// multiplies (with [`Scheme::Q8_0`] and [`Scheme::Q8_1`], the whole
-/// 32-value block's sum in its first lane and zero in the others).
+/// 32-value block's sum in its first lane and zero in the others), and
+/// `sums` the integer sum of the lane's own values.
 pub struct Activations {
     pub(super) layout: Layout,
     pub(super) scheme: Scheme,
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    sums: Vec<i32>,
 }
 
 fn f16(v: f32) -> f32 {
@@ -114,6 +116,7 @@ impl Activations {
             qs: vec![0; rows * k],
             d: vec![0.0; rows * lanes],
             s: vec![0.0; rows * lanes],
+            sums: vec![0; rows * lanes],
         };
         let (mut q, mut scale) = (vec![0i8; k], vec![0f32; k / unit]);
         let sum = |q: &[i8]| q.iter().map(|&q| q as i32).sum::<i32>() as f32;
@@ -126,9 +129,10 @@ impl Activations {
                 _ => quantize_q8_portable(xs, &mut q, &mut scale),
             }
             let qs = &mut a.qs[r * k..][..k];
-            let (ds, ss) = (
+            let (ds, ss, sums) = (
                 &mut a.d[r * lanes..][..lanes],
                 &mut a.s[r * lanes..][..lanes],
+                &mut a.sums[r * lanes..][..lanes],
             );
             for (gi, g) in layout.groups.iter().enumerate() {
                 for l in 0..LANES {
@@ -138,6 +142,7 @@ impl Activations {
                         let to = g.start + s * STEP + 4 * l;
                         qs[to..to + 4].copy_from_slice(&q[first + 4 * s..][..4]);
                     }
+                    sums[gi * LANES + l] = q[first..][..g.lane].iter().map(|&q| q as i32).sum();
                     let d = scale[first / unit];
                     ds[gi * LANES + l] = if scheme == Scheme::Q8K { d } else { f16(d) };
                     ss[gi * LANES + l] = match scheme {
@@ -164,6 +169,7 @@ impl Activations {
             qs: &self.qs[r * k..][..k],
             d: &self.d[r * lanes..][..lanes],
             s: &self.s[r * lanes..][..lanes],
+            sums: &self.sums[r * lanes..][..lanes],
         }
     }
 }

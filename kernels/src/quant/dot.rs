@@ -94,12 +94,14 @@ pub struct WeightRow<'a> {
     pub scales: &'a [f32],
 }
 
-/// One row of activations: bytes in the layout's order, and per lane `d` and `s`.
+/// One row of activations: bytes in the layout's order, and per lane `d`,
+/// `s` and the integer sum of its bytes.
 #[derive(Clone, Copy)]
 pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sums: &'a [i32],
 }
 
 /// Whether `w` and `a` have the lengths the SIMD loops rely on.
@@ -110,6 +112,7 @@ fn fits(w: &WeightRow, a: &ActRow) -> bool {
         && a.qs.len() == k
         && a.d.len() == lanes
         && a.s.len() == lanes
+        && a.sums.len() == lanes
 }
 
 /// `out(r, c, Σ w_c·a_r)` for every column `c` in `cols` (row `c` of `m`)
@@ -197,15 +200,16 @@ mod x86 {
     }
 
     /// The shared loop; `madd(acc, codes, x)` adds the products of 32 codes
-    /// and 32 activations to an accumulator that `finish` turns into eight
-    /// integer lanes, each the sum of its 4-byte products. Each of a row's two
-    /// accumulators takes the even or the odd steps of one group.
+    /// and 32 activations to an accumulator. Each of a row's two accumulators
+    /// takes the even or the odd steps of one group; `finish` turns them
+    /// (and the lane sums of the row's activations there) into eight integer
+    /// lanes, each the sum of its lane's code·activation products.
     #[inline(always)]
     unsafe fn dot_with<const R: usize>(
         w: &WeightRow,
         a: &[ActRow; R],
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
-        finish: impl Fn(__m256i) -> __m256i,
+        finish: impl Fn([__m256i; 2], *const i32) -> __m256i,
     ) -> [f32; R] {
         let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
         let nibbles = w.layout.nibbles;
@@ -243,8 +247,7 @@ mod x86 {
             let d = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at));
             let m = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at + LANES));
             for r in 0..R {
-                let p = _mm256_add_epi32(finish(sum[r][0]), finish(sum[r][1]));
-                let p = _mm256_cvtepi32_ps(p);
+                let p = _mm256_cvtepi32_ps(finish(sum[r], a[r].sums.as_ptr().add(at)));
                 let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
                 acc[r] = _mm256_fmadd_ps(p, s, acc[r]);
                 macc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s.as_ptr().add(at)), macc[r]);
@@ -286,7 +289,7 @@ mod x86 {
         acts: &[ActRow],
         mut out: impl FnMut(usize, usize, f32),
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
-        finish: impl Fn(__m256i) -> __m256i + Copy,
+        finish: impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
     ) {
         let mut wide = Vec::new();
         // Measured: widening pays from about five passes (prefill chunks),
@@ -337,7 +340,7 @@ mod x86 {
             acts,
             out,
             |acc, c, x| _mm256_dpbusd_epi32(acc, c, x),
-            |acc| acc,
+            |[even, odd], _| _mm256_add_epi32(even, odd),
         )
     }
 
@@ -351,23 +354,25 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let widen = move |v| _mm256_madd_epi16(v, ones);
         if m.ty.wide() {
-            // `maddubs` saturates at i16: codes above 127 are split at bit 7
-            // so that each half stays below it.
-            let pairs = move |c, x| widen(_mm256_maddubs_epi16(c, x));
-            let (low7, high) = (_mm256_set1_epi8(0x7F), _mm256_set1_epi8(-128));
+            // `maddubs` would saturate on codes above 127: they are taken as
+            // signed bytes `c - 128` instead, whose magnitudes (at most 128)
+            // multiply the activations with the codes' signs (|x| ≤ 127) in
+            // pairs below 32,767; the group's end adds back 128·Σx, exactly.
+            let flip = _mm256_set1_epi8(-128);
             columns_with(
                 m,
                 cols,
                 acts,
                 out,
                 move |acc, c, x| {
-                    let lo = pairs(_mm256_and_si256(c, low7), x);
-                    _mm256_add_epi32(
-                        acc,
-                        _mm256_add_epi32(lo, pairs(_mm256_and_si256(c, high), x)),
-                    )
+                    let c = _mm256_xor_si256(c, flip);
+                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
+                    _mm256_add_epi32(acc, widen(p))
                 },
-                |acc| acc,
+                |[even, odd], sums| {
+                    let offset = _mm256_slli_epi32(_mm256_loadu_si256(sums as *const __m256i), 7);
+                    _mm256_add_epi32(_mm256_add_epi32(even, odd), offset)
+                },
             )
         } else {
             // Narrow codes sum in 16 bits until the group ends: an
@@ -381,7 +386,7 @@ mod x86 {
                 acts,
                 out,
                 |acc, c, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(c, x)),
-                widen,
+                move |[even, odd], _| _mm256_add_epi32(widen(even), widen(odd)),
             )
         }
     }
