@@ -80,7 +80,7 @@ impl Tokenizer {
             .filter(|(_, &t)| t == 3 || t == 4)
             .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3).normalized(false))
             .collect();
-        inner.add_special_tokens(&special);
+        inner.add_special_tokens(special).map_err(tok_err)?;
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let eos_id = u("tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
@@ -360,7 +360,7 @@ fn sentencepiece(
     } else {
         space.into()
     };
-    inner.with_normalizer(Some(normalizer));
+    inner.with_normalizer(Some(normalizer)).map_err(tok_err)?;
     let mut steps: Vec<DecoderWrapper> = vec![
         Replace::new("▁", " ").map_err(tok_err)?.into(),
         ByteFallback::default().into(),
