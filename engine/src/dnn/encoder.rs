@@ -1,14 +1,14 @@
-//! Sentence encoder on candle (BERT family, e.g. all-MiniLM-L6-v2): BYTES
+//! Sentence encoder (BERT family, e.g. all-MiniLM-L6-v2): BYTES
 //! text in, mean-pooled and L2-normalized embeddings out; and, when the
 //! config declares it, each text's token count (`token_count`, TYPE_INT64
 //! dims [ 1 ]), which `/v1/embeddings` reports as usage.
 use super::backend::{output_shape, Backend};
+use super::bert::{Bert, Config};
 use super::error::{DnnError, Result};
 use super::model::ModelDefinition;
 use super::tensor::{bytes_elements, DataType, Tensor};
 use candle_core::{DType, Device, Tensor as CTensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use std::path::Path;
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
@@ -16,7 +16,7 @@ use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 const MAX_TOKENS: usize = 256;
 
 pub struct SentenceEncoder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     hidden: usize,
     output_name: String,
@@ -41,6 +41,8 @@ impl SentenceEncoder {
                 .map_err(|e| format!("{}: {e}", dir.join(name).display()))
         };
         let config: Config = serde_json::from_str(&read("config.json")?)
+            .map_err(|e| e.to_string())
+            .and_then(|c: Config| c.check().map(|()| c))
             .map_err(|e| format!("{}: {e}", dir.join("config.json").display()))?;
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
@@ -55,8 +57,7 @@ impl SentenceEncoder {
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
                 .map_err(|e| format!("{}: {e}", weights.display()))?;
-        let model =
-            BertModel::load(vb, &config).map_err(|e| format!("{}: {e}", weights.display()))?;
+        let model = Bert::load(vb, &config).map_err(|e| format!("{}: {e}", weights.display()))?;
         if spec.inputs.len() != 1 || spec.inputs[0].dtype != DataType::Bytes {
             return Err("a sentence encoder has one TYPE_STRING input".into());
         }
@@ -106,7 +107,7 @@ impl SentenceEncoder {
         let ids = CTensor::from_vec(flat(&|e| e.get_ids()), (rows, len), &Device::Cpu)?;
         let types = CTensor::from_vec(flat(&|e| e.get_type_ids()), (rows, len), &Device::Cpu)?;
         let mask = CTensor::from_vec(flat(&|e| e.get_attention_mask()), (rows, len), &Device::Cpu)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let hidden = self.model.forward(&ids, &types, &mask)?;
         let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
         let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
@@ -259,6 +260,77 @@ mod tests {
             .chunks(HIDDEN)
             .map(<[f32]>::to_vec)
             .collect()
+    }
+
+    /// Our BERT gives candle-transformers' `BertModel`'s hidden states for a
+    /// padded batch (the padding rows are masked the same way).
+    #[test]
+    fn bert_matches_candle_transformers() {
+        use candle_transformers::models::bert as reference;
+        let dir = tempfile::tempdir().unwrap();
+        tiny_bert(dir.path());
+        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        // SAFETY: a file of this test's own, not modified while mapped.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu).unwrap()
+        };
+        let ours = Bert::load(vb.clone(), &serde_json::from_str(&config).unwrap()).unwrap();
+        let theirs =
+            reference::BertModel::load(vb, &serde_json::from_str(&config).unwrap()).unwrap();
+        let t = |v: &[u32]| CTensor::from_slice(v, (2, 5), &Device::Cpu).unwrap();
+        let ids = t(&[1, 4, 5, 6, 2, 1, 8, 2, 0, 0]);
+        let types = t(&[0, 0, 0, 1, 1, 0, 0, 0, 0, 0]);
+        let mask = t(&[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
+        let a: Vec<f32> = ours
+            .forward(&ids, &types, &mask)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = theirs
+            .forward(&ids, &types, Some(&mask))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a.len(), 2 * 5 * HIDDEN);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// A config the model cannot run is refused with the field it names.
+    #[test]
+    fn unsupported_configs_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_bert(dir.path());
+        let weights = dir.path().join("model.safetensors");
+        let path = dir.path().join("config.json");
+        let good: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (field, value, says) in [
+            (
+                "position_embedding_type",
+                json!("relative_key"),
+                "relative_key",
+            ),
+            ("hidden_act", json!("silu"), "silu"),
+            ("num_attention_heads", json!(3), "num_attention_heads 3"),
+        ] {
+            let mut config = good.clone();
+            config[field] = value;
+            std::fs::write(&path, config.to_string()).unwrap();
+            let e = SentenceEncoder::load(&spec(HIDDEN as i64), dir.path(), &weights)
+                .err()
+                .unwrap();
+            assert!(
+                e.contains("config.json") && e.contains(says),
+                "{field}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! modes), ONNX / tree / candle backends, and a dynamic batcher per version.
 pub mod backend;
 pub mod batcher;
+pub mod bert;
 pub mod cache;
 pub mod encoder;
 pub mod error;
