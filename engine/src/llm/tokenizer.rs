@@ -230,6 +230,13 @@ fn gguf_list<'a>(md: &'a HashMap<String, Value>, k: &str) -> Result<&'a Vec<Valu
 
 /// A GPT-2 style byte-level BPE from the file's merges and pre-tokenizer name.
 fn byte_level_bpe(md: &HashMap<String, Value>, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    // Checked here, not left to the BPE builder: a merge whose result is
+    // longer than every token makes it panic instead of returning an error.
     let merges: Vec<(String, String)> = gguf_list(md, "tokenizer.ggml.merges")?
         .iter()
         .map(|v| {
@@ -237,14 +244,16 @@ fn byte_level_bpe(md: &HashMap<String, Value>, tokens: &[String]) -> Result<toke
             let (a, b) = m
                 .split_once(' ')
                 .ok_or_else(|| tok_err(format!("bad merge `{m}`")))?;
+            for t in [a, b, &format!("{a}{b}")] {
+                if !vocab.contains_key(t) {
+                    return Err(tok_err(format!(
+                        "merge `{m}` uses or makes `{t}`, which is not in the vocabulary"
+                    )));
+                }
+            }
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<_>>()?;
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
     let pre_name = md
         .get("tokenizer.ggml.pre")
         .and_then(|v| v.to_string().ok());
