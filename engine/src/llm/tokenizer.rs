@@ -235,7 +235,7 @@ fn byte_level_bpe(md: &HashMap<String, Value>, tokens: &[String]) -> Result<toke
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
-    // Checked here, not left to the BPE builder: a merge whose result is
+    // A merge's result is checked here, not left to the BPE builder: one
     // longer than every token makes it panic instead of returning an error.
     let merges: Vec<(String, String)> = gguf_list(md, "tokenizer.ggml.merges")?
         .iter()
@@ -244,12 +244,10 @@ fn byte_level_bpe(md: &HashMap<String, Value>, tokens: &[String]) -> Result<toke
             let (a, b) = m
                 .split_once(' ')
                 .ok_or_else(|| tok_err(format!("bad merge `{m}`")))?;
-            for t in [a, b, &format!("{a}{b}")] {
-                if !vocab.contains_key(t) {
-                    return Err(tok_err(format!(
-                        "merge `{m}` uses or makes `{t}`, which is not in the vocabulary"
-                    )));
-                }
+            if !vocab.contains_key(&format!("{a}{b}")) {
+                return Err(tok_err(format!(
+                    "merge `{m}` makes `{a}{b}`, which is not in the vocabulary"
+                )));
             }
             Ok((a.to_string(), b.to_string()))
         })

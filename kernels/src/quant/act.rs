@@ -119,7 +119,7 @@ impl Activations {
             sums: vec![0; rows * lanes],
         };
         let (mut q, mut scale) = (vec![0i8; k], vec![0f32; k / unit]);
-        let sum = |q: &[i8]| q.iter().map(|&q| q as i32).sum::<i32>() as f32;
+        let sum = |q: &[i8]| q.iter().map(|&q| q as i32).sum::<i32>();
         for (r, xs) in x.chunks_exact(k).enumerate() {
             match (scheme, isa) {
                 (Scheme::Q8K, _) => quantize_q8k(xs, &mut q, &mut scale),
@@ -142,15 +142,20 @@ impl Activations {
                         let to = g.start + s * STEP + 4 * l;
                         qs[to..to + 4].copy_from_slice(&q[first + 4 * s..][..4]);
                     }
-                    sums[gi * LANES + l] = q[first..][..g.lane].iter().map(|&q| q as i32).sum();
+                    let lane_sum = sum(&q[first..][..g.lane]);
+                    sums[gi * LANES + l] = lane_sum;
                     let d = scale[first / unit];
                     ds[gi * LANES + l] = if scheme == Scheme::Q8K { d } else { f16(d) };
                     ss[gi * LANES + l] = match scheme {
                         // d·Σq is exact in f32 for an f16 d and |Σq| < 2¹².
-                        Scheme::Q8_0 if first.is_multiple_of(QK) => f16(d) * sum(&q[first..][..QK]),
+                        Scheme::Q8_0 if first.is_multiple_of(QK) => {
+                            f16(d) * sum(&q[first..][..QK]) as f32
+                        }
                         // ggml rounds the sum taken with the unrounded scale.
-                        Scheme::Q8_1 if first.is_multiple_of(QK) => f16(d * sum(&q[first..][..QK])),
-                        Scheme::Q8K => d * sum(&q[first..][..g.lane]),
+                        Scheme::Q8_1 if first.is_multiple_of(QK) => {
+                            f16(d * sum(&q[first..][..QK]) as f32)
+                        }
+                        Scheme::Q8K => d * lane_sum as f32,
                         _ => 0.0,
                     };
                 }
