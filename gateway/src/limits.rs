@@ -35,6 +35,11 @@ pub struct Limits {
     pub blocking_threads: usize,
     /// Bodies from this size on are decoded on the blocking threads.
     pub offload_bytes: usize,
+    /// Threads serving the HTTP port, each an event loop of its own over the
+    /// one listening socket (as nginx's workers are): a connection's
+    /// requests are read, dispatched and answered on the thread that
+    /// accepted it.
+    pub http_threads: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +54,7 @@ impl Default for Limits {
             max_concurrent_streams: 128,
             blocking_threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             offload_bytes: 64 * 1024,
+            http_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -72,6 +78,7 @@ impl Limits {
                 self.max_concurrent_streams as usize,
             ),
             ("blocking_threads", self.blocking_threads),
+            ("http_threads", self.http_threads),
         ] {
             if v == 0 {
                 return Err(format!("{at}.{k}: must be at least 1"));

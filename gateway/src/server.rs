@@ -142,7 +142,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .upstreams
             .iter()
             .cloned()
-            .map(upstream::Upstream::new)
+            .map(|u| upstream::Upstream::new(u, limits.http_threads))
             .collect();
         for u in &ups {
             tokio::spawn(u.clone().check_health());
@@ -555,8 +555,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Serves `app` over HTTP/1 and HTTP/2 (cleartext, or TLS with ALPN) on `listener`: at most
-/// `max_connections` open, request heads read within the header timeout
+/// Serves `app` over HTTP/1 and HTTP/2 (cleartext, or TLS with ALPN) on `listener`
+/// from `http_threads` fronts, each a single-threaded event loop of its own
+/// (a request never wakes a second thread on its way through): at most
+/// `max_connections` open over all of them, request heads read within the header timeout
 /// (which also closes idle kept-alive connections), at most
 /// `max_concurrent_streams` HTTP/2 streams per connection. When `stop` turns
 /// true, accepting stops and open connections finish their requests; this
@@ -566,9 +568,9 @@ pub async fn serve_http(
     tls: Option<ServerTls>,
     app: axum::Router,
     limits: Limits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -580,40 +582,104 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let conn = tokio::select! {
-            c = accept_capped(&listener, &permits) => c?,
-            _ = stopped(&mut stop) => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (builder, mut stop, tls) = (builder.clone(), stop.clone(), tls.clone());
-        let within = Duration::from_secs(limits.header_read_timeout_secs);
-        tokio::spawn(async move {
-            let conn = match conn.secure(tls.as_ref(), Port::Http, within).await {
-                Ok(c) => c,
-                Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
-            };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+    let front = Front {
+        builder: Arc::new(builder),
+        permits: Arc::new(Semaphore::new(limits.max_connections)),
+        app,
+        tls,
+        limits,
+        stop,
+    };
+    // One socket, polled by every front: whichever thread is free accepts.
+    let listener = listener.into_std()?;
+    let mut ended = Vec::new();
+    for i in 0..limits.http_threads {
+        let (socket, front) = (listener.try_clone()?, front.clone());
+        let (done, end) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || {
+                FRONT.set(Some(i));
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|rt| rt.block_on(front.serve(socket)));
+                let _ = done.send(served);
+            })?;
+        ended.push(end);
     }
     drop(listener);
-    // Every connection holds a permit until it ends: all back means all done.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
+    for end in ended {
+        end.await
+            .map_err(|_| std::io::Error::other("an HTTP front thread panicked"))??;
+    }
     Ok(())
+}
+
+thread_local! {
+    /// The HTTP front this thread runs, if it runs one.
+    static FRONT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The HTTP front thread this code runs on (`None` on any other thread), so
+/// that per-front state, such as an upstream's connection pool, stays on
+/// the thread that uses it.
+pub fn front() -> Option<usize> {
+    FRONT.get()
+}
+
+/// One HTTP front: an event loop on a thread of its own that accepts from
+/// the shared socket and serves what it accepted, start to end.
+#[derive(Clone)]
+struct Front {
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    /// Shared by every front: the cap is on the port, not per thread.
+    permits: Arc<Semaphore>,
+    app: axum::Router,
+    tls: Option<ServerTls>,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+}
+
+impl Front {
+    async fn serve(mut self, socket: std::net::TcpListener) -> std::io::Result<()> {
+        let listener = TcpListener::from_std(socket)?;
+        let within = Duration::from_secs(self.limits.header_read_timeout_secs);
+        loop {
+            let conn = tokio::select! {
+                c = accept_capped(&listener, &self.permits) => c?,
+                _ = stopped(&mut self.stop) => break,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(self.app.clone());
+            let (builder, mut stop, tls) =
+                (self.builder.clone(), self.stop.clone(), self.tls.clone());
+            tokio::spawn(async move {
+                let conn = match conn.secure(tls.as_ref(), Port::Http, within).await {
+                    Ok(c) => c,
+                    Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                };
+                let io = hyper_util::rt::TokioIo::new(conn);
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        // Every connection holds a permit until it ends: all back means all
+        // done, on every front (this one keeps running its own meanwhile).
+        let all = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
+        let _ = self.permits.acquire_many(all).await;
+        Ok(())
+    }
 }
 
 /// Where ONNX models tract cannot run find onnxruntime (repository models
