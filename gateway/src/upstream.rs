@@ -636,6 +636,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_redirect_goes_back_to_the_client() {
+        let (target, hits) = replica(200, Duration::ZERO).await;
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(move || {
+                let to = format!("{target}/v1/completions");
+                async move {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, to)],
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let moved = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (resp, replica) = upstream(vec![moved.clone()], 0, 5)
+            .send(request(false))
+            .await
+            .unwrap();
+        assert_eq!((resp.status().as_u16(), replica), (307, moved));
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    }
+
+    #[tokio::test]
     async fn retries_go_to_the_next_replica_and_stop_at_their_limit() {
         let (live, hits) = replica(200, Duration::ZERO).await;
         // Tries start at replicas 0, 1, 2 in turn: two refusals, then the live one.
