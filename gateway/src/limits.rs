@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 
 const MIB: usize = 1 << 20;
+/// Each front is an OS thread with a runtime and, per OpenAI upstream, a
+/// connection pool of its own.
+const MAX_HTTP_THREADS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -83,6 +86,11 @@ impl Limits {
             if v == 0 {
                 return Err(format!("{at}.{k}: must be at least 1"));
             }
+        }
+        if self.http_threads > MAX_HTTP_THREADS {
+            return Err(format!(
+                "{at}.http_threads: at most {MAX_HTTP_THREADS} (one front per core is the default)"
+            ));
         }
         if self.grpc_max_message_bytes > i32::MAX as usize {
             return Err(format!(
@@ -257,5 +265,14 @@ mod tests {
         let e = l.validate("server.limits").unwrap_err();
         assert_eq!(e, "server.limits.max_connections: must be at least 1");
         assert!(Limits::default().validate("server.limits").is_ok());
+        let many = Limits {
+            http_threads: 100_000,
+            ..Limits::default()
+        };
+        let e = many.validate("server.limits").unwrap_err();
+        assert!(
+            e.starts_with("server.limits.http_threads: at most 1024"),
+            "{e}"
+        );
     }
 }
