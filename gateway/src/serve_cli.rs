@@ -33,7 +33,7 @@ pub struct ServeFlags {
     /// Sequences decoded at once, for every model.
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
-    /// How the KV pool stores keys and values: `f16` or `f32`.
+    /// How the KV pool stores keys and values: `f16`, `f32` or `int8`.
     #[arg(long)]
     pub kv_cache_dtype: Option<String>,
     /// `none` or `int8` (weight-only, at load; Hugging Face folders).

@@ -2,8 +2,8 @@
 //! for a flattened batch mixing prefill chunks and single decode tokens.
 //!
 //! Keys and values are stored as f16 by default (half the memory traffic of
-//! f32, which is what bounds attention over long contexts) or f32, and are
-//! computed on in f32.
+//! f32, which is what bounds attention over long contexts), as int8 with one
+//! scale per row of a head (half again), or as f32, and are computed on in f32.
 //! Each (query token, KV head) pair is one task computed the same way whatever
 //! else is in the batch, so a token's output does not depend on how it was
 //! batched or chunked. It walks the sequence block by block: a block's keys
@@ -45,6 +45,9 @@ impl KvLayout {
                 match pool {
                     Pool::F16(p) => p[o..o + d].convert_from_f32_slice(row),
                     Pool::F32(p) => p[o..o + d].copy_from_slice(row),
+                    Pool::Int8 { values, scales } => {
+                        scales[o / d] = quantize_row(row, &mut values[o..o + d])
+                    }
                 }
             }
         }
@@ -59,13 +62,18 @@ pub enum KvDtype {
     F16,
     /// Exact f32 keys and values.
     F32,
+    /// A quarter of f32's memory and traffic (plus one f32 scale per row of
+    /// a head): each row is rounded to 127 steps of its largest magnitude.
+    Int8,
 }
 
 impl KvDtype {
-    pub fn bytes(self) -> usize {
+    /// Bytes one row of `head_dim` values takes.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
         match self {
-            Self::F16 => 2,
-            Self::F32 => 4,
+            Self::F16 => 2 * head_dim,
+            Self::F32 => 4 * head_dim,
+            Self::Int8 => head_dim + 4,
         }
     }
 }
@@ -75,14 +83,37 @@ impl KvDtype {
 pub enum Pool {
     F16(Vec<f16>),
     F32(Vec<f32>),
+    /// Row `r` (`head_dim` values from `r · head_dim`) is `values` times
+    /// `scales[r]`.
+    Int8 {
+        values: Vec<i8>,
+        scales: Vec<f32>,
+    },
+}
+
+/// Rounds `row` to `out` in steps of its largest magnitude over 127 and
+/// returns that step (0 for a row of zeros).
+fn quantize_row(row: &[f32], out: &mut [i8]) -> f32 {
+    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let step = max / 127.0;
+    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+    for (o, v) in out.iter_mut().zip(row) {
+        *o = (v * inv).round() as i8;
+    }
+    step
 }
 
 impl Pool {
-    /// `len` zeros, taken from the OS's zero pages (so untouched blocks cost nothing).
-    pub fn zeros(dtype: KvDtype, len: usize) -> Self {
+    /// Room for `len` values of `layout`, all zeros, taken from the OS's
+    /// zero pages (so untouched blocks cost nothing).
+    pub fn zeros(dtype: KvDtype, layout: KvLayout, len: usize) -> Self {
         match dtype {
             KvDtype::F16 => Self::F16(vec![0u16; len].reinterpret_into()),
             KvDtype::F32 => Self::F32(vec![0f32; len]),
+            KvDtype::Int8 => Self::Int8 {
+                values: vec![0; len],
+                scales: vec![0.0; len / layout.head_dim],
+            },
         }
     }
 
@@ -90,6 +121,7 @@ impl Pool {
         match self {
             Self::F16(_) => KvDtype::F16,
             Self::F32(_) => KvDtype::F32,
+            Self::Int8 { .. } => KvDtype::Int8,
         }
     }
 
@@ -97,6 +129,7 @@ impl Pool {
         match self {
             Self::F16(p) => p.len(),
             Self::F32(p) => p.len(),
+            Self::Int8 { values, .. } => values.len(),
         }
     }
 
@@ -104,19 +137,32 @@ impl Pool {
         self.len() == 0
     }
 
-    /// Copies values `src` to `dst` (copy-on-write of a block).
-    pub fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+    /// Copies whole rows of `row` values from `src` to `dst` (copy-on-write
+    /// of a block).
+    pub fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize, row: usize) {
         match self {
             Self::F16(p) => p.copy_within(src, dst),
             Self::F32(p) => p.copy_within(src, dst),
+            Self::Int8 { values, scales } => {
+                scales.copy_within(src.start / row..src.end / row, dst / row);
+                values.copy_within(src, dst);
+            }
         }
     }
 
-    /// `out = self[at..at + out.len()]` as f32.
-    fn widen_portable(&self, at: usize, out: &mut [f32]) {
+    /// `out = self[at..at + out.len()]` as f32; whole rows of `row` values.
+    fn widen_portable(&self, at: usize, out: &mut [f32], row: usize) {
         match self {
             Self::F16(p) => p[at..at + out.len()].convert_to_f32_slice(out),
             Self::F32(p) => out.copy_from_slice(&p[at..at + out.len()]),
+            Self::Int8 { values, scales } => {
+                for (r, out) in out.chunks_exact_mut(row).enumerate() {
+                    let (src, step) = (&values[at + r * row..][..row], scales[at / row + r]);
+                    out.iter_mut()
+                        .zip(src)
+                        .for_each(|(o, &q)| *o = q as f32 * step);
+                }
+            }
         }
     }
 }
@@ -465,7 +511,7 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     rows.resize(bs * d, 0.0);
     for b in blocks.clone() {
         let (at, n) = w.rows(b);
-        w.kv.k.widen_portable(at, &mut rows[..n * d]);
+        w.kv.k.widen_portable(at, &mut rows[..n * d], d);
         let pos = b * w.kv.layout.block_size - base;
         for (g, q) in w.q.chunks_exact(d).enumerate() {
             for (j, k) in rows[..n * d].chunks_exact(d).enumerate() {
@@ -486,7 +532,7 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     out.fill(0.0);
     for b in blocks {
         let (at, n) = w.rows(b);
-        w.kv.v.widen_portable(at, &mut rows[..n * d]);
+        w.kv.v.widen_portable(at, &mut rows[..n * d], d);
         let pos = b * w.kv.layout.block_size - base;
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
             for (j, v) in rows[..n * d].chunks_exact(d).enumerate() {
@@ -537,9 +583,10 @@ mod x86 {
         )
     }
 
-    /// `out = pool[at..at + out.len()]` as f32, `out.len()` a multiple of 8.
+    /// `out = pool[at..at + out.len()]` as f32, whole rows of `d` values, `d`
+    /// a multiple of 8.
     #[inline(always)]
-    unsafe fn widen(pool: &Pool, at: usize, out: &mut [f32]) {
+    unsafe fn widen(pool: &Pool, at: usize, out: &mut [f32], d: usize) {
         match pool {
             Pool::F16(p) => {
                 let src = &p[at..at + out.len()];
@@ -549,6 +596,17 @@ mod x86 {
                 }
             }
             Pool::F32(p) => out.copy_from_slice(&p[at..at + out.len()]),
+            Pool::Int8 { values, scales } => {
+                let src = &values[at..at + out.len()];
+                for (r, (s, o)) in src.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                    let step = _mm256_set1_ps(scales[at / d + r]);
+                    for (s, o) in s.chunks_exact(8).zip(o.chunks_exact_mut(8)) {
+                        let q = _mm_loadl_epi64(s.as_ptr() as *const __m128i);
+                        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(v, step));
+                    }
+                }
+            }
         }
     }
 
@@ -559,6 +617,7 @@ mod x86 {
         let (base, bytes) = match pool {
             Pool::F16(p) => (p[at..at + len].as_ptr() as *const i8, 2 * len),
             Pool::F32(p) => (p[at..at + len].as_ptr() as *const i8, 4 * len),
+            Pool::Int8 { values, .. } => (values[at..at + len].as_ptr(), len),
         };
         for line in (0..bytes).step_by(64) {
             _mm_prefetch(base.add(line), _MM_HINT_T0);
@@ -575,7 +634,7 @@ mod x86 {
             let (next, m) = w.rows(b + 1);
             prefetch(pool, next, m * d);
         }
-        widen(pool, at, &mut rows[..n * d]);
+        widen(pool, at, &mut rows[..n * d], d);
         n
     }
 
@@ -623,15 +682,38 @@ mod x86 {
             let pos = b * bs - base;
             for (g, o) in out.chunks_exact_mut(d).enumerate() {
                 let p = &scores[g * stride + pos..][..n];
-                for i in (0..d).step_by(8) {
-                    let mut acc = _mm256_loadu_ps(o.as_ptr().add(i));
-                    for (j, &p) in p.iter().enumerate() {
-                        let v = _mm256_loadu_ps(rows.as_ptr().add(j * d + i));
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(p), v, acc);
-                    }
-                    _mm256_storeu_ps(o.as_mut_ptr().add(i), acc);
+                // Up to eight vectors of the output row stay in registers
+                // while the block's positions are summed into them.
+                let mut i = 0;
+                while i + 64 <= d {
+                    weigh::<8>(p, rows, d, i, o);
+                    i += 64;
+                }
+                while i < d {
+                    weigh::<1>(p, rows, d, i, o);
+                    i += 8;
                 }
             }
+        }
+    }
+
+    /// `o[i..i + 8W] += Σⱼ p[j] · rows[j·d + i..][..8W]`: each weight is
+    /// broadcast once for the `W` vectors it multiplies.
+    #[inline(always)]
+    unsafe fn weigh<const W: usize>(p: &[f32], rows: &[f32], d: usize, i: usize, o: &mut [f32]) {
+        let mut acc = [_mm256_setzero_ps(); W];
+        for (c, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_loadu_ps(o.as_ptr().add(i + 8 * c));
+        }
+        for (j, &p) in p.iter().enumerate() {
+            let p = _mm256_set1_ps(p);
+            let v = rows.as_ptr().add(j * d + i);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * c)), *acc);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(i + 8 * c), *acc);
         }
     }
 }
@@ -695,6 +777,62 @@ mod tests {
         out
     }
 
+    /// Each row of `d` values as an int8 pool stores it, computed here on
+    /// its own: rounded to 127 steps of the row's largest magnitude (the same
+    /// float operations, so that no value lands on the other side of a tie).
+    fn int8_round_trip(x: &[f32], d: usize) -> Vec<f32> {
+        x.chunks_exact(d)
+            .flat_map(|row| {
+                let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let (inv, step) = (127.0 / max, max / 127.0);
+                row.iter().map(move |v| {
+                    if max > 0.0 {
+                        (v * inv).round() * step
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// An int8 row is within half a step of what was written, its largest
+    /// magnitude exact; a row of zeros reads back as zeros; copy-on-write
+    /// carries the rows' scales with them.
+    #[test]
+    fn int8_rows_round_to_half_a_step() {
+        let layout = KvLayout {
+            block_size: 2,
+            kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut pool = Pool::zeros(KvDtype::Int8, layout, 4 * layout.block_len());
+        let mut x = pseudo_random(3 * 8, 5);
+        x[8..16].fill(0.0);
+        x[19] = -3.5;
+        layout.write(&mut pool, &[2, 0], 0, &x);
+        let mut back = vec![0f32; 16];
+        pool.widen_portable(2 * 16, &mut back, 8);
+        let mut third = vec![0f32; 8];
+        pool.widen_portable(0, &mut third, 8);
+        back.extend(third);
+        for (row, got) in x.chunks_exact(8).zip(back.chunks_exact(8)) {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in row.iter().zip(got) {
+                assert!(
+                    (a - b).abs() <= max / 254.0 * 1.0001,
+                    "{a} read back as {b}"
+                );
+            }
+        }
+        assert_eq!(back[19], -3.5);
+        assert!(back[8..16].iter().all(|&v| v == 0.0));
+        pool.copy_within(0..16, 3 * 16, 8);
+        let mut copied = vec![0f32; 8];
+        pool.widen_portable(3 * 16, &mut copied, 8);
+        assert_eq!(copied, back[16..24]);
+    }
+
     /// Sequences of odd lengths whose blocks are scattered through the pool,
     /// some decoding one token, some prefilling a chunk after cached tokens,
     /// on every instruction set the CPU has (SIMD where the head size allows it).
@@ -744,17 +882,23 @@ mod tests {
                 .sum();
             let num_blocks = total_blocks + 3;
             let len = num_blocks * layout.block_len();
-            // Unwritten cells are NaN, so reading one shows.
+            // Unwritten cells are NaN (an int8 row's scale), so reading one shows.
             let nan = [
                 Pool::F16(vec![f16::NAN; len]),
                 Pool::F32(vec![f32::NAN; len]),
+                Pool::Int8 {
+                    values: vec![0; len],
+                    scales: vec![f32::NAN; len / d],
+                },
             ];
             let (mut k_pools, mut v_pools) = (nan.clone(), nan);
             // Hand out blocks in a scrambled order.
             let mut free: Vec<u32> = (0..num_blocks as u32).rev().collect();
             free.swap(0, num_blocks / 2);
             let mut q_all = Vec::new();
-            let mut expected = Vec::new();
+            // Per pool: f16 and f32 hold the values exactly; int8 holds them
+            // rounded, and dense attention over the rounded values is its answer.
+            let mut expected = [Vec::new(), Vec::new(), Vec::new()];
             let mut tables = Vec::new();
             for (i, &(cached, new)) in shapes.iter().enumerate() {
                 let ctx = cached + new;
@@ -772,7 +916,11 @@ mod tests {
                     layout.write(vp, &table, 0, &v);
                 }
                 let scoring = scoring_for(d);
-                expected.extend(dense(&q, heads, &k, &v, kv_heads, d, cached, scoring));
+                let exact = dense(&q, heads, &k, &v, kv_heads, d, cached, scoring);
+                let (k8, v8) = (int8_round_trip(&k, d), int8_round_trip(&v, d));
+                expected[0].extend(&exact);
+                expected[1].extend(exact);
+                expected[2].extend(dense(&q, heads, &k8, &v8, kv_heads, d, cached, scoring));
                 q_all.extend(q);
                 tables.push(table);
             }
@@ -793,13 +941,13 @@ mod tests {
                 .collect();
             let mut out = vec![0f32; q_all.len()];
             let scoring = scoring_for(d);
-            for (k, v) in k_pools.iter().zip(&v_pools) {
+            for ((k, v), expected) in k_pools.iter().zip(&v_pools).zip(&expected) {
                 let kv = LayerKv { k, v, layout };
                 for isa in Isa::available() {
                     paged_attention(isa, &q_all, heads, &seqs, kv, scoring, &mut out);
                     let diff = out
                         .iter()
-                        .zip(&expected)
+                        .zip(expected)
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
                     assert!(

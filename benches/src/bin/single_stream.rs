@@ -33,6 +33,26 @@ struct Args {
     /// its own prompt) and compares the batch's tokens/s with prefill's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     batch: u64,
+    /// How the KV pool stores keys and values (the server's `kv_cache_dtype`).
+    #[arg(long, value_enum, default_value_t = KvArg::F16)]
+    kv_cache_dtype: KvArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KvArg {
+    F16,
+    F32,
+    Int8,
+}
+
+impl From<KvArg> for KvDtype {
+    fn from(a: KvArg) -> Self {
+        match a {
+            KvArg::F16 => KvDtype::F16,
+            KvArg::F32 => KvDtype::F32,
+            KvArg::Int8 => KvDtype::Int8,
+        }
+    }
 }
 
 /// One implementation under test: runs `tokens` from position `pos`, returns last logits.
@@ -161,7 +181,7 @@ fn main() {
     let cache = KvCache::new(
         loaded.model.config.num_hidden_layers,
         loaded.model.kv_layout(16),
-        KvDtype::default(),
+        a.kv_cache_dtype.into(),
         (a.batch as usize + 1) * capacity.div_ceil(16),
         false,
     );
@@ -179,8 +199,9 @@ fn main() {
     );
     let (op, od) = measure(&mut ours, &prompt, a.decode_tokens, a.repeats);
     println!(
-        "switchyard ({:?} kernels): prefill {op:.1} tok/s, decode {od:.1} tok/s",
-        kernels::quant::Isa::detect()
+        "switchyard ({:?} kernels, {:?} KV): prefill {op:.1} tok/s, decode {od:.1} tok/s",
+        kernels::quant::Isa::detect(),
+        KvDtype::from(a.kv_cache_dtype)
     );
     if a.batch > 1 {
         let bd = ours.batched(&prompt, a.batch as usize, a.decode_tokens, a.repeats);

@@ -27,7 +27,7 @@ impl KvCache {
         prefix_caching: bool,
     ) -> Self {
         let len = num_blocks * layout.block_len();
-        let pool = || Pool::zeros(dtype, len);
+        let pool = || Pool::zeros(dtype, layout, len);
         Self {
             layout,
             dtype,
@@ -39,7 +39,7 @@ impl KvCache {
 
     /// Bytes one block takes over all layers, keys and values.
     pub fn block_bytes(num_layers: usize, layout: KvLayout, dtype: KvDtype) -> usize {
-        2 * num_layers * layout.block_len() * dtype.bytes()
+        2 * num_layers * layout.kv_heads * layout.block_size * dtype.row_bytes(layout.head_dim)
     }
 
     /// Starts `seq` without prefix reuse, with room for `tokens` tokens.
@@ -60,7 +60,7 @@ impl KvCache {
         for c in self.blocks.reserve(seq, computed, total)? {
             let (src, dst) = (c.src.0 as usize * n, c.dst.0 as usize * n);
             for pool in self.k.iter_mut().chain(self.v.iter_mut()) {
-                pool.copy_within(src..src + n, dst);
+                pool.copy_within(src..src + n, dst, self.layout.head_dim);
             }
         }
         Ok(())
