@@ -1,7 +1,7 @@
 use super::*;
 use kernels::quant::Isa;
 
-fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
