@@ -67,6 +67,20 @@ pub enum KvDtype {
     Int8,
 }
 
+/// The names `kv_cache_dtype` takes: `f16`, `f32`, `int8`.
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            "int8" => Ok(Self::Int8),
+            _ => Err(format!("unknown KV dtype `{s}`: f16, f32 or int8")),
+        }
+    }
+}
+
 impl KvDtype {
     /// Bytes one row of `head_dim` values takes.
     pub fn row_bytes(self, head_dim: usize) -> usize {
@@ -777,21 +791,14 @@ mod tests {
         out
     }
 
-    /// Each row of `d` values as an int8 pool stores it, computed here on
-    /// its own: rounded to 127 steps of the row's largest magnitude (the same
-    /// float operations, so that no value lands on the other side of a tie).
+    /// Each row of `d` values as an int8 pool stores it (the rounding
+    /// itself is held to half a step by `int8_rows_round_to_half_a_step`).
     fn int8_round_trip(x: &[f32], d: usize) -> Vec<f32> {
+        let mut q = vec![0i8; d];
         x.chunks_exact(d)
             .flat_map(|row| {
-                let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let (inv, step) = (127.0 / max, max / 127.0);
-                row.iter().map(move |v| {
-                    if max > 0.0 {
-                        (v * inv).round() * step
-                    } else {
-                        0.0
-                    }
-                })
+                let step = quantize_row(row, &mut q);
+                q.iter().map(|&q| q as f32 * step).collect::<Vec<_>>()
             })
             .collect()
     }

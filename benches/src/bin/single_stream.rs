@@ -33,26 +33,10 @@ struct Args {
     /// its own prompt) and compares the batch's tokens/s with prefill's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     batch: u64,
-    /// How the KV pool stores keys and values (the server's `kv_cache_dtype`).
-    #[arg(long, value_enum, default_value_t = KvArg::F16)]
-    kv_cache_dtype: KvArg,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum KvArg {
-    F16,
-    F32,
-    Int8,
-}
-
-impl From<KvArg> for KvDtype {
-    fn from(a: KvArg) -> Self {
-        match a {
-            KvArg::F16 => KvDtype::F16,
-            KvArg::F32 => KvDtype::F32,
-            KvArg::Int8 => KvDtype::Int8,
-        }
-    }
+    /// How the KV pool stores keys and values (the server's
+    /// `kv_cache_dtype`): f16, f32 or int8.
+    #[arg(long, default_value = "f16")]
+    kv_cache_dtype: KvDtype,
 }
 
 /// One implementation under test: runs `tokens` from position `pos`, returns last logits.
@@ -181,7 +165,7 @@ fn main() {
     let cache = KvCache::new(
         loaded.model.config.num_hidden_layers,
         loaded.model.kv_layout(16),
-        a.kv_cache_dtype.into(),
+        a.kv_cache_dtype,
         (a.batch as usize + 1) * capacity.div_ceil(16),
         false,
     );
@@ -201,7 +185,7 @@ fn main() {
     println!(
         "switchyard ({:?} kernels, {:?} KV): prefill {op:.1} tok/s, decode {od:.1} tok/s",
         kernels::quant::Isa::detect(),
-        KvDtype::from(a.kv_cache_dtype)
+        a.kv_cache_dtype
     );
     if a.batch > 1 {
         let bd = ours.batched(&prompt, a.batch as usize, a.decode_tokens, a.repeats);

@@ -328,8 +328,8 @@ fn clip(w: &mut [f32], n: usize, k: usize, group: usize, x: &[f32]) -> Result<()
                 .matmul(&gram)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let rows = moved.chunks_exact(group).zip(delta.chunks_exact(group));
-            for (r, (m, d)) in rows.enumerate() {
+            let per_row = moved.chunks_exact(group).zip(delta.chunks_exact(group));
+            for (r, (m, d)) in per_row.enumerate() {
                 let err: f32 = m.iter().zip(d).map(|(m, d)| m * d).sum();
                 if err < best_err[r] {
                     best_err[r] = err;
