@@ -54,6 +54,21 @@ pub fn median(xs: &[f64]) -> f64 {
     percentile(xs, 50.0)
 }
 
+/// Median seconds of `f` over `calls` calls, after a warm-up.
+pub fn time(calls: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..calls.div_ceil(5) {
+        f();
+    }
+    let samples: Vec<f64> = (0..calls)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&samples)
+}
+
 /// Prints a Markdown table.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     println!("| {} |", header.join(" | "));

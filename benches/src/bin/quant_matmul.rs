@@ -3,12 +3,11 @@
 //! of rows (batched decode, prefill chunks).
 //!
 //! cargo run --release -p benches --bin quant_matmul
-use benches::{median, print_table};
+use benches::{print_table, time};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use clap::Parser;
 use kernels::quant::{QuantMatrix, QuantType};
-use std::time::Instant;
 
 #[derive(Parser)]
 struct Args {
@@ -24,21 +23,6 @@ struct Args {
     /// Timed calls per side and row count (the median is reported).
     #[arg(long, default_value_t = 50)]
     calls: usize,
-}
-
-/// Median seconds of `f` over `calls` calls, after a warm-up.
-fn time(calls: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..calls.div_ceil(5) {
-        f();
-    }
-    let samples: Vec<f64> = (0..calls)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    median(&samples)
 }
 
 fn main() {
