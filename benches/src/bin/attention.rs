@@ -19,11 +19,11 @@ use kernels::quant::Isa;
 #[derive(Parser)]
 struct Args {
     /// Comma-separated context lengths (positions each query sees).
-    #[arg(long, default_value = "128,4000,16000")]
-    contexts: String,
+    #[arg(long, value_delimiter = ',', default_value = "128,4000,16000")]
+    contexts: Vec<usize>,
     /// Comma-separated numbers of sequences decoding together.
-    #[arg(long, default_value = "1,16")]
-    batch: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
     /// Query heads, KV heads and head size (SmolLM2-135M's by default).
     #[arg(long, default_value_t = 9)]
     heads: usize,
@@ -43,26 +43,28 @@ struct Args {
     calls: usize,
 }
 
-/// Values in [-1, 1) from a small linear congruential generator.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn list(s: &str) -> Vec<usize> {
-    s.split(',').map(|x| x.trim().parse().unwrap()).collect()
-}
-
-fn main() {
+fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let (heads, kv_heads, d) = (a.heads, a.kv_heads, a.head_dim);
+    anyhow::ensure!(
+        [a.block_size, a.layers, a.calls, d, kv_heads]
+            .iter()
+            .all(|&n| n > 0)
+            && heads.is_multiple_of(kv_heads),
+        "--block-size, --layers, --calls, --head-dim and --kv-heads must be at least 1, \
+         and --heads a multiple of --kv-heads"
+    );
+    anyhow::ensure!(
+        a.contexts.iter().chain(&a.batch).all(|&n| n > 0),
+        "every --contexts and --batch value must be at least 1"
+    );
+    let dev = Device::Cpu;
+    // Values in [-1, 1), as tensors for candle's side and as rows for ours.
+    let random = |shape: &[usize]| -> anyhow::Result<(Tensor, Vec<f32>)> {
+        let t = Tensor::rand(-1f32, 1f32, shape, &dev)?;
+        let rows = t.flatten_all()?.to_vec1::<f32>()?;
+        Ok((t, rows))
+    };
     let layout = KvLayout {
         block_size: a.block_size,
         kv_heads,
@@ -80,13 +82,13 @@ fn main() {
     );
     let dtypes = [KvDtype::F16, KvDtype::Int8];
     let mut table = Vec::new();
-    for ctx in list(&a.contexts) {
-        for batch in list(&a.batch) {
+    for &ctx in &a.contexts {
+        for &batch in &a.batch {
             let per_seq = ctx.div_ceil(a.block_size);
             let len = batch * per_seq * layout.block_len();
-            let k = values(batch * ctx * kv_heads * d, 1);
-            let v = values(batch * ctx * kv_heads * d, 2);
-            let q = values(batch * heads * d, 3);
+            let (kt, k) = random(&[batch, ctx, kv_heads, d])?;
+            let (vt, v) = random(&[batch, ctx, kv_heads, d])?;
+            let (qt, q) = random(&[batch, heads, 1, d])?;
             // Each sequence's blocks, interleaved with the others' as a
             // busy pool hands them out.
             let tables: Vec<Vec<u32>> = (0..batch)
@@ -126,16 +128,14 @@ fn main() {
                 secs.push(t);
                 row.push(format!("{:.1}", t * 1e6));
             }
-            let dev = Device::Cpu;
-            let cached = |x: &[f32]| {
-                let t = Tensor::from_slice(x, (batch, ctx, kv_heads, d), &dev).unwrap();
-                t.transpose(1, 2).unwrap().contiguous().unwrap()
-            };
-            let (kt, vt) = (cached(&k), cached(&v));
-            let qt = Tensor::from_slice(&q, (batch, heads, 1, d), &dev).unwrap();
+            // Candle's cache layout: `[batch, kv_heads, ctx, d]`.
+            let cached = |t: Tensor| t.transpose(1, 2)?.contiguous();
+            let (kt, vt) = (cached(kt)?, cached(vt)?);
             let scale = 1.0 / (d as f64).sqrt();
+            let group = heads / kv_heads;
+            candle_dense(&qt, &kt, &vt, group, scale)?;
             let t_candle = time(a.calls, || {
-                candle_dense(&qt, &kt, &vt, heads / kv_heads, scale);
+                candle_dense(&qt, &kt, &vt, group, scale).expect("ran above");
             });
             row.push(format!("{:.1}", t_candle * 1e6));
             row.push(format!("{:.2}", secs[0] / secs[1]));
@@ -157,16 +157,20 @@ fn main() {
         ],
         &table,
     );
+    Ok(())
 }
 
 /// Candle's attention for one step as its models run it: the cached
 /// `[batch, kv_heads, ctx, d]` keys and values repeated for their query heads,
 /// `[batch, heads, 1, d]` queries against them.
-fn candle_dense(q: &Tensor, k: &Tensor, v: &Tensor, group: usize, scale: f64) -> Tensor {
-    let (k, v) = (
-        repeat_kv(k.clone(), group).unwrap(),
-        repeat_kv(v.clone(), group).unwrap(),
-    );
-    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-    softmax_last_dim(&scores).unwrap().matmul(&v).unwrap()
+fn candle_dense(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    group: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (k, v) = (repeat_kv(k.clone(), group)?, repeat_kv(v.clone(), group)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    softmax_last_dim(&scores)?.matmul(&v)
 }
