@@ -4,6 +4,7 @@
 #                                 127.0.0.1 that also takes TLS (sslmode=require),
 #                                 its certificate signed by the test CA in CA
 #   scripts/postgres.sh stop DIR
+#   scripts/postgres.sh installed → whether Debian's postgresql is installed
 set -euo pipefail
 port="${SWITCHYARD_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
@@ -12,6 +13,9 @@ pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 case "${1:-}" in
+installed)
+  [ -n "$(pg_bin)" ]
+  ;;
 start)
   if [ -z "$(pg_bin)" ]; then
     echo "installing postgresql (Debian package)" >&2
@@ -42,7 +46,7 @@ stop)
   rm -rf "$2"
   ;;
 *)
-  echo "usage: $0 start | stop DIR" >&2
+  echo "usage: $0 start | stop DIR | installed" >&2
   exit 2
   ;;
 esac
