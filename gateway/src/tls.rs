@@ -88,6 +88,35 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A client configuration trusting `ca` (the webpki roots when `None`) and
+/// presenting `identity` (a certificate chain and its key) to servers that
+/// ask for one; `at` names the setting in errors.
+pub fn client_config(
+    ca: Option<Vec<CertificateDer<'static>>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    at: &str,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(certs) => {
+            for c in certs {
+                roots.add(c).map_err(|e| format!("{at}: {e}"))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    match identity {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("{at}: the key does not fit the certificate: {e}")),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 impl ServerTlsConfig {
     /// Builds the rustls configuration with the given ALPN protocols.
     fn build(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, String> {
@@ -220,14 +249,10 @@ impl ServerTls {
 }
 
 impl ClientTlsConfig {
-    /// Checks that the files load; `at` names the setting.
+    /// Checks that the files load and the key fits the certificate; `at`
+    /// names the setting.
     pub fn validate(&self, at: &str) -> Result<(), String> {
-        // Building the HTTP client parses every file; tonic's config only
-        // carries the same bytes.
-        self.reqwest(reqwest::Client::builder(), at)?
-            .build()
-            .map_err(|e| format!("{at}: {e}"))
-            .map(drop)
+        self.rustls(at).map(drop)
     }
 
     /// The CA and client identity PEM bytes, each file read once and
@@ -255,25 +280,21 @@ impl ClientTlsConfig {
         Ok((ca, identity))
     }
 
-    /// An HTTP client builder that trusts the CA and presents the identity.
-    pub fn reqwest(
-        &self,
-        builder: reqwest::ClientBuilder,
-        at: &str,
-    ) -> Result<reqwest::ClientBuilder, String> {
+    /// The rustls configuration: the CA (or the webpki roots) and the identity.
+    pub fn rustls(&self, at: &str) -> Result<rustls::ClientConfig, String> {
         let (ca, identity) = self.pem(at)?;
-        let mut builder = builder.use_rustls_tls();
-        if let Some(ca) = ca {
-            for c in reqwest::Certificate::from_pem_bundle(&ca).map_err(|e| format!("{at}: {e}"))? {
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        if let Some((cert, key)) = identity {
-            let pem = [cert, b"\n".to_vec(), key].concat();
-            builder = builder
-                .identity(reqwest::Identity::from_pem(&pem).map_err(|e| format!("{at}: {e}"))?);
-        }
-        Ok(builder)
+        let ca = match (ca, &self.ca_file) {
+            (Some(pem), Some(p)) => Some(parse_certs(&pem, p, &format!("{at}.ca_file"))?),
+            _ => None,
+        };
+        let identity = match (identity, &self.cert_file, &self.key_file) {
+            (Some((cert, key)), Some(c), Some(k)) => Some((
+                parse_certs(&cert, c, &format!("{at}.cert_file"))?,
+                parse_key(&key, k, &format!("{at}.key_file"))?,
+            )),
+            _ => None,
+        };
+        client_config(ca, identity, at)
     }
 
     /// tonic's client TLS: the CA (or the webpki roots) and the identity.

@@ -8,7 +8,14 @@
 use crate::kserve_client::Remote;
 use crate::tls::ClientTlsConfig;
 use axum::body::Bytes;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{header, HeaderValue, Method, Request, Response, Uri};
 use engine::dnn::{DnnError, InferRequest, InferResponse};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -65,14 +72,29 @@ pub struct UpstreamConfig {
     pub tls: Option<ClientTlsConfig>,
 }
 
+/// The HTTP client of an `openai` upstream: hyper's pooled HTTP/1.1
+/// client, over rustls for `https://` replicas.
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 impl UpstreamConfig {
-    /// An HTTP client with this upstream's TLS settings.
-    fn http_client(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
-        let builder = match &self.tls {
-            Some(tls) => tls.reqwest(builder, "tls")?,
-            None => builder,
-        };
-        builder.build().map_err(|e| e.to_string())
+    /// An HTTP client with this upstream's TLS settings. Connections open
+    /// within 2 s and send without Nagle's delay; a redirect goes back to
+    /// the client, as from any proxy.
+    fn http_client(&self) -> Result<HttpClient, String> {
+        let tls = self.tls.clone().unwrap_or_default().rustls("tls")?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector))
     }
 
     /// The model's name at the upstream.
@@ -108,7 +130,9 @@ impl UpstreamConfig {
         for (i, e) in self.endpoints.iter().enumerate() {
             let scheme = reqwest::Url::parse(e).map(|u| u.scheme().to_string());
             let ok = match self.protocol {
-                Protocol::Openai => matches!(scheme.as_deref(), Ok("http" | "https")),
+                Protocol::Openai => {
+                    matches!(scheme.as_deref(), Ok("http" | "https")) && Origin::parse(e).is_some()
+                }
                 Protocol::Kserve => {
                     matches!(scheme.as_deref(), Ok("grpc" | "grpcs" | "http" | "https"))
                         && Remote::endpoint(e).is_ok()
@@ -116,7 +140,10 @@ impl UpstreamConfig {
             };
             if !ok {
                 let want = match self.protocol {
-                    Protocol::Openai => "an http(s) URL",
+                    Protocol::Openai => {
+                        "an http(s) base URL without credentials, query or fragment \
+                         (http://host:8080, https://host/prefix)"
+                    }
                     Protocol::Kserve => "a gRPC address like grpc://host:8001 (grpcs:// for TLS)",
                 };
                 return Err(format!("{at}.endpoints[{i}]: `{e}` is not {want}"));
@@ -134,9 +161,59 @@ impl UpstreamConfig {
     }
 }
 
+/// Where an `openai` replica's requests go: its base URL in parts, parsed
+/// once, so that a request only puts its path after them.
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path, without its trailing `/` (usually empty).
+    prefix: String,
+}
+
+impl Origin {
+    /// The parts of `base`; `None` for a URL with credentials, a query or a
+    /// fragment, which a base URL cannot carry into the requests.
+    fn parse(base: &str) -> Option<Self> {
+        let uri: Uri = base.trim_end_matches('/').parse().ok()?;
+        let parts = uri.into_parts();
+        let authority = parts.authority?;
+        if authority.as_str().contains('@') || base.contains('#') {
+            return None;
+        }
+        let prefix = match parts.path_and_query {
+            Some(pq) if pq.query().is_some() => return None,
+            Some(pq) => pq.path().trim_end_matches('/').to_string(),
+            None => String::new(),
+        };
+        Some(Self {
+            scheme: parts.scheme?,
+            authority,
+            prefix,
+        })
+    }
+
+    /// The URI of `path` at this replica.
+    fn uri(&self, path: &'static str) -> Uri {
+        let path_and_query = if self.prefix.is_empty() {
+            PathAndQuery::from_static(path)
+        } else {
+            PathAndQuery::try_from(format!("{}{path}", self.prefix))
+                .expect("a valid base path followed by a static path")
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .expect("a URI from valid parts")
+    }
+}
+
 /// One replica and what is known of it.
 struct Replica {
     base: String,
+    /// `Some` for `openai` replicas.
+    origin: Option<Origin>,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
     failures: AtomicU32,
@@ -191,7 +268,7 @@ impl Call {
 /// A replica's answer: an HTTP response, or a KServe result (an error the
 /// remote model gave is an answer too).
 enum Answer {
-    Http(reqwest::Response),
+    Http(Response<Incoming>),
     Infer(Result<InferResponse, DnnError>),
 }
 
@@ -212,35 +289,57 @@ enum Transport {
     /// One client (and connection pool) per HTTP front, then one for every
     /// other thread: a pooled connection is driven by the thread that
     /// opened it, so a front that used another's would wake that thread.
-    Http(Arc<[reqwest::Client]>),
+    Http(Arc<[HttpClient]>),
     /// One gRPC client per replica, in replica order.
     Kserve(Arc<Vec<Remote>>),
 }
 
+/// An error with its causes, `: `-separated (hyper's own message names
+/// only the stage that failed).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
 impl Transport {
-    async fn attempt(&self, i: usize, base: &str, call: Call) -> Attempt {
-        match (self, call) {
-            (Self::Http(clients), Call::Http(req)) => {
-                let client = match crate::server::front() {
-                    Some(f) if f + 1 < clients.len() => &clients[f],
-                    _ => &clients[clients.len() - 1],
-                };
-                let sent = client
-                    .post(format!("{base}{}", req.path))
-                    .header("content-type", "application/json")
-                    .body(req.body)
-                    .send()
-                    .await;
-                match sent {
+    /// This thread's client of an `openai` upstream.
+    fn http_client(clients: &[HttpClient]) -> &HttpClient {
+        match crate::server::front() {
+            Some(f) if f + 1 < clients.len() => &clients[f],
+            _ => &clients[clients.len() - 1],
+        }
+    }
+
+    async fn attempt(&self, replica: &Replica, i: usize, call: Call) -> Attempt {
+        let base = &replica.base;
+        match (self, call, &replica.origin) {
+            (Self::Http(clients), Call::Http(req), Some(origin)) => {
+                let request = Request::builder()
+                    .method(Method::POST)
+                    .uri(origin.uri(req.path))
+                    .header(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )
+                    .body(Full::new(req.body))
+                    .expect("a request from valid parts");
+                match Self::http_client(clients).request(request).await {
                     Ok(resp) => Attempt::Answered {
                         failed: resp.status().is_server_error() && resp.status() != 503,
                         answer: Answer::Http(resp),
                     },
-                    Err(e) if e.is_connect() => Attempt::NotReached(format!("{base}: {e}")),
-                    Err(e) => Attempt::Failed(format!("{base}: {e}")),
+                    Err(e) if e.is_connect() => {
+                        Attempt::NotReached(format!("{base}: {}", with_causes(&e)))
+                    }
+                    Err(e) => Attempt::Failed(format!("{base}: {}", with_causes(&e))),
                 }
             }
-            (Self::Kserve(remotes), Call::Infer(req)) => match remotes[i].call(&req).await {
+            (Self::Kserve(remotes), Call::Infer(req), _) => match remotes[i].call(&req).await {
                 Ok(r) => Attempt::Answered {
                     answer: Answer::Infer(Ok(r)),
                     failed: false,
@@ -284,7 +383,7 @@ pub enum UpstreamError {
 /// replicas, circuit breaking on failures.
 #[derive(Clone)]
 struct Balancer {
-    name: String,
+    name: Arc<str>,
     replicas: Arc<Vec<Replica>>,
     /// Where the search starts, so ties rotate over the replicas.
     next: Arc<AtomicUsize>,
@@ -311,10 +410,10 @@ impl Service<Call> for Balancer {
                 .map(|k| (start + k) % n)
                 .filter(|&i| me.replicas[i].available())
                 .min_by_key(|&i| me.replicas[i].outstanding.load(Ordering::Relaxed))
-                .ok_or_else(|| UpstreamError::NoneHealthy(me.name.clone()))?;
+                .ok_or_else(|| UpstreamError::NoneHealthy(me.name.to_string()))?;
             let r = &me.replicas[i];
             r.outstanding.fetch_add(1, Ordering::Relaxed);
-            let attempt = me.transport.attempt(i, &r.base, req).await;
+            let attempt = me.transport.attempt(r, i, req).await;
             r.outstanding.fetch_sub(1, Ordering::Relaxed);
             match attempt {
                 Attempt::Answered { answer, failed } => {
@@ -327,11 +426,11 @@ impl Service<Call> for Balancer {
                 }
                 Attempt::NotReached(why) => {
                     r.failed(me.threshold, me.open);
-                    Err(UpstreamError::NotReached(me.name.clone(), why))
+                    Err(UpstreamError::NotReached(me.name.to_string(), why))
                 }
                 Attempt::Failed(why) => {
                     r.failed(me.threshold, me.open);
-                    Err(UpstreamError::Failed(me.name.clone(), why))
+                    Err(UpstreamError::Failed(me.name.to_string(), why))
                 }
             }
         })
@@ -383,6 +482,10 @@ impl Upstream {
             .iter()
             .map(|e| Replica {
                 base: e.trim_end_matches('/').to_string(),
+                origin: match config.protocol {
+                    Protocol::Openai => Origin::parse(e),
+                    Protocol::Kserve => None,
+                },
                 outstanding: AtomicUsize::new(0),
                 healthy: AtomicBool::new(true),
                 failures: AtomicU32::new(0),
@@ -390,19 +493,13 @@ impl Upstream {
             })
             .collect();
         let balancer = Balancer {
-            name: config.name.clone(),
+            name: config.name.as_str().into(),
             replicas: Arc::new(replicas),
             next: Arc::default(),
             transport: match config.protocol {
                 Protocol::Openai => Transport::Http(
                     (0..=fronts)
-                        .map(|_| {
-                            // A redirect goes back to the client, as from any proxy.
-                            let builder = reqwest::Client::builder()
-                                .connect_timeout(Duration::from_secs(2))
-                                .redirect(reqwest::redirect::Policy::none());
-                            config.http_client(builder).expect("validated TLS files")
-                        })
+                        .map(|_| config.http_client().expect("validated TLS files"))
                         .collect(),
                 ),
                 Protocol::Kserve => Transport::Kserve(Arc::new(
@@ -434,7 +531,6 @@ impl Upstream {
     /// Sends the request through timeout → retry → balancer; returns the
     /// answer and the replica that gave it.
     async fn run(&self, call: Call) -> Result<(Answer, String), UpstreamError> {
-        let (name, secs) = (self.config.name.clone(), self.config.timeout_secs);
         self.stack
             .clone()
             .oneshot(call)
@@ -442,7 +538,9 @@ impl Upstream {
             .map_err(|e| match e.downcast::<UpstreamError>() {
                 Ok(e) => *e,
                 // The timeout layer's own error.
-                Err(_) => UpstreamError::Timeout(name, secs),
+                Err(_) => {
+                    UpstreamError::Timeout(self.config.name.clone(), self.config.timeout_secs)
+                }
             })
     }
 
@@ -450,7 +548,7 @@ impl Upstream {
     pub async fn send(
         &self,
         req: ProxyRequest,
-    ) -> Result<(reqwest::Response, String), UpstreamError> {
+    ) -> Result<(Response<Incoming>, String), UpstreamError> {
         match self.run(Call::Http(req)).await? {
             (Answer::Http(resp), replica) => Ok((resp, replica)),
             (Answer::Infer(_), _) => Err(self.wrong_protocol()),
@@ -522,24 +620,26 @@ impl Upstream {
     /// Marks replicas up or down from `health_path`, forever.
     pub async fn check_health(self) {
         let every = Duration::from_millis(self.config.health_interval_ms);
-        let client = self
-            .config
-            .http_client(reqwest::Client::builder().timeout(every.min(Duration::from_secs(2))))
-            .expect("validated TLS files");
+        let limit = every.min(Duration::from_secs(2));
         loop {
             for (i, r) in self.balancer.replicas.iter().enumerate() {
                 let up = match &self.balancer.transport {
-                    Transport::Http(_) => client
-                        .get(format!("{}{}", r.base, self.config.health_path))
-                        .send()
-                        .await
-                        .is_ok_and(|resp| resp.status().is_success()),
-                    Transport::Kserve(remotes) => tokio::time::timeout(
-                        every.min(Duration::from_secs(2)),
-                        remotes[i].is_ready(),
-                    )
-                    .await
-                    .unwrap_or(false),
+                    Transport::Http(clients) => {
+                        let get = format!("{}{}", r.base, self.config.health_path)
+                            .parse::<Uri>()
+                            .map(|uri| Transport::http_client(clients).get(uri));
+                        match get {
+                            Ok(get) => tokio::time::timeout(limit, get)
+                                .await
+                                .is_ok_and(|resp| resp.is_ok_and(|r| r.status().is_success())),
+                            Err(_) => false,
+                        }
+                    }
+                    Transport::Kserve(remotes) => {
+                        tokio::time::timeout(limit, remotes[i].is_ready())
+                            .await
+                            .unwrap_or(false)
+                    }
                 };
                 if r.healthy.swap(up, Ordering::Relaxed) != up {
                     tracing::info!(replica = %r.base, up, "upstream health changed");
@@ -576,10 +676,15 @@ mod tests {
                 }
             }),
         );
+        (serve(app).await, hits)
+    }
+
+    /// Serves `app` on loopback; returns its base URL.
+    async fn serve(app: axum::Router) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (format!("http://{addr}"), hits)
+        format!("http://{addr}")
     }
 
     /// An address that refuses connections: bound, then closed.
@@ -630,9 +735,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let moved = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let moved = serve(app).await;
         let (resp, replica) = upstream(vec![moved.clone()], 0, 5)
             .send(request(false))
             .await
@@ -680,6 +783,45 @@ mod tests {
             "{answers:?}"
         );
         assert!(!u.balancer.replicas[0].available() && u.is_available());
+    }
+
+    #[tokio::test]
+    async fn a_base_url_path_goes_before_the_request_path() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().route(
+            "/node/7/v1/completions",
+            post(move || async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                "{}"
+            }),
+        );
+        let base = format!("{}/node/7/", serve(app).await);
+        let (resp, replica) = upstream(vec![base.clone()], 0, 5)
+            .send(request(false))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(replica, base.trim_end_matches('/'));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_base_url_that_cannot_carry_requests_is_refused_by_name() {
+        for bad in [
+            "http://user:secret@10.0.0.5:8080",
+            "http://10.0.0.5:8080/v1?key=1",
+            "ftp://10.0.0.5",
+        ] {
+            let u = upstream(vec![bad.into()], 0, 5);
+            let e = u.config.validate("upstreams[0]").unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "upstreams[0].endpoints[0]: `{bad}` is not an http(s) base URL"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[tokio::test]

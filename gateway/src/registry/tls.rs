@@ -21,23 +21,14 @@ pub struct Tls {
 impl Tls {
     /// Trusts the certificates of the PEM file `ca`, or the webpki roots.
     pub fn new(ca: Option<&Path>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(path) => {
-                for cert in crate::tls::read_certs(path, "registry.database_ca")? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("registry.database_ca {}: {e}", path.display()))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let (certs, at) = match ca {
+            Some(path) => (
+                Some(crate::tls::read_certs(path, "registry.database_ca")?),
+                format!("registry.database_ca {}", path.display()),
+            ),
+            None => (None, "registry.database_ca".to_string()),
+        };
+        let config = crate::tls::client_config(certs, None, &at)?;
         Ok(Self {
             config: Arc::new(config),
         })

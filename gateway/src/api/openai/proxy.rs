@@ -7,6 +7,7 @@ use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 /// The fields a proxied request is read for.
@@ -18,20 +19,20 @@ struct ProxyFields {
 }
 
 /// The remote upstream serving the body's `model`, if any.
-pub fn upstream_for(state: &AppState, body: &Bytes) -> Option<(Upstream, bool)> {
+pub fn upstream_for<'a>(state: &'a AppState, body: &Bytes) -> Option<(&'a Upstream, bool)> {
     if state.upstreams.is_empty() {
         return None;
     }
     let f: ProxyFields = serde_json::from_slice(body).ok()?;
     state
         .upstream(&f.model, Protocol::Openai)
-        .map(|u| (u.clone(), f.stream))
+        .map(|u| (u, f.stream))
 }
 
 /// Forwards the request to a replica and sends its answer back as is (a
 /// stream as it comes), naming the replica in `x-switchyard-upstream`. The
 /// body is rewritten only when the upstream knows the model by another name.
-pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -> Response {
+pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) -> Response {
     let body = match &u.config.model {
         Some(m) => {
             let mut v: Value = match serde_json::from_slice(&body) {
@@ -45,10 +46,9 @@ pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -
         }
         None => body,
     };
-    let name = u.config.name.clone();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
-            metrics::counter!("switchyard:upstream_requests_total", "upstream" => name, "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
+            metrics::counter!("switchyard:upstream_requests_total", "upstream" => u.config.name.clone(), "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
                 .increment(1);
             let mut out = Response::builder()
                 .status(resp.status())
@@ -57,10 +57,10 @@ pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -
                 out = out.header("content-type", ct);
             }
             let body = if stream {
-                axum::body::Body::from_stream(resp.bytes_stream())
+                axum::body::Body::new(resp.into_body())
             } else {
-                match resp.bytes().await {
-                    Ok(b) => axum::body::Body::from(b),
+                match resp.into_body().collect().await {
+                    Ok(b) => axum::body::Body::from(b.to_bytes()),
                     Err(e) => {
                         return upstream_error(
                             &u.config.name,
@@ -72,7 +72,7 @@ pub async fn proxy(u: Upstream, stream: bool, path: &'static str, body: Bytes) -
             out.body(body)
                 .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
         }
-        Err(e) => upstream_error(&name, e),
+        Err(e) => upstream_error(&u.config.name, e),
     }
 }
 
