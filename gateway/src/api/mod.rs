@@ -29,10 +29,31 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// What the handlers share: the route table, the registry (when configured)
-/// and the metrics handle.
+/// What the handlers share, behind one reference count: every request
+/// clones it (the router, the middleware, the handler), and a clone of
+/// [`Shared`] would count up each of its shared parts in turn.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Changes apply to this handle alone, as they did when the state was
+/// cloned field by field: the builders run before the router shares it.
+impl std::ops::DerefMut for AppState {
+    fn deref_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+/// The route table, the registry (when configured), the metrics handle and
+/// the rest of what the handlers read.
+#[derive(Clone)]
+pub struct Shared {
     routes: Routes,
     /// Configured (not registry-managed) models still loading hold `/health` at 503.
     expected: usize,
@@ -73,7 +94,7 @@ pub struct AppState {
 impl AppState {
     /// `expected` is how many configured models must load before `/health` says ready.
     pub fn new(expected: usize, metrics: Option<PrometheusHandle>) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             routes: Routes::default(),
             expected,
             loaded: Arc::default(),
@@ -94,7 +115,7 @@ impl AppState {
             limits: Limits::default(),
             offload: Offload::default(),
             shutdown: Default::default(),
-        }
+        }))
     }
 
     pub fn with_shutdown(mut self, shutdown: crate::server::Shutdown) -> Self {
@@ -473,7 +494,7 @@ async fn shadow_summary(
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    match s.metrics {
+    match &s.metrics {
         Some(h) => (
             StatusCode::OK,
             [("content-type", "text/plain; version=0.0.4")],
