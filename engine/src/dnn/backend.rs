@@ -42,7 +42,8 @@ pub fn load(
 }
 
 /// An ONNX model on tract, on onnxruntime, or (auto) on tract unless tract
-/// refuses the graph; the refusal is logged with the fallback.
+/// refuses the graph; the refusal is logged with the fallback. A build
+/// without the `tract` feature runs every ONNX model on onnxruntime.
 fn load_onnx(
     spec: &ModelDefinition,
     executor: OnnxExecutor,
@@ -56,10 +57,14 @@ fn load_onnx(
     };
     match executor {
         OnnxExecutor::OnnxRuntime => ort(),
+        #[cfg(not(feature = "tract"))]
+        OnnxExecutor::Auto => ort(),
+        #[cfg(feature = "tract")]
         OnnxExecutor::Tract => Ok((
             Arc::new(super::onnx::OnnxBackend::load(spec, file)?),
             "tract",
         )),
+        #[cfg(feature = "tract")]
         OnnxExecutor::Auto => match super::onnx::OnnxBackend::load(spec, file) {
             Ok(b) => Ok((Arc::new(b), "tract")),
             Err(tract) => {

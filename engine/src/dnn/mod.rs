@@ -10,6 +10,7 @@ pub mod fil;
 pub mod forest;
 pub mod lightgbm;
 pub mod model;
+#[cfg(feature = "tract")]
 pub mod onnx;
 pub mod onnxrt;
 pub mod repository;

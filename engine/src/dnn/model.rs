@@ -202,9 +202,11 @@ fn ensemble_steps(
 /// Which runtime runs an ONNX model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnnxExecutor {
-    /// tract where it can run the graph, onnxruntime where it refuses it.
+    /// tract where it can run the graph, onnxruntime where it refuses it
+    /// (onnxruntime alone in a build without the `tract` feature).
     Auto,
     /// tract, a pure-Rust runtime in the binary.
+    #[cfg(feature = "tract")]
     Tract,
     /// onnxruntime, loaded from the library the server names.
     OnnxRuntime,
@@ -298,7 +300,15 @@ fn backend_kind(config: &ModelConfig) -> Result<(BackendKind, &'static str), Str
         ("onnxruntime_onnx", "" | "onnxruntime") | ("", "onnxruntime") => {
             let executor = match parameter(config, "executor").unwrap_or("auto") {
                 "auto" => OnnxExecutor::Auto,
+                #[cfg(feature = "tract")]
                 "tract" => OnnxExecutor::Tract,
+                #[cfg(not(feature = "tract"))]
+                "tract" => {
+                    return Err("parameters[\"executor\"]: 'tract' is not in this build \
+                        (it was built without the `tract` feature); use auto or onnxruntime, \
+                        or build with the default features"
+                        .into())
+                }
                 "onnxruntime" => OnnxExecutor::OnnxRuntime,
                 other => {
                     return Err(format!(
@@ -746,6 +756,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.starts_with("name:"), "{e}");
+    }
+
+    #[test]
+    fn the_onnx_executor_is_chosen_by_name_and_tract_only_where_it_is_built() {
+        let with = |name: &str| {
+            spec(&format!(
+                r#"{ONNX} parameters [ {{ key: "executor" value: {{ string_value: "{name}" }} }} ]"#
+            ))
+            .map(|s| s.backend)
+        };
+        assert_eq!(
+            spec(ONNX).unwrap().backend,
+            BackendKind::Onnx(OnnxExecutor::Auto)
+        );
+        assert_eq!(
+            with("onnxruntime").unwrap(),
+            BackendKind::Onnx(OnnxExecutor::OnnxRuntime)
+        );
+        let e = with("openvino").unwrap_err();
+        assert!(e.starts_with("parameters[\"executor\"]: 'openvino'"), "{e}");
+        #[cfg(feature = "tract")]
+        assert_eq!(
+            with("tract").unwrap(),
+            BackendKind::Onnx(OnnxExecutor::Tract)
+        );
+        #[cfg(not(feature = "tract"))]
+        {
+            let e = with("tract").unwrap_err();
+            assert!(e.contains("without the `tract` feature"), "{e}");
+        }
     }
 
     #[test]
