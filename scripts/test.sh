@@ -83,11 +83,16 @@ echo "== build (test dependencies install meanwhile; their log follows)"
 cargo build --workspace --all-targets --locked
 # The engine without the tract executor (`--no-default-features`, the
 # shorter build): it compiles without warnings, and its own tests of the
-# executor setting pass. About 4.5 min on 2 cores: the engine built alone
-# takes its dependencies' features as it asks for them, not as the whole
-# workspace does, so ~50 of them build again (once, for both commands).
-cargo rustc --locked -p engine --lib --no-default-features --profile test -- -D warnings
-cargo test --locked -p engine --lib --no-default-features -- dnn::model::
+# executor setting pass. One build in test mode with `-D warnings` gives the
+# test binary, which then runs as it is. About 4 min on 2 cores: the engine
+# built alone takes its dependencies' features as it asks for them, not as
+# the whole workspace does, so ~50 of them build again.
+engine_tests="$(cargo rustc --locked -p engine --lib --no-default-features --profile test \
+  --message-format=json-render-diagnostics -- -D warnings |
+  python3 -c 'import json, sys
+print(*[m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable")])')"
+"$engine_tests" dnn::model::
 
 if ! wait "$installs"; then
   cat "$installs_log"
