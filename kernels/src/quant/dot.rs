@@ -1,8 +1,9 @@
-//! Dot products of one packed weight row with up to four rows of quantized
-//! activations, with three code paths (AVX-512 VNNI, AVX2, portable) that give
-//! the same bits: per group each lane sums its block exactly in integers,
-//! then every path scales and accumulates the eight lanes with the same fused
-//! multiply-adds and folds them the same way.
+//! Dot products of one packed weight row (two on VNNI from eight activation
+//! rows) with up to four rows of quantized activations, with three code
+//! paths (AVX-512 VNNI, AVX2, portable) that give the same bits: per group
+//! each lane sums its block exactly in integers, then every path scales and
+//! accumulates the eight lanes with the same fused multiply-adds and folds
+//! them the same way.
 use super::{Group, Layout, QuantMatrix, LANES, STEP};
 
 /// The instruction sets a dot product can use, best first.
@@ -199,61 +200,84 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)))
     }
 
-    /// The shared loop; `madd(acc, codes, x)` adds the products of 32 codes
-    /// and 32 activations to an accumulator. Each of a row's two accumulators
-    /// takes the even or the odd steps of one group; `finish` turns them
-    /// (and the lane sums of the row's activations there) into eight integer
-    /// lanes, each the sum of its lane's code·activation products.
+    /// The shared loop over `C` weight rows of one layout and `R` activation
+    /// rows; `madd(acc, codes, x)` adds the products of 32 codes and 32
+    /// activations to an accumulator. Each (weight, activation) row pair has
+    /// two accumulators that take the even or the odd steps of one group;
+    /// `finish` turns them (and the lane sums of the activation row there)
+    /// into eight integer lanes, each the sum of its lane's code·activation
+    /// products. A result does not depend on `C` or `R`: each pair's
+    /// operations are the same whichever rows it is computed with.
     #[inline(always)]
-    unsafe fn dot_with<const R: usize>(
-        w: &WeightRow,
+    unsafe fn dot_with<const C: usize, const R: usize>(
+        w: &[WeightRow; C],
         a: &[ActRow; R],
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         finish: impl Fn([__m256i; 2], *const i32) -> __m256i,
-    ) -> [f32; R] {
-        let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-        let nibbles = w.layout.nibbles;
+    ) -> [[f32; R]; C] {
+        let zero = _mm256_setzero_ps();
+        let (mut acc, mut macc) = ([[zero; R]; C], [[zero; R]; C]);
+        let layout = w[0].layout;
         let low = _mm256_set1_epi8(0x0F);
-        let codes = w.codes.as_ptr();
+        let codes: [*const u8; C] = std::array::from_fn(|c| w[c].codes.as_ptr());
+        let xs: [*const u8; R] = std::array::from_fn(|r| a[r].qs.as_ptr() as *const u8);
         let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
-        for (gi, g) in w.layout.groups.iter().enumerate() {
+        for (gi, g) in layout.groups.iter().enumerate() {
             let steps = g.steps();
-            let mut sum = [[_mm256_setzero_si256(); 2]; R];
-            for c in 0..pairs(g) {
-                let odd = 2 * c + 1 < steps;
+            let mut sum = [[[_mm256_setzero_si256(); 2]; R]; C];
+            for p in 0..pairs(g) {
+                let odd = 2 * p + 1 < steps;
                 // In bounds: the layout's code and activation lengths were checked.
-                let (even, next) = if nibbles {
-                    let v = ld(codes.add(g.codes + c * STEP));
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    (_mm256_and_si256(v, low), hi)
+                let mut cw = [(_mm256_setzero_si256(), _mm256_setzero_si256()); C];
+                if layout.nibbles {
+                    for (cw, codes) in cw.iter_mut().zip(codes) {
+                        let v = ld(codes.add(g.codes + p * STEP));
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        *cw = (_mm256_and_si256(v, low), hi);
+                    }
                 } else {
-                    let at = codes.add(g.codes + 2 * c * STEP);
-                    let next = if odd {
-                        ld(at.add(STEP))
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    (ld(at), next)
-                };
+                    for (cw, codes) in cw.iter_mut().zip(codes) {
+                        let at = codes.add(g.codes + 2 * p * STEP);
+                        cw.0 = ld(at);
+                        if odd {
+                            cw.1 = ld(at.add(STEP));
+                        }
+                    }
+                }
                 for r in 0..R {
-                    let x = a[r].qs.as_ptr().add(g.start + 2 * c * STEP) as *const u8;
-                    sum[r][0] = madd(sum[r][0], even, ld(x));
+                    let x = xs[r].add(g.start + 2 * p * STEP);
+                    let even = ld(x);
+                    for c in 0..C {
+                        sum[c][r][0] = madd(sum[c][r][0], cw[c].0, even);
+                    }
                     if odd {
-                        sum[r][1] = madd(sum[r][1], next, ld(x.add(STEP)));
+                        let next = ld(x.add(STEP));
+                        for c in 0..C {
+                            sum[c][r][1] = madd(sum[c][r][1], cw[c].1, next);
+                        }
                     }
                 }
             }
             let at = gi * LANES;
-            let d = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at));
-            let m = _mm256_loadu_ps(w.scales.as_ptr().add(2 * at + LANES));
-            for r in 0..R {
-                let p = _mm256_cvtepi32_ps(finish(sum[r], a[r].sums.as_ptr().add(at)));
-                let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
-                acc[r] = _mm256_fmadd_ps(p, s, acc[r]);
-                macc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s.as_ptr().add(at)), macc[r]);
+            for c in 0..C {
+                let d = _mm256_loadu_ps(w[c].scales.as_ptr().add(2 * at));
+                let m = _mm256_loadu_ps(w[c].scales.as_ptr().add(2 * at + LANES));
+                for r in 0..R {
+                    let p = _mm256_cvtepi32_ps(finish(sum[c][r], a[r].sums.as_ptr().add(at)));
+                    let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
+                    acc[c][r] = _mm256_fmadd_ps(p, s, acc[c][r]);
+                    let x = _mm256_loadu_ps(a[r].s.as_ptr().add(at));
+                    macc[c][r] = _mm256_fmadd_ps(m, x, macc[c][r]);
+                }
             }
         }
-        std::array::from_fn(|r| fold(acc[r]) + fold(macc[r]))
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            for r in 0..R {
+                out[c][r] = fold(acc[c][r]) + fold(macc[c][r]);
+            }
+        }
+        out
     }
 
     /// `w`'s 4-bit codes as bytes in `to` (`bytes`, the same groups with a
@@ -279,11 +303,69 @@ mod x86 {
         }
     }
 
-    /// Every column, four activation rows at a time (the most whose
-    /// accumulators stay in 16 registers), then the rest. With more than four
-    /// passes, 4-bit rows are widened to bytes first.
+    /// Hands `vs` (rows `r..r + R` of columns `cols`) to `out`.
     #[inline(always)]
-    unsafe fn columns_with(
+    fn emit<const C: usize, const R: usize>(
+        out: &mut impl FnMut(usize, usize, f32),
+        r: usize,
+        cols: [usize; C],
+        vs: [[f32; R]; C],
+    ) {
+        for (c, v) in cols.into_iter().zip(vs) {
+            for (i, v) in v.into_iter().enumerate() {
+                out(r + i, c, v);
+            }
+        }
+    }
+
+    /// `C` weight rows against every activation row, four at a time, then
+    /// the rest.
+    #[inline(always)]
+    unsafe fn rows_with<const C: usize>(
+        w: &[WeightRow; C],
+        cols: [usize; C],
+        acts: &[ActRow],
+        out: &mut impl FnMut(usize, usize, f32),
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
+        finish: impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
+    ) {
+        let mut chunks = acts.chunks_exact(4);
+        let mut r = 0;
+        for a in &mut chunks {
+            let a: &[ActRow; 4] = a.try_into().expect("four rows");
+            emit(out, r, cols, dot_with(w, a, madd, finish));
+            r += 4;
+        }
+        let rest = chunks.remainder();
+        match rest.len() {
+            1 => emit(
+                out,
+                r,
+                cols,
+                dot_with::<C, 1>(w, rest.try_into().expect("one row"), madd, finish),
+            ),
+            2 => emit(
+                out,
+                r,
+                cols,
+                dot_with::<C, 2>(w, rest.try_into().expect("two rows"), madd, finish),
+            ),
+            3 => emit(
+                out,
+                r,
+                cols,
+                dot_with::<C, 3>(w, rest.try_into().expect("three rows"), madd, finish),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Every column, `C` weight rows at a time (each activation load then
+    /// feeds `C` multiply-adds), the last odd ones one by one. With more
+    /// than four passes of activation rows, 4-bit rows are widened to bytes
+    /// first.
+    #[inline(always)]
+    unsafe fn columns_with<const C: usize>(
         m: &QuantMatrix,
         cols: Range<usize>,
         acts: &[ActRow],
@@ -291,39 +373,43 @@ mod x86 {
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
         finish: impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
     ) {
-        let mut wide = Vec::new();
+        let mut wide: [Vec<u8>; C] = std::array::from_fn(|_| Vec::new());
         // Measured: widening pays from about five passes (prefill chunks),
         // not at four (a batch of 16 decode rows).
         let bytes = m.bytes_layout.as_ref().filter(|_| acts.len() > 16);
-        for c in cols {
-            let mut w = m.row(c);
+        let mut at = cols.start;
+        while at < cols.end {
+            let n = if at + C <= cols.end { C } else { 1 };
             if let Some(bytes) = bytes {
-                widen_codes(&w, bytes, &mut wide);
-                w = WeightRow {
-                    layout: bytes,
-                    codes: &wide,
-                    scales: w.scales,
-                };
-            }
-            let mut chunks = acts.chunks_exact(4);
-            let mut r = 0;
-            for a in &mut chunks {
-                let a: &[ActRow; 4] = a.try_into().expect("four rows");
-                for (i, v) in dot_with(&w, a, madd, finish).into_iter().enumerate() {
-                    out(r + i, c, v);
+                for (i, to) in wide[..n].iter_mut().enumerate() {
+                    widen_codes(&m.row(at + i), bytes, to);
                 }
-                r += 4;
             }
-            let rest = chunks.remainder();
-            let vs: &[f32] = match rest.len() {
-                1 => &dot_with::<1>(&w, rest.try_into().expect("one row"), madd, finish),
-                2 => &dot_with::<2>(&w, rest.try_into().expect("two rows"), madd, finish),
-                3 => &dot_with::<3>(&w, rest.try_into().expect("three rows"), madd, finish),
-                _ => &[],
+            let row = |i: usize| {
+                let w = m.row(at + i);
+                match bytes {
+                    Some(bytes) => WeightRow {
+                        layout: bytes,
+                        codes: &wide[i],
+                        scales: w.scales,
+                    },
+                    None => w,
+                }
             };
-            for (i, &v) in vs.iter().enumerate() {
-                out(r + i, c, v);
+            if n == C {
+                let w: [WeightRow; C] = std::array::from_fn(row);
+                rows_with(
+                    &w,
+                    std::array::from_fn(|i| at + i),
+                    acts,
+                    &mut out,
+                    madd,
+                    finish,
+                );
+            } else {
+                rows_with(&[row(0)], [at], acts, &mut out, madd, finish);
             }
+            at += n;
         }
     }
 
@@ -334,14 +420,17 @@ mod x86 {
         acts: &[ActRow],
         out: impl FnMut(usize, usize, f32),
     ) {
-        columns_with(
-            m,
-            cols,
-            acts,
-            out,
-            |acc, c, x| _mm256_dpbusd_epi32(acc, c, x),
-            |[even, odd], _| _mm256_add_epi32(even, odd),
-        )
+        let madd = |acc, c, x| _mm256_dpbusd_epi32(acc, c, x);
+        let finish = |[even, odd]: [__m256i; 2], _| _mm256_add_epi32(even, odd);
+        // Two weight rows per pass halve the activation loads, which pays
+        // where the products are the work (eight rows or more). With fewer
+        // rows the weights' memory traffic is the work, and two rows read
+        // side by side streamed slower (measured: Q8_0 at one row, 0.5×).
+        if acts.len() >= 8 {
+            columns_with::<2>(m, cols, acts, out, madd, finish)
+        } else {
+            columns_with::<1>(m, cols, acts, out, madd, finish)
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -359,7 +448,7 @@ mod x86 {
             // multiply the activations with the codes' signs (|x| ≤ 127) in
             // pairs below 32,767; the group's end adds back 128·Σx, exactly.
             let flip = _mm256_set1_epi8(-128);
-            columns_with(
+            columns_with::<1>(
                 m,
                 cols,
                 acts,
@@ -380,7 +469,7 @@ mod x86 {
             // |code · x| ≤ 31 · 127 (or two steps with 6-bit codes in Q6_K's
             // groups of four), so no sum passes 32,767 and the widening
             // gives exactly the 32-bit sums.
-            columns_with(
+            columns_with::<1>(
                 m,
                 cols,
                 acts,

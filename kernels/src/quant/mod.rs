@@ -8,7 +8,8 @@
 //! ggml does for the weight type and laid out the same way. A group of eight
 //! blocks then costs integer multiply-adds (AVX-512 VNNI or AVX2 where the CPU
 //! has them), one conversion to float and one multiply-add per row, and each
-//! weight group is read once for up to four activation rows. Output columns
+//! weight group is read once for up to four activation rows (from eight rows,
+//! VNNI also reads each activation once for two weight rows). Output columns
 //! are spread over the cores. A row's result never depends on the other rows
 //! in the batch, nor on the instruction set.
 mod act;

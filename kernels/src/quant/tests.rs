@@ -119,11 +119,13 @@ fn run(m: &QuantMatrix, isa: Isa, x: &[f32]) -> Vec<f32> {
 }
 
 /// Shapes to test `ty` at: whole groups, and for 32-value blocks rows that
-/// end in groups of 4, 2 and 1 blocks.
+/// end in groups of 4, 2 and 1 blocks; batches below eight rows, from eight
+/// (where VNNI takes two weight rows a pass, an odd last one alone) and
+/// above sixteen (where 4-bit rows are widened first).
 fn shapes(ty: QuantType) -> Vec<(usize, usize, usize)> {
-    let mut v = vec![(1, 256, 5), (3, 768, 37), (6, 1536, 16)];
+    let mut v = vec![(1, 256, 5), (3, 768, 37), (6, 1536, 16), (9, 768, 37)];
     if ty.block_values() == QK {
-        v.extend([(5, 576, 19), (2, 224, 7), (1, 32, 3)]);
+        v.extend([(5, 576, 19), (2, 224, 7), (1, 32, 3), (17, 576, 7)]);
     }
     v
 }
@@ -191,7 +193,10 @@ fn largest_codes_sum_exactly_on_every_path() {
                 }
             }
             let m = QuantMatrix::new(ty, &blocks, n, k);
-            let x: Vec<f32> = [1.0f32, -1.0].iter().flat_map(|&v| vec![v; k]).collect();
+            // Nine rows: the batches of VNNI's two-weight-row passes too.
+            let x: Vec<f32> = (0..9)
+                .flat_map(|r| vec![if r % 2 == 0 { 1.0f32 } else { -1.0 }; k])
+                .collect();
             let want = run(&m, Isa::Portable, &x);
             for isa in Isa::available() {
                 assert_eq!(run(&m, isa, &x), want, "{ty:?} {fill:#x} {isa:?} k {k}");
@@ -235,11 +240,12 @@ fn matmul_is_close_to_the_float_product() {
 }
 
 /// A row's result is the same alone or in a batch (where weights are read
-/// for up to four rows at a time, and 4-bit rows widened to bytes first for
-/// more than 16), on every instruction set.
+/// for up to four rows at a time, two weight rows a pass on VNNI from eight
+/// rows, and 4-bit rows widened to bytes first for more than 16), on every
+/// instruction set.
 #[test]
 fn rows_do_not_depend_on_the_batch() {
-    let (rows, k, n) = (19, 768, 40);
+    let (rows, k, n) = (19, 768, 41);
     let x = pseudo_random(rows * k, 8);
     for ty in TYPES {
         let w = random_matrix(ty, n, k, 9);
