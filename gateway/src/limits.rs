@@ -43,6 +43,11 @@ pub struct Limits {
     /// requests are read, dispatched and answered on the thread that
     /// accepted it.
     pub http_threads: usize,
+    /// Hands each accepted connection to the front with the fewest open
+    /// ones (as Envoy's `exact_balance`), instead of leaving it on the
+    /// front that happened to accept it: for a few long-lived clients (a
+    /// load balancer's kept-alive pool) on cores of the server's own.
+    pub balance_connections: bool,
 }
 
 impl Default for Limits {
@@ -58,6 +63,7 @@ impl Default for Limits {
             blocking_threads: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             offload_bytes: 64 * 1024,
             http_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            balance_connections: false,
         }
     }
 }

@@ -55,6 +55,8 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("switchyard:experiment_reloads_total", Counter, "Reloads of the experiments file, by outcome."),
     ("switchyard:experiment_latency_seconds", Histogram, "End-to-end latency per experiment arm."),
     ("switchyard:experiment_ttft_seconds", Histogram, "Time to first token per experiment arm."),
+    // The HTTP port.
+    ("switchyard:http_connections", Gauge, "Open HTTP connections, by the front (event-loop thread) that serves them."),
     // Remote upstreams.
     ("switchyard:upstream_requests_total", Counter, "Requests sent to remote upstreams, by replica and status."),
     ("switchyard:upstream_errors_total", Counter, "Requests no upstream replica answered."),

@@ -3,13 +3,14 @@ on a live server before and after traffic, `promtool check rules` on the
 shipped alert rules; every family with HELP text; each request counted once
 in the request histograms whatever `n`, aborted ones with their outcome."""
 import shutil
+import socket
 import subprocess
 import time
 
 import httpx
 import pytest
 
-from conftest import ROOT, Triton, metric, require_env
+from conftest import ROOT, Server, Triton, metric, require_env, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,32 @@ def test_dashboard_and_alerts_read_only_exported_families(promtool, tmp_path):
     path.write_text(yaml.safe_dump(recording))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kept_alive_connections_spread_over_the_fronts(tmp_path):
+    """With `balance_connections`, clients that connect in a burst and keep
+    their connections are served by every HTTP front, not all by the one
+    that happened to be awake."""
+    config = tmp_path / "fronts.yaml"
+    config.write_text("server: { limits: { http_threads: 2, balance_connections: true } }\n"
+                      "upstreams: [{ name: elsewhere, endpoints: [http://127.0.0.1:9] }]\n")
+    server = Server(str(config))
+    try:
+        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(16)]
+        for c in clients:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            c.settimeout(30)
+            assert c.recv(1024).startswith(b"HTTP/1.1 200")
+        # Sixteen kept alive, and the scrape's own connection.
+        text = httpx.get(f"{server.url}/metrics").text
+        per_front = [float(l.split()[-1]) for l in text.splitlines()
+                     if l.startswith("switchyard:http_connections{")]
+        assert len(per_front) == 2 and sum(per_front) == 17, per_front
+        assert min(per_front) >= 8, per_front
+        for c in clients:
+            c.close()
+        wait_for("the closed connections to be counted out",
+                 lambda: metric(server, "switchyard:http_connections") == 1)
+    finally:
+        server.stop()
