@@ -1,8 +1,9 @@
 //! Gateway overhead: one instant upstream (a canned OpenAI answer) reached
 //! directly, through nginx as a plain reverse proxy, and through Switchyard's
 //! remote-upstream route, in the same run. Prints requests/s and p50/p99 for
-//! each, the latency each proxy adds over the direct path, and Switchyard's
-//! throughput ÷ nginx's.
+//! each, the latency each proxy adds over the direct path, the CPU time each
+//! proxy spends per request (from `/proc`: steadier than throughput on a
+//! shared machine), and Switchyard's throughput ÷ nginx's.
 //!
 //! `cargo build --release -p benches -p gateway && ./target/release/proxy_overhead`
 use anyhow::{bail, Context, Result};
@@ -106,6 +107,36 @@ fn wait_for(port: u16, what: &str) -> Result<()> {
     bail!("{what} on port {port} did not answer /health within 60 s")
 }
 
+/// CPU seconds (user and system) used so far by process `pid` and its
+/// running children (nginx's workers).
+fn cpu_seconds(pid: u32, tick: f64) -> Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(text) = std::fs::read_to_string(entry?.path().join("stat")) else {
+            continue;
+        };
+        let id = text.split(' ').next().and_then(|f| f.parse::<u32>().ok());
+        // Fields after the command's name, which may hold spaces: state,
+        // ppid, …, utime and stime are the 12th and 13th.
+        let Some((_, rest)) = text.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.len() < 13 || (id != Some(pid) && f[1] != pid.to_string()) {
+            continue;
+        }
+        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+        total += ticks / tick;
+    }
+    Ok(total)
+}
+
+/// The kernel's clock ticks per second, as `/proc` counts CPU time.
+fn clock_ticks() -> Result<f64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -203,7 +234,7 @@ http {{
 "
         ),
     )?;
-    let _nginx = Killed(
+    let nginx = Killed(
         Command::new(&args.nginx)
             .args(["-p", &d.to_string(), "-c"])
             .arg(dir.join("nginx.conf"))
@@ -217,7 +248,7 @@ http {{
         dir.join("switchyard.yaml"),
         format!("server: {{ http: 127.0.0.1:{sy} }}\nupstreams:\n  - {{ name: fast, endpoints: [http://127.0.0.1:{up}] }}\n"),
     )?;
-    let _switchyard = Killed(
+    let switchyard = Killed(
         Command::new(&args.switchyard)
             .args(["serve", "--config"])
             .arg(dir.join("switchyard.yaml"))
@@ -229,10 +260,11 @@ http {{
     wait_for(sy, "switchyard")?;
 
     let rt = tokio::runtime::Runtime::new()?;
+    let tick = clock_ticks()?;
     let targets = [
-        ("direct", up, "/v1/chat/completions"),
-        ("nginx", ngx, "/v1/chat/completions"),
-        ("switchyard", sy, "/v1/chat/completions"),
+        ("direct", up, None),
+        ("nginx", ngx, Some(nginx.0.id())),
+        ("switchyard", sy, Some(switchyard.0.id())),
     ];
     let mut rows = Vec::new();
     for c in args
@@ -243,15 +275,25 @@ http {{
     {
         let c: usize = c.parse().context("--concurrency takes numbers")?;
         let mut results = Vec::new();
-        for (name, port, path) in targets {
-            let url = format!("http://127.0.0.1:{port}{path}");
+        for (name, port, proxy) in targets {
+            let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
             rt.block_on(load(&url, c, 0.5))?; // warm the connections
+            let cpu = |pid| cpu_seconds(pid, tick);
+            let before = proxy.map(cpu).transpose()?;
             let (rps, lat) = rt.block_on(load(&url, c, args.seconds))?;
-            results.push((name, rps, percentile(&lat, 50.0), percentile(&lat, 99.0)));
+            let used = proxy.map(cpu).transpose()?.zip(before).map(|(a, b)| a - b);
+            let per_request = used.map(|s| s * 1e6 / lat.len() as f64);
+            results.push((
+                name,
+                rps,
+                percentile(&lat, 50.0),
+                percentile(&lat, 99.0),
+                per_request,
+            ));
         }
-        let (_, _, d50, d99) = results[0];
+        let (_, _, d50, d99, _) = results[0];
         let nginx_rps = results[1].1;
-        for (name, rps, p50, p99) in &results {
+        for (name, rps, p50, p99, per_request) in &results {
             rows.push(vec![
                 c.to_string(),
                 name.to_string(),
@@ -268,6 +310,7 @@ http {{
                 } else {
                     format!("{:.0}", p99 - d99)
                 },
+                per_request.map_or("—".into(), |us| format!("{us:.1}")),
                 format!("{:.2}", rps / nginx_rps),
             ]);
         }
@@ -281,6 +324,7 @@ http {{
             "p99 µs",
             "added p50 µs",
             "added p99 µs",
+            "proxy CPU µs/req",
             "req/s ÷ nginx",
         ],
         &rows,
