@@ -599,8 +599,9 @@ pub async fn serve_http(
         limits,
         stop,
     };
-    // One socket, polled by every front: whichever thread is free accepts,
-    // then hands the connection to the front with the fewest open ones.
+    // One socket, polled by every front: whichever thread is free accepts
+    // (and, with `balance_connections`, hands the connection to the front
+    // with the fewest open ones).
     let listener = listener.into_std()?;
     let mut ended = Vec::new();
     for (i, inbox) in inboxes.drain(..).enumerate() {
