@@ -588,6 +588,7 @@ pub async fn serve_http(
         .unzip();
     let front = Front {
         index: 0,
+        gauge: metrics::Gauge::noop(),
         builder: Arc::new(builder),
         permits: Arc::new(Semaphore::new(limits.max_connections)),
         open: (0..limits.http_threads)
@@ -608,6 +609,7 @@ pub async fn serve_http(
         let socket = listener.try_clone()?;
         let front = Front {
             index: i,
+            gauge: metrics::gauge!("switchyard:http_connections", "front" => i.to_string()),
             ..front.clone()
         };
         let (done, end) = tokio::sync::oneshot::channel();
@@ -653,6 +655,8 @@ type Handed = Capped<std::net::TcpStream>;
 struct Front {
     /// This front's place in `open` and `handoff`.
     index: usize,
+    /// `switchyard:http_connections` of this front.
+    gauge: metrics::Gauge,
     builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
     /// Shared by every front: the cap is on the port, not per thread.
     permits: Arc<Semaphore>,
@@ -676,7 +680,7 @@ impl Front {
         loop {
             tokio::select! {
                 c = accept_capped(&listener, &self.permits) => self.place(c?),
-                Some(c) = inbox.recv() => self.arrived_from(c, Some(self.index)),
+                Some(c) = inbox.recv() => self.arrived(c),
                 _ = stopped(&mut self.stop) => break,
             }
         }
@@ -684,7 +688,7 @@ impl Front {
         // Handed over before the stop: served (and closed gracefully) here.
         inbox.close();
         while let Ok(c) = inbox.try_recv() {
-            self.arrived_from(c, Some(self.index));
+            self.arrived(c);
         }
         // Every connection holds a permit until it ends: all back means all
         // done, on every front (this one keeps running its own meanwhile).
@@ -720,16 +724,19 @@ impl Front {
         if let Err(back) = self.handoff[least].send(conn) {
             // That front has stopped: served here.
             self.open[least].fetch_sub(1, Ordering::Relaxed);
-            self.arrived_from(back.0, None);
+            self.take_over(back.0);
         }
     }
 
-    /// A connection handed over (counted on `front`, if on its way there)
-    /// joins this front's event loop.
-    fn arrived_from(&self, conn: Handed, front: Option<usize>) {
-        if let Some(f) = front {
-            self.open[f].fetch_sub(1, Ordering::Relaxed);
-        }
+    /// A connection another front handed to this one arrived: no longer
+    /// counted as on its way, it is counted as open once it runs.
+    fn arrived(&self, conn: Handed) {
+        self.open[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.take_over(conn);
+    }
+
+    /// Serves a handed-over connection on this front's event loop.
+    fn take_over(&self, conn: Handed) {
         let Capped { io, _permit } = conn;
         match tokio::net::TcpStream::from_std(io) {
             Ok(io) => self.run(Capped { io, _permit }),
@@ -742,7 +749,7 @@ impl Front {
         let within = Duration::from_secs(self.limits.header_read_timeout_secs);
         let service = hyper_util::service::TowerToHyperService::new(self.app.clone());
         let (builder, mut stop, tls) = (self.builder.clone(), self.stop.clone(), self.tls.clone());
-        let open = Open::new(self.open.clone(), self.index);
+        let open = Open::new(self.open.clone(), self.index, self.gauge.clone());
         tokio::spawn(async move {
             let _open = open;
             let conn = match conn.secure(tls.as_ref(), Port::Http, within).await {
@@ -766,26 +773,22 @@ impl Front {
     }
 }
 
-/// One open connection of a front, counted (and shown as
-/// `switchyard:http_connections`) until it ends.
-struct Open(Arc<[AtomicUsize]>, usize);
+/// One open connection of a front, counted (and shown on the front's
+/// gauge) until it ends.
+struct Open(Arc<[AtomicUsize]>, usize, metrics::Gauge);
 
 impl Open {
-    fn new(open: Arc<[AtomicUsize]>, front: usize) -> Self {
+    fn new(open: Arc<[AtomicUsize]>, front: usize, gauge: metrics::Gauge) -> Self {
         let n = open[front].fetch_add(1, Ordering::Relaxed) + 1;
-        Self::show(front, n);
-        Self(open, front)
-    }
-
-    fn show(front: usize, n: usize) {
-        metrics::gauge!("switchyard:http_connections", "front" => front.to_string()).set(n as f64);
+        gauge.set(n as f64);
+        Self(open, front, gauge)
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         let n = self.0[self.1].fetch_sub(1, Ordering::Relaxed) - 1;
-        Self::show(self.1, n);
+        self.2.set(n as f64);
     }
 }
 
