@@ -3,13 +3,20 @@
 //!
 //! Keys and values are stored as f16 by default (half the memory traffic of
 //! f32, which is what bounds attention over long contexts), as int8 with one
-//! scale per row of a head (half again), or as f32, and are computed on in f32.
+//! scale per row of a head (half again), or as f32. f16 and f32 rows are
+//! computed on in f32. Over int8 rows the SIMD paths compute in integers,
+//! two 16-bit products a lane (`vpdpwssd` with VNNI, `vpmaddwd` with AVX2):
+//! each query head is rounded to 16 bits against its largest magnitude and
+//! scored against the keys widened to 16 bits, and each block's weights
+//! `p·step` are rounded to 16 bits against their largest and summed with the
+//! values two positions a lane.
 //! Each (query token, KV head) pair is one task computed the same way whatever
 //! else is in the batch, so a token's output does not depend on how it was
 //! batched or chunked. It walks the sequence block by block: a block's keys
 //! and values are converted once for every query head of the group, scores
 //! are reduced eight positions at a time, and the next block is prefetched.
-//! AVX2/FMA/F16C where the CPU has them, with a portable fallback.
+//! AVX-512 VNNI and AVX2/FMA/F16C where the CPU has them, with a portable
+//! fallback (in f32 for every pool).
 use crate::quant::Isa;
 use half::{f16, slice::HalfFloatSliceExt, vec::HalfBitsVecExt};
 use rayon::prelude::*;
@@ -63,7 +70,8 @@ pub enum KvDtype {
     /// Exact f32 keys and values.
     F32,
     /// A quarter of f32's memory and traffic (plus one f32 scale per row of
-    /// a head): each row is rounded to 127 steps of its largest magnitude.
+    /// a head): each row is rounded to 127 steps of its largest magnitude,
+    /// and attention over it runs in 16-bit integer products.
     Int8,
 }
 
@@ -112,9 +120,18 @@ fn quantize_row(row: &[f32], out: &mut [i8]) -> f32 {
     let step = max / 127.0;
     let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
     for (o, v) in out.iter_mut().zip(row) {
-        *o = (v * inv).round() as i8;
+        *o = round(v * inv);
     }
     step
+}
+
+/// `x.round()` for |x| ≤ 127.5 (half away from zero), without a call into
+/// libm: the cast truncates, and the fraction left is exact.
+#[inline(always)]
+fn round(x: f32) -> i8 {
+    let t = x as i8;
+    let f = x - t as f32;
+    t + (f >= 0.5) as i8 - (f <= -0.5) as i8
 }
 
 impl Pool {
@@ -468,21 +485,59 @@ impl Work<'_> {
 }
 
 /// Per-thread buffers: scores `[group, span]`, one block's rows in f32,
-/// and each query head's softmax maximum and sum (for merging pieces).
+/// each query head's softmax maximum and sum (for merging pieces), and for
+/// int8 pools the group's rounded queries and the integer paths' buffers.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
     rows: Vec<f32>,
     stats: Vec<(f32, f32)>,
+    queries: Rounded,
+    ints: IntRows,
+}
+
+/// Buffers of the integer paths over int8 rows, per block.
+#[derive(Default)]
+struct IntRows {
+    /// The block's rows widened to 16 bits (values as pairs of positions).
+    wide: Vec<i16>,
+    /// The rows' steps, and a head's weights `p·step` over the values, both
+    /// zero past the block's positions.
+    steps: Vec<f32>,
+    weights: Vec<f32>,
+    /// A head's weights rounded to 16 bits, two positions to an `i32`.
+    rounded: Vec<i32>,
+}
+
+/// Whether int8 rows of `head_dim` in blocks of `block_size` take the
+/// integer paths: rows of whole registers, and sums inside 32 bits (a
+/// score's `head_dim` products of at most 32,767·127, a block's weighed
+/// values `block_size` of them).
+fn int8_rows(head_dim: usize, block_size: usize) -> bool {
+    head_dim.is_multiple_of(32) && head_dim <= 256 && block_size <= 256
+}
+
+/// A group's queries rounded to 16 bits for scoring against int8 keys in
+/// integers: each head's row to 32,767 steps of its largest magnitude.
+#[derive(Default)]
+struct Rounded {
+    /// `[group, head_dim]`.
+    q16: Vec<i16>,
+    /// Each head's step.
+    steps: Vec<f32>,
 }
 
 /// Scores over the visible keys, softmax, weighted sum of values.
 fn attend(isa: Isa, w: Work, scratch: &mut Scratch, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Portable && w.kv.layout.head_dim.is_multiple_of(8) {
-        // SAFETY: every SIMD `Isa` includes AVX2, FMA and F16C, and rows are
-        // whole vectors.
-        return unsafe { x86::attend(w, scratch, out) };
+    if w.kv.layout.head_dim.is_multiple_of(8) {
+        // SAFETY: every SIMD `Isa` includes AVX2, FMA and F16C, `Vnni` the
+        // AVX-512 VNNI instructions, and rows are whole vectors.
+        match isa {
+            Isa::Vnni => return unsafe { x86::attend_vnni(w, scratch, out) },
+            Isa::Avx2 => return unsafe { x86::attend_avx2(w, scratch, out) },
+            Isa::Portable => {}
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
@@ -519,6 +574,7 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
         scores,
         rows,
         stats,
+        ..
     } = scratch;
     scores.clear();
     scores.resize(group * span, 0.0);
@@ -559,7 +615,7 @@ fn attend_portable(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{softmax, Pool, Scratch, Work};
+    use super::{softmax, IntRows, Pool, Rounded, Scratch, Work};
     use crate::activation::x86::exp;
     use std::arch::x86_64::*;
 
@@ -584,16 +640,26 @@ mod x86 {
         lanes.iter().sum::<f32>() + tail[..rest.len()].iter().sum::<f32>()
     }
 
+    /// Horizontal sums of eight vectors, as one vector (lane `t` sums
+    /// `a[t]`), from the type's pairwise sums `h` and `join`, which adds
+    /// `lo`'s and `hi`'s halves: `lo = [0 1 2 3 | 0 1 2 3]`, `hi` likewise
+    /// for 4..8.
+    #[inline(always)]
+    fn tree_sums<T: Copy>(a: [T; 8], h: impl Fn(T, T) -> T, join: impl Fn(T, T) -> T) -> T {
+        let (s01, s23, s45, s67) = (h(a[0], a[1]), h(a[2], a[3]), h(a[4], a[5]), h(a[6], a[7]));
+        join(h(s01, s23), h(s45, s67))
+    }
+
     /// Horizontal sums of eight vectors, as one vector.
     #[inline(always)]
     unsafe fn sums(a: [__m256; 8]) -> __m256 {
-        let h = |x, y| _mm256_hadd_ps(x, y);
-        let (s01, s23, s45, s67) = (h(a[0], a[1]), h(a[2], a[3]), h(a[4], a[5]), h(a[6], a[7]));
-        let (lo, hi) = (h(s01, s23), h(s45, s67));
-        // lo = [0 1 2 3 | 0 1 2 3] halves, hi likewise for 4..8.
-        _mm256_add_ps(
-            _mm256_permute2f128_ps(lo, hi, 0x20),
-            _mm256_permute2f128_ps(lo, hi, 0x31),
+        tree_sums(
+            a,
+            |x, y| _mm256_hadd_ps(x, y),
+            |lo, hi| {
+                let first = _mm256_permute2f128_ps(lo, hi, 0x20);
+                _mm256_add_ps(first, _mm256_permute2f128_ps(lo, hi, 0x31))
+            },
         )
     }
 
@@ -653,44 +719,334 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+    pub unsafe fn attend_avx2(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+        // |q| ≤ 127 and |k| ≤ 127, so `maddubs`' pairs (at most 32,258)
+        // never saturate and the widening gives the exact 32-bit sums.
+        attend(w, scratch, out, |acc, a, b| {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn attend_vnni(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
+        attend(w, scratch, out, |acc, a, b| _mm256_dpwssd_epi32(acc, a, b))
+    }
+
+    /// Horizontal sums of eight integer vectors, as one vector.
+    #[inline(always)]
+    unsafe fn int_sums(a: [__m256i; 8]) -> __m256i {
+        tree_sums(
+            a,
+            |x, y| _mm256_hadd_epi32(x, y),
+            |lo, hi| {
+                let first = _mm256_permute2x128_si256(lo, hi, 0x20);
+                _mm256_add_epi32(first, _mm256_permute2x128_si256(lo, hi, 0x31))
+            },
+        )
+    }
+
+    /// Rounds each of the group's query heads to 16 bits against its
+    /// largest magnitude (`q = q16 · step`).
+    #[inline(always)]
+    unsafe fn round_queries(q: &[f32], d: usize, rounded: &mut Rounded) {
+        rounded.q16.resize(q.len(), 0);
+        rounded.steps.clear();
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        for (row, out) in q.chunks_exact(d).zip(rounded.q16.chunks_exact_mut(d)) {
+            let mut top = _mm256_setzero_ps();
+            for v in row.chunks_exact(8) {
+                let v = _mm256_and_ps(_mm256_loadu_ps(v.as_ptr()), magnitude);
+                top = _mm256_max_ps(top, v);
+            }
+            let top = max_lane(top);
+            rounded.steps.push(top / 32767.0);
+            let up = _mm256_set1_ps(if top > 0.0 { 32767.0 / top } else { 0.0 });
+            for (v, out) in row.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, round16(v, up));
+            }
+        }
+    }
+
+    /// The first sixteen of `v` times `up`, rounded to 16-bit integers in
+    /// order.
+    #[inline(always)]
+    unsafe fn round16(v: &[f32], up: __m256) -> __m256i {
+        let half = |at: usize| {
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v[at..][..8].as_ptr()), up))
+        };
+        // `packs` interleaves the halves' 128-bit lanes; the permute puts
+        // the sixteen back in order.
+        _mm256_permute4x64_epi64(_mm256_packs_epi32(half(0), half(8)), 0xD8)
+    }
+
+    /// The largest of a vector's lanes (none of them NaN).
+    #[inline(always)]
+    unsafe fn max_lane(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// Block `b` of int8 rows widened to 16 bits in `wide`, and their steps
+    /// in `steps`, zero past the block's `n` positions up to a multiple of
+    /// `round`; returns `n`. The next block is prefetched. The rows are
+    /// `[n / 8, d / 16, 8, 16]` (each sixteen dims of eight positions side
+    /// by side), or with `PAIRS` `[n / 2, d, 2]` (each two positions' values
+    /// of a dim side by side, an odd last position beside zeros).
+    #[inline(always)]
+    unsafe fn widen_int8<const PAIRS: bool>(
+        w: &Work,
+        pool: &Pool,
+        b: usize,
+        round: usize,
+        wide: &mut Vec<i16>,
+        steps: &mut Vec<f32>,
+    ) -> usize {
+        let Pool::Int8 { values, scales } = pool else {
+            unreachable!("int8 rows")
+        };
+        let (d, bs) = (w.kv.layout.head_dim, w.kv.layout.block_size);
+        let (at, n) = w.rows(b);
+        if (b + 1) * bs < w.keys.ctx {
+            let (next, m) = w.rows(b + 1);
+            prefetch(pool, next, m * d);
+        }
+        let len = n.div_ceil(round) * round;
+        wide.resize(len * d, 0);
+        // The block's rows of this head are contiguous: sixteen values a
+        // chunk, `chunks` a row.
+        let chunks = d / 16;
+        let rows = values[at..][..n * d].as_ptr() as *const __m128i;
+        let to = wide.as_mut_ptr() as *mut __m256i;
+        if PAIRS {
+            for pair in 0..n.div_ceil(2) {
+                let (x, to) = (rows.add(2 * pair * chunks), to.add(2 * pair * chunks));
+                let second = 2 * pair + 1 < n;
+                for c in 0..chunks {
+                    let lo = _mm_loadu_si128(x.add(c));
+                    let hi = if second {
+                        _mm_loadu_si128(x.add(chunks + c))
+                    } else {
+                        _mm_setzero_si128()
+                    };
+                    let (first, last) = (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi));
+                    _mm256_storeu_si256(to.add(2 * c), _mm256_cvtepi8_epi16(first));
+                    _mm256_storeu_si256(to.add(2 * c + 1), _mm256_cvtepi8_epi16(last));
+                }
+            }
+        } else {
+            for j in 0..n {
+                let (from, to) = (rows.add(j * chunks), to.add(j / 8 * chunks * 8 + j % 8));
+                for c in 0..chunks {
+                    let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(from.add(c)));
+                    _mm256_storeu_si256(to.add(8 * c), v);
+                }
+            }
+        }
+        steps.clear();
+        steps.extend_from_slice(&scales[at / d..][..n]);
+        steps.resize(len, 0.0);
+        n
+    }
+
+    /// Scores of block `b` of int8 keys for each query head of the group,
+    /// eight positions at a time: `madd` sums the products of the 16-bit
+    /// queries and the keys widened to 16 bits two a lane, and each
+    /// position's sum is scaled once by both rows' steps (positions past
+    /// the block's are scratch that later ones overwrite).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn int8_scores(
+        w: &Work,
+        b: usize,
+        q: &Rounded,
+        ints: &mut IntRows,
+        scores: &mut [f32],
+        stride: usize,
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        let d = w.kv.layout.head_dim;
+        let n = widen_int8::<false>(w, w.kv.k, b, 8, &mut ints.wide, &mut ints.steps);
+        let (keys, steps) = (&ints.wide, &ints.steps);
+        let pos = b * w.kv.layout.block_size - w.base();
+        for (g, qs) in q.q16.chunks_exact(d).enumerate() {
+            let factor = _mm256_set1_ps(q.steps[g] * w.scoring.scale);
+            for j in (0..n).step_by(8) {
+                let keys = keys[j * d..][..8 * d].as_ptr() as *const __m256i;
+                let mut acc = [_mm256_setzero_si256(); 8];
+                for c in 0..d / 16 {
+                    let qv = _mm256_loadu_si256(qs[16 * c..].as_ptr() as *const __m256i);
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let k = _mm256_loadu_si256(keys.add(8 * c + t));
+                        *acc = madd(*acc, k, qv);
+                    }
+                }
+                let s = _mm256_mul_ps(_mm256_cvtepi32_ps(int_sums(acc)), factor);
+                let s = _mm256_mul_ps(s, _mm256_loadu_ps(steps[j..][..8].as_ptr()));
+                _mm256_storeu_ps(scores[g * stride + pos + j..][..8].as_mut_ptr(), s);
+            }
+        }
+    }
+
+    /// `out += Σⱼ p[j]·v[j]` over block `b` of int8 values, for each query
+    /// head of the group (`p` its scores from the block's first position,
+    /// rows `stride` apart). Each head's weights `p[j]·step[j]` are rounded
+    /// to 16 bits against their largest, the values widened to 16 bits with
+    /// each two positions' values of a dim side by side, and `madd` sums
+    /// two positions a lane; the sums are scaled once per block.
+    #[inline(always)]
+    unsafe fn int8_weigh(
+        w: &Work,
+        b: usize,
+        p: &[f32],
+        stride: usize,
+        ints: &mut IntRows,
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        let d = w.kv.layout.head_dim;
+        let IntRows {
+            wide,
+            steps: row_steps,
+            weights,
+            rounded,
+        } = ints;
+        // Sixteen weights a pass below.
+        let n = widen_int8::<true>(w, w.kv.v, b, 16, wide, row_steps);
+        let (len, pairs) = (row_steps.len(), n.div_ceil(2));
+        weights.resize(len, 0.0);
+        rounded.resize(len / 2, 0);
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (g, o) in out.chunks_exact_mut(d).enumerate() {
+            let p = &p[g * stride..];
+            let mut top = _mm256_setzero_ps();
+            for j in (0..len).step_by(8) {
+                let wv = if j < n {
+                    let live = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j) as i32), lanes);
+                    let v = _mm256_loadu_ps(p[j..][..8].as_ptr());
+                    let v = _mm256_mul_ps(v, _mm256_loadu_ps(row_steps[j..][..8].as_ptr()));
+                    _mm256_and_ps(v, _mm256_castsi256_ps(live))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                _mm256_storeu_ps(weights[j..][..8].as_mut_ptr(), wv);
+                top = _mm256_max_ps(top, wv);
+            }
+            let top = max_lane(top);
+            if top == 0.0 {
+                continue;
+            }
+            let up = _mm256_set1_ps(32767.0 / top);
+            for (v, out) in weights.chunks_exact(16).zip(rounded.chunks_exact_mut(8)) {
+                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, round16(v, up));
+            }
+            let step = top / 32767.0;
+            let mut i = 0;
+            while i + 64 <= d {
+                weigh_pairs::<8>(&rounded[..pairs], wide, d, i, step, o, &madd);
+                i += 64;
+            }
+            while i < d {
+                weigh_pairs::<1>(&rounded[..pairs], wide, d, i, step, o, &madd);
+                i += 8;
+            }
+        }
+    }
+
+    /// `o[i..i + 8W] += step · Σ pairs`: each pair of rounded weights is
+    /// broadcast once for the `W` vectors of pairs of values it multiplies.
+    #[inline(always)]
+    unsafe fn weigh_pairs<const W: usize>(
+        weights: &[i32],
+        wide: &[i16],
+        d: usize,
+        i: usize,
+        step: f32,
+        o: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        let mut acc = [_mm256_setzero_si256(); W];
+        for (pair, &w) in weights.iter().enumerate() {
+            let w = _mm256_set1_epi32(w);
+            let v = wide.as_ptr().add(2 * (pair * d + i)) as *const __m256i;
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = madd(*acc, _mm256_loadu_si256(v.add(c)), w);
+            }
+        }
+        let step = _mm256_set1_ps(step);
+        for (c, acc) in acc.iter().enumerate() {
+            let o = o.as_mut_ptr().add(i + 8 * c);
+            let sum = _mm256_cvtepi32_ps(*acc);
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(sum, step, _mm256_loadu_ps(o)));
+        }
+    }
+
+    /// Attention with `madd`, the instruction set's sum of two 16-bit
+    /// products a lane, for int8 pools.
+    #[inline(always)]
+    unsafe fn attend(
+        w: Work,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         let (d, span, bs) = (w.kv.layout.head_dim, w.span(), w.kv.layout.block_size);
-        let (group, base) = (w.q.len() / d, w.base());
+        let group = w.q.len() / d;
+        let base = w.base();
         let blocks = w.blocks();
         let Scratch {
             scores,
             rows,
             stats,
+            queries: rounded,
+            ints,
         } = scratch;
         // Rows of scores have room for a last group of eight past `ctx`.
         let stride = span + 8;
         scores.clear();
         scores.resize(group * stride, 0.0);
         rows.resize((bs + 8) * d, 0.0);
-        let scale = _mm256_set1_ps(w.scoring.scale);
-        for b in blocks.clone() {
-            let n = block(&w, w.kv.k, b, rows);
-            let pos = b * bs - base;
-            for (g, q) in w.q.chunks_exact(d).enumerate() {
-                // Eight positions at a time (past `n`, rows and scores are
-                // scratch that later positions overwrite).
-                for j in (0..n).step_by(8) {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    for i in (0..d).step_by(8) {
-                        let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-                        for (t, acc) in acc.iter_mut().enumerate() {
-                            let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
-                            *acc = _mm256_fmadd_ps(qv, kv, *acc);
+        match w.kv.k {
+            Pool::Int8 { .. } if super::int8_rows(d, bs) => {
+                round_queries(w.q, d, rounded);
+                for b in blocks.clone() {
+                    int8_scores(&w, b, rounded, ints, scores, stride, &madd);
+                }
+            }
+            _ => {
+                let scale = _mm256_set1_ps(w.scoring.scale);
+                for b in blocks.clone() {
+                    let n = block(&w, w.kv.k, b, rows);
+                    let pos = b * bs - base;
+                    for (g, q) in w.q.chunks_exact(d).enumerate() {
+                        // Eight positions at a time (past `n`, rows and scores
+                        // are scratch that later positions overwrite).
+                        for j in (0..n).step_by(8) {
+                            let mut acc = [_mm256_setzero_ps(); 8];
+                            for i in (0..d).step_by(8) {
+                                let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                                for (t, acc) in acc.iter_mut().enumerate() {
+                                    let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
+                                    *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                                }
+                            }
+                            let s = _mm256_mul_ps(sums(acc), scale);
+                            _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
                         }
                     }
-                    let s = _mm256_mul_ps(sums(acc), scale);
-                    _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
                 }
             }
         }
         w.finish_scores(scores, stride);
         softmax(scores, stride, span, stats, |row, max| exp_row(row, max));
         out.fill(0.0);
+        if matches!(w.kv.v, Pool::Int8 { .. }) && super::int8_rows(d, bs) {
+            for b in blocks {
+                int8_weigh(&w, b, &scores[b * bs - base..], stride, ints, out, &madd);
+            }
+            return;
+        }
         for b in blocks {
             let n = block(&w, w.kv.v, b, rows);
             let pos = b * bs - base;
@@ -803,6 +1159,20 @@ mod tests {
             .collect()
     }
 
+    /// The rounding of int8 rows is `f32::round`'s (half away from zero),
+    /// at the halves, beside them and at the ends of the range.
+    #[test]
+    fn rows_round_as_f32_round() {
+        let mut xs: Vec<f32> = (-255..=255).map(|h| h as f32 / 2.0).collect();
+        for &x in &xs.clone() {
+            xs.extend([x.next_up(), x.next_down()]);
+        }
+        xs.extend(pseudo_random(1000, 3).iter().map(|v| v * 127.0));
+        for x in xs.into_iter().filter(|x| x.abs() <= 127.0) {
+            assert_eq!(round(x), x.round() as i8, "{x}");
+        }
+    }
+
     /// An int8 row is within half a step of what was written, its largest
     /// magnitude exact; a row of zeros reads back as zeros; copy-on-write
     /// carries the rows' scales with them.
@@ -862,10 +1232,15 @@ mod tests {
     }
 
     fn equals_dense(scoring_for: impl Fn(usize) -> Scoring) {
-        for (case, &(heads, kv_heads, d, block_size)) in
-            [(4, 2, 16, 4), (9, 3, 64, 16), (2, 2, 8, 1), (6, 1, 12, 5)]
-                .iter()
-                .enumerate()
+        for (case, &(heads, kv_heads, d, block_size)) in [
+            (4, 2, 16, 4),
+            (9, 3, 64, 16),
+            (2, 2, 8, 1),
+            (6, 1, 12, 5),
+            (4, 2, 32, 5),
+        ]
+        .iter()
+        .enumerate()
         {
             let layout = KvLayout {
                 block_size,
@@ -957,8 +1332,23 @@ mod tests {
                         .zip(expected)
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
+                    // The integer paths over int8 rows round to 16 bits
+                    // against the largest: each query (a score moves by at
+                    // most d half-steps of the largest |q| times the largest
+                    // |k|, times the scale, and an output by twice that times
+                    // the largest |v|), and each block's weights (a block is
+                    // off by block_size half-steps of its largest
+                    // probability times the largest |v|, and the blocks'
+                    // largest probabilities sum to at most 1). All of q, k
+                    // and v are within 1 here.
+                    let rounding = match (k.dtype(), isa) {
+                        (KvDtype::Int8, Isa::Vnni | Isa::Avx2) if int8_rows(d, block_size) => {
+                            (d as f32 * scoring.scale + block_size as f32 / 2.0) / 32767.0
+                        }
+                        _ => 0.0,
+                    };
                     assert!(
-                        diff < 1e-5,
+                        diff < 1e-5 + rounding,
                         "case {case}, {scoring:?}, {:?}, {isa:?}: max |Δ| = {diff}",
                         k.dtype()
                     );
