@@ -1231,6 +1231,85 @@ mod tests {
         }
     }
 
+    /// A row's output has the same bits whether its sequence is attended
+    /// alone or batched with others (prefill chunks, decode rows, a context
+    /// attended in pieces), on every pool and instruction set: the integer
+    /// paths round per row and per block, never across the batch.
+    #[test]
+    fn a_rows_output_does_not_depend_on_its_batch() {
+        let (heads, d) = (9, 64);
+        let layout = KvLayout {
+            block_size: 16,
+            kv_heads: 3,
+            head_dim: d,
+        };
+        // (cached tokens, new tokens)
+        let shapes = [(0, 7), (13, 1), (PIECE_POSITIONS + 300, 1), (40, 9)];
+        let mut next = 0u32;
+        let tables: Vec<Vec<u32>> = shapes
+            .iter()
+            .map(|(c, n)| {
+                let blocks = (c + n).div_ceil(layout.block_size) as u32;
+                next += blocks;
+                (next - blocks..next).collect()
+            })
+            .collect();
+        let len = next as usize * layout.block_len();
+        let scoring = Scoring::scaled(0.125);
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Int8] {
+            let (mut k, mut v) = (
+                Pool::zeros(dtype, layout, len),
+                Pool::zeros(dtype, layout, len),
+            );
+            let mut q = Vec::new();
+            let mut seqs = Vec::new();
+            for (i, (&(cached, new), table)) in shapes.iter().zip(&tables).enumerate() {
+                let ctx = (cached + new) * layout.kv_heads * d;
+                layout.write(&mut k, table, 0, &pseudo_random(ctx, 10 * i as u32));
+                layout.write(&mut v, table, 0, &pseudo_random(ctx, 10 * i as u32 + 1));
+                let offset = q.len() / (heads * d);
+                q.extend(pseudo_random(new * heads * d, 10 * i as u32 + 2));
+                seqs.push(SeqQueries {
+                    offset,
+                    len: new,
+                    start_pos: cached,
+                    block_table: table,
+                });
+            }
+            let kv = LayerKv {
+                k: &k,
+                v: &v,
+                layout,
+            };
+            for isa in Isa::available() {
+                let mut batched = vec![0f32; q.len()];
+                paged_attention(isa, &q, heads, &seqs, kv, scoring, &mut batched);
+                for s in &seqs {
+                    let rows = s.offset * heads * d..(s.offset + s.len) * heads * d;
+                    let mut alone = vec![0f32; rows.len()];
+                    let seq = SeqQueries { offset: 0, ..*s };
+                    paged_attention(
+                        isa,
+                        &q[rows.clone()],
+                        heads,
+                        &[seq],
+                        kv,
+                        scoring,
+                        &mut alone,
+                    );
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&batched[rows])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?}, {isa:?}: the sequence at row {} changes with its batch",
+                        s.offset
+                    );
+                }
+            }
+        }
+    }
+
     fn equals_dense(scoring_for: impl Fn(usize) -> Scoring) {
         for (case, &(heads, kv_heads, d, block_size)) in [
             (4, 2, 16, 4),
