@@ -2,6 +2,7 @@
 //! (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), rotary embeddings, SiLU and paged
 //! attention (AVX-512 VNNI or AVX2/FMA with portable fallbacks).
 pub mod activation;
+pub mod huge;
 pub mod paged_attention;
 pub mod quant;
 pub mod rope;

@@ -16,6 +16,7 @@ mod act;
 mod dot;
 mod unpack;
 
+use crate::huge::HugeBuf;
 pub use act::Activations;
 pub use dot::Isa;
 use rayon::prelude::*;
@@ -203,8 +204,9 @@ pub struct QuantMatrix {
     /// For 4-bit codes, the same groups with a byte per code: a weight row is
     /// widened to it once when many activation rows will read it.
     bytes_layout: Option<Layout>,
-    codes: Vec<u8>,
-    scales: Vec<f32>,
+    /// On huge pages: every token streams them.
+    codes: HugeBuf<u8>,
+    scales: HugeBuf<f32>,
 }
 
 /// Output columns per parallel task.
@@ -242,8 +244,8 @@ impl QuantMatrix {
     ) -> Self {
         let layout = Layout::new(ty, k);
         let lanes = layout.lanes();
-        let mut codes = vec![0u8; n * layout.code_bytes];
-        let mut scales = vec![0f32; n * 2 * lanes];
+        let mut codes = HugeBuf::zeroed(n * layout.code_bytes);
+        let mut scales = HugeBuf::zeroed(n * 2 * lanes);
         let rows = codes
             .par_chunks_mut(layout.code_bytes)
             .zip(scales.par_chunks_mut(2 * lanes))
@@ -280,22 +282,27 @@ impl QuantMatrix {
 
     /// Matrices of one type and width stacked: their rows one after another.
     pub fn concat(parts: Vec<QuantMatrix>) -> Self {
-        let mut parts = parts.into_iter();
-        let mut m = parts.next().expect("a first part");
-        for p in parts {
+        let first = parts.first().expect("a first part");
+        for p in &parts {
             assert!(
-                p.ty == m.ty && p.k == m.k,
-                "{:?}×{} after {:?}×{}",
+                p.ty == first.ty && p.k == first.k,
+                "{:?}×{} beside {:?}×{}",
                 p.ty,
                 p.k,
-                m.ty,
-                m.k
+                first.ty,
+                first.k
             );
-            m.n += p.n;
-            m.codes.extend_from_slice(&p.codes);
-            m.scales.extend_from_slice(&p.scales);
         }
-        m
+        let n = parts.iter().map(|p| p.n).sum();
+        let codes = HugeBuf::joined(parts.iter().map(|p| &p.codes[..]));
+        let scales = HugeBuf::joined(parts.iter().map(|p| &p.scales[..]));
+        let first = parts.into_iter().next().expect("a first part");
+        Self {
+            n,
+            codes,
+            scales,
+            ..first
+        }
     }
 
     fn row(&self, c: usize) -> dot::WeightRow<'_> {
