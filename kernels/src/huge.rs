@@ -111,14 +111,69 @@ impl Drop for Chunk {
     }
 }
 
-/// The chunk small buffers are being carved from, and the bytes used.
-static CURRENT: Mutex<Option<(Arc<Chunk>, usize)>> = Mutex::new(None);
+/// Where small buffers are carved from: the current chunk, the bytes of it
+/// in use, and how far it has ever been used (beyond that it is still the
+/// OS's zeros). The newest buffer's room is given back when it is dropped,
+/// so a buffer made only to be copied and dropped leaves nothing behind.
+struct Arena(Mutex<Option<Carving>>);
+
+struct Carving {
+    chunk: Arc<Chunk>,
+    used: usize,
+    touched: usize,
+}
+
+static ARENA: Arena = Arena(Mutex::new(None));
+
+impl Arena {
+    /// `bytes` of zeros at offset `at` of a chunk.
+    fn carve(&self, bytes: usize) -> (Arc<Chunk>, usize) {
+        if bytes >= CHUNK / 2 {
+            return (Arc::new(Chunk::new(bytes)), 0);
+        }
+        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = |c: &Carving| c.used.next_multiple_of(ALIGN) + bytes <= CHUNK;
+        if !current.as_ref().is_some_and(fits) {
+            *current = Some(Carving {
+                chunk: Arc::new(Chunk::new(CHUNK)),
+                used: 0,
+                touched: 0,
+            });
+        }
+        let c = current.as_mut().expect("a chunk is current");
+        let at = c.used.next_multiple_of(ALIGN);
+        if at < c.touched {
+            // Room given back by a dropped buffer: zeroed again.
+            let dirty = (c.touched - at).min(bytes);
+            // SAFETY: inside the chunk, and no live buffer lies past `used`.
+            unsafe { c.chunk.base.as_ptr().add(at).write_bytes(0, dirty) };
+        }
+        c.used = at + bytes;
+        c.touched = c.touched.max(c.used);
+        (c.chunk.clone(), at)
+    }
+
+    /// A buffer of `bytes` at `at` of `chunk` is dropped: if it is the
+    /// newest in the current chunk, its room is free again.
+    fn give_back(&self, chunk: &Arc<Chunk>, at: usize, bytes: usize) {
+        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = current.as_mut() {
+            // Buffers start on cache lines, so the newest one ends where
+            // `used` does, up to that alignment.
+            let end = (at + bytes).next_multiple_of(ALIGN);
+            if Arc::ptr_eq(&c.chunk, chunk) && c.used.next_multiple_of(ALIGN) == end {
+                c.used = at;
+            }
+        }
+    }
+}
 
 /// A fixed-length zeroed buffer on huge pages: small ones share chunks with
 /// the buffers made just before and after them.
-pub struct HugeBuf<T> {
+pub struct HugeBuf<T: 'static> {
+    arena: &'static Arena,
     /// Keeps the memory mapped; `None` for an empty buffer.
-    _chunk: Option<Arc<Chunk>>,
+    chunk: Option<Arc<Chunk>>,
     ptr: NonNull<T>,
     len: usize,
 }
@@ -130,47 +185,46 @@ unsafe impl<T: Sync> Sync for HugeBuf<T> {}
 impl<T: Zeroable> HugeBuf<T> {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
+        Self::zeroed_in(&ARENA, len)
+    }
+
+    fn zeroed_in(arena: &'static Arena, len: usize) -> Self {
         let bytes = len * std::mem::size_of::<T>();
         if bytes == 0 {
             return Self {
-                _chunk: None,
+                arena,
+                chunk: None,
                 ptr: NonNull::dangling(),
                 len,
             };
         }
-        let (chunk, at) = if bytes >= CHUNK / 2 {
-            (Arc::new(Chunk::new(bytes)), 0)
-        } else {
-            let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-            let fits =
-                |(_, used): &(Arc<Chunk>, usize)| used.next_multiple_of(ALIGN) + bytes <= CHUNK;
-            if !current.as_ref().is_some_and(fits) {
-                *current = Some((Arc::new(Chunk::new(CHUNK)), 0));
-            }
-            let (chunk, used) = current.as_mut().expect("a chunk is current");
-            let at = used.next_multiple_of(ALIGN);
-            *used = at + bytes;
-            (chunk.clone(), at)
-        };
+        let (chunk, at) = arena.carve(bytes);
         // SAFETY: `at + bytes` lies inside the chunk, and `at` is aligned
         // for any element type here.
         let ptr = unsafe { NonNull::new_unchecked(chunk.base.as_ptr().add(at) as *mut T) };
         Self {
-            _chunk: Some(chunk),
+            arena,
+            chunk: Some(chunk),
             ptr,
             len,
         }
     }
 
-    /// The slices one after another.
-    pub fn joined<'a>(parts: impl Iterator<Item = &'a [T]> + Clone) -> Self {
-        let mut all = Self::zeroed(parts.clone().map(<[T]>::len).sum());
-        let mut at = 0;
-        for p in parts {
-            all[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
+    /// A copy of `v`.
+    pub fn from_slice(v: &[T]) -> Self {
+        let mut b = Self::zeroed(v.len());
+        b.copy_from_slice(v);
+        b
+    }
+}
+
+impl<T> Drop for HugeBuf<T> {
+    fn drop(&mut self) {
+        if let Some(chunk) = &self.chunk {
+            let at = self.ptr.as_ptr() as usize - chunk.base.as_ptr() as usize;
+            self.arena
+                .give_back(chunk, at, self.len * std::mem::size_of::<T>());
         }
-        all
     }
 }
 
@@ -214,7 +268,28 @@ mod tests {
         assert!(large.iter().all(|&v| v == 1.5));
         let empty = HugeBuf::<f32>::zeroed(0);
         assert!(empty.is_empty());
-        let joined = HugeBuf::joined([&[1u8, 2][..], &[3][..], &[][..]].into_iter());
-        assert_eq!(&joined[..], &[1, 2, 3]);
+        let copy = HugeBuf::from_slice(&[1u8, 2, 3]);
+        assert_eq!(&copy[..], &[1, 2, 3]);
+    }
+
+    /// The newest buffer's room goes back to the arena when it is dropped,
+    /// and comes out zeroed again; an older buffer's stays taken.
+    #[test]
+    fn the_newest_buffers_room_is_given_back_zeroed() {
+        let arena: &'static Arena = Box::leak(Box::new(Arena(Mutex::new(None))));
+        let mut older = HugeBuf::<u8>::zeroed_in(arena, 1000);
+        older.fill(7);
+        let mut newest = HugeBuf::<u8>::zeroed_in(arena, 1000);
+        newest.fill(9);
+        let room = newest.as_ptr();
+        drop(newest);
+        let again = HugeBuf::<u8>::zeroed_in(arena, 1500);
+        assert_eq!(again.as_ptr(), room);
+        assert!(again.iter().all(|&v| v == 0));
+        let room = older.as_ptr();
+        drop(older);
+        let after = HugeBuf::<u8>::zeroed_in(arena, 10);
+        assert_ne!(after.as_ptr(), room);
+        assert!(again.iter().all(|&v| v == 0));
     }
 }

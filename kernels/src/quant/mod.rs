@@ -294,14 +294,34 @@ impl QuantMatrix {
             );
         }
         let n = parts.iter().map(|p| p.n).sum();
-        let codes = HugeBuf::joined(parts.iter().map(|p| &p.codes[..]));
-        let scales = HugeBuf::joined(parts.iter().map(|p| &p.scales[..]));
-        let first = parts.into_iter().next().expect("a first part");
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        for p in &parts {
+            codes.extend_from_slice(&p.codes);
+            scales.extend_from_slice(&p.scales);
+        }
+        let (ty, k, layout, bytes_layout) = (
+            first.ty,
+            first.k,
+            first.layout.clone(),
+            first.bytes_layout.clone(),
+        );
+        // The parts are the arena's newest buffers: dropped newest first
+        // (each one's scales were carved after its codes), they give their
+        // room back to the stacked matrix instead of staying resident
+        // beside it.
+        for p in parts.into_iter().rev() {
+            let QuantMatrix { codes, scales, .. } = p;
+            drop(scales);
+            drop(codes);
+        }
         Self {
+            ty,
             n,
-            codes,
-            scales,
-            ..first
+            k,
+            layout,
+            bytes_layout,
+            codes: HugeBuf::from_slice(&codes),
+            scales: HugeBuf::from_slice(&scales),
         }
     }
 
