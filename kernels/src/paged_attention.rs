@@ -509,12 +509,13 @@ struct IntRows {
     rounded: Vec<i32>,
 }
 
-/// Whether int8 rows of `head_dim` in blocks of `block_size` take the
-/// integer paths: rows of whole registers, and sums inside 32 bits (a
-/// score's `head_dim` products of at most 32,767·127, a block's weighed
-/// values `block_size` of them).
-fn int8_rows(head_dim: usize, block_size: usize) -> bool {
-    head_dim.is_multiple_of(32) && head_dim <= 256 && block_size <= 256
+/// Whether the SIMD paths read `pool` of `layout` in integers: int8 rows of
+/// whole registers, whose sums stay inside 32 bits (a score's `head_dim`
+/// products of at most 32,767·127, a block's weighed values `block_size` of
+/// them).
+fn integer_rows(pool: &Pool, layout: KvLayout) -> bool {
+    let (d, bs) = (layout.head_dim, layout.block_size);
+    matches!(pool, Pool::Int8 { .. }) && d.is_multiple_of(32) && d <= 256 && bs <= 256
 }
 
 /// A group's queries rounded to 16 bits for scoring against int8 keys in
@@ -704,24 +705,28 @@ mod x86 {
         }
     }
 
+    /// Puts the block after `b` of `pool` on its way to the cache.
+    #[inline(always)]
+    unsafe fn prefetch_next(w: &Work, pool: &Pool, b: usize) {
+        if (b + 1) * w.kv.layout.block_size < w.keys.ctx {
+            let (next, m) = w.rows(b + 1);
+            prefetch(pool, next, m * w.kv.layout.head_dim);
+        }
+    }
+
     /// Block `b`'s rows of `pool` as f32 in `rows`, the next block on its way
     /// to the cache; returns how many positions it holds.
     #[inline(always)]
     unsafe fn block(w: &Work, pool: &Pool, b: usize, rows: &mut [f32]) -> usize {
         let d = w.kv.layout.head_dim;
         let (at, n) = w.rows(b);
-        if (b + 1) * w.kv.layout.block_size < w.keys.ctx {
-            let (next, m) = w.rows(b + 1);
-            prefetch(pool, next, m * d);
-        }
+        prefetch_next(w, pool, b);
         widen(pool, at, &mut rows[..n * d], d);
         n
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend_avx2(w: Work, scratch: &mut Scratch, out: &mut [f32]) {
-        // |q| ≤ 127 and |k| ≤ 127, so `maddubs`' pairs (at most 32,258)
-        // never saturate and the widening gives the exact 32-bit sums.
         attend(w, scratch, out, |acc, a, b| {
             _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
         })
@@ -806,12 +811,9 @@ mod x86 {
         let Pool::Int8 { values, scales } = pool else {
             unreachable!("int8 rows")
         };
-        let (d, bs) = (w.kv.layout.head_dim, w.kv.layout.block_size);
+        let d = w.kv.layout.head_dim;
         let (at, n) = w.rows(b);
-        if (b + 1) * bs < w.keys.ctx {
-            let (next, m) = w.rows(b + 1);
-            prefetch(pool, next, m * d);
-        }
+        prefetch_next(w, pool, b);
         let len = n.div_ceil(round) * round;
         wide.resize(len * d, 0);
         // The block's rows of this head are contiguous: sixteen values a
@@ -850,12 +852,36 @@ mod x86 {
         n
     }
 
+    /// Scores of block `b` (keys converted to f32) for each query head of
+    /// the group, eight positions at a time (past the block's positions,
+    /// rows and scores are scratch that later positions overwrite).
+    #[inline(always)]
+    unsafe fn f32_scores(w: &Work, b: usize, rows: &mut [f32], scores: &mut [f32], stride: usize) {
+        let d = w.kv.layout.head_dim;
+        let n = block(w, w.kv.k, b, rows);
+        let pos = b * w.kv.layout.block_size - w.base();
+        let scale = _mm256_set1_ps(w.scoring.scale);
+        for (g, q) in w.q.chunks_exact(d).enumerate() {
+            for j in (0..n).step_by(8) {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for i in (0..d).step_by(8) {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
+                        *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                    }
+                }
+                let s = _mm256_mul_ps(sums(acc), scale);
+                _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
+            }
+        }
+    }
+
     /// Scores of block `b` of int8 keys for each query head of the group,
     /// eight positions at a time: `madd` sums the products of the 16-bit
     /// queries and the keys widened to 16 bits two a lane, and each
     /// position's sum is scaled once by both rows' steps (positions past
     /// the block's are scratch that later ones overwrite).
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn int8_scores(
         w: &Work,
@@ -992,8 +1018,7 @@ mod x86 {
         madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         let (d, span, bs) = (w.kv.layout.head_dim, w.span(), w.kv.layout.block_size);
-        let group = w.q.len() / d;
-        let base = w.base();
+        let (group, base) = (w.q.len() / d, w.base());
         let blocks = w.blocks();
         let Scratch {
             scores,
@@ -1007,41 +1032,20 @@ mod x86 {
         scores.clear();
         scores.resize(group * stride, 0.0);
         rows.resize((bs + 8) * d, 0.0);
-        match w.kv.k {
-            Pool::Int8 { .. } if super::int8_rows(d, bs) => {
-                round_queries(w.q, d, rounded);
-                for b in blocks.clone() {
-                    int8_scores(&w, b, rounded, ints, scores, stride, &madd);
-                }
+        if super::integer_rows(w.kv.k, w.kv.layout) {
+            round_queries(w.q, d, rounded);
+            for b in blocks.clone() {
+                int8_scores(&w, b, rounded, ints, scores, stride, &madd);
             }
-            _ => {
-                let scale = _mm256_set1_ps(w.scoring.scale);
-                for b in blocks.clone() {
-                    let n = block(&w, w.kv.k, b, rows);
-                    let pos = b * bs - base;
-                    for (g, q) in w.q.chunks_exact(d).enumerate() {
-                        // Eight positions at a time (past `n`, rows and scores
-                        // are scratch that later positions overwrite).
-                        for j in (0..n).step_by(8) {
-                            let mut acc = [_mm256_setzero_ps(); 8];
-                            for i in (0..d).step_by(8) {
-                                let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-                                for (t, acc) in acc.iter_mut().enumerate() {
-                                    let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
-                                    *acc = _mm256_fmadd_ps(qv, kv, *acc);
-                                }
-                            }
-                            let s = _mm256_mul_ps(sums(acc), scale);
-                            _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
-                        }
-                    }
-                }
+        } else {
+            for b in blocks.clone() {
+                f32_scores(&w, b, rows, scores, stride);
             }
         }
         w.finish_scores(scores, stride);
         softmax(scores, stride, span, stats, |row, max| exp_row(row, max));
         out.fill(0.0);
-        if matches!(w.kv.v, Pool::Int8 { .. }) && super::int8_rows(d, bs) {
+        if super::integer_rows(w.kv.v, w.kv.layout) {
             for b in blocks {
                 int8_weigh(&w, b, &scores[b * bs - base..], stride, ints, out, &madd);
             }
@@ -1420,8 +1424,8 @@ mod tests {
                     // probability times the largest |v|, and the blocks'
                     // largest probabilities sum to at most 1). All of q, k
                     // and v are within 1 here.
-                    let rounding = match (k.dtype(), isa) {
-                        (KvDtype::Int8, Isa::Vnni | Isa::Avx2) if int8_rows(d, block_size) => {
+                    let rounding = match isa {
+                        Isa::Vnni | Isa::Avx2 if integer_rows(k, layout) => {
                             (d as f32 * scoring.scale + block_size as f32 / 2.0) / 32767.0
                         }
                         _ => 0.0,
