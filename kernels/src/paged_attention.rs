@@ -859,20 +859,47 @@ mod x86 {
     unsafe fn f32_scores(w: &Work, b: usize, rows: &mut [f32], scores: &mut [f32], stride: usize) {
         let d = w.kv.layout.head_dim;
         let n = block(w, w.kv.k, b, rows);
-        let pos = b * w.kv.layout.block_size - w.base();
+        let scores = &mut scores[b * w.kv.layout.block_size - w.base()..];
+        if d.is_multiple_of(32) {
+            scores_by::<4>(w, rows, n, scores, stride)
+        } else {
+            scores_by::<1>(w, rows, n, scores, stride)
+        }
+    }
+
+    /// Scores of the `n` positions of `rows` into each head's row of
+    /// `scores`: `C` vectors of a query head (`8 · C` dims of the head
+    /// size's multiple) stay in registers while eight positions' keys are
+    /// multiplied with them, so a key's address is computed once for `C`
+    /// products.
+    #[inline(always)]
+    unsafe fn scores_by<const C: usize>(
+        w: &Work,
+        rows: &[f32],
+        n: usize,
+        scores: &mut [f32],
+        stride: usize,
+    ) {
+        let d = w.kv.layout.head_dim;
         let scale = _mm256_set1_ps(w.scoring.scale);
         for (g, q) in w.q.chunks_exact(d).enumerate() {
             for j in (0..n).step_by(8) {
                 let mut acc = [_mm256_setzero_ps(); 8];
-                for i in (0..d).step_by(8) {
-                    let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                let keys = rows.as_ptr().add(j * d);
+                for i in (0..d).step_by(8 * C) {
+                    let mut qv = [_mm256_setzero_ps(); C];
+                    for (c, qv) in qv.iter_mut().enumerate() {
+                        *qv = _mm256_loadu_ps(q.as_ptr().add(i + 8 * c));
+                    }
                     for (t, acc) in acc.iter_mut().enumerate() {
-                        let kv = _mm256_loadu_ps(rows.as_ptr().add((j + t) * d + i));
-                        *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                        let k = keys.add(t * d + i);
+                        for (c, &qv) in qv.iter().enumerate() {
+                            *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(8 * c)), *acc);
+                        }
                     }
                 }
                 let s = _mm256_mul_ps(sums(acc), scale);
-                _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + pos + j), s);
+                _mm256_storeu_ps(scores.as_mut_ptr().add(g * stride + j), s);
             }
         }
     }
@@ -1321,6 +1348,7 @@ mod tests {
             (2, 2, 8, 1),
             (6, 1, 12, 5),
             (4, 2, 32, 5),
+            (2, 1, 40, 16),
         ]
         .iter()
         .enumerate()
