@@ -4,7 +4,7 @@
 use super::chat_template::{self, ChatTemplate};
 use super::config::{Activation, LlamaConfig, RopeScaling};
 use super::error::{LlmError, Result};
-use super::model::{Layer, Linear, LlamaModel, RmsNorm, Weights};
+use super::model::{Embedding, Layer, Linear, LlamaModel, RmsNorm, Weights};
 use super::quant::awq_format::AwqConfig;
 use super::quant::{int8_matrix, Int4, Quantization};
 use super::tokenizer::Tokenizer;
@@ -340,7 +340,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedWeights> {
         }
     }
     let embed_q = r.qtensor("token_embd.weight")?;
-    let embed = embed_q.dequantize(device)?.flatten_all()?.to_vec1()?;
+    let embed = Embedding::from_qtensor(&embed_q)?;
     let lm_head = if config.tie_word_embeddings {
         quantized_linear(embed_q, None, device)?
     } else {
@@ -576,7 +576,7 @@ pub fn weights_from_varbuilder(
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
     let lm_head = projections.head(c, &embed, &vb)?;
     Ok(Weights {
-        embed: embed.flatten_all()?.to_vec1()?,
+        embed: Embedding::Dense(embed.flatten_all()?.to_vec1()?),
         layers,
         norm: norm(m.pp("norm"))?,
         lm_head,
