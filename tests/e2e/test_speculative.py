@@ -22,12 +22,15 @@ PROMPTS = [f"{t}\n\n{TEXT}" for t in TASKS] * 4
 
 
 def spec_config(tmp_path, speculative: str) -> str:
-    """The default model in a pool of about 65 blocks of 16 tokens (16
-    requests of ~150 tokens each preempt), speculating as `speculative` says."""
+    """The default model in a pool of about 32 blocks of 16 tokens,
+    speculating as `speculative` says: a request of ~150 tokens takes up to
+    10 of them, so four or more running together preempt, even when the
+    sixteen arrive spread out (65 blocks let that pass without preempting
+    in one run of three)."""
     default = (ROOT / "configs" / "default.yaml").read_text()
     head, _, _ = default.partition("    engine:\n")
     config = tmp_path / "config.yaml"
-    config.write_text(head + "    engine:\n      kv_cache_bytes: 24000000\n      speculative:\n"
+    config.write_text(head + "    engine:\n      kv_cache_bytes: 12000000\n      speculative:\n"
                       "        num_speculative_tokens: 4\n        disable_by_batch_size: null\n" + speculative)
     return str(config)
 
