@@ -576,7 +576,10 @@ pub fn weights_from_varbuilder(
     let embed = m.pp("embed_tokens").get((c.vocab_size, h), "weight")?;
     let lm_head = projections.head(c, &embed, &vb)?;
     Ok(Weights {
-        embed: Embedding::Dense(embed.flatten_all()?.to_vec1()?),
+        embed: Embedding::Dense {
+            rows: embed.flatten_all()?.to_vec1()?,
+            width: h,
+        },
         layers,
         norm: norm(m.pp("norm"))?,
         lm_head,

@@ -157,14 +157,14 @@ pub struct Layer {
     pub down: Linear,
 }
 
-/// The token embedding table, `[vocab, hidden]`.
+/// The token embedding table, `[vocab, width]`.
 pub enum Embedding {
     /// Rows of f32.
-    Dense(Vec<f32>),
-    /// A GGUF tensor's quantized blocks, each row dequantized when a token
-    /// looks it up: a decode step reads one row a token, so the whole table
-    /// need not sit in memory as f32 (SmolLM2's Q8_0 table is 28 MB in
-    /// blocks and 113 MB in f32, Gemma 3 270M's 178 MB and 671 MB).
+    Dense { rows: Vec<f32>, width: usize },
+    /// A GGUF tensor's quantized blocks, the rows a batch looks up
+    /// dequantized together: a decode step reads one row a token, so the
+    /// whole table need not sit in memory as f32 (SmolLM2's Q8_0 table is
+    /// 28 MB in blocks and 113 MB in f32, Gemma 3 270M's 178 MB and 671 MB).
     Blocks {
         dtype: GgmlDType,
         data: Vec<u8>,
@@ -178,9 +178,10 @@ impl Embedding {
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
         let (_, width) = q.shape().dims2()?;
         match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Self::Dense(
-                q.dequantize(&q.device())?.flatten_all()?.to_vec1()?,
-            )),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Self::Dense {
+                rows: q.dequantize(&q.device())?.flatten_all()?.to_vec1()?,
+                width,
+            }),
             dtype => Ok(Self::Blocks {
                 dtype,
                 data: q.data()?.into_owned(),
@@ -190,9 +191,9 @@ impl Embedding {
     }
 
     /// Rows in the table.
-    pub fn rows(&self, width: usize) -> usize {
+    pub fn rows(&self) -> usize {
         match self {
-            Self::Dense(v) => v.len() / width,
+            Self::Dense { rows, width } => rows.len() / width,
             Self::Blocks { dtype, data, width } => data.len() / Self::row_bytes(*dtype, *width),
         }
     }
@@ -201,22 +202,34 @@ impl Embedding {
         width / dtype.block_size() * dtype.type_size()
     }
 
-    /// Appends row `t` (which must exist) to `x` as f32.
-    pub fn push_row(&self, t: usize, width: usize, x: &mut Vec<f32>) -> Result<()> {
+    /// The rows of `tokens` (each below [`Embedding::rows`]) as f32,
+    /// `[tokens, width]`; quantized rows are gathered and dequantized in one
+    /// call, as candle dequantizes the whole table.
+    pub fn lookup(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         match self {
-            Self::Dense(v) => x.extend_from_slice(&v[t * width..][..width]),
+            Self::Dense { rows, width } => Ok(tokens
+                .iter()
+                .flat_map(|&t| &rows[t as usize * width..][..*width])
+                .copied()
+                .collect()),
             Self::Blocks { dtype, data, width } => {
                 let bytes = Self::row_bytes(*dtype, *width);
-                let row = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                let gathered: Vec<u8> = tokens
+                    .iter()
+                    .flat_map(|&t| &data[t as usize * bytes..][..bytes])
+                    .copied()
+                    .collect();
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
                     *dtype,
-                    &data[t * bytes..][..bytes],
-                    vec![*width],
+                    &gathered,
+                    vec![tokens.len(), *width],
                     &Device::Cpu,
-                )?;
-                x.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+                )?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()
             }
         }
-        Ok(())
     }
 }
 
@@ -524,14 +537,11 @@ impl LlamaModel {
             })
             .collect();
         let hidden = c.hidden_size;
-        let vocab = self.weights.embed.rows(hidden);
-        let mut x = Vec::with_capacity(n * hidden);
-        for &t in &batch.tokens {
-            if t as usize >= vocab {
-                candle_core::bail!("token {t} is outside the vocabulary of {vocab}")
-            }
-            self.weights.embed.push_row(t as usize, hidden, &mut x)?;
+        let vocab = self.weights.embed.rows();
+        if let Some(t) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
+            candle_core::bail!("token {t} is outside the vocabulary of {vocab}")
         }
+        let mut x = self.weights.embed.lookup(&batch.tokens)?;
         if c.scale_embeddings {
             // Gemma rounds √hidden to its activations' dtype; in f32, exact.
             let s = (hidden as f32).sqrt();
@@ -613,11 +623,8 @@ mod tests {
                 matches!(embedding, Embedding::Blocks { .. }),
                 dtype != GgmlDType::F32
             );
-            assert_eq!(embedding.rows(width), vocab);
-            let mut rows = Vec::new();
-            for t in [3, 0, 6] {
-                embedding.push_row(t, width, &mut rows)?;
-            }
+            assert_eq!(embedding.rows(), vocab);
+            let rows = embedding.lookup(&[3, 0, 6])?;
             let want: Vec<f32> = [3, 0, 6]
                 .iter()
                 .flat_map(|&t| whole[t * width..][..width].to_vec())
