@@ -174,20 +174,22 @@ pub enum Embedding {
 
 impl Embedding {
     /// The GGUF tensor `[vocab, width]`: its blocks where they are
-    /// quantized, f32 rows where it is stored as floats.
+    /// quantized in whole blocks a row, f32 rows otherwise (floats, or a
+    /// row that ends inside a block, which cannot be looked up alone).
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
-        let (_, width) = q.shape().dims2()?;
-        match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Self::Dense {
+        let ((_, width), dtype) = (q.shape().dims2()?, q.dtype());
+        let floats = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if floats || !width.is_multiple_of(dtype.block_size()) {
+            return Ok(Self::Dense {
                 rows: q.dequantize(&q.device())?.flatten_all()?.to_vec1()?,
                 width,
-            }),
-            dtype => Ok(Self::Blocks {
-                dtype,
-                data: q.data()?.into_owned(),
-                width,
-            }),
+            });
         }
+        Ok(Self::Blocks {
+            dtype,
+            data: q.data()?.into_owned(),
+            width,
+        })
     }
 
     /// Rows in the table.
