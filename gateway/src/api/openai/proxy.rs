@@ -5,15 +5,19 @@ use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
+/// Names the replica that answered.
+const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-switchyard-upstream");
+
 /// The fields a proxied request is read for.
 #[derive(serde::Deserialize)]
-struct ProxyFields {
-    model: String,
+struct ProxyFields<'a> {
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
     #[serde(default)]
     stream: bool,
 }
@@ -48,13 +52,13 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
     };
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
-            metrics::counter!("switchyard:upstream_requests_total", "upstream" => u.config.name.clone(), "replica" => replica.clone(), "status" => resp.status().as_u16().to_string())
-                .increment(1);
-            let mut out = Response::builder()
-                .status(resp.status())
-                .header("x-switchyard-upstream", replica);
-            if let Some(ct) = resp.headers().get("content-type") {
-                out = out.header("content-type", ct);
+            replica.count(&u.config.name, resp.status().as_str());
+            let mut out = Response::builder().status(resp.status());
+            if let Some(name) = replica.header() {
+                out = out.header(UPSTREAM_HEADER, name.clone());
+            }
+            if let Some(ct) = resp.headers().get(header::CONTENT_TYPE) {
+                out = out.header(header::CONTENT_TYPE, ct);
             }
             let body = if stream {
                 axum::body::Body::new(resp.into_body())
