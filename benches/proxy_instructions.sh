@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's
+# callgrind: the same OpenAI request sent N times through Switchyard's
+# remote-upstream route to `proxy_overhead`'s instant upstream. Unlike req/s
+# on a shared machine, the count repeats to within a fraction of a percent
+# from run to run, so it can tell two builds apart. The kernel's share (the
+# socket calls) is not counted: `proxy_overhead` measures the whole.
+#
+#   cargo build --release -p benches -p gateway
+#   benches/proxy_instructions.sh [--requests N] [--connections C] BINARY...
+#
+# Every BINARY is counted in turn; the first is the anchor of the last column.
+# Needs valgrind and python3.
+set -euo pipefail
+requests=4000
+connections=8
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in
+    --requests) requests=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[[ $# -gt 0 ]] || set -- target/release/switchyard
+root="$(cd "$(dirname "$0")/.." && pwd)"
+upstream_bin="$root/target/release/proxy_overhead"
+work="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# C keep-alive connections sending N requests in all, each checked for 200.
+load() {
+  python3 - "$1" "$2" "$3" <<'EOF'
+import http.client, sys, threading
+port, n, c = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+body = b'{"model":"fast","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'
+failed = []
+def worker(k):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    for _ in range(k):
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            failed.append(r.status)
+threads = [threading.Thread(target=worker, args=(n // c,)) for _ in range(c)]
+for t in threads: t.start()
+for t in threads: t.join()
+if failed:
+    sys.exit(f"answers other than 200: {failed[:5]}")
+EOF
+}
+
+up=$(free_port)
+"$upstream_bin" --upstream-only "$up" &
+anchor=""
+echo "| binary | connections | requests | instructions per request | ÷ first |"
+echo "|---|---|---|---|---|"
+for bin in "$@"; do
+  port=$(free_port)
+  printf 'server: { http: 127.0.0.1:%s }\nupstreams:\n  - { name: fast, endpoints: [http://127.0.0.1:%s] }\n' \
+    "$port" "$up" >"$work/switchyard.yaml"
+  rm -f "$work"/callgrind.out.*
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p" \
+    "$bin" serve --config "$work/switchyard.yaml" 2>"$work/valgrind.log" &
+  pid=$!
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    sleep 0.2
+  done
+  load "$port" 400 "$connections" # warm: connections, pools, lazy statics
+  callgrind_control --zero "$pid" >/dev/null 2>&1
+  load "$port" "$requests" "$connections"
+  callgrind_control --dump "$pid" >/dev/null 2>&1
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$work"/callgrind.out."$pid".1)
+  per=$((total / requests))
+  anchor=${anchor:-$per}
+  ratio=$(python3 -c "print(f'{$per / $anchor:.3f}')")
+  echo "| $bin | $connections | $requests | $per | $ratio |"
+done
