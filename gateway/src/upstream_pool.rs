@@ -198,7 +198,7 @@ impl Drop for Pooled {
 
 /// An error with its causes, `: `-separated (hyper's own message names
 /// only the stage that failed).
-pub fn with_causes(e: &dyn std::error::Error) -> String {
+fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
