@@ -662,6 +662,23 @@ impl Upstream {
         self.balancer.replicas.iter().any(Replica::available)
     }
 
+    /// Whether `origin` answers `health_path` with a success within `limit`.
+    /// The status decides; the body is read (up to 64 KiB) only so that
+    /// the connection is kept.
+    async fn answers_health(&self, pool: &Pool, origin: &Origin, limit: Duration) -> bool {
+        let Ok(uri) = origin.uri_of(&self.config.health_path) else {
+            return false;
+        };
+        let get = origin.request(Method::GET, uri, Bytes::new());
+        let Ok(Ok(resp)) = tokio::time::timeout(limit, pool.request(get)).await else {
+            return false;
+        };
+        let up = resp.status().is_success();
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 16);
+        let _ = tokio::time::timeout(limit, body.collect()).await;
+        up
+    }
+
     /// Marks replicas up or down from `health_path`, forever.
     pub async fn check_health(self) {
         let every = Duration::from_millis(self.config.health_interval_ms);
@@ -671,20 +688,8 @@ impl Upstream {
                 let up = match &self.balancer.transport {
                     Transport::Http(fronts) => {
                         let pool = &Transport::pools(fronts)[i];
-                        let get = r.origin.as_ref().and_then(|o| {
-                            let uri = o.uri_of(&self.config.health_path).ok()?;
-                            Some(o.request(Method::GET, uri, Bytes::new()))
-                        });
-                        match get {
-                            Some(get) => tokio::time::timeout(limit, async {
-                                let resp = pool.request(get).await.ok()?;
-                                let up = resp.status().is_success();
-                                // Read to its end, so the connection is kept.
-                                resp.into_body().collect().await.ok()?;
-                                Some(up)
-                            })
-                            .await
-                            .is_ok_and(|up| up == Some(true)),
+                        match r.origin.as_ref() {
+                            Some(o) => self.answers_health(pool, o, limit).await,
                             None => false,
                         }
                     }
