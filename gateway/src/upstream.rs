@@ -49,8 +49,15 @@ pub struct UpstreamConfig {
     /// The model name at the upstream (default: `name`).
     #[serde(default)]
     pub model: Option<String>,
+    /// Until a replica's answer starts; for a non-streamed answer, until
+    /// its last byte.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// The largest non-streamed answer passed on (it is read whole before
+    /// it is sent on, so that a broken replica gets a clean 502); a stream
+    /// is passed on as it comes, without a cap.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// Extra tries on another replica for non-streamed requests that never
     /// reached one (connection refused or reset before a response).
     #[serde(default = "default_retries")]
@@ -87,6 +94,9 @@ impl UpstreamConfig {
 
 fn default_timeout() -> u64 {
     120
+}
+fn default_max_response_bytes() -> usize {
+    64 << 20
 }
 fn default_retries() -> usize {
     2
@@ -134,9 +144,14 @@ impl UpstreamConfig {
         if let Some(tls) = &self.tls {
             tls.validate(&format!("{at}.tls"))?;
         }
-        if self.timeout_secs == 0 || self.health_interval_ms == 0 || self.failure_threshold == 0 {
+        if self.timeout_secs == 0
+            || self.health_interval_ms == 0
+            || self.failure_threshold == 0
+            || self.max_response_bytes == 0
+        {
             return Err(format!(
-                "{at}: timeout_secs, health_interval_ms and failure_threshold must be at least 1"
+                "{at}: timeout_secs, health_interval_ms, failure_threshold and \
+                 max_response_bytes must be at least 1"
             ));
         }
         Ok(())
@@ -594,6 +609,32 @@ impl Upstream {
         }
     }
 
+    /// A non-streamed answer's body, whole: by the end of the request's
+    /// time limit, counted from `started` (before [`Upstream::send`]), and
+    /// at most `max_response_bytes`. A body left unread closes its
+    /// connection.
+    pub async fn read_whole(
+        &self,
+        body: Pooled,
+        started: tokio::time::Instant,
+    ) -> Result<Bytes, UpstreamError> {
+        let c = &self.config;
+        let deadline = started + Duration::from_secs(c.timeout_secs);
+        let body = http_body_util::Limited::new(body, c.max_response_bytes);
+        match tokio::time::timeout_at(deadline, body.collect()).await {
+            Ok(Ok(b)) => Ok(b.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(UpstreamError::Failed(
+                c.name.clone(),
+                format!(
+                    "the answer is larger than this upstream's max_response_bytes ({})",
+                    c.max_response_bytes
+                ),
+            )),
+            Ok(Err(e)) => Err(UpstreamError::Failed(c.name.clone(), e.to_string())),
+            Err(_) => Err(UpstreamError::Timeout(c.name.clone(), c.timeout_secs)),
+        }
+    }
+
     /// A KServe infer request, answered under this upstream's model name.
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, DnnError> {
         let name = self.config.name.clone();
@@ -679,7 +720,8 @@ impl Upstream {
         up
     }
 
-    /// Marks replicas up or down from `health_path`, forever.
+    /// Marks replicas up or down from `health_path`, forever, and drops
+    /// every front's idle connections that are closed or stale.
     pub async fn check_health(self) {
         let every = Duration::from_millis(self.config.health_interval_ms);
         let limit = every.min(Duration::from_secs(2));
@@ -704,6 +746,9 @@ impl Upstream {
                 }
                 metrics::gauge!("switchyard:upstream_healthy", "upstream" => self.config.name.clone(), "replica" => r.base.clone())
                     .set(if up { 1.0 } else { 0.0 });
+            }
+            if let Transport::Http(fronts) = &self.balancer.transport {
+                fronts.iter().flat_map(|f| f.iter()).for_each(Pool::sweep);
             }
             tokio::time::sleep(every).await;
         }
@@ -759,6 +804,7 @@ mod tests {
                 endpoints,
                 model: None,
                 timeout_secs: 5,
+                max_response_bytes: 1 << 20,
                 retries,
                 health_path: "/health".into(),
                 health_interval_ms: 1000,
@@ -876,6 +922,83 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A replica that sends `head` on each connection, then holds it open
+    /// without another byte.
+    async fn stalling(head: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf).await;
+                    let _ = c.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_stops_midway_runs_into_the_timeout() {
+        let base = stalling("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"id\":").await;
+        let u = Upstream::new(
+            UpstreamConfig {
+                timeout_secs: 1,
+                ..upstream(vec![base], 0, 5).config
+            },
+            1,
+        );
+        let started = tokio::time::Instant::now();
+        let (resp, _) = u.send(request(false)).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "the head arrives in time");
+        let e = u.read_whole(resp.into_body(), started).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Timeout(_, 1)), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_max_response_bytes_is_refused_by_name() {
+        let big = "x".repeat(3000);
+        let app = axum::Router::new().route("/v1/completions", post(move || async move { big }));
+        let u = Upstream::new(
+            UpstreamConfig {
+                max_response_bytes: 2048,
+                ..upstream(vec![serve(app).await], 0, 5).config
+            },
+            1,
+        );
+        let started = tokio::time::Instant::now();
+        let (resp, _) = u.send(request(false)).await.unwrap();
+        let e = u.read_whole(resp.into_body(), started).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "upstream `m`: the answer is larger than this upstream's max_response_bytes (2048)"
+        );
+        // At the cap, it passes.
+        let (resp, _) = u.send(request(false)).await.unwrap();
+        let fits = Upstream::new(
+            UpstreamConfig {
+                max_response_bytes: 3000,
+                ..u.config.clone()
+            },
+            1,
+        );
+        assert_eq!(
+            fits.read_whole(resp.into_body(), started)
+                .await
+                .unwrap()
+                .len(),
+            3000
+        );
     }
 
     #[tokio::test]

@@ -81,6 +81,15 @@ impl Pool {
         None
     }
 
+    /// Drops the idle connections that are closed or too old to be used
+    /// again, so that a replica does not keep them open until traffic
+    /// comes back. Any thread may sweep: each connection's task ends on the
+    /// front that drives it.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| !i.conn.is_closed() && i.since.elapsed() < IDLE_FOR);
+    }
+
     /// Opens a connection to the replica, its I/O driven by a task on this
     /// thread's runtime.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, PoolError> {
@@ -218,21 +227,26 @@ mod tests {
     /// A replica on loopback that answers each request on a connection
     /// with `{}`, closing the connection after each answer when `close`
     /// says so (as a replica with keep-alive turned off does); counts the
-    /// connections it accepted.
-    async fn replica(close: bool) -> (Uri, Arc<AtomicUsize>) {
+    /// connections it accepted, and those the client closed.
+    async fn replica(close: bool) -> (Uri, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let root = format!("http://{}/", listener.local_addr().unwrap());
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (count, end) = (accepted.clone(), ended.clone());
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let end = end.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut have = 0;
                     loop {
                         match sock.read(&mut buf[have..]).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                end.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
                             Ok(n) => have += n,
                         }
                         // Bodiless requests: a head is a request.
@@ -252,7 +266,7 @@ mod tests {
                 });
             }
         });
-        (root.parse().unwrap(), accepted)
+        (root.parse().unwrap(), accepted, ended)
     }
 
     fn pool(root: Uri) -> Pool {
@@ -277,14 +291,36 @@ mod tests {
 
     #[tokio::test]
     async fn requests_one_after_another_share_one_connection() {
-        let (root, accepted) = replica(false).await;
+        let (root, accepted, _) = replica(false).await;
         three(&pool(root.clone()), &root).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
+    async fn a_sweep_closes_stale_connections_and_keeps_fresh_ones() {
+        let (root, accepted, ended) = replica(false).await;
+        let pool = pool(root.clone());
+        three(&pool, &root).await;
+        pool.sweep();
+        assert_eq!(pool.idle.lock().unwrap().len(), 1, "a fresh one stays");
+        pool.idle.lock().unwrap()[0].since -= IDLE_FOR;
+        pool.sweep();
+        assert!(pool.idle.lock().unwrap().is_empty());
+        // The replica sees the connection close, without another request.
+        let closed = async {
+            while ended.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the swept connection closed");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_connection_the_replica_closes_is_not_used_again() {
-        let (root, accepted) = replica(true).await;
+        let (root, accepted, _) = replica(true).await;
         three(&pool(root.clone()), &root).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }

@@ -7,7 +7,6 @@ use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
 use axum::body::Bytes;
 use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 /// Names the replica that answered.
@@ -50,6 +49,7 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
         }
         None => body,
     };
+    let started = tokio::time::Instant::now();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
             replica.count(&u.config.name, resp.status().as_str());
@@ -63,14 +63,9 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
             let body = if stream {
                 axum::body::Body::new(resp.into_body())
             } else {
-                match resp.into_body().collect().await {
-                    Ok(b) => axum::body::Body::from(b.to_bytes()),
-                    Err(e) => {
-                        return upstream_error(
-                            &u.config.name,
-                            UpstreamError::Failed(u.config.name.clone(), e.to_string()),
-                        )
-                    }
+                match u.read_whole(resp.into_body(), started).await {
+                    Ok(b) => axum::body::Body::from(b),
+                    Err(e) => return upstream_error(&u.config.name, e),
                 }
             };
             out.body(body)
