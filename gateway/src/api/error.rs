@@ -5,7 +5,7 @@ use crate::auth::AuthError;
 use crate::limits::BodyError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -135,14 +135,15 @@ impl From<BodyError> for ApiError {
 
 /// A request body of the OpenAI-shaped routes, under
 /// `server.limits.max_body_bytes` (inflated under the decompressed bound
-/// when compressed); refusals come in OpenAI's error shape.
-pub struct OpenAiBody(pub Bytes);
+/// when compressed), with the request's headers (taken, not copied);
+/// refusals come in OpenAI's error shape.
+pub struct OpenAiBody(pub HeaderMap, pub Bytes);
 
 impl FromRequest<AppState> for OpenAiBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &AppState) -> Result<Self, ApiError> {
-        let (_, body) = super::read_body(req, s, s.limits.max_body_bytes).await?;
-        Ok(Self(body))
+        let (headers, body) = super::read_body(req, s, s.limits.max_body_bytes).await?;
+        Ok(Self(headers, body))
     }
 }

@@ -6,7 +6,7 @@ use super::AppState;
 use crate::auth::{self, Permission};
 use crate::experiment_stats::FeedbackError;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,11 +28,7 @@ struct Feedback {
     score: f64,
 }
 
-async fn feedback(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBody(body): OpenAiBody,
-) -> Response {
+async fn feedback(State(s): State<AppState>, OpenAiBody(headers, body): OpenAiBody) -> Response {
     if let Err(e) = s.authorize(auth::from_headers(&headers), Permission::Invoke) {
         return ApiError::from(e).into_response();
     }

@@ -289,8 +289,7 @@ async fn encoder_embeddings(
 
 pub async fn embeddings(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBody(body): OpenAiBody,
+    OpenAiBody(headers, body): OpenAiBody,
 ) -> Response {
     match embed(&state, &headers, &body).await {
         Ok((body, served)) => {

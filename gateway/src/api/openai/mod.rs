@@ -246,8 +246,7 @@ fn llm_error(e: LlmError, p: &Prepared) -> ApiError {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBody(body): OpenAiBody,
+    OpenAiBody(headers, body): OpenAiBody,
 ) -> Response {
     if let Some((u, stream)) = upstream_for(&state, &body) {
         return proxy(u, stream, "/v1/chat/completions", body).await;
@@ -348,8 +347,7 @@ fn render_chat(
 
 pub async fn completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    OpenAiBody(body): OpenAiBody,
+    OpenAiBody(headers, body): OpenAiBody,
 ) -> Response {
     if let Some((u, stream)) = upstream_for(&state, &body) {
         return proxy(u, stream, "/v1/completions", body).await;

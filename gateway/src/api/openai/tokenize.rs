@@ -114,7 +114,7 @@ fn answer(r: Result<serde_json::Value, ApiError>) -> Response {
     }
 }
 
-pub async fn tokenize(State(state): State<AppState>, OpenAiBody(body): OpenAiBody) -> Response {
+pub async fn tokenize(State(state): State<AppState>, OpenAiBody(_, body): OpenAiBody) -> Response {
     let s = state.clone();
     answer(
         state
@@ -150,6 +150,9 @@ pub async fn tokenizer_info(
     }))
 }
 
-pub async fn detokenize(State(state): State<AppState>, OpenAiBody(body): OpenAiBody) -> Response {
+pub async fn detokenize(
+    State(state): State<AppState>,
+    OpenAiBody(_, body): OpenAiBody,
+) -> Response {
     answer(detokenize_body(&state, &body))
 }
