@@ -13,7 +13,7 @@ use axum::http::uri::{PathAndQuery, Scheme};
 use axum::http::{header, HeaderValue, Method, Request, Response, Uri};
 use engine::dnn::{DnnError, InferRequest, InferResponse};
 use http_body_util::BodyExt;
-use http_body_util::Full;
+use http_body_util::{Full, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -620,10 +620,15 @@ impl Upstream {
     ) -> Result<Bytes, UpstreamError> {
         let c = &self.config;
         let deadline = started + Duration::from_secs(c.timeout_secs);
-        let body = http_body_util::Limited::new(body, c.max_response_bytes);
-        match tokio::time::timeout_at(deadline, body.collect()).await {
+        let mut read = std::pin::pin!(Limited::new(body, c.max_response_bytes).collect());
+        // A small answer has mostly come with its head: read without a timer.
+        let read = match futures::poll!(read.as_mut()) {
+            Poll::Ready(done) => Ok(done),
+            Poll::Pending => tokio::time::timeout_at(deadline, read).await,
+        };
+        match read {
             Ok(Ok(b)) => Ok(b.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(UpstreamError::Failed(
+            Ok(Err(e)) if e.is::<LengthLimitError>() => Err(UpstreamError::Failed(
                 c.name.clone(),
                 format!(
                     "the answer is larger than this upstream's max_response_bytes ({})",
@@ -715,7 +720,7 @@ impl Upstream {
             return false;
         };
         let up = resp.status().is_success();
-        let body = http_body_util::Limited::new(resp.into_body(), 1 << 16);
+        let body = Limited::new(resp.into_body(), 1 << 16);
         let _ = tokio::time::timeout(limit, body.collect()).await;
         up
     }
