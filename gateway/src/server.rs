@@ -266,7 +266,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         "listening on {scheme}://{} (health: /health, API: /v1, KServe: /v2)",
         listener.local_addr()?
     );
-    let app = api::router(state.clone());
+    let app = api::Api::new(state.clone());
     let mut http = tokio::spawn(serve_http(listener, tls, app, limits, stop.clone()));
     let models = cfg.models.clone();
     let loading = tokio::task::spawn_blocking(move || load_models(&state, &models));
@@ -567,7 +567,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub async fn serve_http(
     listener: TcpListener,
     tls: Option<ServerTls>,
-    app: axum::Router,
+    app: api::Api,
     limits: Limits,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -664,7 +664,7 @@ struct Front {
     open: Arc<[AtomicUsize]>,
     /// Each front's inbox of connections other fronts accepted for it.
     handoff: Arc<[tokio::sync::mpsc::UnboundedSender<Handed>]>,
-    app: axum::Router,
+    app: api::Api,
     tls: Option<ServerTls>,
     limits: Limits,
     stop: watch::Receiver<bool>,

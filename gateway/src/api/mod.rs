@@ -325,6 +325,77 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The HTTP port's service: [`router`], with the two OpenAI generation
+/// routes answered without it. A POST to `/v1/chat/completions` or
+/// `/v1/completions` goes through what its route does (the key check,
+/// the body read, the handler), without the router's path matching, the
+/// middleware's boxed futures and the extensions they fill: about a tenth
+/// of a proxied request's user-space instructions
+/// (`benches/proxy_instructions.sh`). The router keeps both routes, so
+/// that every other method on them gets its 405.
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+    state: AppState,
+}
+
+impl Api {
+    pub fn new(state: AppState) -> Self {
+        Self {
+            router: router(state.clone()),
+            state,
+        }
+    }
+}
+
+/// The routes [`Api`] answers without the router.
+#[derive(Clone, Copy)]
+enum Generate {
+    Chat,
+    Completions,
+}
+
+impl tower::Service<axum::http::Request<hyper::body::Incoming>> for Api {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+        axum::routing::future::RouteFuture<std::convert::Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        use axum::extract::FromRequest;
+        use futures::future::Either;
+        let route = match (req.method(), req.uri().path()) {
+            (&axum::http::Method::POST, "/v1/chat/completions") => Generate::Chat,
+            (&axum::http::Method::POST, "/v1/completions") => Generate::Completions,
+            _ => return Either::Right(self.router.call(req)),
+        };
+        let state = self.state.clone();
+        let req = req.map(axum::body::Body::new);
+        Either::Left(Box::pin(async move {
+            if let Some(refused) = inference_refusal::<ApiError>(&state, req.headers()) {
+                return Ok(refused);
+            }
+            let body = match error::OpenAiBody::from_request(req, &state).await {
+                Ok(body) => body,
+                Err(e) => return Ok(ApiError::into_response(e)),
+            };
+            Ok(match route {
+                Generate::Chat => openai::chat_completions(State(state), body).await,
+                Generate::Completions => openai::completions(State(state), body).await,
+            })
+        }))
+    }
+}
+
 /// Lets an inference route's request through when inference is open or
 /// its key allows it, before its body is read; refused in the shape `E` of
 /// the route's protocol.
@@ -333,18 +404,26 @@ pub(crate) async fn inference_key<E: From<AuthError> + IntoResponse>(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match s.authorize_inference(auth::from_headers(req.headers())) {
-        Ok(()) => next.run(req).await,
-        Err(e) => {
-            let retry_after = e.retry_after();
-            let mut resp = E::from(e).into_response();
-            if let Some(secs) = retry_after {
-                resp.headers_mut()
-                    .insert(axum::http::header::RETRY_AFTER, secs.into());
-            }
-            resp
-        }
+    match inference_refusal::<E>(&s, req.headers()) {
+        None => next.run(req).await,
+        Some(refused) => refused,
     }
+}
+
+/// The refusal, in the shape `E` and with `Retry-After` when a rate limit
+/// refused, unless inference is open or the key in `headers` allows it.
+fn inference_refusal<E: From<AuthError> + IntoResponse>(
+    s: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    let e = s.authorize_inference(auth::from_headers(headers)).err()?;
+    let retry_after = e.retry_after();
+    let mut resp = E::from(e).into_response();
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, secs.into());
+    }
+    Some(resp)
 }
 
 /// A path no route serves: 404 in the shape of the protocol the path
