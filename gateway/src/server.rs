@@ -760,6 +760,8 @@ impl Front {
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let result = tokio::select! {
+                // The connection first: no random pick on every wake.
+                biased;
                 r = conn.as_mut() => r,
                 _ = stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();

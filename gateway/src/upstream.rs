@@ -219,16 +219,19 @@ impl Origin {
 
     /// A request for `uri` here, with its `Host` (and a JSON body's type).
     fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::HOST, self.host.clone());
-        if !body.is_empty() {
+        // Set in place: `Request::builder` threads a `Result` through
+        // every step, a measurable share of a proxied request.
+        let json = !body.is_empty();
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
+        if json {
             let json = HeaderValue::from_static("application/json");
-            req = req.header(header::CONTENT_TYPE, json);
+            headers.insert(header::CONTENT_TYPE, json);
         }
-        req.body(Full::new(body))
-            .expect("a request from valid parts")
+        req
     }
 }
 

@@ -52,14 +52,9 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
     let started = tokio::time::Instant::now();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
-            replica.count(&u.config.name, resp.status().as_str());
-            let mut out = Response::builder().status(resp.status());
-            if let Some(name) = replica.header() {
-                out = out.header(UPSTREAM_HEADER, name.clone());
-            }
-            if let Some(ct) = resp.headers().get(header::CONTENT_TYPE) {
-                out = out.header(header::CONTENT_TYPE, ct);
-            }
+            let status = resp.status();
+            replica.count(&u.config.name, status.as_str());
+            let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
             let body = if stream {
                 axum::body::Body::new(resp.into_body())
             } else {
@@ -68,8 +63,16 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
                     Err(e) => return upstream_error(&u.config.name, e),
                 }
             };
-            out.body(body)
-                .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+            let mut out = Response::new(body);
+            *out.status_mut() = status;
+            let headers = out.headers_mut();
+            if let Some(name) = replica.header() {
+                headers.insert(UPSTREAM_HEADER, name.clone());
+            }
+            if let Some(ct) = content_type {
+                headers.insert(header::CONTENT_TYPE, ct);
+            }
+            out
         }
         Err(e) => upstream_error(&u.config.name, e),
     }
