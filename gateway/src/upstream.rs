@@ -1,10 +1,10 @@
 //! Remote upstreams: a model served by other nodes speaking the OpenAI API
 //! (another Switchyard, vLLM, llama.cpp's server) or KServe v2 over gRPC
-//! (Triton, another Switchyard). A tower stack per upstream: a timeout layer,
-//! a retry layer (only for non-streamed requests that never reached a node),
-//! and a balancer service that sends each request to the healthy replica with
-//! the fewest requests outstanding and opens a replica's circuit after
-//! consecutive failures. Active health checks run beside it.
+//! (Triton, another Switchyard). Per upstream, one future a request: under
+//! the upstream's timeout, a balancer sends it to the healthy replica with
+//! the fewest requests outstanding (opening a replica's circuit after
+//! consecutive failures), and on to the next while one was not reached (a
+//! non-streamed request only). Active health checks run beside it.
 use crate::kserve_client::Remote;
 use crate::tls::ClientTlsConfig;
 use crate::upstream_pool::{Connector, Pool, PoolError, Pooled};
@@ -15,13 +15,10 @@ use engine::dnn::{DnnError, InferRequest, InferResponse};
 use http_body_util::BodyExt;
 use http_body_util::{Full, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tower::{Service, ServiceBuilder, ServiceExt};
 
 /// What an upstream's replicas speak.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -328,7 +325,7 @@ pub struct ProxyRequest {
     pub stream: bool,
 }
 
-/// What goes through an upstream's stack, by protocol.
+/// What is sent to an upstream, by protocol.
 #[derive(Clone)]
 enum Call {
     Http(ProxyRequest),
@@ -433,8 +430,8 @@ pub enum UpstreamError {
     Failed(String, String),
 }
 
-/// The innermost service: least outstanding requests over available
-/// replicas, circuit breaking on failures.
+/// Least outstanding requests over available replicas, circuit breaking
+/// on failures.
 #[derive(Clone)]
 struct Balancer {
     name: Arc<str>,
@@ -446,86 +443,47 @@ struct Balancer {
     open: Duration,
 }
 
-impl Service<Call> for Balancer {
-    type Response = (Answer, usize);
-    type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, UpstreamError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Call) -> Self::Future {
-        let me = self.clone();
-        Box::pin(async move {
-            let n = me.replicas.len();
-            let start = me.next.fetch_add(1, Ordering::Relaxed);
-            let i = (0..n)
-                .map(|k| (start + k) % n)
-                .filter(|&i| me.replicas[i].available())
-                .min_by_key(|&i| me.replicas[i].outstanding.load(Ordering::Relaxed))
-                .ok_or_else(|| UpstreamError::NoneHealthy(me.name.to_string()))?;
-            let r = &me.replicas[i];
-            r.outstanding.fetch_add(1, Ordering::Relaxed);
-            let attempt = me.transport.attempt(r, i, req).await;
-            r.outstanding.fetch_sub(1, Ordering::Relaxed);
-            match attempt {
-                Attempt::Answered { answer, failed } => {
-                    if failed {
-                        r.failed(me.threshold, me.open);
-                    } else {
-                        r.succeeded();
-                    }
-                    Ok((answer, i))
+impl Balancer {
+    /// One try: the available replica with the fewest requests in flight,
+    /// and its index.
+    async fn attempt(&self, call: Call) -> Result<(Answer, usize), UpstreamError> {
+        let n = self.replicas.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| self.replicas[i].available())
+            .min_by_key(|&i| self.replicas[i].outstanding.load(Ordering::Relaxed))
+            .ok_or_else(|| UpstreamError::NoneHealthy(self.name.to_string()))?;
+        let r = &self.replicas[i];
+        r.outstanding.fetch_add(1, Ordering::Relaxed);
+        let attempt = self.transport.attempt(r, i, call).await;
+        r.outstanding.fetch_sub(1, Ordering::Relaxed);
+        match attempt {
+            Attempt::Answered { answer, failed } => {
+                if failed {
+                    r.failed(self.threshold, self.open);
+                } else {
+                    r.succeeded();
                 }
-                Attempt::NotReached(why) => {
-                    r.failed(me.threshold, me.open);
-                    Err(UpstreamError::NotReached(me.name.to_string(), why))
-                }
-                Attempt::Failed(why) => {
-                    r.failed(me.threshold, me.open);
-                    Err(UpstreamError::Failed(me.name.to_string(), why))
-                }
+                Ok((answer, i))
             }
-        })
-    }
-}
-
-/// Retries only what never reached a replica, and never a stream.
-#[derive(Clone)]
-struct RetryUnreached(usize);
-
-impl tower::retry::Policy<Call, (Answer, usize), UpstreamError> for RetryUnreached {
-    type Future = std::future::Ready<()>;
-
-    fn retry(
-        &mut self,
-        req: &mut Call,
-        result: &mut Result<(Answer, usize), UpstreamError>,
-    ) -> Option<Self::Future> {
-        match result {
-            Err(UpstreamError::NotReached(..)) if !req.stream() && self.0 > 0 => {
-                self.0 -= 1;
-                Some(std::future::ready(()))
+            Attempt::NotReached(why) => {
+                r.failed(self.threshold, self.open);
+                Err(UpstreamError::NotReached(self.name.to_string(), why))
             }
-            _ => None,
+            Attempt::Failed(why) => {
+                r.failed(self.threshold, self.open);
+                Err(UpstreamError::Failed(self.name.to_string(), why))
+            }
         }
     }
-
-    fn clone_request(&mut self, req: &Call) -> Option<Call> {
-        Some(req.clone())
-    }
 }
 
-/// The stack every request goes through, built once per upstream.
-type Stack = tower::timeout::Timeout<tower::retry::Retry<RetryUnreached, Balancer>>;
-
-/// One remote upstream: its config, replicas and tower stack.
+/// One remote upstream: its config and replicas.
 #[derive(Clone)]
 pub struct Upstream {
     pub config: UpstreamConfig,
     balancer: Balancer,
-    stack: Stack,
 }
 
 impl Upstream {
@@ -573,32 +531,34 @@ impl Upstream {
             threshold: config.failure_threshold,
             open: Duration::from_secs(config.open_secs),
         };
-        let stack = ServiceBuilder::new()
-            .timeout(Duration::from_secs(config.timeout_secs))
-            .retry(RetryUnreached(config.retries))
-            .service(balancer.clone());
-        Self {
-            config,
-            balancer,
-            stack,
-        }
+        Self { config, balancer }
     }
 
-    /// Sends the request through timeout → retry → balancer; returns the
-    /// answer and the replica that gave it.
+    /// Sends the request to a replica, and on to the next while one was
+    /// not reached, up to `retries` more (never a stream), all within
+    /// `timeout_secs`; returns the answer and the replica that gave it.
     async fn run(&self, call: Call) -> Result<(Answer, &Replica), UpstreamError> {
-        self.stack
-            .clone()
-            .oneshot(call)
-            .await
-            .map_err(|e| match e.downcast::<UpstreamError>() {
-                Ok(e) => *e,
-                // The timeout layer's own error.
-                Err(_) => {
-                    UpstreamError::Timeout(self.config.name.clone(), self.config.timeout_secs)
+        let mut left = if call.stream() {
+            0
+        } else {
+            self.config.retries
+        };
+        let tries = async {
+            loop {
+                match self.balancer.attempt(call.clone()).await {
+                    Err(UpstreamError::NotReached(..)) if left > 0 => left -= 1,
+                    done => return done,
                 }
-            })
-            .map(|(answer, i)| (answer, &self.balancer.replicas[i]))
+            }
+        };
+        let limit = Duration::from_secs(self.config.timeout_secs);
+        match tokio::time::timeout(limit, tries).await {
+            Ok(done) => done.map(|(answer, i)| (answer, &self.balancer.replicas[i])),
+            Err(_) => Err(UpstreamError::Timeout(
+                self.config.name.clone(),
+                self.config.timeout_secs,
+            )),
+        }
     }
 
     /// An OpenAI API request; returns the response and the replica.
