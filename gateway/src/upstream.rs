@@ -15,9 +15,11 @@ use engine::dnn::{DnnError, InferRequest, InferResponse};
 use http_body_util::BodyExt;
 use http_body_util::{Full, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 /// What an upstream's replicas speak.
@@ -47,12 +49,12 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub model: Option<String>,
     /// Until a replica's answer starts; for a non-streamed answer, until
-    /// its last byte.
+    /// its last byte; within a stream, between two chunks.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
     /// The largest non-streamed answer passed on (it is read whole before
     /// it is sent on, so that a broken replica gets a clean 502); a stream
-    /// is passed on as it comes, without a cap.
+    /// is passed on as it comes, without a cap on its size.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Extra tries on another replica for non-streamed requests that never
@@ -323,6 +325,56 @@ pub struct ProxyRequest {
     pub path: &'static str,
     pub body: Bytes,
     pub stream: bool,
+}
+
+/// A replica's stream, ended with an error once the replica has sent
+/// nothing for its upstream's `timeout_secs`.
+pub struct UntilStalled {
+    body: Pooled,
+    limit: Duration,
+    stall: Pin<Box<tokio::time::Sleep>>,
+    upstream: String,
+}
+
+impl hyper::body::Body for UntilStalled {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, UpstreamError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            let next = tokio::time::Instant::now() + this.limit;
+            this.stall.as_mut().reset(next);
+            let failed =
+                |e: hyper::Error| UpstreamError::Failed(this.upstream.clone(), e.to_string());
+            return Poll::Ready(frame.map(|f| f.map_err(failed)));
+        }
+        ready!(this.stall.as_mut().poll(cx));
+        let secs = this.limit.as_secs();
+        tracing::warn!(upstream = %this.upstream, secs, "a replica's stream stalled; cut");
+        count_error(&this.upstream);
+        Poll::Ready(Some(Err(UpstreamError::Failed(
+            this.upstream.clone(),
+            format!("the stream sent nothing for {secs} s"),
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts a request no replica of `upstream` answered (in full).
+pub fn count_error(upstream: &str) {
+    metrics::counter!("switchyard:upstream_errors_total", "upstream" => upstream.to_string())
+        .increment(1);
 }
 
 /// What is sent to an upstream, by protocol.
@@ -600,6 +652,19 @@ impl Upstream {
             )),
             Ok(Err(e)) => Err(UpstreamError::Failed(c.name.clone(), e.to_string())),
             Err(_) => Err(UpstreamError::Timeout(c.name.clone(), c.timeout_secs)),
+        }
+    }
+
+    /// A stream's body, passed on as it comes, but ended with an error
+    /// (the client's connection is cut, as by a proxy's read timeout) once
+    /// the replica has sent nothing for `timeout_secs`.
+    pub fn until_stalled(&self, body: Pooled) -> UntilStalled {
+        let limit = Duration::from_secs(self.config.timeout_secs);
+        UntilStalled {
+            body,
+            limit,
+            stall: Box::pin(tokio::time::sleep(limit)),
+            upstream: self.config.name.clone(),
         }
     }
 
@@ -967,6 +1032,64 @@ mod tests {
                 .len(),
             3000
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stalls_is_cut_and_one_that_flows_is_not() {
+        let timeout_secs = 1;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                    transfer-encoding: chunked\r\n\r\n6\r\ndata:\n\r\n";
+        let stalls = Upstream::new(
+            UpstreamConfig {
+                timeout_secs,
+                ..upstream(vec![stalling(head).await], 0, 5).config
+            },
+            1,
+        );
+        let (resp, _) = stalls.send(request(true)).await.unwrap();
+        let mut body = stalls.until_stalled(resp.into_body());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "data:\n");
+        let waited = Instant::now();
+        let e = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "upstream `m`: the stream sent nothing for 1 s"
+        );
+        let waited = waited.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+
+        // Four events 400 ms apart: 1.6 s in all, never 1 s without one.
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(|| async {
+                let events = futures::stream::unfold(0, |i| async move {
+                    if i == 4 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Some((Ok::<_, std::io::Error>(Bytes::from("data: x\n\n")), i + 1))
+                });
+                axum::body::Body::from_stream(events)
+            }),
+        );
+        let flows = Upstream::new(
+            UpstreamConfig {
+                timeout_secs,
+                ..upstream(vec![serve(app).await], 0, 5).config
+            },
+            1,
+        );
+        let (resp, _) = flows.send(request(true)).await.unwrap();
+        let all = flows
+            .until_stalled(resp.into_body())
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(all.to_bytes(), "data: x\n\n".repeat(4));
     }
 
     #[tokio::test]

@@ -56,7 +56,7 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
             replica.count(&u.config.name, status.as_str());
             let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
             let body = if stream {
-                axum::body::Body::new(resp.into_body())
+                axum::body::Body::new(u.until_stalled(resp.into_body()))
             } else {
                 match u.read_whole(resp.into_body(), started).await {
                     Ok(b) => axum::body::Body::from(b),
@@ -79,8 +79,7 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
 }
 
 fn upstream_error(name: &str, e: UpstreamError) -> Response {
-    metrics::counter!("switchyard:upstream_errors_total", "upstream" => name.to_string())
-        .increment(1);
+    crate::upstream::count_error(name);
     let status = match &e {
         UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
         UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
