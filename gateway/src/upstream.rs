@@ -143,15 +143,15 @@ impl UpstreamConfig {
         if let Some(tls) = &self.tls {
             tls.validate(&format!("{at}.tls"))?;
         }
-        if self.timeout_secs == 0
-            || self.health_interval_ms == 0
-            || self.failure_threshold == 0
-            || self.max_response_bytes == 0
-        {
-            return Err(format!(
-                "{at}: timeout_secs, health_interval_ms, failure_threshold and \
-                 max_response_bytes must be at least 1"
-            ));
+        for (key, value) in [
+            ("timeout_secs", self.timeout_secs),
+            ("health_interval_ms", self.health_interval_ms),
+            ("failure_threshold", u64::from(self.failure_threshold)),
+            ("max_response_bytes", self.max_response_bytes as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{at}.{key}: must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -1090,6 +1090,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(all.to_bytes(), "data: x\n\n".repeat(4));
+    }
+
+    #[test]
+    fn a_bound_of_zero_is_refused_by_name() {
+        let config = upstream(vec!["http://10.0.0.5:8080".into()], 0, 5).config;
+        assert_eq!(config.validate("upstreams[0]"), Ok(()));
+        let zero = UpstreamConfig {
+            max_response_bytes: 0,
+            ..config
+        };
+        assert_eq!(
+            zero.validate("upstreams[0]").unwrap_err(),
+            "upstreams[0].max_response_bytes: must be at least 1"
+        );
     }
 
     #[tokio::test]
