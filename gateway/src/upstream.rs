@@ -327,13 +327,20 @@ pub struct ProxyRequest {
     pub stream: bool,
 }
 
-/// A replica's stream, ended with an error once the replica has sent
-/// nothing for its upstream's `timeout_secs`.
+/// A replica's stream, ended once the replica has sent nothing for its
+/// upstream's `timeout_secs`: with `last_words(error)` when the stream
+/// stopped between two server-sent events, else cut with the error.
 pub struct UntilStalled {
     body: Pooled,
     limit: Duration,
     stall: Pin<Box<tokio::time::Sleep>>,
     upstream: String,
+    /// The events that end a stream stalled between two events.
+    last_words: fn(&UpstreamError) -> Bytes,
+    /// Whether what came so far ended with an event's blank line.
+    between_events: bool,
+    /// The last words went out: the body has ended.
+    ended: bool,
 }
 
 impl hyper::body::Body for UntilStalled {
@@ -345,25 +352,39 @@ impl hyper::body::Body for UntilStalled {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             let next = tokio::time::Instant::now() + this.limit;
             this.stall.as_mut().reset(next);
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+                if !data.is_empty() {
+                    this.between_events = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                }
+            }
             let failed =
                 |e: hyper::Error| UpstreamError::Failed(this.upstream.clone(), e.to_string());
             return Poll::Ready(frame.map(|f| f.map_err(failed)));
         }
         ready!(this.stall.as_mut().poll(cx));
         let secs = this.limit.as_secs();
-        tracing::warn!(upstream = %this.upstream, secs, "a replica's stream stalled; cut");
+        tracing::warn!(upstream = %this.upstream, secs, "a replica's stream stalled; ended");
         count_error(&this.upstream);
-        Poll::Ready(Some(Err(UpstreamError::Failed(
+        let error = UpstreamError::Failed(
             this.upstream.clone(),
             format!("the stream sent nothing for {secs} s"),
-        ))))
+        );
+        if !this.between_events {
+            return Poll::Ready(Some(Err(error)));
+        }
+        this.ended = true;
+        let last = (this.last_words)(&error);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(last))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -655,16 +676,24 @@ impl Upstream {
         }
     }
 
-    /// A stream's body, passed on as it comes, but ended with an error
-    /// (the client's connection is cut, as by a proxy's read timeout) once
-    /// the replica has sent nothing for `timeout_secs`.
-    pub fn until_stalled(&self, body: Pooled) -> UntilStalled {
+    /// A stream's body, passed on as it comes, but ended once the replica
+    /// has sent nothing for `timeout_secs`: with `last_words` (an error
+    /// event in the protocol's shape) when it stopped between two events,
+    /// else cut with an error, as by a proxy's read timeout.
+    pub fn until_stalled(
+        &self,
+        body: Pooled,
+        last_words: fn(&UpstreamError) -> Bytes,
+    ) -> UntilStalled {
         let limit = Duration::from_secs(self.config.timeout_secs);
         UntilStalled {
             body,
             limit,
             stall: Box::pin(tokio::time::sleep(limit)),
             upstream: self.config.name.clone(),
+            last_words,
+            between_events: true,
+            ended: false,
         }
     }
 
@@ -959,16 +988,18 @@ mod tests {
 
     /// A replica that sends `head` on each connection, then holds it open
     /// without another byte.
-    async fn stalling(head: &'static str) -> String {
+    async fn stalling(head: String) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let head = Bytes::from(head);
         tokio::spawn(async move {
             while let Ok((mut c, _)) = listener.accept().await {
+                let head = head.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let _ = c.read(&mut buf).await;
-                    let _ = c.write_all(head.as_bytes()).await;
+                    let _ = c.write_all(&head).await;
                     tokio::time::sleep(Duration::from_secs(60)).await;
                 });
             }
@@ -978,7 +1009,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_that_stops_midway_runs_into_the_timeout() {
-        let base = stalling("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"id\":").await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"id\":";
+        let base = stalling(head.into()).await;
         let u = Upstream::new(
             UpstreamConfig {
                 timeout_secs: 1,
@@ -1034,33 +1066,57 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_stream_that_stalls_is_cut_and_one_that_flows_is_not() {
-        let timeout_secs = 1;
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                    transfer-encoding: chunked\r\n\r\n6\r\ndata:\n\r\n";
+    /// What the tests' streams end with when they stall between events.
+    fn last_words(e: &UpstreamError) -> Bytes {
+        Bytes::from(format!("error: {e}\n\n"))
+    }
+
+    /// An upstream whose replica answers a stream with `events` (an HTTP
+    /// chunk), then sends nothing more; the body and how long its end took.
+    async fn stalled_after(events: &'static str) -> (Vec<Result<Bytes, String>>, Duration) {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+             transfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+            events.len()
+        );
         let stalls = Upstream::new(
             UpstreamConfig {
-                timeout_secs,
+                timeout_secs: 1,
                 ..upstream(vec![stalling(head).await], 0, 5).config
             },
             1,
         );
         let (resp, _) = stalls.send(request(true)).await.unwrap();
-        let mut body = stalls.until_stalled(resp.into_body());
-        let first = body.frame().await.unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap(), "data:\n");
-        let waited = Instant::now();
-        let e = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "upstream `m`: the stream sent nothing for 1 s"
-        );
-        let waited = waited.elapsed();
+        let mut body = stalls.until_stalled(resp.into_body(), last_words);
+        let started = Instant::now();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map(|f| f.into_data().unwrap())
+                .map_err(|e| e.to_string());
+            let failed = frame.is_err();
+            frames.push(frame);
+            if failed {
+                break;
+            }
+        }
+        (frames, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stalls_ends_and_one_that_flows_does_not() {
+        let stalled = "upstream `m`: the stream sent nothing for 1 s";
+        // Between two events: the last words, and a clean end.
+        let (frames, took) = stalled_after("data: 1\n\n").await;
+        let last = format!("error: {stalled}\n\n");
+        assert_eq!(frames, [Ok("data: 1\n\n".into()), Ok(last.into())]);
         assert!(
-            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-            "{waited:?}"
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
         );
+        // Inside an event: cut with the error.
+        let (frames, _) = stalled_after("data: 1\n").await;
+        assert_eq!(frames, [Ok("data: 1\n".into()), Err(stalled.into())]);
 
         // Four events 400 ms apart: 1.6 s in all, never 1 s without one.
         let app = axum::Router::new().route(
@@ -1078,17 +1134,14 @@ mod tests {
         );
         let flows = Upstream::new(
             UpstreamConfig {
-                timeout_secs,
+                timeout_secs: 1,
                 ..upstream(vec![serve(app).await], 0, 5).config
             },
             1,
         );
         let (resp, _) = flows.send(request(true)).await.unwrap();
-        let all = flows
-            .until_stalled(resp.into_body())
-            .collect()
-            .await
-            .unwrap();
+        let body = flows.until_stalled(resp.into_body(), last_words);
+        let all = body.collect().await.unwrap();
         assert_eq!(all.to_bytes(), "data: x\n\n".repeat(4));
     }
 

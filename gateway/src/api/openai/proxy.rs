@@ -56,7 +56,7 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
             replica.count(&u.config.name, status.as_str());
             let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
             let body = if stream {
-                axum::body::Body::new(u.until_stalled(resp.into_body()))
+                axum::body::Body::new(u.until_stalled(resp.into_body(), stalled))
             } else {
                 match u.read_whole(resp.into_body(), started).await {
                     Ok(b) => axum::body::Body::from(b),
@@ -78,9 +78,21 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
     }
 }
 
+/// How a proxied stream that stalled between two events ends: with an
+/// error event and `[DONE]`, as a stream of ours ends at shutdown.
+fn stalled(e: &UpstreamError) -> Bytes {
+    let body = unavailable(e).body();
+    Bytes::from(format!("data: {body}\n\ndata: [DONE]\n\n"))
+}
+
 fn upstream_error(name: &str, e: UpstreamError) -> Response {
     crate::upstream::count_error(name);
-    let status = match &e {
+    unavailable(&e).into_response()
+}
+
+/// No (whole) answer from the upstream, in OpenAI's shape.
+fn unavailable(e: &UpstreamError) -> ApiError {
+    let status = match e {
         UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
         UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
         _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -90,5 +102,4 @@ fn upstream_error(name: &str, e: UpstreamError) -> Response {
         code: Some("upstream_unavailable"),
         ..ApiError::internal(e.to_string())
     }
-    .into_response()
 }
