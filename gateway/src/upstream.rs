@@ -334,7 +334,7 @@ pub struct UntilStalled {
     body: Pooled,
     limit: Duration,
     stall: Pin<Box<tokio::time::Sleep>>,
-    upstream: String,
+    upstream: Arc<str>,
     /// The events that end a stream stalled between two events.
     last_words: fn(&UpstreamError) -> Bytes,
     /// Whether what came so far ended with an event's blank line.
@@ -364,7 +364,7 @@ impl hyper::body::Body for UntilStalled {
                 }
             }
             let failed =
-                |e: hyper::Error| UpstreamError::Failed(this.upstream.clone(), e.to_string());
+                |e: hyper::Error| UpstreamError::Failed(this.upstream.to_string(), e.to_string());
             return Poll::Ready(frame.map(|f| f.map_err(failed)));
         }
         ready!(this.stall.as_mut().poll(cx));
@@ -372,7 +372,7 @@ impl hyper::body::Body for UntilStalled {
         tracing::warn!(upstream = %this.upstream, secs, "a replica's stream stalled; ended");
         count_error(&this.upstream);
         let error = UpstreamError::Failed(
-            this.upstream.clone(),
+            this.upstream.to_string(),
             format!("the stream sent nothing for {secs} s"),
         );
         if !this.between_events {
@@ -690,7 +690,7 @@ impl Upstream {
             body,
             limit,
             stall: Box::pin(tokio::time::sleep(limit)),
-            upstream: self.config.name.clone(),
+            upstream: self.balancer.name.clone(),
             last_words,
             between_events: true,
             ended: false,

@@ -42,6 +42,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Still open, and idle for less than [`IDLE_FOR`].
+    fn usable(&self) -> bool {
+        !self.conn.is_closed() && self.since.elapsed() < IDLE_FOR
+    }
+}
+
 type IdleList = Arc<Mutex<Vec<Idle>>>;
 
 /// Why a request got no answer.
@@ -74,7 +81,7 @@ impl Pool {
     fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(i) = idle.pop() {
-            if !i.conn.is_closed() && i.since.elapsed() < IDLE_FOR {
+            if i.usable() {
                 return Some(i.conn);
             }
         }
@@ -87,7 +94,7 @@ impl Pool {
     /// front that drives it.
     pub fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| !i.conn.is_closed() && i.since.elapsed() < IDLE_FOR);
+        idle.retain(Idle::usable);
     }
 
     /// Opens a connection to the replica, its I/O driven by a task on this
@@ -289,11 +296,16 @@ mod tests {
         }
     }
 
+    /// The connections a replica accepted for three requests in a row.
+    async fn connections_for_three(close: bool) -> usize {
+        let (root, accepted, _) = replica(close).await;
+        three(&pool(root.clone()), &root).await;
+        accepted.load(Ordering::SeqCst)
+    }
+
     #[tokio::test]
     async fn requests_one_after_another_share_one_connection() {
-        let (root, accepted, _) = replica(false).await;
-        three(&pool(root.clone()), &root).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(connections_for_three(false).await, 1);
     }
 
     #[tokio::test]
@@ -320,9 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_replica_closes_is_not_used_again() {
-        let (root, accepted, _) = replica(true).await;
-        three(&pool(root.clone()), &root).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(connections_for_three(true).await, 3);
     }
 
     #[tokio::test]
