@@ -140,12 +140,14 @@ pub struct Remote {
 impl Remote {
     /// Connects lazily to `endpoint` (`grpc://host:port` or `http://host:port`;
     /// `grpcs://` or `https://` for TLS, with `tls`'s CA and client
-    /// certificate, or the webpki roots).
+    /// certificate, or the webpki roots). An answer over `max_answer` bytes
+    /// is refused before it is read ([`Remote::too_large`]).
     pub fn new(
         endpoint: &str,
         model: &str,
         timeout: Duration,
         tls: Option<&crate::tls::ClientTlsConfig>,
+        max_answer: usize,
     ) -> Result<Self, String> {
         let mut channel = Self::endpoint(endpoint)?;
         if channel.uri().scheme_str() == Some("https") {
@@ -164,7 +166,7 @@ impl Remote {
                 proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
                     channel,
                 )
-                .max_decoding_message_size(usize::MAX)
+                .max_decoding_message_size(max_answer)
                 .max_encoding_message_size(usize::MAX),
             model: model.to_string(),
             endpoint: endpoint.to_string(),
@@ -227,6 +229,13 @@ impl Remote {
     }
 
     /// The remote's status as our error, naming the model and node.
+    /// Whether `s` is tonic's refusal of an answer over `max_answer`.
+    pub fn too_large(s: &Status) -> bool {
+        s.code() == tonic::Code::OutOfRange
+            && s.message()
+                .starts_with("Error, decoded message length too large")
+    }
+
     pub fn error(&self, s: Status) -> DnnError {
         let kind = match s.code() {
             tonic::Code::InvalidArgument => ErrorKind::InvalidArg,

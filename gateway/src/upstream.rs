@@ -53,8 +53,9 @@ pub struct UpstreamConfig {
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
     /// The largest non-streamed answer passed on (it is read whole before
-    /// it is sent on, so that a broken replica gets a clean 502); a stream
-    /// is passed on as it comes, without a cap on its size.
+    /// it is sent on, so that a broken replica gets a clean 502; a KServe
+    /// answer is refused before it is read); an OpenAI stream is passed on
+    /// as it comes, without a cap on its size.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Extra tries on another replica for non-streamed requests that never
@@ -475,6 +476,15 @@ impl Transport {
                 {
                     Attempt::NotReached(format!("{base}: {}", s.message()))
                 }
+                // Our own bound, not the replica's failure.
+                Err(s) if Remote::too_large(&s) => Attempt::Answered {
+                    failed: false,
+                    answer: Answer::Infer(Err(DnnError::unavailable(format!(
+                        "{base}: {}; the answer is larger than this upstream's \
+                         max_response_bytes",
+                        s.message()
+                    )))),
+                },
                 Err(s) if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unknown) => {
                     Attempt::Failed(format!("{base}: {}", s.message()))
                 }
@@ -595,7 +605,8 @@ impl Upstream {
                         .iter()
                         .map(|e| {
                             let timeout = Duration::from_secs(config.timeout_secs);
-                            Remote::new(e, config.model(), timeout, config.tls.as_ref())
+                            let tls = config.tls.as_ref();
+                            Remote::new(e, config.model(), timeout, tls, config.max_response_bytes)
                                 .expect("validated endpoints")
                         })
                         .collect(),

@@ -8,7 +8,8 @@ tells the same model from a different one.
 
 Upstreams: a model served by two remote Switchyard nodes over KServe gRPC,
 reached through our HTTP and gRPC fronts with tritonclient; balancing,
-failover when one is killed, a clear error when none is left."""
+failover when one is killed, a clear error when none is left, and an
+answer over the upstream's max_response_bytes refused by name."""
 import socket
 import threading
 from pathlib import Path
@@ -101,6 +102,7 @@ model_repository:
 upstreams:
   - {{name: iris_far, protocol: kserve, model: iris, endpoints: [{endpoints}],
      health_interval_ms: 300, failure_threshold: 2, open_secs: 30, timeout_secs: 10}}
+  - {{name: iris_tight, protocol: kserve, model: iris, endpoints: [{endpoints}], max_response_bytes: 16}}
 """)
         main = Triton(None, config=str(cfg))
         started.append(main)
@@ -193,6 +195,18 @@ def test_a_bad_shadow_config_names_the_key(tmp_path, repo):
 def successes(node, model="iris"):
     stats = httpx.get(f"{node.url}/v2/models/{model}/stats").json()["model_stats"][0]
     return stats["inference_stats"]["success"]["count"]
+
+
+def test_a_remote_answer_over_max_response_bytes_is_refused_by_name(repo, servers):
+    _, X, want = repo
+    main, *_ = servers
+    client = httpclient.InferenceServerClient(main.http_url)
+    wait_for("iris_tight ready", lambda: client.is_model_ready("iris_tight"), timeout=30)
+    with pytest.raises(InferenceServerException, match="max_response_bytes") as e:
+        infer(client, "iris_tight", X[:10])
+    assert "the limit is: 16 bytes" in str(e.value), e.value
+    # The same replicas under the default bound answer in full.
+    np.testing.assert_allclose(infer(client, "iris_far", X[:10]), want["iris"][:10], rtol=1e-6, atol=1e-7)
 
 
 def test_a_remote_kserve_upstream_balances_and_fails_over(repo, servers):

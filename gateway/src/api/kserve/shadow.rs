@@ -55,6 +55,7 @@ impl Shadows {
                     &c.target,
                     Duration::from_millis(c.timeout_ms),
                     c.tls.as_ref(),
+                    usize::MAX,
                 )?),
                 None => Target::Local(c.target.clone()),
             };
