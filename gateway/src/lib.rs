@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod divergence;
 pub mod experiment_stats;
 pub mod fuzz;
+pub mod http1;
 pub mod kserve_client;
 pub mod limits;
 pub mod models;

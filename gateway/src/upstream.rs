@@ -7,14 +7,15 @@
 //! non-streamed request only). Active health checks run beside it.
 use crate::kserve_client::Remote;
 use crate::tls::ClientTlsConfig;
-use crate::upstream_pool::{Connector, Pool, PoolError, Pooled};
+use crate::upstream_pool::{Pool, PoolError, Pooled, Reply};
 use axum::body::Bytes;
 use axum::http::uri::{PathAndQuery, Scheme};
-use axum::http::{header, HeaderValue, Method, Request, Response, Uri};
+use axum::http::{HeaderValue, Method, Uri};
 use engine::dnn::{DnnError, InferRequest, InferResponse};
 use http_body_util::BodyExt;
-use http_body_util::{Full, LengthLimitError, Limited};
+use http_body_util::{LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -78,12 +79,12 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// How an `openai` upstream's replicas are reached, with its TLS
-    /// settings (rustls for `https://` replicas); a redirect goes back to
-    /// the client, as from any proxy.
-    fn connector(&self) -> Result<Connector, String> {
+    /// The TLS client of an `openai` upstream's `https://` replicas, from
+    /// its TLS settings. (A redirect goes back to the client, as from any
+    /// proxy.)
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
         let tls = self.tls.clone().unwrap_or_default().rustls("tls")?;
-        Ok(crate::upstream_pool::connector(tls))
+        Ok(Arc::new(tls).into())
     }
 
     /// The model's name at the upstream.
@@ -167,7 +168,7 @@ struct Origin {
     prefix: String,
     /// The `Host` header of its requests (the port left out when it is the
     /// scheme's own), made once instead of formatted on every request.
-    host: HeaderValue,
+    host: String,
 }
 
 impl Origin {
@@ -192,7 +193,7 @@ impl Origin {
             _ => authority.host(),
         };
         Some(Self {
-            host: HeaderValue::from_str(host).ok()?,
+            host: host.to_string(),
             root: Uri::builder()
                 .scheme(scheme)
                 .authority(authority)
@@ -204,34 +205,16 @@ impl Origin {
     }
 
     /// The request target (origin form) of `path` at this replica.
-    fn uri(&self, path: &'static str) -> Uri {
+    fn target(&self, path: &'static str) -> Cow<'static, str> {
         if self.prefix.is_empty() {
-            return Uri::from(PathAndQuery::from_static(path));
+            return Cow::Borrowed(path);
         }
-        self.uri_of(path)
-            .expect("a valid base path followed by a static path")
+        Cow::Owned(format!("{}{path}", self.prefix))
     }
 
-    /// The request target of any `path` at this replica.
-    fn uri_of(&self, path: &str) -> Result<Uri, axum::http::uri::InvalidUri> {
-        PathAndQuery::try_from(format!("{}{path}", self.prefix)).map(Uri::from)
-    }
-
-    /// A request for `uri` here, with its `Host` (and a JSON body's type).
-    fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
-        // Set in place: `Request::builder` threads a `Result` through
-        // every step, a measurable share of a proxied request.
-        let json = !body.is_empty();
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        let headers = req.headers_mut();
-        headers.insert(header::HOST, self.host.clone());
-        if json {
-            let json = HeaderValue::from_static("application/json");
-            headers.insert(header::CONTENT_TYPE, json);
-        }
-        req
+    /// The request target of any `path` at this replica, if it is one.
+    fn target_of(&self, path: &str) -> Result<PathAndQuery, axum::http::uri::InvalidUri> {
+        PathAndQuery::try_from(format!("{}{path}", self.prefix))
     }
 }
 
@@ -365,7 +348,7 @@ impl hyper::body::Body for UntilStalled {
                 }
             }
             let failed =
-                |e: hyper::Error| UpstreamError::Failed(this.upstream.to_string(), e.to_string());
+                |e: std::io::Error| UpstreamError::Failed(this.upstream.to_string(), e.to_string());
             return Poll::Ready(frame.map(|f| f.map_err(failed)));
         }
         ready!(this.stall.as_mut().poll(cx));
@@ -415,7 +398,7 @@ impl Call {
 /// A replica's answer: an HTTP response, or a KServe result (an error the
 /// remote model gave is an answer too).
 enum Answer {
-    Http(Response<Pooled>),
+    Http(Reply),
     Infer(Result<InferResponse, DnnError>),
 }
 
@@ -454,10 +437,14 @@ impl Transport {
         let base = &replica.base;
         match (self, call, &replica.origin) {
             (Self::Http(fronts), Call::Http(req), Some(origin)) => {
-                let request = origin.request(Method::POST, origin.uri(req.path), req.body);
-                match Self::pools(fronts)[i].request(request).await {
+                let target = origin.target(req.path);
+                let pool = &Self::pools(fronts)[i];
+                match pool
+                    .request(&Method::POST, &target, &origin.host, &req.body)
+                    .await
+                {
                     Ok(resp) => Attempt::Answered {
-                        failed: resp.status().is_server_error() && resp.status() != 503,
+                        failed: resp.status.is_server_error() && resp.status != 503,
                         answer: Answer::Http(resp),
                     },
                     Err(PoolError::Connect(e)) => Attempt::NotReached(format!("{base}: {e}")),
@@ -646,10 +633,7 @@ impl Upstream {
     }
 
     /// An OpenAI API request; returns the response and the replica.
-    pub async fn send(
-        &self,
-        req: ProxyRequest,
-    ) -> Result<(Response<Pooled>, &Replica), UpstreamError> {
+    pub async fn send(&self, req: ProxyRequest) -> Result<(Reply, &Replica), UpstreamError> {
         match self.run(Call::Http(req)).await? {
             (Answer::Http(resp), replica) => Ok((resp, replica)),
             (Answer::Infer(_), _) => Err(self.wrong_protocol()),
@@ -780,15 +764,15 @@ impl Upstream {
     /// The status decides; the body is read (up to 64 KiB) only so that
     /// the connection is kept.
     async fn answers_health(&self, pool: &Pool, origin: &Origin, limit: Duration) -> bool {
-        let Ok(uri) = origin.uri_of(&self.config.health_path) else {
+        let Ok(target) = origin.target_of(&self.config.health_path) else {
             return false;
         };
-        let get = origin.request(Method::GET, uri, Bytes::new());
-        let Ok(Ok(resp)) = tokio::time::timeout(limit, pool.request(get)).await else {
+        let get = pool.request(&Method::GET, target.as_str(), &origin.host, b"");
+        let Ok(Ok(resp)) = tokio::time::timeout(limit, get).await else {
             return false;
         };
-        let up = resp.status().is_success();
-        let body = Limited::new(resp.into_body(), 1 << 16);
+        let up = resp.status.is_success();
+        let body = Limited::new(resp.body, 1 << 16);
         let _ = tokio::time::timeout(limit, body.collect()).await;
         up
     }
@@ -915,7 +899,7 @@ mod tests {
         let moved = serve(app).await;
         let u = upstream(vec![moved.clone()], 0, 5);
         let (resp, replica) = u.send(request(false)).await.unwrap();
-        assert_eq!((resp.status().as_u16(), replica.base()), (307, &*moved));
+        assert_eq!((resp.status.as_u16(), replica.base()), (307, &*moved));
         assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
     }
 
@@ -926,7 +910,7 @@ mod tests {
         let endpoints = vec![refusing(), refusing(), live.clone()];
         let two = upstream(endpoints.clone(), 2, 10);
         let (resp, used) = two.send(request(false)).await.unwrap();
-        assert_eq!((resp.status().as_u16(), used.base()), (200, &*live));
+        assert_eq!((resp.status.as_u16(), used.base()), (200, &*live));
         let one = upstream(endpoints.clone(), 1, 10);
         let e = one.send(request(false)).await.unwrap_err();
         assert!(matches!(e, UpstreamError::NotReached(..)), "{e}");
@@ -950,7 +934,7 @@ mod tests {
         for _ in 0..8 {
             let (resp, used) = u.send(request(false)).await.unwrap();
             // A 500 is the replica's answer: passed on, not retried.
-            answers.push((resp.status().as_u16(), used.base()));
+            answers.push((resp.status.as_u16(), used.base()));
         }
         assert_eq!(broken_hits.load(Ordering::SeqCst), 2, "{answers:?}");
         assert!(
@@ -974,7 +958,7 @@ mod tests {
         let base = format!("{}/node/7/", serve(app).await);
         let u = upstream(vec![base.clone()], 0, 5);
         let (resp, replica) = u.send(request(false)).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.status.as_u16(), 200);
         assert_eq!(replica.base(), base.trim_end_matches('/'));
         assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
@@ -1031,8 +1015,8 @@ mod tests {
         );
         let started = tokio::time::Instant::now();
         let (resp, _) = u.send(request(false)).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 200, "the head arrives in time");
-        let e = u.read_whole(resp.into_body(), started).await.unwrap_err();
+        assert_eq!(resp.status.as_u16(), 200, "the head arrives in time");
+        let e = u.read_whole(resp.body, started).await.unwrap_err();
         assert!(matches!(e, UpstreamError::Timeout(_, 1)), "{e}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -1054,7 +1038,7 @@ mod tests {
         );
         let started = tokio::time::Instant::now();
         let (resp, _) = u.send(request(false)).await.unwrap();
-        let e = u.read_whole(resp.into_body(), started).await.unwrap_err();
+        let e = u.read_whole(resp.body, started).await.unwrap_err();
         assert_eq!(
             e.to_string(),
             "upstream `m`: the answer is larger than this upstream's max_response_bytes (2048)"
@@ -1069,10 +1053,7 @@ mod tests {
             1,
         );
         assert_eq!(
-            fits.read_whole(resp.into_body(), started)
-                .await
-                .unwrap()
-                .len(),
+            fits.read_whole(resp.body, started).await.unwrap().len(),
             3000
         );
     }
@@ -1098,7 +1079,7 @@ mod tests {
             1,
         );
         let (resp, _) = stalls.send(request(true)).await.unwrap();
-        let mut body = stalls.until_stalled(resp.into_body(), last_words);
+        let mut body = stalls.until_stalled(resp.body, last_words);
         let started = Instant::now();
         let mut frames = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -1151,7 +1132,7 @@ mod tests {
             1,
         );
         let (resp, _) = flows.send(request(true)).await.unwrap();
-        let body = flows.until_stalled(resp.into_body(), last_words);
+        let body = flows.until_stalled(resp.body, last_words);
         let all = body.collect().await.unwrap();
         assert_eq!(all.to_bytes(), "data: x\n\n".repeat(4));
     }

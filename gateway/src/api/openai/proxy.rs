@@ -52,13 +52,13 @@ pub async fn proxy(u: &Upstream, stream: bool, path: &'static str, body: Bytes) 
     let started = tokio::time::Instant::now();
     match u.send(ProxyRequest { path, body, stream }).await {
         Ok((resp, replica)) => {
-            let status = resp.status();
+            let status = resp.status;
             replica.count(&u.config.name, status.as_str());
-            let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+            let content_type = resp.content_type;
             let body = if stream {
-                axum::body::Body::new(u.until_stalled(resp.into_body(), stalled))
+                axum::body::Body::new(u.until_stalled(resp.body, stalled))
             } else {
-                match u.read_whole(resp.into_body(), started).await {
+                match u.read_whole(resp.body, started).await {
                     Ok(b) => axum::body::Body::from(b),
                     Err(e) => return upstream_error(&u.config.name, e),
                 }
