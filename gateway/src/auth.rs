@@ -1,6 +1,7 @@
 //! API keys and what their roles may do, for every front that changes state:
 //! the registry, repository load/unload (HTTP and gRPC) and feedback. Secrets
 //! are held only as sha256 digests; a presented key is compared as sent.
+use axum::http::{header, HeaderName};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -420,22 +421,28 @@ pub fn require(actor: &Actor, p: Permission) -> Result<(), AuthError> {
     )))
 }
 
+/// The two headers a key may come in.
+const KEY_HEADERS: [HeaderName; 2] = [header::AUTHORIZATION, HeaderName::from_static("x-api-key")];
+
 /// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key`,
-/// read through `header` (HTTP headers or gRPC metadata).
-pub fn presented<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<&'a str> {
-    header("authorization")
+/// read through `header` (HTTP headers or gRPC metadata) from one of
+/// [`KEY_HEADERS`].
+fn presented<'a>(header: impl Fn(&HeaderName) -> Option<&'a str>) -> Option<&'a str> {
+    let [authorization, api_key] = &KEY_HEADERS;
+    header(authorization)
         .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| header("x-api-key"))
+        .or_else(|| header(api_key))
 }
 
-/// The key of an HTTP request.
+/// The key of an HTTP request. The names are looked up as they are, not
+/// parsed from text on every request.
 pub fn from_headers(h: &axum::http::HeaderMap) -> Option<&str> {
     presented(|name| h.get(name).and_then(|v| v.to_str().ok()))
 }
 
 /// The key of a gRPC request.
 pub fn from_metadata(m: &tonic::metadata::MetadataMap) -> Option<&str> {
-    presented(|name| m.get(name).and_then(|v| v.to_str().ok()))
+    presented(|name| m.get(name.as_str()).and_then(|v| v.to_str().ok()))
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //! read timeout, connection and stream caps, and the blocking pool's size.
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::io::Read;
 
 const MIB: usize = 1 << 20;
@@ -141,7 +144,8 @@ impl BodyError {
 }
 
 /// Reads a request body of at most `limit` bytes. A `Content-Length` above
-/// the limit is refused before anything is read.
+/// the limit is refused before anything is read. A body that comes in one
+/// piece (most do) is kept as it came, without a copy.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
     let too_large = BodyError::TooLarge {
         what: "request body",
@@ -154,26 +158,48 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let source = std::error::Error::source(&e);
-        let over = source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if over {
-            too_large
-        } else {
-            BodyError::Invalid(format!("reading the request body: {e}"))
+    collect(body, limit)
+        .await
+        .map_err(|e| BodyError::Invalid(format!("reading the request body: {e}")))?
+        .ok_or(too_large)
+}
+
+/// Reads `body` whole, up to `limit` bytes; `None` once more than that has
+/// arrived. A body that comes in one piece (most do) is kept as it came,
+/// without a copy.
+pub async fn collect<B>(mut body: B, limit: usize) -> Result<Option<Bytes>, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let (mut first, mut joined, mut read) = (Bytes::new(), None::<BytesMut>, 0);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > limit {
+            return Ok(None);
         }
-    })
+        if first.is_empty() {
+            first = data;
+        } else {
+            joined
+                .get_or_insert_with(|| BytesMut::from(&first[..]))
+                .extend_from_slice(&data);
+        }
+    }
+    Ok(Some(joined.map_or(first, BytesMut::freeze)))
 }
 
 /// `Content-Encoding` of a request, lower-cased; `identity` when absent.
-pub fn content_encoding(headers: &HeaderMap) -> String {
-    headers
+pub fn content_encoding(headers: &HeaderMap) -> Cow<'static, str> {
+    match headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
-        .trim()
-        .to_ascii_lowercase()
+    {
+        Some(e) => Cow::Owned(e.trim().to_ascii_lowercase()),
+        None => Cow::Borrowed("identity"),
+    }
 }
 
 /// Inflates a gzip or deflate body, streaming, stopping as soon as the output
@@ -260,6 +286,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&b[..], b"hello");
+    }
+
+    /// A body that arrives in pieces.
+    fn pieces(parts: &[&'static str]) -> Body {
+        let parts = parts
+            .iter()
+            .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p.as_bytes())));
+        Body::from_stream(futures::stream::iter(parts.collect::<Vec<_>>()))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_pieces_is_joined_and_bounded_across_them() {
+        let b = read_body(&HeaderMap::new(), pieces(&["he", "", "llo", " world"]), 11)
+            .await
+            .unwrap();
+        assert_eq!(&b[..], b"hello world");
+        let e = read_body(&HeaderMap::new(), pieces(&["hello", " world"]), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BodyError::TooLarge { limit: 10, .. }), "{e:?}");
     }
 
     #[test]

@@ -12,8 +12,6 @@ use axum::body::Bytes;
 use axum::http::uri::{PathAndQuery, Scheme};
 use axum::http::{HeaderValue, Method, Uri};
 use engine::dnn::{DnnError, InferRequest, InferResponse};
-use http_body_util::BodyExt;
-use http_body_util::{LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::future::Future;
@@ -651,15 +649,15 @@ impl Upstream {
     ) -> Result<Bytes, UpstreamError> {
         let c = &self.config;
         let deadline = started + Duration::from_secs(c.timeout_secs);
-        let mut read = std::pin::pin!(Limited::new(body, c.max_response_bytes).collect());
+        let mut read = std::pin::pin!(crate::limits::collect(body, c.max_response_bytes));
         // A small answer has mostly come with its head: read without a timer.
         let read = match futures::poll!(read.as_mut()) {
             Poll::Ready(done) => Ok(done),
             Poll::Pending => tokio::time::timeout_at(deadline, read).await,
         };
         match read {
-            Ok(Ok(b)) => Ok(b.to_bytes()),
-            Ok(Err(e)) if e.is::<LengthLimitError>() => Err(UpstreamError::Failed(
+            Ok(Ok(Some(b))) => Ok(b),
+            Ok(Ok(None)) => Err(UpstreamError::Failed(
                 c.name.clone(),
                 format!(
                     "the answer is larger than this upstream's max_response_bytes ({})",
@@ -772,8 +770,8 @@ impl Upstream {
             return false;
         };
         let up = resp.status.is_success();
-        let body = Limited::new(resp.body, 1 << 16);
-        let _ = tokio::time::timeout(limit, body.collect()).await;
+        let body = crate::limits::collect(resp.body, 1 << 16);
+        let _ = tokio::time::timeout(limit, body).await;
         up
     }
 
@@ -816,6 +814,7 @@ impl Upstream {
 mod tests {
     use super::*;
     use axum::routing::post;
+    use http_body_util::BodyExt;
 
     /// A replica on loopback answering `/v1/completions` with `status` after
     /// `delay`, counting its requests.
