@@ -3,7 +3,8 @@
 //! parsed by `httparse`, and its body framed by `Content-Length`, chunked
 //! coding or the connection's end. It is what the proxy needs and no more:
 //! no pipelining, no upgrades, and only `GET` and `POST`, whose answers
-//! always may have a body.
+//! always may have a body. A redirect is an answer like any other: it goes
+//! back to the client, as from any proxy.
 use axum::body::Bytes;
 use axum::http::{HeaderValue, Method, StatusCode};
 use bytes::{Buf, BytesMut};
@@ -78,14 +79,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     };
     let code = answer.code.expect("a whole head has a status");
     let status = StatusCode::from_u16(code).map_err(|_| format!("status {code} is not valid"))?;
-    let mut head = Head {
-        status,
-        content_type: None,
-        framing: Framing::UntilClose,
-        keep_alive: answer.version == Some(1),
-    };
-    let mut length: Option<u64> = None;
-    let (mut coded, mut chunked) = (false, false);
+    let (mut length, mut content_type) = (None::<u64>, None);
+    let (mut coded, mut chunked, mut close, mut keep_alive) = (false, false, false, false);
     for f in answer.headers.iter() {
         let name = f.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -105,26 +100,30 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             coded = true;
         } else if name.eq_ignore_ascii_case("connection") {
             for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    head.keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && !head.keep_alive {
-                    head.keep_alive = answer.version == Some(0);
-                }
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case("content-type") {
-            head.content_type = HeaderValue::from_bytes(f.value).ok();
+            content_type = HeaderValue::from_bytes(f.value).ok();
         }
     }
-    head.framing = match (code, chunked, length) {
+    let framing = match (code, chunked, length) {
         // Informational, no content and not modified: never a body.
         (100..=199 | 204 | 304, ..) => Framing::Length(0),
         (_, true, _) => Framing::Chunked,
         (_, false, Some(n)) if !coded => Framing::Length(n),
         _ => Framing::UntilClose,
     };
-    if head.framing == Framing::UntilClose {
-        head.keep_alive = false;
-    }
+    let head = Head {
+        status,
+        content_type,
+        // HTTP/1.1 keeps a connection unless told to close it; HTTP/1.0
+        // only when asked to; a body ended by the close never does.
+        keep_alive: !close
+            && (answer.version == Some(1) || keep_alive)
+            && framing != Framing::UntilClose,
+        framing,
+    };
     Ok(Some((head, len)))
 }
 

@@ -228,7 +228,6 @@ impl Remote {
         self.call(req).await.map_err(|s| self.error(s))
     }
 
-    /// The remote's status as our error, naming the model and node.
     /// Whether `s` is tonic's refusal of an answer over `max_answer`.
     pub fn too_large(s: &Status) -> bool {
         s.code() == tonic::Code::OutOfRange
@@ -236,6 +235,7 @@ impl Remote {
                 .starts_with("Error, decoded message length too large")
     }
 
+    /// The remote's status as our error, naming the model and node.
     pub fn error(&self, s: Status) -> DnnError {
         let kind = match s.code() {
             tonic::Code::InvalidArgument => ErrorKind::InvalidArg,

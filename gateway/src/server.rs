@@ -385,10 +385,11 @@ pub async fn accept_capped(
     }
 }
 
-/// An accepted connection: as it came, or after a TLS handshake.
+/// A TCP connection as it came, or after a TLS handshake: one the fronts
+/// accepted, or one `upstream_pool` opened to a replica.
 pub enum Conn {
     Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<tokio::net::TcpStream>>),
 }
 
 impl Capped<tokio::net::TcpStream> {
@@ -406,7 +407,7 @@ impl Capped<tokio::net::TcpStream> {
             Some(tls) => {
                 let handshake = tls.acceptor(port).accept(self.io);
                 match tokio::time::timeout(within, handshake).await {
-                    Ok(stream) => Conn::Tls(Box::new(stream?)),
+                    Ok(stream) => Conn::Tls(Box::new(stream?.into())),
                     Err(_) => {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,

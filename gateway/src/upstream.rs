@@ -78,9 +78,8 @@ pub struct UpstreamConfig {
 
 impl UpstreamConfig {
     /// The TLS client of an `openai` upstream's `https://` replicas, from
-    /// its TLS settings. (A redirect goes back to the client, as from any
-    /// proxy.)
-    fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
+    /// its TLS settings.
+    fn tls_connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
         let tls = self.tls.clone().unwrap_or_default().rustls("tls")?;
         Ok(Arc::new(tls).into())
     }
@@ -570,7 +569,7 @@ impl Upstream {
             next: Arc::default(),
             transport: match config.protocol {
                 Protocol::Openai => {
-                    let connector = config.connector().expect("validated TLS files");
+                    let tls = config.tls_connector().expect("validated TLS files");
                     // A replica without an origin is refused by `attempt`
                     // before any pool is asked.
                     let pools = || {
@@ -578,7 +577,7 @@ impl Upstream {
                             .iter()
                             .map(|r| {
                                 let root = r.origin.as_ref().map(|o| o.root.clone());
-                                Pool::new(connector.clone(), root.unwrap_or_default())
+                                Pool::new(tls.clone(), root.unwrap_or_default())
                             })
                             .collect()
                     };

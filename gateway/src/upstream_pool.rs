@@ -5,6 +5,7 @@
 //! body, no lock held by another thread, and no task spawned per request
 //! (what a general-purpose client does).
 use crate::http1::{self, Chunked, Decoded, Framing};
+use crate::server::Conn as Socket;
 use axum::body::Bytes;
 use axum::http::uri::Scheme;
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
@@ -17,9 +18,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// A TCP connection is opened within this long, or the replica counts as
@@ -30,55 +30,9 @@ const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 /// replica (or a load balancer before it) may already have dropped it.
 const IDLE_FOR: Duration = Duration::from_secs(90);
 
-/// A connection's socket: TCP, or TLS when the base URL says `https`.
-enum Io {
-    Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 /// A connection and what has been read from it but not yet taken.
 struct Conn {
-    io: Io,
+    io: Socket,
     buf: BytesMut,
 }
 
@@ -216,11 +170,10 @@ impl Pool {
             let name = ServerName::try_from(host.to_string())
                 .map_err(|e| failed("naming the TLS server", &e))?;
             let tls = self.tls.connect(name, tcp).await;
-            Io::Tls(Box::new(
-                tls.map_err(|e| failed("a TLS handshake with", &e))?,
-            ))
+            let tls = tls.map_err(|e| failed("a TLS handshake with", &e))?;
+            Socket::Tls(Box::new(tls.into()))
         } else {
-            Io::Tcp(tcp)
+            Socket::Plain(tcp)
         };
         Ok(Conn {
             io,
