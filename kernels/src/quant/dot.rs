@@ -190,6 +190,7 @@ fn pairs(g: &Group) -> usize {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{pairs, ActRow, Layout, QuantMatrix, WeightRow, LANES, STEP};
+    use crate::quant::QK;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -265,8 +266,8 @@ mod x86 {
             }
             // Whole groups of 32-value lanes, most of every row, run their
             // four pairs unrolled; the rest (shorter lanes) loop.
-            if steps == 8 {
-                for p in 0..4 {
+            if g.lane == QK {
+                for p in 0..QK / 8 {
                     pair!(p, true);
                 }
             } else {
