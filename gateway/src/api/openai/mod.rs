@@ -4,6 +4,7 @@ mod echo;
 mod embeddings;
 mod proxy;
 mod render;
+mod scan;
 mod tokenize;
 pub mod tools;
 

@@ -1,6 +1,7 @@
 //! Models served by remote OpenAI-compatible nodes: the request is forwarded
 //! as it came (renamed when the node knows the model by another name), and
 //! the answer comes back as it is, a stream as it streams.
+use super::scan;
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::upstream::{Protocol, ProxyRequest, Upstream, UpstreamError};
@@ -8,6 +9,7 @@ use axum::body::Bytes;
 use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 /// Names the replica that answered.
 const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-switchyard-upstream");
@@ -16,7 +18,7 @@ const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-switchyard-upstre
 #[derive(serde::Deserialize)]
 struct ProxyFields<'a> {
     #[serde(borrow)]
-    model: std::borrow::Cow<'a, str>,
+    model: Cow<'a, str>,
     #[serde(default)]
     stream: bool,
 }
@@ -26,10 +28,16 @@ pub fn upstream_for<'a>(state: &'a AppState, body: &Bytes) -> Option<(&'a Upstre
     if state.upstreams.is_empty() {
         return None;
     }
-    let f: ProxyFields = serde_json::from_slice(body).ok()?;
+    let (model, stream) = match scan::model_and_stream(body) {
+        Some((model, stream)) => (Cow::Borrowed(model), stream),
+        None => {
+            let f: ProxyFields = serde_json::from_slice(body).ok()?;
+            (f.model, f.stream)
+        }
+    };
     state
-        .upstream(&f.model, Protocol::Openai)
-        .map(|u| (u, f.stream))
+        .upstream(&model, Protocol::Openai)
+        .map(|u| (u, stream))
 }
 
 /// Forwards the request to a replica and sends its answer back as is (a
