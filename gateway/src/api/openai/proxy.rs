@@ -9,32 +9,16 @@ use axum::body::Bytes;
 use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
-use std::borrow::Cow;
 
 /// Names the replica that answered.
 const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-switchyard-upstream");
-
-/// The fields a proxied request is read for.
-#[derive(serde::Deserialize)]
-struct ProxyFields<'a> {
-    #[serde(borrow)]
-    model: Cow<'a, str>,
-    #[serde(default)]
-    stream: bool,
-}
 
 /// The remote upstream serving the body's `model`, if any.
 pub fn upstream_for<'a>(state: &'a AppState, body: &Bytes) -> Option<(&'a Upstream, bool)> {
     if state.upstreams.is_empty() {
         return None;
     }
-    let (model, stream) = match scan::model_and_stream(body) {
-        Some((model, stream)) => (Cow::Borrowed(model), stream),
-        None => {
-            let f: ProxyFields = serde_json::from_slice(body).ok()?;
-            (f.model, f.stream)
-        }
-    };
+    let (model, stream) = scan::model_and_stream(body)?;
     state
         .upstream(&model, Protocol::Openai)
         .map(|u| (u, stream))

@@ -9,16 +9,36 @@
 //! what serde_json accepts. It answers only for the plain case: anything else
 //! (an escape or a byte outside printable ASCII in any string, a repeated
 //! `model` or `stream`, nesting deeper than [`MAX_DEPTH`], or a body that is
-//! not JSON at all) gets `None`, and the caller parses with serde_json, which
-//! then decides and words the error as before.
+//! not JSON at all) is parsed by serde_json, with the same fields as before.
+
+use std::borrow::Cow;
 
 /// Deeper nesting is left to serde_json (whose own limit is 128).
 /// At most 31: a bit of a `u32` marks each level an object or an array.
 const MAX_DEPTH: usize = 32;
 
+/// The fields a proxied request is read for, where serde_json reads them.
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// `(model, stream)` of a body: from the one pass where it answers, else
+/// from serde_json; `None` where serde_json refuses the body.
+pub fn model_and_stream(body: &[u8]) -> Option<(Cow<'_, str>, bool)> {
+    if let Some((model, stream)) = plain(body) {
+        return Some((Cow::Borrowed(model), stream));
+    }
+    let f: Fields = serde_json::from_slice(body).ok()?;
+    Some((f.model, f.stream))
+}
+
 /// `(model, stream)` of a JSON object whose `model` is a string and whose
 /// `stream`, if present, is a boolean; `None` where serde_json must decide.
-pub fn model_and_stream(body: &[u8]) -> Option<(&str, bool)> {
+fn plain(body: &[u8]) -> Option<(&str, bool)> {
     let mut s = Scan { b: body, i: 0 };
     let (mut model, mut stream) = (None, None);
     s.ws();
@@ -227,24 +247,18 @@ impl<'a> Scan<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::model_and_stream;
+    use super::{plain, Fields};
     use proptest::prelude::*;
     use serde_json::{json, Value};
 
-    /// What serde_json reads: the same fields the proxy deserialized before.
+    /// What serde_json reads of the fields the proxy needs.
     fn serde(body: &[u8]) -> Option<(String, bool)> {
-        #[derive(serde::Deserialize)]
-        struct Fields {
-            model: String,
-            #[serde(default)]
-            stream: bool,
-        }
         let f: Fields = serde_json::from_slice(body).ok()?;
-        Some((f.model, f.stream))
+        Some((f.model.into_owned(), f.stream))
     }
 
     fn scanned(body: &[u8]) -> Option<(String, bool)> {
-        model_and_stream(body).map(|(m, s)| (m.to_string(), s))
+        plain(body).map(|(m, s)| (m.to_string(), s))
     }
 
     #[test]
@@ -262,7 +276,7 @@ mod tests {
             (br#"{"a":{"model":"inner"},"model":"outer"}"#, ("outer", false)),
         ];
         for (body, (model, stream)) in cases {
-            assert_eq!(model_and_stream(body), Some((model, stream)));
+            assert_eq!(plain(body), Some((model, stream)));
             assert_eq!(serde(body), Some((model.to_string(), stream)));
         }
     }
@@ -289,19 +303,14 @@ mod tests {
             b"{\"model\":\"fa\tst\"}",
             b"",
         ] {
-            assert_eq!(
-                model_and_stream(body),
-                None,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!(plain(body), None, "{}", String::from_utf8_lossy(body));
         }
         let deep = format!(
             r#"{{"model":"m","x":{}{}}}"#,
             "[".repeat(40),
             "]".repeat(40)
         );
-        assert_eq!(model_and_stream(deep.as_bytes()), None);
+        assert_eq!(plain(deep.as_bytes()), None);
         assert_eq!(serde(deep.as_bytes()), Some(("m".into(), false)));
     }
 
