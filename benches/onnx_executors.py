@@ -16,75 +16,77 @@ norm, GELU by `Erf`, two matmuls, a residual add, softmax).
 """
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from test_triton_models import executor  # noqa: E402
+from triton_models import iris_mlp, onnxruntime_lib, serve  # noqa: E402
 from triton_repo import write_model  # noqa: E402
 
 
-def cnn(onnx, h, nh, T):
-    rng = np.random.default_rng(0)
+def weights(seed):
+    """A namer of seeded random initializers: `w(name, *shape)`."""
+    rng = np.random.default_rng(seed)
+    return lambda name, *shape: nh.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
 
-    def w(name, *shape):
-        return nh.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
 
+def constant(name, value):
+    return nh.from_array(np.asarray(value, np.float32), name)
+
+
+def graph(name, nodes, inits, x_dims, y_dims):
+    """A float32 graph from `x` (batch `N` first) to `y`, serialized at opset 17."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_dims])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *y_dims])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def cnn():
+    w, n = weights(0), helper.make_node
     inits = [w("c1", 32, 3, 3, 3), w("b1", 32), w("c2", 32, 32, 3, 3), w("b2", 32),
              w("c3", 32, 32, 3, 3), w("b3", 32), w("s", 32), w("o", 32), w("m", 32),
-             nh.from_array(np.ones(32, np.float32), "v"), w("fc", 32, 10), w("fb", 10)]
+             constant("v", np.ones(32)), w("fc", 32, 10), w("fb", 10)]
     nodes = [
-        h.make_node("Conv", ["x", "c1", "b1"], ["a1"], pads=[1, 1, 1, 1]),
-        h.make_node("Relu", ["a1"], ["r1"]),
-        h.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        h.make_node("Conv", ["p1", "c2", "b2"], ["a2"], pads=[1, 1, 1, 1]),
-        h.make_node("BatchNormalization", ["a2", "s", "o", "m", "v"], ["n2"]),
-        h.make_node("Relu", ["n2"], ["r2"]),
-        h.make_node("Conv", ["r2", "c3", "b3"], ["a3"], pads=[1, 1, 1, 1]),
-        h.make_node("Add", ["a3", "p1"], ["s3"]),
-        h.make_node("Sigmoid", ["s3"], ["g3"]),
-        h.make_node("Mul", ["s3", "g3"], ["r3"]),
-        h.make_node("GlobalAveragePool", ["r3"], ["gp"]),
-        h.make_node("Flatten", ["gp"], ["f"]),
-        h.make_node("Gemm", ["f", "fc", "fb"], ["l"]),
-        h.make_node("Softmax", ["l"], ["y"], axis=1),
+        n("Conv", ["x", "c1", "b1"], ["a1"], pads=[1, 1, 1, 1]),
+        n("Relu", ["a1"], ["r1"]),
+        n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("Conv", ["p1", "c2", "b2"], ["a2"], pads=[1, 1, 1, 1]),
+        n("BatchNormalization", ["a2", "s", "o", "m", "v"], ["n2"]),
+        n("Relu", ["n2"], ["r2"]),
+        n("Conv", ["r2", "c3", "b3"], ["a3"], pads=[1, 1, 1, 1]),
+        n("Add", ["a3", "p1"], ["s3"]),
+        n("Sigmoid", ["s3"], ["g3"]),
+        n("Mul", ["s3", "g3"], ["r3"]),
+        n("GlobalAveragePool", ["r3"], ["gp"]),
+        n("Flatten", ["gp"], ["f"]),
+        n("Gemm", ["f", "fc", "fb"], ["l"]),
+        n("Softmax", ["l"], ["y"], axis=1),
     ]
-    g = h.make_graph(nodes, "cnn", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 64, 64])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 10])], inits)
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
+    return graph("cnn", nodes, inits, [3, 64, 64], [10])
 
 
-def block(onnx, h, nh, T, d=256, f=1024):
-    rng = np.random.default_rng(1)
-
-    def w(name, *shape):
-        return nh.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
-
-    def c(name, value):
-        return nh.from_array(np.array(value, np.float32), name)
-
-    inits = [w("w1", d, f), w("b1", f), w("w2", f, d), w("b2", d),
-             nh.from_array(np.ones(d, np.float32), "gam"), w("bet", d),
-             c("sq2", 2 ** 0.5), c("one", 1.0), c("half", 0.5)]
+def block(d=256, f=1024):
+    w, n = weights(1), helper.make_node
+    inits = [w("w1", d, f), w("b1", f), w("w2", f, d), w("b2", d), constant("gam", np.ones(d)), w("bet", d),
+             constant("sq2", 2 ** 0.5), constant("one", 1.0), constant("half", 0.5)]
     nodes = [
-        h.make_node("LayerNormalization", ["x", "gam", "bet"], ["ln"], axis=-1),
-        h.make_node("MatMul", ["ln", "w1"], ["m1"]), h.make_node("Add", ["m1", "b1"], ["a1"]),
-        h.make_node("Div", ["a1", "sq2"], ["d1"]), h.make_node("Erf", ["d1"], ["e1"]),
-        h.make_node("Add", ["e1", "one"], ["e2"]), h.make_node("Mul", ["a1", "e2"], ["e3"]),
-        h.make_node("Mul", ["e3", "half"], ["ge"]),
-        h.make_node("MatMul", ["ge", "w2"], ["m2"]), h.make_node("Add", ["m2", "b2"], ["a2"]),
-        h.make_node("Add", ["a2", "x"], ["y0"]),
-        h.make_node("Softmax", ["y0"], ["y"], axis=-1),
+        n("LayerNormalization", ["x", "gam", "bet"], ["ln"], axis=-1),
+        n("MatMul", ["ln", "w1"], ["m1"]), n("Add", ["m1", "b1"], ["a1"]),
+        n("Div", ["a1", "sq2"], ["d1"]), n("Erf", ["d1"], ["e1"]),
+        n("Add", ["e1", "one"], ["e2"]), n("Mul", ["a1", "e2"], ["e3"]),
+        n("Mul", ["e3", "half"], ["ge"]),
+        n("MatMul", ["ge", "w2"], ["m2"]), n("Add", ["m2", "b2"], ["a2"]),
+        n("Add", ["a2", "x"], ["y0"]),
+        n("Softmax", ["y0"], ["y"], axis=-1),
     ]
-    g = h.make_graph(nodes, "block", [h.make_tensor_value_info("x", T.FLOAT, ["N", 64, d])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 64, d])], inits)
-    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
+    return graph("block", nodes, inits, [64, d], [64, d])
 
 
 def config(inp, out, dims_in, dims_out):
@@ -102,61 +104,38 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="passes over the models, interleaved")
     args = ap.parse_args()
 
-    import onnx
-    import onnxruntime as ort
-    import tritonclient.grpc as g
-    from onnx import TensorProto as T
-    from onnx import helper as h
-    from onnx import numpy_helper as nh
-    from skl2onnx import to_onnx
+    import tritonclient.grpc as grpcclient
     from sklearn.datasets import load_iris
-    from sklearn.neural_network import MLPClassifier
 
-    X, y = load_iris(return_X_y=True)
-    X = X.astype(np.float32)
-    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=0).fit(X, y)
-    mlp_onx = to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
     models = {
-        "mlp": (mlp_onx, config("X", "probabilities", [4], [3]), "X", X[:1]),
-        "cnn": (cnn(onnx, h, nh, T), config("x", "y", [3, 64, 64], [10]), "x",
+        "mlp": (iris_mlp(), config("X", "probabilities", [4], [3]), "X", load_iris().data[:1].astype(np.float32)),
+        "cnn": (cnn(), config("x", "y", [3, 64, 64], [10]), "x",
                 np.random.default_rng(2).random((1, 3, 64, 64), np.float32)),
-        "block": (block(onnx, h, nh, T), config("x", "y", [64, 256], [64, 256]), "x",
+        "block": (block(), config("x", "y", [64, 256], [64, 256]), "x",
                   np.random.default_rng(3).random((1, 64, 256), np.float32)),
     }
     repo = Path(tempfile.mkdtemp(prefix="switchyard-executors-"))
+    # tract runs a model on one thread; onnxruntime is given one as well
+    # (the client shares the cores).
+    one = ' ]\n', ', { key: "intra_op_thread_count" value: { string_value: "1" } } ]\n'
     for name, (model, cfg, _, _) in models.items():
-        # tract runs a model on one thread; onnxruntime is given one as well
-        # (the client shares the cores).
-        one = ' ]\n', ', { key: "intra_op_thread_count" value: { string_value: "1" } } ]\n'
         write_model(repo, f"{name}_tract", cfg + executor("tract"), {"model.onnx": model})
         write_model(repo, f"{name}_onnxruntime", cfg + executor("onnxruntime").replace(*one), {"model.onnx": model})
-    lib = next((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so.*"))
     url = "127.0.0.1:18621"
-    env = {"SWITCHYARD_ONNXRUNTIME_LIB": str(lib), "PATH": "/usr/bin:/bin"}
-    server = subprocess.Popen([args.bin, "serve", "--model-repository", str(repo), "--http", "127.0.0.1:18620",
-                               "--grpc", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    env = {"SWITCHYARD_ONNXRUNTIME_LIB": str(onnxruntime_lib()), "PATH": "/usr/bin:/bin"}
+    server, client = serve(args.bin, repo, 18620, url, env)
     try:
-        client = g.InferenceServerClient(url)
-        for _ in range(300):
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:
-                pass
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("the server did not come up")
         per = {}
         for _ in range(args.rounds):
             for name, (_, _, inp, data) in models.items():
                 for ex in ["tract", "onnxruntime"]:
                     m = f"{name}_{ex}"
-                    i = g.InferInput(inp, list(data.shape), "FP32")
+                    i = grpcclient.InferInput(inp, list(data.shape), "FP32")
                     i.set_data_from_numpy(data)
+                    for _ in range(10):
+                        client.infer(m, [i])
                     before = stats(client, m)
-                    for k in range(10 + args.requests):
-                        if k == 10:
-                            before = stats(client, m)
+                    for _ in range(args.requests):
                         client.infer(m, [i])
                     ns, n = (a - b for a, b in zip(stats(client, m), before))
                     per.setdefault(m, []).append(ns / n / 1e3)

@@ -27,6 +27,40 @@ from triton_plane import library_rate, perf, perf_env  # noqa: E402
 from triton_repo import write_model  # noqa: E402
 
 
+def iris_mlp():
+    """An MLP classifier of iris, as ONNX (skl2onnx, probabilities without a zipmap)."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.neural_network import MLPClassifier
+
+    X, y = load_iris(return_X_y=True)
+    X = X.astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=0).fit(X, y)
+    return to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
+
+
+def onnxruntime_lib():
+    """The shared library of the onnxruntime wheel in this environment."""
+    import onnxruntime as ort
+    return next((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so.*"))
+
+
+def serve(binary, repository, http_port, grpc_url, env, *extra):
+    """Starts `switchyard serve` on `repository`; returns it and a gRPC client once it is ready."""
+    import tritonclient.grpc as g
+    s = subprocess.Popen([binary, "serve", "--model-repository", str(repository), "--http", f"127.0.0.1:{http_port}",
+                          "--grpc", grpc_url, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    client = g.InferenceServerClient(grpc_url)
+    for _ in range(300):
+        try:
+            if client.is_server_ready():
+                return s, client
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the server did not come up")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "switchyard"))
@@ -39,7 +73,6 @@ def main():
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -50,8 +83,7 @@ def main():
     pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=500))]).fit(X, y)
     clf = pipe.steps[1][1]
     pipeline = to_onnx(pipe, X[:1], options={id(clf): {"zipmap": False}}, target_opset=17).SerializeToString()
-    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=0).fit(X, y)
-    mlp_onx = to_onnx(mlp, X[:1], options={id(mlp): {"zipmap": False}}, target_opset=17).SerializeToString()
+    mlp_onx = iris_mlp()
     write_model(repo, "pipeline", PIPELINE_CONFIG, {"model.onnx": pipeline})
     write_model(repo, "pipeline_cached", PIPELINE_CONFIG + "response_cache { enable: true }\n", {"model.onnx": pipeline})
     for name in ["tract", "onnxruntime"]:
@@ -66,29 +98,16 @@ dynamic_batching { max_queue_delay_microseconds: 1000 }
     write_model(repo, "classifier", PIPELINE_CONFIG,
                 {"model.onnx": to_onnx(clf, Xs[:1], options={id(clf): {"zipmap": False}}, target_opset=17).SerializeToString()})
     write_model(repo, "pipeline_ensemble", ENSEMBLE, {})
-    lib = Path(ort.__file__).parent / "capi"
-    lib = next(lib.glob("libonnxruntime.so.*"))
     warm = PIPELINE_CONFIG + """model_warmup [ { name: "zeros" batch_size: 1 count: 3
   inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
 """
 
     port, grpc_port = 18610, 18611
     url = f"127.0.0.1:{grpc_port}"
-    env = dict(perf_env(), SWITCHYARD_ONNXRUNTIME_LIB=str(lib))
+    env = dict(perf_env(), SWITCHYARD_ONNXRUNTIME_LIB=str(onnxruntime_lib()))
 
     def start(repository):
-        s = subprocess.Popen([args.bin, "serve", "--model-repository", str(repository), "--http", f"127.0.0.1:{port}",
-                              "--grpc", url, "--cache-config", "local,size=1048576"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        client = g.InferenceServerClient(url)
-        for _ in range(300):
-            try:
-                if client.is_server_ready():
-                    return s, client
-            except Exception:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("the server did not come up")
+        return serve(args.bin, repository, port, url, env, "--cache-config", "local,size=1048576")
 
     models = ["pipeline", "pipeline_ensemble", "pipeline_cached", "mlp_tract", "mlp_onnxruntime"]
     server, client = start(repo)
