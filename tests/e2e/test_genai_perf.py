@@ -11,7 +11,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import Triton, binary, require_env
+from conftest import Triton, binary, metric, require_env, wait_for
 from test_triton import perf_analyzer, perf_env
 
 
@@ -49,29 +49,50 @@ COMMON = ["--num-dataset-entries", "6", "--request-count", "6", "--synthetic-inp
           "--output-tokens-mean", "8", "--concurrency", "2"]
 
 
+def profile_counted(server, model, args, cwd) -> tuple[dict, float]:
+    """genai-perf's exported statistics of a clean run, and the tokens the engine
+    generated for its requests by the server's own counter. genai-perf's
+    `output_sequence_length` re-tokenizes the text it received, and sampled
+    text can tokenize into more pieces than were generated, so the engine's
+    count is the one that says whether max_tokens was honoured."""
+    count = lambda name: metric(server, f"switchyard:{name}", missing=0.0, model_name=model)
+    requests, tokens = count("e2e_request_latency_seconds_count"), count("generation_tokens_total")
+    r = genai_perf(args, cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stats = exported(cwd)
+    assert stats["request_count"]["avg"] == 6
+    # A request is counted as ended once the engine lets it go, which may
+    # follow its last response by a moment.
+    wait_for("the engine to count genai-perf's requests",
+             lambda: count("e2e_request_latency_seconds_count") - requests >= 6, timeout=30)
+    return stats, count("generation_tokens_total") - tokens
+
+
+def assert_streamed(stats):
+    """A first token before the last, and genai-perf read the streamed text."""
+    assert 0 < stats["time_to_first_token"]["avg"] < stats["request_latency"]["avg"]
+    assert stats["output_sequence_length"]["max"] > 0
+
+
 def test_genai_perf_kserve_vllm_streaming_over_grpc(llm, tokenizer, tmp_path):
     server, model = llm
-    r = genai_perf(["-m", model, "--endpoint-type", "kserve", "--backend", "vllm", "--streaming",
-                    "-u", server.grpc_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    stats = exported(tmp_path)
-    assert stats["request_count"]["avg"] == 6
-    # Streamed: a first token before the last; max_tokens (sent as the string "8") honoured.
-    assert 0 < stats["time_to_first_token"]["avg"] < stats["request_latency"]["avg"]
-    assert stats["output_sequence_length"]["max"] <= 9
+    # max_tokens goes as the string "8" in sampling_parameters, as to Triton's vLLM backend.
+    stats, tokens = profile_counted(server, model, [
+        "-m", model, "--endpoint-type", "kserve", "--backend", "vllm", "--streaming",
+        "-u", server.grpc_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
+    assert_streamed(stats)
+    assert 0 < tokens <= 6 * 8, tokens
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_genai_perf_generate(llm, tokenizer, tmp_path, streaming):
     server, model = llm
-    r = genai_perf(["-m", model, "--endpoint-type", "generate", *(["--streaming"] if streaming else []),
-                    "-u", server.http_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    stats = exported(tmp_path)
-    assert stats["request_count"]["avg"] == 6
+    stats, tokens = profile_counted(server, model, [
+        "-m", model, "--endpoint-type", "generate", *(["--streaming"] if streaming else []),
+        "-u", server.http_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
+    assert 0 < tokens <= 6 * 8, tokens
     if streaming:
-        assert 0 < stats["time_to_first_token"]["avg"] < stats["request_latency"]["avg"]
-        assert stats["output_sequence_length"]["max"] <= 9
+        assert_streamed(stats)
     else:
         # Without `exclude_input_in_output`, the output repeats the prompt, as Triton's vLLM backend's does.
         assert stats["output_sequence_length"]["min"] >= 24
