@@ -15,6 +15,7 @@ layer, softmax) and a transformer MLP block on 64 tokens of width 256 (layer
 norm, GELU by `Erf`, two matmuls, a residual add, softmax).
 """
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -104,7 +105,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="passes over the models, interleaved")
     args = ap.parse_args()
 
-    import tritonclient.grpc as grpcclient
     from sklearn.datasets import load_iris
 
     models = {
@@ -114,34 +114,8 @@ def main():
         "block": (block(), config("x", "y", [64, 256], [64, 256]), "x",
                   np.random.default_rng(3).random((1, 64, 256), np.float32)),
     }
-    repo = Path(tempfile.mkdtemp(prefix="switchyard-executors-"))
-    # tract runs a model on one thread; onnxruntime is given one as well
-    # (the client shares the cores).
-    one = ' ]\n', ', { key: "intra_op_thread_count" value: { string_value: "1" } } ]\n'
-    for name, (model, cfg, _, _) in models.items():
-        write_model(repo, f"{name}_tract", cfg + executor("tract"), {"model.onnx": model})
-        write_model(repo, f"{name}_onnxruntime", cfg + executor("onnxruntime").replace(*one), {"model.onnx": model})
-    url = "127.0.0.1:18621"
-    env = {"SWITCHYARD_ONNXRUNTIME_LIB": str(onnxruntime_lib()), "PATH": "/usr/bin:/bin"}
-    server, client = serve(args.bin, repo, 18620, url, env)
-    try:
-        per = {}
-        for _ in range(args.rounds):
-            for name, (_, _, inp, data) in models.items():
-                for ex in ["tract", "onnxruntime"]:
-                    m = f"{name}_{ex}"
-                    i = grpcclient.InferInput(inp, list(data.shape), "FP32")
-                    i.set_data_from_numpy(data)
-                    for _ in range(10):
-                        client.infer(m, [i])
-                    before = stats(client, m)
-                    for _ in range(args.requests):
-                        client.infer(m, [i])
-                    ns, n = (a - b for a, b in zip(stats(client, m), before))
-                    per.setdefault(m, []).append(ns / n / 1e3)
-    finally:
-        server.terminate()
-        server.wait()
+    with tempfile.TemporaryDirectory(prefix="switchyard-executors-") as repo:
+        per = run(args, models, Path(repo))
     print("\n| model | tract µs per request (each round) | onnxruntime µs (each round) | tract ÷ onnxruntime (median) |")
     print("|---|---|---|---|")
     for name in models:
@@ -149,6 +123,43 @@ def main():
         fmt = " / ".join
         print(f"| {name} | {fmt(f'{v:.1f}' for v in t)} | {fmt(f'{v:.1f}' for v in o)} "
               f"| {statistics.median(t) / statistics.median(o):.2f} |")
+
+
+def run(args, models, repo):
+    """Serves every model on both executors from `repo`; µs of `compute_infer` a request, per model and round."""
+    for name, (model, cfg, _, _) in models.items():
+        write_model(repo, f"{name}_tract", cfg + executor("tract"), {"model.onnx": model})
+        # tract runs a model on one thread; onnxruntime is given one as well
+        # (the client shares the cores).
+        write_model(repo, f"{name}_onnxruntime", cfg + executor("onnxruntime", intra_op_thread_count="1"),
+                    {"model.onnx": model})
+    url = "127.0.0.1:18621"
+    env = {"SWITCHYARD_ONNXRUNTIME_LIB": str(onnxruntime_lib()), "PATH": "/usr/bin:/bin"}
+    server, client = serve(args.bin, repo, 18620, url, env)
+    try:
+        per = {}
+        for _, (name, (_, _, inp, data)), ex in itertools.product(range(args.rounds), models.items(),
+                                                                   ["tract", "onnxruntime"]):
+            per.setdefault(f"{name}_{ex}", []).append(timed(client, f"{name}_{ex}", inp, data, args.requests))
+    finally:
+        server.terminate()
+        server.wait()
+    return per
+
+
+def timed(client, model, inp, data, requests):
+    """µs of the model's `compute_infer` a request, over `requests` after 10 untimed."""
+    import tritonclient.grpc as grpcclient
+
+    i = grpcclient.InferInput(inp, list(data.shape), "FP32")
+    i.set_data_from_numpy(data)
+    for _ in range(10):
+        client.infer(model, [i])
+    before = stats(client, model)
+    for _ in range(requests):
+        client.infer(model, [i])
+    ns, n = (a - b for a, b in zip(stats(client, model), before))
+    return ns / n / 1e3
 
 
 def stats(client, model):

@@ -45,27 +45,31 @@ def exported(cwd) -> dict:
     return json.loads(path.read_text())
 
 
-COMMON = ["--num-dataset-entries", "6", "--request-count", "6", "--synthetic-input-tokens-mean", "24",
-          "--output-tokens-mean", "8", "--concurrency", "2"]
+REQUESTS, MAX_TOKENS = 6, 8
+COMMON = ["--num-dataset-entries", str(REQUESTS), "--request-count", str(REQUESTS),
+          "--synthetic-input-tokens-mean", "24", "--output-tokens-mean", str(MAX_TOKENS), "--concurrency", "2"]
 
 
-def profile_counted(server, model, args, cwd) -> tuple[dict, float]:
-    """genai-perf's exported statistics of a clean run, and the tokens the engine
-    generated for its requests by the server's own counter. genai-perf's
-    `output_sequence_length` re-tokenizes the text it received, and sampled
-    text can tokenize into more pieces than were generated, so the engine's
-    count is the one that says whether max_tokens was honoured."""
+def profile_counted(server, model, args, cwd) -> dict:
+    """genai-perf's exported statistics of a clean run whose requests the
+    engine kept within max_tokens by the server's own count of generated
+    tokens. genai-perf's `output_sequence_length` re-tokenizes the text it
+    received, and sampled text can tokenize into more pieces than were
+    generated, so the engine's count is the one that says whether max_tokens
+    was honoured."""
     count = lambda name: metric(server, f"switchyard:{name}", missing=0.0, model_name=model)
     requests, tokens = count("e2e_request_latency_seconds_count"), count("generation_tokens_total")
     r = genai_perf(args, cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stats = exported(cwd)
-    assert stats["request_count"]["avg"] == 6
+    assert stats["request_count"]["avg"] == REQUESTS
     # A request is counted as ended once the engine lets it go, which may
     # follow its last response by a moment.
     wait_for("the engine to count genai-perf's requests",
-             lambda: count("e2e_request_latency_seconds_count") - requests >= 6, timeout=30)
-    return stats, count("generation_tokens_total") - tokens
+             lambda: count("e2e_request_latency_seconds_count") - requests >= REQUESTS, timeout=30)
+    generated = count("generation_tokens_total") - tokens
+    assert 0 < generated <= REQUESTS * MAX_TOKENS, generated
+    return stats
 
 
 def assert_streamed(stats):
@@ -76,21 +80,19 @@ def assert_streamed(stats):
 
 def test_genai_perf_kserve_vllm_streaming_over_grpc(llm, tokenizer, tmp_path):
     server, model = llm
-    # max_tokens goes as the string "8" in sampling_parameters, as to Triton's vLLM backend.
-    stats, tokens = profile_counted(server, model, [
+    # max_tokens goes as a string ("8") in sampling_parameters, as to Triton's vLLM backend.
+    stats = profile_counted(server, model, [
         "-m", model, "--endpoint-type", "kserve", "--backend", "vllm", "--streaming",
         "-u", server.grpc_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
     assert_streamed(stats)
-    assert 0 < tokens <= 6 * 8, tokens
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_genai_perf_generate(llm, tokenizer, tmp_path, streaming):
     server, model = llm
-    stats, tokens = profile_counted(server, model, [
+    stats = profile_counted(server, model, [
         "-m", model, "--endpoint-type", "generate", *(["--streaming"] if streaming else []),
         "-u", server.http_url, "--tokenizer", str(tokenizer), *COMMON], tmp_path)
-    assert 0 < tokens <= 6 * 8, tokens
     if streaming:
         assert_streamed(stats)
     else:

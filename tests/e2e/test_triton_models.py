@@ -49,8 +49,10 @@ ensemble_scheduling { step [
 """
 
 
-def executor(name: str) -> str:
-    return f'parameters [ {{ key: "executor" value: {{ string_value: "{name}" }} }} ]\n'
+def executor(name: str, **more: str) -> str:
+    """The `parameters` line choosing an ONNX model's executor, with any more string parameters."""
+    kv = {"executor": name, **more}
+    return "parameters [ " + ", ".join(f'{{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in kv.items()) + " ]\n"
 
 
 @pytest.fixture(scope="module")
