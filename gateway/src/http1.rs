@@ -84,10 +84,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
     for f in answer.headers.iter() {
         let name = f.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(f.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
+            let n = content_length(f.value)
                 .ok_or_else(|| "the answer's content-length is not a number".to_string())?;
             if length.is_some_and(|l| l != n) {
                 return Err("the answer has two different content-lengths".into());
@@ -99,10 +96,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
             chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
             coded = true;
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
+            let (c, k, _) = connection(f.value);
+            (close, keep_alive) = (close | c, keep_alive | k);
         } else if name.eq_ignore_ascii_case("content-type") {
             content_type = HeaderValue::from_bytes(f.value).ok();
         }
@@ -125,6 +120,30 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
         framing,
     };
     Ok(Some((head, len)))
+}
+
+/// A `content-length` field's value: decimal digits and nothing else.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// A `connection` field's options: whether it names `close`, whether
+/// `keep-alive`, and whether anything else.
+pub fn connection(value: &[u8]) -> (bool, bool, bool) {
+    let (mut close, mut keep_alive, mut other) = (false, false, false);
+    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive = true;
+        } else if !token.is_empty() {
+            other = true;
+        }
+    }
+    (close, keep_alive, other)
 }
 
 /// Where a chunked body's decoding stands.

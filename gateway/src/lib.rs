@@ -11,6 +11,7 @@ pub mod divergence;
 pub mod experiment_stats;
 pub mod fuzz;
 pub mod http1;
+pub mod http1_server;
 pub mod kserve_client;
 pub mod limits;
 pub mod models;

@@ -6,6 +6,7 @@ use crate::api::{self, AppState};
 use crate::auth::Keys;
 use crate::config::{self, Config};
 use crate::control::{controller, experiments_file, rollout};
+use crate::http1_server::{self, Served};
 use crate::limits::Limits;
 use crate::tls::{Port, ServerTls};
 use crate::{models, plane, registry, upstream};
@@ -351,7 +352,24 @@ fn load_models(state: &AppState, models: &[crate::config::ModelConfig]) -> Resul
 /// One accepted connection, holding its place under the connection cap.
 pub struct Capped<T> {
     io: T,
+    /// Bytes read from `io` that are to be read again first.
+    unread: axum::body::Bytes,
     _permit: OwnedSemaphorePermit,
+}
+
+impl<T> Capped<T> {
+    fn new(io: T, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            io,
+            unread: axum::body::Bytes::new(),
+            _permit: permit,
+        }
+    }
+
+    /// Puts `read` back, to be read again before what follows it.
+    pub fn put_back(&mut self, read: axum::body::Bytes) {
+        self.unread = read;
+    }
 }
 
 /// Accepts connections while fewer than `max` are open; further clients wait
@@ -370,10 +388,7 @@ pub async fn accept_capped(
             Ok((tcp, _)) => {
                 // Small responses go out at once, not after a delayed ACK.
                 let _ = tcp.set_nodelay(true);
-                return Ok(Capped {
-                    io: tcp,
-                    _permit: permit,
-                });
+                return Ok(Capped::new(tcp, permit));
             }
             // Out of file descriptors and the like: wait, then accept again.
             Err(e) if is_transient(&e) => {
@@ -417,10 +432,7 @@ impl Capped<tokio::net::TcpStream> {
                 }
             }
         };
-        Ok(Capped {
-            io,
-            _permit: self._permit,
-        })
+        Ok(Capped::new(io, self._permit))
     }
 }
 
@@ -503,6 +515,13 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Capped<T> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            use bytes::Buf;
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
         std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -737,9 +756,9 @@ impl Front {
             return self.run(conn);
         }
         // Off this front's event loop, onto the other's when it arrives.
-        let Capped { io, _permit } = conn;
+        let Capped { io, _permit, .. } = conn;
         let conn = match io.into_std() {
-            Ok(io) => Capped { io, _permit },
+            Ok(io) => Capped::new(io, _permit),
             Err(e) => return tracing::warn!(error = %e, "handing a connection over failed"),
         };
         // Counted at once, so that the next accept sees it on its way.
@@ -760,9 +779,9 @@ impl Front {
 
     /// Serves a handed-over connection on this front's event loop.
     fn take_over(&self, conn: Handed) {
-        let Capped { io, _permit } = conn;
+        let Capped { io, _permit, .. } = conn;
         match tokio::net::TcpStream::from_std(io) {
-            Ok(io) => self.run(Capped { io, _permit }),
+            Ok(io) => self.run(Capped::new(io, _permit)),
             Err(e) => tracing::warn!(error = %e, "taking a connection over failed"),
         }
     }
@@ -770,7 +789,8 @@ impl Front {
     /// Serves `conn` on this front to its end.
     fn run(&self, conn: Capped<tokio::net::TcpStream>) {
         let within = Duration::from_secs(self.limits.header_read_timeout_secs);
-        let service = hyper_util::service::TowerToHyperService::new(self.app.clone());
+        let app = self.app.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let (builder, stop, tls) = (self.builder.clone(), self.stop.clone(), self.tls.clone());
         let open = Open::new(self.open.clone(), self.index, self.gauge.clone());
         tokio::spawn(async move {
@@ -779,9 +799,22 @@ impl Front {
                 Ok(c) => c,
                 Err(e) => return tracing::debug!(error = %e, "TLS handshake failed"),
             };
+            // Generation requests are served by our own HTTP/1 half; the
+            // first request of any other kind hands the connection to hyper.
+            let ours = stopped_for_connection(stop.clone());
+            tokio::pin!(ours);
+            let conn = match http1_server::serve(conn, &app, within, ours).await {
+                Served::Ended => return,
+                Served::HandOver(mut conn, read) => {
+                    conn.put_back(read);
+                    conn
+                }
+            };
             let io = hyper_util::rt::TokioIo::new(conn);
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
+            // Anew: when the server is stopping already, it resolves at
+            // once, after hyper's first poll has taken the request read.
             let stop = stopped_for_connection(stop);
             let result = tokio::select! {
                 // The connection first: no random pick on every wake.

@@ -462,3 +462,90 @@ def test_serve_a_model_file_the_way_vllm_users_do():
         assert "Paris" in r.choices[0].message.content
     finally:
         s.stop()
+
+
+class _Wire:
+    """One socket's answers read in order from one buffer (pipelined answers
+    must not be read past each other), which an answer read whole leaves open."""
+
+    def __init__(self, sock):
+        self.file = sock.makefile("rb")
+
+    def makefile(self, *_args, **_kw):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def close(self):
+        pass
+
+    def answer(self):
+        import http.client
+        r = http.client.HTTPResponse(self)
+        r.begin()
+        return r, r.read()
+
+
+def _post(path, body, *fields, version="HTTP/1.1"):
+    import json
+    data = json.dumps(body).encode()
+    head = [f"POST {path} {version}", "host: x", "content-type: application/json",
+            f"content-length: {len(data)}", *fields]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+def test_one_connection_carries_pipelined_generations_then_other_routes(server):
+    import json
+    import socket
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        wire = _Wire(s)
+        # Two generations, a streamed one, a GET, then a generation again:
+        # all sent before any answer is read, all answered in order.
+        s.sendall(_post("/v1/completions", body) + _post("/v1/completions", body)
+                  + _post("/v1/chat/completions", chat)
+                  + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n" + _post("/v1/completions", body))
+        texts = []
+        for expected in ["completion", "completion", "stream", "health", "completion"]:
+            r, data = wire.answer()
+            assert r.status == 200, (expected, r.status, data[:200])
+            if expected == "completion":
+                assert r.getheader("content-length") == str(len(data))
+                texts.append(json.loads(data)["choices"][0]["text"])
+            elif expected == "stream":
+                assert r.getheader("content-type").startswith("text/event-stream")
+                assert r.getheader("transfer-encoding") == "chunked"
+                assert data.rstrip().endswith(b"data: [DONE]"), data[-100:]
+        assert texts[0] == texts[1] == texts[2], "greedy, the same prompt: the same text"
+        # A chunked request body, on hyper's side of the connection now.
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                  + b"%x\r\n" % len(json.dumps(body)) + json.dumps(body).encode() + b"\r\n0\r\n\r\n")
+        r, data = wire.answer()
+        assert r.status == 200 and json.loads(data)["choices"][0]["text"] == texts[0]
+
+
+def test_generation_connections_close_when_asked_and_bad_ones_get_protocol_errors(server):
+    import json
+    import socket
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    for fields, version in [(["connection: close"], "HTTP/1.1"), ([], "HTTP/1.0")]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+            s.sendall(_post("/v1/completions", body, *fields, version=version))
+            r, data = _Wire(s).answer()
+            assert r.status == 200 and json.loads(data)["choices"][0]["text"], (version, data)
+            assert s.recv(1) == b"", "the server closed the connection"
+    # An unknown model and a body that is not JSON: OpenAI's error shape on
+    # each, and the connection still serves.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        wire = _Wire(s)
+        s.sendall(_post("/v1/completions", {**body, "model": "nope"}))
+        r, data = wire.answer()
+        assert r.status == 404 and json.loads(data)["error"]["code"] == "model_not_found"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n{nope")
+        r, data = wire.answer()
+        assert r.status == 400 and json.loads(data)["error"]["type"] == "invalid_request_error"
+        s.sendall(_post("/v1/completions", body))
+        r, data = wire.answer()
+        assert r.status == 200

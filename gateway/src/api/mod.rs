@@ -348,11 +348,64 @@ impl Api {
     }
 }
 
-/// The routes [`Api`] answers without the router.
-#[derive(Clone, Copy)]
-enum Generate {
+impl Api {
+    /// What every handler shares.
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
+    }
+}
+
+/// The routes [`Api`] answers without the router, and the front's own
+/// HTTP/1 half (`http1_server`) without hyper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Generate {
     Chat,
     Completions,
+}
+
+impl Generate {
+    /// The route a POST to `path` goes to, if it is one of these.
+    pub(crate) fn of_post(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Self::Chat),
+            "/v1/completions" => Some(Self::Completions),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn uri(self) -> axum::http::Uri {
+        axum::http::Uri::from_static(match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        })
+    }
+}
+
+/// The refusal of a generation request whose key does not let it through
+/// (see [`inference_refusal`]), in OpenAI's shape.
+pub(crate) fn generation_refusal(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    inference_refusal::<ApiError>(state, headers)
+}
+
+/// Answers a request to `route` that the key check let through: its body
+/// read under the bound, then the route's handler.
+pub(crate) async fn generate(
+    state: AppState,
+    route: Generate,
+    req: axum::extract::Request,
+) -> Response {
+    use axum::extract::FromRequest;
+    let body = match error::OpenAiBody::from_request(req, &state).await {
+        Ok(body) => body,
+        Err(e) => return ApiError::into_response(e),
+    };
+    match route {
+        Generate::Chat => openai::chat_completions(State(state), body).await,
+        Generate::Completions => openai::completions(State(state), body).await,
+    }
 }
 
 impl tower::Service<axum::http::Request<hyper::body::Incoming>> for Api {
@@ -371,27 +424,21 @@ impl tower::Service<axum::http::Request<hyper::body::Incoming>> for Api {
     }
 
     fn call(&mut self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
-        use axum::extract::FromRequest;
         use futures::future::Either;
-        let route = match (req.method(), req.uri().path()) {
-            (&axum::http::Method::POST, "/v1/chat/completions") => Generate::Chat,
-            (&axum::http::Method::POST, "/v1/completions") => Generate::Completions,
-            _ => return Either::Right(self.router.call(req)),
+        let route = match *req.method() {
+            axum::http::Method::POST => Generate::of_post(req.uri().path()),
+            _ => None,
+        };
+        let Some(route) = route else {
+            return Either::Right(self.router.call(req));
         };
         let state = self.state.clone();
         let req = req.map(axum::body::Body::new);
         Either::Left(Box::pin(async move {
-            if let Some(refused) = inference_refusal::<ApiError>(&state, req.headers()) {
+            if let Some(refused) = generation_refusal(&state, req.headers()) {
                 return Ok(refused);
             }
-            let body = match error::OpenAiBody::from_request(req, &state).await {
-                Ok(body) => body,
-                Err(e) => return Ok(ApiError::into_response(e)),
-            };
-            Ok(match route {
-                Generate::Chat => openai::chat_completions(State(state), body).await,
-                Generate::Completions => openai::completions(State(state), body).await,
-            })
+            Ok(generate(state, route, req).await)
         }))
     }
 }
