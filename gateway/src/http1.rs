@@ -8,7 +8,6 @@
 use axum::body::Bytes;
 use axum::http::{HeaderValue, Method, StatusCode};
 use bytes::{Buf, BytesMut};
-use std::io::Write;
 use std::mem::MaybeUninit;
 
 /// An answer's head may be this long; a longer one is refused.
@@ -30,7 +29,7 @@ pub fn request(method: &Method, target: &str, host: &str, body: &[u8]) -> Vec<u8
     out.extend_from_slice(host.as_bytes());
     if !body.is_empty() || method != b"GET" {
         out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
-        write!(out, "{}", body.len()).expect("writing to a Vec");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
@@ -124,10 +123,13 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
 
 /// A `content-length` field's value: decimal digits and nothing else.
 pub fn content_length(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value)
-        .ok()
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<u64>().ok())
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
 }
 
 /// A `connection` field's options: whether it names `close`, whether
@@ -335,6 +337,13 @@ mod tests {
         let err = |t: &str| parse_head(t.as_bytes()).unwrap_err();
         assert!(err("HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n").contains("content-length"));
         assert!(err("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").contains("content-length"));
+        assert!(
+            err("HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551616\r\n\r\n")
+                .contains("content-length")
+        );
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(content_length(b"007"), Some(7));
+        assert_eq!(content_length(b""), None);
         let two = "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n";
         assert!(err(two).contains("two different"));
         assert!(err("SMTP ready\r\n\r\n").contains("not HTTP/1"));

@@ -293,7 +293,12 @@ async fn write<T: AsyncWrite + Unpin>(
     let io_error = |e: axum::Error| std::io::Error::other(e);
     match hyper::body::Body::size_hint(&body).exact() {
         Some(len) => {
-            write!(out, "content-length: {len}\r\n\r\n").expect("writing to a Vec");
+            field(
+                &mut out,
+                b"content-length",
+                itoa::Buffer::new().format(len).as_bytes(),
+            );
+            out.extend_from_slice(b"\r\n");
             let mut one_write = len <= ONE_WRITE as u64;
             if one_write {
                 out.reserve(len as usize);

@@ -183,6 +183,9 @@ impl AppState {
 
     /// The token budget of the key in `headers`, if it has one.
     pub fn token_budget(&self, headers: &axum::http::HeaderMap) -> Option<Arc<auth::Bucket>> {
+        if self.keys.is_empty() {
+            return None;
+        }
         self.keys.token_budget(auth::from_headers(headers))
     }
 
@@ -373,11 +376,17 @@ impl Generate {
         }
     }
 
+    /// The route's URI, parsed once.
     pub(crate) fn uri(self) -> axum::http::Uri {
-        axum::http::Uri::from_static(match self {
-            Self::Chat => "/v1/chat/completions",
-            Self::Completions => "/v1/completions",
-        })
+        use axum::http::Uri;
+        static CHAT: std::sync::LazyLock<Uri> =
+            std::sync::LazyLock::new(|| Uri::from_static("/v1/chat/completions"));
+        static COMPLETIONS: std::sync::LazyLock<Uri> =
+            std::sync::LazyLock::new(|| Uri::from_static("/v1/completions"));
+        match self {
+            Self::Chat => CHAT.clone(),
+            Self::Completions => COMPLETIONS.clone(),
+        }
     }
 }
 
@@ -463,6 +472,10 @@ fn inference_refusal<E: From<AuthError> + IntoResponse>(
     s: &AppState,
     headers: &axum::http::HeaderMap,
 ) -> Option<Response> {
+    // Open inference without keys: nothing in the headers can change that.
+    if !s.keyed_inference && s.keys.is_empty() {
+        return None;
+    }
     let e = s.authorize_inference(auth::from_headers(headers)).err()?;
     let retry_after = e.retry_after();
     let mut resp = E::from(e).into_response();
