@@ -10,7 +10,9 @@
 #   benches/proxy_instructions.sh [--requests N] [--connections C] BINARY...
 #
 # Every BINARY is counted in turn; the first is the anchor of the last column.
-# Needs valgrind and python3.
+# `nginx` as a BINARY counts nginx instead (one worker, no master process,
+# the configuration `proxy_overhead` writes), as the reference.
+# Needs valgrind and python3 (and nginx for that).
 set -euo pipefail
 requests=4000
 connections=8
@@ -57,13 +59,37 @@ up=$(free_port)
 anchor=""
 echo "| binary | connections | requests | instructions per request | ÷ first |"
 echo "|---|---|---|---|---|"
+# The proxy BINARY on 127.0.0.1:PORT in the background, under callgrind.
+start() {
+  local bin=$1 port=$2 d="$work"
+  local counted=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p")
+  if [[ $bin == nginx ]]; then
+    cat >"$work/nginx.conf" <<EOF
+worker_processes 1; master_process off; daemon off; pid $d/nginx.pid; error_log $d/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $d/body; proxy_temp_path $d/proxy;
+  fastcgi_temp_path $d/fcgi; uwsgi_temp_path $d/uwsgi; scgi_temp_path $d/scgi;
+  upstream fast { server 127.0.0.1:$up; keepalive 128; }
+  server {
+    listen 127.0.0.1:$port;
+    location / { proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+    "${counted[@]}" nginx -p "$work" -c "$work/nginx.conf" 2>"$work/valgrind.log" &
+  else
+    printf 'server: { http: 127.0.0.1:%s }\nupstreams:\n  - { name: fast, endpoints: [http://127.0.0.1:%s] }\n' \
+      "$port" "$up" >"$work/switchyard.yaml"
+    RUST_LOG=warn "${counted[@]}" "$bin" serve --config "$work/switchyard.yaml" 2>"$work/valgrind.log" &
+  fi
+}
+
 for bin in "$@"; do
   port=$(free_port)
-  printf 'server: { http: 127.0.0.1:%s }\nupstreams:\n  - { name: fast, endpoints: [http://127.0.0.1:%s] }\n' \
-    "$port" "$up" >"$work/switchyard.yaml"
   rm -f "$work"/callgrind.out.*
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p" \
-    "$bin" serve --config "$work/switchyard.yaml" 2>"$work/valgrind.log" &
+  start "$bin" "$port"
   pid=$!
   for _ in $(seq 1 300); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
