@@ -57,9 +57,17 @@ fn words(n: usize) -> String {
 }
 
 fn prompt(i: usize, n: usize) -> String {
-    // A unique opening so no prefix cache can help.
+    // A unique opening so no prefix cache can help: unique within a run,
+    // and across runs too (a server kept up between two runs would
+    // otherwise find the second run's prompts cached from the first).
+    static RUN: std::sync::LazyLock<u128> = std::sync::LazyLock::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
     format!(
-        "Request {i} ({:x}): {}",
+        "Request {i} ({:x}-{:x}): {}",
+        *RUN,
         i.wrapping_mul(2654435761),
         words(n)
     )
