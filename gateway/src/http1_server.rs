@@ -522,6 +522,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_arriving_in_pieces_of_any_size_are_answered_the_same() {
+        let api = api();
+        let sent = format!("{CHAT}{}", CHAT.replace("chat/", ""));
+        for piece in [1, 2, 7, 31, 64, 200, sent.len()] {
+            let (mut client, conn) = tokio::io::duplex(1 << 16);
+            let served = tokio::spawn({
+                let api = api.clone();
+                async move {
+                    let stop = std::future::pending::<()>();
+                    tokio::pin!(stop);
+                    serve(conn, &api, Duration::from_secs(5), stop.as_mut()).await
+                }
+            });
+            for part in sent.as_bytes().chunks(piece) {
+                client.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            let mut buf = BytesMut::new();
+            for _ in 0..2 {
+                let (status, keep_alive, body) = answer(&mut client, &mut buf).await;
+                assert!(
+                    (400..500).contains(&status) && keep_alive,
+                    "{piece}: {status}"
+                );
+                let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert!(error["error"]["message"].is_string(), "{piece}: {error}");
+            }
+            drop(client);
+            assert!(matches!(served.await.unwrap(), Served::Ended), "{piece}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_client_that_asks_to_close_gets_its_answer_then_the_end() {
         let (mut client, conn) = tokio::io::duplex(1 << 16);
         let api = api();
