@@ -12,14 +12,19 @@
 # Every BINARY is counted in turn; the first is the anchor of the last column.
 # `nginx` as a BINARY counts nginx instead (one worker, no master process,
 # the configuration `proxy_overhead` writes), as the reference.
+# With --cpu, the proxy runs without valgrind and the table gives its user
+# and system CPU time and its context switches a request instead (from
+# /proc, at the clock tick's resolution: use tens of thousands of requests).
 # Needs valgrind and python3 (and nginx for that).
 set -euo pipefail
 requests=4000
 connections=8
+cpu=""
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --requests) requests=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
+    --cpu) cpu=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -57,12 +62,24 @@ EOF
 up=$(free_port)
 "$upstream_bin" --upstream-only "$up" &
 anchor=""
-echo "| binary | connections | requests | instructions per request | ÷ first |"
-echo "|---|---|---|---|---|"
+if [[ -n $cpu ]]; then
+  echo "| binary | connections | requests | user µs per request | system µs per request | context switches per request |"
+  echo "|---|---|---|---|---|---|"
+else
+  echo "| binary | connections | requests | instructions per request | ÷ first |"
+  echo "|---|---|---|---|---|"
+fi
+
+# The process's user and system clock ticks and its threads' context
+# switches so far.
+usage() {
+  echo "$(awk '{print $14, $15}' "/proc/$1/stat") $(cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}')"
+}
 # The proxy BINARY on 127.0.0.1:PORT in the background, under callgrind.
 start() {
   local bin=$1 port=$2 d="$work"
   local counted=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p")
+  [[ -z $cpu ]] || counted=(env)
   if [[ $bin == nginx ]]; then
     cat >"$work/nginx.conf" <<EOF
 worker_processes 1; master_process off; daemon off; pid $d/nginx.pid; error_log $d/nginx.err;
@@ -96,6 +113,21 @@ for bin in "$@"; do
     sleep 0.2
   done
   load "$port" 400 "$connections" # warm: connections, pools, lazy statics
+  if [[ -n $cpu ]]; then
+    before=$(usage "$pid")
+    load "$port" "$requests" "$connections"
+    after=$(usage "$pid")
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    python3 - "$bin" "$connections" "$requests" "$(getconf CLK_TCK)" $before $after <<'EOF'
+import sys
+bin, c, n, tck = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+u0, s0, x0, u1, s1, x1 = map(int, sys.argv[5:11])
+per = lambda ticks: ticks * 1e6 / tck / n
+print(f"| {bin} | {c} | {n} | {per(u1 - u0):.2f} | {per(s1 - s0):.2f} | {(x1 - x0) / n:.2f} |")
+EOF
+    continue
+  fi
   callgrind_control --zero "$pid" >/dev/null 2>&1
   load "$port" "$requests" "$connections"
   callgrind_control --dump "$pid" >/dev/null 2>&1
