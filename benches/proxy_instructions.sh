@@ -75,7 +75,8 @@ fi
 usage() {
   echo "$(awk '{print $14, $15}' "/proc/$1/stat") $(cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}')"
 }
-# The proxy BINARY on 127.0.0.1:PORT in the background, under callgrind.
+# The proxy BINARY on 127.0.0.1:PORT in the background: under callgrind,
+# or as it is with --cpu.
 start() {
   local bin=$1 port=$2 d="$work"
   local counted=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p")

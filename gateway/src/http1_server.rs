@@ -14,6 +14,7 @@
 //! connection and what was read of it go to hyper for the rest of its
 //! life, so every other route and every corner of the protocol is served
 //! as before.
+use crate::api::error::ApiError;
 use crate::api::{self, Api, Generate};
 use crate::http1::{connection, content_length, MAX_HEAD};
 use axum::body::{Body, Bytes};
@@ -213,7 +214,7 @@ where
             return Served::HandOver(io, read.freeze());
         };
         let close = ask.close || stopping;
-        if let Some(refused) = api::generation_refusal(state, &headers) {
+        if let Some(refused) = api::inference_refusal::<ApiError>(state, &headers) {
             // A refused request's body is not waited for: the connection
             // closes after the refusal unless the body is here already.
             let whole = buf.len() >= ask.body;
@@ -298,7 +299,6 @@ async fn write<T: AsyncWrite + Unpin>(
         out.extend_from_slice(b"\r\n");
         return send(io, &out).await;
     }
-    let io_error = |e: axum::Error| std::io::Error::other(e);
     match hyper::body::Body::size_hint(&body).exact() {
         Some(len) => {
             field(
@@ -307,37 +307,27 @@ async fn write<T: AsyncWrite + Unpin>(
                 itoa::Buffer::new().format(len).as_bytes(),
             );
             out.extend_from_slice(b"\r\n");
-            let mut one_write = len <= ONE_WRITE as u64;
-            if one_write {
+            // A short body goes behind its head; a long one after it.
+            let behind = len <= ONE_WRITE as u64;
+            if behind {
                 out.reserve(len as usize);
+            } else {
+                io.write_all(&out).await?;
+                out.clear();
             }
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.map_err(io_error)?.into_data() else {
-                    continue;
-                };
-                if one_write {
+            while let Some(data) = next_data(&mut body).await? {
+                if behind {
                     out.extend_from_slice(&data);
                 } else {
-                    if !out.is_empty() {
-                        io.write_all(&out).await?;
-                        out.clear();
-                    }
                     io.write_all(&data).await?;
                 }
-                one_write &= out.len() <= ONE_WRITE;
             }
             send(io, &out).await
         }
         None => {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
             send(io, &out).await?;
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.map_err(io_error)?.into_data() else {
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
+            while let Some(data) = next_data(&mut body).await? {
                 out.clear();
                 write!(out, "{:x}\r\n", data.len()).expect("writing to a Vec");
                 out.extend_from_slice(&data);
@@ -347,6 +337,17 @@ async fn write<T: AsyncWrite + Unpin>(
             send(io, b"0\r\n\r\n").await
         }
     }
+}
+
+/// The body's next piece of data that is not empty, passing over trailers.
+async fn next_data(body: &mut Body) -> std::io::Result<Option<Bytes>> {
+    while let Some(frame) = body.frame().await {
+        match frame.map_err(std::io::Error::other)?.into_data() {
+            Ok(data) if !data.is_empty() => return Ok(Some(data)),
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Writes `bytes` (when there are any) and flushes them out.
@@ -386,6 +387,7 @@ mod tests {
     use crate::api::AppState;
     use crate::http1::{parse_head, Chunked, Decoded, Framing};
     use futures::StreamExt;
+    use tokio::io::DuplexStream;
 
     const CHAT: &str = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
                         content-type: application/json\r\ncontent-length: 14\r\n\r\n{\"model\":\"no\"}";
@@ -494,30 +496,42 @@ mod tests {
         Api::new(AppState::new(0, None))
     }
 
+    /// [`serve`] with no stop and five seconds to each head.
+    async fn served(conn: DuplexStream, api: &Api) -> Served<DuplexStream> {
+        let stop = std::future::pending::<()>();
+        tokio::pin!(stop);
+        serve(conn, api, Duration::from_secs(5), stop.as_mut()).await
+    }
+
+    /// Reads two answers from `client`, each a kept-alive client error in
+    /// OpenAI's shape (the test requests name no model this server has).
+    async fn two_errors(client: &mut DuplexStream, buf: &mut BytesMut, what: &str) {
+        for _ in 0..2 {
+            let (status, keep_alive, body) = answer(client, buf).await;
+            assert!(
+                (400..500).contains(&status) && keep_alive,
+                "{what}: {status}"
+            );
+            let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(
+                error["error"]["message"].is_string(),
+                "{what}: OpenAI's shape: {error}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order_and_the_first_other_one_goes_to_hyper() {
         let (mut client, conn) = tokio::io::duplex(1 << 16);
-        let api = api();
-        let stop = std::future::pending::<()>();
-        tokio::pin!(stop);
         let health = "GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
         let sent = format!("{CHAT}{}{health}", CHAT.replace("chat/", ""));
         client.write_all(sent.as_bytes()).await.unwrap();
-        let served = serve(conn, &api, Duration::from_secs(5), stop.as_mut());
-        let Served::HandOver(_, read) = served.await else {
+        let Served::HandOver(_, read) = served(conn, &api()).await else {
             panic!("the GET is hyper's")
         };
         assert_eq!(&read[..], health.as_bytes());
         let mut buf = BytesMut::new();
-        for _ in 0..2 {
-            let (status, keep_alive, body) = answer(&mut client, &mut buf).await;
-            assert!((400..500).contains(&status) && keep_alive, "{status}");
-            let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert!(
-                error["error"]["message"].is_string(),
-                "OpenAI's shape: {error}"
-            );
-        }
+        two_errors(&mut client, &mut buf, "pipelined").await;
         assert!(buf.is_empty(), "nothing but the two answers");
     }
 
@@ -527,43 +541,25 @@ mod tests {
         let sent = format!("{CHAT}{}", CHAT.replace("chat/", ""));
         for piece in [1, 2, 7, 31, 64, 200, sent.len()] {
             let (mut client, conn) = tokio::io::duplex(1 << 16);
-            let served = tokio::spawn({
-                let api = api.clone();
-                async move {
-                    let stop = std::future::pending::<()>();
-                    tokio::pin!(stop);
-                    serve(conn, &api, Duration::from_secs(5), stop.as_mut()).await
-                }
-            });
+            let api = api.clone();
+            let task = tokio::spawn(async move { served(conn, &api).await });
             for part in sent.as_bytes().chunks(piece) {
                 client.write_all(part).await.unwrap();
                 tokio::task::yield_now().await;
             }
             let mut buf = BytesMut::new();
-            for _ in 0..2 {
-                let (status, keep_alive, body) = answer(&mut client, &mut buf).await;
-                assert!(
-                    (400..500).contains(&status) && keep_alive,
-                    "{piece}: {status}"
-                );
-                let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                assert!(error["error"]["message"].is_string(), "{piece}: {error}");
-            }
+            two_errors(&mut client, &mut buf, &format!("in pieces of {piece}")).await;
             drop(client);
-            assert!(matches!(served.await.unwrap(), Served::Ended), "{piece}");
+            assert!(matches!(task.await.unwrap(), Served::Ended), "{piece}");
         }
     }
 
     #[tokio::test]
     async fn a_client_that_asks_to_close_gets_its_answer_then_the_end() {
         let (mut client, conn) = tokio::io::duplex(1 << 16);
-        let api = api();
-        let stop = std::future::pending::<()>();
-        tokio::pin!(stop);
         let sent = CHAT.replace("host: x", "connection: close");
         client.write_all(sent.as_bytes()).await.unwrap();
-        let served = serve(conn, &api, Duration::from_secs(5), stop.as_mut()).await;
-        assert!(matches!(served, Served::Ended));
+        assert!(matches!(served(conn, &api()).await, Served::Ended));
         let mut buf = BytesMut::new();
         let (status, keep_alive, _) = answer(&mut client, &mut buf).await;
         assert!((400..500).contains(&status) && !keep_alive, "{status}");

@@ -790,7 +790,6 @@ impl Front {
     fn run(&self, conn: Capped<tokio::net::TcpStream>) {
         let within = Duration::from_secs(self.limits.header_read_timeout_secs);
         let app = self.app.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let (builder, stop, tls) = (self.builder.clone(), self.stop.clone(), self.tls.clone());
         let open = Open::new(self.open.clone(), self.index, self.gauge.clone());
         tokio::spawn(async move {
@@ -811,6 +810,7 @@ impl Front {
                 }
             };
             let io = hyper_util::rt::TokioIo::new(conn);
+            let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             // Anew: when the server is stopping already, it resolves at

@@ -1,5 +1,8 @@
 """The official `openai` client against a real Switchyard serving SmolLM2."""
 import asyncio
+import http.client
+import json
+import socket
 import subprocess
 
 import httpx
@@ -481,14 +484,12 @@ class _Wire:
         pass
 
     def answer(self):
-        import http.client
         r = http.client.HTTPResponse(self)
         r.begin()
         return r, r.read()
 
 
 def _post(path, body, *fields, version="HTTP/1.1"):
-    import json
     data = json.dumps(body).encode()
     head = [f"POST {path} {version}", "host: x", "content-type: application/json",
             f"content-length: {len(data)}", *fields]
@@ -496,8 +497,6 @@ def _post(path, body, *fields, version="HTTP/1.1"):
 
 
 def test_one_connection_carries_pipelined_generations_then_other_routes(server):
-    import json
-    import socket
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
@@ -520,15 +519,14 @@ def test_one_connection_carries_pipelined_generations_then_other_routes(server):
                 assert data.rstrip().endswith(b"data: [DONE]"), data[-100:]
         assert texts[0] == texts[1] == texts[2], "greedy, the same prompt: the same text"
         # A chunked request body, on hyper's side of the connection now.
+        data = json.dumps(body).encode()
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-                  + b"%x\r\n" % len(json.dumps(body)) + json.dumps(body).encode() + b"\r\n0\r\n\r\n")
+                  + b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n")
         r, data = wire.answer()
         assert r.status == 200 and json.loads(data)["choices"][0]["text"] == texts[0]
 
 
 def test_generation_connections_close_when_asked_and_bad_ones_get_protocol_errors(server):
-    import json
-    import socket
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
     for fields, version in [(["connection: close"], "HTTP/1.1"), ([], "HTTP/1.0")]:
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:

@@ -168,8 +168,17 @@ impl AppState {
     /// Lets an inference call through when inference is open, or when the
     /// presented key allows it.
     /// A key's `requests_per_second` holds its calls, whether or not
-    /// inference needs a key.
-    pub fn authorize_inference(&self, presented: Option<&str>) -> Result<(), AuthError> {
+    /// inference needs a key. The key is looked up only when one can
+    /// matter: with no keys configured and none required, inference is open
+    /// whatever a request presents.
+    pub fn authorize_inference<'k>(
+        &self,
+        presented: impl FnOnce() -> Option<&'k str>,
+    ) -> Result<(), AuthError> {
+        if !self.keyed_inference && self.keys.is_empty() {
+            return Ok(());
+        }
+        let presented = presented();
         let actor = if self.keyed_inference {
             Some(self.keys.authorize(presented, Permission::Invoke)?)
         } else {
@@ -349,9 +358,7 @@ impl Api {
             state,
         }
     }
-}
 
-impl Api {
     /// What every handler shares.
     pub(crate) fn state(&self) -> &AppState {
         &self.state
@@ -388,15 +395,6 @@ impl Generate {
             Self::Completions => COMPLETIONS.clone(),
         }
     }
-}
-
-/// The refusal of a generation request whose key does not let it through
-/// (see [`inference_refusal`]), in OpenAI's shape.
-pub(crate) fn generation_refusal(
-    state: &AppState,
-    headers: &axum::http::HeaderMap,
-) -> Option<Response> {
-    inference_refusal::<ApiError>(state, headers)
 }
 
 /// Answers a request to `route` that the key check let through: its body
@@ -444,7 +442,7 @@ impl tower::Service<axum::http::Request<hyper::body::Incoming>> for Api {
         let state = self.state.clone();
         let req = req.map(axum::body::Body::new);
         Either::Left(Box::pin(async move {
-            if let Some(refused) = generation_refusal(&state, req.headers()) {
+            if let Some(refused) = inference_refusal::<ApiError>(&state, req.headers()) {
                 return Ok(refused);
             }
             Ok(generate(state, route, req).await)
@@ -468,15 +466,13 @@ pub(crate) async fn inference_key<E: From<AuthError> + IntoResponse>(
 
 /// The refusal, in the shape `E` and with `Retry-After` when a rate limit
 /// refused, unless inference is open or the key in `headers` allows it.
-fn inference_refusal<E: From<AuthError> + IntoResponse>(
+pub(crate) fn inference_refusal<E: From<AuthError> + IntoResponse>(
     s: &AppState,
     headers: &axum::http::HeaderMap,
 ) -> Option<Response> {
-    // Open inference without keys: nothing in the headers can change that.
-    if !s.keyed_inference && s.keys.is_empty() {
-        return None;
-    }
-    let e = s.authorize_inference(auth::from_headers(headers)).err()?;
+    let e = s
+        .authorize_inference(|| auth::from_headers(headers))
+        .err()?;
     let retry_after = e.retry_after();
     let mut resp = E::from(e).into_response();
     if let Some(secs) = retry_after {

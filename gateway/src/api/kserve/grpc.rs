@@ -47,7 +47,7 @@ impl KserveGrpc {
     /// Inference needs a key when `auth.inference_requires_key` is set.
     fn invoke(&self, m: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         self.state
-            .authorize_inference(crate::auth::from_metadata(m))
+            .authorize_inference(|| crate::auth::from_metadata(m))
             .map_err(|e| e.grpc_status())
     }
 
