@@ -201,23 +201,44 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)))
     }
 
+    /// How a path multiplies codes and activations: `madd(acc, codes, x)`
+    /// adds the products of 32 codes and 32 activations to an accumulator.
+    /// Each (weight, activation) row pair has one or two accumulators; with
+    /// two, they take the even or the odd steps of one group. `split` asks
+    /// for two always (AVX2's 16-bit sums hold only a few steps). `finish`
+    /// turns them (and the lane sums of the activation row there) into eight
+    /// integer lanes, each the sum of its lane's code·activation products:
+    /// the same integers with one accumulator or two.
+    #[derive(Clone, Copy)]
+    struct Path<M, F> {
+        madd: M,
+        finish: F,
+        split: bool,
+    }
+
     /// The shared loop over `C` weight rows of one layout and `R` activation
-    /// rows; `madd(acc, codes, x)` adds the products of 32 codes and 32
-    /// activations to an accumulator. Each (weight, activation) row pair has
-    /// two accumulators that take the even or the odd steps of one group;
-    /// `finish` turns them (and the lane sums of the activation row there)
-    /// into eight integer lanes, each the sum of its lane's code·activation
-    /// products. A result does not depend on `C` or `R`: each pair's
-    /// operations are the same whichever rows it is computed with.
+    /// rows. A result does not depend on `C` or `R`: each pair's operations
+    /// are the same whichever rows it is computed with.
     #[inline(always)]
-    unsafe fn dot_with<const C: usize, const R: usize>(
+    unsafe fn dot_with<const C: usize, const R: usize, M, F>(
         w: &[WeightRow; C],
         a: &[ActRow; R],
-        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
-        finish: impl Fn([__m256i; 2], *const i32) -> __m256i,
-    ) -> [[f32; R]; C] {
+        Path {
+            madd,
+            finish,
+            split,
+        }: Path<M, F>,
+    ) -> [[f32; R]; C]
+    where
+        M: Fn(__m256i, __m256i, __m256i) -> __m256i,
+        F: Fn([__m256i; 2], *const i32) -> __m256i,
+    {
+        // The odd steps take a second accumulator where the path needs it,
+        // or where fewer than eight row pairs would leave each multiply-add
+        // waiting on the one before it (its latency is four of them).
+        let two = split || C * R < 8;
         let zero = _mm256_setzero_ps();
-        let (mut acc, mut macc) = ([[zero; R]; C], [[zero; R]; C]);
+        let mut acc = [[zero; R]; C];
         let layout = w[0].layout;
         let low = _mm256_set1_epi8(0x0F);
         let codes: [*const u8; C] = std::array::from_fn(|c| w[c].codes.as_ptr());
@@ -258,7 +279,8 @@ mod x86 {
                         if odd {
                             let next = ld(x.add(STEP));
                             for c in 0..C {
-                                sum[c][r][1] = madd(sum[c][r][1], cw[c].1, next);
+                                let o = usize::from(two);
+                                sum[c][r][o] = madd(sum[c][r][o], cw[c].1, next);
                             }
                         }
                     }
@@ -278,11 +300,23 @@ mod x86 {
             let at = gi * LANES;
             for c in 0..C {
                 let d = _mm256_loadu_ps(w[c].scales.as_ptr().add(2 * at));
-                let m = _mm256_loadu_ps(w[c].scales.as_ptr().add(2 * at + LANES));
                 for r in 0..R {
                     let p = _mm256_cvtepi32_ps(finish(sum[c][r], a[r].sums.as_ptr().add(at)));
                     let s = _mm256_mul_ps(d, _mm256_loadu_ps(a[r].d.as_ptr().add(at)));
                     acc[c][r] = _mm256_fmadd_ps(p, s, acc[c][r]);
+                }
+            }
+        }
+        // The offsets' terms (`m·s` per lane) do not depend on the codes.
+        // They are summed after the codes' loop, in the same order, so that
+        // their accumulators do not take registers from it: in the loop they
+        // pushed the products' accumulators onto the stack at 16 rows.
+        let mut macc = [[zero; R]; C];
+        for gi in 0..layout.groups.len() {
+            let at = gi * LANES;
+            for c in 0..C {
+                let m = _mm256_loadu_ps(w[c].scales.as_ptr().add(2 * at + LANES));
+                for r in 0..R {
                     let x = _mm256_loadu_ps(a[r].s.as_ptr().add(at));
                     macc[c][r] = _mm256_fmadd_ps(m, x, macc[c][r]);
                 }
@@ -343,14 +377,16 @@ mod x86 {
         cols: [usize; C],
         acts: &[ActRow],
         out: &mut impl FnMut(usize, usize, f32),
-        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
-        finish: impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
+        path: Path<
+            impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
+            impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
+        >,
     ) {
         let mut chunks = acts.chunks_exact(4);
         let mut r = 0;
         for a in &mut chunks {
             let a: &[ActRow; 4] = a.try_into().expect("four rows");
-            emit(out, r, cols, dot_with(w, a, madd, finish));
+            emit(out, r, cols, dot_with(w, a, path));
             r += 4;
         }
         let rest = chunks.remainder();
@@ -359,19 +395,19 @@ mod x86 {
                 out,
                 r,
                 cols,
-                dot_with::<C, 1>(w, rest.try_into().expect("one row"), madd, finish),
+                dot_with::<C, 1, _, _>(w, rest.try_into().expect("one row"), path),
             ),
             2 => emit(
                 out,
                 r,
                 cols,
-                dot_with::<C, 2>(w, rest.try_into().expect("two rows"), madd, finish),
+                dot_with::<C, 2, _, _>(w, rest.try_into().expect("two rows"), path),
             ),
             3 => emit(
                 out,
                 r,
                 cols,
-                dot_with::<C, 3>(w, rest.try_into().expect("three rows"), madd, finish),
+                dot_with::<C, 3, _, _>(w, rest.try_into().expect("three rows"), path),
             ),
             _ => {}
         }
@@ -387,8 +423,10 @@ mod x86 {
         cols: Range<usize>,
         acts: &[ActRow],
         mut out: impl FnMut(usize, usize, f32),
-        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
-        finish: impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
+        path: Path<
+            impl Fn(__m256i, __m256i, __m256i) -> __m256i + Copy,
+            impl Fn([__m256i; 2], *const i32) -> __m256i + Copy,
+        >,
     ) {
         let mut wide: [Vec<u8>; C] = std::array::from_fn(|_| Vec::new());
         // Measured: widening pays from about five passes (prefill chunks),
@@ -415,16 +453,9 @@ mod x86 {
             };
             if n == C {
                 let w: [WeightRow; C] = std::array::from_fn(row);
-                rows_with(
-                    &w,
-                    std::array::from_fn(|i| at + i),
-                    acts,
-                    &mut out,
-                    madd,
-                    finish,
-                );
+                rows_with(&w, std::array::from_fn(|i| at + i), acts, &mut out, path);
             } else {
-                rows_with(&[row(0)], [at], acts, &mut out, madd, finish);
+                rows_with(&[row(0)], [at], acts, &mut out, path);
             }
             at += n;
         }
@@ -437,16 +468,20 @@ mod x86 {
         acts: &[ActRow],
         out: impl FnMut(usize, usize, f32),
     ) {
-        let madd = |acc, c, x| _mm256_dpbusd_epi32(acc, c, x);
-        let finish = |[even, odd]: [__m256i; 2], _| _mm256_add_epi32(even, odd);
+        // 32-bit sums: one accumulator can take every step.
+        let path = Path {
+            madd: |acc, c, x| _mm256_dpbusd_epi32(acc, c, x),
+            finish: |[even, odd]: [__m256i; 2], _| _mm256_add_epi32(even, odd),
+            split: false,
+        };
         // Two weight rows per pass halve the activation loads, which pays
         // where the products are the work (eight rows or more). With fewer
         // rows the weights' memory traffic is the work, and two rows read
         // side by side streamed slower (measured: Q8_0 at one row, 0.5×).
         if acts.len() >= 8 {
-            columns_with::<2>(m, cols, acts, out, madd, finish)
+            columns_with::<2>(m, cols, acts, out, path)
         } else {
-            columns_with::<1>(m, cols, acts, out, madd, finish)
+            columns_with::<1>(m, cols, acts, out, path)
         }
     }
 
@@ -470,14 +505,19 @@ mod x86 {
                 cols,
                 acts,
                 out,
-                move |acc, c, x| {
-                    let c = _mm256_xor_si256(c, flip);
-                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
-                    _mm256_add_epi32(acc, widen(p))
-                },
-                |[even, odd], sums| {
-                    let offset = _mm256_slli_epi32(_mm256_loadu_si256(sums as *const __m256i), 7);
-                    _mm256_add_epi32(_mm256_add_epi32(even, odd), offset)
+                Path {
+                    madd: move |acc, c, x| {
+                        let c = _mm256_xor_si256(c, flip);
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
+                        _mm256_add_epi32(acc, widen(p))
+                    },
+                    finish: |[even, odd]: [__m256i; 2], sums| {
+                        let offset =
+                            _mm256_slli_epi32(_mm256_loadu_si256(sums as *const __m256i), 7);
+                        _mm256_add_epi32(_mm256_add_epi32(even, odd), offset)
+                    },
+                    // Widened at every step to 32 bits.
+                    split: false,
                 },
             )
         } else {
@@ -491,8 +531,13 @@ mod x86 {
                 cols,
                 acts,
                 out,
-                |acc, c, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(c, x)),
-                move |[even, odd], _| _mm256_add_epi32(widen(even), widen(odd)),
+                Path {
+                    madd: |acc, c, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(c, x)),
+                    finish: move |[even, odd]: [__m256i; 2], _| {
+                        _mm256_add_epi32(widen(even), widen(odd))
+                    },
+                    split: true,
+                },
             )
         }
     }
