@@ -201,6 +201,43 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps(y, y, 1)))
     }
 
+    /// `fold` of each of the first `n` vectors of `v`: the same additions on
+    /// the same operands, so the same bits. From four vectors they run side
+    /// by side, halves of two vectors and then pairs of four added in one
+    /// instruction, in a third of the instructions of one `fold` each.
+    #[inline(always)]
+    unsafe fn folds(v: [__m256; 8], n: usize) -> [f32; 8] {
+        if n < 4 {
+            return std::array::from_fn(|j| if j < n { fold(v[j]) } else { 0.0 });
+        }
+        // [a0 + a4, .., a3 + a7 | b0 + b4, .., b3 + b7]
+        let halves = |a, b| {
+            let lo = _mm256_permute2f128_ps::<0x20>(a, b);
+            _mm256_add_ps(lo, _mm256_permute2f128_ps::<0x31>(a, b))
+        };
+        // [x0 + x2, x1 + x3, y0 + y2, y1 + y3] in each half, for x of the
+        // first and y of the second.
+        let pairs = |x, y| {
+            let even = _mm256_shuffle_ps::<0x44>(x, y);
+            _mm256_add_ps(even, _mm256_shuffle_ps::<0xEE>(x, y))
+        };
+        let low = pairs(halves(v[0], v[1]), halves(v[2], v[3]));
+        let high = if n > 4 {
+            pairs(halves(v[4], v[5]), halves(v[6], v[7]))
+        } else {
+            low
+        };
+        // (x0 + x2) + (x1 + x3): vectors 0, 2, 4, 6 in the low half, the
+        // odd ones in the high half.
+        let sums = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(low, high),
+            _mm256_shuffle_ps::<0xDD>(low, high),
+        );
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        std::array::from_fn(|j| lanes[j % 2 * 4 + j / 2])
+    }
+
     /// How a path multiplies codes and activations: `madd(acc, codes, x)`
     /// adds the products of 32 codes and 32 activations to an accumulator.
     /// Each (weight, activation) row pair has one or two accumulators; with
@@ -322,10 +359,12 @@ mod x86 {
                 }
             }
         }
+        let flat = |v: [[__m256; R]; C]| std::array::from_fn(|j| v[j / R % C][j % R]);
+        let (acc, macc) = (folds(flat(acc), C * R), folds(flat(macc), C * R));
         let mut out = [[0f32; R]; C];
         for c in 0..C {
             for r in 0..R {
-                out[c][r] = fold(acc[c][r]) + fold(macc[c][r]);
+                out[c][r] = acc[c * R + r] + macc[c * R + r];
             }
         }
         out
