@@ -274,6 +274,7 @@ mod x86 {
         // or where fewer than eight row pairs would leave each multiply-add
         // waiting on the one before it (its latency is four of them).
         let two = split || C * R < 8;
+        const { assert!(C * R <= 8, "`folds` takes at most eight accumulators") };
         let zero = _mm256_setzero_ps();
         let mut acc = [[zero; R]; C];
         let layout = w[0].layout;
